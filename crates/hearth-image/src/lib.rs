@@ -1,0 +1,1 @@
+//! hearth-image (work in progress).

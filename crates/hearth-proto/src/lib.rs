@@ -1,0 +1,1 @@
+//! hearth-proto (work in progress).

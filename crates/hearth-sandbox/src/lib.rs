@@ -1,0 +1,1 @@
+//! hearth-sandbox (work in progress).

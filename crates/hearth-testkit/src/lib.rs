@@ -1,0 +1,1 @@
+//! hearth-testkit (work in progress).

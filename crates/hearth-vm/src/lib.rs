@@ -1,0 +1,1 @@
+//! hearth-vm (work in progress).

@@ -1,0 +1,22 @@
+//! `hearth`: the one host binary. `main` parses the command line, calls the library code behind the
+//! chosen subcommand and maps its error to an exit code. Subcommands live in `cmd/`, one file per group;
+//! global options (home directory, logging) in `cli.rs`.
+
+mod cli;
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_logging(&cli.global);
+    match cmd::dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hearth: error: {err:#}");
+            ExitCode::from(125)
+        }
+    }
+}
