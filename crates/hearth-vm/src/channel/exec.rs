@@ -1,0 +1,237 @@
+//! Host side of `POST /v1/exec`: [`AgentClient::exec`] starts a command; [`ExecHandle`] yields its
+//! output in order and then its exit status; [`ExecStdin`] feeds its stdin.
+//!
+//! Flow control: output is pulled, never pushed. The HTTP/2 window for bytes already received is
+//! released only when the caller comes back for the next event, i.e. after it has dealt with the
+//! previous one, so a command printing gigabytes stalls in the guest instead of filling host memory.
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use hearth_proto::{
+    AgentError, AgentRequest, ExecRequest, ExecStarted, ExitStatus, Frame, FrameDecoder, FrameKind,
+    MAX_PAYLOAD,
+};
+
+use super::{closed_or, read_response, send_all, AgentClient, ChannelError};
+
+/// A chunk of the command's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+/// Everything a command printed, and how it ended ([`ExecHandle::output`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// A running command. Dropping it (and its stdin) cancels the request; the agent then kills the
+/// command's process tree.
+pub struct ExecHandle {
+    started: ExecStarted,
+    client: AgentClient,
+    stdin: Option<ExecStdin>,
+    body: RecvStream,
+    decoder: FrameDecoder,
+    /// Received bytes whose window is not yet released (see the module doc).
+    unreleased: usize,
+    status: Option<ExitStatus>,
+}
+
+/// The command's stdin. Dropping it or calling [`ExecStdin::close`] closes stdin (EOF).
+pub struct ExecStdin {
+    send: SendStream<Bytes>,
+    closed: bool,
+}
+
+impl AgentClient {
+    /// Starts a command. Returns once the agent reports that its process exists.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecHandle, ChannelError> {
+        let (response, mut send) = self.start(&AgentRequest::Exec, false).await?;
+        let start = Frame::json(FrameKind::ExecStart, &request)
+            .encode()
+            .map_err(|e| ChannelError::Protocol(format!("exec request too large: {e}")))?;
+        send_all(&mut send, start, !request.stdin).await?;
+        let body = read_response(response).await?;
+        let mut handle = ExecHandle {
+            started: ExecStarted { id: 0, pid: 0 },
+            client: self.clone(),
+            stdin: request.stdin.then_some(ExecStdin {
+                send,
+                closed: false,
+            }),
+            body,
+            decoder: FrameDecoder::new(),
+            unreleased: 0,
+            status: None,
+        };
+        let first = handle.next_frame().await?;
+        handle.started = match first {
+            Some(frame) if frame.kind == FrameKind::Started => {
+                frame.parse_json().map_err(protocol)?
+            }
+            Some(frame) => {
+                return Err(ChannelError::Protocol(format!(
+                    "exec answer began with {:?}, not Started",
+                    frame.kind
+                )))
+            }
+            None => {
+                return Err(ChannelError::Protocol(
+                    "exec answer ended before Started".into(),
+                ))
+            }
+        };
+        Ok(handle)
+    }
+}
+
+fn protocol(e: impl std::fmt::Display) -> ChannelError {
+    ChannelError::Protocol(e.to_string())
+}
+
+impl ExecHandle {
+    /// The agent's id for this exec (for [`AgentClient::signal`]).
+    pub fn id(&self) -> u64 {
+        self.started.id
+    }
+
+    /// PID of the exec's init process in the guest.
+    pub fn pid(&self) -> u32 {
+        self.started.pid
+    }
+
+    /// The stdin writer, if the request asked for stdin (once).
+    pub fn take_stdin(&mut self) -> Option<ExecStdin> {
+        self.stdin.take()
+    }
+
+    /// Sends `signal` to the command.
+    pub async fn signal(&self, signal: i32) -> Result<(), ChannelError> {
+        self.client.signal(self.started.id, signal).await
+    }
+
+    /// The exit status once the output has been read to the end.
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// The next chunk of output, or `None` once the command has exited and all its output was
+    /// returned (then [`ExecHandle::status`] is set).
+    pub async fn next_output(&mut self) -> Result<Option<ExecOutput>, ChannelError> {
+        let Some(frame) = self.next_frame().await? else {
+            return Ok(None);
+        };
+        match frame.kind {
+            FrameKind::Stdout => Ok(Some(ExecOutput::Stdout(frame.payload))),
+            FrameKind::Stderr => Ok(Some(ExecOutput::Stderr(frame.payload))),
+            FrameKind::Exit => {
+                self.status = Some(frame.parse_json().map_err(protocol)?);
+                Ok(None)
+            }
+            FrameKind::Error => {
+                let error: AgentError = frame.parse_json().map_err(protocol)?;
+                Err(ChannelError::Agent(error))
+            }
+            other => Err(ChannelError::Protocol(format!(
+                "unexpected {other:?} frame in exec output"
+            ))),
+        }
+    }
+
+    /// Discards remaining output and returns the exit status.
+    pub async fn wait(mut self) -> Result<ExitStatus, ChannelError> {
+        self.stdin = None;
+        while self.next_output().await?.is_some() {}
+        self.status.ok_or_else(|| {
+            ChannelError::Protocol("exec output ended without an exit status".into())
+        })
+    }
+
+    /// Collects all output in memory and returns it with the exit status. For commands with
+    /// bounded output; stream with [`ExecHandle::next_output`] otherwise.
+    pub async fn output(mut self) -> Result<ExecResult, ChannelError> {
+        self.stdin = None;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(output) = self.next_output().await? {
+            match output {
+                ExecOutput::Stdout(bytes) => stdout.extend_from_slice(&bytes),
+                ExecOutput::Stderr(bytes) => stderr.extend_from_slice(&bytes),
+            }
+        }
+        let status = self.status.ok_or_else(|| {
+            ChannelError::Protocol("exec output ended without an exit status".into())
+        })?;
+        Ok(ExecResult {
+            stdout,
+            stderr,
+            status,
+        })
+    }
+
+    /// The next body frame; `None` at the end of the response body (or after `Exit`).
+    async fn next_frame(&mut self) -> Result<Option<Frame>, ChannelError> {
+        // The caller is back: whatever it was handed has been dealt with.
+        self.release();
+        loop {
+            if self.status.is_some() {
+                return Ok(None);
+            }
+            if let Some(frame) = self.decoder.next_frame().map_err(protocol)? {
+                return Ok(Some(frame));
+            }
+            self.release();
+            match self.body.data().await {
+                Some(Ok(chunk)) => {
+                    self.unreleased += chunk.len();
+                    self.decoder.push(&chunk);
+                }
+                Some(Err(e)) => return Err(closed_or(e)),
+                None => {
+                    self.decoder.finish().map_err(protocol)?;
+                    return Err(ChannelError::Protocol(
+                        "exec output ended without an exit status".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if self.unreleased > 0 {
+            let _ = self.body.flow_control().release_capacity(self.unreleased);
+            self.unreleased = 0;
+        }
+    }
+}
+
+impl ExecStdin {
+    /// Writes `data` to the command's stdin, waiting while the agent has not consumed earlier data.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), ChannelError> {
+        for piece in data.chunks(MAX_PAYLOAD) {
+            let frame = Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(piece))
+                .encode()
+                .map_err(protocol)?;
+            send_all(&mut self.send, frame, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin: the command reads end of file.
+    pub async fn close(mut self) -> Result<(), ChannelError> {
+        self.closed = true;
+        send_all(&mut self.send, Bytes::new(), true).await
+    }
+}
+
+impl Drop for ExecStdin {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Host end of the agent channel: [`AgentClient`] speaks the agent protocol (documented in
+//! `hearth-proto`) over any byte stream to the guest agent: handshake, then an HTTP/2 client
+//! connection driven by a background task. Requests: [`AgentClient::exec`] (see [`ExecHandle`]), file
+//! transfer (see [`FileDownload`]), `stat`, `list`, `info`, `signal`, `shutdown`.
+//!
+//! Reconnecting = dropping the client and calling [`AgentClient::connect`] again on a new stream;
+//! the agent answers the new HELLO. Dropping the last clone of a client closes its connection, and
+//! the agent then kills the process trees of the execs that connection started.
+//!
+//! Touches only the stream it is given (and, for the connect helpers, the socket path named).
+
+mod exec;
+mod files;
+pub mod handshake;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use hearth_proto::{tuning, AgentError, AgentInfo, AgentRequest, DirListing, FileStat};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+pub use exec::{ExecHandle, ExecOutput, ExecResult, ExecStdin};
+pub use files::FileDownload;
+pub use hearth_proto::{ExecRequest, ExitStatus};
+
+/// Largest JSON answer the client accepts (a directory listing at its entry limit fits easily).
+const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("the agent did not answer the handshake within {0:?}; is the guest booting? (see its console log)")]
+    HandshakeTimeout(Duration),
+    #[error(
+        "the guest agent speaks protocol v{major} (agent {agent_version}) but this hearth speaks v{}; \
+         use a hearth and initramfs built from the same release",
+        hearth_proto::PROTOCOL_MAJOR
+    )]
+    Incompatible { major: u32, agent_version: String },
+    #[error("the agent channel closed (the VM stopped or another client took over the channel)")]
+    Closed,
+    #[error("the agent ended this request early ({0}); the exec or transfer is over")]
+    StreamEnded(String),
+    #[error("agent channel HTTP/2 failure: {0}")]
+    Http2(#[from] h2::Error),
+    #[error("the agent refused the request: {0}")]
+    Agent(#[from] AgentError),
+    #[error("the agent sent something this client does not understand: {0}")]
+    Protocol(String),
+}
+
+impl ChannelError {
+    fn io(context: impl Into<String>, source: io::Error) -> ChannelError {
+        ChannelError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Aborts the HTTP/2 connection task when the last client clone goes away, so the stream is closed
+/// and a new client can take over the channel.
+struct ConnectionTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnectionTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A connected agent. Cheap to clone; requests on clones share one connection and run concurrently.
+#[derive(Clone)]
+pub struct AgentClient {
+    send: SendRequest<Bytes>,
+    agent_version: Arc<str>,
+    _connection: Arc<ConnectionTask>,
+}
+
+impl AgentClient {
+    /// Performs the handshake on `stream` and starts HTTP/2. Waits as long as the guest needs to
+    /// answer: bound it with a timeout (as [`AgentClient::connect_unix`] does).
+    pub async fn connect<S>(mut stream: S) -> Result<AgentClient, ChannelError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ready = handshake::hello(&mut stream).await?;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
+            .max_frame_size(tuning::HTTP2_MAX_FRAME)
+            .handshake::<_, Bytes>(handshake::Prefixed::new(ready.rest, stream))
+            .await?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("agent channel connection ended: {e}");
+            }
+        });
+        Ok(AgentClient {
+            send,
+            agent_version: ready.agent_version.into(),
+            _connection: Arc::new(ConnectionTask(task)),
+        })
+    }
+
+    /// Connects to a Unix socket that is the agent's byte stream (QEMU's virtio-serial chardev),
+    /// retrying while the socket does not exist or refuses connections (the VMM is starting), and
+    /// completes the handshake, all before `deadline`.
+    pub async fn connect_unix(path: &Path, deadline: Instant) -> Result<AgentClient, ChannelError> {
+        let started = Instant::now();
+        let stream = loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(e) if retryable(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => {
+                    return Err(ChannelError::io(
+                        format!("connecting to the agent socket {}", path.display()),
+                        e,
+                    ))
+                }
+            }
+        };
+        with_deadline(deadline, started, AgentClient::connect(stream)).await
+    }
+
+    /// Connects through Firecracker's hybrid vsock socket: `CONNECT <port>\n` -> `OK <n>\n`, retried
+    /// until the guest listens, then the handshake; all before `deadline`.
+    pub async fn connect_hybrid_vsock(
+        path: &Path,
+        port: u32,
+        deadline: Instant,
+    ) -> Result<AgentClient, ChannelError> {
+        let started = Instant::now();
+        loop {
+            let attempt = async {
+                let mut stream = tokio::net::UnixStream::connect(path).await?;
+                stream
+                    .write_all(format!("CONNECT {port}\n").as_bytes())
+                    .await?;
+                let line = read_line(&mut stream).await?;
+                if line.starts_with("OK ") {
+                    Ok(stream)
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("vsock CONNECT answered {line:?}"),
+                    ))
+                }
+            };
+            match attempt.await {
+                Ok(stream) => {
+                    return with_deadline(deadline, started, AgentClient::connect(stream)).await
+                }
+                Err(e)
+                    if (retryable(&e) || e.kind() == io::ErrorKind::UnexpectedEof)
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => {
+                    let context =
+                        format!("connecting to vsock port {port} through {}", path.display());
+                    return Err(ChannelError::io(context, e));
+                }
+            }
+        }
+    }
+
+    /// The agent version announced in the handshake.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    pub async fn info(&self) -> Result<AgentInfo, ChannelError> {
+        self.simple_json(&AgentRequest::Info).await
+    }
+
+    /// `lstat` of `path` inside the workload root.
+    pub async fn stat(&self, path: &str) -> Result<FileStat, ChannelError> {
+        self.simple_json(&AgentRequest::Stat { path: path.into() })
+            .await
+    }
+
+    pub async fn list(&self, path: &str) -> Result<DirListing, ChannelError> {
+        self.simple_json(&AgentRequest::List { path: path.into() })
+            .await
+    }
+
+    /// Sends `signal` to a running exec (the agent forwards it to the command; SIGKILL kills the
+    /// exec's whole process tree).
+    pub async fn signal(&self, exec_id: u64, signal: i32) -> Result<(), ChannelError> {
+        self.simple_json(&AgentRequest::Signal {
+            exec: exec_id,
+            signal,
+        })
+        .await
+    }
+
+    /// Asks the agent to kill every exec, sync and unmount, and power the guest off. Returns once
+    /// the agent confirmed; the guest powers off when this connection closes (drop every clone of
+    /// the client) or 100 ms after answering, whichever comes first.
+    pub async fn shutdown(&self) -> Result<(), ChannelError> {
+        self.simple_json(&AgentRequest::Shutdown).await
+    }
+
+    async fn simple_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &AgentRequest,
+    ) -> Result<T, ChannelError> {
+        let (response, _) = self.start(request, true).await?;
+        let body = read_response(response).await?;
+        read_json(body).await
+    }
+
+    /// Opens a request stream. With `end_of_stream` the request has no body.
+    async fn start(
+        &self,
+        request: &AgentRequest,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), ChannelError> {
+        let mut send = self.send.clone().ready().await.map_err(closed_or)?;
+        let uri = format!("http://hearth-agent{}", request.path_and_query());
+        let http_request = http::Request::builder()
+            .method(request.method())
+            .uri(uri)
+            .body(())
+            .map_err(|e| ChannelError::Protocol(format!("building request: {e}")))?;
+        send.send_request(http_request, end_of_stream)
+            .map_err(closed_or)
+    }
+}
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    )
+}
+
+async fn with_deadline<T>(
+    deadline: Instant,
+    started: Instant,
+    future: impl std::future::Future<Output = Result<T, ChannelError>>,
+) -> Result<T, ChannelError> {
+    tokio::time::timeout_at(deadline, future)
+        .await
+        .map_err(|_| ChannelError::HandshakeTimeout(started.elapsed()))?
+}
+
+/// Reads one `\n`-terminated line byte by byte (nothing after it is consumed).
+async fn read_line(stream: &mut tokio::net::UnixStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' || line.len() > 256 {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte);
+    }
+}
+
+/// A broken connection means the channel is gone; a reset means this one request is over.
+fn closed_or(e: h2::Error) -> ChannelError {
+    if e.is_io() || e.is_go_away() {
+        ChannelError::Closed
+    } else if e.is_reset() {
+        ChannelError::StreamEnded(e.to_string())
+    } else {
+        ChannelError::Http2(e)
+    }
+}
+
+/// Awaits the response head: the body for 200, the agent's error otherwise.
+async fn read_response(response: ResponseFuture) -> Result<RecvStream, ChannelError> {
+    let response = response.await.map_err(closed_or)?;
+    let status = response.status();
+    let body = response.into_body();
+    if status == http::StatusCode::OK {
+        return Ok(body);
+    }
+    Err(error_from_body(status, body).await)
+}
+
+/// The agent's JSON error from a non-200 answer.
+async fn error_from_body(status: http::StatusCode, body: RecvStream) -> ChannelError {
+    let bytes = match read_body(body, 64 * 1024).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e,
+    };
+    match serde_json::from_slice::<AgentError>(&bytes) {
+        Ok(error) => ChannelError::Agent(error),
+        Err(_) => ChannelError::Protocol(format!(
+            "status {status} with body {:?}",
+            String::from_utf8_lossy(&bytes)
+        )),
+    }
+}
+
+async fn read_body(mut body: RecvStream, limit: usize) -> Result<Vec<u8>, ChannelError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(closed_or)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if out.len() + chunk.len() > limit {
+            return Err(ChannelError::Protocol(format!(
+                "answer larger than {limit} bytes"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: RecvStream) -> Result<T, ChannelError> {
+    let bytes = read_body(body, MAX_JSON_BODY).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ChannelError::Protocol(format!("bad JSON answer: {e}")))
+}
+
+/// Sends `data` in pieces the stream's send window allows (nothing is buffered beyond the window).
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end_of_stream: bool,
+) -> Result<(), ChannelError> {
+    if data.is_empty() {
+        if end_of_stream {
+            send.send_data(data, true).map_err(closed_or)?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let capacity = std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            loop {
+                if send.capacity() > 0 {
+                    return Poll::Ready(Ok(send.capacity()));
+                }
+                match send.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(_))) => continue,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(closed_or(e))),
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Err(ChannelError::StreamEnded("stream closed".into())))
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await?;
+        let chunk = data.split_to(capacity.min(data.len()));
+        send.send_data(chunk, end_of_stream && data.is_empty())
+            .map_err(closed_or)?;
+    }
+    Ok(())
+}

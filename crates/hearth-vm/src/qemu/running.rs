@@ -1,0 +1,275 @@
+//! A started QEMU: its process, QMP connection and run directory. Start-up waits for QMP to answer and
+//! fails fast (with QEMU's stderr and the console tail) if QEMU exits first. Whatever way the VM ends,
+//! the process is reaped and the run directory removed exactly once (also on drop).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use super::{argv, QemuVmm, Qmp};
+use crate::process::{spawn_vmm, wait_timeout, SpawnRequest};
+use crate::rundir;
+use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
+use crate::VmSpec;
+
+/// QEMU opens its sockets within milliseconds; loading a large kernel under load can take a while.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// After QMP `quit`, QEMU flushes block devices and exits; past this it gets SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+const CONSOLE_TAIL: usize = 4096;
+
+pub struct RunningQemu {
+    child: Child,
+    pid: u32,
+    run_dir: PathBuf,
+    console_log: PathBuf,
+    endpoint: AgentEndpoint,
+    qmp: Option<Qmp>,
+    exit: Option<VmExit>,
+}
+
+impl RunningQemu {
+    pub(super) fn start(qemu: &QemuVmm, spec: &VmSpec) -> Result<Self, VmError> {
+        spec.validate()?;
+        let run_dir = spec.run_dir.clone();
+        rundir::create(&run_dir)?;
+        let log_path = run_dir.join(rundir::VMM_LOG);
+        let log = std::fs::File::create(&log_path).map_err(|source| VmError::Io {
+            what: "creating",
+            path: log_path.clone(),
+            source,
+        })?;
+        let request = SpawnRequest {
+            program: qemu.binary.clone(),
+            args: argv::render(qemu, spec),
+            log,
+        };
+        let child = match spawn_vmm(request) {
+            Ok(child) => child,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(VmError::Spawn {
+                    program: qemu.binary.clone(),
+                    source,
+                });
+            }
+        };
+        let pid = child.id();
+        let mut vm = RunningQemu {
+            child,
+            pid,
+            console_log: spec.console_log.clone(),
+            endpoint: AgentEndpoint::Stream(spec.agent_socket.clone()),
+            qmp: None,
+            exit: None,
+            run_dir,
+        };
+        rundir::write_pid(&vm.run_dir, pid)?;
+        vm.qmp = Some(vm.connect_qmp()?);
+        tracing::debug!(pid, run_dir = %vm.run_dir.display(), "qemu started");
+        Ok(vm)
+    }
+
+    /// Polls for the QMP socket while watching for an early exit.
+    fn connect_qmp(&mut self) -> Result<Qmp, VmError> {
+        let socket = self.run_dir.join("qmp.sock");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|source| VmError::Wait {
+                pid: self.pid,
+                source,
+            })? {
+                return Err(self.early_exit(status));
+            }
+            if socket.exists() {
+                match Qmp::connect(&socket) {
+                    Ok(qmp) => return Ok(qmp),
+                    Err(e) if started.elapsed() > START_TIMEOUT => {
+                        return Err(VmError::Qmp { socket, source: e });
+                    }
+                    Err(_) => {} // bound but not yet listening: retry
+                }
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(VmError::StartTimeout {
+                    vmm: "qemu",
+                    socket,
+                    waited: START_TIMEOUT,
+                    stderr: read_tail(&self.run_dir.join(rundir::VMM_LOG)),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Builds the early-exit error, then cleans up (the error carries what the run dir held).
+    fn early_exit(&mut self, status: ExitStatus) -> VmError {
+        let error = VmError::EarlyExit {
+            vmm: "qemu",
+            status,
+            stderr: read_tail(&self.run_dir.join(rundir::VMM_LOG)),
+            console: read_tail(&self.console_log),
+        };
+        self.finish(status);
+        error
+    }
+
+    /// The QMP connection, while the VM runs.
+    pub fn qmp(&mut self) -> Option<&mut Qmp> {
+        self.qmp.as_mut()
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// Records the exit, reads a panic from the console and removes the run directory. Idempotent.
+    fn finish(&mut self, status: ExitStatus) -> VmExit {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        self.qmp = None;
+        let failure = kernel_panic(&read_tail(&self.console_log));
+        if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
+            tracing::warn!(run_dir = %self.run_dir.display(), "removing run dir: {e}");
+        }
+        let exit = VmExit { status, failure };
+        self.exit = Some(exit.clone());
+        exit
+    }
+
+    fn qmp_quietly(&mut self, what: &str, f: impl FnOnce(&mut Qmp) -> Result<(), super::QmpError>) {
+        if let Some(qmp) = self.qmp.as_mut() {
+            if let Err(e) = f(qmp) {
+                tracing::debug!(pid = self.pid, "qmp {what}: {e}");
+            }
+        }
+    }
+
+    fn qmp_required(
+        &mut self,
+        f: impl FnOnce(&mut Qmp) -> Result<(), super::QmpError>,
+    ) -> Result<(), VmError> {
+        let socket = self.run_dir.join("qmp.sock");
+        let qmp = self
+            .qmp
+            .as_mut()
+            .ok_or_else(|| VmError::Unsupported("the VM has exited".into()))?;
+        f(qmp).map_err(|source| VmError::Qmp { socket, source })
+    }
+}
+
+impl RunningVm for RunningQemu {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    fn agent_endpoint(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.qmp_required(Qmp::stop)
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.qmp_required(Qmp::cont)
+    }
+
+    fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        if !grace.is_zero() {
+            self.qmp_quietly("system_powerdown", Qmp::system_powerdown);
+            if let Some(exit) = self.wait_timeout(grace)? {
+                return Ok(exit);
+            }
+        }
+        self.qmp_quietly("quit", Qmp::quit);
+        if let Some(exit) = self.wait_timeout(QUIT_GRACE)? {
+            return Ok(exit);
+        }
+        tracing::warn!(pid = self.pid, "qemu ignored quit; killing it");
+        self.kill()
+    }
+
+    fn kill(&mut self) -> Result<VmExit, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        // ESRCH/ECHILD-style failures mean it already exited; wait() below reaps either way.
+        let _ = self.child.kill();
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<VmExit, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let status = self.child.wait().map_err(|source| VmError::Wait {
+            pid: self.pid,
+            source,
+        })?;
+        Ok(self.finish(status))
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(Some(exit.clone()));
+        }
+        let status = wait_timeout(&mut self.child, timeout).map_err(|source| VmError::Wait {
+            pid: self.pid,
+            source,
+        })?;
+        Ok(status.map(|status| self.finish(status)))
+    }
+}
+
+impl Drop for RunningQemu {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            if let Err(e) = self.kill() {
+                tracing::warn!(pid = self.pid, "killing qemu on drop: {e}");
+            }
+        }
+    }
+}
+
+/// The last few KiB of a log file, lossily decoded; empty if it does not exist.
+pub(crate) fn read_tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(CONSOLE_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// The kernel's panic line, if the console shows one.
+fn kernel_panic(console: &str) -> Option<String> {
+    console
+        .lines()
+        .find(|l| l.contains("Kernel panic - not syncing"))
+        .map(|l| l.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_panic_line_in_a_console_tail() {
+        let console = "[    1.0] Run /init as init process\n\
+                       [    1.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n\
+                       [    1.3] Rebooting in 1 seconds..\n";
+        assert_eq!(
+            kernel_panic(console).as_deref(),
+            Some(
+                "[    1.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
+            )
+        );
+        assert_eq!(kernel_panic("all fine\n"), None);
+    }
+}

@@ -1,0 +1,308 @@
+//! Real boots of the guest kernel with the QEMU backend under TCG (each costs a few seconds of CPU, so
+//! there are few): a busybox initramfs that loads hearth's module set and writes a line into the
+//! agent port; the floor initramfs; start-up failure; graceful stop; `kill -9` of the process that
+//! started QEMU; and the KVM probe's verdict on this host.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use hearth_vm::accel::{KvmBootProbe, KvmProbe};
+use hearth_vm::initramfs::floor::{floor_initramfs, FLOOR_MARKER};
+use hearth_vm::initramfs::InitramfsBuilder;
+use hearth_vm::kernel::{resolve_modules, KernelDir};
+use hearth_vm::qemu::{QemuVmm, GUEST_MODULES};
+use hearth_vm::{remove_stale_run_dirs, Accel, RunningVm, VmError, VmSpec, Vmm};
+
+const HELPER_HOME: &str = "HEARTH_VM_TEST_HELPER_HOME";
+const HELPER_INITRAMFS: &str = "HEARTH_VM_TEST_HELPER_INITRAMFS";
+
+/// Loads the modules the way the agent will, finds the `hearth.agent` port by name and writes a line.
+const HELLO_SCRIPT: &str = r#"#!/bin/busybox sh
+bb=/bin/busybox
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sys /sys
+$bb mount -t devtmpfs dev /dev
+while read -r module; do $bb insmod "$module" || echo "insmod $module failed"; done < /etc/hearth/modules
+for p in /sys/class/virtio-ports/*; do
+  if [ "$($bb cat "$p/name")" = hearth.agent ]; then port=/dev/${p##*/}; fi
+done
+echo "hearth-test: hello from $($bb uname -r)" > "$port"
+$bb reboot -f
+"#;
+
+/// A guest that idles, for tests that end the VM from the host.
+const IDLE_SCRIPT: &str = "#!/bin/busybox sh\nexec /bin/busybox sleep 600\n";
+
+struct Fixture {
+    home: tempfile::TempDir,
+    kernel: KernelDir,
+    vmlinux: PathBuf,
+    qemu: QemuVmm,
+}
+
+fn fixture() -> anyhow::Result<Fixture> {
+    let home = tempfile::tempdir()?;
+    let kernel = KernelDir::open(hearth_testkit::kernel_dir())?;
+    let vmlinux = kernel.vmlinux()?;
+    let (qemu, selection) = QemuVmm::for_host(home.path(), Accel::Tcg, &vmlinux)?;
+    ensure!(selection.accel == Accel::Tcg);
+    Ok(Fixture {
+        home,
+        kernel,
+        vmlinux,
+        qemu,
+    })
+}
+
+impl Fixture {
+    fn busybox_initramfs(&self, script: &str) -> anyhow::Result<PathBuf> {
+        let modules_dir = self
+            .kernel
+            .modules_dir()
+            .context("kernel dir has no modules/")?;
+        let modules = resolve_modules(&modules_dir, GUEST_MODULES)?;
+        let mut builder = InitramfsBuilder::new();
+        builder.file("init", 0o755, script.as_bytes().to_vec());
+        builder.file(
+            "bin/busybox",
+            0o755,
+            std::fs::read("/bin/busybox").context("busybox-static")?,
+        );
+        builder.modules(&modules)?;
+        Ok(builder.write_cached(self.home.path())?)
+    }
+
+    /// Console logs default to the run dir, which is removed on exit; tests keep theirs outside it.
+    fn spec(&self, initramfs: &Path, name: &str) -> VmSpec {
+        let mut spec = VmSpec::new(
+            &self.vmlinux,
+            initramfs,
+            self.home.path().join("run").join(name),
+        );
+        spec.console_log = self.home.path().join(format!("{name}.console"));
+        spec
+    }
+}
+
+#[test]
+fn guest_loads_modules_and_writes_to_the_agent_port_then_qemu_exits_on_reboot() -> anyhow::Result<()>
+{
+    let fx = fixture()?;
+    let spec = fx.spec(&fx.busybox_initramfs(HELLO_SCRIPT)?, "hello");
+    let started = Instant::now();
+    // Started from a thread that exits at once: QEMU must outlive it (PDEATHSIG is per thread, so
+    // hearth forks VMMs from its long-lived spawner thread). The guest writes its line seconds later.
+    let mut vm = {
+        let (qemu, spec) = (fx.qemu.clone(), spec.clone());
+        std::thread::spawn(move || qemu.start_qemu(&spec))
+            .join()
+            .expect("start thread")?
+    };
+    let vmm_started = started.elapsed();
+
+    let qmp = vm.qmp().context("QMP connected")?;
+    assert_eq!(qmp.query_status()?, "running");
+    vm.pause()?;
+    assert_eq!(vm.qmp().unwrap().query_status()?, "paused");
+    vm.resume()?;
+    assert_eq!(vm.qmp().unwrap().query_status()?, "running");
+
+    let stream = UnixStream::connect(vm.agent_socket())?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let to_line = started.elapsed();
+    assert_eq!(
+        line.trim_end(),
+        format!("hearth-test: hello from {}", fx.kernel.release())
+    );
+
+    let exit = vm
+        .wait_timeout(Duration::from_secs(30))?
+        .context("QEMU still running after the guest rebooted")?;
+    let to_exit = started.elapsed();
+    assert!(exit.status.success(), "{exit:?}");
+    assert_eq!(exit.failure, None);
+    assert!(!spec.run_dir.exists(), "run dir left behind");
+    let console = std::fs::read_to_string(&spec.console_log).unwrap_or_default();
+    assert!(!console.contains("failed"), "console:\n{console}");
+    eprintln!("boot timing: qemu up {vmm_started:.2?}, agent line {to_line:.2?}, qemu exited {to_exit:.2?}");
+    Ok(())
+}
+
+#[test]
+fn floor_initramfs_reaches_init_and_powers_off() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    let spec = fx.spec(&floor_initramfs(fx.home.path())?, "floor");
+    let started = Instant::now();
+    let mut vm = fx.qemu.start(&spec)?;
+    let exit = vm
+        .wait_timeout(Duration::from_secs(60))?
+        .context("floor guest did not power off")?;
+    let wall = started.elapsed();
+    assert!(exit.status.success(), "{exit:?}");
+    let console = std::fs::read_to_string(&spec.console_log)?;
+    assert!(console.contains(FLOOR_MARKER), "console:\n{console}");
+    assert!(!spec.run_dir.exists());
+    eprintln!("floor boot: {wall:.2?}");
+    Ok(())
+}
+
+#[test]
+fn qemu_failing_at_start_up_reports_its_stderr_and_cleans_up() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    let spec = fx.spec(Path::new("/nonexistent/initramfs.cpio"), "broken");
+    let err = match fx.qemu.start(&spec) {
+        Ok(_) => anyhow::bail!("QEMU started with a missing initramfs"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, VmError::EarlyExit { .. }), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/initramfs.cpio"),
+        "{err}"
+    );
+    assert!(!spec.run_dir.exists(), "run dir left behind");
+    Ok(())
+}
+
+#[test]
+fn stop_ends_a_running_guest_and_removes_its_run_dir() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    let spec = fx.spec(&fx.busybox_initramfs(IDLE_SCRIPT)?, "idle");
+    let mut vm = fx.qemu.start(&spec)?;
+    let pid = vm.pid();
+    let started = Instant::now();
+    let exit = vm.stop(Duration::from_millis(200))?;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        exit.status.success(),
+        "QMP quit should end QEMU normally: {exit:?}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU pid {pid} still exists"
+    );
+    assert!(!spec.run_dir.exists());
+    Ok(())
+}
+
+#[test]
+fn qemu_dies_within_a_second_of_a_kill_9_of_its_parent() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    let initramfs = fx.busybox_initramfs(IDLE_SCRIPT)?;
+    let mut helper = Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "start_vm_and_wait_to_be_killed",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_HOME, fx.home.path())
+        .env(HELPER_INITRAMFS, &initramfs)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let qemu_pid: u32 = loop {
+        let line = lines
+            .next()
+            .context("helper exited before starting QEMU")??;
+        // libtest prints "test NAME ... " without a newline before the test's own output.
+        if let Some((_, pid)) = line.split_once("QEMU_PID=") {
+            break pid.trim().parse()?;
+        }
+    };
+    assert!(is_alive(qemu_pid), "QEMU not running before the kill");
+    helper.kill()?; // SIGKILL
+    helper.wait()?;
+    let killed = Instant::now();
+    while is_alive(qemu_pid) && killed.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !is_alive(qemu_pid),
+        "QEMU {qemu_pid} outlived its parent by more than a second"
+    );
+    eprintln!(
+        "QEMU gone {:.0?} after kill -9 of its parent",
+        killed.elapsed()
+    );
+
+    let run_parent = fx.home.path().join("run");
+    let removed = remove_stale_run_dirs(&run_parent)?;
+    assert_eq!(removed, [run_parent.join("orphan")]);
+    Ok(())
+}
+
+/// Not a test on its own: the child process of `qemu_dies_within_a_second_of_a_kill_9_of_its_parent`.
+#[test]
+#[ignore = "helper process for qemu_dies_within_a_second_of_a_kill_9_of_its_parent"]
+fn start_vm_and_wait_to_be_killed() -> anyhow::Result<()> {
+    let (Some(home), Some(initramfs)) = (
+        std::env::var_os(HELPER_HOME),
+        std::env::var_os(HELPER_INITRAMFS),
+    ) else {
+        anyhow::bail!("run only by qemu_dies_within_a_second_of_a_kill_9_of_its_parent");
+    };
+    let home = PathBuf::from(home);
+    let kernel = KernelDir::open(hearth_testkit::kernel_dir())?;
+    let vmlinux = kernel.vmlinux()?;
+    let (qemu, _) = QemuVmm::for_host(&home, Accel::Tcg, &vmlinux)?;
+    let spec = VmSpec::new(
+        &vmlinux,
+        PathBuf::from(initramfs),
+        home.join("run").join("orphan"),
+    );
+    let vm = qemu.start(&spec)?;
+    println!("QEMU_PID={}", vm.pid());
+    std::io::stdout().flush()?;
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+#[test]
+fn kvm_probe_verdict_matches_what_this_host_can_do() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    let expect_kvm = std::env::var("HEARTH_TEST_KVM").as_deref() == Ok("1");
+    let probe = KvmBootProbe::new(fx.home.path(), fx.qemu.binary(), &fx.vmlinux);
+    let started = Instant::now();
+    let verdict = probe.kvm_boots_guests();
+    eprintln!("KVM probe ({:.1?}): {verdict:?}", started.elapsed());
+    assert_eq!(
+        verdict.is_ok(),
+        expect_kvm,
+        "HEARTH_TEST_KVM=1 declares a KVM that boots guests: {verdict:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The verdict is cached: asking again does not boot anything.
+    let again = Instant::now();
+    let cached = probe.kvm_boots_guests();
+    assert_eq!(cached.is_ok(), verdict.is_ok());
+    assert!(
+        again.elapsed() < Duration::from_millis(500),
+        "second probe took {:?}",
+        again.elapsed()
+    );
+    Ok(())
+}
+
+fn is_alive(pid: u32) -> bool {
+    // A zombie (state Z) has exited; only its parent's bookkeeping remains.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
