@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tarfile
 
-RECIPE_VERSION = "3"  # bump when an image's content changes
+RECIPE_VERSION = "4"  # bump when an image's content changes
 MTIME = 1700000000
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -165,7 +165,7 @@ def busybox_layer():
 
 
 def build_busybox(layout):
-    config = {"Env": [PATH_ENV], "Cmd": ["sh"]}
+    config = {"Env": [PATH_ENV, "IMAGE_VAR=from-image"], "Cmd": ["sh"], "WorkingDir": "/home"}
     layout.finish(layout.image([(busybox_layer(), MT_GZIP)], config))
 
 

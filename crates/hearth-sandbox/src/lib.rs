@@ -1,7 +1,15 @@
-//! hearth-sandbox: a sandbox's life — image -> VM -> agent — exec, files, timeouts and cleanup.
+//! hearth-sandbox: a sandbox's life — image -> VM -> agent — and the commands run in it.
 //!
-//! Entry points: [`command::resolve`] (docker-run semantics for the command), [`rundir`] (per-sandbox
-//! state directories and the sweep of what dead runs left behind).
+//! Entry points: [`Sandbox::create`] pulls the image, prepares kernel, initramfs and scratch disk
+//! ([`boot`]), starts the VMM and connects to the guest agent; [`Sandbox::client`] runs commands and
+//! moves files; [`Sandbox::destroy`] stops the VM and removes its run directory. [`command::resolve`]
+//! turns an image config plus `docker run` style options into one concrete command.
 
+pub mod boot;
 pub mod command;
-pub mod rundir;
+mod error;
+mod sandbox;
+
+pub use boot::{BootPlan, SandboxConfig, VmmChoice};
+pub use error::SandboxError;
+pub use sandbox::{sweep_stale, BootTimings, Sandbox};

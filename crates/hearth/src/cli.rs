@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "hearth", version, about = "Run untrusted code in microVMs booted from OCI images")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Run untrusted code in microVMs booted from OCI images"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -17,7 +21,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
     /// Directory holding everything hearth writes (images, kernels, VM state).
-    #[arg(long, global = true, env = "HEARTH_HOME", default_value = "/var/lib/hearth")]
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_HOME",
+        default_value = "/var/lib/hearth"
+    )]
     pub home: PathBuf,
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -35,6 +44,10 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a command in a new microVM booted from an image.
+    Run(Box<crate::cmd::run::RunArgs>),
+    /// Provision QEMU, the guest kernel and the guest agent on this host.
+    Setup(crate::cmd::setup::SetupArgs),
     /// Pull an image and build its root filesystem.
     Pull(crate::cmd::images::PullArgs),
     /// List cached images.

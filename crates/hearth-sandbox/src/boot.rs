@@ -1,0 +1,207 @@
+//! Everything decided before a VM starts: which VMM and accelerator, which kernel and agent, the
+//! initramfs, the run directory and scratch disk, and the [`VmSpec`]. A [`BootPlan`] can be printed
+//! (`--dry-run`) or started. Writes only under `$HEARTH_HOME` (initramfs cache, run directory).
+
+use std::path::{Path, PathBuf};
+
+use hearth_image::PulledImage;
+use hearth_vm::kernel::resolve_kernel;
+use hearth_vm::qemu::QemuVmm;
+use hearth_vm::{Accel, Drive, LaunchPlan, Selection, VmSpec, Vmm};
+
+use crate::SandboxError;
+
+/// `--vmm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VmmChoice {
+    #[default]
+    Auto,
+    Qemu,
+    Firecracker,
+}
+
+/// What a sandbox is made of.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub home: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Size of the sparse per-sandbox writable disk.
+    pub scratch_bytes: u64,
+    pub vmm: VmmChoice,
+    pub accel: Accel,
+    /// `--kernel`: a kernel directory or file; `None` = `$HEARTH_HOME/kernel`.
+    pub kernel: Option<PathBuf>,
+    /// The static guest agent; `None` = [`locate_agent`]'s search.
+    pub agent: Option<PathBuf>,
+}
+
+impl SandboxConfig {
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        SandboxConfig {
+            home: home.into(),
+            vcpus: 1,
+            memory_mib: 512,
+            scratch_bytes: hearth_vm::scratch::DEFAULT_SCRATCH_BYTES,
+            vmm: VmmChoice::Auto,
+            accel: Accel::Auto,
+            kernel: None,
+            agent: None,
+        }
+    }
+}
+
+/// A VM ready to start (or to print).
+pub struct BootPlan {
+    pub vmm: Box<dyn Vmm>,
+    /// Why this VMM and accelerator were chosen.
+    pub selection: String,
+    pub spec: VmSpec,
+}
+
+impl BootPlan {
+    /// Chooses the backend, resolves kernel and agent, builds (or reuses) the initramfs and lays out
+    /// the VM. Creates nothing in the run directory yet.
+    pub fn prepare(
+        config: &SandboxConfig,
+        image: &PulledImage,
+        id: &str,
+    ) -> Result<BootPlan, SandboxError> {
+        let home = &config.home;
+        let kernel = resolve_kernel(home, config.kernel.as_deref())?;
+        let (vmm, selection) = choose_vmm(config, &kernel.image)?;
+        let agent = locate_agent(config.agent.as_deref(), home)?;
+        let initramfs = hearth_vm::initramfs::agent_initramfs(
+            home,
+            &agent,
+            kernel.modules_dir.as_deref(),
+            vmm.guest_modules(),
+        )?;
+        let run_dir = home.join("run").join(id);
+        let mut spec = VmSpec::new(&kernel.image, initramfs, &run_dir);
+        spec.vcpus = config.vcpus;
+        spec.memory_mib = config.memory_mib;
+        spec.cmdline
+            .set(format!("hearth.hostname={}", hostname_for(id)));
+        spec.drives = vec![
+            Drive::rootfs(&image.rootfs),
+            Drive::scratch(run_dir.join("scratch.ext4")),
+        ];
+        Ok(BootPlan {
+            vmm,
+            selection,
+            spec,
+        })
+    }
+
+    /// The exact command line and configuration `start` would use.
+    pub fn dry_run(&self) -> Result<LaunchPlan, SandboxError> {
+        Ok(self.vmm.dry_run(&self.spec)?)
+    }
+}
+
+fn hostname_for(id: &str) -> String {
+    format!("hearth-{}", &id[..id.len().min(12)])
+}
+
+fn choose_vmm(
+    config: &SandboxConfig,
+    probe_kernel: &Path,
+) -> Result<(Box<dyn Vmm>, String), SandboxError> {
+    match config.vmm {
+        VmmChoice::Firecracker => Err(SandboxError::FirecrackerUnavailable),
+        VmmChoice::Qemu | VmmChoice::Auto => {
+            let (qemu, Selection { accel, reason }) =
+                QemuVmm::for_host(&config.home, config.accel, probe_kernel)?;
+            let why_qemu = match config.vmm {
+                VmmChoice::Qemu => "qemu as requested",
+                _ => "qemu (the Firecracker backend is not part of this build yet)",
+            };
+            let accel = match accel {
+                Accel::Kvm => "kvm",
+                _ => "tcg",
+            };
+            Ok((
+                Box::new(qemu),
+                format!("{why_qemu}; accel {accel}: {reason}"),
+            ))
+        }
+    }
+}
+
+/// Finds the static guest agent: `explicit` (`--agent`), `HEARTH_AGENT`, `$HEARTH_HOME/agent/hearth-agent`
+/// (installed by `hearth setup`), then the build tree beside this executable
+/// (`target/x86_64-unknown-linux-gnu/release/hearth-agent`, as `scripts/build-agent.sh` builds it).
+pub fn locate_agent(explicit: Option<&Path>, home: &Path) -> Result<PathBuf, SandboxError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = explicit {
+        candidates.push(path.to_path_buf());
+    } else {
+        if let Some(path) = std::env::var_os("HEARTH_AGENT").filter(|p| !p.is_empty()) {
+            candidates.push(path.into());
+        }
+        candidates.push(home.join("agent/hearth-agent"));
+        if let Some(target) = std::env::current_exe().ok().and_then(|exe| {
+            // <target>/<profile>/hearth, or <target>/<profile>/deps/<test binary>
+            exe.ancestors()
+                .skip(1)
+                .take(3)
+                .find(|dir| dir.join("x86_64-unknown-linux-gnu").is_dir())
+                .map(Path::to_path_buf)
+        }) {
+            candidates.push(target.join("x86_64-unknown-linux-gnu/release/hearth-agent"));
+        }
+    }
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    Err(SandboxError::NoAgent {
+        searched: candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// A fresh sandbox id: 16 hex digits, unique enough to name run directories.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_agent_must_exist() {
+        let home = tempfile::tempdir().unwrap();
+        let missing = home.path().join("nope");
+        let err = locate_agent(Some(&missing), home.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn installed_agent_in_home_is_found() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(home.path().join("agent")).unwrap();
+        std::fs::write(home.path().join("agent/hearth-agent"), b"x").unwrap();
+        if std::env::var_os("HEARTH_AGENT").is_none() {
+            assert_eq!(
+                locate_agent(None, home.path()).unwrap(),
+                home.path().join("agent/hearth-agent")
+            );
+        }
+    }
+
+    #[test]
+    fn ids_are_distinct_hex() {
+        let (a, b) = (new_id(), new_id());
+        assert_ne!(a, b);
+        assert!(a.len() == 16 && a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(hostname_for(&a), format!("hearth-{}", &a[..12]));
+    }
+}

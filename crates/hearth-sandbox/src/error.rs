@@ -1,0 +1,41 @@
+//! The one error type of sandbox life; each variant names the step that failed.
+
+use std::path::PathBuf;
+
+use hearth_vm::channel::ChannelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Image(#[from] hearth_image::ImageError),
+    #[error(
+        "guest kernel: {0}; run `hearth setup` to provision hearth's kernel, or pass --kernel"
+    )]
+    Kernel(#[from] hearth_vm::kernel::KernelError),
+    #[error("initramfs: {0}")]
+    Initramfs(#[from] hearth_vm::initramfs::InitramfsError),
+    #[error("scratch disk: {0}")]
+    Scratch(#[from] hearth_vm::scratch::ScratchError),
+    #[error(transparent)]
+    Vm(#[from] hearth_vm::VmError),
+    #[error("guest agent: {source}\n--- guest console tail ({console}):\n{tail}")]
+    Agent {
+        source: ChannelError,
+        console: PathBuf,
+        tail: String,
+    },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(
+        "no static guest agent found (looked in: {searched}); build it with scripts/build-agent.sh \
+         and set HEARTH_AGENT, or run `hearth setup`"
+    )]
+    NoAgent { searched: String },
+    #[error("the Firecracker backend is not available in this build yet; use --vmm qemu")]
+    FirecrackerUnavailable,
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}

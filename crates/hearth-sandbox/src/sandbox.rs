@@ -1,0 +1,210 @@
+//! One running sandbox: a booted VM plus a connected agent client. Creation order is image, boot
+//! plan, scratch disk, VMM, agent handshake; every failure after the VMM started tears the VM down
+//! (dropping a `RunningVm` kills it and removes its run directory), so nothing is left behind.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_image::PulledImage;
+use hearth_vm::channel::AgentClient;
+use hearth_vm::{RunningVm, VmExit};
+
+use crate::boot::{new_id, BootPlan};
+use crate::{SandboxConfig, SandboxError};
+
+/// How long the guest gets from VMM start to agent handshake (TCG boots take 2-5 s here).
+const AGENT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a clean shutdown may take before the VMM is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Where boot time went, for `--timings` and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// Planning: kernel, agent, initramfs (cached after the first run), scratch disk.
+    pub prepare: Duration,
+    /// VMM process start until its control socket answered.
+    pub vmm_start: Duration,
+    /// Control socket answered until the agent completed the handshake (kernel boot + agent init).
+    pub guest_boot: Duration,
+}
+
+/// A running sandbox. Call [`Sandbox::destroy`]; dropping it kills the VM without a clean shutdown.
+pub struct Sandbox {
+    id: String,
+    image: PulledImage,
+    client: AgentClient,
+    vm: Arc<Mutex<Box<dyn RunningVm>>>,
+    timings: BootTimings,
+    selection: String,
+}
+
+impl Sandbox {
+    /// Boots `image` per `config` and connects to its agent.
+    pub async fn create(
+        config: &SandboxConfig,
+        image: PulledImage,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let home = config.home.clone();
+        // Whatever a killed hearth left behind goes before we add to it.
+        tokio::task::spawn_blocking({
+            let home = home.clone();
+            move || sweep_stale(&home)
+        })
+        .await
+        .expect("sweep task");
+        let id = new_id();
+        let config = config.clone();
+        let boot_image = image.clone();
+        let (plan, prepare) = tokio::task::spawn_blocking(move || {
+            let plan = BootPlan::prepare(&config, &boot_image, &id)?;
+            make_run_dir(&plan.spec.run_dir)?;
+            hearth_vm::scratch::create_scratch_disk(
+                &config.home,
+                &plan.spec.run_dir.join("scratch.ext4"),
+                config.scratch_bytes,
+            )?;
+            Ok::<_, SandboxError>((plan, started.elapsed()))
+        })
+        .await
+        .expect("prepare task")?;
+        let id = plan
+            .spec
+            .run_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        tracing::info!(sandbox = %id, vmm = %plan.selection, "starting VM");
+
+        let vmm_started = Instant::now();
+        let console = plan.spec.console_log.clone();
+        let selection = plan.selection.clone();
+        let spec = plan.spec.clone();
+        let start = tokio::task::spawn_blocking(move || plan.vmm.start(&spec))
+            .await
+            .expect("start task");
+        let vm = match start {
+            Ok(vm) => vm,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(home.join("run").join(&id));
+                return Err(err.into());
+            }
+        };
+        let vmm_start = vmm_started.elapsed();
+
+        let guest_started = Instant::now();
+        let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
+        let client = match AgentClient::connect_unix(vm.agent_socket(), deadline).await {
+            Ok(client) => client,
+            Err(source) => {
+                drop(vm); // kills the VMM, removes the run directory
+                return Err(SandboxError::Agent {
+                    source,
+                    tail: console_tail(&console),
+                    console,
+                });
+            }
+        };
+        let timings = BootTimings {
+            prepare,
+            vmm_start,
+            guest_boot: guest_started.elapsed(),
+        };
+        tracing::info!(sandbox = %id, ?timings, "agent ready");
+        Ok(Sandbox {
+            id,
+            image,
+            client,
+            vm: Arc::new(Mutex::new(vm)),
+            timings,
+            selection,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn image(&self) -> &PulledImage {
+        &self.image
+    }
+
+    /// The agent: exec, files, info.
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    pub fn timings(&self) -> BootTimings {
+        self.timings
+    }
+
+    /// Which VMM and accelerator run this sandbox, and why.
+    pub fn selection(&self) -> &str {
+        &self.selection
+    }
+
+    /// Kills the VM at once (for Ctrl-C): no guest shutdown, run directory removed.
+    pub fn kill_now(&self) {
+        if let Ok(mut vm) = self.vm.lock() {
+            let _ = vm.kill();
+        }
+    }
+
+    /// Asks the agent to shut the guest down, waits for the VMM to exit, and cleans up. A guest that
+    /// does not go in time is killed.
+    pub async fn destroy(self) -> Result<VmExit, SandboxError> {
+        let asked = self.client.shutdown().await.is_ok();
+        drop(self.client);
+        let vm = self.vm;
+        let exit = tokio::task::spawn_blocking(move || {
+            let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
+            if asked {
+                if let Some(exit) = vm.wait_timeout(SHUTDOWN_GRACE)? {
+                    return Ok(exit);
+                }
+            }
+            vm.stop(Duration::from_millis(500))
+        })
+        .await
+        .expect("destroy task")?;
+        Ok(exit)
+    }
+}
+
+/// Removes the run directories (VM sockets, scratch disks, logs) of hearth processes that died
+/// without cleaning up; their VMMs died with them (parent-death signal). Cheap when nothing is stale.
+pub fn sweep_stale(home: &Path) {
+    match hearth_vm::remove_stale_run_dirs(&home.join("run")) {
+        Ok(removed) => {
+            for dir in removed {
+                tracing::info!(dir = %dir.display(), "removed run directory of a dead hearth process");
+            }
+        }
+        Err(err) => tracing::warn!(
+            "sweeping stale run directories in {}: {err}",
+            home.display()
+        ),
+    }
+}
+
+fn make_run_dir(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| SandboxError::Io {
+            what: format!("creating run directory {}", dir.display()),
+            source,
+        })
+}
+
+/// The last lines of the guest console, for errors.
+fn console_tail(console: &Path) -> String {
+    let text = std::fs::read(console).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

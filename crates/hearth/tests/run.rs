@@ -1,0 +1,266 @@
+//! `hearth run` end to end: the real binary pulls from the real test registry, boots the real guest
+//! kernel under QEMU (TCG here) and runs commands through the real agent. Each test costs one boot
+//! (3-5 s), so assertions that can share a boot do.
+//!
+//! All tests share one `HEARTH_HOME` inside the build tree (`CARGO_TARGET_TMPDIR`), as concurrent
+//! hearth processes on one host do: images, initramfs and host probes are cached once.
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn home() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hearth-run-home")
+}
+
+fn hearth() -> Command {
+    let registry = hearth_testkit::registry().expect("test registry");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    cmd.env("HEARTH_HOME", home())
+        .env("HEARTH_KERNEL", hearth_testkit::kernel_dir())
+        .env("HEARTH_AGENT", hearth_testkit::agent_bin())
+        .env("HEARTH_INSECURE_REGISTRIES", &registry.addr)
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn image(name: &str) -> String {
+    hearth_testkit::image_ref(name).expect("test registry")
+}
+
+fn run(args: &[&str]) -> Output {
+    hearth()
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn hearth")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn python_prints_42() {
+    let out = run(&[&image("python"), "python3", "-c", "print(6*7)"]);
+    assert_eq!(text(&out.stdout), "42\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn command_runs_in_the_guest_with_image_config_and_separate_streams() {
+    let script = "uname -r; pwd; echo \"$IMAGE_VAR $FOO\"; id -u; echo to-stderr >&2; exit 3";
+    let out = run(&["-e", "FOO=bar", &image("busybox"), "sh", "-c", script]);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let guest_release =
+        std::fs::read_to_string(hearth_testkit::kernel_dir().join("release")).unwrap();
+    let host_release = text(&Command::new("uname").arg("-r").output().unwrap().stdout);
+    assert_eq!(
+        lines.first().copied(),
+        Some(guest_release.trim()),
+        "stdout: {stdout}"
+    );
+    assert_ne!(
+        guest_release.trim(),
+        host_release.trim(),
+        "guest and host kernels differ here"
+    );
+    assert_eq!(
+        &lines[1..],
+        ["/home", "from-image bar", "0"],
+        "WorkingDir, Env, -e, user"
+    );
+    assert_eq!(
+        text(&out.stderr),
+        "to-stderr\n",
+        "stderr holds only the command's stderr"
+    );
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn workdir_user_and_signals() {
+    let out = run(&[
+        "-w",
+        "/tmp",
+        "-u",
+        "nobody",
+        &image("busybox"),
+        "sh",
+        "-c",
+        "pwd; id -u; kill -9 $$",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "/tmp\n65534\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(128 + 9), "killed by SIGKILL is 137");
+}
+
+#[test]
+fn missing_command_is_127_with_a_message() {
+    let out = run(&[&image("busybox"), "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        text(&out.stderr).contains("no-such-command"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn stdin_is_forwarded_with_dash_i() {
+    let mut child = hearth()
+        .args([
+            "run",
+            "-i",
+            &image("busybox"),
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello from the host\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "HELLO FROM THE HOST\ndone\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn timeout_kills_the_whole_process_tree() {
+    let started = Instant::now();
+    let out = run(&[
+        "--timeout",
+        "2s",
+        &image("busybox"),
+        "sh",
+        "-c",
+        "sleep 100 & sleep 100",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the timeout, not the sleeps, ended it"
+    );
+}
+
+/// 200 MiB through stdout while hearth's own memory stays bounded (flow control end to end).
+#[test]
+fn large_output_streams_with_bounded_host_memory() {
+    const SIZE: u64 = 200 << 20;
+    let mut child = hearth()
+        .args([
+            "run",
+            &image("busybox"),
+            "head",
+            "-c",
+            &SIZE.to_string(),
+            "/dev/zero",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        std::thread::spawn(move || {
+            while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                if let Some(kib) = status
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                {
+                    peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut stdout = child.stdout.take().unwrap();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|&b| b == 0));
+        total += n as u64;
+    }
+    let status = child.wait().unwrap();
+    sampler.join().unwrap();
+    assert!(status.success(), "hearth run failed");
+    assert_eq!(total, SIZE);
+    let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
+    assert!(
+        peak_mib > 0 && peak_mib < 64,
+        "hearth peak RSS {peak_mib} MiB while streaming 200 MiB"
+    );
+}
+
+#[test]
+fn malformed_reference_is_a_clear_error_without_booting() {
+    let out = run(&["Not A Reference!", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("Not A Reference!"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn dry_run_prints_the_vmm_command_and_starts_nothing() {
+    let out = run(&["--dry-run", &image("busybox"), "true"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("qemu-system-x86_64") && stdout.contains("microvm"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("hearth-rootfs") && stdout.contains("hearth-scratch"),
+        "{stdout}"
+    );
+    let runs = home().join("run");
+    let leftover: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n == "dry-run")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftover.is_empty(), "dry run created a run directory");
+}
