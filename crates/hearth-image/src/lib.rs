@@ -1,1 +1,269 @@
-//! hearth-image (work in progress).
+//! hearth-image: from an image reference to a read-only ext4 root filesystem.
+//!
+//! Entry point: [`ImageStore::ensure`] (in `pull.rs`) parses the reference (`reference`), resolves it
+//! through a `source` (registry client in `registry/`, or an OCI layout); `build` streams blobs into
+//! the content store (`store`), applies the layers into a staging tree (`layer/`) while they
+//! download, and turns the tree into `$HEARTH_HOME/rootfs/<manifest>.ext4` (`rootfs`). `cache`
+//! lists, removes and garbage-collects; `index` records what is cached. Everything is written below
+//! `$HEARTH_HOME`.
+
+mod build;
+mod cache;
+pub mod digest;
+mod home;
+mod index;
+pub mod layer;
+mod lock;
+pub mod oci;
+mod pull;
+pub mod reference;
+pub mod registry;
+pub mod rootfs;
+mod source;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use cache::{GcReport, ImageDetails};
+pub use digest::Digest;
+pub use index::ImageRecord;
+pub use layer::Limits;
+pub use oci::Platform;
+pub use reference::{Reference, RegistryRef};
+pub use registry::{Credentials, RetryPolicy};
+
+use home::Home;
+use store::BlobStore;
+
+/// The image cache rooted at `$HEARTH_HOME`.
+pub struct ImageStore {
+    home: Home,
+    blobs: BlobStore,
+    imager: Arc<dyn rootfs::FilesystemImager>,
+}
+
+impl ImageStore {
+    pub fn open(home: &Path) -> Result<Self, ImageError> {
+        let home = Home::open(home).map_err(|source| ImageError::Home {
+            path: home.to_path_buf(),
+            source,
+        })?;
+        let blobs = BlobStore::open(&home.root)?;
+        Ok(ImageStore {
+            home,
+            blobs,
+            imager: Arc::new(rootfs::Mkfs::default()),
+        })
+    }
+
+    /// Replaces the filesystem image builder (for another mkfs binary or timeout).
+    pub fn with_imager(mut self, imager: Arc<dyn rootfs::FilesystemImager>) -> Self {
+        self.imager = imager;
+        self
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.home.root
+    }
+}
+
+/// When to ask the source again for an image that is already cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Use the cached image for a registry reference without contacting the registry.
+    #[default]
+    IfMissing,
+    /// Ask the registry what the reference points at now (one HEAD request) and reuse the cache
+    /// when it has not moved.
+    Always,
+}
+
+/// Progress reports during a pull. Called from download tasks and the layer-applying thread.
+pub trait Progress: Send + Sync {
+    /// A layer is needed; `cached` when its blob is already stored.
+    fn layer_start(&self, digest: &Digest, size: u64, cached: bool);
+    fn layer_bytes(&self, digest: &Digest, bytes: u64);
+    /// The layer is downloaded and applied.
+    fn layer_done(&self, digest: &Digest);
+    /// A step without byte progress (resolving, building the filesystem).
+    fn phase(&self, message: &str);
+}
+
+#[derive(Clone)]
+pub struct PullOptions {
+    pub platform: Platform,
+    /// Registries (`host[:port]`) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Overrides `~/.docker/config.json`.
+    pub credentials: Option<Credentials>,
+    pub progress: Option<Arc<dyn Progress>>,
+    pub policy: PullPolicy,
+    pub limits: Limits,
+    pub retry: RetryPolicy,
+    pub max_concurrent_downloads: usize,
+    /// Evict least-recently-used images after a pull while the cache is larger than this (bytes).
+    pub cache_budget: Option<u64>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: Platform::default(),
+            insecure_registries: Vec::new(),
+            credentials: None,
+            progress: None,
+            policy: PullPolicy::default(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+            max_concurrent_downloads: 4,
+            cache_budget: None,
+        }
+    }
+}
+
+impl PullOptions {
+    /// Defaults plus `HEARTH_INSECURE_REGISTRIES` (comma-separated) and `HEARTH_IMAGE_CACHE_MAX`
+    /// (bytes, or with a K/M/G/T suffix).
+    pub fn from_env() -> Result<Self, ImageError> {
+        let mut opts = PullOptions::default();
+        if let Ok(list) = std::env::var("HEARTH_INSECURE_REGISTRIES") {
+            opts.insecure_registries = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Ok(max) = std::env::var("HEARTH_IMAGE_CACHE_MAX") {
+            opts.cache_budget = Some(parse_size(&max).ok_or_else(|| ImageError::BadSetting {
+                name: "HEARTH_IMAGE_CACHE_MAX",
+                value: max.clone(),
+                expected: "a byte count like 20G, 512M or 1073741824",
+            })?);
+        }
+        Ok(opts)
+    }
+}
+
+/// `10G`, `512M`, `123` (bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 10),
+        (i, 'm' | 'M') => (&s[..i], 20),
+        (i, 'g' | 'G') => (&s[..i], 30),
+        (i, 't' | 'T') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// An image ready to boot.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    pub reference: Reference,
+    pub platform: Platform,
+    pub manifest_digest: Digest,
+    /// The read-only ext4 root filesystem (shared by every VM of this image: never write to it).
+    pub rootfs: PathBuf,
+    pub config: ImageConfig,
+    /// True when nothing had to be downloaded or built.
+    pub cached: bool,
+}
+
+/// The parts of the OCI image config that decide how a command runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+impl From<&oci::ConfigFile> for ImageConfig {
+    fn from(c: &oci::ConfigFile) -> Self {
+        let run = c.config.clone().unwrap_or_default();
+        ImageConfig {
+            entrypoint: run.entrypoint.unwrap_or_default(),
+            cmd: run.cmd.unwrap_or_default(),
+            env: run.env.unwrap_or_default(),
+            working_dir: run.working_dir.filter(|w| !w.is_empty()),
+            user: run.user.filter(|u| !u.is_empty()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
+    #[error(transparent)]
+    Document(#[from] oci::DocumentError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Layout(#[from] source::layout::LayoutError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Index(#[from] index::IndexError),
+    #[error("layer {index} ({digest}) of {reference}: {source}")]
+    Layer {
+        reference: String,
+        index: usize,
+        digest: Digest,
+        source: Box<layer::LayerError>,
+    },
+    #[error("staging the layers of {reference}: {source}")]
+    Tree {
+        reference: String,
+        source: Box<layer::LayerError>,
+    },
+    #[error("building the root filesystem of {reference}: {source}")]
+    Rootfs {
+        reference: String,
+        source: Box<rootfs::RootfsError>,
+    },
+    #[error("cannot use {path} as the hearth home directory: {source}")]
+    Home {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} of {reference} is not valid: {detail}")]
+    BadImage {
+        reference: String,
+        what: String,
+        detail: String,
+    },
+    #[error("no cached image matches {0:?}; see `hearth images`")]
+    NotCached(String),
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    BadSetting {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("512m"), Some(512 << 20));
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("x"), None);
+    }
+}

@@ -36,6 +36,12 @@ impl Drop for OwnedRegistry {
 /// The registry for this test process (shared by every test in it).
 pub fn registry() -> anyhow::Result<&'static Registry> {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    static STARTING: Mutex<()> = Mutex::new(());
+    if let Some(registry) = REGISTRY.get() {
+        return Ok(registry);
+    }
+    // Tests of one process ask concurrently; exactly one of them starts the registry.
+    let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(registry) = REGISTRY.get() {
         return Ok(registry);
     }

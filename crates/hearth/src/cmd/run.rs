@@ -3,8 +3,10 @@
 //! command's exit code (128+N when killed by signal N; 124 when `--timeout` fired; 125 for hearth's
 //! own errors; 126/127 when the command cannot be run or found).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::GlobalArgs;
-use crate::cmd::images::RegistryArgs;
+use crate::cmd::images::{Bars, RegistryArgs};
 
 #[derive(Args, Debug)]
 #[command(trailing_var_arg = true)]
@@ -102,11 +104,18 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
     let config = sandbox_config(g, &a)?;
     let store = hearth_image::ImageStore::open(&g.home)
         .with_context(|| format!("opening the image store in {}", g.home.display()))?;
-    let opts = a.registry.pull_options()?;
+    let mut opts = a.registry.pull_options()?;
+    let bars = std::io::stderr()
+        .is_terminal()
+        .then(|| Arc::new(Bars::new()));
+    opts.progress = bars.clone().map(|b| b as Arc<dyn hearth_image::Progress>);
     let image = store
         .ensure(&a.image, &opts)
         .await
         .with_context(|| format!("pulling {}", a.image))?;
+    if let Some(bars) = bars {
+        bars.clear();
+    }
     let pulled = t0.elapsed();
 
     let c = &image.config;
@@ -313,22 +322,6 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err(format!("{value:?} must be a positive duration"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-impl RegistryArgs {
-    pub fn pull_options(&self) -> anyhow::Result<hearth_image::PullOptions> {
-        Ok(hearth_image::PullOptions {
-            platform: self.platform.parse()?,
-            insecure_registries: self.insecure_registries.clone(),
-            credentials: self
-                .creds
-                .as_deref()
-                .map(str::parse::<hearth_image::Credentials>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
-            ..hearth_image::PullOptions::default()
-        })
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,234 @@
+//! Building a root filesystem for one manifest: layer blobs download concurrently while one thread
+//! applies them in order, each as soon as its bytes arrive (a `BlobFollower` never yields unverified
+//! end-of-file); then the staged tree becomes `rootfs/<manifest>.ext4`. Writes only under
+//! `$HEARTH_HOME` (blobs, tmp, rootfs).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::digest::Digest;
+use crate::layer::{decompressor, ReadAhead, Staging, StagingStats};
+use crate::lock::FileLock;
+use crate::oci::{Compression, Manifest};
+use crate::source::{OnBytes, Source};
+use crate::store::{BlobFollower, VerifyingReader};
+use crate::{ImageError, ImageStore, Limits, Progress, PullOptions};
+
+/// A layer for the applier: already stored, or arriving.
+enum LayerBytes {
+    Stored(PathBuf),
+    Arriving(BlobFollower),
+}
+
+struct LayerInput {
+    digest: Digest,
+    compression: Compression,
+    bytes: LayerBytes,
+}
+
+impl ImageStore {
+    pub(crate) async fn build_rootfs(
+        &self,
+        key: &str,
+        source: &Source,
+        manifest: &Manifest,
+        digest: &Digest,
+        opts: &PullOptions,
+    ) -> Result<(), ImageError> {
+        let lock_path = self.home.build_lock(digest);
+        let _build = tokio::task::spawn_blocking(move || {
+            FileLock::exclusive(&lock_path).map_err(|source| ImageError::Io {
+                op: "lock",
+                path: lock_path,
+                source,
+            })
+        })
+        .await
+        .map_err(|e| ImageError::Internal(e.to_string()))??;
+        let rootfs = self.home.rootfs_path(digest);
+        if rootfs.exists() {
+            return Ok(()); // a concurrent pull built it while we waited
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(self.home.tmp_dir())
+            .map_err(|source| ImageError::Io {
+                op: "create a build directory in",
+                path: self.home.tmp_dir(),
+                source,
+            })?;
+        let staging_dir = tmp.path().join("root");
+        std::fs::create_dir(&staging_dir).map_err(|source| ImageError::Io {
+            op: "create",
+            path: staging_dir.clone(),
+            source,
+        })?;
+
+        let mut inputs = Vec::new();
+        let mut downloads = Vec::new();
+        for desc in &manifest.layers {
+            let compression = Compression::of_layer(desc)?;
+            let stored = self.blobs.contains(&desc.digest);
+            opts.progress
+                .iter()
+                .for_each(|p| p.layer_start(&desc.digest, desc.size, stored));
+            let bytes = if stored {
+                LayerBytes::Stored(self.blobs.path(&desc.digest))
+            } else {
+                let writer = self.blobs.writer(&desc.digest, desc.size)?;
+                let follower = writer.follower()?;
+                downloads.push((desc.clone(), writer));
+                LayerBytes::Arriving(follower)
+            };
+            inputs.push(LayerInput {
+                digest: desc.digest.clone(),
+                compression,
+                bytes,
+            });
+        }
+
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        let applier = {
+            let (staging_dir, limits, progress, key, cancel) = (
+                staging_dir.clone(),
+                opts.limits,
+                opts.progress.clone(),
+                key.to_string(),
+                cancel.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let result = apply_layers(&key, &staging_dir, inputs, limits, progress.as_deref());
+                if result.is_err() {
+                    cancel.notify_one();
+                }
+                result
+            })
+        };
+        let download_all = futures::stream::iter(downloads)
+            .map(|(desc, writer)| {
+                let progress = opts.progress.clone();
+                let digest = desc.digest.clone();
+                let on_bytes: OnBytes =
+                    Arc::new(move |n| progress.iter().for_each(|p| p.layer_bytes(&digest, n)));
+                async move { source.blob_into(&desc, writer, &on_bytes).await }
+            })
+            .buffer_unordered(opts.max_concurrent_downloads.max(1))
+            .try_collect::<Vec<()>>();
+        let downloads = async {
+            tokio::select! {
+                r = download_all => Some(r),
+                _ = cancel.notified() => None,
+            }
+        };
+        let started = std::time::Instant::now();
+        let (applied, downloaded) = tokio::join!(applier, downloads);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "layers downloaded and applied"
+        );
+        if let Some(Err(e)) = downloaded {
+            return Err(e); // explains any failure the applier saw on the same blob
+        }
+        let stats = applied
+            .map_err(|e| ImageError::Internal(format!("layer application panicked: {e}")))??;
+
+        opts.progress
+            .iter()
+            .for_each(|p| p.phase("building root filesystem"));
+        let image = tmp.path().join("rootfs.ext4");
+        let imager = self.imager.clone();
+        let (staging, image_path) = (staging_dir.clone(), image.clone());
+        tokio::task::spawn_blocking(move || imager.build(&staging, &stats, &image_path))
+            .await
+            .map_err(|e| ImageError::Internal(format!("mkfs task panicked: {e}")))?
+            .map_err(|source| ImageError::Rootfs {
+                reference: key.to_string(),
+                source: Box::new(source),
+            })?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "filesystem image built"
+        );
+        std::fs::rename(&image, &rootfs).map_err(|source| ImageError::Io {
+            op: "move into place",
+            path: rootfs.clone(),
+            source,
+        })?;
+        let tmp_path = tmp.keep();
+        tokio::task::spawn_blocking(move || remove_tree(&tmp_path))
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))?;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "build directory removed"
+        );
+        Ok(())
+    }
+}
+
+fn apply_layers(
+    key: &str,
+    staging_dir: &Path,
+    inputs: Vec<LayerInput>,
+    limits: Limits,
+    progress: Option<&dyn Progress>,
+) -> Result<StagingStats, ImageError> {
+    let layer_err = |index: usize, digest: &Digest| {
+        let (reference, digest) = (key.to_string(), digest.clone());
+        move |source| ImageError::Layer {
+            reference,
+            index,
+            digest,
+            source: Box::new(source),
+        }
+    };
+    let tree_err = |source| ImageError::Tree {
+        reference: key.to_string(),
+        source: Box::new(source),
+    };
+    let mut staging = Staging::new(staging_dir, limits).map_err(tree_err)?;
+    for (index, input) in inputs.into_iter().enumerate() {
+        let digest = input.digest;
+        let raw: Box<dyn std::io::Read + Send> = match input.bytes {
+            LayerBytes::Stored(path) => {
+                let file = File::open(&path).map_err(|source| ImageError::Io {
+                    op: "open",
+                    path,
+                    source,
+                })?;
+                Box::new(VerifyingReader::new(file, digest.clone()))
+            }
+            LayerBytes::Arriving(follower) => Box::new(follower),
+        };
+        let decoded = decompressor(input.compression, BufReader::with_capacity(1 << 20, raw))
+            .map_err(|source| ImageError::Layer {
+                reference: key.to_string(),
+                index,
+                digest: digest.clone(),
+                source: Box::new(crate::layer::LayerError::Archive {
+                    what: "start decompressing".into(),
+                    source,
+                }),
+            })?;
+        // Decompression runs on its own thread, overlapping with file creation here.
+        let decoded = ReadAhead::new(decoded).map_err(|source| ImageError::Io {
+            op: "start a read-ahead thread for",
+            path: staging_dir.into(),
+            source,
+        })?;
+        staging.apply(decoded).map_err(layer_err(index, &digest))?;
+        progress.iter().for_each(|p| p.layer_done(&digest));
+    }
+    staging.finish().map_err(tree_err)
+}
+
+/// Best-effort removal of a build directory; anything left is collected by `gc`.
+fn remove_tree(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove a build directory; `hearth` gc will retry");
+    }
+}
