@@ -1,0 +1,256 @@
+//! `POST /v1/exec`, agent side: reads the `ExecStart` frame, starts an exec-init (see
+//! [`crate::exec_init`]) with pipes for stdin, stdout and stderr, then streams output frames as the
+//! HTTP/2 window allows (a pipe is read only when the previous frame has been handed to HTTP/2, so
+//! a command that prints faster than the host reads blocks in `write`), feeds stdin, enforces the
+//! timeout and reports the exit status.
+//!
+//! Killing an exec means SIGKILL to its exec-init, the PID 1 of the exec's PID namespace: the kernel
+//! then kills every process in that namespace, i.e. the whole process tree. That happens on
+//! timeout, when the host resets the exec's stream, and when the session that started it ends.
+
+mod registry;
+mod spawn;
+mod supervise;
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use hearth_proto::{AgentError, ExecRequest, FrameDecoder, FrameKind};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::pipe;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use registry::ExecRegistry;
+pub use spawn::{ExitWatch, PidFd, ProcessEnd};
+
+use crate::exec_init::ExecInitConfig;
+use crate::{log, server, Agent};
+use supervise::Supervisor;
+
+/// Serves one exec request to completion.
+pub async fn serve(
+    agent: Arc<Agent>,
+    session: CancellationToken,
+    mut body: RecvStream,
+    respond: SendResponse<Bytes>,
+) {
+    let mut decoder = FrameDecoder::new();
+    let request = match read_exec_start(&mut body, &mut decoder).await {
+        Ok(request) => request,
+        Err(e) => return server::respond_error(respond, &e),
+    };
+    let started = match start(&agent, &request) {
+        Ok(started) => started,
+        Err(e) => return server::respond_error(respond, &e),
+    };
+    run(agent, session, request, started, body, decoder, respond).await;
+}
+
+async fn read_exec_start(
+    body: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<ExecRequest, AgentError> {
+    loop {
+        if let Some(frame) = decoder
+            .next_frame()
+            .map_err(|e| AgentError::invalid(e.to_string()))?
+        {
+            if frame.kind != FrameKind::ExecStart {
+                return Err(AgentError::invalid(format!(
+                    "exec body must start with ExecStart, got {:?}",
+                    frame.kind
+                )));
+            }
+            let request: ExecRequest = frame
+                .parse_json()
+                .map_err(|e| AgentError::invalid(e.to_string()))?;
+            if request.argv.is_empty() || request.argv[0].is_empty() {
+                return Err(AgentError::invalid(
+                    "exec argv is empty: name a command to run",
+                ));
+            }
+            return Ok(request);
+        }
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                decoder.push(&chunk);
+            }
+            Some(Err(e)) => {
+                return Err(AgentError::invalid(format!(
+                    "reading exec request body: {e}"
+                )))
+            }
+            None => {
+                return Err(AgentError::invalid(
+                    "exec request body ended before its ExecStart frame",
+                ))
+            }
+        }
+    }
+}
+
+/// A started exec-init and the agent's ends of its pipes.
+struct Started {
+    id: u64,
+    pid: i32,
+    exit: ExitWatch,
+    stdin: Option<pipe::Sender>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+    control: tokio::net::UnixStream,
+}
+
+fn start(agent: &Arc<Agent>, request: &ExecRequest) -> Result<Started, AgentError> {
+    let internal = |what: &str, e: io::Error| {
+        AgentError::internal(format!("starting exec {:?}: {what}: {e}", request.argv[0]))
+    };
+    let (stdin_child, stdin) = if request.stdin {
+        let (reader, writer) = pipe_pair().map_err(|e| internal("creating stdin pipe", e))?;
+        (reader, Some(writer))
+    } else {
+        let null =
+            std::fs::File::open("/dev/null").map_err(|e| internal("opening /dev/null", e))?;
+        (OwnedFd::from(null), None)
+    };
+    let (stdout, stdout_child) = pipe_pair().map_err(|e| internal("creating stdout pipe", e))?;
+    let (stderr, stderr_child) = pipe_pair().map_err(|e| internal("creating stderr pipe", e))?;
+    let (control, control_child) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| internal("creating control socket", e))?;
+    let fds = spawn::ChildFds {
+        stdin: stdin_child.as_fd(),
+        stdout: stdout_child.as_fd(),
+        stderr: stderr_child.as_fd(),
+        control: control_child.as_fd(),
+    };
+    let program = &agent.config.exec_init_program;
+    let (id, pid, pidfd) = agent
+        .execs
+        .spawn_and_register(|| spawn::spawn_exec_init(program, fds))
+        .map_err(|e| internal(&format!("cloning exec-init {}", program.display()), e))?;
+    // The child ends are closed here, so the pipes report end of file once the exec's processes
+    // are gone.
+    drop((stdin_child, stdout_child, stderr_child, control_child));
+    let setup = || -> io::Result<Started> {
+        control.set_nonblocking(true)?;
+        Ok(Started {
+            id,
+            pid,
+            exit: ExitWatch::new(pidfd.clone())?,
+            stdin: stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+            stdout: pipe::Receiver::from_owned_fd(stdout)?,
+            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+            control: tokio::net::UnixStream::from_std(control)?,
+        })
+    };
+    setup().map_err(|e| {
+        let _ = pidfd.send_signal(libc::SIGKILL);
+        reap_later(agent.clone(), id, pidfd);
+        internal("registering its pipes", e)
+    })
+}
+
+/// Reaps an exec-init that was killed before its exec got going, then forgets it.
+fn reap_later(agent: Arc<Agent>, id: u64, pidfd: PidFd) {
+    tokio::spawn(async move {
+        if let Ok(exit) = ExitWatch::new(pidfd) {
+            let _ = exit.wait().await;
+        }
+        // Once forgotten, PID 1's orphan reaper may reap it if the wait above could not.
+        agent.execs.remove(id);
+    });
+}
+
+/// `(read end, write end)`, both close-on-exec.
+fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    agent: Arc<Agent>,
+    session: CancellationToken,
+    request: ExecRequest,
+    started: Started,
+    body: RecvStream,
+    decoder: FrameDecoder,
+    respond: SendResponse<Bytes>,
+) {
+    let deadline = request
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let config = ExecInitConfig {
+        root: agent.config.root.clone(),
+        request,
+    };
+    let stdin_pump = tokio::spawn(pump_stdin(body, decoder, started.stdin));
+    let mut exec = Supervisor::new(
+        started.id,
+        started.exit,
+        started.stdout,
+        started.stderr,
+        deadline,
+        session,
+    );
+    if let Err(e) = exec
+        .serve(started.pid, started.control, &config, respond)
+        .await
+    {
+        log!("exec {}: {e}", started.id);
+    }
+    exec.kill_and_reap().await;
+    stdin_pump.abort();
+    agent.execs.remove(started.id);
+}
+
+/// Copies `Stdin` frames from the request body into the command's stdin, releasing HTTP/2 window
+/// only after the bytes are in the pipe (so the host cannot outrun a command that reads slowly).
+/// End of the request body closes stdin. Once the command stops reading (broken pipe), the rest of
+/// the body is discarded.
+async fn pump_stdin(
+    mut body: RecvStream,
+    mut decoder: FrameDecoder,
+    mut stdin: Option<pipe::Sender>,
+) {
+    let mut unreleased = 0;
+    loop {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) if frame.kind == FrameKind::Stdin => {
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&frame.payload).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Ok(Some(frame)) => {
+                    log!(
+                        "exec request body: unexpected {:?} frame ignored",
+                        frame.kind
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log!("exec request body: {e}; closing stdin");
+                    return;
+                }
+            }
+        }
+        let _ = body
+            .flow_control()
+            .release_capacity(std::mem::take(&mut unreleased));
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                decoder.push(&chunk);
+                unreleased = chunk.len();
+            }
+            Some(Err(_)) | None => return,
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The agent-wide table of running execs: exec id -> exec-init pidfd, for `POST /v1/signal`, for
+//! shutdown (kill everything) and for PID 1's orphan reaper (which must not reap an exec-init whose
+//! status its exec task is waiting for).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+
+use hearth_proto::{AgentError, ErrorKind};
+
+use super::spawn::PidFd;
+
+#[derive(Default)]
+pub struct ExecRegistry {
+    inner: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    running: HashMap<u64, (i32, PidFd)>,
+}
+
+impl ExecRegistry {
+    /// Runs `spawn` and records the process it started. The table stays locked meanwhile, so the
+    /// orphan reaper cannot see the new child before it is recorded.
+    pub fn spawn_and_register(
+        &self,
+        spawn: impl FnOnce() -> io::Result<(i32, PidFd)>,
+    ) -> io::Result<(u64, i32, PidFd)> {
+        let mut table = self.inner.lock().expect("exec registry poisoned");
+        let (pid, pidfd) = spawn()?;
+        table.next_id += 1;
+        let id = table.next_id;
+        table.running.insert(id, (pid, pidfd.clone()));
+        Ok((id, pid, pidfd))
+    }
+
+    /// Forgets an exec once its exec-init has been reaped.
+    pub fn remove(&self, id: u64) {
+        self.inner
+            .lock()
+            .expect("exec registry poisoned")
+            .running
+            .remove(&id);
+    }
+
+    /// Sends `signal` to exec `id`'s init, which forwards it to the command (SIGKILL kills the whole
+    /// process tree at once).
+    pub fn signal(&self, id: u64, signal: i32) -> Result<(), AgentError> {
+        if !(1..=64).contains(&signal) {
+            return Err(AgentError::invalid(format!(
+                "signal {signal} is not a signal number (1-64)"
+            )));
+        }
+        let pidfd = {
+            let table = self.inner.lock().expect("exec registry poisoned");
+            let not_running =
+                || AgentError::new(ErrorKind::NotFound, format!("exec {id} is not running"));
+            table.running.get(&id).ok_or_else(not_running)?.1.clone()
+        };
+        pidfd
+            .send_signal(signal)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ESRCH) => {
+                    AgentError::new(ErrorKind::NotFound, format!("exec {id} has exited"))
+                }
+                _ => AgentError::internal(format!("sending signal {signal} to exec {id}: {e}")),
+            })
+    }
+
+    /// SIGKILLs every running exec (shutdown). Returns how many were signalled.
+    pub fn kill_all(&self) -> usize {
+        let table = self.inner.lock().expect("exec registry poisoned");
+        table
+            .running
+            .values()
+            .filter(|(_, pidfd)| pidfd.send_signal(libc::SIGKILL).is_ok())
+            .count()
+    }
+
+    pub fn running(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("exec registry poisoned")
+            .running
+            .len()
+    }
+
+    /// Runs `reap` with the table locked and a predicate saying whether a PID is an exec-init.
+    pub fn with_exec_pids<T>(&self, reap: impl FnOnce(&dyn Fn(i32) -> bool) -> T) -> T {
+        let table = self.inner.lock().expect("exec registry poisoned");
+        let is_exec = |pid: i32| table.running.values().any(|(p, _)| *p == pid);
+        reap(&is_exec)
+    }
+}

@@ -1,0 +1,265 @@
+//! The agent's watch over one running exec: forwards output frames within the HTTP/2 send window,
+//! reaps the exec-init, enforces the timeout, kills the exec when its session ends or the host
+//! resets the stream, and reports the exit status.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::server::SendResponse;
+use h2::SendStream;
+use hearth_proto::{frame, AgentError, ExecStarted, ExitStatus, Frame, FrameKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::spawn::{ExitWatch, ProcessEnd};
+use crate::exec_init::ExecInitConfig;
+use crate::{log, server};
+
+/// Bytes read from a pipe per output frame.
+const CHUNK: usize = 32 * 1024;
+
+/// Why the agent killed an exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillReason {
+    Timeout,
+    SessionEnded,
+    HostGone,
+}
+
+/// One running exec as seen by the agent.
+pub(super) struct Supervisor {
+    id: u64,
+    exit: ExitWatch,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    /// Set once the exec-init has been reaped.
+    ended: Option<ProcessEnd>,
+    killed: Option<KillReason>,
+    deadline: Option<Instant>,
+    session: CancellationToken,
+}
+
+impl Supervisor {
+    pub(super) fn new(
+        id: u64,
+        exit: ExitWatch,
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
+        deadline: Option<Instant>,
+        session: CancellationToken,
+    ) -> Supervisor {
+        Supervisor {
+            id,
+            exit,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            ended: None,
+            killed: None,
+            deadline,
+            session,
+        }
+    }
+
+    /// Sends the exec-init its config, answers the request and streams the exec to its end.
+    pub(super) async fn serve(
+        &mut self,
+        pid: i32,
+        mut control: tokio::net::UnixStream,
+        config: &ExecInitConfig,
+        mut respond: SendResponse<Bytes>,
+    ) -> Result<(), AgentError> {
+        let config = serde_json::to_vec(config).expect("exec-init config serializes");
+        let sent = async {
+            control.write_all(&config).await?;
+            control.shutdown().await
+        };
+        if let Err(e) = sent.await {
+            let error = AgentError::internal(format!(
+                "exec {}: sending exec-init its config: {e}",
+                self.id
+            ));
+            server::respond_error(respond, &error);
+            return Err(error);
+        }
+        let host_gone =
+            |e: h2::Error| AgentError::internal(format!("host stopped receiving output: {e}"));
+        let mut send = respond
+            .send_response(http::Response::new(()), false)
+            .map_err(host_gone)?;
+        let started = ExecStarted {
+            id: self.id,
+            pid: pid as u32,
+        };
+        server::send_all(
+            &mut send,
+            Frame::json(FrameKind::Started, &started)
+                .encode()
+                .expect("small frame"),
+            false,
+        )
+        .await
+        .map_err(host_gone)?;
+        if let Err(e) = self.stream_output(&mut send).await {
+            self.kill(KillReason::HostGone);
+            return Err(host_gone(e));
+        }
+        let status = self.exit_status(&mut control).await;
+        let last = Frame::json(FrameKind::Exit, &status)
+            .encode()
+            .expect("small frame");
+        server::send_all(&mut send, last, true)
+            .await
+            .map_err(host_gone)
+    }
+
+    /// Forwards output until both pipes reach end of file and the exec-init has been reaped,
+    /// killing the exec on timeout or session end meanwhile.
+    async fn stream_output(&mut self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+        let mut stdout_buf = vec![0u8; CHUNK];
+        let mut stderr_buf = vec![0u8; CHUNK];
+        let mut pending = Bytes::new();
+        loop {
+            let output_done = self.stdout.is_none() && self.stderr.is_none();
+            if pending.is_empty() && output_done && self.ended.is_some() {
+                return Ok(());
+            }
+            let can_read = pending.is_empty();
+            let alive = self.ended.is_none() && self.killed.is_none();
+            tokio::select! {
+                event = poll_send(send, !pending.is_empty()) => match event {
+                    SendEvent::Capacity(n) => {
+                        let chunk = pending.split_to(n.min(pending.len()));
+                        send.send_data(chunk, false)?;
+                        send.reserve_capacity(pending.len());
+                    }
+                    SendEvent::Gone(e) => return Err(e),
+                },
+                n = read_pipe(&mut self.stdout, &mut stdout_buf), if can_read => {
+                    pending = output_frame(FrameKind::Stdout, n, &mut self.stdout, &stdout_buf);
+                    send.reserve_capacity(pending.len());
+                }
+                n = read_pipe(&mut self.stderr, &mut stderr_buf), if can_read => {
+                    pending = output_frame(FrameKind::Stderr, n, &mut self.stderr, &stderr_buf);
+                    send.reserve_capacity(pending.len());
+                }
+                end = self.exit.wait(), if self.ended.is_none() => match end {
+                    Ok(end) => self.ended = Some(end),
+                    Err(e) => {
+                        log!("exec {}: waiting for exec-init: {e}", self.id);
+                        self.ended = Some(ProcessEnd::Signaled(libc::SIGKILL));
+                    }
+                },
+                _ = sleep_until(self.deadline), if alive => self.kill(KillReason::Timeout),
+                _ = self.session.cancelled(), if alive => self.kill(KillReason::SessionEnded),
+            }
+        }
+    }
+
+    fn kill(&mut self, reason: KillReason) {
+        if self.ended.is_none() && self.killed.is_none() {
+            if reason != KillReason::Timeout {
+                log!("exec {}: killing its process tree ({reason:?})", self.id);
+            }
+            self.killed = Some(reason);
+            // The exec-init is PID 1 of the exec's namespace: its death kills every process there.
+            let _ = self.exit.pidfd().send_signal(libc::SIGKILL);
+        }
+    }
+
+    /// Makes sure the exec-init is dead and reaped (after any way `serve` ended).
+    pub(super) async fn kill_and_reap(&mut self) {
+        if self.ended.is_none() {
+            self.kill(KillReason::HostGone);
+            match self.exit.wait().await {
+                Ok(end) => self.ended = Some(end),
+                Err(e) => log!("exec {}: reaping exec-init: {e}", self.id),
+            }
+        }
+    }
+
+    /// The command's status as the exec-init reported it on the control socket, or else how the
+    /// exec-init itself ended (killed by the agent, or failed before it could report).
+    async fn exit_status(&self, control: &mut tokio::net::UnixStream) -> ExitStatus {
+        let mut report = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(1), control.read_to_end(&mut report)).await;
+        let reported = match read {
+            Ok(Ok(_)) if !report.is_empty() => serde_json::from_slice::<ExitStatus>(&report).ok(),
+            _ => None,
+        };
+        let mut status = match (reported, self.ended) {
+            (Some(status), _) => status,
+            (None, Some(ProcessEnd::Exited(code))) => ExitStatus::exited(code),
+            (None, Some(ProcessEnd::Signaled(signal))) => ExitStatus::signaled(signal),
+            (None, None) => ExitStatus::signaled(libc::SIGKILL),
+        };
+        status.timed_out = self.killed == Some(KillReason::Timeout);
+        status
+    }
+}
+
+enum SendEvent {
+    Capacity(usize),
+    Gone(h2::Error),
+}
+
+/// Resolves when the host reset the stream or, if `want_capacity`, when some send window is free.
+fn poll_send(
+    send: &mut SendStream<Bytes>,
+    want_capacity: bool,
+) -> impl std::future::Future<Output = SendEvent> + '_ {
+    std::future::poll_fn(move |cx| {
+        use std::task::Poll;
+        if let Poll::Ready(reset) = send.poll_reset(cx) {
+            return Poll::Ready(SendEvent::Gone(match reset {
+                Ok(reason) => h2::Error::from(reason),
+                Err(e) => e,
+            }));
+        }
+        if !want_capacity {
+            return Poll::Pending;
+        }
+        server::poll_capacity(send, cx).map(|capacity| match capacity {
+            Ok(n) => SendEvent::Capacity(n),
+            Err(e) => SendEvent::Gone(e),
+        })
+    })
+}
+
+/// Reads from a pipe that is still open; never resolves for a closed one.
+async fn read_pipe(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
+    match pipe {
+        Some(pipe) => pipe.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The frame for a pipe read; closes the pipe on end of file or error (empty result).
+fn output_frame(
+    kind: FrameKind,
+    read: io::Result<usize>,
+    pipe: &mut Option<pipe::Receiver>,
+    buf: &[u8],
+) -> Bytes {
+    match read {
+        Ok(n) if n > 0 => {
+            let mut out = BytesMut::with_capacity(frame::HEADER_LEN + n);
+            frame::encode_into(kind, &buf[..n], &mut out).expect("chunk is below the frame limit");
+            out.freeze()
+        }
+        _ => {
+            *pipe = None;
+            Bytes::new()
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

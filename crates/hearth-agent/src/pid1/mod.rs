@@ -1,0 +1,215 @@
+//! The agent as the guest's PID 1: mounts, kernel modules, disks, the workload root, hostname and
+//! loopback, then serving the host on the virtio-serial port (and vsock when present). Any failure
+//! before serving prints one `hearth-agent: FATAL:` line on the console and reboots, which ends the
+//! VM (QEMU runs with -no-reboot; Firecracker exits on reboot).
+//!
+//! Kernel command line parameters read here:
+//! - `hearth.hostname=NAME`: the guest's hostname (default `hearth`).
+
+mod disks;
+mod modules;
+mod mounts;
+mod reaper;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{log, Agent, AgentConfig, PowerControl};
+
+pub use mounts::ROOT;
+
+/// How long to wait for disks and the agent port to appear (slow under TCG).
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs PID 1 for the guest's whole life.
+pub fn run() -> ! {
+    let hostname = match boot() {
+        Ok(hostname) => hostname,
+        Err(e) => fatal(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => fatal(&format!("starting the async runtime: {e}")),
+    };
+    let error = runtime.block_on(serve(hostname));
+    fatal(&error)
+}
+
+/// Everything before serving. Returns the hostname.
+fn boot() -> Result<String, String> {
+    mounts::mount_early()?;
+    redirect_stdio_to_console();
+    log!(
+        "starting (version {}, uptime {})",
+        crate::AGENT_VERSION,
+        uptime()
+    );
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let hostname = kernel_param(&cmdline, "hearth.hostname")
+        .unwrap_or("hearth")
+        .to_string();
+    let loaded = modules::load_listed(std::path::Path::new(modules::MODULE_LIST))
+        .map_err(|e| e.to_string())?;
+    nix::unistd::sethostname(&hostname)
+        .map_err(|e| format!("setting hostname {hostname:?}: {e}"))?;
+    if let Err(e) = loopback_up() {
+        log!("bringing up lo: {e} (continuing without loopback)");
+    }
+    let disks = disks::wait_for(
+        &[disks::ROOTFS_SERIAL, disks::SCRATCH_SERIAL],
+        DEVICE_TIMEOUT,
+    )?;
+    mounts::mount_workload_root(&disks[0], &disks[1], &hostname)?;
+    log!(
+        "{loaded} modules loaded, workload root mounted (uptime {})",
+        uptime()
+    );
+    Ok(hostname)
+}
+
+async fn serve(hostname: String) -> String {
+    let agent = Agent::new(AgentConfig {
+        root: PathBuf::from(mounts::ROOT),
+        exec_init_program: PathBuf::from("/proc/self/exe"),
+        power: Arc::new(Reboot),
+    });
+    tokio::spawn(reaper::reap_orphans(agent.clone()));
+    if std::path::Path::new("/dev/vsock").exists() {
+        match crate::port::VsockListener::bind(hearth_proto::VSOCK_PORT) {
+            Ok(listener) => {
+                log!("listening on vsock port {}", hearth_proto::VSOCK_PORT);
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::session::serve_listener(agent, listener).await {
+                        log!("vsock listener failed: {e}");
+                    }
+                });
+            }
+            Err(e) => log!(
+                "vsock present but listening on port {} failed: {e}",
+                hearth_proto::VSOCK_PORT
+            ),
+        }
+    }
+    match crate::port::open_virtio_port(hearth_proto::VIRTIO_PORT_NAME, DEVICE_TIMEOUT).await {
+        Ok((device, port)) => {
+            log!(
+                "ready on {} as {hostname} (uptime {})",
+                device.display(),
+                uptime()
+            );
+            crate::session::serve_port(agent, port).await
+        }
+        Err(e) if std::path::Path::new("/dev/vsock").exists() => {
+            log!("{e}; serving on vsock only");
+            std::future::pending().await
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Guest shutdown: unmount and reboot (the VMM treats the guest's reboot as its exit).
+struct Reboot;
+
+impl PowerControl for Reboot {
+    fn prepare(&self) -> Result<(), String> {
+        nix::unistd::sync();
+        let failures = mounts::unmount_all();
+        nix::unistd::sync();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+
+    fn power_off(&self) -> ! {
+        let error =
+            nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).unwrap_err();
+        log!("reboot failed: {error}");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Reports `message` on the console and ends the VM.
+fn fatal(message: &str) -> ! {
+    log!("FATAL: {message}");
+    nix::unistd::sync();
+    Reboot.power_off()
+}
+
+/// Makes fds 0-2 the console (the kernel may have started us without one).
+fn redirect_stdio_to_console() {
+    if let Ok(console) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors.
+            unsafe { libc::dup2(console.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// The value of `name=value` on a kernel command line.
+pub fn kernel_param<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .next_back()
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(|s| format!("{s} s")))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Sets the loopback interface up, as a container runtime would.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: an ioctl pair on a fresh socket with a zeroed ifreq naming "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(fd);
+        use std::os::fd::AsRawFd;
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *slot = *byte as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_params_last_one_wins() {
+        let cmdline = "console=ttyS0 hearth.hostname=a quiet hearth.hostname=box\n";
+        assert_eq!(kernel_param(cmdline, "hearth.hostname"), Some("box"));
+        assert_eq!(kernel_param(cmdline, "hearth.other"), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! Sessions: the guest side of the handshake, then one HTTP/2 server connection over the stream.
+//!
+//! A session ends when the stream reports end of file or an error, or when HTTP/2 fails (for
+//! example because a new host sent `HELLO` into the old session). Ending a session cancels its
+//! token, which kills the process trees of every exec it started. [`serve_port`] runs sessions on a
+//! stream that outlives them (the virtio-serial port) forever; [`serve_listener`] runs one session
+//! per accepted connection (vsock, Unix sockets).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_proto::handshake::{self, HandshakeLine, LineBuffer, PrefaceMatch};
+use hearth_proto::tuning;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::{FdStream, Prefixed};
+use crate::{log, server, Agent};
+
+/// How long to wait before reading again after end of file on a port (the host is disconnected).
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("stream closed (host disconnected)")]
+    Eof,
+    #[error("reading or writing the agent stream failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP/2 failed: {0}")]
+    Http2(#[from] h2::Error),
+}
+
+/// Serves sessions on `port` for ever. End of file means the host side is disconnected; the port
+/// stays open (closing and reopening a virtio-serial port loses data) and is polled again after a
+/// short sleep. Each session starts with a fresh reactor registration (see [`FdStream`]).
+pub async fn serve_port(agent: Arc<Agent>, mut port: FdStream) -> ! {
+    loop {
+        if let Err(e) = port.reregister() {
+            log!("re-registering the agent port: {e}");
+        }
+        match run_session(&agent, &mut port).await {
+            Ok(()) => log!("session ended"),
+            Err(SessionError::Eof) => {}
+            Err(e) => log!("session ended: {e}"),
+        }
+        tokio::time::sleep(RECONNECT_POLL).await;
+    }
+}
+
+/// Accepts connections for ever, one session per connection.
+pub async fn serve_listener<L: Listener>(
+    agent: Arc<Agent>,
+    mut listener: L,
+) -> std::io::Result<()> {
+    loop {
+        let stream = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut stream = stream;
+            match run_session(&agent, &mut stream).await {
+                Ok(()) | Err(SessionError::Eof) => {}
+                Err(e) => log!("session ended: {e}"),
+            }
+        });
+    }
+}
+
+/// Something that yields one stream per host connection.
+pub trait Listener: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&mut self)
+        -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&mut self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+}
+
+/// One session: handshake, then HTTP/2 until the host goes away.
+pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: &Arc<Agent>,
+    io: &mut S,
+) -> Result<(), SessionError> {
+    let prefix = answer_hello(io).await?;
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(tuning::HTTP2_MAX_FRAME)
+        .max_concurrent_streams(1024)
+        .handshake::<_, Bytes>(Prefixed::new(prefix, io))
+        .await?;
+    log!("session started");
+    let session = CancellationToken::new();
+    // Cancelling on every exit path (including errors) is what kills this session's execs.
+    let _kill_execs = session.clone().drop_guard();
+    while let Some(accepted) = connection.accept().await {
+        let (request, respond) = accepted?;
+        tokio::spawn(server::handle(
+            agent.clone(),
+            session.child_token(),
+            request,
+            respond,
+        ));
+    }
+    Ok(())
+}
+
+/// Reads until a `HELLO` line, answers `READY` once per nonce, skips repeated `HELLO`s and stale
+/// bytes, and returns once the HTTP/2 preface starts: the bytes read past the handshake.
+pub async fn answer_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+) -> Result<Vec<u8>, SessionError> {
+    let mut lines = LineBuffer::new();
+    let mut answered: Option<String> = None;
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        if answered.is_some() {
+            match lines.preface() {
+                PrefaceMatch::Complete => return Ok(lines.take_rest()),
+                PrefaceMatch::Partial => {}
+                PrefaceMatch::No => {
+                    if let Some(line) = lines.next_line() {
+                        answer_line(io, &line, &mut answered).await?;
+                        continue;
+                    }
+                }
+            }
+        } else if let Some(line) = lines.next_line() {
+            answer_line(io, &line, &mut answered).await?;
+            continue;
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(SessionError::Eof);
+        }
+        lines.push(&chunk[..n]);
+    }
+}
+
+async fn answer_line<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    line: &[u8],
+    answered: &mut Option<String>,
+) -> Result<(), SessionError> {
+    let Some(HandshakeLine::Hello { nonce, .. }) = handshake::parse_line(line) else {
+        return Ok(());
+    };
+    // The host re-sends HELLO until it sees READY: answer each nonce once, or the extra READY lines
+    // would land inside the host's HTTP/2 stream.
+    if answered.as_deref() != Some(nonce.as_str()) {
+        io.write_all(handshake::ready_line(&nonce, crate::AGENT_VERSION).as_bytes())
+            .await?;
+        io.flush().await?;
+        *answered = Some(nonce);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_hello_once_among_garbage_and_returns_the_preface() {
+        let (mut guest, host) = tokio::io::duplex(64 * 1024);
+        let (host_read, mut host_write) = tokio::io::split(host);
+        let answer = tokio::spawn(async move { answer_hello(&mut guest).await.unwrap() });
+        let mut stale = vec![0u8; 3000];
+        stale.extend_from_slice(
+            b"\nhalf a line\nHEARTH-AGENT/1 HELLO beef\nHEARTH-AGENT/1 HELLO beef\n",
+        );
+        stale.extend_from_slice(b"HEARTH-AGENT/1 HELLO cafe\n");
+        stale.extend_from_slice(handshake::HTTP2_PREFACE);
+        stale.extend_from_slice(b"\x00\x00\x12");
+        host_write.write_all(&stale).await.unwrap();
+        let rest = answer.await.unwrap();
+        assert!(rest.starts_with(handshake::HTTP2_PREFACE) && rest.ends_with(b"\x00\x00\x12"));
+        drop(host_write);
+        let mut replies = String::new();
+        tokio::io::AsyncReadExt::read_to_string(
+            &mut tokio::io::BufReader::new(host_read),
+            &mut replies,
+        )
+        .await
+        .unwrap();
+        let version = crate::AGENT_VERSION;
+        assert_eq!(
+            replies,
+            format!(
+                "\nHEARTH-AGENT/1 READY beef {version}\n\nHEARTH-AGENT/1 READY cafe {version}\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn end_of_file_before_hello_is_eof() {
+        let (mut guest, host) = tokio::io::duplex(1024);
+        drop(host);
+        assert!(matches!(
+            answer_hello(&mut guest).await,
+            Err(SessionError::Eof)
+        ));
+    }
+}

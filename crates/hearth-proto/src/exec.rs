@@ -1,0 +1,115 @@
+//! Exec messages: the request that starts a command, the confirmation that it started, and how it
+//! ended. Carried as JSON payloads of body frames (see [`crate::frame`]).
+
+use serde::{Deserialize, Serialize};
+
+/// Starts one command in the workload root (payload of the `ExecStart` frame).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The command and its arguments. `argv[0]` without a `/` is looked up in the `PATH` of `env`
+    /// inside the workload root.
+    pub argv: Vec<String>,
+    /// The complete environment as `KEY=VALUE` entries. The agent adds `PATH` (a default) and `HOME`
+    /// (from the user's passwd entry) when they are missing, as docker does.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory inside the root; created if missing (docker's `-w`). Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `user[:group]`, names or numbers, resolved against the root's /etc/passwd and /etc/group.
+    /// Default root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `true`: the request body carries stdin after the `ExecStart` frame. `false`: stdin is
+    /// /dev/null.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the command's whole process tree after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The command's process exists (payload of the `Started` frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStarted {
+    /// Agent-wide identifier of this exec, used by `POST /v1/signal`.
+    pub id: u64,
+    /// PID, in the agent's PID namespace, of the exec's init process (the PID 1 of the command's
+    /// PID namespace).
+    pub pid: u32,
+}
+
+/// How a command ended (payload of the `Exit` frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when the command exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The timeout expired and the agent killed the process tree (then `signal` is 9).
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+impl ExitStatus {
+    pub fn exited(code: i32) -> ExitStatus {
+        ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+        }
+    }
+
+    pub fn signaled(signal: i32) -> ExitStatus {
+        ExitStatus {
+            code: None,
+            signal: Some(signal),
+            timed_out: false,
+        }
+    }
+
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}")?,
+            (None, Some(signal)) => write!(f, "killed by signal {signal}")?,
+            (None, None) => write!(f, "unknown status")?,
+        }
+        if self.timed_out {
+            write!(f, " (timed out)")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_request_defaults_missing_fields() {
+        let request: ExecRequest = serde_json::from_str(r#"{"argv":["true"]}"#).unwrap();
+        assert_eq!(request.argv, ["true"]);
+        assert!(request.env.is_empty() && !request.stdin && request.cwd.is_none());
+        assert!(request.timeout_ms.is_none() && request.user.is_none());
+    }
+
+    #[test]
+    fn exit_status_json_is_compact() {
+        assert_eq!(
+            serde_json::to_string(&ExitStatus::exited(3)).unwrap(),
+            r#"{"code":3,"timed_out":false}"#
+        );
+        let killed: ExitStatus = serde_json::from_str(r#"{"signal":9,"timed_out":true}"#).unwrap();
+        assert_eq!(killed.to_string(), "killed by signal 9 (timed out)");
+        assert!(!killed.success());
+    }
+}
