@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 runs=${1:-5}
 
 scripts/provision.sh > /dev/null
-cargo build --quiet --release -p hearth -p hearth-vm --example floor
+cargo build --quiet --release -p hearth
+cargo build --quiet --release -p hearth-vm --example floor
 export HEARTH_AGENT
 HEARTH_AGENT=$(scripts/build-agent.sh)
 target=${CARGO_TARGET_DIR:-$PWD/target}

@@ -109,11 +109,22 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads until a `HELLO` line, answers `READY` once per nonce, skips repeated `HELLO`s and stale
+/// How long announcing `WAITING` may take before the agent just listens.
+const WAITING_WRITE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Announces `WAITING`, reads until a `HELLO` line, answers `READY` once per nonce, skips repeated `HELLO`s and stale
 /// bytes, and returns once the HTTP/2 preface starts: the bytes read past the handshake.
 pub async fn answer_hello<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
 ) -> Result<Vec<u8>, SessionError> {
+    // Tell a host that is already connected (a booting VM's) to say HELLO now. While no host is
+    // connected a virtio port does not take writes, so this must not wait long.
+    let waiting = handshake::waiting_line();
+    let _ = tokio::time::timeout(WAITING_WRITE, async {
+        io.write_all(waiting.as_bytes()).await?;
+        io.flush().await
+    })
+    .await;
     let mut lines = LineBuffer::new();
     let mut answered: Option<String> = None;
     let mut chunk = vec![0u8; 4096];
@@ -191,7 +202,7 @@ mod tests {
         assert_eq!(
             replies,
             format!(
-                "\nHEARTH-AGENT/1 READY beef {version}\n\nHEARTH-AGENT/1 READY cafe {version}\n"
+                "\nHEARTH-AGENT/1 WAITING\n\nHEARTH-AGENT/1 READY beef {version}\n\nHEARTH-AGENT/1 READY cafe {version}\n"
             )
         );
     }

@@ -2,6 +2,8 @@
 //! both ends use to find those lines among stale bytes.
 //!
 //! Host: `HEARTH-AGENT/1 HELLO <nonce-hex>\n`; guest: `HEARTH-AGENT/1 READY <nonce-hex> <version>\n`.
+//! The guest also writes `HEARTH-AGENT/1 WAITING\n` when it starts waiting for a HELLO, so a host
+//! that is already connected (a booting VM) says HELLO at once instead of at its next retry.
 //! Text lines let either end skip whatever an earlier session left in the byte stream. Pure byte
 //! handling: no I/O.
 
@@ -20,6 +22,10 @@ pub const MAX_LINE: usize = 512;
 /// A parsed handshake line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandshakeLine {
+    /// The guest waits for a HELLO (sent unprompted; the host answers with HELLO at once).
+    Waiting {
+        major: u32,
+    },
     Hello {
         major: u32,
         nonce: String,
@@ -35,6 +41,11 @@ pub enum HandshakeLine {
 /// session's binary HTTP/2 frames), so the HELLO always starts a line of its own.
 pub fn hello_line(nonce: &str) -> String {
     format!("\n{MAGIC}/{PROTOCOL_MAJOR} HELLO {nonce}\n")
+}
+
+/// What the guest writes when it starts waiting for a HELLO.
+pub fn waiting_line() -> String {
+    format!("\n{MAGIC}/{PROTOCOL_MAJOR} WAITING\n")
 }
 
 /// What the guest answers, with a leading newline for the same reason.
@@ -55,6 +66,12 @@ pub fn parse_line(line: &[u8]) -> Option<HandshakeLine> {
         .parse()
         .ok()?;
     let verb = words.next()?;
+    if verb == "WAITING" {
+        return words
+            .next()
+            .is_none()
+            .then_some(HandshakeLine::Waiting { major });
+    }
     let nonce = words.next().filter(|n| is_nonce(n))?.to_string();
     let parsed = match verb {
         "HELLO" => HandshakeLine::Hello { major, nonce },
@@ -177,6 +194,17 @@ mod tests {
                 agent_version: "0.1.0".into()
             })
         );
+    }
+
+    #[test]
+    fn waiting_line_parses_and_takes_no_arguments() {
+        let waiting = waiting_line();
+        assert_eq!(waiting, "\nHEARTH-AGENT/1 WAITING\n");
+        assert_eq!(
+            parse_line(waiting.trim().as_bytes()),
+            Some(HandshakeLine::Waiting { major: 1 })
+        );
+        assert_eq!(parse_line(b"HEARTH-AGENT/1 WAITING extra"), None);
     }
 
     #[test]

@@ -152,6 +152,20 @@ impl Sandbox {
         }
     }
 
+    /// Ends a sandbox whose disk nothing will read again (a finished `hearth run`): the VM is killed
+    /// rather than shut down, since a clean shutdown only flushes the scratch disk that is about to
+    /// be deleted. Saves the guest's shutdown time (~70 ms under TCG).
+    pub async fn discard(self) -> Result<VmExit, SandboxError> {
+        drop(self.client);
+        let vm = self.vm;
+        let exit = tokio::task::spawn_blocking(move || {
+            vm.lock().unwrap_or_else(|e| e.into_inner()).kill()
+        })
+        .await
+        .expect("discard task")?;
+        Ok(exit)
+    }
+
     /// Asks the agent to shut the guest down, waits for the VMM to exit, and cleans up. A guest that
     /// does not go in time is killed.
     pub async fn destroy(self) -> Result<VmExit, SandboxError> {

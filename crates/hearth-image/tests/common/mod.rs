@@ -68,7 +68,10 @@ pub fn skip_unless_root() -> bool {
 
 /// The test registry's address.
 pub fn registry_addr() -> String {
-    hearth_testkit::registry().expect("test registry").addr.clone()
+    hearth_testkit::registry()
+        .expect("test registry")
+        .addr
+        .clone()
 }
 
 pub fn image_ref(name: &str) -> String {

@@ -1,6 +1,7 @@
-//! The host side of the session handshake: send `HELLO <nonce>` every 250 ms until the exact
-//! `READY <nonce>` line arrives, skipping whatever an earlier session or a booting guest left in the
-//! stream. Also [`Prefixed`], which hands bytes read past `READY` to HTTP/2.
+//! The host side of the session handshake: send `HELLO <nonce>` at once, again whenever the guest
+//! says it is `WAITING`, and every 250 ms otherwise, until the exact `READY <nonce>` line arrives,
+//! skipping whatever an earlier session or a booting guest left in the stream. (Retrying much faster
+//! instead slows a booting guest under TCG: each HELLO is an interrupt.) Also [`Prefixed`], which hands bytes read past `READY` to HTTP/2.
 
 use std::io;
 use std::pin::Pin;
@@ -37,6 +38,13 @@ pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<Read
         tokio::time::interval_at(tokio::time::Instant::now() + HELLO_INTERVAL, HELLO_INTERVAL);
     loop {
         while let Some(line) = lines.next_line() {
+            if let Some(HandshakeLine::Waiting { .. }) = handshake::parse_line(&line) {
+                send_hello(io, &hello)
+                    .await
+                    .map_err(|e| ChannelError::io("sending HELLO to the agent", e))?;
+                resend.reset();
+                continue;
+            }
             if let Some(HandshakeLine::Ready {
                 major,
                 nonce: answered,
@@ -205,6 +213,33 @@ mod tests {
             started.elapsed() >= HELLO_INTERVAL * 2,
             "answered only after two repeats"
         );
+        guest_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn waiting_guest_gets_a_hello_at_once() {
+        let (mut host, guest) = tokio::io::duplex(64 * 1024);
+        let (guest_read, mut guest_write) = tokio::io::split(guest);
+        let guest_task = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(guest_read);
+            let first = read_nonce(&mut reader).await; // sent on connect, before the guest listens
+            let asked = std::time::Instant::now();
+            guest_write
+                .write_all(b"\nHEARTH-AGENT/1 WAITING\n")
+                .await
+                .unwrap();
+            assert_eq!(read_nonce(&mut reader).await, first);
+            assert!(
+                asked.elapsed() < HELLO_INTERVAL / 2,
+                "HELLO came at once, not at the retry"
+            );
+            guest_write
+                .write_all(format!("HEARTH-AGENT/1 READY {first} 1.0.0\n").as_bytes())
+                .await
+                .unwrap();
+            reader
+        });
+        hello(&mut host).await.unwrap();
         guest_task.await.unwrap();
     }
 

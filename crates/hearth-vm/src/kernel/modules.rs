@@ -176,6 +176,32 @@ pub enum ModuleError {
     Compressed(PathBuf),
 }
 
+/// The trailer the kernel's sign-file appends after a module's signature.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len, pad[3], be32 sig_len.
+const SIGNATURE_INFO_LEN: usize = 12;
+
+/// Removes an appended module signature, leaving the plain ELF module. Returns whether one was there.
+/// A malformed trailer leaves the data untouched.
+pub fn strip_signature(module: &mut Vec<u8>) -> bool {
+    let Some(end) = module.len().checked_sub(SIGNATURE_MAGIC.len()) else {
+        return false;
+    };
+    if &module[end..] != SIGNATURE_MAGIC || end < SIGNATURE_INFO_LEN {
+        return false;
+    }
+    let info = &module[end - SIGNATURE_INFO_LEN..end];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let extra = info[3] as usize + info[4] as usize; // signer name and key id, empty for PKCS#7
+    match (end - SIGNATURE_INFO_LEN).checked_sub(sig_len + extra) {
+        Some(plain) => {
+            module.truncate(plain);
+            true
+        }
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +238,26 @@ mod tests {
             ]
         );
         assert!(order.iter().all(|m| m.path.is_file()));
+    }
+
+    #[test]
+    fn signature_is_stripped_to_the_plain_elf_module() {
+        let path = fixture_modules().join("kernel/drivers/block/virtio_blk.ko");
+        let signed = std::fs::read(&path).unwrap();
+        let mut module = signed.clone();
+        assert!(strip_signature(&mut module), "Debian signs its modules");
+        assert!(module.starts_with(b"\x7fELF") && module.len() < signed.len());
+        // The ELF section headers end the plain module: e_shoff + e_shnum * e_shentsize.
+        let u64_at = |o: usize| u64::from_le_bytes(module[o..o + 8].try_into().unwrap());
+        let u16_at = |o: usize| u16::from_le_bytes(module[o..o + 2].try_into().unwrap()) as u64;
+        assert_eq!(
+            u64_at(0x28) + u16_at(0x3c) * u16_at(0x3a),
+            module.len() as u64
+        );
+        assert!(!strip_signature(&mut module), "nothing left to strip");
+        let mut junk = b"not a module".to_vec();
+        assert!(!strip_signature(&mut junk));
+        assert_eq!(junk, b"not a module");
     }
 
     #[test]

@@ -173,7 +173,7 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
             let status = match status {
                 Ok(status) => status,
                 Err(err) => {
-                    let _ = sandbox.destroy().await;
+                    let _ = sandbox.discard().await;
                     return Err(err);
                 }
             };
@@ -182,7 +182,7 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let boot = sandbox.timings();
     let teardown_started = Instant::now();
-    if let Err(err) = sandbox.destroy().await {
+    if let Err(err) = sandbox.discard().await {
         tracing::warn!("tearing down the VM: {err}");
     }
     if a.timings {
