@@ -15,7 +15,7 @@ use hearth_proto::tuning;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{FdStream, Prefixed};
+use crate::stream::{prefixed, FdStream};
 use crate::{log, server, Agent};
 
 /// How long to wait before reading again after end of file on a port (the host is disconnected).
@@ -91,7 +91,7 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
         .max_frame_size(tuning::HTTP2_MAX_FRAME)
         .max_concurrent_streams(1024)
-        .handshake::<_, Bytes>(Prefixed::new(prefix, io))
+        .handshake::<_, Bytes>(prefixed(prefix, io))
         .await?;
     log!("session started");
     let session = CancellationToken::new();

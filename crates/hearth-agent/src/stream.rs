@@ -1,6 +1,6 @@
 //! Byte streams the agent serves on: [`FdStream`] (a non-blocking file descriptor driven by the tokio
-//! reactor: the virtio-serial port, vsock connections, an inherited socket) and [`Prefixed`] (bytes
-//! already read during the handshake, then the stream itself). Touches only the fd it owns.
+//! reactor: the virtio-serial port, vsock connections, an inherited socket). Touches only the fd it
+//! owns.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// A non-blocking fd as an async byte stream. A read returning 0 is reported as end of stream
 /// without clearing readiness: on a virtio-serial port that means "host disconnected", and the
@@ -146,54 +146,11 @@ impl AsyncWrite for FdStream {
     }
 }
 
-/// `prefix` first, then `inner`; writes go straight to `inner`.
-pub struct Prefixed<S> {
+/// `stream` with `prefix` (bytes read past the handshake) put back in front of what it reads.
+pub fn prefixed<S: AsyncRead + AsyncWrite>(
     prefix: Vec<u8>,
-    offset: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
-        Prefixed {
-            prefix,
-            offset: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.offset < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.offset);
-            buf.put_slice(&this.prefix[this.offset..this.offset + n]);
-            this.offset += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    stream: S,
+) -> impl AsyncRead + AsyncWrite {
+    let (read, write) = tokio::io::split(stream);
+    tokio::io::join(std::io::Cursor::new(prefix).chain(read), write)
 }

@@ -1,16 +1,14 @@
 //! The host side of the session handshake: send `HELLO <nonce>` at once, again whenever the guest
 //! says it is `WAITING`, and every 250 ms otherwise, until the exact `READY <nonce>` line arrives,
 //! skipping whatever an earlier session or a booting guest left in the stream. (Retrying much faster
-//! instead slows a booting guest under TCG: each HELLO is an interrupt.) Also [`Prefixed`], which hands bytes read past `READY` to HTTP/2.
+//! instead slows a booting guest under TCG: each HELLO is an interrupt.)
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hearth_proto::handshake::{self, HandshakeLine, LineBuffer};
 use hearth_proto::PROTOCOL_MAJOR;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::ChannelError;
 
@@ -95,58 +93,6 @@ fn random_nonce() -> Result<String, ChannelError> {
         ));
     }
     Ok(hex::encode(bytes))
-}
-
-/// `prefix` first, then `inner`; writes go straight to `inner`.
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    offset: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
-        Prefixed {
-            prefix,
-            offset: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.offset < this.prefix.len() {
-            let n = buf.remaining().min(this.prefix.len() - this.offset);
-            buf.put_slice(&this.prefix[this.offset..this.offset + n]);
-            this.offset += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,15 @@ impl ChannelError {
     }
 }
 
+/// `stream` with `prefix` (bytes read past the handshake) put back in front of what it reads.
+pub(crate) fn prefixed<S: AsyncRead + AsyncWrite>(
+    prefix: Vec<u8>,
+    stream: S,
+) -> impl AsyncRead + AsyncWrite {
+    let (read, write) = tokio::io::split(stream);
+    tokio::io::join(std::io::Cursor::new(prefix).chain(read), write)
+}
+
 /// Aborts the HTTP/2 connection task when the last client clone goes away, so the stream is closed
 /// and a new client can take over the channel.
 struct ConnectionTask(tokio::task::JoinHandle<()>);
@@ -95,7 +104,7 @@ impl AgentClient {
             .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
             .max_frame_size(tuning::HTTP2_MAX_FRAME)
-            .handshake::<_, Bytes>(handshake::Prefixed::new(ready.rest, stream))
+            .handshake::<_, Bytes>(prefixed(ready.rest, stream))
             .await?;
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
