@@ -9,6 +9,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 export HEARTH_AGENT
 HEARTH_AGENT=$(scripts/build-agent.sh)
+# CI can reach Debian's archive: the kernel provisioning test (hearth setup's apt path) runs too.
+export HEARTH_TEST_APT=1
 
 state=$(mktemp -d /tmp/hearth-test-registry.XXXXXX)
 trap 'scripts/test-registry.sh stop "$state"' EXIT

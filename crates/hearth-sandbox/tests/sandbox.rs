@@ -1,0 +1,95 @@
+//! One real sandbox (QEMU under TCG, the real kernel and agent, the busybox test image from the real
+//! registry) shared by several assertions, since each boot costs seconds: concurrent execs over one
+//! agent channel, files in and out, the writable overlay, and a clean destroy that leaves no run
+//! directory behind.
+
+use std::time::{Duration, Instant};
+
+use hearth_image::{ImageStore, PullOptions};
+use hearth_sandbox::{Sandbox, SandboxConfig};
+use hearth_vm::channel::{ExecRequest, ExitStatus};
+
+async fn sh(sandbox: &Sandbox, script: &str) -> (String, ExitStatus) {
+    let request = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin".into()],
+        ..ExecRequest::default()
+    };
+    let out = sandbox
+        .client()
+        .exec(request)
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sandbox_runs_concurrent_execs_and_moves_files() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = hearth_testkit::registry().unwrap();
+    let opts = PullOptions {
+        insecure_registries: vec![registry.addr.clone()],
+        ..Default::default()
+    };
+    let image = ImageStore::open(home.path())
+        .unwrap()
+        .ensure(&hearth_testkit::image_ref("busybox").unwrap(), &opts)
+        .await
+        .unwrap();
+    let mut config = SandboxConfig::new(home.path());
+    config.kernel = Some(hearth_testkit::kernel_dir());
+    config.agent = Some(hearth_testkit::agent_bin());
+    let sandbox = Sandbox::create(&config, image).await.unwrap();
+    let run_dir = home.path().join("run").join(sandbox.id());
+    assert!(run_dir.is_dir());
+
+    // Three commands that each sleep 2 s finish together, not one after another.
+    let started = Instant::now();
+    let (a, b, c) = tokio::join!(
+        sh(&sandbox, "sleep 2; echo a"),
+        sh(&sandbox, "sleep 2; echo b"),
+        sh(&sandbox, "sleep 2; echo c"),
+    );
+    assert_eq!(
+        [a.0.as_str(), b.0.as_str(), c.0.as_str()],
+        ["a\n", "b\n", "c\n"]
+    );
+    assert!(a.1.success() && b.1.success() && c.1.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "ran concurrently: {:?}",
+        started.elapsed()
+    );
+
+    // A file put from the host is visible to commands; one they write comes back out.
+    let payload: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    sandbox
+        .client()
+        .put_file("/tmp/in.bin", 0o600, &payload[..])
+        .await
+        .unwrap();
+    let (sum, status) = sh(
+        &sandbox,
+        "wc -c < /tmp/in.bin; cp /tmp/in.bin /home/out.bin",
+    )
+    .await;
+    assert!(status.success());
+    assert_eq!(sum.trim(), payload.len().to_string());
+    let back = sandbox.client().get_file("/home/out.bin").await.unwrap();
+    assert_eq!(back.bytes(1 << 20).await.unwrap(), payload);
+
+    // The image is read-only underneath, but the overlay takes writes anywhere in the root.
+    let (out, status) = sh(&sandbox, "echo changed > /etc/motd && cat /etc/motd").await;
+    assert!(status.success());
+    assert_eq!(out, "changed\n");
+
+    let exit = sandbox.destroy().await.unwrap();
+    assert!(exit.failure.is_none(), "clean shutdown: {exit:?}");
+    assert!(!run_dir.exists(), "run directory removed");
+}
