@@ -63,6 +63,7 @@ fn info() -> AgentInfo {
         hostname: nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
+        boot: crate::pid1::BOOT_MARKS.get().copied(),
     }
 }
 

@@ -58,6 +58,18 @@ pub struct AgentInfo {
     /// `uname -r` of the kernel the agent runs on.
     pub kernel_release: String,
     pub hostname: String,
+    /// When the agent reached its boot milestones (absent when it is not a VM's PID 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootMarks>,
+}
+
+/// Guest uptimes, in milliseconds since the guest kernel started, at the agent's boot milestones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootMarks {
+    /// The kernel ran /init (the agent): kernel boot time.
+    pub init_ms: u64,
+    /// Modules loaded, disks mounted, agent port open: the agent could answer.
+    pub ready_ms: u64,
 }
 
 /// Response header of `GET /v1/files` carrying the file's permission bits (octal).

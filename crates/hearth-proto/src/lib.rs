@@ -13,7 +13,7 @@ pub mod request;
 
 pub use error::{AgentError, ErrorKind};
 pub use exec::{ExecRequest, ExecStarted, ExitStatus};
-pub use files::{AgentInfo, DirEntry, DirListing, FileKind, FileStat};
+pub use files::{AgentInfo, BootMarks, DirEntry, DirListing, FileKind, FileStat};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, MAX_PAYLOAD};
 pub use handshake::PROTOCOL_MAJOR;
 pub use request::AgentRequest;

@@ -81,8 +81,9 @@ fn command_runs_in_the_guest_with_image_config_and_separate_streams() {
 }
 
 #[test]
-fn workdir_user_and_signals() {
+fn workdir_user_signals_and_timings() {
     let out = run(&[
+        "--timings",
         "-w",
         "/tmp",
         "-u",
@@ -99,6 +100,20 @@ fn workdir_user_and_signals() {
         text(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(128 + 9), "killed by SIGKILL is 137");
+    let stderr = text(&out.stderr);
+    for phase in [
+        "vmm-start",
+        "guest-boot",
+        "kernel-boot",
+        "agent-init",
+        "exec",
+        "total",
+    ] {
+        assert!(
+            stderr.contains(&format!("{phase} ")),
+            "--timings names {phase}: {stderr}"
+        );
+    }
 }
 
 #[test]

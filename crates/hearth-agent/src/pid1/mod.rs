@@ -43,6 +43,7 @@ pub fn run() -> ! {
 fn boot() -> Result<String, String> {
     mounts::mount_early()?;
     redirect_stdio_to_console();
+    INIT_MS.store(uptime_ms(), std::sync::atomic::Ordering::Relaxed);
     log!(
         "starting (version {}, uptime {})",
         crate::AGENT_VERSION,
@@ -97,6 +98,10 @@ async fn serve(hostname: String) -> String {
     }
     match crate::port::open_virtio_port(hearth_proto::VIRTIO_PORT_NAME, DEVICE_TIMEOUT).await {
         Ok((device, port)) => {
+            let _ = BOOT_MARKS.set(hearth_proto::BootMarks {
+                init_ms: INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
+                ready_ms: uptime_ms(),
+            });
             log!(
                 "ready on {} as {hostname} (uptime {})",
                 device.display(),
@@ -167,6 +172,18 @@ pub fn kernel_param<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
         .filter(|(key, _)| *key == name)
         .map(|(_, value)| value)
         .next_back()
+}
+
+/// When this agent, as PID 1, started and became ready (answered by `GET /v1/info`).
+pub static BOOT_MARKS: std::sync::OnceLock<hearth_proto::BootMarks> = std::sync::OnceLock::new();
+static INIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Guest uptime in milliseconds.
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |secs| (secs * 1000.0) as u64)
 }
 
 fn uptime() -> String {
