@@ -1,7 +1,7 @@
 //! One real sandbox (QEMU under TCG, the real kernel and agent, the busybox test image from the real
 //! registry) shared by several assertions, since each boot costs seconds: concurrent execs over one
-//! agent channel, files in and out, the writable overlay, and a clean destroy that leaves no run
-//! directory behind.
+//! agent channel, files in and out, the writable overlay, the agent out of the workload's sight and
+//! reach, and a clean destroy that leaves no run directory behind.
 
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,29 @@ async fn one_sandbox_runs_concurrent_execs_and_moves_files() {
     let (out, status) = sh(&sandbox, "echo changed > /etc/motd && cat /etc/motd").await;
     assert!(status.success());
     assert_eq!(out, "changed\n");
+
+    // The workload sees only its own processes, and killing everything it can see leaves the
+    // agent serving.
+    let (pids, _) = sh(&sandbox, "ls /proc | grep -c '^[0-9]'").await;
+    assert!(
+        pids.trim().parse::<u32>().unwrap() <= 4,
+        "visible processes: {pids}"
+    );
+    // kill(-1) reaches every process the caller may signal but itself: here only its own sleeper.
+    let (out, status) = sh(
+        &sandbox,
+        "sleep 100 & kill -9 -1; wait; echo after-kill-all",
+    )
+    .await;
+    assert!(
+        status.success() && out == "after-kill-all\n",
+        "{out} {status:?}"
+    );
+    let (alive, status) = sh(&sandbox, "echo still-serving").await;
+    assert!(
+        status.success() && alive == "still-serving\n",
+        "{alive} {status:?}"
+    );
 
     let exit = sandbox.destroy().await.unwrap();
     assert!(exit.failure.is_none(), "clean shutdown: {exit:?}");
