@@ -3,6 +3,8 @@
 //! Entry points:
 //! - [`Vmm`] / [`RunningVm`] (`vmm.rs`): the backend-neutral trait; [`VmSpec`] (`spec.rs`) says what to boot.
 //! - [`qemu::QemuVmm`]: the QEMU `microvm` backend (argv rendering, spawning, QMP control).
+//! - [`firecracker::FirecrackerVmm`]: the Firecracker backend (typed config, REST API client or
+//!   `--config-file`, optional jailer, hybrid vsock agent channel).
 //! - [`accel`]: KVM or TCG, with an honest cached probe; [`tsc`]: host TSC frequency for TCG guests.
 //! - [`kernel`]: the guest kernel directory, which kernel to boot (`resolve_kernel`, `--kernel`),
 //!   vmlinux extraction, module resolution, `hearth setup` provisioning.
@@ -19,6 +21,7 @@
 
 pub mod accel;
 pub mod channel;
+pub mod firecracker;
 pub mod initramfs;
 pub mod kernel;
 mod process;

@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 pub(crate) struct SpawnRequest {
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Receives both stdout and stderr.
+    /// Receives stderr, and stdout unless `stdout` is set.
     pub log: File,
+    /// Receives stdout when set (Firecracker writes the guest's serial console there).
+    pub stdout: Option<File>,
 }
 
 type Job = (SpawnRequest, mpsc::SyncSender<io::Result<Child>>);
@@ -54,13 +56,16 @@ pub(crate) fn spawn_vmm(request: SpawnRequest) -> io::Result<Child> {
 
 fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
     let parent = std::process::id();
-    let stderr = request.log.try_clone()?;
+    let stdout = match request.stdout {
+        Some(file) => file,
+        None => request.log.try_clone()?,
+    };
     let mut command = Command::new(&request.program);
     command
         .args(&request.args)
         .stdin(Stdio::null())
-        .stdout(request.log)
-        .stderr(stderr)
+        .stdout(stdout)
+        .stderr(request.log)
         .process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
     // (prctl, getppid) without allocating.

@@ -14,6 +14,16 @@ const PID_FILE: &str = "vmm.pid";
 /// A run dir without a pid file is being set up; only this old it counts as abandoned.
 const SETUP_GRACE: Duration = Duration::from_secs(60);
 
+/// How much of a log a failure report quotes.
+const LOG_TAIL: usize = 4096;
+
+/// The last few KiB of a log file, lossily decoded; empty if it does not exist.
+pub(crate) fn read_tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(LOG_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
 pub(crate) fn create(dir: &Path) -> Result<(), VmError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -85,7 +95,35 @@ fn is_stale(dir: &Path) -> bool {
         return false;
     }
     let needle = dir.as_os_str().as_encoded_bytes();
-    !cmdline.windows(needle.len()).any(|w| w == needle)
+    !cmdline.windows(needle.len()).any(|w| w == needle) && !rooted_inside(pid, dir)
+}
+
+/// Whether the process's root directory is a directory inside `dir`: a jailed Firecracker names
+/// only chroot-relative paths, but its chroot lives in its run dir. Compared by device and inode,
+/// because the jailer pivots into its own mount namespace, where `/proc/PID/root` reads as `/`.
+fn rooted_inside(pid: u32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(root) = std::fs::metadata(format!("/proc/{pid}/root")) else {
+        return false;
+    };
+    // The jail's root is `jail/<exec-name>/<id>/root`: four levels down.
+    let mut level = vec![dir.to_owned()];
+    for _ in 0..4 {
+        level = level
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        if level.iter().any(|d| {
+            std::fs::metadata(d).is_ok_and(|m| (m.dev(), m.ino()) == (root.dev(), root.ino()))
+        }) {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -116,12 +154,38 @@ mod tests {
             .spawn()
             .unwrap();
         write_pid(&live, sleeper.id()).unwrap();
+        // A chrooted VMM (as under the jailer) names no host path in its arguments.
+        let jailed = parent.path().join("jailed");
+        let jail_root = jailed.join("jail/firecracker/jailed/root");
+        std::fs::create_dir_all(jail_root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", jail_root.join("bin/busybox")).unwrap();
+        let mut prisoner = std::process::Command::new("chroot")
+            .args([
+                jail_root.as_os_str(),
+                "/bin/busybox".as_ref(),
+                "sh".as_ref(),
+            ])
+            .args(["-c", "read line"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until chroot has exec'd busybox inside the jail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/exe", prisoner.id()))
+            .is_ok_and(|exe| !exe.starts_with(&jail_root))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        write_pid(&jailed, prisoner.id()).unwrap();
         let mut removed = remove_stale_run_dirs(parent.path()).unwrap();
         removed.sort();
-        sleeper.kill().unwrap();
-        sleeper.wait().unwrap();
+        for child in [&mut sleeper, &mut prisoner] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
         assert_eq!(removed, [dead.clone(), recycled.clone()]);
-        assert!(live.is_dir() && fresh.is_dir());
+        assert!(live.is_dir() && fresh.is_dir() && jailed.is_dir());
         assert!(remove_stale_run_dirs(&parent.path().join("absent"))
             .unwrap()
             .is_empty());

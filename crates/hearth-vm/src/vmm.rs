@@ -168,6 +168,14 @@ pub enum VmError {
         socket: PathBuf,
         source: crate::qemu::QmpError,
     },
+    #[error(transparent)]
+    FirecrackerApi(#[from] crate::firecracker::ApiError),
+    #[error("configuring Firecracker failed: {source}\n--- firecracker stderr:\n{log}")]
+    FirecrackerConfig {
+        source: crate::firecracker::ApiError,
+        /// Firecracker's stderr and log file tails.
+        log: String,
+    },
     #[error("waiting for VMM pid {pid}: {source}")]
     Wait { pid: u32, source: std::io::Error },
     #[error(transparent)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{argv, QemuVmm, Qmp};
 use crate::process::{spawn_vmm, wait_timeout, SpawnRequest};
-use crate::rundir;
+use crate::rundir::{self, read_tail};
 use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
 use crate::VmSpec;
 
@@ -16,7 +16,6 @@ use crate::VmSpec;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// After QMP `quit`, QEMU flushes block devices and exits; past this it gets SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
-const CONSOLE_TAIL: usize = 4096;
 
 pub struct RunningQemu {
     child: Child,
@@ -43,6 +42,7 @@ impl RunningQemu {
             program: qemu.binary.clone(),
             args: argv::render(qemu, spec),
             log,
+            stdout: None,
         };
         let child = match spawn_vmm(request) {
             Ok(child) => child,
@@ -238,13 +238,6 @@ impl Drop for RunningQemu {
             }
         }
     }
-}
-
-/// The last few KiB of a log file, lossily decoded; empty if it does not exist.
-pub(crate) fn read_tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(CONSOLE_TAIL);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// The kernel's panic line, if the console shows one.

@@ -1,0 +1,6 @@
+//! Test support shared by the Firecracker tests: Firecracker's own API description
+//! (`shared/firecracker/firecracker-api.yaml`, Swagger 2.0) turned into JSON Schema validators.
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod fake_api;
+pub mod swagger;
