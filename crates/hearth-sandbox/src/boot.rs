@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use hearth_image::PulledImage;
+use hearth_vm::firecracker::{self, FirecrackerVmm};
 use hearth_vm::kernel::resolve_kernel;
 use hearth_vm::qemu::QemuVmm;
 use hearth_vm::{Accel, Drive, LaunchPlan, Selection, VmSpec, Vmm};
@@ -66,10 +67,11 @@ impl BootPlan {
         config: &SandboxConfig,
         image: &PulledImage,
         id: &str,
+        purpose: Purpose,
     ) -> Result<BootPlan, SandboxError> {
         let home = &config.home;
         let kernel = resolve_kernel(home, config.kernel.as_deref())?;
-        let (vmm, selection) = choose_vmm(config, &kernel.image)?;
+        let (vmm, selection) = choose_vmm(config, &kernel.image, purpose)?;
         let agent = locate_agent(config.agent.as_deref(), home)?;
         let initramfs = hearth_vm::initramfs::agent_initramfs(
             home,
@@ -104,18 +106,47 @@ fn hostname_for(id: &str) -> String {
     format!("hearth-{}", &id[..id.len().min(12)])
 }
 
+/// `--vmm`: Firecracker when asked, or with `auto` where its binary is found and KVM boots a guest
+/// (the same probe boot QEMU's accelerator choice uses); QEMU otherwise. Says which and why.
 fn choose_vmm(
     config: &SandboxConfig,
     probe_kernel: &Path,
+    purpose: Purpose,
 ) -> Result<(Box<dyn Vmm>, String), SandboxError> {
-    match config.vmm {
-        VmmChoice::Firecracker => Err(SandboxError::FirecrackerUnavailable),
-        VmmChoice::Qemu | VmmChoice::Auto => {
+    let firecracker = firecracker::find_binary();
+    match (config.vmm, firecracker) {
+        (VmmChoice::Firecracker, Ok(binary)) => Ok((
+            Box::new(FirecrackerVmm::new(binary)),
+            "firecracker as requested (needs a KVM that boots guests)".into(),
+        )),
+        // A dry run shows the configuration even where Firecracker is not installed.
+        (VmmChoice::Firecracker, Err(_)) if purpose == Purpose::DryRun => Ok((
+            Box::new(FirecrackerVmm::new("firecracker")),
+            "firecracker as requested (binary not found: shown as `firecracker`)".into(),
+        )),
+        (VmmChoice::Firecracker, Err(err)) => Err(err.into()),
+        (VmmChoice::Auto, Ok(binary)) => {
+            let (qemu, selection) = QemuVmm::for_host(&config.home, config.accel, probe_kernel)?;
+            if selection.accel == Accel::Kvm {
+                let why = format!(
+                    "firecracker: found {}; {}",
+                    binary.display(),
+                    selection.reason
+                );
+                return Ok((Box::new(FirecrackerVmm::new(binary)), why));
+            }
+            let why = format!(
+                "qemu: firecracker is installed but KVM cannot boot guests here ({})",
+                selection.reason
+            );
+            Ok((Box::new(qemu), why))
+        }
+        (VmmChoice::Qemu | VmmChoice::Auto, _) => {
             let (qemu, Selection { accel, reason }) =
                 QemuVmm::for_host(&config.home, config.accel, probe_kernel)?;
             let why_qemu = match config.vmm {
                 VmmChoice::Qemu => "qemu as requested",
-                _ => "qemu (the Firecracker backend is not part of this build yet)",
+                _ => "qemu: no firecracker binary (HEARTH_FIRECRACKER_BIN or PATH)",
             };
             let accel = match accel {
                 Accel::Kvm => "kvm",
@@ -127,6 +158,13 @@ fn choose_vmm(
             ))
         }
     }
+}
+
+/// Whether a plan is for starting a VM or only for showing it (`--dry-run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Start,
+    DryRun,
 }
 
 /// Finds the static guest agent: `explicit` (`--agent`), `HEARTH_AGENT`, `$HEARTH_HOME/agent/hearth-agent`

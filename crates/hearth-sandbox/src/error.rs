@@ -31,8 +31,6 @@ pub enum SandboxError {
          and set HEARTH_AGENT, or run `hearth setup`"
     )]
     NoAgent { searched: String },
-    #[error("the Firecracker backend is not available in this build yet; use --vmm qemu")]
-    FirecrackerUnavailable,
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -10,6 +10,6 @@ pub mod command;
 mod error;
 mod sandbox;
 
-pub use boot::{BootPlan, SandboxConfig, VmmChoice};
+pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;
 pub use sandbox::{sweep_stale, BootTimings, Sandbox};

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
 use hearth_vm::channel::AgentClient;
-use hearth_vm::{RunningVm, VmExit};
+use hearth_vm::{AgentEndpoint, RunningVm, VmExit};
 
-use crate::boot::{new_id, BootPlan};
+use crate::boot::{new_id, BootPlan, Purpose};
 use crate::{SandboxConfig, SandboxError};
 
 /// How long the guest gets from VMM start to agent handshake (TCG boots take 2-5 s here).
@@ -58,7 +58,7 @@ impl Sandbox {
         let config = config.clone();
         let boot_image = image.clone();
         let (plan, prepare) = tokio::task::spawn_blocking(move || {
-            let plan = BootPlan::prepare(&config, &boot_image, &id)?;
+            let plan = BootPlan::prepare(&config, &boot_image, &id, Purpose::Start)?;
             make_run_dir(&plan.spec.run_dir)?;
             hearth_vm::scratch::create_scratch_disk(
                 &config.home,
@@ -96,7 +96,13 @@ impl Sandbox {
 
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
-        let client = match AgentClient::connect_unix(vm.agent_socket(), deadline).await {
+        let connected = match vm.agent_endpoint().clone() {
+            AgentEndpoint::Stream(socket) => AgentClient::connect_unix(&socket, deadline).await,
+            AgentEndpoint::HybridVsock { socket, port } => {
+                AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
+            }
+        };
+        let client = match connected {
             Ok(client) => client,
             Err(source) => {
                 drop(vm); // kills the VMM, removes the run directory

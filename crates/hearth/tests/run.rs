@@ -268,6 +268,28 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         stdout.contains("hearth-rootfs") && stdout.contains("hearth-scratch"),
         "{stdout}"
     );
+    // Firecracker's plan prints even where its binary is absent: the command and its config file.
+    let out = run(&[
+        "--dry-run",
+        "--vmm",
+        "firecracker",
+        &image("busybox"),
+        "true",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        stdout.contains("--api-sock") && stdout.contains("vm_config.json"),
+        "{stdout}"
+    );
+    let config_start = stdout
+        .find("\n{")
+        .expect("the config file follows the command line");
+    let config: serde_json::Value = serde_json::from_str(&stdout[config_start..]).unwrap();
+    assert_eq!(config["drives"][0]["drive_id"], "hearth-rootfs");
+    assert_eq!(config["drives"][0]["is_read_only"], true);
+    assert_eq!(config["drives"][1]["is_read_only"], false);
+    assert_eq!(config["vsock"]["guest_cid"], 3);
     let runs = home().join("run");
     let leftover: Vec<_> = std::fs::read_dir(&runs)
         .map(|d| {

@@ -1,5 +1,8 @@
-//! Finding the VM's disks by their virtio-blk serial (`/sys/block/vd*/serial`): the read-only image
-//! [`ROOTFS_SERIAL`] and the per-sandbox writable disk [`SCRATCH_SERIAL`].
+//! Finding the VM's two disks: the read-only image [`ROOTFS_SERIAL`] and the per-sandbox writable
+//! disk [`SCRATCH_SERIAL`], by virtio-blk serial (`/sys/block/vd*/serial`) where the VMM sets one
+//! (QEMU). Firecracker derives serials from the backing file's device and inode instead, so when no
+//! disk carries a hearth serial the two are told apart by the read-only flag both VMMs expose
+//! (`/sys/block/vd*/ro`): exactly one read-only disk (the image) and one writable (the scratch disk).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,30 +23,52 @@ pub fn find_by_serial(sys_block: &Path, serial: &str) -> Option<PathBuf> {
     })
 }
 
-/// Waits until every serial in `serials` has a disk with a device node, polling every 10 ms.
-pub fn wait_for(serials: &[&str], timeout: Duration) -> Result<Vec<PathBuf>, String> {
+/// The image and scratch disks if both are present now: by serial, else by the read-only flag.
+pub fn find_disks(sys_block: &Path) -> Option<(PathBuf, PathBuf)> {
+    let by_serial = (
+        find_by_serial(sys_block, ROOTFS_SERIAL),
+        find_by_serial(sys_block, SCRATCH_SERIAL),
+    );
+    if let (Some(rootfs), Some(scratch)) = by_serial {
+        return Some((rootfs, scratch));
+    }
+    if by_serial.0.is_some() || by_serial.1.is_some() {
+        return None; // serials in use and one still missing: wait for it
+    }
+    let mut read_only = Vec::new();
+    let mut writable = Vec::new();
+    for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("vd") {
+            continue;
+        }
+        let ro = std::fs::read_to_string(entry.path().join("ro")).ok()?;
+        let dev = Path::new("/dev").join(&name);
+        match ro.trim() {
+            "1" => read_only.push(dev),
+            _ => writable.push(dev),
+        }
+    }
+    match (read_only.as_slice(), writable.as_slice()) {
+        ([rootfs], [scratch]) => Some((rootfs.clone(), scratch.clone())),
+        _ => None,
+    }
+}
+
+/// Waits until both disks are present with device nodes, polling every 10 ms.
+pub fn wait_for_disks(timeout: Duration) -> Result<(PathBuf, PathBuf), String> {
     let started = Instant::now();
     loop {
-        let found: Vec<Option<PathBuf>> = serials
-            .iter()
-            .map(|serial| {
-                find_by_serial(Path::new("/sys/block"), serial).filter(|dev| dev.exists())
-            })
-            .collect();
-        if found.iter().all(Option::is_some) {
-            return Ok(found.into_iter().flatten().collect());
+        if let Some((rootfs, scratch)) = find_disks(Path::new("/sys/block")) {
+            if rootfs.exists() && scratch.exists() {
+                return Ok((rootfs, scratch));
+            }
         }
         if started.elapsed() > timeout {
-            let missing: Vec<&str> = serials
-                .iter()
-                .zip(&found)
-                .filter(|(_, f)| f.is_none())
-                .map(|(s, _)| *s)
-                .collect();
             return Err(format!(
-                "no virtio disk with serial {} after {timeout:?} (the VMM must attach the drives with these serials; \
-                 virtio_blk must be in the initramfs module list)",
-                missing.join(", ")
+                "no virtio disks {ROOTFS_SERIAL} and {SCRATCH_SERIAL} after {timeout:?}: the VMM must attach \
+                 them with these serials, or as exactly one read-only and one writable disk; \
+                 virtio_blk must be in the initramfs module list"
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -78,5 +103,43 @@ mod tests {
             None,
             "only virtio disks count"
         );
+    }
+
+    fn disk(sys: &Path, name: &str, serial: Option<&str>, ro: bool) {
+        std::fs::create_dir(sys.join(name)).unwrap();
+        if let Some(serial) = serial {
+            std::fs::write(sys.join(name).join("serial"), serial).unwrap();
+        }
+        std::fs::write(sys.join(name).join("ro"), if ro { "1\n" } else { "0\n" }).unwrap();
+    }
+
+    #[test]
+    fn disks_by_serial_win_over_order_and_flags() {
+        let sys = tempfile::tempdir().unwrap();
+        disk(sys.path(), "vda", Some("hearth-scratch"), false);
+        disk(sys.path(), "vdb", Some("hearth-rootfs"), true);
+        assert_eq!(
+            find_disks(sys.path()),
+            Some((PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vda")))
+        );
+    }
+
+    #[test]
+    fn without_serials_the_read_only_disk_is_the_image() {
+        // Firecracker: serials are derived from the backing files, not ours.
+        let sys = tempfile::tempdir().unwrap();
+        disk(sys.path(), "vda", Some("2049123456"), false);
+        disk(sys.path(), "vdb", Some("2049123999"), true);
+        assert_eq!(
+            find_disks(sys.path()),
+            Some((PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vda")))
+        );
+        // Ambiguous (two writable disks) or half-present serials: keep waiting, never guess.
+        disk(sys.path(), "vdc", None, false);
+        assert_eq!(find_disks(sys.path()), None);
+        let half = tempfile::tempdir().unwrap();
+        disk(half.path(), "vda", Some("hearth-rootfs"), true);
+        disk(half.path(), "vdb", None, false);
+        assert_eq!(find_disks(half.path()), None);
     }
 }

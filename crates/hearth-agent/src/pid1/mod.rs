@@ -60,11 +60,8 @@ fn boot() -> Result<String, String> {
     if let Err(e) = loopback_up() {
         log!("bringing up lo: {e} (continuing without loopback)");
     }
-    let disks = disks::wait_for(
-        &[disks::ROOTFS_SERIAL, disks::SCRATCH_SERIAL],
-        DEVICE_TIMEOUT,
-    )?;
-    mounts::mount_workload_root(&disks[0], &disks[1], &hostname)?;
+    let (rootfs, scratch) = disks::wait_for_disks(DEVICE_TIMEOUT)?;
+    mounts::mount_workload_root(&rootfs, &scratch, &hostname)?;
     log!(
         "{loaded} modules loaded, workload root mounted (uptime {})",
         uptime()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use hearth_sandbox::command::{resolve, CommandOverrides, ImageDefaults};
-use hearth_sandbox::{BootPlan, Sandbox, SandboxConfig, VmmChoice};
+use hearth_sandbox::{BootPlan, Purpose, Sandbox, SandboxConfig, VmmChoice};
 use hearth_vm::channel::{ExecOutput, ExecRequest, ExitStatus};
 use hearth_vm::Accel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -136,7 +136,7 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
     let command = resolve(&defaults, &overrides, |k| std::env::var(k).ok())?;
 
     if a.dry_run {
-        let plan = BootPlan::prepare(&config, &image, "dry-run")?;
+        let plan = BootPlan::prepare(&config, &image, "dry-run", Purpose::DryRun)?;
         println!("# vmm: {}", plan.selection);
         println!("# image: {} ({})", image.reference, image.manifest_digest);
         println!(
