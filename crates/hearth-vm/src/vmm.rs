@@ -142,7 +142,7 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot start {program}: {source}; is it installed? (`hearth setup` installs QEMU)")]
+    #[error("cannot start {program}: {source}; is it installed and executable? (`hearth setup` installs QEMU; Firecracker comes from its releases)")]
     Spawn {
         program: PathBuf,
         source: std::io::Error,
