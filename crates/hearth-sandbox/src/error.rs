@@ -18,7 +18,9 @@ pub enum SandboxError {
     Scratch(#[from] hearth_vm::scratch::ScratchError),
     #[error(transparent)]
     Vm(#[from] hearth_vm::VmError),
-    #[error("guest agent: {source}\n--- guest console tail ({console}):\n{tail}")]
+    /// The guest never answered; `tail` is the end of its console log `console`, read before the VM
+    /// and its run directory were removed.
+    #[error("guest agent: {source}\n--- last lines of the guest console ({console}, now removed):\n{tail}")]
     Agent {
         source: ChannelError,
         console: PathBuf,

@@ -57,25 +57,23 @@ impl Sandbox {
         let id = new_id();
         let config = config.clone();
         let boot_image = image.clone();
+        let plan_id = id.clone();
         let (plan, prepare) = tokio::task::spawn_blocking(move || {
-            let plan = BootPlan::prepare(&config, &boot_image, &id, Purpose::Start)?;
+            let plan = BootPlan::prepare(&config, &boot_image, &plan_id, Purpose::Start)?;
             make_run_dir(&plan.spec.run_dir)?;
-            hearth_vm::scratch::create_scratch_disk(
+            let scratch = plan.spec.run_dir.join("scratch.ext4");
+            if let Err(err) = hearth_vm::scratch::create_scratch_disk(
                 &config.home,
-                &plan.spec.run_dir.join("scratch.ext4"),
+                &scratch,
                 config.scratch_bytes,
-            )?;
+            ) {
+                let _ = std::fs::remove_dir_all(&plan.spec.run_dir);
+                return Err(err.into());
+            }
             Ok::<_, SandboxError>((plan, started.elapsed()))
         })
         .await
         .expect("prepare task")?;
-        let id = plan
-            .spec
-            .run_dir
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
         tracing::info!(sandbox = %id, vmm = %plan.selection, "starting VM");
 
         let vmm_started = Instant::now();
@@ -105,10 +103,11 @@ impl Sandbox {
         let client = match connected {
             Ok(client) => client,
             Err(source) => {
+                let tail = console_tail(&console); // before the run directory goes
                 drop(vm); // kills the VMM, removes the run directory
                 return Err(SandboxError::Agent {
                     source,
-                    tail: console_tail(&console),
+                    tail,
                     console,
                 });
             }
