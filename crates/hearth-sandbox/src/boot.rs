@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use hearth_image::PulledImage;
-use hearth_vm::firecracker::{self, FirecrackerVmm};
+use hearth_vm::firecracker::{self, FirecrackerVmm, JailerConfig};
 use hearth_vm::kernel::resolve_kernel;
 use hearth_vm::qemu::QemuVmm;
 use hearth_vm::{Accel, Drive, LaunchPlan, Selection, VmSpec, Vmm};
@@ -35,6 +35,8 @@ pub struct SandboxConfig {
     pub kernel: Option<PathBuf>,
     /// The static guest agent; `None` = [`locate_agent`]'s search.
     pub agent: Option<PathBuf>,
+    /// Run Firecracker through its jailer as this unprivileged (uid, gid).
+    pub jailer: Option<(u32, u32)>,
 }
 
 impl SandboxConfig {
@@ -48,6 +50,7 @@ impl SandboxConfig {
             accel: Accel::Auto,
             kernel: None,
             agent: None,
+            jailer: None,
         }
     }
 }
@@ -114,14 +117,26 @@ fn choose_vmm(
     purpose: Purpose,
 ) -> Result<(Box<dyn Vmm>, String), SandboxError> {
     let firecracker = firecracker::find_binary();
+    let dry = purpose == Purpose::DryRun;
+    let jailed = |vmm: FirecrackerVmm| -> Result<FirecrackerVmm, SandboxError> {
+        let Some((uid, gid)) = config.jailer else {
+            return Ok(vmm);
+        };
+        let jailer = match firecracker::find_jailer() {
+            Some(jailer) => jailer,
+            None if dry => PathBuf::from("jailer"),
+            None => return Err(SandboxError::NoJailer),
+        };
+        Ok(vmm.with_jailer(JailerConfig::new(jailer, uid, gid)))
+    };
     match (config.vmm, firecracker) {
         (VmmChoice::Firecracker, Ok(binary)) => Ok((
-            Box::new(FirecrackerVmm::new(binary)),
+            Box::new(jailed(FirecrackerVmm::new(binary))?),
             "firecracker as requested (needs a KVM that boots guests)".into(),
         )),
         // A dry run shows the configuration even where Firecracker is not installed.
-        (VmmChoice::Firecracker, Err(_)) if purpose == Purpose::DryRun => Ok((
-            Box::new(FirecrackerVmm::new("firecracker")),
+        (VmmChoice::Firecracker, Err(_)) if dry => Ok((
+            Box::new(jailed(FirecrackerVmm::new("firecracker"))?),
             "firecracker as requested (binary not found: shown as `firecracker`)".into(),
         )),
         (VmmChoice::Firecracker, Err(err)) => Err(err.into()),
@@ -133,7 +148,7 @@ fn choose_vmm(
                     binary.display(),
                     selection.reason
                 );
-                return Ok((Box::new(FirecrackerVmm::new(binary)), why));
+                return Ok((Box::new(jailed(FirecrackerVmm::new(binary))?), why));
             }
             let why = format!(
                 "qemu: firecracker is installed but KVM cannot boot guests here ({})",

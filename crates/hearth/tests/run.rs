@@ -290,6 +290,34 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     assert_eq!(config["drives"][0]["is_read_only"], true);
     assert_eq!(config["drives"][1]["is_read_only"], false);
     assert_eq!(config["vsock"]["guest_cid"], 3);
+    // Through the jailer: an unprivileged uid/gid and cgroup v2 limits from --cpus/--memory.
+    let out = run(&[
+        "--dry-run",
+        "--vmm",
+        "firecracker",
+        "--jailer",
+        "1234:1235",
+        "--cpus",
+        "2",
+        "--memory",
+        "256m",
+        &image("busybox"),
+        "true",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    for expected in [
+        "--uid 1234",
+        "--gid 1235",
+        "--cgroup-version 2",
+        "cpu.max=200000",
+        "memory.max=",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "jailer command has {expected}: {stdout}"
+        );
+    }
     let runs = home().join("run");
     let leftover: Vec<_> = std::fs::read_dir(&runs)
         .map(|d| {

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// The static guest agent binary (default: HEARTH_AGENT, then hearth's home, then the build tree).
     #[arg(long)]
     pub agent: Option<PathBuf>,
+    /// With Firecracker: run it through its jailer (chroot, cgroup v2 limits, PID namespace) as this
+    /// unprivileged user and group.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
+    pub jailer: Option<(u32, u32)>,
     /// Print the VMM command line and VM configuration that would be used, and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -309,6 +313,7 @@ fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<SandboxConfig> 
     };
     config.kernel = a.kernel.clone();
     config.agent = a.agent.clone();
+    config.jailer = a.jailer;
     Ok(config)
 }
 
@@ -316,6 +321,18 @@ fn parse_size(value: &str, flag: &str) -> anyhow::Result<u64> {
     hearth_image::parse_size(value)
         .filter(|&n| n >= 1 << 20)
         .with_context(|| format!("{flag} {value:?} is not a size of at least 1m, like 512m or 2g"))
+}
+
+/// `UID:GID`, numeric.
+fn parse_ids(value: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = value
+        .split_once(':')
+        .ok_or("expected UID:GID, e.g. 1234:1234")?;
+    let id = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("{s:?} is not a numeric id"))
+    };
+    Ok((id(uid)?, id(gid)?))
 }
 
 /// `30s`, `5m`, `1h`, `250ms` or plain seconds.
