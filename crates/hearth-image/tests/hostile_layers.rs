@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use hearth_image::{ImageStore, Limits, PullOptions};
@@ -272,8 +272,4 @@ async fn corrupt_and_truncated_blobs_leave_nothing_behind() {
 
 fn hex_digest(data: &[u8]) -> String {
     hearth_image::Digest::of(data).hex().to_string()
-}
-
-fn blob_exists(home: &Path, hex: &str) -> bool {
-    home.join("blobs/sha256").join(hex).exists()
 }

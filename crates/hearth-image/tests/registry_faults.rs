@@ -213,12 +213,7 @@ async fn truncated_blob_fails_and_leaves_nothing() {
         err.contains(&s.layer) && err.contains("after 4 attempts"),
         "{err}"
     );
-    assert!(!s
-        .home
-        .path()
-        .join("blobs/sha256")
-        .join(s.layer.trim_start_matches("sha256:"))
-        .exists());
+    assert!(!blob_exists(s.home.path(), &s.layer));
 }
 
 #[tokio::test]
@@ -230,10 +225,5 @@ async fn corrupted_blob_fails_verification_and_leaves_nothing() {
         err.contains(&s.layer) && err.contains("failed verification"),
         "{err}"
     );
-    assert!(!s
-        .home
-        .path()
-        .join("blobs/sha256")
-        .join(s.layer.trim_start_matches("sha256:"))
-        .exists());
+    assert!(!blob_exists(s.home.path(), &s.layer));
 }

@@ -250,3 +250,9 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Whether the blob store under `home` holds `digest` (`sha256:<hex>` or bare hex).
+pub fn blob_exists(home: &Path, digest: &str) -> bool {
+    let hex = digest.trim_start_matches("sha256:");
+    home.join("blobs/sha256").join(hex).exists()
+}

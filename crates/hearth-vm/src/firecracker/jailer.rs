@@ -171,12 +171,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 mod tests {
     use super::*;
 
-    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
-    }
+    use crate::test_support::values;
 
     #[test]
     fn renders_limits_from_the_spec_and_passes_firecracker_args_after_the_separator() {

@@ -119,13 +119,7 @@ mod tests {
         spec
     }
 
-    /// The value following `flag`, for each occurrence.
-    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
-    }
+    use crate::test_support::values;
 
     #[test]
     fn tcg_renders_machine_accel_and_tsc_frequency() {
