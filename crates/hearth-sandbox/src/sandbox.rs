@@ -47,13 +47,6 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         let home = config.home.clone();
-        // Whatever a killed hearth left behind goes before we add to it.
-        tokio::task::spawn_blocking({
-            let home = home.clone();
-            move || sweep_stale(&home)
-        })
-        .await
-        .expect("sweep task");
         let id = new_id();
         let config = config.clone();
         let boot_image = image.clone();
@@ -194,6 +187,7 @@ impl Sandbox {
 
 /// Removes the run directories (VM sockets, scratch disks, logs) of hearth processes that died
 /// without cleaning up; their VMMs died with them (parent-death signal). Cheap when nothing is stale.
+/// The CLI calls it before every command; a long-lived caller calls it at start-up.
 pub fn sweep_stale(home: &Path) {
     match hearth_vm::remove_stale_run_dirs(&home.join("run")) {
         Ok(removed) => {
