@@ -46,3 +46,5 @@ if [ ! -f "$kernel/release" ]; then
 fi
 
 python3 "$here/build-test-images.py" "$CACHE/images"
+
+"$here/provision-kube.sh"

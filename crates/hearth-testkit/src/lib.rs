@@ -1,14 +1,18 @@
 //! Test infrastructure shared by hearth's integration tests: the real OCI registry serving the project's
-//! own test images, and the paths of the provisioned guest kernel, test images and static guest agent.
+//! own test images, a real Kubernetes API server ([`kube()`]), and the paths of the provisioned guest
+//! kernel, test images and static guest agent.
 //!
-//! Everything here is provisioned by the repository's scripts (`scripts/provision.sh`), never downloaded
-//! by tests. A test that needs something the machine cannot provide calls [`skip`] with the reason.
+//! Everything here is provisioned by the repository's scripts (`scripts/provision.sh`, which runs
+//! `scripts/provision-kube.sh`), never downloaded by tests. A test that needs something the machine
+//! cannot provide calls [`skip`] with the reason.
 //! This crate only reads the fixture cache and starts processes; it writes only into temp dirs.
 
+mod kube;
 mod registry;
 
 use std::path::{Path, PathBuf};
 
+pub use kube::{kube, kubectl_bin, Kube};
 pub use registry::{registry, Registry};
 
 /// Where `scripts/provision.sh` caches fixtures on this machine.

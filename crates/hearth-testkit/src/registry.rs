@@ -116,7 +116,7 @@ extern "C" fn stop_at_exit() {
 }
 
 /// Spawns `cmd` from a thread that parks forever, so PDEATHSIG fires only when the process dies.
-fn spawn_from_lasting_thread(mut cmd: Command) -> std::io::Result<Child> {
+pub(crate) fn spawn_from_lasting_thread(mut cmd: Command) -> std::io::Result<Child> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(cmd.spawn());
