@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # hearth's whole test suite on a fresh Debian 12 machine: provision, check style, build the static
-# agent, start one test registry for the run, run every test with cargo-nextest, stop the registry.
+# agent, start one test registry and one Kubernetes control plane (etcd + kube-apiserver) for the run,
+# run every test with cargo-nextest, stop both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +14,12 @@ HEARTH_AGENT=$(scripts/build-agent.sh)
 export HEARTH_TEST_APT=1
 
 state=$(mktemp -d /tmp/hearth-test-registry.XXXXXX)
-trap 'scripts/test-registry.sh stop "$state"' EXIT
+kube=$(mktemp -d /dev/shm/hearth-test-kube.XXXXXX)
+trap 'scripts/test-registry.sh stop "$state"; scripts/kube-env.sh stop "$kube"' EXIT
 HEARTH_TEST_REGISTRY=$(scripts/test-registry.sh start "$state")
 export HEARTH_TEST_REGISTRY
+# One API server for every test process (each would otherwise start its own, ~5 s apiece).
+HEARTH_TEST_KUBECONFIG=$(scripts/kube-env.sh start "$kube")
+export HEARTH_TEST_KUBECONFIG
 
 cargo nextest run --workspace --no-fail-fast "$@"
