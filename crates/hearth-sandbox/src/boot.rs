@@ -65,11 +65,24 @@ pub struct BootPlan {
 
 impl BootPlan {
     /// Chooses the backend, resolves kernel and agent, builds (or reuses) the initramfs and lays out
-    /// the VM. Creates nothing in the run directory yet.
+    /// the VM in `$HEARTH_HOME/run/<id>`. Creates nothing in the run directory yet.
     pub fn prepare(
         config: &SandboxConfig,
         image: &PulledImage,
         id: &str,
+        purpose: Purpose,
+    ) -> Result<BootPlan, SandboxError> {
+        let run_dir = config.home.join("run").join(id);
+        BootPlan::prepare_in(config, image, id, &run_dir, purpose)
+    }
+
+    /// [`BootPlan::prepare`] with the run directory chosen by the caller (the node keeps its VMs
+    /// apart from `hearth run`'s, whose stale sweep owns `$HEARTH_HOME/run`).
+    pub fn prepare_in(
+        config: &SandboxConfig,
+        image: &PulledImage,
+        id: &str,
+        run_dir: &Path,
         purpose: Purpose,
     ) -> Result<BootPlan, SandboxError> {
         let home = &config.home;
@@ -82,8 +95,7 @@ impl BootPlan {
             kernel.modules_dir.as_deref(),
             vmm.guest_modules(),
         )?;
-        let run_dir = home.join("run").join(id);
-        let mut spec = VmSpec::new(&kernel.image, initramfs, &run_dir);
+        let mut spec = VmSpec::new(&kernel.image, initramfs, run_dir);
         spec.vcpus = config.vcpus;
         spec.memory_mib = config.memory_mib;
         spec.cmdline

@@ -3,13 +3,16 @@
 //! Entry points: [`Sandbox::create`] pulls the image, prepares kernel, initramfs and scratch disk
 //! ([`boot`]), starts the VMM and connects to the guest agent; [`Sandbox::client`] runs commands and
 //! moves files; [`Sandbox::destroy`] stops the VM and removes its run directory. [`command::resolve`]
-//! turns an image config plus `docker run` style options into one concrete command.
+//! turns an image config plus `docker run` style options into one concrete command. [`node::Node`]
+//! manages many long-lived sandboxes on one host (state, admission, TTLs, recovery after restarts).
 
 pub mod boot;
 pub mod command;
 mod error;
+pub mod node;
 mod sandbox;
 
 pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;
+pub use node::{Node, NodeConfig, NodeError};
 pub use sandbox::{sweep_stale, BootTimings, Sandbox};

@@ -1,6 +1,10 @@
 //! One running sandbox: a booted VM plus a connected agent client. Creation order is image, boot
 //! plan, scratch disk, VMM, agent handshake; every failure after the VMM started tears the VM down
 //! (dropping a `RunningVm` kills it and removes its run directory), so nothing is left behind.
+//!
+//! The node manager boots sandboxes detached ([`Sandbox::create_detached`]: the VM outlives this
+//! process), lets go of them on shutdown ([`Sandbox::release`]) and takes them over again after a
+//! restart ([`Sandbox::adopt`]).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -8,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
 use hearth_vm::channel::AgentClient;
-use hearth_vm::{AgentEndpoint, RunningVm, VmExit};
+use hearth_vm::{AgentEndpoint, RunningVm, VmError, VmExit};
 
 use crate::boot::{new_id, BootPlan, Purpose};
 use crate::{SandboxConfig, SandboxError};
@@ -40,19 +44,43 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots `image` per `config` and connects to its agent.
+    /// Boots `image` per `config` and connects to its agent. The VM dies with this process.
     pub async fn create(
         config: &SandboxConfig,
         image: PulledImage,
     ) -> Result<Sandbox, SandboxError> {
-        let started = Instant::now();
-        let home = config.home.clone();
         let id = new_id();
+        let run_dir = config.home.join("run").join(&id);
+        Sandbox::boot(config, image, id, run_dir, false).await
+    }
+
+    /// Boots `image` as sandbox `id` in `run_dir` with a detached VMM: it survives this process
+    /// (even `kill -9`) until stopped, and [`Sandbox::adopt`] takes it over again.
+    pub async fn create_detached(
+        config: &SandboxConfig,
+        image: PulledImage,
+        id: &str,
+        run_dir: &Path,
+    ) -> Result<Sandbox, SandboxError> {
+        Sandbox::boot(config, image, id.to_owned(), run_dir.to_owned(), true).await
+    }
+
+    async fn boot(
+        config: &SandboxConfig,
+        image: PulledImage,
+        id: String,
+        run_dir: std::path::PathBuf,
+        detached: bool,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
         let config = config.clone();
         let boot_image = image.clone();
         let plan_id = id.clone();
+        let plan_dir = run_dir.clone();
         let (plan, prepare) = tokio::task::spawn_blocking(move || {
-            let plan = BootPlan::prepare(&config, &boot_image, &plan_id, Purpose::Start)?;
+            let mut plan =
+                BootPlan::prepare_in(&config, &boot_image, &plan_id, &plan_dir, Purpose::Start)?;
+            plan.spec.detached = detached;
             make_run_dir(&plan.spec.run_dir)?;
             let scratch = plan.spec.run_dir.join("scratch.ext4");
             if let Err(err) = hearth_vm::scratch::create_scratch_disk(
@@ -79,7 +107,7 @@ impl Sandbox {
         let vm = match start {
             Ok(vm) => vm,
             Err(err) => {
-                let _ = std::fs::remove_dir_all(home.join("run").join(&id));
+                let _ = std::fs::remove_dir_all(&run_dir);
                 return Err(err.into());
             }
         };
@@ -87,13 +115,7 @@ impl Sandbox {
 
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
-        let connected = match vm.agent_endpoint().clone() {
-            AgentEndpoint::Stream(socket) => AgentClient::connect_unix(&socket, deadline).await,
-            AgentEndpoint::HybridVsock { socket, port } => {
-                AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
-            }
-        };
-        let client = match connected {
+        let client = match connect_agent(vm.agent_endpoint().clone(), deadline).await {
             Ok(client) => client,
             Err(source) => {
                 let tail = console_tail(&console); // before the run directory goes
@@ -121,6 +143,46 @@ impl Sandbox {
         })
     }
 
+    /// Takes over the detached VM of sandbox `id` in `run_dir` (see [`Sandbox::create_detached`])
+    /// and reconnects to its agent within `agent_deadline`. The VMM must still be the process
+    /// that started it: otherwise [`VmError::Gone`]. A VM whose agent does not answer is killed.
+    pub async fn adopt(
+        image: PulledImage,
+        id: &str,
+        run_dir: &Path,
+        agent_deadline: Duration,
+    ) -> Result<Sandbox, SandboxError> {
+        let dir = run_dir.to_owned();
+        let vm = tokio::task::spawn_blocking(move || hearth_vm::adopt(&dir))
+            .await
+            .expect("adopt task")?;
+        let console = hearth_vm::DetachedRecord::read(run_dir)
+            .map(|r| r.console_log)
+            .unwrap_or_else(|_| run_dir.join("console.log"));
+        let deadline = tokio::time::Instant::now() + agent_deadline;
+        let client = match connect_agent(vm.agent_endpoint().clone(), deadline).await {
+            Ok(client) => client,
+            Err(source) => {
+                let tail = console_tail(&console);
+                drop(vm); // kills the VMM, removes the run directory
+                return Err(SandboxError::Agent {
+                    source,
+                    tail,
+                    console,
+                });
+            }
+        };
+        tracing::info!(sandbox = %id, pid = vm.pid(), "re-attached to a running VM");
+        Ok(Sandbox {
+            id: id.to_owned(),
+            image,
+            client,
+            vm: Arc::new(Mutex::new(vm)),
+            timings: BootTimings::default(),
+            selection: "adopted from a previous hearth process".into(),
+        })
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -141,6 +203,52 @@ impl Sandbox {
     /// Which VMM and accelerator run this sandbox, and why.
     pub fn selection(&self) -> &str {
         &self.selection
+    }
+
+    /// Process id of the VMM.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).pid()
+    }
+
+    /// The VM's run directory (sockets, scratch disk, console log).
+    pub fn run_dir(&self) -> std::path::PathBuf {
+        self.vm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .run_dir()
+            .to_owned()
+    }
+
+    /// How the VM ended, if it has (checked without waiting); its run directory is then removed.
+    /// `None` while it runs, or while another call holds the VM (a stop in progress).
+    pub fn exited(&self) -> Option<VmExit> {
+        let mut vm = self.vm.try_lock().ok()?;
+        vm.wait_timeout(Duration::ZERO).ok().flatten()
+    }
+
+    /// Lets go of the VM without stopping it: dropping the sandbox afterwards leaves a detached VM
+    /// running for a later [`Sandbox::adopt`].
+    pub fn release(&self) {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).release();
+    }
+
+    /// [`Sandbox::destroy`] for a shared sandbox: asks the guest to shut down, waits for the VMM,
+    /// kills it if it does not go in time, and removes the run directory.
+    pub async fn stop(&self) -> Result<VmExit, SandboxError> {
+        let asked = self.client.shutdown().await.is_ok();
+        let vm = self.vm.clone();
+        let exit = tokio::task::spawn_blocking(move || {
+            let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
+            if asked {
+                if let Some(exit) = vm.wait_timeout(SHUTDOWN_GRACE)? {
+                    return Ok::<_, VmError>(exit);
+                }
+            }
+            vm.stop(Duration::from_millis(500))
+        })
+        .await
+        .expect("stop task")?;
+        Ok(exit)
     }
 
     /// Kills the VM at once (for Ctrl-C): no guest shutdown, run directory removed.
@@ -167,21 +275,7 @@ impl Sandbox {
     /// Asks the agent to shut the guest down, waits for the VMM to exit, and cleans up. A guest that
     /// does not go in time is killed.
     pub async fn destroy(self) -> Result<VmExit, SandboxError> {
-        let asked = self.client.shutdown().await.is_ok();
-        drop(self.client);
-        let vm = self.vm;
-        let exit = tokio::task::spawn_blocking(move || {
-            let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-            if asked {
-                if let Some(exit) = vm.wait_timeout(SHUTDOWN_GRACE)? {
-                    return Ok(exit);
-                }
-            }
-            vm.stop(Duration::from_millis(500))
-        })
-        .await
-        .expect("destroy task")?;
-        Ok(exit)
+        self.stop().await
     }
 }
 
@@ -199,6 +293,18 @@ pub fn sweep_stale(home: &Path) {
             "sweeping stale run directories in {}: {err}",
             home.display()
         ),
+    }
+}
+
+async fn connect_agent(
+    endpoint: AgentEndpoint,
+    deadline: tokio::time::Instant,
+) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
+    match endpoint {
+        AgentEndpoint::Stream(socket) => AgentClient::connect_unix(&socket, deadline).await,
+        AgentEndpoint::HybridVsock { socket, port } => {
+            AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
+        }
     }
 }
 

@@ -12,7 +12,8 @@
 //!   and the boot benchmark.
 //! - [`scratch`]: the per-sandbox writable ext4 disk; `rundir`: per-VM run directories and the
 //!   cleanup of those a dead hearth left ([`remove_stale_run_dirs`]); `process`: VMM spawning with
-//!   a parent-death signal.
+//!   a parent-death signal, or detached; `adopt`: taking over a detached VM ([`adopt()`],
+//!   [`ProcessIdentity`]).
 //! - [`channel`]: the host end of the agent channel.
 //!
 //! Everything this crate writes goes under `HEARTH_HOME` or a caller-supplied run directory inside it.
@@ -20,6 +21,7 @@
 //! `HEARTH_HOME`; user kernels go through `kernel::resolve_kernel`, which caches in `HEARTH_HOME`.
 
 pub mod accel;
+mod adopt;
 pub mod channel;
 pub mod firecracker;
 pub mod initramfs;
@@ -33,6 +35,7 @@ pub mod tsc;
 mod vmm;
 
 pub use accel::{Accel, Selection};
+pub use adopt::{adopt, DetachedRecord, ForeignProcess, ProcessIdentity, DETACHED_RECORD};
 pub use rundir::remove_stale_run_dirs;
 pub use spec::{Drive, KernelCmdline, SpecError, VmSpec, ROOTFS_SERIAL, SCRATCH_SERIAL};
 pub use vmm::{AgentEndpoint, LaunchPlan, RunningVm, VmError, VmExit, Vmm};

@@ -1,15 +1,17 @@
-//! Spawning VMM processes so that they die with hearth, and waiting for them with a timeout.
+//! Spawning VMM processes so that they die with hearth (or, detached, outlive it), and waiting for
+//! them with a timeout.
 //!
 //! Every VMM child gets `PR_SET_PDEATHSIG = SIGKILL`: if hearth dies (even by `kill -9`) the kernel
 //! kills the VMM. The signal fires when the *thread* that forked the child exits, not the process, so
 //! children are forked by one dedicated spawner thread that lives as long as the process (it blocks
 //! forever on its request channel, whose sender is a static). Callers on short-lived threads (tokio
 //! blocking pool, test threads) are therefore safe. Children also get their own process group, so a
-//! terminal's Ctrl-C reaches hearth only and hearth decides how to tear the VM down.
+//! terminal's Ctrl-C reaches hearth only and hearth decides how to tear the VM down. A detached VMM
+//! (the node daemon's) gets its own session instead and no parent-death signal.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -25,6 +27,8 @@ pub(crate) struct SpawnRequest {
     pub log: File,
     /// Receives stdout when set (Firecracker writes the guest's serial console there).
     pub stdout: Option<File>,
+    /// Own session, no parent-death signal: the VMM outlives hearth (see `VmSpec::detached`).
+    pub detached: bool,
 }
 
 type Job = (SpawnRequest, mpsc::SyncSender<io::Result<Child>>);
@@ -65,8 +69,20 @@ fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
         .args(&request.args)
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(request.log)
-        .process_group(0);
+        .stderr(request.log);
+    if request.detached {
+        // SAFETY: setsid is async-signal-safe and allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        return command.spawn();
+    }
+    command.process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe functions
     // (prctl, getppid) without allocating.
     unsafe {
@@ -88,7 +104,7 @@ fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
 /// an exit is seen at once rather than at the next poll tick.
 pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
-    let pidfd = pidfd_open(child.id());
+    let pidfd = crate::adopt::pidfd_open(child.id());
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
@@ -111,11 +127,4 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<O
             None => std::thread::sleep(left.min(Duration::from_millis(5))),
         }
     }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a non-negative return is a fresh fd that we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -31,6 +31,11 @@ pub struct VmSpec {
     pub agent_socket: PathBuf,
     /// Where the guest's serial console is written.
     pub console_log: PathBuf,
+    /// `false` (the default, `hearth run`): the VMM dies with the process that started it
+    /// (parent-death signal). `true` (the node daemon): the VMM gets its own session and no
+    /// parent-death signal, so it outlives its starter, and the run directory holds a
+    /// [`crate::DetachedRecord`] from which a later process can [`crate::adopt`] it.
+    pub detached: bool,
 }
 
 impl VmSpec {
@@ -52,6 +57,7 @@ impl VmSpec {
             agent_socket: run_dir.join("agent.sock"),
             console_log: run_dir.join("console.log"),
             run_dir,
+            detached: false,
         }
     }
 

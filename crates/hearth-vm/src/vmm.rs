@@ -1,7 +1,8 @@
 //! The backend-neutral VMM seam: [`Vmm`] boots a [`VmSpec`], [`RunningVm`] controls the result.
 //! QEMU implements it today (`crate::qemu`); Firecracker (REST config, hybrid vsock) is the second
 //! implementation, which is why the launch plan can carry config files and the agent endpoint can be
-//! a vsock port behind a Unix socket.
+//! a vsock port behind a Unix socket. A detached VM can be taken over by another process
+//! ([`Vmm::adopt`], `crate::adopt`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -26,6 +27,21 @@ pub trait Vmm: Send + Sync {
     /// Creates `spec.run_dir`, starts the VMM and returns once it runs and its control channel answers.
     /// Fails fast, with the VMM's stderr and the console tail, when it exits during start-up.
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmError>;
+
+    /// Takes over a VM this backend started detached (`spec.detached`) in `run_dir`, possibly by
+    /// another process: see [`crate::adopt()`], which does the same without knowing the backend.
+    fn adopt(&self, run_dir: &Path) -> Result<Box<dyn RunningVm>, VmError> {
+        let record = crate::DetachedRecord::read(run_dir)?;
+        if record.vmm != self.name() {
+            return Err(VmError::Unsupported(format!(
+                "{} holds a {} VM, not a {} one",
+                run_dir.display(),
+                record.vmm,
+                self.name()
+            )));
+        }
+        crate::adopt(run_dir)
+    }
 }
 
 /// A started VM. Dropping it kills the VMM if still running and removes the run directory.
@@ -61,6 +77,11 @@ pub trait RunningVm: Send {
 
     /// Like [`RunningVm::wait`] but gives up after `timeout`, returning `None` while still running.
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError>;
+
+    /// Lets go of the VM without stopping it: dropping the handle afterwards leaves the VMM running
+    /// and its run directory in place, for a later [`crate::adopt()`]. Meant for detached VMs (a
+    /// non-detached VMM still dies with this process).
+    fn release(&mut self);
 }
 
 /// How the host reaches the guest agent.
@@ -176,6 +197,8 @@ pub enum VmError {
         /// Firecracker's stderr and log file tails.
         log: String,
     },
+    #[error("the VMM of {run_dir} (pid {pid}) is no longer running")]
+    Gone { run_dir: PathBuf, pid: u32 },
     #[error("waiting for VMM pid {pid}: {source}")]
     Wait { pid: u32, source: std::io::Error },
     #[error(transparent)]

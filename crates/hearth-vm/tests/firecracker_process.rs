@@ -70,8 +70,9 @@ fn fake_firecracker_process() {
         writeln!(log, "2026-11-28T10:00:00.000000000 [{id}:{line}").unwrap();
     };
     for stream in listener.incoming() {
-        let request = serve_one(&stream.unwrap(), &mut state);
-        writeln!(record, "{}", serde_json::to_string(&request).unwrap()).unwrap();
+        let request = serve_one(&stream.unwrap(), &mut state, |request| {
+            writeln!(record, "{}", serde_json::to_string(request).unwrap()).unwrap()
+        });
         if request.path == "/logger" {
             log_path = request.body.as_ref().unwrap()["log_path"]
                 .as_str()

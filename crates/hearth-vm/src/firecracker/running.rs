@@ -2,7 +2,9 @@
 //! answer, configures the VM (API mode) and starts it, failing fast with Firecracker's log and the
 //! console tail if it exits first. However the VM ends, the process is reaped, its failure read from
 //! the logs, and the run directory (and a jailed VM's cgroup) removed exactly once (also on drop).
-//! Under `jailer --new-pid-ns` the VMM is adopted once the jailer exits (`vmm_process.rs`).
+//! Under `jailer --new-pid-ns` the VMM is adopted once the jailer exits (`vmm_process.rs`). A
+//! detached Firecracker can be taken over by another process ([`RunningFirecracker::adopt`]) and is
+//! then watched through a pidfd; a released handle leaves the VM running when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::config::RunState;
 use super::vmm_process::{become_subreaper, VmmProcess};
 use super::{failure, jailer, FirecrackerApi, FirecrackerVmm};
+use crate::adopt::{DetachedRecord, ForeignProcess, ProcessIdentity};
 use crate::process::{spawn_vmm, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
@@ -21,7 +24,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(5);
 
 pub struct RunningFirecracker {
-    process: VmmProcess,
+    process: Process,
     pid: u32,
     run_dir: PathBuf,
     console_log: PathBuf,
@@ -31,6 +34,31 @@ pub struct RunningFirecracker {
     /// A jailed VM's cgroup, removed after exit.
     cgroup: Option<PathBuf>,
     exit: Option<VmExit>,
+    /// Released: dropping leaves the VMM running and the run directory in place.
+    released: bool,
+}
+
+/// The Firecracker process: one this process started (directly or through the jailer), or a
+/// detached one adopted from its run directory.
+enum Process {
+    Started(VmmProcess),
+    Adopted(ForeignProcess),
+}
+
+impl Process {
+    fn wait(&mut self, timeout: Option<Duration>) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Process::Started(process) => process.wait(timeout),
+            Process::Adopted(process) => process.wait(timeout),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Process::Started(process) => process.kill(),
+            Process::Adopted(process) => process.kill(),
+        }
+    }
 }
 
 impl RunningFirecracker {
@@ -77,6 +105,7 @@ impl RunningFirecracker {
             args: prepared.plan.args.clone(),
             log: stderr,
             stdout: Some(console),
+            detached: spec.detached,
         };
         let child = spawn_vmm(request).map_err(|source| VmError::Spawn {
             program: prepared.plan.program.clone(),
@@ -84,7 +113,7 @@ impl RunningFirecracker {
         })?;
         let mut vm = RunningFirecracker {
             pid: child.id(),
-            process: VmmProcess::Child(child),
+            process: Process::Started(VmmProcess::Child(child)),
             run_dir: spec.run_dir.clone(),
             console_log: spec.console_log.clone(),
             log: layout.host_log(),
@@ -98,15 +127,33 @@ impl RunningFirecracker {
                 .as_ref()
                 .map(|_| jailer::cgroup_dir(&vmm.exec_file_name(), &prepared.id)),
             exit: None,
+            released: false,
         };
         if adopts {
             let pid_file = layout
                 .chroot_root()
                 .expect("jailed layouts have a chroot")
                 .join(format!("{}.pid", vmm.exec_file_name()));
-            vm.adopt(&pid_file)?;
+            vm.take_over_from_jailer(&pid_file)?;
         }
         rundir::write_pid(&vm.run_dir, vm.pid)?;
+        if spec.detached {
+            // Written before anything else can fail, so that whoever finds this run directory
+            // can tell whether its VMM still runs.
+            if let Some(process) = ProcessIdentity::of(vm.pid) {
+                DetachedRecord {
+                    vmm: "firecracker".into(),
+                    process,
+                    control_socket: layout.host_api_socket(),
+                    agent_socket: layout.host_vsock(),
+                    vsock_port: Some(hearth_proto::VSOCK_PORT),
+                    console_log: spec.console_log.clone(),
+                    log: Some(layout.host_log()),
+                    cgroup: vm.cgroup.clone(),
+                }
+                .write(&vm.run_dir)?;
+            }
+        }
         vm.wait_for_api()?;
         if vmm.mode == super::ConfigMode::Api {
             let configured = vm
@@ -124,7 +171,7 @@ impl RunningFirecracker {
     }
 
     /// Waits for the jailer to exit after forking Firecracker and takes over Firecracker's pid.
-    fn adopt(&mut self, pid_file: &Path) -> Result<(), VmError> {
+    fn take_over_from_jailer(&mut self, pid_file: &Path) -> Result<(), VmError> {
         let status = self.wait_process(Some(START_TIMEOUT))?;
         match status {
             Some(status) if status.success() => {}
@@ -141,8 +188,32 @@ impl RunningFirecracker {
         self.pid = text.trim().parse().map_err(|_| {
             VmError::Unsupported(format!("{}: not a pid: {text:?}", pid_file.display()))
         })?;
-        self.process = VmmProcess::Adopted(self.pid);
+        self.process = Process::Started(VmmProcess::Adopted(self.pid));
         Ok(())
+    }
+
+    /// Takes over the detached Firecracker `record` describes (see [`crate::adopt()`]).
+    pub(crate) fn adopt(run_dir: &Path, record: DetachedRecord) -> Result<Self, VmError> {
+        let pid = record.process.pid;
+        let process = ForeignProcess::open(record.process).ok_or(VmError::Gone {
+            run_dir: run_dir.to_owned(),
+            pid,
+        })?;
+        Ok(RunningFirecracker {
+            process: Process::Adopted(process),
+            pid,
+            run_dir: run_dir.to_owned(),
+            console_log: record.console_log.clone(),
+            log: record
+                .log
+                .clone()
+                .unwrap_or_else(|| run_dir.join("firecracker.log")),
+            endpoint: record.agent_endpoint(),
+            api: FirecrackerApi::new(record.control_socket.clone()),
+            cgroup: record.cgroup.clone(),
+            exit: None,
+            released: false,
+        })
     }
 
     fn wait_for_api(&mut self) -> Result<(), VmError> {
@@ -295,11 +366,15 @@ impl RunningVm for RunningFirecracker {
         let status = self.wait_process(Some(timeout))?;
         Ok(status.map(|status| self.finish(status)))
     }
+
+    fn release(&mut self) {
+        self.released = true;
+    }
 }
 
 impl Drop for RunningFirecracker {
     fn drop(&mut self) {
-        if self.exit.is_none() {
+        if self.exit.is_none() && !self.released {
             if let Err(e) = self.kill() {
                 tracing::warn!(pid = self.pid, "killing firecracker on drop: {e}");
             }

@@ -1,13 +1,16 @@
 //! A started QEMU: its process, QMP connection and run directory. Start-up waits for QMP to answer and
 //! fails fast (with QEMU's stderr and the console tail) if QEMU exits first. Whatever way the VM ends,
-//! the process is reaped and the run directory removed exactly once (also on drop).
+//! the process is reaped and the run directory removed exactly once (also on drop), unless the
+//! handle was [released](RunningVm::release). A detached QEMU can be adopted by another process
+//! ([`RunningQemu::adopt`]): it is then watched through a pidfd instead of as our child.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::{argv, QemuVmm, Qmp};
-use crate::process::{spawn_vmm, wait_timeout, SpawnRequest};
+use crate::adopt::{DetachedRecord, ForeignProcess, ProcessIdentity, VmmProcess};
+use crate::process::{spawn_vmm, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
 use crate::VmSpec;
@@ -18,13 +21,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
 pub struct RunningQemu {
-    child: Child,
+    process: VmmProcess,
     pid: u32,
     run_dir: PathBuf,
     console_log: PathBuf,
     endpoint: AgentEndpoint,
     qmp: Option<Qmp>,
     exit: Option<VmExit>,
+    /// Released: dropping leaves the VMM running and the run directory in place.
+    released: bool,
 }
 
 impl RunningQemu {
@@ -43,6 +48,7 @@ impl RunningQemu {
             args: argv::render(qemu, spec),
             log,
             stdout: None,
+            detached: spec.detached,
         };
         let child = match spawn_vmm(request) {
             Ok(child) => child,
@@ -56,15 +62,34 @@ impl RunningQemu {
         };
         let pid = child.id();
         let mut vm = RunningQemu {
-            child,
+            process: VmmProcess::Child(child),
             pid,
             console_log: spec.console_log.clone(),
             endpoint: AgentEndpoint::Stream(spec.agent_socket.clone()),
             qmp: None,
             exit: None,
+            released: false,
             run_dir,
         };
         rundir::write_pid(&vm.run_dir, pid)?;
+        if spec.detached {
+            // Written before anything can fail, so that whoever finds this run directory can
+            // tell whether its VMM still runs.
+            // (Exited at once: connect_qmp reports why.)
+            if let Some(process) = ProcessIdentity::of(pid) {
+                DetachedRecord {
+                    vmm: "qemu".into(),
+                    process,
+                    control_socket: vm.run_dir.join("qmp.sock"),
+                    agent_socket: spec.agent_socket.clone(),
+                    vsock_port: None,
+                    console_log: spec.console_log.clone(),
+                    log: None,
+                    cgroup: None,
+                }
+                .write(&vm.run_dir)?;
+            }
+        }
         vm.qmp = Some(vm.connect_qmp()?);
         tracing::debug!(pid, run_dir = %vm.run_dir.display(), "qemu started");
         Ok(vm)
@@ -75,10 +100,7 @@ impl RunningQemu {
         let socket = self.run_dir.join("qmp.sock");
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.try_wait().map_err(|source| VmError::Wait {
-                pid: self.pid,
-                source,
-            })? {
+            if let Some(status) = self.wait_process(Some(Duration::ZERO))? {
                 return Err(self.early_exit(status));
             }
             if socket.exists() {
@@ -100,6 +122,43 @@ impl RunningQemu {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Takes over the detached QEMU `record` describes (see [`crate::adopt()`]).
+    pub(crate) fn adopt(run_dir: &Path, record: DetachedRecord) -> Result<Self, VmError> {
+        let pid = record.process.pid;
+        let process = ForeignProcess::open(record.process).ok_or(VmError::Gone {
+            run_dir: run_dir.to_owned(),
+            pid,
+        })?;
+        // QMP serves one client at a time; the previous owner's connection died with it.
+        let qmp = match Qmp::connect(&record.control_socket) {
+            Ok(qmp) => Some(qmp),
+            Err(e) => {
+                tracing::warn!(
+                    pid,
+                    "adopted qemu: QMP unavailable ({e}); stop will kill it"
+                );
+                None
+            }
+        };
+        Ok(RunningQemu {
+            process: VmmProcess::Foreign(process),
+            pid,
+            run_dir: run_dir.to_owned(),
+            console_log: record.console_log.clone(),
+            endpoint: record.agent_endpoint(),
+            qmp,
+            exit: None,
+            released: false,
+        })
+    }
+
+    fn wait_process(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>, VmError> {
+        let pid = self.pid;
+        self.process
+            .wait(timeout)
+            .map_err(|source| VmError::Wait { pid, source })
     }
 
     /// Builds the early-exit error, then cleans up (the error carries what the run dir held).
@@ -202,8 +261,7 @@ impl RunningVm for RunningQemu {
         if let Some(exit) = &self.exit {
             return Ok(exit.clone());
         }
-        // ESRCH/ECHILD-style failures mean it already exited; wait() below reaps either way.
-        let _ = self.child.kill();
+        self.process.kill();
         self.wait()
     }
 
@@ -211,10 +269,9 @@ impl RunningVm for RunningQemu {
         if let Some(exit) = &self.exit {
             return Ok(exit.clone());
         }
-        let status = self.child.wait().map_err(|source| VmError::Wait {
-            pid: self.pid,
-            source,
-        })?;
+        let status = self
+            .wait_process(None)?
+            .expect("waiting without a timeout ends with a status");
         Ok(self.finish(status))
     }
 
@@ -222,17 +279,19 @@ impl RunningVm for RunningQemu {
         if let Some(exit) = &self.exit {
             return Ok(Some(exit.clone()));
         }
-        let status = wait_timeout(&mut self.child, timeout).map_err(|source| VmError::Wait {
-            pid: self.pid,
-            source,
-        })?;
+        let status = self.wait_process(Some(timeout))?;
         Ok(status.map(|status| self.finish(status)))
+    }
+
+    fn release(&mut self) {
+        self.released = true;
+        self.qmp = None;
     }
 }
 
 impl Drop for RunningQemu {
     fn drop(&mut self) {
-        if self.exit.is_none() {
+        if self.exit.is_none() && !self.released {
             if let Err(e) = self.kill() {
                 tracing::warn!(pid = self.pid, "killing qemu on drop: {e}");
             }

@@ -45,8 +45,15 @@ pub fn instance_info(id: &str, started: bool) -> Value {
 }
 
 /// Reads one request from `stream`, answers it and returns it.
-pub fn serve_one(stream: &UnixStream, state: &mut FakeState) -> Recorded {
+/// Serves one request. `before_reply` sees it before the response goes out, so whatever it records
+/// is there by the time the client has its answer.
+pub fn serve_one(
+    stream: &UnixStream,
+    state: &mut FakeState,
+    before_reply: impl FnOnce(&Recorded),
+) -> Recorded {
     let request = read_request(stream);
+    before_reply(&request);
     let (status, body) = if state.reject_path.as_deref() == Some(request.path.as_str()) {
         (
             "400 Bad Request",
@@ -81,8 +88,9 @@ pub fn spawn_fake(socket: &Path, reject_path: Option<&str>) -> Arc<Mutex<Vec<Rec
     };
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let request = serve_one(&stream.unwrap(), &mut state);
-            recorded.lock().unwrap().push(request);
+            serve_one(&stream.unwrap(), &mut state, |request| {
+                recorded.lock().unwrap().push(request.clone())
+            });
         }
     });
     log

@@ -1,0 +1,318 @@
+//! A sandbox's life on the node: [`Node::create`] (admission under the table lock, then a background
+//! boot bounded by the boot semaphore), the boot's outcome, ending a sandbox (TTL, idle, a dead VM,
+//! [`Node::delete`]) and [`Node::shutdown`]. Every state change is written to the store before it
+//! is announced.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_image::PulledImage;
+
+use super::admission::{self, Usage};
+use super::store::{ExecDefaults, ImageMeta, Record};
+use super::{
+    lock_ignoring_poison, now_ms, visible, CreateSpec, Entry, Histogram, Node, NodeError,
+    SandboxInfo, State, Tenant, BOOT_BUCKETS,
+};
+use crate::boot::new_id;
+use crate::Sandbox;
+
+impl Node {
+    /// Validates and admits `spec` for `tenant` (a refusal is an error and records nothing),
+    /// records the sandbox `Creating`, starts its boot in the background (at most
+    /// `max_concurrent_boots` at once; the rest wait in `Creating`) and returns the record.
+    pub async fn create(
+        &self,
+        tenant: &Tenant,
+        spec: CreateSpec,
+    ) -> Result<SandboxInfo, NodeError> {
+        self.check_open()?;
+        let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
+        let now = now_ms();
+        let id = new_id();
+        let record = Record {
+            info: SandboxInfo {
+                id: id.clone(),
+                tenant: tenant.name.clone(),
+                image: spec.image.clone(),
+                image_digest: None,
+                state: State::Creating,
+                reason: None,
+                vcpus: want.vcpus,
+                memory_mib: want.memory_mib,
+                disk_bytes: want.disk_bytes,
+                labels: spec.labels,
+                created_at: now,
+                ready_at: None,
+                finished_at: None,
+                expires_at: Some(now.saturating_add(want.ttl.as_millis() as u64)),
+                last_active_at: now,
+                boot_ms: None,
+            },
+            idle_timeout_ms: spec.idle_timeout.map(|t| t.as_millis().max(1) as u64),
+            defaults: ExecDefaults {
+                env: spec.env,
+                workdir: spec.workdir,
+                user: spec.user,
+            },
+            image: None,
+            vmm: None,
+            deleted: false,
+        };
+        let info = {
+            let mut table = self.table();
+            let (mut node_usage, mut tenant_usage) = (Usage::default(), Usage::default());
+            for entry in table.values().filter(|e| e.holds_resources()) {
+                let (vcpus, memory) = (entry.record.info.vcpus, entry.record.info.memory_mib);
+                node_usage.add(vcpus, memory);
+                if entry.record.info.tenant == tenant.name {
+                    tenant_usage.add(vcpus, memory);
+                }
+            }
+            admission::admit(
+                &want,
+                &tenant.name,
+                &tenant.quota,
+                tenant_usage,
+                &self.config.capacity,
+                node_usage,
+            )?;
+            self.store().save(&record)?;
+            let info = record.info.clone();
+            let mut entry = Entry::new(record);
+            let node = self
+                .me
+                .upgrade()
+                .expect("a node method runs on a live node");
+            entry.boot = Some(tokio::spawn(node.boot(id.clone())).abort_handle());
+            table.insert(id.clone(), entry);
+            info
+        };
+        tracing::info!(sandbox = %id, tenant = %tenant.name, image = %info.image, "sandbox admitted");
+        self.bump();
+        Ok(info)
+    }
+
+    /// Stops the VM (clean shutdown, then kill) and forgets the sandbox: it disappears from `get`
+    /// and `list` at once, and its resources are free once the VM is gone.
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), NodeError> {
+        visible(&self.table(), tenant, id)?;
+        self.end(id, State::Stopped, "deleted", true).await;
+        Ok(())
+    }
+
+    /// Daemon shutdown: refuses new work ([`NodeError::ShuttingDown`]), waits up to `grace` for
+    /// running execs, stops the reaper and persists state. Running VMs keep running and boots in
+    /// flight are abandoned (the next `open` re-attaches the former and fails the latter).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let running: usize = self
+                .table()
+                .values()
+                .map(|e| e.activity.running_execs())
+                .sum();
+            if running == 0 || tokio::time::Instant::now() >= deadline {
+                if running > 0 {
+                    tracing::warn!(running, "shutting down with execs still running");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(reaper) = lock_ignoring_poison(&self.reaper).take() {
+            reaper.abort();
+        }
+        let mut released = Vec::new();
+        {
+            let mut table = self.table();
+            for entry in table.values_mut() {
+                if let Some(boot) = entry.boot.take() {
+                    boot.abort();
+                }
+                entry.record.info.last_active_at = entry.info().last_active_at;
+                self.persist(&entry.record);
+                if let Some(sandbox) = entry.live.take() {
+                    sandbox.release();
+                    released.push(sandbox);
+                }
+            }
+        }
+        // Dropping the clients closes the agent connections; the VMs stay up.
+        drop(released);
+        self.bump();
+        tracing::info!("node shut down; running VMs left for the next start to re-attach");
+    }
+
+    /// The boot task: waits for a boot slot, pulls, boots, and records the outcome. Until the VM
+    /// may start, ending the sandbox aborts this task.
+    async fn boot(self: Arc<Node>, id: String) {
+        let Ok(_slot) = self.boots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(image) = self.still_creating(&id, false).map(|info| info.image) else {
+            return;
+        };
+        let image = match self.images.ensure(&image, &self.config.pull).await {
+            Ok(image) => image,
+            Err(e) => return self.booted(&id, Err(e.into())).await,
+        };
+        let Some(info) = self.still_creating(&id, true) else {
+            return;
+        };
+        let outcome = self.start_vm(&id, image, &info).await;
+        self.booted(&id, outcome).await;
+    }
+
+    /// The sandbox's record if it is still `Creating`; with `start`, marks its VM as starting.
+    fn still_creating(&self, id: &str, start: bool) -> Option<SandboxInfo> {
+        let mut table = self.table();
+        let entry = table.get_mut(id)?;
+        if entry.record.info.state != State::Creating {
+            entry.boot = None;
+            return None;
+        }
+        entry.vm_starting |= start;
+        Some(entry.record.info.clone())
+    }
+
+    async fn start_vm(
+        &self,
+        id: &str,
+        image: PulledImage,
+        info: &SandboxInfo,
+    ) -> Result<(Sandbox, PulledImage), NodeError> {
+        let mut config = self.config.defaults.clone();
+        config.home = self.config.home.clone();
+        config.vcpus = info.vcpus;
+        config.memory_mib = info.memory_mib;
+        config.scratch_bytes = info.disk_bytes;
+        let sandbox =
+            Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id)).await?;
+        Ok((sandbox, image))
+    }
+
+    /// Records a finished boot. A sandbox that ended while it booted gets its VM stopped now.
+    async fn booted(&self, id: &str, outcome: Result<(Sandbox, PulledImage), NodeError>) {
+        let now = now_ms();
+        let leftover = {
+            let mut table = self.table();
+            let Some(entry) = table.get_mut(id) else {
+                // Unreachable while `vm_starting` keeps the entry; never leak a VM regardless.
+                return drop(outcome);
+            };
+            entry.boot = None;
+            entry.vm_starting = false;
+            let wanted = entry.record.info.state == State::Creating;
+            let mut counters = lock_ignoring_poison(&self.counters);
+            counters.boots_total += 1;
+            match outcome {
+                Ok((sandbox, image)) if wanted => {
+                    let info = &mut entry.record.info;
+                    info.state = State::Running;
+                    info.ready_at = Some(now);
+                    info.image_digest = Some(image.manifest_digest.to_string());
+                    let boot_ms = now.saturating_sub(info.created_at);
+                    info.boot_ms = Some(boot_ms);
+                    counters
+                        .boot_seconds
+                        .get_or_insert_with(|| Histogram::with_bounds(BOOT_BUCKETS))
+                        .observe(boot_ms as f64 / 1000.0);
+                    entry.record.image = Some(ImageMeta {
+                        reference: image.reference.to_string(),
+                        rootfs: image.rootfs.clone(),
+                        config: image.config.clone(),
+                    });
+                    entry.record.vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
+                    entry.live = Some(Arc::new(sandbox));
+                    entry.activity.touch();
+                    self.persist(&entry.record);
+                    tracing::info!(sandbox = %id, boot_ms, "sandbox running");
+                    None
+                }
+                Err(e) if wanted => {
+                    counters.boot_failures_total += 1;
+                    let info = &mut entry.record.info;
+                    info.state = State::Failed;
+                    info.reason = Some(format!("boot failed: {e}"));
+                    info.finished_at = Some(now);
+                    self.persist(&entry.record);
+                    tracing::warn!(sandbox = %id, "boot failed: {e}");
+                    let _ = std::fs::remove_dir_all(self.run_dir(id));
+                    None
+                }
+                // Ended (deleted, expired, shut down) while booting.
+                Ok((sandbox, _)) => Some(Some(sandbox)),
+                Err(_) => Some(None),
+            }
+        };
+        self.bump();
+        if let Some(sandbox) = leftover {
+            if let Some(sandbox) = sandbox {
+                if let Err(e) = sandbox.discard().await {
+                    tracing::warn!(sandbox = %id, "stopping a VM whose sandbox ended during boot: {e}");
+                }
+            }
+            self.released(id);
+        }
+    }
+
+    /// Ends sandbox `id` as `state` ("stopped" or "failed") with `reason` if it is still creating or
+    /// running (an ended one keeps its first reason), and with `delete` forgets it. Its VM is
+    /// stopped (clean shutdown, then kill) before this returns, unless a boot is still in flight:
+    /// then the boot's end stops it.
+    pub(super) async fn end(&self, id: &str, state: State, reason: &str, delete: bool) {
+        let live = {
+            let mut table = self.table();
+            let Some(entry) = table.get_mut(id) else {
+                return;
+            };
+            entry.record.deleted |= delete;
+            if entry.record.info.state.is_live() {
+                let info = &mut entry.record.info;
+                info.state = state;
+                info.reason = Some(reason.to_owned());
+                info.finished_at = Some(now_ms());
+                tracing::info!(sandbox = %id, %state, reason, "sandbox ended");
+            }
+            if let Some(boot) = entry.boot.take_if(|_| !entry.vm_starting) {
+                boot.abort(); // waiting for a slot or pulling: no VM to leak
+            }
+            let live = entry.live.take();
+            entry.releasing = live.is_some() || entry.vm_starting;
+            if entry.record.deleted && !entry.releasing {
+                table.remove(id);
+                self.forget(id);
+                let _ = std::fs::remove_dir_all(self.run_dir(id));
+            } else {
+                self.persist(&entry.record);
+            }
+            live
+        };
+        self.bump();
+        if let Some(sandbox) = live {
+            if let Err(e) = sandbox.stop().await {
+                tracing::warn!(sandbox = %id, "stopping the VM: {e}");
+            }
+            self.released(id);
+        }
+    }
+
+    /// The VM of an ended sandbox is gone: its resources are free, its run directory removed, and a
+    /// deleted sandbox forgotten.
+    fn released(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.run_dir(id));
+        let mut table = self.table();
+        if let Some(entry) = table.get_mut(id) {
+            entry.releasing = false;
+            if entry.record.deleted {
+                table.remove(id);
+                self.forget(id);
+            }
+        }
+        drop(table);
+        self.bump();
+    }
+}

@@ -1,0 +1,331 @@
+//! The node manager: many long-lived sandboxes on one host, as `hearth serve` and the Kubernetes node
+//! agent run them. [`Node::open`] takes the home's state lock, recovers what a previous daemon left
+//! and starts the reaper; [`Node::create`] admits and boots; [`Node::exec`] and the file calls use a
+//! running sandbox; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
+//! so that the next `open` re-attaches them.
+//!
+//! Files: `types.rs` (public vocabulary), `error.rs`, `store.rs` (SQLite state), `admission.rs`
+//! (sizes, maxima, quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown),
+//! `recovery.rs` (what `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead
+//! VMs), `exec.rs` (commands and files).
+//!
+//! Writes only under `$HEARTH_HOME/state/` (database, lock) and `$HEARTH_HOME/sandboxes/<id>/` (each
+//! VM's run directory: sockets, scratch disk, console log), plus the image cache through
+//! `hearth-image`. VMs are detached: they survive the daemon, and only `open` decides their fate.
+
+mod admission;
+mod error;
+mod exec;
+mod lifecycle;
+mod reaper;
+mod recovery;
+mod store;
+mod types;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+pub use error::NodeError;
+pub use exec::NodeExec;
+pub use types::{
+    Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig, NodeMetrics, Quota, SandboxInfo,
+    State, StateCounts, Tenant,
+};
+
+use admission::Usage;
+use exec::Activity;
+use store::{Record, Store};
+use types::now_ms;
+
+use crate::Sandbox;
+
+/// Upper bounds (seconds) of the boot-latency histogram: TCG boots take 3-5 s, queued ones longer.
+const BOOT_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0];
+
+/// A node's sandboxes. Share it as `Arc<Node>`.
+pub struct Node {
+    /// For background tasks started from `&self` methods.
+    me: Weak<Node>,
+    config: NodeConfig,
+    /// Lock order: `table` before `store`.
+    store: Mutex<Store>,
+    table: Mutex<BTreeMap<String, Entry>>,
+    boots: Arc<Semaphore>,
+    images: hearth_image::ImageStore,
+    shutting_down: AtomicBool,
+    /// Bumped on every state change; `wait_ready` watches it.
+    changed: watch::Sender<u64>,
+    counters: Mutex<Counters>,
+    reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The flock on `state/node.lock`, held for the node's life.
+    _lock: File,
+}
+
+/// One sandbox as the node holds it.
+struct Entry {
+    record: Record,
+    /// The VM and its agent, while running.
+    live: Option<Arc<Sandbox>>,
+    activity: Arc<Activity>,
+    /// The boot task, while creating.
+    boot: Option<tokio::task::AbortHandle>,
+    /// The boot task has its image and may be starting a VM: aborting it now could leak one, so
+    /// it is left to finish (and its VM stopped). Before this, aborting it is safe.
+    vm_starting: bool,
+    /// A VM is still being stopped after the sandbox ended: its resources still count as held.
+    releasing: bool,
+}
+
+impl Entry {
+    fn new(record: Record) -> Entry {
+        let activity = Arc::new(Activity::new(record.info.last_active_at));
+        Entry {
+            record,
+            live: None,
+            activity,
+            boot: None,
+            vm_starting: false,
+            releasing: false,
+        }
+    }
+
+    fn info(&self) -> SandboxInfo {
+        let mut info = self.record.info.clone();
+        info.last_active_at = info.last_active_at.max(self.activity.last_active());
+        info
+    }
+
+    /// Whether node resources are held for it.
+    fn holds_resources(&self) -> bool {
+        self.record.info.state.is_live() || self.releasing
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    boots_total: u64,
+    boot_failures_total: u64,
+    boot_seconds: Option<Histogram>,
+    execs_total: u64,
+}
+
+impl Node {
+    /// Opens (creates) `$HOME/state/node.db`, takes `$HOME/state/node.lock` (a second daemon on the
+    /// same home gets [`NodeError::Busy`]), recovers what a previous daemon left (see `recovery.rs`)
+    /// and starts the TTL and idle reaper.
+    pub async fn open(config: NodeConfig) -> Result<Arc<Node>, NodeError> {
+        let state_dir = config.home.join("state");
+        make_private_dir(&state_dir)?;
+        make_private_dir(&config.home.join("sandboxes"))?;
+        let lock = take_lock(&state_dir.join("node.lock"))?;
+        let store = Store::open(&state_dir.join("node.db"))?;
+        let records = store.load_all()?;
+        let images = hearth_image::ImageStore::open(&config.home)?;
+        let boots = Arc::new(Semaphore::new(config.max_concurrent_boots.max(1)));
+        let node = Arc::new_cyclic(|me| Node {
+            me: me.clone(),
+            config,
+            store: Mutex::new(store),
+            table: Mutex::new(BTreeMap::new()),
+            boots,
+            images,
+            shutting_down: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+            counters: Mutex::new(Counters::default()),
+            reaper: Mutex::new(None),
+            _lock: lock,
+        });
+        node.recover(records).await?;
+        *lock_ignoring_poison(&node.reaper) = Some(reaper::spawn(Arc::downgrade(&node)));
+        Ok(node)
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Waits until the sandbox leaves `Creating` or `timeout` passes, and returns its record (still
+    /// `Creating` after a timeout).
+    pub async fn wait_ready(
+        &self,
+        tenant: &str,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<SandboxInfo, NodeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.changed.subscribe();
+        loop {
+            let info = self.get(tenant, id)?;
+            if info.state != State::Creating {
+                return Ok(info);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(info);
+            }
+        }
+    }
+
+    /// The sandbox's record; [`NodeError::NotFound`] also for another tenant's id.
+    pub fn get(&self, tenant: &str, id: &str) -> Result<SandboxInfo, NodeError> {
+        let table = self.table();
+        visible(&table, tenant, id).map(Entry::info)
+    }
+
+    /// The tenant's sandboxes, oldest first.
+    pub fn list(&self, tenant: &str) -> Vec<SandboxInfo> {
+        let table = self.table();
+        let mut list: Vec<SandboxInfo> = table
+            .values()
+            .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
+            .map(Entry::info)
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        list
+    }
+
+    /// Counts and counters for `/metrics`.
+    pub fn metrics(&self) -> NodeMetrics {
+        let mut sandboxes = StateCounts::default();
+        let mut held = Usage::default();
+        for entry in self.table().values() {
+            if !entry.record.deleted {
+                sandboxes.add(entry.record.info.state);
+            }
+            if entry.holds_resources() {
+                held.add(entry.record.info.vcpus, entry.record.info.memory_mib);
+            }
+        }
+        let counters = lock_ignoring_poison(&self.counters);
+        NodeMetrics {
+            sandboxes,
+            boots_total: counters.boots_total,
+            boot_failures_total: counters.boot_failures_total,
+            boot_seconds: counters
+                .boot_seconds
+                .clone()
+                .unwrap_or_else(|| Histogram::with_bounds(BOOT_BUCKETS)),
+            execs_total: counters.execs_total,
+            image_cache_bytes: self.image_cache_bytes(),
+            allocated_vcpus: held.vcpus as u32,
+            allocated_memory_mib: held.memory_mib,
+            capacity: self.config.capacity,
+        }
+    }
+
+    /// Blobs and root filesystems of the cached images, each image counted once.
+    fn image_cache_bytes(&self) -> u64 {
+        let mut by_manifest = BTreeMap::new();
+        for image in self.images.list().unwrap_or_default() {
+            by_manifest.insert(image.manifest_digest.to_string(), image.size());
+        }
+        by_manifest.values().sum()
+    }
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        lock_ignoring_poison(&self.table)
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock_ignoring_poison(&self.store)
+    }
+
+    /// Persists `record`; a failure is logged, since the in-memory state stays authoritative
+    /// until the next successful write.
+    fn persist(&self, record: &Record) {
+        if let Err(e) = self.store().save(record) {
+            tracing::error!(sandbox = %record.info.id, "saving sandbox state: {e}");
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Err(e) = self.store().delete(id) {
+            tracing::error!(sandbox = %id, "deleting sandbox state: {e}");
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.config.home.join("sandboxes").join(id)
+    }
+
+    fn check_open(&self) -> Result<(), NodeError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(NodeError::ShuttingDown);
+        }
+        Ok(())
+    }
+}
+
+/// The tenant's own, not deleted, entry `id`.
+fn visible<'a>(
+    table: &'a BTreeMap<String, Entry>,
+    tenant: &str,
+    id: &str,
+) -> Result<&'a Entry, NodeError> {
+    table
+        .get(id)
+        .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
+        .ok_or_else(|| NodeError::NotFound { id: id.to_owned() })
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| NodeError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })
+}
+
+/// An exclusive, non-blocking flock on `path`, with our pid written in for the next one's message.
+fn take_lock(path: &Path) -> Result<File, NodeError> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let io = |what: &str, source| NodeError::Io {
+        what: format!("{what} {}", path.display()),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io("opening", e))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            return Err(NodeError::Busy(format!(
+                "another hearth daemon (pid {}) manages this HEARTH_HOME ({}); stop it or use \
+                 another home",
+                holder.trim(),
+                path.display()
+            )));
+        }
+        return Err(io("locking", err));
+    }
+    file.set_len(0).map_err(|e| io("truncating", e))?;
+    writeln!(file, "{}", std::process::id()).map_err(|e| io("writing", e))?;
+    Ok(file)
+}

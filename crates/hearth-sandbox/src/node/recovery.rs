@@ -1,0 +1,174 @@
+//! What [`Node::open`] does with what a previous daemon left (it may have been `kill -9`ed):
+//! - a `Running` record whose VMM still runs (same pid, same start time) is re-attached: the VM is
+//!   adopted, the agent channel reconnected, and it stays `Running`; otherwise it becomes `Failed`
+//!   ("VM exited while the daemon was down", with the console's last lines) and its disks go;
+//! - a `Creating` record's VM (if it got that far) is killed: `Failed`, "daemon restarted during
+//!   boot";
+//! - a record deleted while its VM was stopping is finished off and forgotten;
+//! - anything in `$HOME/sandboxes/` that no re-attached sandbox owns (a VMM, a run directory with its
+//!   scratch disk and sockets) is killed and removed.
+//!
+//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` is touched, and a
+//! process is killed only when its pid and start time match what its run directory recorded.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_image::{PulledImage, Reference};
+use hearth_vm::{DetachedRecord, VmError};
+
+use super::store::Record;
+use super::{now_ms, Entry, Node, NodeError, State};
+use crate::{Sandbox, SandboxError};
+
+/// How long a re-attached guest agent gets to answer the handshake.
+const REATTACH_DEADLINE: Duration = Duration::from_secs(10);
+/// How much of a dead VM's console a failure reason quotes.
+const CONSOLE_LINES: usize = 5;
+
+impl Node {
+    pub(super) async fn recover(&self, records: Vec<Record>) -> Result<(), NodeError> {
+        let mut owned = BTreeSet::new();
+        for mut record in records {
+            let id = record.info.id.clone();
+            let run_dir = self.run_dir(&id);
+            if record.deleted {
+                kill_and_remove(&run_dir).await;
+                self.forget(&id);
+                continue;
+            }
+            let mut live = None;
+            match record.info.state {
+                State::Creating => {
+                    kill_and_remove(&run_dir).await;
+                    fail(&mut record, "daemon restarted during boot".into());
+                }
+                State::Running => match self.reattach(&record, &run_dir).await {
+                    Ok(sandbox) => {
+                        owned.insert(id.clone());
+                        live = Some(Arc::new(sandbox));
+                    }
+                    Err(reason) => {
+                        kill_and_remove(&run_dir).await;
+                        fail(&mut record, reason);
+                    }
+                },
+                State::Stopped | State::Failed => {}
+            }
+            if live.is_none() {
+                self.persist(&record);
+            }
+            let mut entry = Entry::new(record);
+            entry.live = live;
+            self.table().insert(id, entry);
+        }
+        self.remove_unowned(&owned).await
+    }
+
+    /// Takes over a running record's VM and reconnects its agent; the reason it cannot otherwise.
+    async fn reattach(&self, record: &Record, run_dir: &Path) -> Result<Sandbox, String> {
+        const DEAD: &str = "VM exited while the daemon was down";
+        let id = &record.info.id;
+        let detached = match DetachedRecord::read(run_dir) {
+            Ok(detached) => detached,
+            Err(_) => return Err(DEAD.into()),
+        };
+        if record.vmm.is_some_and(|vmm| vmm != detached.process) || !detached.process.is_alive() {
+            return Err(with_console(DEAD, &detached.console_log));
+        }
+        let Some(meta) = &record.image else {
+            return Err("the node lost this sandbox's image record; it cannot run commands".into());
+        };
+        let image = PulledImage {
+            reference: Reference::parse(&meta.reference).map_err(|e| e.to_string())?,
+            platform: self.config.pull.platform.clone(),
+            manifest_digest: record
+                .info
+                .image_digest
+                .as_deref()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| format!("image digest: {e}"))?,
+            rootfs: meta.rootfs.clone(),
+            config: meta.config.clone(),
+            cached: true,
+        };
+        match Sandbox::adopt(image, id, run_dir, REATTACH_DEADLINE).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(SandboxError::Vm(VmError::Gone { .. })) => {
+                Err(with_console(DEAD, &detached.console_log))
+            }
+            Err(e) => Err(format!("could not re-attach after a daemon restart: {e}")),
+        }
+    }
+
+    /// Kills and removes whatever lives in `$HOME/sandboxes/` outside `owned`.
+    async fn remove_unowned(&self, owned: &BTreeSet<String>) -> Result<(), NodeError> {
+        let dir = self.config.home.join("sandboxes");
+        let entries = std::fs::read_dir(&dir).map_err(|source| NodeError::Io {
+            what: format!("listing {}", dir.display()),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owned.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing what no sandbox owns");
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_and_remove(&path).await;
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fail(record: &mut Record, reason: String) {
+    tracing::warn!(sandbox = %record.info.id, "{reason}");
+    record.info.state = State::Failed;
+    record.info.reason = Some(reason);
+    record.info.finished_at = Some(now_ms());
+}
+
+fn with_console(reason: &str, console: &Path) -> String {
+    let text = std::fs::read(console).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return reason.to_owned();
+    }
+    let tail = lines[lines.len().saturating_sub(CONSOLE_LINES)..].join("\n");
+    format!("{reason}; last console lines:\n{tail}")
+}
+
+/// Kills the detached VMM a run directory names (only if pid and start time still match), then
+/// removes the directory.
+async fn kill_and_remove(run_dir: &Path) {
+    let dir = run_dir.to_owned();
+    let _ = tokio::task::spawn_blocking(move || {
+        if DetachedRecord::read(&dir).is_ok() {
+            match hearth_vm::adopt(&dir) {
+                Ok(mut vm) => {
+                    tracing::info!(pid = vm.pid(), run_dir = %dir.display(), "killing a VMM no sandbox owns");
+                    if let Err(e) = vm.kill() {
+                        tracing::warn!(run_dir = %dir.display(), "killing its VMM: {e}");
+                    }
+                }
+                Err(VmError::Gone { .. }) => {}
+                Err(e) => tracing::warn!(run_dir = %dir.display(), "inspecting its VMM: {e}"),
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(run_dir = %dir.display(), "removing: {e}")
+            }
+            _ => {}
+        }
+    })
+    .await;
+}
