@@ -4,6 +4,9 @@
 //!
 //! All tests share one `HEARTH_HOME` inside the build tree (`CARGO_TARGET_TMPDIR`), as concurrent
 //! hearth processes on one host do: images, initramfs and host probes are cached once.
+//!
+//! The same suite runs on Firecracker where it can: with `HEARTH_TEST_KVM=1` (a KVM that boots
+//! guests) and `HEARTH_FIRECRACKER_BIN` set, every test's `hearth` gets `HEARTH_VMM=firecracker`.
 
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
@@ -13,10 +16,28 @@ fn home() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hearth-run-home")
 }
 
+/// Why the suite runs on QEMU, or `None` when it runs on Firecracker.
+fn why_not_firecracker() -> Option<&'static str> {
+    if std::env::var("HEARTH_TEST_KVM").as_deref() != Ok("1") {
+        return Some(
+            "HEARTH_TEST_KVM=1 is unset: no KVM that boots guests, the suite runs on QEMU",
+        );
+    }
+    if std::env::var_os("HEARTH_FIRECRACKER_BIN").is_none_or(|v| v.is_empty()) {
+        return Some("HEARTH_FIRECRACKER_BIN is unset: the suite runs on QEMU");
+    }
+    None
+}
+
 fn hearth() -> Command {
     let registry = hearth_testkit::registry().expect("test registry");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
-    cmd.env("HEARTH_HOME", home())
+    let vmm = match why_not_firecracker() {
+        None => "firecracker",
+        Some(_) => "qemu",
+    };
+    cmd.env("HEARTH_VMM", vmm)
+        .env("HEARTH_HOME", home())
         .env("HEARTH_KERNEL", hearth_testkit::kernel_dir())
         .env("HEARTH_AGENT", hearth_testkit::agent_bin())
         .env("HEARTH_INSECURE_REGISTRIES", &registry.addr)
@@ -39,6 +60,28 @@ fn run(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_suite_runs_on_the_backend_it_names() {
+    let out = hearth()
+        .args(["-v", "run", &image("busybox"), "true"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn hearth");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("starting VM"))
+        .unwrap_or_else(|| panic!("no 'starting VM' log line: {stderr}"));
+    match why_not_firecracker() {
+        None => assert!(line.contains("firecracker"), "{line}"),
+        Some(reason) => {
+            assert!(line.contains("qemu"), "{line}");
+            hearth_testkit::skip(&format!("Firecracker run suite: {reason}"));
+        }
+    }
 }
 
 #[test]

@@ -56,9 +56,9 @@ pub struct RunArgs {
     /// Kill the command (and everything it started) after this long: 30s, 5m, 1h or seconds.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
-    #[arg(long, value_enum, default_value_t = VmmArg::Auto)]
+    #[arg(long, value_enum, env = "HEARTH_VMM", default_value_t = VmmArg::Auto)]
     pub vmm: VmmArg,
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    #[arg(long, value_enum, env = "HEARTH_ACCEL", default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
     /// Guest kernel: a kernel directory (vmlinuz, release, modules/) or a vmlinux/bzImage file.
     #[arg(long, env = "HEARTH_KERNEL")]
