@@ -24,6 +24,7 @@ pub mod accel;
 mod adopt;
 pub mod channel;
 pub mod firecracker;
+mod guard;
 pub mod initramfs;
 pub mod kernel;
 mod process;
@@ -64,6 +65,12 @@ pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Res
 /// Helpers for this crate's unit tests.
 #[cfg(test)]
 pub(crate) mod test_support {
+    /// Whether the tests run as root (new namespaces, changing uids).
+    pub fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
     /// The value following `flag` in an argument list, for each occurrence.
     pub fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)

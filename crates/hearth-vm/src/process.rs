@@ -31,31 +31,55 @@ pub(crate) struct SpawnRequest {
     pub detached: bool,
 }
 
-type Job = (SpawnRequest, mpsc::SyncSender<io::Result<Child>>);
+enum Job {
+    Plain(SpawnRequest, mpsc::SyncSender<io::Result<Child>>),
+    /// Under a guard process (`crate::guard`); answers the guard's pid.
+    Guarded(SpawnRequest, mpsc::SyncSender<io::Result<u32>>),
+}
 
 static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
 
 /// Spawns the VMM from the long-lived spawner thread, with PDEATHSIG and its own process group.
 pub(crate) fn spawn_vmm(request: SpawnRequest) -> io::Result<Child> {
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    submit(Job::Plain(request, reply_tx))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("VMM spawner thread is gone"))?
+}
+
+/// Spawns a VMM that changes its own credentials (the jailer) under a guard process that keeps the
+/// parent-death tie (see `crate::guard`). Returns the guard's pid: a child of this process, reaped
+/// with `waitpid`; killing it kills the VMM.
+pub(crate) fn spawn_guarded_vmm(request: SpawnRequest) -> io::Result<u32> {
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    submit(Job::Guarded(request, reply_tx))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("VMM spawner thread is gone"))?
+}
+
+fn submit(job: Job) -> io::Result<()> {
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("hearth-vmm-spawner".into())
             .spawn(move || {
-                for (request, reply) in rx {
-                    let _ = reply.send(spawn_here(request));
+                for job in rx {
+                    match job {
+                        Job::Plain(request, reply) => drop(reply.send(spawn_here(request))),
+                        Job::Guarded(request, reply) => {
+                            drop(reply.send(crate::guard::spawn_guarded(&request)))
+                        }
+                    }
                 }
             })
             .expect("spawning the VMM spawner thread");
         tx
     });
-    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
     spawner
-        .send((request, reply_tx))
-        .map_err(|_| io::Error::other("VMM spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("VMM spawner thread is gone"))?
+        .send(job)
+        .map_err(|_| io::Error::other("VMM spawner thread is gone"))
 }
 
 fn spawn_here(request: SpawnRequest) -> io::Result<Child> {

@@ -29,7 +29,10 @@ pub struct JailerConfig {
     pub chroot_base: Option<PathBuf>,
     /// `--netns`: a network namespace path such as `/var/run/netns/NAME`.
     pub netns: Option<PathBuf>,
-    /// `--new-pid-ns`: the jailer forks Firecracker into a new PID namespace and exits.
+    /// Firecracker in a new PID namespace. hearth's guard process (`crate::guard`) creates it and is
+    /// its PID 1, rather than the jailer's own `--new-pid-ns`: that jailer exits after forking, and
+    /// the Firecracker it leaves (its parent-death signal cleared by the uid change) would outlive
+    /// a `kill -9`ed hearth. Under the guard it dies with hearth.
     pub new_pid_ns: bool,
     /// `--resource-limit no-file=N`.
     pub max_open_files: u64,
@@ -89,9 +92,6 @@ impl JailerConfig {
         .collect();
         if let Some(netns) = &self.netns {
             args.extend(["--netns".into(), netns.to_string_lossy().into_owned()]);
-        }
-        if self.new_pid_ns {
-            args.push("--new-pid-ns".into());
         }
         args.push("--".into());
         args.extend(firecracker_args);
@@ -198,7 +198,8 @@ mod tests {
         );
         assert_eq!(values(&args, "--netns"), ["/var/run/netns/hearth"]);
         assert_eq!(values(&args, "--resource-limit"), ["no-file=2048"]);
-        assert!(args.contains(&"--new-pid-ns".to_string()));
+        // The PID namespace comes from hearth's guard, not the jailer (see `new_pid_ns`).
+        assert!(!args.contains(&"--new-pid-ns".to_string()));
         let separator = args.iter().position(|a| a == "--").unwrap();
         assert_eq!(args[separator + 1..], ["--api-sock", "/firecracker.sock"]);
     }

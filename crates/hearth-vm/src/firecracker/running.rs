@@ -2,7 +2,7 @@
 //! answer, configures the VM (API mode) and starts it, failing fast with Firecracker's log and the
 //! console tail if it exits first. However the VM ends, the process is reaped, its failure read from
 //! the logs, and the run directory (and a jailed VM's cgroup) removed exactly once (also on drop).
-//! Under `jailer --new-pid-ns` the VMM is adopted once the jailer exits (`vmm_process.rs`). A
+//! A jailed VMM runs under hearth's guard process (`crate::guard`), which hearth holds instead. A
 //! detached Firecracker can be taken over by another process ([`RunningFirecracker::adopt`]) and is
 //! then watched through a pidfd; a released handle leaves the VM running when dropped.
 
@@ -11,10 +11,10 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::config::RunState;
-use super::vmm_process::{become_subreaper, VmmProcess};
+use super::vmm_process::VmmProcess;
 use super::{failure, jailer, FirecrackerApi, FirecrackerVmm};
 use crate::adopt::{DetachedRecord, ForeignProcess, ProcessIdentity};
-use crate::process::{spawn_vmm, SpawnRequest};
+use crate::process::{spawn_guarded_vmm, spawn_vmm, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
 use crate::VmSpec;
@@ -92,14 +92,7 @@ impl RunningFirecracker {
         let stderr = std::fs::File::create(&stderr_path).map_err(io("creating", &stderr_path))?;
         let console =
             std::fs::File::create(&spec.console_log).map_err(io("creating", &spec.console_log))?;
-        let adopts = vmm.jailer.as_ref().is_some_and(|j| j.new_pid_ns);
-        if adopts {
-            become_subreaper().map_err(|e| {
-                VmError::Unsupported(format!(
-                    "cannot become a child subreaper for the jailed Firecracker: {e}"
-                ))
-            })?;
-        }
+        let guarded = vmm.jailer.as_ref().is_some_and(|j| j.new_pid_ns);
         let request = SpawnRequest {
             program: prepared.plan.program.clone(),
             args: prepared.plan.args.clone(),
@@ -107,13 +100,20 @@ impl RunningFirecracker {
             stdout: Some(console),
             detached: spec.detached,
         };
-        let child = spawn_vmm(request).map_err(|source| VmError::Spawn {
+        let spawn_error = |source| VmError::Spawn {
             program: prepared.plan.program.clone(),
             source,
-        })?;
+        };
+        let (pid, process) = if guarded {
+            let pid = spawn_guarded_vmm(request).map_err(spawn_error)?;
+            (pid, VmmProcess::Adopted(pid))
+        } else {
+            let child = spawn_vmm(request).map_err(spawn_error)?;
+            (child.id(), VmmProcess::Child(child))
+        };
         let mut vm = RunningFirecracker {
-            pid: child.id(),
-            process: Process::Started(VmmProcess::Child(child)),
+            pid,
+            process: Process::Started(process),
             run_dir: spec.run_dir.clone(),
             console_log: spec.console_log.clone(),
             log: layout.host_log(),
@@ -129,13 +129,6 @@ impl RunningFirecracker {
             exit: None,
             released: false,
         };
-        if adopts {
-            let pid_file = layout
-                .chroot_root()
-                .expect("jailed layouts have a chroot")
-                .join(format!("{}.pid", vmm.exec_file_name()));
-            vm.take_over_from_jailer(&pid_file)?;
-        }
         rundir::write_pid(&vm.run_dir, vm.pid)?;
         if spec.detached {
             // Written before anything else can fail, so that whoever finds this run directory
@@ -168,28 +161,6 @@ impl RunningFirecracker {
         }
         tracing::debug!(pid = vm.pid, run_dir = %vm.run_dir.display(), "firecracker started");
         Ok(vm)
-    }
-
-    /// Waits for the jailer to exit after forking Firecracker and takes over Firecracker's pid.
-    fn take_over_from_jailer(&mut self, pid_file: &Path) -> Result<(), VmError> {
-        let status = self.wait_process(Some(START_TIMEOUT))?;
-        match status {
-            Some(status) if status.success() => {}
-            Some(status) => return Err(self.early_exit(status)),
-            None => {
-                return Err(VmError::Unsupported(format!(
-                    "the jailer did not exit within {START_TIMEOUT:?} after starting Firecracker \
-                     in a new PID namespace\n--- stderr:\n{}",
-                    self.log_tails()
-                )))
-            }
-        }
-        let text = std::fs::read_to_string(pid_file).map_err(io("reading", pid_file))?;
-        self.pid = text.trim().parse().map_err(|_| {
-            VmError::Unsupported(format!("{}: not a pid: {text:?}", pid_file.display()))
-        })?;
-        self.process = Process::Started(VmmProcess::Adopted(self.pid));
-        Ok(())
     }
 
     /// Takes over the detached Firecracker `record` describes (see [`crate::adopt()`]).

@@ -1,7 +1,6 @@
-//! The Firecracker process as hearth holds it: a child it spawned, or, under `jailer --new-pid-ns`,
-//! the Firecracker the jailer forked before exiting. For the latter hearth marks itself a child
-//! subreaper, so the orphan is re-parented to hearth, which can then reap it and read its real exit
-//! status. Touches only the given pid.
+//! The Firecracker process as hearth holds it: a child it spawned with `std::process`, or a pid it
+//! waits for with `waitpid` (the guard process a jailed Firecracker runs under, `crate::guard`,
+//! which exits with Firecracker's status). Touches only the given pid.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -14,7 +13,8 @@ const POLL: Duration = Duration::from_millis(5);
 
 pub(super) enum VmmProcess {
     Child(Child),
-    /// A re-parented grandchild (reaped with `waitpid`, signalled with `kill`).
+    /// A child started without `std::process` (the guard; reaped with `waitpid`, signalled with
+    /// `kill`).
     Adopted(u32),
 }
 
@@ -53,14 +53,4 @@ impl VmmProcess {
             VmmProcess::Adopted(pid) => drop(unsafe { libc::kill(*pid as i32, libc::SIGKILL) }),
         }
     }
-}
-
-/// Makes orphaned descendants (the Firecracker a `--new-pid-ns` jailer forks) re-parent to hearth.
-/// Process-wide and idempotent; hearth reaps every child it starts, so nothing else changes.
-pub(super) fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments; affects only this process's re-parenting.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
