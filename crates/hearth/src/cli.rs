@@ -57,6 +57,12 @@ pub enum Command {
     /// Image subcommands (inspect).
     #[command(subcommand)]
     Image(crate::cmd::images::ImageCommand),
+    /// Run the node daemon: long-lived sandboxes behind an HTTP API.
+    Serve(Box<crate::cmd::serve::ServeArgs>),
+    /// Client of a `hearth serve` daemon: create, ls, exec, cp, rm.
+    Sandbox(crate::cmd::sandbox::SandboxArgs),
+    /// Kubernetes controller: places Sandbox resources on hearth nodes (leader-elected).
+    Operator(Box<crate::cmd::operator::OperatorArgs>),
 }
 
 /// Logs go to stderr so that a command's stdout stays the workload's own.

@@ -1,7 +1,10 @@
 //! One module per subcommand group; `dispatch` is the single `match` from parsed command to action.
 
 pub mod images;
+pub mod operator;
 pub mod run;
+pub mod sandbox;
+pub mod serve;
 pub mod setup;
 
 use std::process::ExitCode;
@@ -10,8 +13,11 @@ use crate::cli::{Cli, Command};
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
-    // Every command first removes what a killed hearth left behind (its VMM died with it).
-    hearth_sandbox::sweep_stale(&global.home);
+    // The client touches no local state; every other command first removes what a killed hearth
+    // left behind (its VMM died with it).
+    if !matches!(cli.command, Command::Sandbox(_)) {
+        hearth_sandbox::sweep_stale(&global.home);
+    }
     match cli.command {
         Command::Run(args) => run::run(&global, *args),
         Command::Setup(args) => setup::setup(&global, args),
@@ -19,5 +25,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Images(args) => images::list(&global, args),
         Command::Rmi(args) => images::remove(&global, args),
         Command::Image(cmd) => images::image(&global, cmd),
+        Command::Serve(args) => serve::serve(&global, *args),
+        Command::Sandbox(args) => sandbox::sandbox(args),
+        Command::Operator(args) => operator::operator(&global, *args),
     }
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Placement throughput of `hearth operator` against a real kube-apiserver (issue 7's target: 1,000 Pending
+# Sandboxes on 50 registered nodes, all Scheduled in under 10 s, no node over capacity).
+# Nodes only register (HearthNode + heartbeat Lease) and run no VMs; the operator is the real one, run
+# in-process by crates/hearth-k8s/examples/place_bench.rs. Uses $HEARTH_TEST_KUBECONFIG when set,
+# otherwise starts a private etcd + kube-apiserver with scripts/kube-env.sh (stopped on exit).
+#
+#   bench/k8s-schedule.sh [SANDBOXES=1000] [NODES=50]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sandboxes=${1:-1000}
+nodes=${2:-50}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+
+kubeconfig=${HEARTH_TEST_KUBECONFIG:-}
+if [ -z "$kubeconfig" ]; then
+    state=$(mktemp -d /dev/shm/hearth-bench-kube.XXXXXX)
+    trap 'scripts/kube-env.sh stop "$state" >/dev/null 2>&1 || true' EXIT
+    kubeconfig=$(scripts/kube-env.sh start "$state")
+fi
+
+cargo build --release -q -p hearth-k8s --example place_bench
+"$CARGO_TARGET_DIR/release/examples/place_bench" "$kubeconfig" "$sandboxes" "$nodes"

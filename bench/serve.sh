@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# hearth serve under a burst of creates, against sequential `hearth run` boots, in the same run.
+#
+#   serve:  a daemon (temp HEARTH_HOME, test registry, busybox, --max-boots 2) gets N (default 20)
+#           concurrent `POST /v1/sandboxes` (each waits until its sandbox runs). Meanwhile /healthz is
+#           sampled every ~10 ms on fresh connections; reported: healthz p50/p99/max (target p99 < 50 ms)
+#           and the time from the first create until all N sandboxes run.
+#   run:    N sequential `hearth run <busybox> true` (image cached), total wall time.
+# Prints both and the ratio serve-all-ready / run-total. Everything is deleted and stopped at the end.
+#
+# Usage: bench/serve.sh [N]   (default 20; root; provisions like scripts/test.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+count=${1:-20}
+
+scripts/provision.sh > /dev/null
+cargo build --quiet --release -p hearth
+export HEARTH_AGENT
+HEARTH_AGENT=$(scripts/build-agent.sh)
+target=${CARGO_TARGET_DIR:-$PWD/target}
+hearth=$target/release/hearth
+
+work=$(mktemp -d /tmp/hearth-bench-serve.XXXXXX)
+daemon_pid=""
+cleanup() {
+    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
+        kill -TERM "$daemon_pid"; wait "$daemon_pid" || true
+    fi
+    # VMs of the daemon are detached: kill any left over (their command lines name this work dir).
+    for pid in $(pgrep -f -- "$work/home" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+    [ -n "${HEARTH_TEST_REGISTRY_OWNED:-}" ] && scripts/test-registry.sh stop "$work/registry"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+if [ -z "${HEARTH_TEST_REGISTRY:-}" ]; then
+    HEARTH_TEST_REGISTRY=$(scripts/test-registry.sh start "$work/registry")
+    HEARTH_TEST_REGISTRY_OWNED=1
+fi
+export HEARTH_HOME=$work/home HEARTH_KERNEL=/var/cache/hearth-test/kernel
+export HEARTH_INSECURE_REGISTRIES=$HEARTH_TEST_REGISTRY
+image=$HEARTH_TEST_REGISTRY/hearth-test/busybox
+token=bench-token-$RANDOM$RANDOM
+printf '[[tenants]]\nname = "bench"\ntoken = "%s"\n' "$token" > "$work/tokens.toml"
+
+# Warm-up: pull the image, build the initramfs, measure the TSC once (all cached in the home).
+"$hearth" run --accel tcg --memory 256m "$image" true
+
+"$hearth" serve --listen 127.0.0.1:0 --tokens "$work/tokens.toml" --accel tcg --memory 256m \
+    --max-boots 2 --capacity-cpus "$count" --capacity-memory "$((count * 256))m" \
+    > "$work/daemon.out" 2> "$work/daemon.log" &
+daemon_pid=$!
+for _ in $(seq 100); do grep -q '^listening on ' "$work/daemon.out" && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' "$work/daemon.out")
+[ -n "$addr" ] || { echo "hearth serve did not start:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+
+python3 - "$addr" "$token" "$image" "$count" > "$work/serve.txt" <<'PY'
+import concurrent.futures, json, statistics, sys, threading, time, urllib.request
+addr, token, image, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+base = f"http://{addr}"
+def call(method, path, body=None):
+    req = urllib.request.Request(base + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return r.status, r.read()
+done = threading.Event()
+samples = []
+def sample():
+    while not done.is_set():
+        t = time.perf_counter()
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
+            r.read()
+        samples.append(time.perf_counter() - t)
+        time.sleep(0.01)
+sampler = threading.Thread(target=sample); sampler.start()
+start = time.perf_counter()
+def create(_):
+    status, body = call("POST", "/v1/sandboxes", {"image": image})
+    record = json.loads(body)
+    return status, record["id"], record["state"], time.perf_counter() - start
+with concurrent.futures.ThreadPoolExecutor(count) as pool:
+    results = list(pool.map(create, range(count)))
+all_ready = time.perf_counter() - start
+done.set(); sampler.join()
+states = [r[2] for r in results]
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    list(pool.map(lambda r: call("DELETE", f"/v1/sandboxes/{r[1]}"), results))
+ms = sorted(s * 1000 for s in samples)
+p = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]
+print(f"serve_all_ready {all_ready:.3f}")
+print(f"running {states.count('running')} of {count}")
+print(f"healthz samples {len(ms)} p50 {p(0.50):.2f} ms p99 {p(0.99):.2f} ms max {ms[-1]:.2f} ms")
+print("ready_at " + " ".join(f"{r[3]:.1f}" for r in sorted(results, key=lambda r: r[3])))
+PY
+kill -TERM "$daemon_pid"; wait "$daemon_pid"; daemon_pid=""
+cat "$work/serve.txt"
+
+start=$(date +%s.%N)
+for _ in $(seq "$count"); do "$hearth" run --accel tcg --memory 256m "$image" true; done
+end=$(date +%s.%N)
+python3 - "$work/serve.txt" "$start" "$end" "$count" <<'PY'
+import sys
+lines = dict(l.split(" ", 1) for l in open(sys.argv[1]).read().splitlines())
+serve = float(lines["serve_all_ready"])
+run = float(sys.argv[3]) - float(sys.argv[2])
+n = int(sys.argv[4])
+print(f"serve: {n} concurrent creates (max 2 boots at once) all running after {serve:.3f} s")
+print(f"serve: healthz during the boots: {lines['healthz']} (target p99 < 50 ms)")
+print(f"run:   {n} sequential `hearth run busybox true` took {run:.3f} s ({run / n:.3f} s each)")
+print(f"ratio serve-all-ready / sequential-runs = {serve / run:.3f}")
+PY

@@ -1,0 +1,264 @@
+//! The node agent: registers this node, heartbeats its Lease, reports what it runs, and reconciles
+//! every Sandbox bound to it (`status.nodeName == me`; CR field selectors do not exist in 1.20, so it
+//! watches all Sandboxes and filters). Each Scheduled Sandbox gets one task ([`super::run`]); deletion
+//! stops the VM and drops the finalizer. Every write is guarded by the resourceVersion of the object it
+//! was computed from, so replayed or stale watch events can never start a sandbox twice.
+//!
+//! After a restart the agent cannot re-attach to a command that was running (its output and exit
+//! status went with the old process): a Sandbox still Running on this node becomes Failed
+//! (`NodeAgentRestarted`) and any VM the local Node store still has for it is stopped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{Future, StreamExt};
+use hearth_sandbox::node::{Node, Quota, Tenant};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+
+use super::registration::{heartbeat_forever, register, report, Registration};
+use crate::controller::{remove_finalizer, AbortOnDrop};
+use crate::crd::{reason, Phase, Sandbox, UID_LABEL};
+use crate::error::{is_conflict, is_not_found, K8sError};
+use crate::status::{self, Outcome};
+
+/// Settings of the node agent.
+#[derive(Clone, Debug)]
+pub struct NodeAgentConfig {
+    pub registration: Registration,
+    /// The Node tenant Kubernetes sandboxes are created under.
+    pub tenant: String,
+    /// Bytes of output kept in `status.outputTail`.
+    pub tail_bytes: usize,
+    /// Longest wait for a VM to boot (image pull included).
+    pub boot_timeout: Duration,
+    /// Only Sandboxes in this namespace (None: all namespaces).
+    pub sandbox_namespace: Option<String>,
+}
+
+impl NodeAgentConfig {
+    pub fn new(registration: Registration) -> Self {
+        Self {
+            registration,
+            tenant: "kubernetes".into(),
+            tail_bytes: 4096,
+            boot_timeout: Duration::from_secs(600),
+            sandbox_namespace: None,
+        }
+    }
+}
+
+pub struct NodeAgent {
+    pub(super) client: Client,
+    pub(super) node: Arc<Node>,
+    pub(super) config: NodeAgentConfig,
+    pub(super) tenant: Tenant,
+    /// Sandbox uid -> its run task.
+    running: Mutex<HashMap<String, AbortOnDrop<()>>>,
+    /// Uids the local Node store still had a VM for when the agent started.
+    known_at_start: Mutex<HashSet<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NodeAgent {
+    pub fn new(client: Client, node: Arc<Node>, config: NodeAgentConfig) -> Arc<Self> {
+        let tenant = Tenant {
+            name: config.tenant.clone(),
+            // The node's own capacity is the only limit: the operator already placed within it.
+            quota: Quota {
+                max_sandboxes: u32::MAX,
+                vcpus: u32::MAX,
+                memory_mib: u64::MAX,
+            },
+        };
+        Arc::new(Self {
+            client,
+            node,
+            config,
+            tenant,
+            running: Mutex::new(HashMap::new()),
+            known_at_start: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.config.registration.node_name
+    }
+
+    fn sandbox_api(&self) -> Api<Sandbox> {
+        match &self.config.sandbox_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    pub(super) fn api_for(&self, s: &Sandbox) -> Api<Sandbox> {
+        Api::namespaced(self.client.clone(), &s.namespace().unwrap_or_default())
+    }
+
+    /// Runs until `shutdown` resolves. Running commands are abandoned on shutdown (their VMs are left
+    /// to the Node, and the next start fails their Sandboxes as described in the module doc).
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), K8sError> {
+        let reg = self.config.registration.clone();
+        register(&self.client, &reg).await?;
+        self.stop_leftovers().await;
+        let _beat = AbortOnDrop(tokio::spawn(heartbeat_forever(self.client.clone(), reg)));
+        let _report = AbortOnDrop(tokio::spawn(self.clone().report_loop()));
+        tracing::info!(
+            node = self.node_name(),
+            "node agent registered; watching Sandboxes"
+        );
+        let events = watcher(self.sandbox_api(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        let mut events = std::pin::pin!(events);
+        let agent = self.clone();
+        let watch = async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(s) => agent.reconcile(s).await,
+                    Err(e) => tracing::warn!("watching Sandboxes: {e}"),
+                }
+            }
+        };
+        tokio::select! {
+            () = watch => {}
+            () = shutdown => {}
+        }
+        lock(&self.running).clear();
+        Ok(())
+    }
+
+    /// At start nothing of ours legitimately runs: every VM the Node still holds for a Sandbox belongs
+    /// to a command whose result is lost. Stop them all; remember which for the Failed message.
+    async fn stop_leftovers(&self) {
+        for info in self.node.list(&self.tenant.name) {
+            if let Some(uid) = info.labels.get(UID_LABEL) {
+                lock(&self.known_at_start).insert(uid.clone());
+            }
+            if let Err(e) = self.node.delete(&self.tenant.name, &info.id).await {
+                tracing::warn!(id = %info.id, "stopping a leftover sandbox: {e}");
+            }
+        }
+    }
+
+    /// Brings one Sandbox event to the desired state. Idempotent.
+    async fn reconcile(self: &Arc<Self>, s: Sandbox) {
+        if s.node_name() != Some(self.node_name()) {
+            return;
+        }
+        let Some(uid) = s.metadata.uid.clone() else {
+            return;
+        };
+        let busy = lock(&self.running).contains_key(&uid);
+        if s.metadata.deletion_timestamp.is_some() {
+            // Dropping the task aborts it; then its VM is found by label and stopped.
+            let task = lock(&self.running).remove(&uid);
+            if let Some(mut task) = task {
+                task.0.abort();
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut task.0).await;
+            }
+            self.stop_local(&uid).await;
+            self.drop_finalizer(&s).await;
+            return;
+        }
+        match s.phase() {
+            Phase::Scheduled if !busy => {
+                let agent = self.clone();
+                let key = uid.clone();
+                // Spawned under the lock so the task cannot remove its entry before it is inserted.
+                let mut running = lock(&self.running);
+                let task = tokio::spawn(async move {
+                    agent.run_sandbox(s).await;
+                    lock(&agent.running).remove(&key);
+                });
+                running.insert(uid, AbortOnDrop(task));
+            }
+            Phase::Running if !busy => {
+                self.fail_restarted(&s).await;
+                self.stop_local(&uid).await;
+                self.drop_finalizer(&s).await;
+            }
+            Phase::Succeeded | Phase::Failed if !busy => {
+                self.stop_local(&uid).await;
+                self.drop_finalizer(&s).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn fail_restarted(&self, s: &Sandbox) {
+        let uid = s.metadata.uid.clone().unwrap_or_default();
+        let message = if lock(&self.known_at_start).contains(&uid) {
+            "the node agent restarted while the command ran; its VM was stopped and it is not run again"
+        } else {
+            "the node agent restarted while the command ran; it is not run again"
+        };
+        let mut next = s.clone();
+        next.status = Some(status::finished(
+            &s.status.clone().unwrap_or_default(),
+            &Outcome::Failed {
+                reason: reason::AGENT_RESTARTED,
+            },
+            Some(message.into()),
+            None,
+            &Time(Timestamp::now()),
+        ));
+        match self
+            .api_for(s)
+            .replace_status(&s.name_any(), &PostParams::default(), &next)
+            .await
+        {
+            Ok(_) => tracing::warn!(sandbox = %s.name_any(), "{message}"),
+            Err(e) if is_conflict(&e) || is_not_found(&e) => {}
+            Err(e) => tracing::warn!(sandbox = %s.name_any(), "marking Failed after restart: {e}"),
+        }
+    }
+
+    /// Stops and forgets every local sandbox labelled with `uid`.
+    pub(super) async fn stop_local(&self, uid: &str) {
+        for info in self.node.list(&self.tenant.name) {
+            if info.labels.get(UID_LABEL).map(String::as_str) == Some(uid) {
+                if let Err(e) = self.node.delete(&self.tenant.name, &info.id).await {
+                    tracing::warn!(id = %info.id, "stopping the VM of Sandbox {uid}: {e}");
+                }
+            }
+        }
+    }
+
+    pub(super) async fn drop_finalizer(&self, s: &Sandbox) {
+        match remove_finalizer(&self.api_for(s), s).await {
+            Ok(()) => {}
+            Err(e) if is_conflict(&e) || is_not_found(&e) => {} // a newer event retries
+            Err(e) => tracing::warn!(sandbox = %s.name_any(), "removing finalizer: {e}"),
+        }
+    }
+
+    /// Publishes the node's allocation when it changes (checked every few seconds).
+    async fn report_loop(self: Arc<Self>) {
+        let mut last = None;
+        loop {
+            let m = self.node.metrics();
+            let now = (
+                m.sandboxes.creating + m.sandboxes.running,
+                m.allocated_vcpus,
+                m.allocated_memory_mib,
+            );
+            if last != Some(now) {
+                let r = report(&self.client, self.node_name(), now.0 as u32, now.1, now.2).await;
+                match r {
+                    Ok(()) => last = Some(now),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! One Sandbox's run on this node: finalizer on, status Running (before anything boots, so a restart
+//! never starts it again), boot through `Node`, the command with its timeout, the output tail, the VM
+//! stopped, the final status, the finalizer off. Each step that writes uses the resourceVersion it read.
+
+use std::time::Duration;
+
+use hearth_sandbox::node::{CreateSpec, ExecSpec, NodeError, State};
+use hearth_vm::channel::ExecOutput;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+
+use super::agent::NodeAgent;
+use super::tail::OutputTail;
+use crate::crd::{reason, Phase, Sandbox, FINALIZER, UID_LABEL};
+use crate::error::{is_conflict, is_not_found, Context, K8sError};
+use crate::status::{self, Outcome};
+
+/// How long a node-side capacity refusal is retried before the sandbox fails.
+const CAPACITY_WAIT: Duration = Duration::from_secs(60);
+
+/// How a run ended, ready for the status.
+struct Ended {
+    outcome: Outcome,
+    message: Option<String>,
+    tail: Option<String>,
+}
+
+fn start_failed(message: String) -> Ended {
+    Ended {
+        outcome: Outcome::Failed {
+            reason: reason::START_FAILED,
+        },
+        message: Some(message),
+        tail: None,
+    }
+}
+
+impl NodeAgent {
+    pub(super) async fn run_sandbox(&self, s: Sandbox) {
+        let name = format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any());
+        match self.run_steps(s).await {
+            Ok(true) => tracing::info!(sandbox = %name, "finished"),
+            Ok(false) => {
+                tracing::debug!(sandbox = %name, "changed meanwhile; a newer event decides")
+            }
+            Err(e) => tracing::warn!(sandbox = %name, "{e}"),
+        }
+    }
+
+    /// `Ok(false)`: the object changed under us before it started (nothing ran).
+    async fn run_steps(&self, s: Sandbox) -> Result<bool, K8sError> {
+        let api = self.api_for(&s);
+        let name = s.name_any();
+        let uid = s.metadata.uid.clone().unwrap_or_default();
+
+        // 1. The finalizer, so a deletion waits until the VM is stopped.
+        let s = if s.finalizers().iter().any(|f| f == FINALIZER) {
+            s
+        } else {
+            let mut finalizers = s.finalizers().to_vec();
+            finalizers.push(FINALIZER.into());
+            let patch = serde_json::json!({
+                "metadata": { "finalizers": finalizers, "resourceVersion": s.resource_version() }
+            });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(s) => s,
+                Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(false),
+                Err(e) => return Err(e).ctx(|| format!("adding the finalizer to Sandbox {name}")),
+            }
+        };
+        if s.phase() != Phase::Scheduled || s.metadata.deletion_timestamp.is_some() {
+            return Ok(false);
+        }
+
+        // 2. Running, before anything boots: the record that it may have run.
+        let mut next = s.clone();
+        next.status = Some(status::running(
+            &s.status.clone().unwrap_or_default(),
+            &now(),
+        ));
+        match api
+            .replace_status(&name, &PostParams::default(), &next)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(e).ctx(|| format!("marking Sandbox {name} Running")),
+        }
+
+        // 3. Boot, run, collect.
+        let ended = self.execute(&s, &uid).await;
+
+        // 4. The VM stopped first, so that when the operator sees the result and counts the capacity
+        //    free again, the node's own admission agrees; then the result and the finalizer.
+        self.stop_local(&uid).await;
+        self.write_final(&api, &name, &ended).await?;
+        if let Some(latest) = api
+            .get_opt(&name)
+            .await
+            .ctx(|| format!("reading Sandbox {name}"))?
+        {
+            self.drop_finalizer(&latest).await;
+        }
+        Ok(true)
+    }
+
+    async fn execute(&self, s: &Sandbox, uid: &str) -> Ended {
+        let tenant = &self.tenant.name;
+        let demand = match s.spec.demand() {
+            Ok(d) => d,
+            Err(e) => return start_failed(e.to_string()),
+        };
+        let timeout = s.spec.timeout_seconds.map(Duration::from_secs);
+        let env: Vec<(String, String)> = s
+            .spec
+            .env
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        let spec = CreateSpec {
+            image: s.spec.image.clone(),
+            vcpus: Some(demand.vcpus),
+            memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
+            // A hard stop in case this agent dies: the VM never outlives boot + command + margin.
+            ttl: timeout.map(|t| t + self.config.boot_timeout + Duration::from_secs(60)),
+            env: env.clone(),
+            workdir: s.spec.working_dir.clone(),
+            labels: [
+                (UID_LABEL.to_string(), uid.to_string()),
+                (
+                    "hearth.dev/sandbox".to_string(),
+                    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                ),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        // The operator's ledger and the node's admission can briefly disagree (a VM still stopping,
+        // sandboxes created through the HTTP API): a capacity refusal is retried for a while.
+        let deadline = tokio::time::Instant::now() + CAPACITY_WAIT;
+        let info = loop {
+            match self.node.create(&self.tenant, spec.clone()).await {
+                Ok(i) => break i,
+                Err(NodeError::Capacity { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return start_failed(format!("the node refused the sandbox: {e}")),
+            }
+        };
+        let info = match self
+            .node
+            .wait_ready(tenant, &info.id, self.config.boot_timeout)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => return start_failed(format!("booting: {e}")),
+        };
+        if info.state != State::Running {
+            let why = info
+                .reason
+                .unwrap_or_else(|| format!("state {}", info.state));
+            return start_failed(format!("the microVM did not start: {why}"));
+        }
+        let req = ExecSpec {
+            argv: s.spec.argv(),
+            env,
+            workdir: s.spec.working_dir.clone(),
+            timeout,
+            ..Default::default()
+        };
+        let mut exec = match self.node.exec(tenant, &info.id, req).await {
+            Ok(x) => x,
+            Err(e) => return start_failed(format!("starting the command: {e}")),
+        };
+        let mut tail = OutputTail::new(self.config.tail_bytes);
+        loop {
+            match exec.next_output().await {
+                Ok(Some(ExecOutput::Stdout(b) | ExecOutput::Stderr(b))) => tail.push(&b),
+                Ok(None) => break,
+                Err(e) => {
+                    return Ended {
+                        outcome: Outcome::Failed {
+                            reason: reason::START_FAILED,
+                        },
+                        message: Some(format!("lost the command's output: {e}")),
+                        tail: Some(tail.text()),
+                    }
+                }
+            }
+        }
+        let tail_text = Some(tail.text());
+        match exec.wait().await {
+            Ok(st) => {
+                let code = st.code.or(st.signal.map(|sig| 128 + sig));
+                let outcome = if st.timed_out {
+                    Outcome::TimedOut(code)
+                } else {
+                    Outcome::Exited(code.unwrap_or(-1))
+                };
+                let message = match (&outcome, st.signal) {
+                    (Outcome::TimedOut(_), _) => Some(format!(
+                        "killed after timeoutSeconds={}",
+                        s.spec.timeout_seconds.unwrap_or_default()
+                    )),
+                    (_, Some(sig)) => Some(format!("killed by signal {sig}")),
+                    _ => None,
+                };
+                Ended {
+                    outcome,
+                    message,
+                    tail: tail_text,
+                }
+            }
+            Err(e) => Ended {
+                outcome: Outcome::Failed {
+                    reason: reason::START_FAILED,
+                },
+                message: Some(format!("waiting for the command: {e}")),
+                tail: tail_text,
+            },
+        }
+    }
+
+    /// Writes the final status on a fresh read (a few tries on conflicts: only this agent writes a
+    /// Running Sandbox bound to it, but users may touch labels or annotations meanwhile).
+    async fn write_final(
+        &self,
+        api: &Api<Sandbox>,
+        name: &str,
+        ended: &Ended,
+    ) -> Result<(), K8sError> {
+        for _ in 0..5 {
+            let Some(latest) = api
+                .get_opt(name)
+                .await
+                .ctx(|| format!("reading Sandbox {name}"))?
+            else {
+                return Ok(());
+            };
+            if latest.phase() != Phase::Running || latest.node_name() != Some(self.node_name()) {
+                return Ok(()); // e.g. the operator declared this node lost meanwhile
+            }
+            let mut next = latest.clone();
+            next.status = Some(status::finished(
+                &latest.status.clone().unwrap_or_default(),
+                &ended.outcome,
+                ended.message.clone(),
+                ended.tail.clone(),
+                &now(),
+            ));
+            match api
+                .replace_status(name, &PostParams::default(), &next)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => return Err(e).ctx(|| format!("writing the result of Sandbox {name}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}

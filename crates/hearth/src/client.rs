@@ -1,0 +1,189 @@
+//! A small client of `hearth serve`'s HTTP API, for `hearth sandbox ...`: one method per route,
+//! the wire types of `crate::serve::api`, and error answers turned into messages that carry the
+//! daemon's own explanation. Touches only the network.
+
+use anyhow::{bail, Context};
+use futures::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+
+use crate::serve::api::{
+    CreateSandbox, ErrorBody, ExecBody, ExecEvent, FileWritten, Sandbox, SandboxList,
+};
+
+pub struct Client {
+    http: reqwest::Client,
+    /// `http://host:port`, no trailing slash.
+    base: String,
+    token: String,
+}
+
+impl Client {
+    /// `host` is `http://HOST:PORT` or just `HOST:PORT`.
+    pub fn new(host: &str, token: &str) -> anyhow::Result<Client> {
+        let host = host.trim_end_matches('/');
+        let base = match host.contains("://") {
+            true => host.to_string(),
+            false => format!("http://{host}"),
+        };
+        if token.is_empty() {
+            bail!("no token: pass --token or set HEARTH_TOKEN to a token from the daemon's tokens file");
+        }
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base,
+            token: token.to_string(),
+        })
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    async fn send(&self, request: RequestBuilder, what: &str) -> anyhow::Result<Response> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("{what}: cannot reach the daemon at {}", self.base))?;
+        check(response, what).await
+    }
+
+    pub async fn create(&self, body: &CreateSandbox) -> anyhow::Result<(StatusCode, Sandbox)> {
+        let what = format!("creating a sandbox of {}", body.image);
+        let response = self
+            .send(
+                self.request(Method::POST, "/v1/sandboxes").json(body),
+                &what,
+            )
+            .await?;
+        let status = response.status();
+        Ok((
+            status,
+            response.json().await.context("reading the new sandbox")?,
+        ))
+    }
+
+    pub async fn list(&self) -> anyhow::Result<Vec<Sandbox>> {
+        let response = self
+            .send(
+                self.request(Method::GET, "/v1/sandboxes"),
+                "listing sandboxes",
+            )
+            .await?;
+        let list: SandboxList = response.json().await.context("reading the sandbox list")?;
+        Ok(list.sandboxes)
+    }
+
+    pub async fn delete(&self, id: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/sandboxes/{id}");
+        self.send(
+            self.request(Method::DELETE, &path),
+            &format!("removing sandbox {id}"),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a command; yields its events as the daemon streams them.
+    pub async fn exec(
+        &self,
+        id: &str,
+        body: &ExecBody,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<ExecEvent>>> {
+        let path = format!("/v1/sandboxes/{id}/exec");
+        let what = format!("running {:?} in sandbox {id}", body.argv);
+        let response = self
+            .send(self.request(Method::POST, &path).json(body), &what)
+            .await?;
+        Ok(ndjson(Box::pin(response.bytes_stream())))
+    }
+
+    pub async fn put_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        body: reqwest::Body,
+    ) -> anyhow::Result<FileWritten> {
+        let request = self
+            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
+            .query(&[("path", path), ("mode", &format!("{mode:o}"))])
+            .body(body);
+        let response = self
+            .send(request, &format!("copying to {id}:{path}"))
+            .await?;
+        Ok(response.json().await?)
+    }
+
+    /// A file's bytes (stream the response) or, for a directory, its JSON listing.
+    pub async fn get_file(&self, id: &str, path: &str) -> anyhow::Result<Response> {
+        let request = self
+            .request(Method::GET, &format!("/v1/sandboxes/{id}/files"))
+            .query(&[("path", path)]);
+        self.send(request, &format!("copying from {id}:{path}"))
+            .await
+    }
+
+    /// The WebSocket URL of a sandbox's interactive exec.
+    pub fn exec_ws_url(&self, id: &str) -> String {
+        let base = self
+            .base
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        format!("{base}/v1/sandboxes/{id}/exec/ws")
+    }
+}
+
+/// An error answer as a message: the daemon's explanation and the status.
+async fn check(response: Response, what: &str) -> anyhow::Result<Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => bail!("{what}: {} ({status}, {})", body.error, body.code),
+        Err(_) => bail!("{what}: the daemon answered {status}: {text}"),
+    }
+}
+
+/// Splits a byte stream into NDJSON events.
+fn ndjson<S, E>(bytes: S) -> impl Stream<Item = anyhow::Result<ExecEvent>>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    futures::stream::unfold(
+        (bytes, Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    let event = serde_json::from_slice::<ExecEvent>(&line)
+                        .context("the daemon sent a line that is not an exec event");
+                    return Some((event, (bytes, buf, false)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let err = anyhow::Error::new(e).context("the exec stream broke");
+                        return Some((Err(err), (bytes, buf, true)));
+                    }
+                    None if buf.is_empty() => return None,
+                    None => {
+                        let err = anyhow::anyhow!("the exec stream ended mid-line");
+                        return Some((Err(err), (bytes, Vec::new(), true)));
+                    }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,395 @@
+//! `hearth sandbox create|ls|exec|cp|rm`: the CLI client of a `hearth serve` daemon
+//! (`--host`/`HEARTH_HOST`, `--token`/`HEARTH_TOKEN`). `exec` streams the command's output to our
+//! stdout and stderr and exits with its exit code (128+N for signal N, 124 on timeout, 125 for
+//! hearth's own errors); with `-i` it runs over the WebSocket and forwards our stdin. `cp` copies
+//! one file either way: `cp ./f ID:/path` or `cp ID:/path ./f`. Writes only the files `cp` names.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::Client;
+use crate::cmd::run::parse_duration;
+use crate::serve::api::{CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, WsControl};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The daemon: http://HOST:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_HOST",
+        default_value = "http://127.0.0.1:8420"
+    )]
+    pub host: String,
+    /// Bearer token from the daemon's tokens file.
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub token: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: SandboxCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Create a sandbox and print its id once it runs.
+    Create(CreateArgs),
+    /// List your sandboxes.
+    Ls(LsArgs),
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Copy a file into (`cp ./f ID:/path`) or out of (`cp ID:/path ./f`) a sandbox.
+    Cp(CpArgs),
+    /// Stop and remove sandboxes.
+    Rm(RmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub image: String,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    #[arg(short, long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Lifetime: 30s, 5m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Stop after this long without use.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Environment for every exec (KEY=VALUE). Repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(short, long = "workdir")]
+    pub workdir: Option<String>,
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// KEY=VALUE. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Print the id at once instead of waiting for the sandbox to run.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Print the daemon's JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(trailing_var_arg = true)]
+pub struct ExecArgs {
+    /// Forward stdin to the command (over a WebSocket).
+    #[arg(short, long)]
+    pub interactive: bool,
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(short, long = "workdir")]
+    pub workdir: Option<String>,
+    #[arg(short, long)]
+    pub user: Option<String>,
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    pub id: String,
+    #[arg(required = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CpArgs {
+    pub source: String,
+    pub destination: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let client = Client::new(&a.client.host, &a.client.token)?;
+        match a.command {
+            SandboxCommand::Create(args) => create(&client, args).await,
+            SandboxCommand::Ls(args) => ls(&client, args).await,
+            SandboxCommand::Exec(args) if args.interactive => exec_interactive(&client, args).await,
+            SandboxCommand::Exec(args) => exec(&client, args).await,
+            SandboxCommand::Cp(args) => cp(&client, args).await,
+            SandboxCommand::Rm(args) => rm(&client, args).await,
+        }
+    })
+}
+
+async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
+    let body = CreateSandbox {
+        image: a.image,
+        cpus: a.cpus,
+        memory: a.memory,
+        disk: a.disk,
+        ttl_seconds: a.ttl.map(|d| d.as_secs().max(1)),
+        idle_timeout_seconds: a.idle_timeout.map(|d| d.as_secs().max(1)),
+        env: pairs(&a.env, "--env")?,
+        workdir: a.workdir,
+        user: a.user,
+        labels: pairs(&a.labels, "--label")?,
+        wait: Some(!a.no_wait),
+    };
+    let (_, sandbox) = client.create(&body).await?;
+    println!("{}", sandbox.id);
+    match sandbox.state {
+        SandboxState::Running | SandboxState::Creating => Ok(ExitCode::SUCCESS),
+        state => bail!(
+            "sandbox {} is {state:?}: {}",
+            sandbox.id,
+            sandbox.reason.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
+async fn ls(client: &Client, a: LsArgs) -> anyhow::Result<ExitCode> {
+    let sandboxes = client.list().await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "{:<26} {:<9} {:>4} {:>7} {:>8}  {:<40} REASON",
+        "ID", "STATE", "CPUS", "MEMORY", "AGE", "IMAGE"
+    );
+    for s in sandboxes {
+        let state = serde_json::to_value(s.state)?;
+        println!(
+            "{:<26} {:<9} {:>4} {:>6}M {:>7}s  {:<40} {}",
+            s.id,
+            state.as_str().unwrap_or("?"),
+            s.cpus,
+            s.memory_mib,
+            now.saturating_sub(s.created_at) / 1000,
+            s.image,
+            s.reason.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec_body(a: &ExecArgs) -> anyhow::Result<ExecBody> {
+    Ok(ExecBody {
+        argv: a.command.clone(),
+        env: pairs(&a.env, "--env")?,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        timeout_seconds: a.timeout.map(|d| d.as_secs().max(1)),
+        stdin: None,
+    })
+}
+
+async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let mut events = Box::pin(client.exec(&a.id, &exec_body(&a)?).await?);
+    let mut out = Output::default();
+    while let Some(event) = events.next().await {
+        if let Some(code) = out.handle(event?).await? {
+            return Ok(code);
+        }
+    }
+    bail!("the exec stream ended without an exit status")
+}
+
+async fn exec_interactive(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let mut request = client.exec_ws_url(&a.id).into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", client.token()).parse()?,
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("opening the exec WebSocket of sandbox {}", a.id))?;
+    let (mut tx, mut rx) = socket.split();
+    tx.send(Message::text(serde_json::to_string(&exec_body(&a)?)?))
+        .await?;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stdin_open = true;
+    let mut out = Output::default();
+    loop {
+        tokio::select! {
+            read = stdin.read(&mut buf), if stdin_open => match read {
+                Ok(0) | Err(_) => {
+                    stdin_open = false;
+                    let close = WsControl { close_stdin: Some(true), signal: None };
+                    tx.send(Message::text(serde_json::to_string(&close)?)).await?;
+                }
+                Ok(n) => tx.send(Message::binary(buf[..n].to_vec())).await?,
+            },
+            message = rx.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let event: ExecEvent = serde_json::from_str(&text)?;
+                    if let Some(code) = out.handle(event).await? {
+                        return Ok(code);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("the exec WebSocket broke: {e}"),
+                None => bail!("the exec WebSocket closed without an exit status"),
+            },
+        }
+    }
+}
+
+/// Where exec events go: output to ours; the final event to an exit code.
+#[derive(Default)]
+struct Output {
+    stdout: Option<tokio::io::Stdout>,
+    stderr: Option<tokio::io::Stderr>,
+}
+
+impl Output {
+    async fn handle(&mut self, event: ExecEvent) -> anyhow::Result<Option<ExitCode>> {
+        if let Some(data) = &event.stdout {
+            let out = self.stdout.get_or_insert_with(tokio::io::stdout);
+            out.write_all(&B64.decode(data)?).await?;
+            out.flush().await?;
+        }
+        if let Some(data) = &event.stderr {
+            let err = self.stderr.get_or_insert_with(tokio::io::stderr);
+            err.write_all(&B64.decode(data)?).await?;
+            err.flush().await?;
+        }
+        if let Some(error) = event.error {
+            bail!("the exec failed: {error}");
+        }
+        if event.timed_out == Some(true) {
+            eprintln!("hearth: the command timed out and was killed");
+            return Ok(Some(ExitCode::from(124)));
+        }
+        if let Some(code) = event.exit_code {
+            return Ok(Some(ExitCode::from((code & 0xff) as u8)));
+        }
+        if let Some(signal) = event.signal {
+            return Ok(Some(ExitCode::from(128u8.wrapping_add(signal as u8))));
+        }
+        Ok(None)
+    }
+}
+
+async fn cp(client: &Client, a: CpArgs) -> anyhow::Result<ExitCode> {
+    match (remote(&a.source), remote(&a.destination)) {
+        (None, Some((id, path))) => {
+            let local = PathBuf::from(&a.source);
+            let file = tokio::fs::File::open(&local)
+                .await
+                .with_context(|| format!("opening {}", local.display()))?;
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                file.metadata().await?.permissions().mode() & 0o7777
+            };
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            client.put_file(id, path, mode, body).await?;
+        }
+        (Some((id, path)), None) => {
+            let mut response = client.get_file(id, path).await?;
+            let is_json = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if is_json {
+                let listing: DirListing = response.json().await?;
+                bail!(
+                    "{id}:{path} is a directory ({} entries); cp copies single files",
+                    listing.entries.len()
+                );
+            }
+            let local = PathBuf::from(&a.destination);
+            let mut file = tokio::fs::File::create(&local)
+                .await
+                .with_context(|| format!("creating {}", local.display()))?;
+            while let Some(chunk) = response.chunk().await.context("downloading")? {
+                file.write_all(&chunk).await?;
+            }
+            file.flush().await?;
+        }
+        _ => bail!("name exactly one side as ID:/path, e.g. `hearth sandbox cp ./f ID:/tmp/f`"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ID:/path` -> (ID, /path). Local paths with a colon can be written `./a:b`.
+fn remote(arg: &str) -> Option<(&str, &str)> {
+    let (id, path) = arg.split_once(':')?;
+    (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
+}
+
+async fn rm(client: &Client, a: RmArgs) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for id in &a.ids {
+        match client.delete(id).await {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("hearth: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn pairs(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("{flag} {item:?}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_paths() {
+        assert_eq!(remote("abc:/tmp/f"), Some(("abc", "/tmp/f")));
+        assert_eq!(remote("./a:b"), None);
+        assert_eq!(remote("/x:/y"), None);
+        assert_eq!(remote("f"), None);
+    }
+}

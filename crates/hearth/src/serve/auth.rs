@@ -1,0 +1,251 @@
+//! Tenancy: the tokens file (TOML, or JSON when the file ends in `.json`) maps bearer tokens to
+//! tenants with quotas, and [`Authenticated`] is the extractor every `/v1` handler takes, so no
+//! handler can forget to authenticate. Tokens are stored and compared as SHA-256 digests, in
+//! constant time, against every tenant (no early exit that would time which one matched).
+//! Reads only the tokens file, once at start-up.
+//!
+//! ```toml
+//! [[tenants]]
+//! name = "alice"
+//! token = "s3cret"                 # or token_sha256 = "<hex of sha256(token)>"
+//! quota = { sandboxes = 10, cpus = 8, memory = "16g" }   # each optional; default: unlimited
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use hearth_sandbox::node::{Quota, Tenant};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tenants: Vec<TenantEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantEntry {
+    name: String,
+    token: Option<String>,
+    token_sha256: Option<String>,
+    #[serde(default)]
+    quota: QuotaEntry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaEntry {
+    sandboxes: Option<u32>,
+    cpus: Option<u32>,
+    /// A size like `16g`.
+    memory: Option<String>,
+}
+
+/// The tenants a daemon serves.
+pub struct Tenants {
+    entries: Vec<(Tenant, [u8; 32])>,
+}
+
+impl Tenants {
+    pub fn load(path: &Path) -> anyhow::Result<Tenants> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the tokens file {}", path.display()))?;
+        let json = path.extension().is_some_and(|e| e == "json");
+        Tenants::parse(&text, json)
+            .with_context(|| format!("in the tokens file {}", path.display()))
+    }
+
+    pub fn parse(text: &str, json: bool) -> anyhow::Result<Tenants> {
+        let file: TokensFile = match json {
+            true => serde_json::from_str(text)?,
+            false => toml::from_str(text)?,
+        };
+        if file.tenants.is_empty() {
+            bail!("no tenants: add a [[tenants]] entry with a name and a token");
+        }
+        let mut entries = Vec::new();
+        for t in file.tenants {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bail!(
+                    "tenant name {:?} must be letters, digits, '-', '_' or '.'",
+                    t.name
+                );
+            }
+            let digest = match (t.token, t.token_sha256) {
+                (Some(token), None) if token.len() >= 8 => Sha256::digest(token.as_bytes()).into(),
+                (Some(_), None) => bail!("tenant {}: token shorter than 8 characters", t.name),
+                (None, Some(hex_digest)) => {
+                    let bytes = hex::decode(hex_digest.trim())
+                        .ok()
+                        .filter(|b| b.len() == 32);
+                    let bytes = bytes.with_context(|| {
+                        format!("tenant {}: token_sha256 is not 64 hex digits", t.name)
+                    })?;
+                    <[u8; 32]>::try_from(bytes.as_slice()).expect("32 bytes")
+                }
+                _ => bail!(
+                    "tenant {}: give exactly one of token and token_sha256",
+                    t.name
+                ),
+            };
+            if entries.iter().any(|(e, _): &(Tenant, _)| e.name == t.name) {
+                bail!("tenant {} is listed twice", t.name);
+            }
+            let memory_mib = match &t.quota.memory {
+                Some(size) => {
+                    hearth_image::parse_size(size).with_context(|| {
+                        format!(
+                            "tenant {}: quota memory {size:?} is not a size like 16g",
+                            t.name
+                        )
+                    })? >> 20
+                }
+                None => u64::MAX,
+            };
+            let quota = Quota {
+                max_sandboxes: t.quota.sandboxes.unwrap_or(u32::MAX),
+                vcpus: t.quota.cpus.unwrap_or(u32::MAX),
+                memory_mib,
+            };
+            entries.push((
+                Tenant {
+                    name: t.name,
+                    quota,
+                },
+                digest,
+            ));
+        }
+        Ok(Tenants { entries })
+    }
+
+    /// The tenant whose token this is. Every entry is compared, in constant time.
+    pub fn authenticate(&self, token: &str) -> Option<&Tenant> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        for (tenant, digest) in &self.entries {
+            if bool::from(digest.ct_eq(&presented)) {
+                found = Some(tenant);
+            }
+        }
+        found
+    }
+}
+
+/// The tenant behind the request's `Authorization: Bearer` token; 401 otherwise.
+pub struct Authenticated(pub Tenant);
+
+impl FromRequestParts<Arc<AppState>> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let Some(header) = header else {
+            return Err(ApiError::unauthorized(
+                "missing Authorization header: send `Authorization: Bearer <token>`",
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        match state.tenants.authenticate(token.trim()) {
+            Some(tenant) => Ok(Authenticated(tenant.clone())),
+            None => Err(ApiError::unauthorized("unknown token")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[tenants]]
+name = "alice"
+token = "alice-token"
+quota = { sandboxes = 2, cpus = 4, memory = "2g" }
+
+[[tenants]]
+name = "bob"
+token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122"
+"#;
+
+    #[test]
+    fn tokens_map_to_tenants_with_quotas() {
+        let tenants = Tenants::parse(FILE, false).unwrap();
+        let alice = tenants.authenticate("alice-token").unwrap();
+        assert_eq!(alice.name, "alice");
+        assert_eq!(
+            alice.quota,
+            Quota {
+                max_sandboxes: 2,
+                vcpus: 4,
+                memory_mib: 2048
+            }
+        );
+        // sha256("bob-token-1")
+        let bob = tenants.authenticate("bob-token-1").unwrap();
+        assert_eq!(
+            (bob.name.as_str(), bob.quota.max_sandboxes),
+            ("bob", u32::MAX)
+        );
+        assert!(tenants.authenticate("alice-token ").is_none());
+        assert!(tenants.authenticate("").is_none());
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        for (text, want) in [
+            ("tenants = []", "no tenants"),
+            (
+                "[[tenants]]\nname = \"a\"\ntoken = \"short\"",
+                "shorter than 8",
+            ),
+            ("[[tenants]]\nname = \"a\"", "exactly one of"),
+            (
+                "[[tenants]]\nname = \"a b\"\ntoken = \"12345678\"",
+                "letters",
+            ),
+            (
+                "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"\nquota = { memory = \"lots\" }",
+                "not a size",
+            ),
+            (
+                "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"\ncolour = 1",
+                "unknown field",
+            ),
+        ] {
+            let err = format!("{:#}", Tenants::parse(text, false).err().expect(text));
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn json_files_work_too() {
+        let tenants =
+            Tenants::parse(r#"{"tenants":[{"name":"a","token":"12345678"}]}"#, true).unwrap();
+        assert_eq!(tenants.authenticate("12345678").unwrap().name, "a");
+    }
+}

@@ -1,0 +1,169 @@
+//! Every error answer of the API: [`ApiError`] renders `{"error": "...", "code": "..."}` with one
+//! HTTP status per kind. [`NodeError`]s map here, in one `match`, and so do the framework's own
+//! rejections (malformed JSON, bad query strings, oversized bodies), so clients see one format.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hearth_proto::ErrorKind;
+use hearth_sandbox::node::NodeError;
+use hearth_vm::channel::ChannelError;
+
+use super::api::ErrorBody;
+
+/// How long a client refused for capacity should wait before retrying.
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, "{}", self.message);
+        }
+        let body = ErrorBody {
+            error: self.message,
+            code: self.code.to_string(),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.code == "capacity" {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(err: NodeError) -> ApiError {
+        let message = err.to_string();
+        let (status, code) = match &err {
+            NodeError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            NodeError::Capacity { .. } => (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+            NodeError::Quota { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota"),
+            NodeError::NotRunning { .. } => (StatusCode::CONFLICT, "conflict"),
+            NodeError::ShuttingDown | NodeError::Busy(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+            }
+            NodeError::Image(hearth_image::ImageError::Reference(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid")
+            }
+            NodeError::Image(_) => (StatusCode::BAD_GATEWAY, "image"),
+            NodeError::Channel(ChannelError::Agent(agent)) => match agent.kind {
+                ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "forbidden"),
+                ErrorKind::AlreadyExists => (StatusCode::CONFLICT, "conflict"),
+                ErrorKind::InvalidRequest | ErrorKind::NotADirectory | ErrorKind::IsADirectory => {
+                    (StatusCode::BAD_REQUEST, "invalid")
+                }
+                ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+            NodeError::Channel(_)
+            | NodeError::Sandbox(_)
+            | NodeError::Store(_)
+            | NodeError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        let message = rejection.body_text();
+        match rejection {
+            JsonRejection::JsonDataError(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", message)
+            }
+            JsonRejection::JsonSyntaxError(_) => ApiError::invalid(message),
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ),
+            _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::too_large(format!("request body too large: {message}"))
+            }
+            _ => ApiError::invalid(message),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::invalid(rejection.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_map_to_one_status_each() {
+        let cases = [
+            (NodeError::NotFound { id: "x".into() }, 404, "not_found"),
+            (NodeError::Invalid("bad".into()), 400, "invalid"),
+            (
+                NodeError::Capacity {
+                    message: "full".into(),
+                },
+                503,
+                "capacity",
+            ),
+            (
+                NodeError::Quota {
+                    message: "3 of 3".into(),
+                },
+                429,
+                "quota",
+            ),
+            (NodeError::ShuttingDown, 503, "shutting_down"),
+        ];
+        for (err, status, code) in cases {
+            let api = ApiError::from(err);
+            assert_eq!((api.status.as_u16(), api.code), (status, code));
+        }
+        let capacity = ApiError::from(NodeError::Capacity {
+            message: "full".into(),
+        })
+        .into_response();
+        assert_eq!(capacity.headers()[header::RETRY_AFTER], "5");
+    }
+}

@@ -1,0 +1,268 @@
+//! Commands in a sandbox. `POST /v1/sandboxes/{id}/exec` answers with NDJSON ([`ExecEvent`] per
+//! line) streamed as the command produces output; `GET /v1/sandboxes/{id}/exec/ws` is the same over a
+//! WebSocket with interactive stdin. The command starts before the answer does, so "no such sandbox"
+//! or "not running" are plain error statuses; failures after that are an `error` event. A client
+//! that goes away drops the exec, and the agent kills the command's process tree.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use futures::{SinkExt, StreamExt};
+use hearth_sandbox::node::{ExecSpec, NodeError, NodeExec};
+use hearth_vm::channel::{ExecOutput, ExitStatus};
+
+use super::api::{ErrorBody, ExecBody, ExecEvent, WsControl};
+use super::auth::Authenticated;
+use super::error::ApiError;
+use super::sandboxes::{env_pairs, seconds_field};
+use super::AppState;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "NDJSON stream of `ExecEvent`s, output in order, the last one `exit_code`, `signal` or `error`",
+            content_type = "application/x-ndjson", body = ExecEvent),
+        (status = 400, description = "Empty argv, bad stdin base64", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
+    ))]
+pub async fn exec(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    body: Result<Json<ExecBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let stdin = body
+        .stdin
+        .as_deref()
+        .map(|s| B64.decode(s))
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("`stdin` is not base64: {e}")))?;
+    let spec = exec_spec(body, stdin.is_some())?;
+    let mut handle = state.node.exec(&tenant.name, &id, spec).await?;
+    if let (Some(data), Some(mut writer)) = (stdin, handle.take_stdin()) {
+        tokio::spawn(async move {
+            if writer.write(&data).await.is_ok() {
+                let _ = writer.close().await;
+            }
+        });
+    }
+    let lines = futures::stream::unfold(Some(handle), |handle| async move {
+        let (event, rest) = next_event(handle?).await;
+        let mut line = serde_json::to_vec(&event).expect("event serializes");
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(line), rest))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// The next event of a running exec, and the exec when more events follow.
+async fn next_event(mut handle: NodeExec) -> (ExecEvent, Option<NodeExec>) {
+    match handle.next_output().await {
+        Ok(Some(output)) => (output_event(output), Some(handle)),
+        Ok(None) => match handle.wait().await {
+            Ok(status) => (exit_event(status), None),
+            Err(e) => (error_event(e), None),
+        },
+        Err(e) => (error_event(e), None),
+    }
+}
+
+fn output_event(output: ExecOutput) -> ExecEvent {
+    match output {
+        ExecOutput::Stdout(data) => ExecEvent {
+            stdout: Some(B64.encode(data)),
+            ..Default::default()
+        },
+        ExecOutput::Stderr(data) => ExecEvent {
+            stderr: Some(B64.encode(data)),
+            ..Default::default()
+        },
+    }
+}
+
+pub(super) fn exit_event(status: ExitStatus) -> ExecEvent {
+    match (status.code, status.signal) {
+        (Some(code), _) => ExecEvent {
+            exit_code: Some(code),
+            ..Default::default()
+        },
+        (None, Some(signal)) => ExecEvent {
+            signal: Some(signal),
+            timed_out: status.timed_out.then_some(true),
+            ..Default::default()
+        },
+        (None, None) => ExecEvent {
+            error: Some("the command ended without an exit code or signal".into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn error_event(err: NodeError) -> ExecEvent {
+    ExecEvent {
+        error: Some(err.to_string()),
+        ..Default::default()
+    }
+}
+
+pub(super) fn exec_spec(body: ExecBody, stdin: bool) -> Result<ExecSpec, ApiError> {
+    if body.argv.is_empty() || body.argv[0].is_empty() {
+        return Err(ApiError::invalid(
+            "`argv` must name a command: [\"ls\", \"-l\"]",
+        ));
+    }
+    Ok(ExecSpec {
+        argv: body.argv,
+        env: env_pairs(body.env)?,
+        workdir: body.workdir,
+        user: body.user,
+        timeout: seconds_field("timeout_seconds", body.timeout_seconds)?,
+        stdin,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec",
+    params(("id" = String, Path, description = "Sandbox id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 101, description = "WebSocket. Client: first a text message holding an `ExecBody`; then binary \
+            messages are stdin, text messages are `WsControl` (`{\"close_stdin\":true}`, `{\"signal\":15}`). \
+            Server: one text message per `ExecEvent`, then close."),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+    ))]
+pub async fn exec_ws(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // Refuse before upgrading when the sandbox is not there, so the client sees a plain 404.
+    state.node.get(&tenant.name, &id)?;
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        if let Err(e) = interactive(state, tenant.name, id, socket).await {
+            tracing::debug!("exec websocket ended: {e}");
+        }
+    }))
+}
+
+type WsResult = Result<(), axum::Error>;
+
+async fn interactive(
+    state: Arc<AppState>,
+    tenant: String,
+    id: String,
+    socket: WebSocket,
+) -> WsResult {
+    let (mut tx, mut rx) = socket.split();
+    let send =
+        |event: ExecEvent| Message::Text(serde_json::to_string(&event).expect("event").into());
+    let failed = |message: String| ExecEvent {
+        error: Some(message),
+        ..Default::default()
+    };
+    let first = match rx.next().await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str::<ExecBody>(&text)
+            .map_err(|e| format!("the first message must be the exec request as JSON: {e}")),
+        Some(Ok(_)) => Err("the first message must be a text message with the exec request".into()),
+        Some(Err(e)) => return Err(e),
+        None => return Ok(()),
+    };
+    let started = match first
+        .map_err(ApiError::invalid)
+        .and_then(|b| exec_spec(b, true))
+    {
+        Ok(spec) => state
+            .node
+            .exec(&tenant, &id, spec)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let mut handle = match started {
+        Ok(handle) => handle,
+        Err(e) => {
+            tx.send(send(failed(e.message))).await?;
+            return tx.close().await;
+        }
+    };
+    // Stdin goes through its own task: a write waiting for the guest to read must never stop
+    // output from flowing (the guest may be blocked writing output we have not read).
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    if let Some(mut writer) = handle.take_stdin() {
+        tokio::spawn(async move {
+            while let Some(data) = stdin_rx.recv().await {
+                if writer.write(&data).await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.close().await;
+        });
+    }
+    let mut stdin_tx = Some(stdin_tx);
+    loop {
+        tokio::select! {
+            message = rx.next() => match message {
+                Some(Ok(Message::Binary(data))) => {
+                    if let Some(stdin) = &stdin_tx {
+                        let _ = stdin.send(data.to_vec()).await;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsControl>(&text) {
+                    Ok(control) => {
+                        if control.close_stdin == Some(true) {
+                            stdin_tx = None;
+                        }
+                        if let Some(signal) = control.signal {
+                            if let Err(e) = handle.signal(signal).await {
+                                tx.send(send(failed(e.to_string()))).await?;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let message = format!("control messages are {{\"close_stdin\":true}} or {{\"signal\":N}}: {e}");
+                        tx.send(send(failed(message))).await?;
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                // The client went away: dropping the exec kills the command.
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
+            },
+            output = handle.next_output() => match output {
+                Ok(Some(output)) => tx.send(send(output_event(output))).await?,
+                Ok(None) => {
+                    let event = match handle.wait().await {
+                        Ok(status) => exit_event(status),
+                        Err(e) => error_event(e),
+                    };
+                    tx.send(send(event)).await?;
+                    return tx.close().await;
+                }
+                Err(e) => {
+                    tx.send(send(error_event(e))).await?;
+                    return tx.close().await;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `hearth serve`'s HTTP API: the router (one table from route to handler), the shared state, and
+//! start-up/shutdown of the server. Handlers are thin — parse, authenticate ([`auth::Authenticated`]),
+//! call the [`Node`], map [`NodeError`](hearth_sandbox::node::NodeError) to a status
+//! ([`error::ApiError`]) — and live one file per resource: `sandboxes.rs`, `exec.rs`, `files.rs`,
+//! `runs.rs`, `metrics.rs`, `openapi.rs`. Wire types are in `api.rs`.
+//!
+//! Authentication: every `/v1` route takes a bearer token. `/healthz`, `/metrics` (aggregate counts
+//! only: no tenant names, ids or images) and `/openapi.json` do not, so probes and Prometheus need no
+//! secret. Touches nothing itself: all state is the node's.
+
+pub mod api;
+pub mod auth;
+mod error;
+mod exec;
+mod files;
+mod metrics;
+pub mod openapi;
+mod runs;
+mod sandboxes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hearth_sandbox::node::Node;
+
+pub use auth::Tenants;
+use error::ApiError;
+
+/// Largest JSON request body (exec and run requests carry base64 stdin).
+pub const JSON_BODY_LIMIT: usize = 8 << 20;
+
+/// Knobs of the API itself (the node has its own config).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Largest file upload, bytes.
+    pub max_upload_bytes: u64,
+    /// Output kept per stream by `POST /v1/runs`, bytes.
+    pub run_output_limit: usize,
+    /// How long `POST /v1/sandboxes` waits for the sandbox to run before answering 202.
+    pub create_wait: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            max_upload_bytes: 1 << 30,
+            run_output_limit: 1 << 20,
+            create_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub tenants: Tenants,
+    pub settings: ApiSettings,
+}
+
+/// The whole API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/v1/sandboxes",
+            post(sandboxes::create).get(sandboxes::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route("/v1/sandboxes/{id}/exec", post(exec::exec))
+        .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
+        .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
+        .route("/v1/runs", post(runs::run))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::metrics))
+        .route("/openapi.json", get(openapi::serve))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` completes, then stops accepting and gives
+/// open connections (streams, WebSockets) `grace` to finish; whatever is left is cut.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let node = state.node.clone();
+    let app = router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    });
+    let mut server = tokio::spawn(async move { server.await });
+    let mut stopping = stopping_rx;
+    tokio::select! {
+        // The server failed on its own (it never ends otherwise before shutdown).
+        result = &mut server => return result.map_err(std::io::Error::other)?,
+        _ = stopping.wait_for(|&s| s) => {}
+    }
+    tracing::info!("shutting down: no new connections; waiting up to {grace:?} for running execs");
+    node.shutdown(grace).await;
+    match tokio::time::timeout(Duration::from_secs(1), server).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(std::io::Error::other(join)),
+        Err(_) => {
+            tracing::info!("closing connections still open after the grace period");
+            Ok(())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "node",
+    responses((status = 200, description = "The daemon answers", body = api::Health)))]
+async fn healthz() -> Json<api::Health> {
+    Json(api::Health {
+        status: "ok".into(),
+    })
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no route {}: see /openapi.json for the API",
+        uri.path()
+    ))
+}
