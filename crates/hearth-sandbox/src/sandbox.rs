@@ -160,7 +160,7 @@ impl Sandbox {
             .map(|r| r.console_log)
             .unwrap_or_else(|_| run_dir.join("console.log"));
         let deadline = tokio::time::Instant::now() + agent_deadline;
-        let client = match connect_agent(vm.agent_endpoint().clone(), deadline).await {
+        let client = match reconnect_agent(vm.agent_endpoint().clone(), deadline, id).await {
             Ok(client) => client,
             Err(source) => {
                 let tail = console_tail(&console);
@@ -293,6 +293,39 @@ pub fn sweep_stale(home: &Path) {
             "sweeping stale run directories in {}: {err}",
             home.display()
         ),
+    }
+}
+
+/// How long a re-attached agent gets to answer its first request before the host reconnects.
+const REATTACH_PROBE: Duration = Duration::from_secs(3);
+
+/// Connects to the agent of a VM another hearth process used, and proves the session works with an
+/// `info` request. Now and then (under load, after the previous host let go) a fresh session hands
+/// shake but then never answers; a new connection, whose HELLO ends the stuck session in the guest,
+/// recovers it. Tries until `deadline`.
+async fn reconnect_agent(
+    endpoint: AgentEndpoint,
+    deadline: tokio::time::Instant,
+    id: &str,
+) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
+    loop {
+        let client = connect_agent(endpoint.clone(), deadline).await?;
+        match tokio::time::timeout(REATTACH_PROBE, client.info()).await {
+            Ok(Ok(_)) => return Ok(client),
+            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(hearth_vm::channel::ChannelError::HandshakeTimeout(
+                    REATTACH_PROBE,
+                ))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %id, "re-attached agent failed ({e}); reconnecting")
+            }
+            Err(_) => tracing::warn!(
+                sandbox = %id,
+                "re-attached agent did not answer within {REATTACH_PROBE:?}; reconnecting"
+            ),
+        }
     }
 }
 
