@@ -35,7 +35,8 @@ fi
 export HEARTH_HOME=$work/home HEARTH_KERNEL=$kernel HEARTH_INSECURE_REGISTRIES=$HEARTH_TEST_REGISTRY
 image=$HEARTH_TEST_REGISTRY/hearth-test/busybox
 
-# Warm-up: pull the image, build the initramfs, measure the TSC and probe KVM once (all cached).
+# Warm-up: pull the image, build the initramfs, measure the TSC, probe KVM and build the QEMU snapshot
+# template once (all cached; the timed runs restore from the template).
 "$hearth" run --accel tcg "$image" true
 "$floor" --home "$work/floor-home" --kernel "$kernel" --accel tcg --boot 1 > /dev/null
 

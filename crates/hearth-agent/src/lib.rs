@@ -6,6 +6,7 @@
 //! [`exec`] (agent side) and [`exec_init`] (the per-exec init process, PID 1 of the command's own
 //! PID namespace); file requests are in [`files`]. Outside a VM ([`standalone`]) the same binary
 //! serves on a Unix socket or an inherited fd, which is how the host-side tests run it.
+//! A template VM's agent (see [`pid1`]) holds HELLO back until a RESUME line ([`resume`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ pub mod exec_init;
 pub mod files;
 pub mod pid1;
 pub mod port;
+pub mod resume;
 pub mod server;
 pub mod session;
 pub mod standalone;
@@ -71,6 +73,8 @@ pub struct AgentConfig {
 pub struct Agent {
     pub config: AgentConfig,
     pub execs: exec::ExecRegistry,
+    /// Open unless this agent runs in a template VM that has not been resumed yet.
+    pub resume: resume::ResumeGate,
 }
 
 impl Agent {
@@ -78,6 +82,19 @@ impl Agent {
         Arc::new(Agent {
             config,
             execs: exec::ExecRegistry::default(),
+            resume: resume::ResumeGate::open(),
+        })
+    }
+
+    /// An agent that answers HELLO only after a RESUME line has been applied with `late_init`.
+    pub fn awaiting_resume(
+        config: AgentConfig,
+        late_init: Arc<dyn resume::LateInit>,
+    ) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            execs: exec::ExecRegistry::default(),
+            resume: resume::ResumeGate::closed(late_init),
         })
     }
 }

@@ -4,7 +4,8 @@
 //! example because a new host sent `HELLO` into the old session). Ending a session cancels its
 //! token, which kills the process trees of every exec it started. [`serve_port`] runs sessions on a
 //! stream that outlives them (the virtio-serial port) forever; [`serve_listener`] runs one session
-//! per accepted connection (vsock, Unix sockets).
+//! per accepted connection (vsock, Unix sockets). In a template VM the handshake first waits for a
+//! RESUME line and applies it through the agent's [`ResumeGate`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use hearth_proto::tuning;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::resume::{ResumeGate, Resumed};
 use crate::stream::{prefixed, FdStream};
 use crate::{log, server, Agent};
 
@@ -29,6 +31,8 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("HTTP/2 failed: {0}")]
     Http2(#[from] h2::Error),
+    #[error("applying RESUME failed: {0}")]
+    Resume(String),
 }
 
 /// Serves sessions on `port` for ever. End of file means the host side is disconnected; the port
@@ -85,7 +89,7 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     agent: &Arc<Agent>,
     io: &mut S,
 ) -> Result<(), SessionError> {
-    let prefix = answer_hello(io).await?;
+    let prefix = answer_hello(io, &agent.resume).await?;
     let mut connection = h2::server::Builder::new()
         .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
         .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
@@ -113,9 +117,11 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
 const WAITING_WRITE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Announces `WAITING`, reads until a `HELLO` line, answers `READY` once per nonce, skips repeated `HELLO`s and stale
-/// bytes, and returns once the HTTP/2 preface starts: the bytes read past the handshake.
+/// bytes, and returns once the HTTP/2 preface starts: the bytes read past the handshake. While
+/// `gate` is closed, HELLO lines are skipped and a RESUME line opens it (applying the late init).
 pub async fn answer_hello<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
+    gate: &ResumeGate,
 ) -> Result<Vec<u8>, SessionError> {
     // Tell a host that is already connected (a booting VM's) to say HELLO now. While no host is
     // connected a virtio port does not take writes, so this must not wait long.
@@ -135,13 +141,13 @@ pub async fn answer_hello<S: AsyncRead + AsyncWrite + Unpin>(
                 PrefaceMatch::Partial => {}
                 PrefaceMatch::No => {
                     if let Some(line) = lines.next_line() {
-                        answer_line(io, &line, &mut answered).await?;
+                        answer_line(io, &line, &mut answered, gate).await?;
                         continue;
                     }
                 }
             }
         } else if let Some(line) = lines.next_line() {
-            answer_line(io, &line, &mut answered).await?;
+            answer_line(io, &line, &mut answered, gate).await?;
             continue;
         }
         let n = io.read(&mut chunk).await?;
@@ -156,10 +162,27 @@ async fn answer_line<S: AsyncWrite + Unpin>(
     io: &mut S,
     line: &[u8],
     answered: &mut Option<String>,
+    gate: &ResumeGate,
 ) -> Result<(), SessionError> {
-    let Some(HandshakeLine::Hello { nonce, .. }) = handshake::parse_line(line) else {
-        return Ok(());
+    let nonce = match handshake::parse_line(line) {
+        Some(HandshakeLine::Hello { nonce, .. }) => nonce,
+        Some(HandshakeLine::Resume(resume)) => {
+            let started = std::time::Instant::now();
+            let hostname = resume.hostname.clone();
+            if gate.resume(resume).await.map_err(SessionError::Resume)? == Resumed::Applied {
+                log!("resumed as {hostname} in {:?}", started.elapsed());
+            }
+            return Ok(());
+        }
+        _ => return Ok(()),
     };
+    if !gate.is_open() {
+        // The host talks to a template that was never resumed: it must send RESUME first.
+        if gate.first_early_hello() {
+            log!("HELLO before RESUME in a template VM: not answering until RESUME arrives");
+        }
+        return Ok(());
+    }
     // The host re-sends HELLO until it sees READY: answer each nonce once, or the extra READY lines
     // would land inside the host's HTTP/2 stream.
     if answered.as_deref() != Some(nonce.as_str()) {
@@ -179,7 +202,10 @@ mod tests {
     async fn answers_hello_once_among_garbage_and_returns_the_preface() {
         let (mut guest, host) = tokio::io::duplex(64 * 1024);
         let (host_read, mut host_write) = tokio::io::split(host);
-        let answer = tokio::spawn(async move { answer_hello(&mut guest).await.unwrap() });
+        let answer =
+            tokio::spawn(
+                async move { answer_hello(&mut guest, &ResumeGate::open()).await.unwrap() },
+            );
         let mut stale = vec![0u8; 3000];
         stale.extend_from_slice(
             b"\nhalf a line\nHEARTH-AGENT/1 HELLO beef\nHEARTH-AGENT/1 HELLO beef\n",
@@ -212,7 +238,7 @@ mod tests {
         let (mut guest, host) = tokio::io::duplex(1024);
         drop(host);
         assert!(matches!(
-            answer_hello(&mut guest).await,
+            answer_hello(&mut guest, &ResumeGate::open()).await,
             Err(SessionError::Eof)
         ));
     }

@@ -68,8 +68,13 @@ pub struct AgentInfo {
 pub struct BootMarks {
     /// The kernel ran /init (the agent): kernel boot time.
     pub init_ms: u64,
-    /// Modules loaded, disks mounted, agent port open: the agent could answer.
+    /// Modules loaded, disks mounted, agent port open: the agent could answer. In a VM restored from
+    /// a template: when the late init that RESUME started had finished.
     pub ready_ms: u64,
+    /// In a VM restored from a template: how long applying RESUME took (clock, entropy, hostname,
+    /// deferred modules, disks, workload root), in milliseconds. Absent after a cold boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<u64>,
 }
 
 /// Response header of `GET /v1/files` carrying the file's permission bits (octal).

@@ -15,7 +15,7 @@ pub use error::{AgentError, ErrorKind};
 pub use exec::{ExecRequest, ExecStarted, ExitStatus};
 pub use files::{AgentInfo, BootMarks, DirEntry, DirListing, FileKind, FileStat};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, MAX_PAYLOAD};
-pub use handshake::PROTOCOL_MAJOR;
+pub use handshake::{Resume, PROTOCOL_MAJOR};
 pub use request::AgentRequest;
 
 /// Name of the virtio-serial port the agent serves on (QEMU).

@@ -1,15 +1,18 @@
 //! Everything decided before a VM starts: which VMM and accelerator, which kernel and agent, the
-//! initramfs, the run directory and scratch disk, and the [`VmSpec`]. A [`BootPlan`] can be printed
-//! (`--dry-run`) or started. Writes only under `$HEARTH_HOME` (initramfs cache, run directory).
+//! initramfs, the run directory and scratch disk, the [`VmSpec`], and whether the VM is restored
+//! from a snapshot template (`crate::restore`). A [`BootPlan`] can be printed (`--dry-run`) or
+//! started. Writes only under `$HEARTH_HOME` (initramfs cache, snapshot templates, run directory).
 
 use std::path::{Path, PathBuf};
 
 use hearth_image::PulledImage;
 use hearth_vm::firecracker::{self, FirecrackerVmm, JailerConfig};
 use hearth_vm::kernel::resolve_kernel;
+use hearth_vm::qemu::snapshot::HOSTNAME_PARAM;
 use hearth_vm::qemu::QemuVmm;
 use hearth_vm::{Accel, Drive, LaunchPlan, Selection, VmSpec, Vmm};
 
+use crate::restore::{plan_restore, RestorePlan};
 use crate::SandboxError;
 
 /// `--vmm`.
@@ -37,6 +40,9 @@ pub struct SandboxConfig {
     pub agent: Option<PathBuf>,
     /// Run Firecracker through its jailer as this unprivileged (uid, gid).
     pub jailer: Option<(u32, u32)>,
+    /// Restore QEMU VMs from a snapshot template instead of booting them (default on;
+    /// `--no-snapshot`, `HEARTH_SNAPSHOT=0`).
+    pub snapshot: bool,
 }
 
 impl SandboxConfig {
@@ -51,6 +57,7 @@ impl SandboxConfig {
             kernel: None,
             agent: None,
             jailer: None,
+            snapshot: crate::restore::snapshots_enabled_by_env(),
         }
     }
 }
@@ -60,12 +67,20 @@ pub struct BootPlan {
     pub vmm: Box<dyn Vmm>,
     /// Why this VMM and accelerator were chosen.
     pub selection: String,
+    /// What starts: the restore spec when `restore` is set, the cold-boot spec otherwise.
     pub spec: VmSpec,
+    /// Set when the VM is restored from a snapshot template.
+    pub restore: Option<RestorePlan>,
+    /// Why the VM is restored or booted cold.
+    pub snapshot_note: String,
 }
 
 impl BootPlan {
-    /// Chooses the backend, resolves kernel and agent, builds (or reuses) the initramfs and lays out
-    /// the VM in `$HEARTH_HOME/run/<id>`. Creates nothing in the run directory yet.
+    /// Chooses the backend, resolves kernel and agent, builds (or reuses) the initramfs, lays out
+    /// the VM in `$HEARTH_HOME/run/<id>` and, on QEMU with snapshots on, plans a restore (for
+    /// [`Purpose::Start`], building the template first if needed: one cold boot plus a save, after
+    /// which it is reused; a template that cannot be built means a cold boot and a warning).
+    /// Creates nothing in the run directory yet.
     pub fn prepare(
         config: &SandboxConfig,
         image: &PulledImage,
@@ -87,7 +102,11 @@ impl BootPlan {
     ) -> Result<BootPlan, SandboxError> {
         let home = &config.home;
         let kernel = resolve_kernel(home, config.kernel.as_deref())?;
-        let (vmm, selection) = choose_vmm(config, &kernel.image, purpose)?;
+        let (backend, selection) = choose_backend(config, &kernel.image, purpose)?;
+        let (vmm, qemu): (Box<dyn Vmm>, Option<QemuVmm>) = match backend {
+            Backend::Qemu(qemu) => (Box::new(qemu.clone()), Some(qemu)),
+            Backend::Firecracker(firecracker) => (Box::new(firecracker), None),
+        };
         let agent = locate_agent(config.agent.as_deref(), home)?;
         let initramfs = hearth_vm::initramfs::agent_initramfs(
             home,
@@ -98,16 +117,43 @@ impl BootPlan {
         let mut spec = VmSpec::new(&kernel.image, initramfs, run_dir);
         spec.vcpus = config.vcpus;
         spec.memory_mib = config.memory_mib;
-        spec.cmdline
-            .set(format!("hearth.hostname={}", hostname_for(id)));
+        let hostname = hostname_for(id);
+        spec.cmdline.set(format!("{HOSTNAME_PARAM}={hostname}"));
         spec.drives = vec![
             Drive::rootfs(&image.rootfs),
             Drive::scratch(run_dir.join("scratch.ext4")),
         ];
+        let planned = match &qemu {
+            Some(qemu) => plan_restore(config, qemu, &spec, &hostname, purpose),
+            None => Err(format!("{} boots cold", vmm.name())),
+        };
+        let (spec, restore, snapshot_note) = match planned {
+            Ok((restore_spec, restore)) => {
+                let note = format!(
+                    "restore from snapshot template {} ({}{})",
+                    restore.template.key.id,
+                    restore.template.dir.display(),
+                    if restore.built {
+                        ""
+                    } else {
+                        "; built on first start"
+                    }
+                );
+                (restore_spec, Some(restore), note)
+            }
+            Err(why) => {
+                if qemu.is_some() && config.snapshot {
+                    tracing::warn!("booting cold: {why}");
+                }
+                (spec, None, format!("cold boot: {why}"))
+            }
+        };
         Ok(BootPlan {
             vmm,
             selection,
             spec,
+            restore,
+            snapshot_note,
         })
     }
 
@@ -121,13 +167,19 @@ fn hostname_for(id: &str) -> String {
     format!("hearth-{}", &id[..id.len().min(12)])
 }
 
+/// The chosen VMM backend; QEMU's is kept concrete because snapshot templates are QEMU's.
+enum Backend {
+    Qemu(QemuVmm),
+    Firecracker(FirecrackerVmm),
+}
+
 /// `--vmm`: Firecracker when asked, or with `auto` where its binary is found and KVM boots a guest
 /// (the same probe boot QEMU's accelerator choice uses); QEMU otherwise. Says which and why.
-fn choose_vmm(
+fn choose_backend(
     config: &SandboxConfig,
     probe_kernel: &Path,
     purpose: Purpose,
-) -> Result<(Box<dyn Vmm>, String), SandboxError> {
+) -> Result<(Backend, String), SandboxError> {
     let firecracker = firecracker::find_binary();
     let dry = purpose == Purpose::DryRun;
     let jailed = |vmm: FirecrackerVmm| -> Result<FirecrackerVmm, SandboxError> {
@@ -143,12 +195,12 @@ fn choose_vmm(
     };
     match (config.vmm, firecracker) {
         (VmmChoice::Firecracker, Ok(binary)) => Ok((
-            Box::new(jailed(FirecrackerVmm::new(binary))?),
+            Backend::Firecracker(jailed(FirecrackerVmm::new(binary))?),
             "firecracker as requested (needs a KVM that boots guests)".into(),
         )),
         // A dry run shows the configuration even where Firecracker is not installed.
         (VmmChoice::Firecracker, Err(_)) if dry => Ok((
-            Box::new(jailed(FirecrackerVmm::new("firecracker"))?),
+            Backend::Firecracker(jailed(FirecrackerVmm::new("firecracker"))?),
             "firecracker as requested (binary not found: shown as `firecracker`)".into(),
         )),
         (VmmChoice::Firecracker, Err(err)) => Err(err.into()),
@@ -160,13 +212,16 @@ fn choose_vmm(
                     binary.display(),
                     selection.reason
                 );
-                return Ok((Box::new(jailed(FirecrackerVmm::new(binary))?), why));
+                return Ok((
+                    Backend::Firecracker(jailed(FirecrackerVmm::new(binary))?),
+                    why,
+                ));
             }
             let why = format!(
                 "qemu: firecracker is installed but KVM cannot boot guests here ({})",
                 selection.reason
             );
-            Ok((Box::new(qemu), why))
+            Ok((Backend::Qemu(qemu), why))
         }
         (VmmChoice::Qemu | VmmChoice::Auto, _) => {
             let (qemu, Selection { accel, reason }) =
@@ -180,7 +235,7 @@ fn choose_vmm(
                 _ => "tcg",
             };
             Ok((
-                Box::new(qemu),
+                Backend::Qemu(qemu),
                 format!("{why_qemu}; accel {accel}: {reason}"),
             ))
         }

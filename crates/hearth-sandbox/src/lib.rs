@@ -3,16 +3,19 @@
 //! Entry points: [`Sandbox::create`] pulls the image, prepares kernel, initramfs and scratch disk
 //! ([`boot`]), starts the VMM and connects to the guest agent; [`Sandbox::client`] runs commands and
 //! moves files; [`Sandbox::destroy`] stops the VM and removes its run directory. [`command::resolve`]
-//! turns an image config plus `docker run` style options into one concrete command. [`node::Node`]
+//! turns an image config plus `docker run` style options into one concrete command. On QEMU a VM
+//! is restored from a snapshot boot template unless snapshots are off ([`restore`]). [`node::Node`]
 //! manages many long-lived sandboxes on one host (state, admission, TTLs, recovery after restarts).
 
 pub mod boot;
 pub mod command;
 mod error;
 pub mod node;
+pub mod restore;
 mod sandbox;
 
 pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;
 pub use node::{Node, NodeConfig, NodeError};
+pub use restore::RestorePlan;
 pub use sandbox::{sweep_stale, BootTimings, Sandbox};

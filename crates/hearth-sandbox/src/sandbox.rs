@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
-use hearth_vm::channel::AgentClient;
-use hearth_vm::{AgentEndpoint, RunningVm, VmError, VmExit};
+use hearth_vm::channel::{AgentClient, Resume};
+use hearth_vm::{AgentEndpoint, RunningVm, VmError, VmExit, VmSpec};
 
 use crate::boot::{new_id, BootPlan, Purpose};
 use crate::{SandboxConfig, SandboxError};
@@ -29,8 +29,12 @@ pub struct BootTimings {
     pub prepare: Duration,
     /// VMM process start until its control socket answered.
     pub vmm_start: Duration,
-    /// Control socket answered until the agent completed the handshake (kernel boot + agent init).
+    /// Control socket answered until the agent completed the handshake (kernel boot + agent init;
+    /// for a restored VM, RESUME handling).
     pub guest_boot: Duration,
+    /// Restored from a snapshot template: how long loading the state took (part of `vmm_start`).
+    /// `None` after a cold boot.
+    pub restore: Option<Duration>,
 }
 
 /// A running sandbox. Call [`Sandbox::destroy`]; dropping it kills the VM without a clean shutdown.
@@ -74,6 +78,7 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         let config = config.clone();
+        let start_config = config.clone();
         let boot_image = image.clone();
         let plan_id = id.clone();
         let plan_dir = run_dir.clone();
@@ -81,41 +86,42 @@ impl Sandbox {
             let mut plan =
                 BootPlan::prepare_in(&config, &boot_image, &plan_id, &plan_dir, Purpose::Start)?;
             plan.spec.detached = detached;
-            make_run_dir(&plan.spec.run_dir)?;
-            let scratch = plan.spec.run_dir.join("scratch.ext4");
-            if let Err(err) = hearth_vm::scratch::create_scratch_disk(
-                &config.home,
-                &scratch,
-                config.scratch_bytes,
-            ) {
-                let _ = std::fs::remove_dir_all(&plan.spec.run_dir);
-                return Err(err.into());
+            if let Some(restore) = &mut plan.restore {
+                restore.cold_spec.detached = detached;
             }
+            prepare_run_dir(&plan.spec, &config)?;
             Ok::<_, SandboxError>((plan, started.elapsed()))
         })
         .await
         .expect("prepare task")?;
-        tracing::info!(sandbox = %id, vmm = %plan.selection, "starting VM");
+        tracing::info!(sandbox = %id, vmm = %plan.selection, snapshot = %plan.snapshot_note, "starting VM");
 
         let vmm_started = Instant::now();
         let console = plan.spec.console_log.clone();
         let selection = plan.selection.clone();
-        let spec = plan.spec.clone();
-        let start = tokio::task::spawn_blocking(move || plan.vmm.start(&spec))
-            .await
-            .expect("start task");
-        let vm = match start {
-            Ok(vm) => vm,
+        let start =
+            tokio::task::spawn_blocking(move || crate::restore::start(&plan, &start_config))
+                .await
+                .expect("start task");
+        let (mut vm, resume) = match start {
+            Ok(started) => started,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(err.into());
+                return Err(err);
             }
         };
         let vmm_start = vmm_started.elapsed();
+        let restore = vm.restored_in();
 
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
-        let client = match connect_agent(vm.agent_endpoint().clone(), deadline).await {
+        let connected = match (resume, vm.take_agent_stream()) {
+            (Some(resume), Some(stream)) => {
+                AgentClient::connect_stream_resume(stream, deadline, resume).await
+            }
+            (resume, _) => connect_agent(vm.agent_endpoint().clone(), deadline, resume).await,
+        };
+        let client = match connected {
             Ok(client) => client,
             Err(source) => {
                 let tail = console_tail(&console); // before the run directory goes
@@ -131,6 +137,7 @@ impl Sandbox {
             prepare,
             vmm_start,
             guest_boot: guest_started.elapsed(),
+            restore,
         };
         tracing::info!(sandbox = %id, ?timings, "agent ready");
         Ok(Sandbox {
@@ -296,6 +303,7 @@ pub fn sweep_stale(home: &Path) {
     }
 }
 
+/// Connects to the agent; a VM restored from a template gets `resume` first.
 /// How long a re-attached agent gets to answer its first request before the host reconnects.
 const REATTACH_PROBE: Duration = Duration::from_secs(3);
 
@@ -309,7 +317,7 @@ async fn reconnect_agent(
     id: &str,
 ) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
     loop {
-        let client = connect_agent(endpoint.clone(), deadline).await?;
+        let client = connect_agent(endpoint.clone(), deadline, None).await?;
         match tokio::time::timeout(REATTACH_PROBE, client.info()).await {
             Ok(Ok(_)) => return Ok(client),
             Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -332,17 +340,24 @@ async fn reconnect_agent(
 async fn connect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
+    resume: Option<Resume>,
 ) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
-    match endpoint {
-        AgentEndpoint::Stream(socket) => AgentClient::connect_unix(&socket, deadline).await,
-        AgentEndpoint::HybridVsock { socket, port } => {
+    match (endpoint, resume) {
+        (AgentEndpoint::Stream(socket), Some(resume)) => {
+            AgentClient::connect_unix_resume(&socket, deadline, resume).await
+        }
+        (AgentEndpoint::Stream(socket), None) => AgentClient::connect_unix(&socket, deadline).await,
+        // Only QEMU VMs are restored, and they have a stream endpoint.
+        (AgentEndpoint::HybridVsock { socket, port }, _) => {
             AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
         }
     }
 }
 
-fn make_run_dir(dir: &Path) -> Result<(), SandboxError> {
+/// Creates the VM's run directory and its scratch disk (removed again if that fails).
+pub(crate) fn prepare_run_dir(spec: &VmSpec, config: &SandboxConfig) -> Result<(), SandboxError> {
     use std::os::unix::fs::DirBuilderExt;
+    let dir = &spec.run_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -350,7 +365,15 @@ fn make_run_dir(dir: &Path) -> Result<(), SandboxError> {
         .map_err(|source| SandboxError::Io {
             what: format!("creating run directory {}", dir.display()),
             source,
-        })
+        })?;
+    let scratch = dir.join("scratch.ext4");
+    if let Err(err) =
+        hearth_vm::scratch::create_scratch_disk(&config.home, &scratch, config.scratch_bytes)
+    {
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(err.into());
+    }
+    Ok(())
 }
 
 /// The last lines of the guest console, for errors.

@@ -36,6 +36,10 @@ pub struct VmSpec {
     /// parent-death signal, so it outlives its starter, and the run directory holds a
     /// [`crate::DetachedRecord`] from which a later process can [`crate::adopt`] it.
     pub detached: bool,
+    /// QEMU only: start from this saved template state (`crate::qemu::snapshot`) instead of
+    /// booting the kernel. The spec must then be the template's restore spec
+    /// ([`crate::qemu::snapshot::Template::restore_spec`]): same devices, the template's command line.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -58,6 +62,7 @@ impl VmSpec {
             console_log: run_dir.join("console.log"),
             run_dir,
             detached: false,
+            restore_from: None,
         }
     }
 
@@ -172,6 +177,12 @@ impl KernelCmdline {
         self
     }
 
+    /// Removes every parameter with this key (`key=...` or bare `key`).
+    pub fn remove(&mut self, key: &str) -> &mut Self {
+        self.params.retain(|p| Self::key(p) != key);
+        self
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.params
             .iter()
@@ -243,6 +254,11 @@ mod tests {
         );
         assert_eq!(cmdline.get("tsc_early_khz"), Some("tsc_early_khz=2300000"));
         assert_eq!(cmdline.get("nope"), None);
+        cmdline.remove("quiet").remove("absent");
+        assert_eq!(
+            cmdline.render(),
+            "console=ttyS0 panic=5 tsc_early_khz=2300000"
+        );
     }
 
     #[test]

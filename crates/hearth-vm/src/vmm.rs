@@ -82,6 +82,18 @@ pub trait RunningVm: Send {
     /// and its run directory in place, for a later [`crate::adopt()`]. Meant for detached VMs (a
     /// non-detached VMM still dies with this process).
     fn release(&mut self);
+
+    /// For a VM restored from a snapshot template (QEMU): how long loading its state took.
+    /// `None` for a cold boot.
+    fn restored_in(&self) -> Option<Duration> {
+        None
+    }
+
+    /// For a VM restored from a snapshot template: the agent connection the restore opened (the
+    /// guest must not see its host disconnect; use it for the first handshake). Taken once.
+    fn take_agent_stream(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        None
+    }
 }
 
 /// How the host reaches the guest agent.
@@ -141,7 +153,7 @@ impl std::fmt::Display for LaunchPlan {
     }
 }
 
-fn shell_quote(word: &str) -> String {
+pub(crate) fn shell_quote(word: &str) -> String {
     let plain = !word.is_empty()
         && word
             .bytes()
@@ -203,6 +215,8 @@ pub enum VmError {
     Wait { pid: u32, source: std::io::Error },
     #[error(transparent)]
     Tsc(#[from] crate::tsc::TscError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::qemu::snapshot::SnapshotError),
     #[error("{0}")]
     Unsupported(String),
 }

@@ -3,15 +3,22 @@
 //! before serving prints one `hearth-agent: FATAL:` line on the console and reboots, which ends the
 //! VM (QEMU runs with -no-reboot; Firecracker exits on reboot).
 //!
+//! A **template** VM (booted once, then saved and restored many times) does only the early init:
+//! mounts, every module but the deferred ones ([`modules::DEFERRED_IN_TEMPLATE`]), loopback, the
+//! agent port. Its agent then answers no HELLO until a RESUME line brings the late init
+//! ([`resume::TemplateResume`]): clock, entropy, hostname, deferred modules, disks, workload root.
+//!
 //! Kernel command line parameters read here:
-//! - `hearth.hostname=NAME`: the guest's hostname (default `hearth`).
+//! - `hearth.hostname=NAME`: the guest's hostname (default `hearth`; a template's comes with RESUME).
+//! - `hearth.template=1`: template mode.
 
 mod disks;
 mod modules;
 mod mounts;
 mod reaper;
+mod resume;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +31,8 @@ const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs PID 1 for the guest's whole life.
 pub fn run() -> ! {
-    let hostname = match boot() {
-        Ok(hostname) => hostname,
+    let booted = match boot() {
+        Ok(booted) => booted,
         Err(e) => fatal(&e),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -35,12 +42,20 @@ pub fn run() -> ! {
         Ok(runtime) => runtime,
         Err(e) => fatal(&format!("starting the async runtime: {e}")),
     };
-    let error = runtime.block_on(serve(hostname));
+    let error = runtime.block_on(serve(booted));
     fatal(&error)
 }
 
-/// Everything before serving. Returns the hostname.
-fn boot() -> Result<String, String> {
+/// How far [`boot`] got.
+enum Booted {
+    /// Everything is set up; the guest is called `hostname`.
+    Cold { hostname: String },
+    /// Early init only; the rest waits for RESUME.
+    Template { deferred_modules: Vec<PathBuf> },
+}
+
+/// Everything before serving.
+fn boot() -> Result<Booted, String> {
     mounts::mount_early()?;
     redirect_stdio_to_console();
     INIT_MS.store(uptime_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -50,11 +65,14 @@ fn boot() -> Result<String, String> {
         uptime()
     );
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let listed = modules::read_list(Path::new(modules::MODULE_LIST)).map_err(|e| e.to_string())?;
+    if is_template(&cmdline) {
+        return template_boot(listed);
+    }
     let hostname = kernel_param(&cmdline, "hearth.hostname")
         .unwrap_or("hearth")
         .to_string();
-    let loaded = modules::load_listed(std::path::Path::new(modules::MODULE_LIST))
-        .map_err(|e| e.to_string())?;
+    let loaded = modules::load_all(&listed).map_err(|e| e.to_string())?;
     nix::unistd::sethostname(&hostname)
         .map_err(|e| format!("setting hostname {hostname:?}: {e}"))?;
     if let Err(e) = loopback_up() {
@@ -66,15 +84,48 @@ fn boot() -> Result<String, String> {
         "{loaded} modules loaded, workload root mounted (uptime {})",
         uptime()
     );
-    Ok(hostname)
+    Ok(Booted::Cold { hostname })
 }
 
-async fn serve(hostname: String) -> String {
-    let agent = Agent::new(AgentConfig {
+/// Whether the kernel command line asks for a template VM.
+fn is_template(cmdline: &str) -> bool {
+    kernel_param(cmdline, "hearth.template") == Some("1")
+}
+
+/// A template's early init: nothing that depends on the disks or on the VM's identity.
+fn template_boot(listed: Vec<PathBuf>) -> Result<Booted, String> {
+    let (now, deferred_modules) = modules::split_deferred(listed, modules::DEFERRED_IN_TEMPLATE);
+    if deferred_modules.is_empty() {
+        log!(
+            "template: no {:?} module in the list (built into the kernel?): the snapshot may hold disk state",
+            modules::DEFERRED_IN_TEMPLATE
+        );
+    }
+    let loaded = modules::load_all(&now).map_err(|e| e.to_string())?;
+    if let Err(e) = loopback_up() {
+        log!("bringing up lo: {e} (continuing without loopback)");
+    }
+    log!(
+        "template: {loaded} modules loaded, {} deferred until RESUME (uptime {})",
+        deferred_modules.len(),
+        uptime()
+    );
+    Ok(Booted::Template { deferred_modules })
+}
+
+async fn serve(booted: Booted) -> String {
+    let config = AgentConfig {
         root: PathBuf::from(mounts::ROOT),
         exec_init_program: PathBuf::from("/proc/self/exe"),
         power: Arc::new(Reboot),
-    });
+    };
+    let (agent, hostname) = match booted {
+        Booted::Cold { hostname } => (Agent::new(config), Some(hostname)),
+        Booted::Template { deferred_modules } => {
+            let late_init = Arc::new(resume::TemplateResume { deferred_modules });
+            (Agent::awaiting_resume(config, late_init), None)
+        }
+    };
     tokio::spawn(reaper::reap_orphans(agent.clone()));
     if std::path::Path::new("/dev/vsock").exists() {
         match crate::port::VsockListener::bind(hearth_proto::VSOCK_PORT) {
@@ -95,15 +146,25 @@ async fn serve(hostname: String) -> String {
     }
     match crate::port::open_virtio_port(hearth_proto::VIRTIO_PORT_NAME, DEVICE_TIMEOUT).await {
         Ok((device, port)) => {
-            let _ = BOOT_MARKS.set(hearth_proto::BootMarks {
-                init_ms: INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
-                ready_ms: uptime_ms(),
-            });
-            log!(
-                "ready on {} as {hostname} (uptime {})",
-                device.display(),
-                uptime()
-            );
+            match hostname {
+                Some(hostname) => {
+                    let _ = BOOT_MARKS.set(hearth_proto::BootMarks {
+                        init_ms: INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
+                        ready_ms: uptime_ms(),
+                        resume_ms: None,
+                    });
+                    log!(
+                        "ready on {} as {hostname} (uptime {})",
+                        device.display(),
+                        uptime()
+                    );
+                }
+                None => log!(
+                    "template ready on {}: waiting for RESUME (uptime {})",
+                    device.display(),
+                    uptime()
+                ),
+            }
             crate::session::serve_port(agent, port).await
         }
         Err(e) if std::path::Path::new("/dev/vsock").exists() => {
@@ -225,5 +286,14 @@ mod tests {
         let cmdline = "console=ttyS0 hearth.hostname=a quiet hearth.hostname=box\n";
         assert_eq!(kernel_param(cmdline, "hearth.hostname"), Some("box"));
         assert_eq!(kernel_param(cmdline, "hearth.other"), None);
+    }
+
+    #[test]
+    fn template_mode_needs_the_exact_flag() {
+        assert!(is_template("console=ttyS0 hearth.template=1 quiet"));
+        assert!(!is_template("console=ttyS0 quiet"));
+        assert!(!is_template("hearth.template=0"));
+        assert!(!is_template("hearth.template=1 hearth.template=0"));
+        assert!(!is_template("hearth.templates=1"));
     }
 }

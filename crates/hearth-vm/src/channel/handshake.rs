@@ -1,12 +1,14 @@
 //! The host side of the session handshake: send `HELLO <nonce>` at once, again whenever the guest
 //! says it is `WAITING`, and every 250 ms otherwise, until the exact `READY <nonce>` line arrives,
 //! skipping whatever an earlier session or a booting guest left in the stream. (Retrying much faster
-//! instead slows a booting guest under TCG: each HELLO is an interrupt.)
+//! instead slows a booting guest under TCG: each HELLO is an interrupt.) To a VM restored from a
+//! snapshot template, a RESUME line goes before every HELLO: the guest applies the first it sees and
+//! ignores the rest, so a guest session that started after the first one was sent still gets one.
 
 use std::io;
 use std::time::Duration;
 
-use hearth_proto::handshake::{self, HandshakeLine, LineBuffer};
+use hearth_proto::handshake::{self, HandshakeLine, LineBuffer, Resume};
 use hearth_proto::PROTOCOL_MAJOR;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -25,8 +27,26 @@ pub struct Ready {
 
 /// Runs the handshake on `io`. Waits for ever; bound it with a timeout.
 pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<Ready, ChannelError> {
+    hello_resuming(io, None).await
+}
+
+/// [`hello`], with `resume` (for a VM restored from a template) sent before each HELLO.
+pub async fn hello_resuming<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    resume: Option<&Resume>,
+) -> Result<Ready, ChannelError> {
     let nonce = random_nonce()?;
-    let hello = handshake::hello_line(&nonce);
+    let mut hello = String::new();
+    if let Some(resume) = resume {
+        if !handshake::is_resume_hostname(&resume.hostname) {
+            return Err(ChannelError::Protocol(format!(
+                "hostname {:?} cannot go in a RESUME line: use 1-63 characters of [A-Za-z0-9-]",
+                resume.hostname
+            )));
+        }
+        hello.push_str(&handshake::resume_line(resume));
+    }
+    hello.push_str(&handshake::hello_line(&nonce));
     send_hello(io, &hello)
         .await
         .map_err(|e| ChannelError::io("sending HELLO to the agent", e))?;
@@ -187,6 +207,65 @@ mod tests {
         });
         hello(&mut host).await.unwrap();
         guest_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_resume_line_goes_before_every_hello() {
+        let (mut host, guest) = tokio::io::duplex(64 * 1024);
+        let (guest_read, mut guest_write) = tokio::io::split(guest);
+        let resume = Resume {
+            unix_time_ns: 1_700_000_000_123_456_789,
+            seed: [7; handshake::RESUME_SEED_LEN],
+            hostname: "hearth-abc".into(),
+        };
+        let expected = resume.clone();
+        let guest_task = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(guest_read);
+            // A restored guest's fresh session announces itself; RESUME + HELLO follow at once.
+            let asked = std::time::Instant::now();
+            guest_write
+                .write_all(handshake::waiting_line().as_bytes())
+                .await
+                .unwrap();
+            let mut resumes = 0;
+            let mut hellos = Vec::new();
+            let mut line = String::new();
+            while hellos.len() < 2 {
+                line.clear();
+                reader.read_line(&mut line).await.unwrap();
+                match handshake::parse_line(line.trim_end().as_bytes()) {
+                    Some(HandshakeLine::Resume(r)) => {
+                        assert_eq!(r, expected);
+                        if resumes == 0 {
+                            assert!(asked.elapsed() < HELLO_INTERVAL / 2, "sent on WAITING");
+                        }
+                        assert_eq!(resumes, hellos.len(), "RESUME precedes its HELLO");
+                        resumes += 1;
+                    }
+                    Some(HandshakeLine::Hello { nonce, .. }) => hellos.push(nonce),
+                    _ => {}
+                }
+            }
+            guest_write
+                .write_all(format!("HEARTH-AGENT/1 READY {} 1.0.0\n", hellos[0]).as_bytes())
+                .await
+                .unwrap();
+            reader
+        });
+        hello_resuming(&mut host, Some(&resume)).await.unwrap();
+        guest_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hostname_the_guest_would_reject_is_refused_before_sending() {
+        let (mut host, _guest) = tokio::io::duplex(1024);
+        let resume = Resume {
+            unix_time_ns: 1,
+            seed: [0; handshake::RESUME_SEED_LEN],
+            hostname: "bad name".into(),
+        };
+        let err = hello_resuming(&mut host, Some(&resume)).await.unwrap_err();
+        assert!(err.to_string().contains("bad name"), "{err}");
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! transfer (see [`FileDownload`]), `stat`, `list`, `info`, `signal`, `shutdown`.
 //!
 //! Reconnecting = dropping the client and calling [`AgentClient::connect`] again on a new stream;
-//! the agent answers the new HELLO. Dropping the last clone of a client closes its connection, and
+//! the agent answers the new HELLO. A VM restored from a snapshot template is connected with
+//! [`AgentClient::connect_unix_resume`] the first time. Dropping the last clone of a client closes its connection, and
 //! the agent then kills the process trees of the execs that connection started.
 //!
 //! Touches only the stream it is given (and, for the connect helpers, the socket path named).
@@ -22,6 +23,8 @@ use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use hearth_proto::{tuning, AgentError, AgentInfo, AgentRequest, DirListing, FileStat};
+
+pub use hearth_proto::handshake::Resume;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -95,11 +98,23 @@ pub struct AgentClient {
 impl AgentClient {
     /// Performs the handshake on `stream` and starts HTTP/2. Waits as long as the guest needs to
     /// answer: bound it with a timeout (as [`AgentClient::connect_unix`] does).
-    pub async fn connect<S>(mut stream: S) -> Result<AgentClient, ChannelError>
+    pub async fn connect<S>(stream: S) -> Result<AgentClient, ChannelError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let ready = handshake::hello(&mut stream).await?;
+        AgentClient::connect_resuming(stream, None).await
+    }
+
+    /// [`AgentClient::connect`] to a VM restored from a snapshot template: `resume` (its clock,
+    /// entropy seed and hostname) goes before the HELLO (see `hearth_proto::handshake`).
+    pub async fn connect_resuming<S>(
+        mut stream: S,
+        resume: Option<Resume>,
+    ) -> Result<AgentClient, ChannelError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ready = handshake::hello_resuming(&mut stream, resume.as_ref()).await?;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
@@ -122,6 +137,40 @@ impl AgentClient {
     /// retrying while the socket does not exist or refuses connections (the VMM is starting), and
     /// completes the handshake, all before `deadline`.
     pub async fn connect_unix(path: &Path, deadline: Instant) -> Result<AgentClient, ChannelError> {
+        AgentClient::connect_unix_inner(path, deadline, None).await
+    }
+
+    /// [`AgentClient::connect_unix`] to a VM restored from a snapshot template, which gets `resume`
+    /// before its HELLO.
+    pub async fn connect_unix_resume(
+        path: &Path,
+        deadline: Instant,
+        resume: Resume,
+    ) -> Result<AgentClient, ChannelError> {
+        AgentClient::connect_unix_inner(path, deadline, Some(resume)).await
+    }
+
+    /// [`AgentClient::connect_unix_resume`] on a connection already open (the one a QEMU restore
+    /// made before loading the state: `RunningVm::take_agent_stream`).
+    pub async fn connect_stream_resume(
+        stream: std::os::unix::net::UnixStream,
+        deadline: Instant,
+        resume: Resume,
+    ) -> Result<AgentClient, ChannelError> {
+        let started = Instant::now();
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            .map_err(|e| ChannelError::io("using the restored VM's agent connection", e))?;
+        let connect = AgentClient::connect_resuming(stream, Some(resume));
+        with_deadline(deadline, started, connect).await
+    }
+
+    async fn connect_unix_inner(
+        path: &Path,
+        deadline: Instant,
+        resume: Option<Resume>,
+    ) -> Result<AgentClient, ChannelError> {
         let started = Instant::now();
         let stream = loop {
             match tokio::net::UnixStream::connect(path).await {
@@ -137,7 +186,12 @@ impl AgentClient {
                 }
             }
         };
-        with_deadline(deadline, started, AgentClient::connect(stream)).await
+        with_deadline(
+            deadline,
+            started,
+            AgentClient::connect_resuming(stream, resume),
+        )
+        .await
     }
 
     /// Connects through Firecracker's hybrid vsock socket: `CONNECT <port>\n` -> `OK <n>\n`, retried

@@ -135,6 +135,13 @@ impl FirecrackerVmm {
 
     pub(crate) fn prepare(&self, spec: &VmSpec) -> Result<Prepared, VmError> {
         spec.validate()?;
+        if spec.restore_from.is_some() {
+            return Err(VmError::Unsupported(
+                "restoring a QEMU template snapshot is not possible with Firecracker: boot cold \
+                 (leave VmSpec::restore_from unset)"
+                    .into(),
+            ));
+        }
         let id = jailer::vm_id(&spec.run_dir)?;
         let layout = match &self.jailer {
             Some(jail) => {

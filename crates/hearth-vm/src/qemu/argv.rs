@@ -91,6 +91,10 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
         "-device",
         &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
     ]);
+    if spec.restore_from.is_some() {
+        // The state is fed in over QMP (`migrate-incoming`) once QEMU runs: see snapshot::restore.
+        push(&["-incoming", "defer"]);
+    }
     args
 }
 
@@ -173,6 +177,22 @@ mod tests {
         let devices = values(&args, "-device");
         assert!(devices.contains(&"virtio-blk-device,drive=hearth-rootfs,serial=hearth-rootfs"));
         assert!(devices.contains(&"virtio-blk-device,drive=hearth-scratch,serial=hearth-scratch"));
+    }
+
+    #[test]
+    fn a_restore_waits_for_incoming_state_and_a_cold_boot_does_not() {
+        let qemu = QemuVmm::new("qemu", Accel::Tcg, Some(1)).unwrap();
+        let cold = render(&qemu, &spec());
+        assert!(values(&cold, "-incoming").is_empty());
+        let mut restore = spec();
+        restore.restore_from = Some("/h/templates/abc/state".into());
+        let args = render(&qemu, &restore);
+        assert_eq!(values(&args, "-incoming"), ["defer"]);
+        assert_eq!(
+            &args[..args.len() - 2],
+            &cold[..],
+            "same devices in the same order"
+        );
     }
 
     #[test]

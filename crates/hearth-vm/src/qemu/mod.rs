@@ -1,16 +1,18 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio block devices, the agent channel
 //! on a virtio-serial port bound to a Unix socket, the serial console in a file and QMP on a Unix
 //! socket for control. `argv.rs` renders the command line, `running.rs` owns a started VM, `qmp.rs`
-//! speaks QMP.
+//! speaks QMP, `snapshot/` builds boot templates and restores VMs from them.
 
 mod argv;
 mod qmp;
 mod running;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use running::RunningQemu;
+pub use snapshot::{ensure_template, SnapshotError, Template};
 
 use crate::accel::{Accel, KvmBootProbe, Selection};
 use crate::vmm::{LaunchPlan, RunningVm, VmError, Vmm};

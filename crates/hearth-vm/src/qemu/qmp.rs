@@ -118,6 +118,27 @@ impl Qmp {
         self.execute("cont", None).map(drop)
     }
 
+    /// Starts an outgoing migration to `uri` (e.g. `exec:cat > FILE`); it runs in the background:
+    /// poll [`Qmp::query_migrate`].
+    pub fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
+    /// Feeds a QEMU started with `-incoming defer` its state from `uri` (e.g. `exec:cat FILE`).
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .map(drop)
+    }
+
+    /// The outgoing migration's status (`active`, `completed`, `failed`, ...) and QEMU's error
+    /// description when it failed.
+    pub fn query_migrate(&mut self) -> Result<(String, Option<String>), QmpError> {
+        let info = self.execute("query-migrate", None)?;
+        let field = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_owned);
+        Ok((field("status").unwrap_or_default(), field("error-desc")))
+    }
+
     /// Presses the ACPI power button.
     pub fn system_powerdown(&mut self) -> Result<(), QmpError> {
         self.execute("system_powerdown", None).map(drop)

@@ -4,10 +4,12 @@
 //! handle was [released](RunningVm::release). A detached QEMU can be adopted by another process
 //! ([`RunningQemu::adopt`]): it is then watched through a pidfd instead of as our child.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use super::snapshot::{restore::load_and_continue, SnapshotError};
 use super::{argv, QemuVmm, Qmp};
 use crate::adopt::{DetachedRecord, ForeignProcess, ProcessIdentity, VmmProcess};
 use crate::process::{spawn_vmm, SpawnRequest};
@@ -19,6 +21,8 @@ use crate::VmSpec;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// After QMP `quit`, QEMU flushes block devices and exits; past this it gets SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// After a failed state load QEMU prints why and exits at once; its stderr is read after this.
+const RESTORE_FAILURE_EXIT: Duration = Duration::from_secs(2);
 
 pub struct RunningQemu {
     process: VmmProcess,
@@ -30,11 +34,25 @@ pub struct RunningQemu {
     exit: Option<VmExit>,
     /// Released: dropping leaves the VMM running and the run directory in place.
     released: bool,
+    /// Restored from a template: how long loading the state took.
+    restored_in: Option<Duration>,
+    /// Restored from a template: the agent port connection made before the state was loaded.
+    agent_stream: Option<UnixStream>,
 }
 
 impl RunningQemu {
     pub(super) fn start(qemu: &QemuVmm, spec: &VmSpec) -> Result<Self, VmError> {
         spec.validate()?;
+        if let Some(state) = &spec.restore_from {
+            if !state.is_file() {
+                return Err(SnapshotError::Restore {
+                    state: state.clone(),
+                    detail: "the saved state does not exist".into(),
+                    stderr: String::new(),
+                }
+                .into());
+            }
+        }
         let run_dir = spec.run_dir.clone();
         rundir::create(&run_dir)?;
         let log_path = run_dir.join(rundir::VMM_LOG);
@@ -69,6 +87,8 @@ impl RunningQemu {
             qmp: None,
             exit: None,
             released: false,
+            restored_in: None,
+            agent_stream: None,
             run_dir,
         };
         rundir::write_pid(&vm.run_dir, pid)?;
@@ -91,8 +111,43 @@ impl RunningQemu {
             }
         }
         vm.qmp = Some(vm.connect_qmp()?);
-        tracing::debug!(pid, run_dir = %vm.run_dir.display(), "qemu started");
+        if let Some(state) = &spec.restore_from {
+            vm.restore(state, &spec.agent_socket)?;
+        }
+        tracing::debug!(pid, run_dir = %vm.run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
         Ok(vm)
+    }
+
+    /// Loads the template state into a QEMU started with `-incoming defer` and lets it run. On
+    /// failure QEMU usually exits by itself; its stderr goes into the error before it is killed.
+    fn restore(&mut self, state: &Path, agent_socket: &Path) -> Result<(), VmError> {
+        let started = Instant::now();
+        // The template was saved with its host connected; connecting before the load keeps it
+        // so for the restored guest (see snapshot/build.rs).
+        let agent = UnixStream::connect(agent_socket).map_err(|source| VmError::Io {
+            what: "connecting to the agent socket before restoring",
+            path: agent_socket.to_owned(),
+            source,
+        })?;
+        let qmp = self.qmp.as_mut().expect("QMP connected before restoring");
+        match load_and_continue(qmp, state) {
+            Ok(()) => {
+                self.restored_in = Some(started.elapsed());
+                self.agent_stream = Some(agent);
+                Ok(())
+            }
+            Err(detail) => {
+                let _ = self.wait_process(Some(RESTORE_FAILURE_EXIT));
+                let stderr = read_tail(&self.run_dir.join(rundir::VMM_LOG));
+                let _ = self.kill();
+                Err(SnapshotError::Restore {
+                    state: state.to_owned(),
+                    detail,
+                    stderr,
+                }
+                .into())
+            }
+        }
     }
 
     /// Polls for the QMP socket while watching for an early exit.
@@ -151,6 +206,8 @@ impl RunningQemu {
             qmp,
             exit: None,
             released: false,
+            restored_in: None,
+            agent_stream: None,
         })
     }
 
@@ -286,6 +343,14 @@ impl RunningVm for RunningQemu {
     fn release(&mut self) {
         self.released = true;
         self.qmp = None;
+    }
+
+    fn restored_in(&self) -> Option<Duration> {
+        self.restored_in
+    }
+
+    fn take_agent_stream(&mut self) -> Option<UnixStream> {
+        self.agent_stream.take()
     }
 }
 

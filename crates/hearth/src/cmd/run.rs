@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// unprivileged user and group.
     #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
     pub jailer: Option<(u32, u32)>,
+    /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// Print the VMM command line and VM configuration that would be used, and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -147,6 +150,14 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
             "# command: {:?} user={} cwd={}",
             command.argv, command.user, command.working_dir
         );
+        println!("# snapshot: {}", plan.snapshot_note);
+        if let Some(restore) = &plan.restore {
+            println!(
+                "# then QMP: migrate-incoming exec:cat {}; cont; the agent gets RESUME (clock, seed, hostname {})",
+                restore.template.state().display(),
+                restore.hostname
+            );
+        }
         print!("{}", plan.dry_run()?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -200,16 +211,29 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("tearing down the VM: {err}");
     }
     if a.timings {
-        // guest-boot (host clock: VMM answered until handshake done) splits, on the guest's clock,
-        // into kernel boot (uptime at /init) and agent init; the rest is QEMU loading the kernel
-        // before the guest clock starts plus the handshake.
-        let split = marks.map_or(String::new(), |m| {
-            format!(
+        // Cold boot: guest-boot (host clock: VMM answered until handshake done) splits, on the
+        // guest's clock, into kernel boot (uptime at /init) and agent init; the rest is QEMU loading
+        // the kernel before the guest clock starts plus the handshake. Restored: vmm-start includes
+        // loading the template state (restore), and guest-boot is mostly the agent's late init
+        // after RESUME (resume, on the guest's clock).
+        let split = match (boot.restore, marks) {
+            (Some(restore), marks) => format!(
+                " (restore {:.3}s{})",
+                restore.as_secs_f64(),
+                marks
+                    .and_then(|m| m.resume_ms)
+                    .map_or(String::new(), |ms| format!(
+                        " resume {:.3}s",
+                        ms as f64 / 1000.0
+                    ))
+            ),
+            (None, Some(m)) => format!(
                 " (kernel-boot {:.3}s agent-init {:.3}s)",
                 m.init_ms as f64 / 1000.0,
                 m.ready_ms.saturating_sub(m.init_ms) as f64 / 1000.0
-            )
-        });
+            ),
+            (None, None) => String::new(),
+        };
         eprintln!(
             "hearth timings: pull {:.3}s prepare {:.3}s vmm-start {:.3}s guest-boot {:.3}s{split} exec {:.3}s teardown {:.3}s total {:.3}s",
             pulled.as_secs_f64(),
@@ -314,6 +338,9 @@ fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<SandboxConfig> 
     config.kernel = a.kernel.clone();
     config.agent = a.agent.clone();
     config.jailer = a.jailer;
+    if a.no_snapshot {
+        config.snapshot = false;
+    }
     Ok(config)
 }
 

@@ -1,0 +1,230 @@
+//! Snapshot restore with real QEMU under TCG, the real kernel and agent and the test registry's
+//! images: a template is built once and two sandboxes of different images are restored from it,
+//! each with its own clock, entropy, hostname, root filesystem and scratch disk; the template is
+//! reused; a corrupt template state is a clear error and falls back to a cold boot; nothing is left
+//! running. Each test uses its own `HEARTH_HOME`, so each builds its own template.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hearth_image::{ImageStore, PullOptions, PulledImage};
+use hearth_sandbox::{BootPlan, Purpose, Sandbox, SandboxConfig};
+use hearth_vm::channel::{ExecRequest, ExitStatus};
+use hearth_vm::qemu::ensure_template;
+
+async fn sh(sandbox: &Sandbox, script: &str) -> (String, ExitStatus) {
+    let request = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin".into()],
+        ..ExecRequest::default()
+    };
+    let run = async { sandbox.client().exec(request).await?.output().await };
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap_or_else(|_| panic!("{script}: no answer within 30 s"))
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+/// `sh` that must succeed; its trimmed stdout.
+async fn ok(sandbox: &Sandbox, script: &str) -> String {
+    let (out, status) = sh(sandbox, script).await;
+    assert!(status.success(), "{script}: {status:?} {out}");
+    out.trim().to_owned()
+}
+
+async fn pull(home: &Path, name: &str) -> PulledImage {
+    let registry = hearth_testkit::registry().unwrap();
+    let opts = PullOptions {
+        insecure_registries: vec![registry.addr.clone()],
+        ..Default::default()
+    };
+    ImageStore::open(home)
+        .unwrap()
+        .ensure(&hearth_testkit::image_ref(name).unwrap(), &opts)
+        .await
+        .unwrap()
+}
+
+fn config(home: &Path) -> SandboxConfig {
+    let mut config = SandboxConfig::new(home);
+    config.kernel = Some(hearth_testkit::kernel_dir());
+    config.agent = Some(hearth_testkit::agent_bin());
+    config.accel = hearth_vm::Accel::Tcg;
+    config.snapshot = true;
+    config
+}
+
+/// Processes whose command line mentions `home` (QEMUs of this test, template builds included).
+fn processes_using(home: &Path) -> Vec<String> {
+    let needle = home.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+fn template_dirs(home: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(home.join("templates")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_restored_from_one_template_are_each_their_own() {
+    let home = tempfile::tempdir().unwrap();
+    let busybox = pull(home.path(), "busybox").await;
+    let python = pull(home.path(), "python").await;
+    let config = config(home.path());
+
+    // The first sandbox builds the template (one cold boot plus a save), then restores from it.
+    let first = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    let restore = first.timings().restore.expect("restored from the template");
+    let templates = template_dirs(home.path());
+    assert_eq!(templates.len(), 1, "{templates:?}");
+
+    // The second one reuses it: restored, and quicker to its agent than a kernel boot.
+    let started = Instant::now();
+    let second = Sandbox::create(&config, python.clone()).await.unwrap();
+    let second_boot = started.elapsed();
+    assert!(second.timings().restore.is_some(), "restored");
+    assert_eq!(template_dirs(home.path()), templates, "one template reused");
+    eprintln!(
+        "first restore {restore:?}; second sandbox ready in {second_boot:?} ({:?})",
+        second.timings()
+    );
+
+    // Each has the hostname of its own sandbox (from RESUME, not the template's command line).
+    for sandbox in [&first, &second] {
+        let expected = format!("hearth-{}", &sandbox.id()[..12]);
+        assert_eq!(ok(sandbox, "hostname").await, expected);
+    }
+
+    // Their CRNGs diverged from the template's shared state.
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let (a, b) = (ok(&first, random).await, ok(&second, random).await);
+    assert_eq!(a.len(), 64, "{a}");
+    assert_ne!(a, b, "clones of one template must not share random output");
+
+    // The wall clock is the host's, not the template's build time.
+    for sandbox in [&first, &second] {
+        let guest: i64 = ok(sandbox, "date +%s").await.parse().unwrap();
+        let host = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((host - guest).abs() <= 5, "guest {guest} host {host}");
+    }
+
+    // Root filesystems are each VM's own image; the scratch disks are each VM's own.
+    assert_eq!(
+        ok(&first, "test -e /usr/bin/python3 && echo yes || echo no").await,
+        "no"
+    );
+    assert_eq!(
+        ok(&second, "test -e /usr/bin/python3 && echo yes || echo no").await,
+        "yes"
+    );
+    ok(&first, "echo first > /home/marker && sync").await;
+    assert_eq!(
+        ok(&second, "cat /home/marker 2>/dev/null || echo absent").await,
+        "absent"
+    );
+    assert_eq!(ok(&first, "cat /home/marker").await, "first");
+
+    // Ensuring the template again is a lookup, not a build.
+    let plan = BootPlan::prepare(&config, &busybox, "again", Purpose::DryRun).unwrap();
+    let restore_plan = plan.restore.as_ref().expect("a restore is planned");
+    assert!(restore_plan.built, "{}", plan.snapshot_note);
+    let qemu =
+        hearth_vm::qemu::QemuVmm::for_host(home.path(), hearth_vm::Accel::Tcg, &plan.spec.kernel)
+            .unwrap()
+            .0;
+    let started = Instant::now();
+    let template = ensure_template(&qemu, home.path(), &restore_plan.cold_spec).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(template, restore_plan.template);
+
+    for sandbox in [first, second] {
+        let run_dir = sandbox.run_dir();
+        sandbox.destroy().await.unwrap();
+        assert!(!run_dir.exists(), "run directory removed");
+    }
+    let left = processes_using(home.path());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_template_is_a_clear_error_and_the_sandbox_boots_cold() {
+    let home = tempfile::tempdir().unwrap();
+    let busybox = pull(home.path(), "busybox").await;
+    let config = config(home.path());
+
+    // Snapshots off: a cold boot is planned and no template is made.
+    let mut cold = config.clone();
+    cold.snapshot = false;
+    let plan = BootPlan::prepare(&cold, &busybox, "cold", Purpose::DryRun).unwrap();
+    assert!(plan.restore.is_none() && plan.spec.restore_from.is_none());
+    assert!(plan.snapshot_note.contains("off"), "{}", plan.snapshot_note);
+
+    let sandbox = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    assert!(sandbox.timings().restore.is_some());
+    sandbox.discard().await.unwrap();
+
+    // Garbage of the same size: the template still looks complete, but does not load.
+    let plan = BootPlan::prepare(&config, &busybox, "corrupt", Purpose::DryRun).unwrap();
+    let restore = plan.restore.as_ref().expect("a restore is planned");
+    let state = restore.template.state();
+    let size = std::fs::metadata(&state).unwrap().len();
+    std::fs::write(&state, vec![0x5a; size as usize]).unwrap();
+
+    // Straight at the VMM: the start fails, naming the state file and QEMU's complaint.
+    std::fs::create_dir_all(&plan.spec.run_dir).unwrap();
+    std::fs::File::create(plan.spec.run_dir.join("scratch.ext4"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let err = match plan.vmm.start(&plan.spec) {
+        Ok(_) => panic!("a corrupt state restored"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("restoring the VM from"), "{err}");
+    assert!(err.contains(&state.display().to_string()), "{err}");
+    assert!(!plan.spec.run_dir.exists(), "failed start cleaned up");
+
+    // A sandbox falls back to a cold boot, works, and the bad template is gone.
+    let sandbox = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    assert!(sandbox.timings().restore.is_none(), "booted cold");
+    assert_eq!(ok(&sandbox, "echo cold-ok").await, "cold-ok");
+    assert_eq!(
+        ok(&sandbox, "hostname").await,
+        format!("hearth-{}", &sandbox.id()[..12])
+    );
+    assert!(!state.exists(), "the corrupt template was discarded");
+    sandbox.destroy().await.unwrap();
+
+    let left = processes_using(home.path());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
