@@ -53,19 +53,12 @@ impl Drop for OwnedControlPlane {
 pub fn kube() -> anyhow::Result<&'static Kube> {
     static KUBE: OnceLock<Kube> = OnceLock::new();
     static STARTING: Mutex<()> = Mutex::new(());
-    if let Some(kube) = KUBE.get() {
-        return Ok(kube);
-    }
-    // Tests of one process ask concurrently; exactly one of them starts the control plane.
-    let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(kube) = KUBE.get() {
-        return Ok(kube);
-    }
-    let kube = match std::env::var_os("HEARTH_TEST_KUBECONFIG") {
-        Some(path) if !path.is_empty() => shared(PathBuf::from(path))?,
-        _ => start_private()?,
-    };
-    Ok(KUBE.get_or_init(|| kube))
+    crate::registry::start_once(&KUBE, &STARTING, || {
+        match std::env::var_os("HEARTH_TEST_KUBECONFIG") {
+            Some(path) if !path.is_empty() => shared(PathBuf::from(path)),
+            _ => start_private(),
+        }
+    })
 }
 
 /// The `kubectl` on `PATH`, if any (`scripts/provision-kube.sh` installs one when it can).

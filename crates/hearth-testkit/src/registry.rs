@@ -37,19 +37,31 @@ impl Drop for OwnedRegistry {
 pub fn registry() -> anyhow::Result<&'static Registry> {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     static STARTING: Mutex<()> = Mutex::new(());
-    if let Some(registry) = REGISTRY.get() {
-        return Ok(registry);
+    start_once(&REGISTRY, &STARTING, || {
+        match std::env::var("HEARTH_TEST_REGISTRY") {
+            Ok(addr) if !addr.is_empty() => Ok(Registry { addr }),
+            _ => start_private(),
+        }
+    })
+}
+
+/// The value in `cell`, started by `start` if there is none yet. Tests of one process ask
+/// concurrently: `starting` lets exactly one of them start it while the others wait; a failed start
+/// stores nothing, so the next caller tries again.
+pub(crate) fn start_once<T>(
+    cell: &'static OnceLock<T>,
+    starting: &Mutex<()>,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<&'static T> {
+    if let Some(value) = cell.get() {
+        return Ok(value);
     }
-    // Tests of one process ask concurrently; exactly one of them starts the registry.
-    let _starting = STARTING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(registry) = REGISTRY.get() {
-        return Ok(registry);
+    let _starting = starting.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(value) = cell.get() {
+        return Ok(value);
     }
-    let registry = match std::env::var("HEARTH_TEST_REGISTRY") {
-        Ok(addr) if !addr.is_empty() => Registry { addr },
-        _ => start_private()?,
-    };
-    Ok(REGISTRY.get_or_init(|| registry))
+    let value = start()?;
+    Ok(cell.get_or_init(|| value))
 }
 
 fn start_private() -> anyhow::Result<Registry> {
