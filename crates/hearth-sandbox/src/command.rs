@@ -13,6 +13,18 @@ pub struct ImageDefaults {
     pub user: Option<String>,
 }
 
+impl From<&hearth_image::ImageConfig> for ImageDefaults {
+    fn from(c: &hearth_image::ImageConfig) -> Self {
+        ImageDefaults {
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            user: c.user.clone(),
+        }
+    }
+}
+
 /// What the user asked for on top of the image.
 #[derive(Debug, Clone, Default)]
 pub struct CommandOverrides {
@@ -36,6 +48,25 @@ pub struct ResolvedCommand {
     pub env: Vec<String>,
     pub working_dir: String,
     pub user: String,
+}
+
+impl ResolvedCommand {
+    /// The agent request that runs this command: with `stdin` the command's stdin stays open for
+    /// the caller; `timeout` kills its whole process tree (rounded up to whole milliseconds).
+    pub fn into_request(
+        self,
+        stdin: bool,
+        timeout: Option<std::time::Duration>,
+    ) -> hearth_vm::channel::ExecRequest {
+        hearth_vm::channel::ExecRequest {
+            argv: self.argv,
+            env: self.env,
+            cwd: Some(self.working_dir),
+            user: Some(self.user),
+            stdin,
+            timeout_ms: timeout.map(|t| t.as_millis().max(1) as u64),
+        }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

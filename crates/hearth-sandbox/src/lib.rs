@@ -15,6 +15,14 @@ pub mod restore;
 mod sandbox;
 
 pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
+/// The exec and file vocabulary of the agent channel, re-exported so that callers of this crate
+/// (the CLI, the Kubernetes node agent) need not depend on `hearth-vm`.
+pub use hearth_vm::channel::{
+    ChannelError, ExecHandle, ExecOutput, ExecRequest, ExecResult, ExecStdin, ExitStatus,
+    FileDownload,
+};
+/// `--accel`.
+pub use hearth_vm::Accel;
 pub use error::SandboxError;
 pub use node::{Node, NodeConfig, NodeError};
 pub use restore::RestorePlan;
