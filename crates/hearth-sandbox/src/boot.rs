@@ -1,28 +1,21 @@
-//! Everything decided before a VM starts: which VMM and accelerator, which kernel and agent, the
-//! initramfs, the run directory and scratch disk, the [`VmSpec`], and whether the VM is restored
-//! from a snapshot template (`crate::restore`). A [`BootPlan`] can be printed (`--dry-run`) or
-//! started. Writes only under `$HEARTH_HOME` (initramfs cache, snapshot templates, run directory).
+//! Everything decided before a VM starts: which VMM and accelerator (`hearth_vm::select_backend`),
+//! which kernel and agent, the initramfs, the run directory and scratch disk, the [`VmSpec`], and
+//! whether the VM is restored from a boot template (`crate::restore`, where the backend has the
+//! capability). A [`BootPlan`] can be printed (`--dry-run`) or started. Writes only under
+//! `$HEARTH_HOME` (initramfs cache, boot templates, run directory).
 
 use std::path::{Path, PathBuf};
 
 use hearth_image::PulledImage;
-use hearth_vm::firecracker::{self, FirecrackerVmm, JailerConfig};
 use hearth_vm::kernel::resolve_kernel;
-use hearth_vm::qemu::snapshot::HOSTNAME_PARAM;
-use hearth_vm::qemu::QemuVmm;
-use hearth_vm::{Accel, Drive, LaunchPlan, Selection, VmSpec, Vmm};
+use hearth_vm::{
+    select_backend, Accel, BackendRequest, Chosen, Drive, LaunchPlan, VmSpec, Vmm, HOSTNAME_PARAM,
+};
 
 use crate::restore::{plan_restore, RestorePlan};
 use crate::SandboxError;
 
-/// `--vmm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VmmChoice {
-    #[default]
-    Auto,
-    Qemu,
-    Firecracker,
-}
+pub use hearth_vm::VmmChoice;
 
 /// What a sandbox is made of.
 #[derive(Debug, Clone)]
@@ -102,11 +95,14 @@ impl BootPlan {
     ) -> Result<BootPlan, SandboxError> {
         let home = &config.home;
         let kernel = resolve_kernel(home, config.kernel.as_deref())?;
-        let (backend, selection) = choose_backend(config, &kernel.image, purpose)?;
-        let (vmm, qemu): (Box<dyn Vmm>, Option<QemuVmm>) = match backend {
-            Backend::Qemu(qemu) => (Box::new(qemu.clone()), Some(qemu)),
-            Backend::Firecracker(firecracker) => (Box::new(firecracker), None),
-        };
+        let Chosen { vmm, reason } = select_backend(&BackendRequest {
+            home,
+            vmm: config.vmm,
+            accel: config.accel,
+            kernel: &kernel.image,
+            jailer: config.jailer,
+            dry_run: purpose == Purpose::DryRun,
+        })?;
         let agent = locate_agent(config.agent.as_deref(), home)?;
         let initramfs = hearth_vm::initramfs::agent_initramfs(
             home,
@@ -123,34 +119,31 @@ impl BootPlan {
             Drive::rootfs(&image.rootfs),
             Drive::scratch(run_dir.join("scratch.ext4")),
         ];
-        let planned = match &qemu {
-            Some(qemu) => plan_restore(config, qemu, &spec, &hostname, purpose),
-            None => Err(format!("{} boots cold", vmm.name())),
-        };
-        let (spec, restore, snapshot_note) = match planned {
-            Ok((restore_spec, restore)) => {
-                let note = format!(
-                    "restore from snapshot template {} ({}{})",
-                    restore.template.key.id,
-                    restore.template.dir.display(),
-                    if restore.built {
-                        ""
-                    } else {
-                        "; built on first start"
-                    }
-                );
-                (restore_spec, Some(restore), note)
-            }
-            Err(why) => {
-                if qemu.is_some() && config.snapshot {
-                    tracing::warn!("booting cold: {why}");
+        let (spec, restore, snapshot_note) =
+            match plan_restore(config, vmm.as_ref(), &spec, &hostname, purpose) {
+                Ok((restore_spec, restore)) => {
+                    let note = format!(
+                        "restore from boot template {} ({}{})",
+                        restore.template.id,
+                        restore.template.dir.display(),
+                        if restore.template.built {
+                            ""
+                        } else {
+                            "; built on first start"
+                        }
+                    );
+                    (restore_spec, Some(restore), note)
                 }
-                (spec, None, format!("cold boot: {why}"))
-            }
-        };
+                Err(why) => {
+                    if vmm.capabilities().boot_templates && config.snapshot {
+                        tracing::warn!("booting cold: {why}");
+                    }
+                    (spec, None, format!("cold boot: {why}"))
+                }
+            };
         Ok(BootPlan {
             vmm,
-            selection,
+            selection: reason,
             spec,
             restore,
             snapshot_note,
@@ -165,81 +158,6 @@ impl BootPlan {
 
 fn hostname_for(id: &str) -> String {
     format!("hearth-{}", &id[..id.len().min(12)])
-}
-
-/// The chosen VMM backend; QEMU's is kept concrete because snapshot templates are QEMU's.
-enum Backend {
-    Qemu(QemuVmm),
-    Firecracker(FirecrackerVmm),
-}
-
-/// `--vmm`: Firecracker when asked, or with `auto` where its binary is found and KVM boots a guest
-/// (the same probe boot QEMU's accelerator choice uses); QEMU otherwise. Says which and why.
-fn choose_backend(
-    config: &SandboxConfig,
-    probe_kernel: &Path,
-    purpose: Purpose,
-) -> Result<(Backend, String), SandboxError> {
-    let firecracker = firecracker::find_binary();
-    let dry = purpose == Purpose::DryRun;
-    let jailed = |vmm: FirecrackerVmm| -> Result<FirecrackerVmm, SandboxError> {
-        let Some((uid, gid)) = config.jailer else {
-            return Ok(vmm);
-        };
-        let jailer = match firecracker::find_jailer() {
-            Some(jailer) => jailer,
-            None if dry => PathBuf::from("jailer"),
-            None => return Err(SandboxError::NoJailer),
-        };
-        Ok(vmm.with_jailer(JailerConfig::new(jailer, uid, gid)))
-    };
-    match (config.vmm, firecracker) {
-        (VmmChoice::Firecracker, Ok(binary)) => Ok((
-            Backend::Firecracker(jailed(FirecrackerVmm::new(binary))?),
-            "firecracker as requested (needs a KVM that boots guests)".into(),
-        )),
-        // A dry run shows the configuration even where Firecracker is not installed.
-        (VmmChoice::Firecracker, Err(_)) if dry => Ok((
-            Backend::Firecracker(jailed(FirecrackerVmm::new("firecracker"))?),
-            "firecracker as requested (binary not found: shown as `firecracker`)".into(),
-        )),
-        (VmmChoice::Firecracker, Err(err)) => Err(err.into()),
-        (VmmChoice::Auto, Ok(binary)) => {
-            let (qemu, selection) = QemuVmm::for_host(&config.home, config.accel, probe_kernel)?;
-            if selection.accel == Accel::Kvm {
-                let why = format!(
-                    "firecracker: found {}; {}",
-                    binary.display(),
-                    selection.reason
-                );
-                return Ok((
-                    Backend::Firecracker(jailed(FirecrackerVmm::new(binary))?),
-                    why,
-                ));
-            }
-            let why = format!(
-                "qemu: firecracker is installed but KVM cannot boot guests here ({})",
-                selection.reason
-            );
-            Ok((Backend::Qemu(qemu), why))
-        }
-        (VmmChoice::Qemu | VmmChoice::Auto, _) => {
-            let (qemu, Selection { accel, reason }) =
-                QemuVmm::for_host(&config.home, config.accel, probe_kernel)?;
-            let why_qemu = match config.vmm {
-                VmmChoice::Qemu => "qemu as requested",
-                _ => "qemu: no firecracker binary (HEARTH_FIRECRACKER_BIN or PATH)",
-            };
-            let accel = match accel {
-                Accel::Kvm => "kvm",
-                _ => "tcg",
-            };
-            Ok((
-                Backend::Qemu(qemu),
-                format!("{why_qemu}; accel {accel}: {reason}"),
-            ))
-        }
-    }
 }
 
 /// Whether a plan is for starting a VM or only for showing it (`--dry-run`).

@@ -33,10 +33,6 @@ pub enum SandboxError {
          and set HEARTH_AGENT, or run `hearth setup`"
     )]
     NoAgent { searched: String },
-    #[error(
-        "--jailer needs Firecracker's jailer binary: put `jailer` in PATH or set HEARTH_JAILER_BIN"
-    )]
-    NoJailer,
     #[error("{what}: {source}")]
     Io {
         what: String,

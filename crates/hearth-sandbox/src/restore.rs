@@ -1,14 +1,13 @@
-//! Snapshot restore policy for sandboxes: whether a VM is restored from a QEMU boot template
-//! (`hearth_vm::qemu::snapshot`) or booted cold, building the template when it is missing, the
-//! fallback to a cold boot when the template cannot be built or restored, and the RESUME a restored
-//! guest gets (host clock, fresh entropy, its hostname). Writes only under `$HEARTH_HOME`
-//! (templates, the VM's run directory).
+//! Snapshot restore policy for sandboxes: whether a VM is restored from a boot template (on a
+//! backend with [`hearth_vm::BootTemplates`]) or booted cold, building the template when it is
+//! missing, the fallback to a cold boot when the template cannot be built or restored, and the
+//! RESUME a restored guest gets (host clock, fresh entropy, its hostname). Writes only under
+//! `$HEARTH_HOME` (templates, the VM's run directory).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hearth_vm::channel::Resume;
-use hearth_vm::qemu::{ensure_template, QemuVmm, Template};
-use hearth_vm::{RunningVm, VmSpec};
+use hearth_vm::{BootTemplate, RunningVm, VmSpec, Vmm};
 
 use crate::boot::{BootPlan, Purpose, SandboxConfig};
 use crate::SandboxError;
@@ -33,37 +32,33 @@ fn snapshot_setting(value: Option<&str>) -> bool {
 /// A VM to be restored from a template instead of booted.
 #[derive(Debug, Clone)]
 pub struct RestorePlan {
-    pub template: Template,
-    /// Whether the template exists yet (a dry run does not build it).
-    pub built: bool,
+    /// Says whether it exists yet (a dry run does not build it).
+    pub template: BootTemplate,
     /// Goes to the guest in RESUME: a restored kernel keeps the template's command line.
     pub hostname: String,
     /// What a cold boot of this VM would be: the fallback when the restore fails.
     pub cold_spec: VmSpec,
 }
 
-/// Decides how `spec` (a cold-boot spec on QEMU) starts: `Some` plan with the restore spec, or
-/// `None` and why it boots cold. For [`Purpose::Start`] a missing template is built here.
+/// Decides how `spec` (a cold-boot spec) starts: `Ok` with the restore spec and plan, or `Err`
+/// saying why it boots cold. For [`Purpose::Start`] a missing template is built here.
 pub(crate) fn plan_restore(
     config: &SandboxConfig,
-    qemu: &QemuVmm,
+    vmm: &dyn Vmm,
     spec: &VmSpec,
     hostname: &str,
     purpose: Purpose,
 ) -> Result<(VmSpec, RestorePlan), String> {
+    let Some(templates) = vmm.boot_templates() else {
+        return Err(format!("{} has no boot templates", vmm.name()));
+    };
     if !config.snapshot {
         return Err("snapshots are off (--no-snapshot or HEARTH_SNAPSHOT=0)".into());
     }
-    let template = match purpose {
-        Purpose::DryRun => Template::for_spec(qemu, &config.home, spec),
-        Purpose::Start => ensure_template(qemu, &config.home, spec),
-    }
-    .map_err(|err| format!("no snapshot template ({err})"))?;
-    let restore_spec = template
-        .restore_spec(qemu, spec)
-        .map_err(|err| err.to_string())?;
+    let (template, restore_spec) = templates
+        .template_for(&config.home, spec, purpose == Purpose::Start)
+        .map_err(|err| format!("no boot template ({err})"))?;
     let plan = RestorePlan {
-        built: template.is_built(),
         template,
         hostname: hostname.to_owned(),
         cold_spec: spec.clone(),
@@ -71,7 +66,7 @@ pub(crate) fn plan_restore(
     Ok((restore_spec, plan))
 }
 
-/// Starts the plan's VM. A restore that fails (a corrupt or stale state file, a QEMU that rejects
+/// Starts the plan's VM. A restore that fails (a corrupt or stale state file, a VMM that rejects
 /// it) discards the template, so the next VM rebuilds it, and boots this one cold instead. Returns
 /// the VM and, when it was restored, the RESUME its agent needs. Blocking.
 pub(crate) fn start(
@@ -86,10 +81,14 @@ pub(crate) fn start(
         Err(err) => {
             tracing::warn!(
                 template = %restore.template.dir.display(),
-                "restoring from the snapshot template failed; discarding it and booting cold: {err}"
+                "restoring from the boot template failed; discarding it and booting cold: {err}"
             );
-            if let Err(err) = restore.template.discard() {
-                tracing::warn!("discarding the snapshot template: {err}");
+            let discarded = plan
+                .vmm
+                .boot_templates()
+                .map(|templates| templates.discard(&restore.template));
+            if let Some(Err(err)) = discarded {
+                tracing::warn!("discarding the boot template: {err}");
             }
             // The failed start removed the run directory, scratch disk included.
             crate::sandbox::prepare_run_dir(&restore.cold_spec, config)?;

@@ -603,7 +603,7 @@ fn orphan_vmm(home: &Path) -> (PathBuf, std::process::Child) {
         vsock_port: None,
         console_log: dir.join("console.log"),
         log: None,
-        cgroup: None,
+        cgroups: Vec::new(),
     }
     .write(&dir)
     .unwrap();

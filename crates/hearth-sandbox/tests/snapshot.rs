@@ -9,8 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_image::{ImageStore, PullOptions, PulledImage};
 use hearth_sandbox::{BootPlan, Purpose, Sandbox, SandboxConfig};
-use hearth_vm::channel::{ExecRequest, ExitStatus};
-use hearth_vm::qemu::ensure_template;
+use hearth_sandbox::{ExecRequest, ExitStatus};
 
 async fn sh(sandbox: &Sandbox, script: &str) -> (String, ExitStatus) {
     let request = ExecRequest {
@@ -153,13 +152,12 @@ async fn two_vms_restored_from_one_template_are_each_their_own() {
     // Ensuring the template again is a lookup, not a build.
     let plan = BootPlan::prepare(&config, &busybox, "again", Purpose::DryRun).unwrap();
     let restore_plan = plan.restore.as_ref().expect("a restore is planned");
-    assert!(restore_plan.built, "{}", plan.snapshot_note);
-    let qemu =
-        hearth_vm::qemu::QemuVmm::for_host(home.path(), hearth_vm::Accel::Tcg, &plan.spec.kernel)
-            .unwrap()
-            .0;
+    assert!(restore_plan.template.built, "{}", plan.snapshot_note);
+    let templates = plan.vmm.boot_templates().expect("QEMU has boot templates");
     let started = Instant::now();
-    let template = ensure_template(&qemu, home.path(), &restore_plan.cold_spec).unwrap();
+    let (template, _) = templates
+        .template_for(home.path(), &restore_plan.cold_spec, true)
+        .unwrap();
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "{:?}",
@@ -196,7 +194,7 @@ async fn a_corrupt_template_is_a_clear_error_and_the_sandbox_boots_cold() {
     // Garbage of the same size: the template still looks complete, but does not load.
     let plan = BootPlan::prepare(&config, &busybox, "corrupt", Purpose::DryRun).unwrap();
     let restore = plan.restore.as_ref().expect("a restore is planned");
-    let state = restore.template.state();
+    let state = restore.template.state.clone();
     let size = std::fs::metadata(&state).unwrap().len();
     std::fs::write(&state, vec![0x5a; size as usize]).unwrap();
 

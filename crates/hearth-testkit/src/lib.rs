@@ -73,6 +73,43 @@ pub fn agent_bin() -> PathBuf {
     path
 }
 
+/// The real Firecracker and jailer binaries, as (firecracker, jailer); see [`firecracker_bin`] and
+/// [`jailer_bin`]. `Err` says which is missing and how to get it, for the caller's [`skip`].
+pub fn firecracker_bins() -> Result<(PathBuf, PathBuf), String> {
+    Ok((firecracker_bin()?, jailer_bin()?))
+}
+
+/// The real Firecracker: `HEARTH_FIRECRACKER_BIN` when set, otherwise the one
+/// `scripts/provision-firecracker.sh` built into `${HEARTH_TEST_CACHE:-/var/cache/hearth-test}/firecracker/`.
+pub fn firecracker_bin() -> Result<PathBuf, String> {
+    provisioned_binary("HEARTH_FIRECRACKER_BIN", "firecracker")
+}
+
+/// The real jailer: `HEARTH_JAILER_BIN`, otherwise beside the cached Firecracker.
+pub fn jailer_bin() -> Result<PathBuf, String> {
+    provisioned_binary("HEARTH_JAILER_BIN", "jailer")
+}
+
+fn provisioned_binary(variable: &str, name: &str) -> Result<PathBuf, String> {
+    let path = match std::env::var_os(variable).filter(|v| !v.is_empty()) {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var_os("HEARTH_TEST_CACHE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(CACHE_DIR))
+            .join("firecracker")
+            .join(name),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "no {name} binary at {} (set {variable} or run scripts/provision-firecracker.sh)",
+            path.display()
+        ))
+    }
+}
+
 /// Skip the calling test with a reason naming what is missing. Prints to stderr so nextest shows it.
 pub fn skip(reason: &str) {
     eprintln!("SKIPPED: {reason}");

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::vmm::VmError;
+use crate::error::VmError;
 
 /// The VMM's stdout and stderr.
 pub(crate) const VMM_LOG: &str = "vmm.log";

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 pub const ROOTFS_SERIAL: &str = "hearth-rootfs";
 /// virtio-blk serial of the per-sandbox writable disk (overlay upper dir).
 pub const SCRATCH_SERIAL: &str = "hearth-scratch";
+/// Kernel parameter carrying a cold-booted guest's hostname (the agent sets it); a guest restored
+/// from a boot template gets its hostname in RESUME instead.
+pub const HOSTNAME_PARAM: &str = "hearth.hostname";
 
 /// virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES); longer ones are silently cut.
 const MAX_SERIAL_LEN: usize = 20;

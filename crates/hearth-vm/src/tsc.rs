@@ -23,7 +23,7 @@ struct Cached {
 /// The host TSC frequency in kHz, measured once per host boot.
 pub fn host_tsc_khz(home: &Path) -> Result<u32, TscError> {
     let path = cache_path(home);
-    let boot_id = crate::host_boot_id();
+    let boot_id = crate::fsutil::host_boot_id();
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(cached) = serde_json::from_str::<Cached>(&text) {
             if cached.boot_id == boot_id && cached.khz > 0 {
@@ -33,7 +33,7 @@ pub fn host_tsc_khz(home: &Path) -> Result<u32, TscError> {
     }
     let khz = measure_tsc_khz()?;
     let json = serde_json::to_vec(&Cached { boot_id, khz }).expect("plain struct serializes");
-    crate::write_atomic(&path, &json).map_err(|source| TscError::Cache { path, source })?;
+    crate::fsutil::write_atomic(&path, &json).map_err(|source| TscError::Cache { path, source })?;
     Ok(khz)
 }
 
@@ -176,7 +176,7 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let first = host_tsc_khz(home.path()).unwrap();
         let planted = Cached {
-            boot_id: crate::host_boot_id(),
+            boot_id: crate::fsutil::host_boot_id(),
             khz: 1_234_567,
         };
         std::fs::write(

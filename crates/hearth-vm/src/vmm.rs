@@ -1,18 +1,21 @@
 //! The backend-neutral VMM seam: [`Vmm`] boots a [`VmSpec`], [`RunningVm`] controls the result.
-//! QEMU implements it today (`crate::qemu`); Firecracker (REST config, hybrid vsock) is the second
-//! implementation, which is why the launch plan can carry config files and the agent endpoint can be
-//! a vsock port behind a Unix socket. A detached VM can be taken over by another process
-//! ([`Vmm::adopt`], `crate::adopt`).
+//! QEMU (`crate::qemu`) and Firecracker (`crate::firecracker`) implement it; `crate::backend`
+//! chooses between them. What only some backends can do is a capability ([`Capabilities`]) with a
+//! method that the others answer with [`VmError::Unsupported`]: boot templates
+//! ([`Vmm::boot_templates`]), saving a running VM to files ([`RunningVm::save_state`]) and starting
+//! one from them ([`VmSpec::restore_from`]), a network interface. Errors are backend-neutral
+//! ([`VmError`]); a backend's own failures travel boxed in [`VmError::Backend`].
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::spec::{SpecError, VmSpec};
+pub use crate::error::VmError;
+use crate::lifecycle::{VmExit, VmProcess};
+use crate::spec::VmSpec;
 
 /// A virtual machine monitor backend.
 ///
-/// Calls block (spawning, waiting, QMP round trips); async callers use `spawn_blocking`.
+/// Calls block (spawning, waiting, control round trips); async callers use `spawn_blocking`.
 pub trait Vmm: Send + Sync {
     /// Short backend name for logs and `--dry-run` ("qemu", "firecracker").
     fn name(&self) -> &'static str;
@@ -21,6 +24,9 @@ pub trait Vmm: Send + Sync {
     /// agent channel's transport, overlay), in any order; `crate::kernel::modules` resolves deps.
     fn guest_modules(&self) -> &'static [&'static str];
 
+    /// What this backend can do beyond booting and stopping a VM.
+    fn capabilities(&self) -> Capabilities;
+
     /// The exact command line and configuration `start` would use, without starting anything.
     fn dry_run(&self, spec: &VmSpec) -> Result<LaunchPlan, VmError>;
 
@@ -28,36 +34,76 @@ pub trait Vmm: Send + Sync {
     /// Fails fast, with the VMM's stderr and the console tail, when it exits during start-up.
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmError>;
 
-    /// Takes over a VM this backend started detached (`spec.detached`) in `run_dir`, possibly by
-    /// another process: see [`crate::adopt()`], which does the same without knowing the backend.
-    fn adopt(&self, run_dir: &Path) -> Result<Box<dyn RunningVm>, VmError> {
-        let record = crate::DetachedRecord::read(run_dir)?;
-        if record.vmm != self.name() {
-            return Err(VmError::Unsupported(format!(
-                "{} holds a {} VM, not a {} one",
-                run_dir.display(),
-                record.vmm,
-                self.name()
-            )));
-        }
-        crate::adopt(run_dir)
+    /// Boot templates, where the backend has them ([`Capabilities::boot_templates`]).
+    fn boot_templates(&self) -> Option<&dyn BootTemplates> {
+        None
     }
 }
 
-/// A started VM. Dropping it kills the VMM if still running and removes the run directory.
-pub trait RunningVm: Send {
-    /// Process id of the VMM (not of anything inside the guest).
-    fn pid(&self) -> u32;
+/// What a backend can do beyond booting and stopping a VM. Callers check before they plan on it;
+/// the methods behind a missing capability answer [`VmError::Unsupported`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Starts VMs by restoring a saved, booted guest instead of booting the kernel
+    /// ([`Vmm::boot_templates`]).
+    pub boot_templates: bool,
+    /// Saves a running VM's memory and device state to files ([`RunningVm::save_state`]) and starts
+    /// VMs from such files ([`VmSpec::restore_from`]): what pause to disk, resume and fork build on.
+    pub save_state: bool,
+    /// Gives the guest a virtio-net interface backed by a host tap device.
+    pub network: bool,
+}
 
-    fn run_dir(&self) -> &Path;
+/// Starting VMs from a saved, booted guest: one template per VM configuration, built once by a cold
+/// boot and reused by every VM of that configuration, whatever its image.
+pub trait BootTemplates {
+    /// The template VMs like `spec` (a cold-boot spec) restore from, and `spec` turned into a
+    /// restore from it. With `build`, a missing template is built now (one cold boot plus a save;
+    /// concurrent callers wait for one build); without, the plan only says whether it exists.
+    fn template_for(
+        &self,
+        home: &Path,
+        spec: &VmSpec,
+        build: bool,
+    ) -> Result<(BootTemplate, VmSpec), VmError>;
+
+    /// Removes `template` (a restore from it failed) so that the next VM builds it afresh.
+    fn discard(&self, template: &BootTemplate) -> Result<(), VmError>;
+}
+
+/// A boot template, as the rest of hearth sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootTemplate {
+    pub id: String,
+    /// Where it lives (`$HEARTH_HOME/templates/<id>`).
+    pub dir: PathBuf,
+    /// The saved VM state restored VMs load.
+    pub state: PathBuf,
+    /// Whether it exists yet (a plan made without building may name one still to build).
+    pub built: bool,
+}
+
+/// A running VM's state saved to files by [`RunningVm::save_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedState {
+    /// Memory and device state; a [`VmSpec`] with `restore_from` set to it starts the VM again.
+    pub state: PathBuf,
+    pub bytes: u64,
+    pub took: Duration,
+}
+
+/// A started VM. Dropping it kills the VMM if still running and removes the run directory.
+///
+/// Process lifecycle (pid, waiting, killing, releasing) is the embedded [`VmProcess`]'s; backends
+/// implement control (pause, resume, a clean stop) and what they can do beyond that.
+pub trait RunningVm: Send {
+    /// The VMM process and run directory.
+    fn process(&self) -> &VmProcess;
+
+    fn process_mut(&mut self) -> &mut VmProcess;
 
     /// Where the host connects to reach the guest agent.
     fn agent_endpoint(&self) -> &AgentEndpoint;
-
-    /// The host Unix socket of the agent channel (shorthand for the endpoint's socket path).
-    fn agent_socket(&self) -> &Path {
-        self.agent_endpoint().socket()
-    }
 
     /// Pauses the vCPUs (QMP `stop`; Firecracker `PATCH /vm Paused`).
     fn pause(&mut self) -> Result<(), VmError>;
@@ -69,28 +115,59 @@ pub trait RunningVm: Send {
     /// then SIGKILLs it. Returns how it ended; the run directory is removed.
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError>;
 
+    /// Process id of the VMM (not of anything inside the guest).
+    fn pid(&self) -> u32 {
+        self.process().pid()
+    }
+
+    fn run_dir(&self) -> &Path {
+        self.process().run_dir()
+    }
+
+    /// The host Unix socket of the agent channel (shorthand for the endpoint's socket path).
+    fn agent_socket(&self) -> &Path {
+        self.agent_endpoint().socket()
+    }
+
     /// SIGKILLs the VMM, reaps it and removes the run directory.
-    fn kill(&mut self) -> Result<VmExit, VmError>;
+    fn kill(&mut self) -> Result<VmExit, VmError> {
+        self.process_mut().kill()
+    }
 
     /// Waits for the VMM to exit on its own (guest powered off or rebooted), then cleans up.
-    fn wait(&mut self) -> Result<VmExit, VmError>;
+    fn wait(&mut self) -> Result<VmExit, VmError> {
+        self.process_mut().wait()
+    }
 
     /// Like [`RunningVm::wait`] but gives up after `timeout`, returning `None` while still running.
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError>;
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
+        self.process_mut().wait_timeout(timeout)
+    }
 
     /// Lets go of the VM without stopping it: dropping the handle afterwards leaves the VMM running
     /// and its run directory in place, for a later [`crate::adopt()`]. Meant for detached VMs (a
     /// non-detached VMM still dies with this process).
-    fn release(&mut self);
+    fn release(&mut self) {
+        self.process_mut().release()
+    }
 
-    /// For a VM restored from a snapshot template (QEMU): how long loading its state took.
-    /// `None` for a cold boot.
+    /// Pauses the VM and saves its memory and device state into `dir` (created if missing); the VM
+    /// stays paused. Needs [`Capabilities::save_state`].
+    fn save_state(&mut self, dir: &Path) -> Result<SavedState, VmError> {
+        let _ = dir;
+        Err(VmError::Unsupported(format!(
+            "the {} backend cannot save a running VM to files",
+            self.process().vmm()
+        )))
+    }
+
+    /// For a VM restored from saved state: how long loading it took. `None` for a cold boot.
     fn restored_in(&self) -> Option<Duration> {
         None
     }
 
-    /// For a VM restored from a snapshot template: the agent connection the restore opened (the
-    /// guest must not see its host disconnect; use it for the first handshake). Taken once.
+    /// For a VM restored from saved state: the agent connection the restore opened (the guest must
+    /// not see its host disconnect; use it for the first handshake). Taken once.
     fn take_agent_stream(&mut self) -> Option<std::os::unix::net::UnixStream> {
         None
     }
@@ -111,15 +188,6 @@ impl AgentEndpoint {
             AgentEndpoint::Stream(socket) | AgentEndpoint::HybridVsock { socket, .. } => socket,
         }
     }
-}
-
-/// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmExit {
-    pub status: ExitStatus,
-    /// A failure the VMM or guest kernel reported even though the process may have exited 0: a kernel
-    /// panic line from the console (QEMU), a KVM internal error from the log (Firecracker).
-    pub failure: Option<String>,
 }
 
 /// What a backend would run: program, arguments and any config files it would write first.
@@ -163,62 +231,6 @@ pub(crate) fn shell_quote(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot start {program}: {source}; is it installed and executable? (`hearth setup` installs QEMU; Firecracker comes from its releases)")]
-    Spawn {
-        program: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{vmm} exited during start-up with {status}\n--- {vmm} stderr:\n{stderr}\n--- console tail:\n{console}")]
-    EarlyExit {
-        vmm: &'static str,
-        status: ExitStatus,
-        stderr: String,
-        console: String,
-    },
-    #[error(
-        "{vmm} did not open its control socket {socket} within {waited:?}\n--- stderr:\n{stderr}"
-    )]
-    StartTimeout {
-        vmm: &'static str,
-        socket: PathBuf,
-        waited: Duration,
-        stderr: String,
-    },
-    #[error("QMP on {socket}: {source}")]
-    Qmp {
-        socket: PathBuf,
-        source: crate::qemu::QmpError,
-    },
-    #[error(transparent)]
-    FirecrackerApi(#[from] crate::firecracker::ApiError),
-    #[error("configuring Firecracker failed: {source}\n--- firecracker stderr:\n{log}")]
-    FirecrackerConfig {
-        source: crate::firecracker::ApiError,
-        /// Firecracker's stderr and log file tails.
-        log: String,
-    },
-    #[error("the VMM of {run_dir} (pid {pid}) is no longer running")]
-    Gone { run_dir: PathBuf, pid: u32 },
-    #[error("waiting for VMM pid {pid}: {source}")]
-    Wait { pid: u32, source: std::io::Error },
-    #[error(transparent)]
-    Tsc(#[from] crate::tsc::TscError),
-    #[error("snapshot: {0}")]
-    Snapshot(#[from] crate::qemu::snapshot::SnapshotError),
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 #[cfg(test)]

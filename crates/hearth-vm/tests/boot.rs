@@ -10,10 +10,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use hearth_vm::accel::{KvmBootProbe, KvmProbe};
+use hearth_vm::accel::KvmProbe;
 use hearth_vm::initramfs::floor::{floor_initramfs, FLOOR_MARKER};
 use hearth_vm::initramfs::InitramfsBuilder;
 use hearth_vm::kernel::{resolve_modules, KernelDir};
+use hearth_vm::qemu::KvmBootProbe;
 use hearth_vm::qemu::{QemuVmm, GUEST_MODULES};
 use hearth_vm::{remove_stale_run_dirs, Accel, RunningVm, VmError, VmSpec, Vmm};
 

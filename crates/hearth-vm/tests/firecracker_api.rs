@@ -55,8 +55,8 @@ fn configure_start_query_and_stop_send_schema_valid_requests() {
             "PUT /metrics",
             "PUT /machine-config",
             "PUT /boot-source",
-            "PUT /drives/hearth-rootfs",
-            "PUT /drives/hearth-scratch",
+            "PUT /drives/hearth_rootfs",
+            "PUT /drives/hearth_scratch",
             "PUT /vsock",
             "PUT /actions",
             "GET /",
@@ -87,7 +87,7 @@ fn configure_start_query_and_stop_send_schema_valid_requests() {
 fn a_rejected_call_reports_firecrackers_fault_message_and_stops_the_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
-    let log = spawn_fake(&socket, Some("/drives/hearth-rootfs"));
+    let log = spawn_fake(&socket, Some("/drives/hearth_rootfs"));
     let config = FirecrackerVmm::new("fc")
         .vm_config(&spec(dir.path()))
         .unwrap();
@@ -99,7 +99,7 @@ fn a_rejected_call_reports_firecrackers_fault_message_and_stops_the_sequence() {
             path,
             ..
         } => {
-            assert_eq!((*status, path.as_str()), (400, "/drives/hearth-rootfs"));
+            assert_eq!((*status, path.as_str()), (400, "/drives/hearth_rootfs"));
             assert_eq!(fault, "Invalid block device path");
         }
         other => panic!("expected a rejection, got {other:?}"),
@@ -111,7 +111,7 @@ fn a_rejected_call_reports_firecrackers_fault_message_and_stops_the_sequence() {
     let paths: Vec<String> = log.lock().unwrap().iter().map(|r| r.path.clone()).collect();
     assert_eq!(
         paths.last().map(String::as_str),
-        Some("/drives/hearth-rootfs")
+        Some("/drives/hearth_rootfs")
     );
     assert!(!paths.iter().any(|p| p == "/vsock"), "{paths:?}");
 }

@@ -1,34 +1,43 @@
-//! The real Firecracker binary (`HEARTH_FIRECRACKER_BIN`): start it, configure it through the API,
-//! InstanceStart, observe its state through `GET /`, stop it, and check nothing is left behind.
-//! Skipped with the reason when the variable is unset. Where KVM boots guests (`HEARTH_TEST_KVM=1`)
-//! the guest must be running; elsewhere (nested PVM) Firecracker may die with a KVM internal error,
-//! and then the test requires that failure to be reported rather than hidden behind exit status 0.
+//! The real Firecracker and jailer (built by `scripts/provision-firecracker.sh` into the test cache,
+//! or `HEARTH_FIRECRACKER_BIN` / `HEARTH_JAILER_BIN`): hearth's whole configuration, in API mode, as
+//! a `--config-file` and through the jailer, up to and including InstanceStart; what Firecracker
+//! then holds (`GET /vm/config`); nothing left behind after stop; and the resource-id rule the
+//! swagger file does not state but the binary enforces. Skipped with the reason when the binaries
+//! are absent. Where KVM boots guests (`HEARTH_TEST_KVM=1`) the guest must be running; elsewhere
+//! (nested PVM) Firecracker may die of a KVM internal error after InstanceStart, and then the test
+//! requires that failure to be reported rather than hidden behind exit status 0.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use hearth_vm::firecracker::{ConfigMode, FirecrackerVmm, GUEST_MODULES};
+use hearth_vm::firecracker::config::{ActionType, ApiRequest};
+use hearth_vm::firecracker::jailer::CgroupLayout;
+use hearth_vm::firecracker::{
+    ConfigMode, FirecrackerApi, FirecrackerError, FirecrackerVmm, JailerConfig, Layout,
+    RunningFirecracker, GUEST_MODULES,
+};
 use hearth_vm::initramfs::InitramfsBuilder;
 use hearth_vm::kernel::{resolve_modules, KernelDir};
-use hearth_vm::{RunningVm, VmError, VmSpec, Vmm};
+use hearth_vm::{Drive, RunningVm, VmSpec, Vmm};
+use serde_json::{json, Value};
 
 const IDLE_SCRIPT: &str = "#!/bin/busybox sh\nexec /bin/busybox sleep 600\n";
+/// The jailed user and group: `nobody` / `nogroup`.
+const NOBODY: u32 = 65534;
 
 fn firecracker() -> Option<PathBuf> {
-    let bin = std::env::var_os("HEARTH_FIRECRACKER_BIN").filter(|v| !v.is_empty());
-    if bin.is_none() {
-        hearth_testkit::skip(
-            "HEARTH_FIRECRACKER_BIN is unset: no Firecracker binary on this machine",
-        );
-    }
-    bin.map(PathBuf::from)
+    hearth_testkit::firecracker_bin()
+        .inspect_err(|reason| hearth_testkit::skip(reason))
+        .ok()
 }
 
 fn kvm_boots_guests() -> bool {
     std::env::var("HEARTH_TEST_KVM").as_deref() == Ok("1")
 }
 
-/// An idle guest: busybox as /init plus the backend's modules.
+/// An idle guest (busybox as /init plus the backend's modules) with hearth's two drives.
 fn idle_spec(home: &Path, name: &str) -> anyhow::Result<VmSpec> {
     let kernel = KernelDir::open(hearth_testkit::kernel_dir())?;
     let modules = resolve_modules(&kernel.modules_dir().expect("modules/"), GUEST_MODULES)?;
@@ -39,58 +48,166 @@ fn idle_spec(home: &Path, name: &str) -> anyhow::Result<VmSpec> {
     let initramfs = builder.write_cached(home)?;
     let mut spec = VmSpec::new(kernel.vmlinux()?, initramfs, home.join("run").join(name));
     spec.console_log = home.join(format!("{name}.console"));
+    // Sparse 8 MiB disks: the guest never reads them; Firecracker opens and sizes them.
+    let disk = |file: &str| -> anyhow::Result<PathBuf> {
+        let path = home.join(format!("{name}-{file}"));
+        std::fs::File::create(&path)?.set_len(8 << 20)?;
+        Ok(path)
+    };
+    spec.drives = vec![
+        Drive::rootfs(disk("rootfs.ext4")?),
+        Drive::scratch(disk("scratch.ext4")?),
+    ];
     Ok(spec)
 }
 
-fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+/// Firecracker's own view of its configuration (`GET /vm/config`); `None` only where the guest
+/// may already have died of a KVM error (see [`running_or_reported_dead`]).
+fn firecrackers_config(api: &FirecrackerApi) -> Option<Value> {
+    match api.call(&ApiRequest::get("/vm/config")) {
+        Ok(response) => Some(response.body.unwrap_or(Value::Null)),
+        Err(e) => {
+            assert!(
+                !kvm_boots_guests(),
+                "GET /vm/config failed on a KVM host: {e}"
+            );
+            eprintln!("GET /vm/config failed, the VM may have died already: {e}");
+            None
+        }
+    }
 }
 
-#[test]
-fn starts_configures_reports_running_and_stops_without_leftovers() -> anyhow::Result<()> {
-    let Some(binary) = firecracker() else {
-        return Ok(());
-    };
-    let home = tempfile::tempdir()?;
-    let spec = idle_spec(home.path(), "api")?;
-    let vmm = FirecrackerVmm::new(binary);
-    let mut vm = vmm.start_firecracker(&spec)?;
-    let pid = vm.pid();
-    assert!(matches!(
-        vm.agent_endpoint(),
-        hearth_vm::AgentEndpoint::HybridVsock { port: 1024, .. }
-    ));
+/// What hearth configured is what Firecracker holds: machine, kernel and initrd, both drives with
+/// their valid ids and read-only flags, the vsock.
+fn assert_holds_hearths_config(held: &Value, spec: &VmSpec, vmm: &FirecrackerVmm) {
+    let sent = vmm.vm_config(spec).expect("config");
+    assert_eq!(held["machine-config"]["vcpu_count"], spec.vcpus, "{held}");
+    assert_eq!(held["machine-config"]["mem_size_mib"], spec.memory_mib);
+    assert_eq!(
+        held["boot-source"]["initrd_path"],
+        json!(sent.boot_source.initrd_path),
+        "{held}"
+    );
+    // Firecracker may list them in another order; the guest tells them apart by read-only flag.
+    let mut drives: Vec<(&str, bool)> = held["drives"]
+        .as_array()
+        .expect("drives")
+        .iter()
+        .map(|d| {
+            let id = d["drive_id"].as_str().unwrap_or_default();
+            (id, d["is_read_only"].as_bool().unwrap_or_default())
+        })
+        .collect();
+    drives.sort();
+    assert_eq!(
+        drives,
+        [("hearth_rootfs", true), ("hearth_scratch", false)],
+        "{held}"
+    );
+    assert_eq!(
+        held["vsock"]["uds_path"],
+        json!(sent.vsock.uds_path),
+        "{held}"
+    );
+}
+
+/// InstanceStart succeeded: the VM is Running, or (only without a KVM that boots guests) it has
+/// already died and said why. Then stops it.
+fn running_or_reported_dead(vm: &mut RunningFirecracker, id: &str) -> anyhow::Result<()> {
     match vm.api().instance_info() {
         Ok(info) => {
             assert_eq!(info.state, "Running", "{info:?}");
-            assert_eq!(info.id, "api");
-            let exit = vm.stop(Duration::from_secs(3))?;
+            assert_eq!(info.id, id);
+            eprintln!("{id}: {info:?}");
+            let exit = vm.stop(Duration::from_secs(1))?;
             if kvm_boots_guests() {
                 assert_eq!(exit.failure, None, "{exit:?}");
             }
+            Ok(())
         }
         Err(e) => {
-            // It already died: only acceptable without a KVM that boots guests, and only if said why.
             assert!(!kvm_boots_guests(), "GET / failed on a KVM host: {e}");
             let exit = vm.wait_timeout(Duration::from_secs(5))?.expect("exited");
             assert!(
                 exit.failure.is_some(),
                 "died without a reported failure: {exit:?}"
             );
+            eprintln!("{id}: died after InstanceStart: {exit:?}");
+            Ok(())
         }
     }
+}
+
+fn process_exists(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| fields.first() != Some(&"Z".to_owned()))
+}
+
+/// Fields 3.. of `/proc/PID/stat` (state first, then ppid).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| stat_fields(*child).is_some_and(|f| f.get(1) == Some(&pid.to_string())))
+        .collect()
+}
+
+/// The `Uid:` or `Gid:` line of `/proc/PID/status`: real, effective, saved, filesystem.
+fn ids(pid: u32, key: &str) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> anyhow::Result<()> {
+    let Some(binary) = firecracker() else {
+        return Ok(());
+    };
+    let home = tempfile::tempdir()?;
+    let spec = idle_spec(home.path(), "api")?;
+    let vmm = FirecrackerVmm::new(binary);
+    // start() sends logger, metrics, machine-config, boot-source, both drives and the vsock,
+    // then InstanceStart; any refusal fails it.
+    let mut vm = vmm.start_firecracker(&spec)?;
+    let pid = vm.pid();
+    assert!(matches!(
+        vm.agent_endpoint(),
+        hearth_vm::AgentEndpoint::HybridVsock { port: 1024, .. }
+    ));
+    if let Some(held) = firecrackers_config(vm.api()) {
+        assert_holds_hearths_config(&held, &spec, &vmm);
+        // The logger and the metrics took: Firecracker writes both files.
+        let layout = Layout::plain(&spec);
+        vm.api()
+            .call(&ApiRequest::action(ActionType::FlushMetrics))?;
+        let metrics = std::fs::read_to_string(layout.host_metrics())?;
+        assert!(metrics.contains("\"api_server\""), "{metrics}");
+        let log = std::fs::read_to_string(layout.host_log())?;
+        assert!(log.contains("InstanceStart"), "{log}");
+    }
+    running_or_reported_dead(&mut vm, "api")?;
     assert!(!spec.run_dir.exists(), "run dir left behind");
     assert!(!process_exists(pid), "firecracker pid {pid} still alive");
     Ok(())
 }
 
 #[test]
-fn a_config_file_start_matches_its_dry_run_and_cleans_up() -> anyhow::Result<()> {
+fn a_config_file_start_matches_its_dry_run_starts_and_cleans_up() -> anyhow::Result<()> {
     let Some(binary) = firecracker() else {
         return Ok(());
     };
@@ -98,7 +215,7 @@ fn a_config_file_start_matches_its_dry_run_and_cleans_up() -> anyhow::Result<()>
     let spec = idle_spec(home.path(), "file")?;
     let vmm = FirecrackerVmm::new(binary).with_config_mode(ConfigMode::ConfigFile);
     let plan = vmm.dry_run(&spec)?;
-    let mut vm = vmm.start(&spec)?;
+    let mut vm = vmm.start_firecracker(&spec)?;
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid()))?;
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
@@ -112,9 +229,69 @@ fn a_config_file_start_matches_its_dry_run_and_cleans_up() -> anyhow::Result<()>
     );
     let written = std::fs::read_to_string(&plan.files[0].0)?;
     assert_eq!(written, plan.files[0].1);
-    vm.kill()?;
+    if let Some(held) = firecrackers_config(vm.api()) {
+        assert_holds_hearths_config(&held, &spec, &vmm);
+    }
+    running_or_reported_dead(&mut vm, "file")?;
     assert!(!spec.run_dir.exists());
     Ok(())
+}
+
+#[test]
+fn the_real_binary_refuses_resource_ids_outside_its_rule() -> anyhow::Result<()> {
+    let Some(binary) = firecracker() else {
+        return Ok(());
+    };
+    let home = tempfile::tempdir()?;
+    let socket = home.path().join("fc.sock");
+    let mut firecracker = Killed(
+        Command::new(&binary)
+            .args(["--api-sock".as_ref(), socket.as_os_str()])
+            .args(["--id", "idrule"])
+            .stdout(std::fs::File::create(home.path().join("stdout"))?)
+            .stderr(std::fs::File::create(home.path().join("stderr"))?)
+            .spawn()?,
+    );
+    let api = FirecrackerApi::new(&socket);
+    let started = Instant::now();
+    while api.instance_info().is_err() {
+        assert!(firecracker.0.try_wait()?.is_none(), "firecracker exited");
+        assert!(started.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let disk = home.path().join("disk");
+    std::fs::File::create(&disk)?.set_len(1 << 20)?;
+    let drive = |id: &str| json!({"drive_id": id, "path_on_host": disk, "is_root_device": false, "is_read_only": true});
+    // The serial hearth once sent as drive_id.
+    let refused = api.send(&ApiRequest::put(
+        "/drives/hearth-rootfs",
+        &drive("hearth-rootfs"),
+    ))?;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert_eq!(
+        refused.body.as_ref().unwrap()["fault_message"],
+        "API Resource IDs can only contain alphanumeric characters and underscores.",
+    );
+    // The ids hearth sends now, from the same serials.
+    for serial in [hearth_vm::ROOTFS_SERIAL, hearth_vm::SCRATCH_SERIAL] {
+        let id = hearth_vm::firecracker::config::ResourceId::from_name(serial);
+        let accepted = api.send(&ApiRequest::put(
+            format!("/drives/{id}"),
+            &drive(id.as_str()),
+        ))?;
+        assert_eq!(accepted.status, 204, "{id}: {accepted:?}");
+    }
+    Ok(())
+}
+
+/// A child killed and reaped when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -131,7 +308,10 @@ fn a_missing_kernel_is_rejected_with_firecrackers_reason_and_nothing_remains() -
         .err()
         .expect("start must fail");
     assert!(
-        matches!(error, VmError::FirecrackerConfig { .. }),
+        matches!(
+            error.backend_error::<FirecrackerError>(),
+            Some(FirecrackerError::Config { .. })
+        ),
         "{error}"
     );
     assert!(error.to_string().contains("/boot-source"), "{error}");
@@ -140,13 +320,14 @@ fn a_missing_kernel_is_rejected_with_firecrackers_reason_and_nothing_remains() -
 }
 
 #[test]
-fn a_jailed_vm_runs_and_leaves_no_run_dir_or_cgroup_behind() -> anyhow::Result<()> {
-    let Some(binary) = firecracker() else {
-        return Ok(());
-    };
-    let Some(jailer) = std::env::var_os("HEARTH_JAILER_BIN").filter(|v| !v.is_empty()) else {
-        hearth_testkit::skip("HEARTH_JAILER_BIN is unset: no jailer binary on this machine");
-        return Ok(());
+fn a_jailed_vm_runs_as_nobody_in_its_chroot_and_leaves_no_run_dir_or_cgroup_behind(
+) -> anyhow::Result<()> {
+    let (binary, jailer) = match hearth_testkit::firecracker_bins() {
+        Ok(bins) => bins,
+        Err(reason) => {
+            hearth_testkit::skip(&reason);
+            return Ok(());
+        }
     };
     if !hearth_testkit::is_root() {
         hearth_testkit::skip("the jailer needs root (chroot, cgroups, uid drop)");
@@ -154,23 +335,95 @@ fn a_jailed_vm_runs_and_leaves_no_run_dir_or_cgroup_behind() -> anyhow::Result<(
     }
     let home = tempfile::tempdir()?;
     let mut spec = idle_spec(home.path(), "jailed")?;
-    // Inputs are hard-linked into the jail, which must share their filesystem.
+    spec.vcpus = 2;
+    spec.memory_mib = 256;
+    // Inputs are hard-linked into the jail, which must share their filesystem, and be readable
+    // by the jailed user (hearth's cached vmlinux and initramfs are written 0600).
     for input in [&mut spec.kernel, &mut spec.initramfs] {
         let copy = home.path().join(input.file_name().unwrap());
         std::fs::copy(&*input, &copy)?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
         *input = copy;
     }
-    let jail = hearth_vm::firecracker::JailerConfig::new(jailer, 65534, 65534);
-    let vmm = FirecrackerVmm::new(&binary).with_jailer(jail);
+    let jail = JailerConfig::new(jailer, NOBODY, NOBODY);
+    let layout = CgroupLayout::detect()?;
+    assert_eq!(jail.cgroups.as_ref(), Some(&layout));
+    let vmm = FirecrackerVmm::new(&binary).with_jailer(jail.clone());
+    let plan = vmm.dry_run(&spec)?;
+    let version = layout.version().to_string();
+    assert!(
+        plan.args
+            .windows(2)
+            .any(|w| w == ["--cgroup-version", &version]),
+        "{plan}"
+    );
     let mut vm = vmm.start_firecracker(&spec)?;
-    let pid = vm.pid();
-    let info = vm.api().instance_info()?;
-    assert_eq!(info.state, "Running", "{info:?}");
-    vm.stop(Duration::from_secs(3))?;
+    let guard = vm.pid();
     let exec_name = binary.file_name().unwrap().to_string_lossy().into_owned();
-    let cgroup = hearth_vm::firecracker::jailer::cgroup_dir(&exec_name, "jailed");
-    assert!(!cgroup.exists(), "cgroup {} left behind", cgroup.display());
+    let cgroups = jail.cgroup_dirs(&exec_name, "jailed");
+    assert!(!cgroups.is_empty());
+    let mut firecracker = None;
+    if let Some(held) = firecrackers_config(vm.api()) {
+        assert_holds_hearths_config(&held, &spec, &vmm);
+        // The guard's one child is Firecracker (the jailer execs it): nobody, chrooted, limited.
+        let fc = *children_of(guard)
+            .first()
+            .expect("firecracker under the guard");
+        firecracker = Some(fc);
+        assert_eq!(ids(fc, "Uid:"), [NOBODY; 4]);
+        assert_eq!(ids(fc, "Gid:"), [NOBODY; 4]);
+        let exe = std::fs::read_link(format!("/proc/{fc}/exe"))?;
+        assert_eq!(
+            exe,
+            Path::new("/").join(&exec_name),
+            "runs the copy in its chroot"
+        );
+        let chroot = Layout::jailed(&spec, &jail.chroot_base(&spec), &exec_name, "jailed");
+        let root = chroot.chroot_root().unwrap();
+        assert!(
+            root.join("firecracker.sock").exists(),
+            "API socket in the chroot"
+        );
+        assert!(
+            root.join(&exec_name).exists(),
+            "the jailer copies Firecracker into the chroot"
+        );
+        for dir in &cgroups {
+            let tasks = std::fs::read_to_string(dir.join(match layout {
+                CgroupLayout::V1 { .. } => "tasks",
+                CgroupLayout::V2 { .. } => "cgroup.procs",
+            }))?;
+            assert!(
+                tasks.lines().any(|t| t == fc.to_string()),
+                "{} holds {tasks}",
+                dir.display()
+            );
+        }
+        let memory = (256 + 64) << 20;
+        // 2 vCPUs of CPU time per period; guest memory plus the VMM's overhead.
+        let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file));
+        let (first, last) = (&cgroups[0], cgroups.last().unwrap());
+        match &layout {
+            CgroupLayout::V1 { .. } => {
+                assert_eq!(read(first, "cpu.cfs_quota_us")?.trim(), "200000");
+                assert_eq!(read(first, "cpu.cfs_period_us")?.trim(), "100000");
+                let limit = read(last, "memory.limit_in_bytes")?;
+                assert_eq!(limit.trim(), memory.to_string());
+            }
+            CgroupLayout::V2 { .. } => {
+                assert_eq!(read(first, "cpu.max")?.trim(), "200000 100000");
+                assert_eq!(read(first, "memory.max")?.trim(), memory.to_string());
+            }
+        }
+    }
+    running_or_reported_dead(&mut vm, "jailed")?;
+    for dir in &cgroups {
+        assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+    }
     assert!(!spec.run_dir.exists(), "run dir left behind");
-    assert!(!process_exists(pid), "firecracker pid {pid} still alive");
+    assert!(!process_exists(guard), "guard pid {guard} still alive");
+    if let Some(fc) = firecracker {
+        assert!(!process_exists(fc), "firecracker pid {fc} still alive");
+    }
     Ok(())
 }

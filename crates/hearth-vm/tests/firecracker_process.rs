@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use hearth_vm::firecracker::{ConfigMode, FirecrackerVmm};
+use hearth_vm::firecracker::{ConfigMode, FirecrackerError, FirecrackerVmm};
 use hearth_vm::{Drive, RunningVm, VmError, VmSpec};
 use support::fake_api::{serve_one, FakeState, Recorded};
 use support::swagger::FirecrackerSchema;
@@ -45,7 +45,7 @@ fn fake_firecracker_process() {
         id: id.clone(),
         reject_path: id
             .starts_with("rejects")
-            .then(|| "/drives/hearth-rootfs".to_owned()),
+            .then(|| "/drives/hearth_rootfs".to_owned()),
         ..FakeState::default()
     };
     let mut log_path = None;
@@ -265,11 +265,14 @@ fn a_rejected_configuration_call_fails_start_with_the_fault_and_leaves_nothing()
         .err()
         .unwrap();
     assert!(
-        matches!(error, VmError::FirecrackerConfig { .. }),
+        matches!(
+            error.backend_error::<FirecrackerError>(),
+            Some(FirecrackerError::Config { .. })
+        ),
         "{error}"
     );
     let message = error.to_string();
-    assert!(message.contains("/drives/hearth-rootfs"), "{message}");
+    assert!(message.contains("/drives/hearth_rootfs"), "{message}");
     assert!(message.contains("Invalid block device path"), "{message}");
     assert!(!spec.run_dir.exists());
     let requests = recorded(home.path(), "rejects-1");

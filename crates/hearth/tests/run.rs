@@ -330,11 +330,13 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         .find("\n{")
         .expect("the config file follows the command line");
     let config: serde_json::Value = serde_json::from_str(&stdout[config_start..]).unwrap();
-    assert_eq!(config["drives"][0]["drive_id"], "hearth-rootfs");
+    // Firecracker's resource-id rule: letters, digits and `_` only.
+    assert_eq!(config["drives"][0]["drive_id"], "hearth_rootfs");
     assert_eq!(config["drives"][0]["is_read_only"], true);
     assert_eq!(config["drives"][1]["is_read_only"], false);
     assert_eq!(config["vsock"]["guest_cid"], 3);
-    // Through the jailer: an unprivileged uid/gid and cgroup v2 limits from --cpus/--memory.
+    // Through the jailer: an unprivileged uid/gid and cgroup limits from --cpus/--memory, in the
+    // cgroup version this host mounts (v1 controllers on our machines, v2 elsewhere).
     let out = run(&[
         "--dry-run",
         "--vmm",
@@ -350,13 +352,12 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    for expected in [
-        "--uid 1234",
-        "--gid 1235",
-        "--cgroup-version 2",
-        "cpu.max=200000",
-        "memory.max=",
-    ] {
+    let v1 = stdout.contains("--cgroup-version 1");
+    let limits: &[&str] = match v1 {
+        true => &["cpu.cfs_quota_us=200000", "memory.limit_in_bytes="],
+        false => &["--cgroup-version 2", "cpu.max=200000", "memory.max="],
+    };
+    for expected in ["--uid 1234", "--gid 1235"].iter().chain(limits) {
         assert!(
             stdout.contains(expected),
             "jailer command has {expected}: {stdout}"

@@ -1,13 +1,15 @@
 //! Firecracker's VM configuration as typed values: one type per API resource (the bodies of
 //! `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/vsock`, `/logger`, `/metrics`, `/actions`,
 //! `PATCH /vm`) and [`VmConfig`], which is both the `--config-file` document and the source of the
-//! API request sequence. Pure data: no I/O. Field names follow Firecracker's swagger definitions;
-//! `tests/firecracker_schema.rs` validates every body against that schema.
+//! API request sequence. Ids of resources are [`ResourceId`]s (`resource_id.rs`). Pure data: no
+//! I/O. Field names follow Firecracker's swagger definitions; `tests/firecracker_schema.rs`
+//! validates every body against that schema.
 
 use serde::Serialize;
 
 use super::layout::Layout;
-use crate::VmSpec;
+pub use super::resource_id::{drive_ids, InvalidResourceId, ResourceId};
+use crate::spec::VmSpec;
 
 /// Guest CID of the vsock device; 0-2 are reserved (hypervisor, local, host).
 pub const GUEST_CID: u32 = 3;
@@ -50,7 +52,8 @@ pub enum IoEngine {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DriveConfig {
-    pub drive_id: String,
+    /// Derived from the drive's serial by [`drive_ids`] (`hearth-rootfs` becomes `hearth_rootfs`).
+    pub drive_id: ResourceId,
     pub path_on_host: String,
     pub is_root_device: bool,
     pub is_read_only: bool,
@@ -201,13 +204,16 @@ impl VmConfig {
         for param in FIRECRACKER_BOOT_PARAMS {
             cmdline.set(*param);
         }
+        let ids = drive_ids(spec.drives.iter().map(|d| d.serial.as_str()));
         let drives = spec
             .drives
             .iter()
-            .map(|drive| DriveConfig {
+            .zip(ids)
+            .map(|(drive, drive_id)| DriveConfig {
                 // Firecracker's virtio-blk serial is derived from the backing file's inode, not from
-                // drive_id; the id still names the drive in API calls and logs.
-                drive_id: drive.serial.clone(),
+                // drive_id, so the guest cannot see hearth's serials; it tells the drives apart by
+                // their read-only flag. The id names the drive in API calls and logs.
+                drive_id,
                 path_on_host: layout.vmm_drive(&drive.serial, &drive.path),
                 // The guest boots from hearth's initramfs; marking a root device would only add a
                 // `root=` parameter the agent does not use, and reorder the drives.
@@ -274,5 +280,32 @@ impl VmConfig {
         );
         requests.push(ApiRequest::put("/vsock", &self.vsock));
         requests
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hearths_drives_get_valid_ids_in_both_the_config_file_and_the_api_paths() {
+        let mut spec = crate::VmSpec::new("/k", "/i", "/h/run/vm1");
+        spec.drives = vec![
+            crate::Drive::rootfs("/h/rootfs.ext4"),
+            crate::Drive::scratch("/h/scratch.ext4"),
+        ];
+        let config = VmConfig::build(&spec, &Layout::plain(&spec), &[]);
+        let doc: serde_json::Value = serde_json::from_str(&config.to_json()).unwrap();
+        assert_eq!(doc["drives"][0]["drive_id"], "hearth_rootfs");
+        assert_eq!(doc["drives"][1]["drive_id"], "hearth_scratch");
+        let paths: Vec<String> = config.requests().into_iter().map(|r| r.path).collect();
+        assert!(
+            paths.contains(&"/drives/hearth_rootfs".to_owned()),
+            "{paths:?}"
+        );
+        assert!(
+            paths.contains(&"/drives/hearth_scratch".to_owned()),
+            "{paths:?}"
+        );
     }
 }

@@ -1,22 +1,30 @@
 //! Running Firecracker through its `jailer`: the jailer's argument vector (chroot, uid/gid drop,
-//! cgroup v2 CPU and memory limits, optional network namespace, new PID namespace, rlimits), the
-//! chroot's preparation (hard links of the kernel, initramfs and disks, files owned by the jailed
-//! user) and the removal of the cgroup the jailer leaves behind. Touches only the VM's chroot (under
-//! its run directory) and the VM's own cgroup directory.
+//! CPU and memory limits, optional network namespace, rlimits), the chroot's preparation (hard
+//! links of the kernel, initramfs and disks, which the jailed user must be able to read; files
+//! owned by the jailed user) and where the cgroups it leaves behind are. The limits follow the
+//! host's cgroup layout (`jailer/cgroup.rs`): v1 keys where cpu and memory are v1 hierarchies (v2
+//! keys fail there with "Controller cpu is unavailable"), v2 keys where the unified hierarchy
+//! offers them. `jailer/vm_id.rs` holds the `--id` rule. Touches only the VM's chroot (under its
+//! run directory).
+
+mod cgroup;
+mod vm_id;
 
 use std::path::{Path, PathBuf};
 
+pub use cgroup::{CgroupLayout, NoCgroupLayout};
+pub use vm_id::{check_vm_id, vm_id, InvalidVmId, MAX_VM_ID_LEN};
+
 use super::layout::Layout;
+use crate::spec::VmSpec;
 use crate::vmm::VmError;
-use crate::VmSpec;
 
 /// Memory the Firecracker process needs beyond guest RAM (its own heap, device queues, page
 /// tables); the cgroup limit is guest memory plus this. Firecracker documents its own overhead as
 /// a few MiB; the margin keeps a busy guest's VMM from being OOM-killed by its own limit.
 const VMM_OVERHEAD_MIB: u64 = 64;
-/// cgroup v2 `cpu.max` period in microseconds (the kernel default).
+/// CPU bandwidth period in microseconds (the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// How to jail Firecracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,16 +37,21 @@ pub struct JailerConfig {
     pub chroot_base: Option<PathBuf>,
     /// `--netns`: a network namespace path such as `/var/run/netns/NAME`.
     pub netns: Option<PathBuf>,
-    /// Firecracker in a new PID namespace. hearth's guard process (`crate::guard`) creates it and is
+    /// Firecracker in a new PID namespace. hearth's guard process (`crate::process::guard`) creates it and is
     /// its PID 1, rather than the jailer's own `--new-pid-ns`: that jailer exits after forking, and
     /// the Firecracker it leaves (its parent-death signal cleared by the uid change) would outlive
     /// a `kill -9`ed hearth. Under the guard it dies with hearth.
     pub new_pid_ns: bool,
     /// `--resource-limit no-file=N`.
     pub max_open_files: u64,
+    /// The host's cgroup layout, detected by [`JailerConfig::new`]; `None` when the host has no
+    /// usable one. Then the argv shows v2 limits (so `--dry-run` works anywhere) and
+    /// [`JailerConfig::prepare`] refuses to start, saying why.
+    pub cgroups: Option<CgroupLayout>,
 }
 
 impl JailerConfig {
+    /// Jails as `uid`:`gid` with the defaults and the cgroup layout of this host.
     pub fn new(binary: impl Into<PathBuf>, uid: u32, gid: u32) -> Self {
         JailerConfig {
             binary: binary.into(),
@@ -48,6 +61,7 @@ impl JailerConfig {
             netns: None,
             new_pid_ns: true,
             max_open_files: 2048,
+            cgroups: CgroupLayout::detect().ok(),
         }
     }
 
@@ -65,8 +79,15 @@ impl JailerConfig {
         id: &str,
         firecracker_args: Vec<String>,
     ) -> Vec<String> {
-        let memory_max = (u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024;
+        debug_assert_eq!(check_vm_id(id), Ok(()), "ids come from vm_id");
+        let memory = (u64::from(spec.memory_mib) + VMM_OVERHEAD_MIB) * 1024 * 1024;
         let cpu_quota = u64::from(spec.vcpus) * CPU_PERIOD_US;
+        // Without a usable layout, show what a v2 host would get; `prepare` refuses to start.
+        let assumed = CgroupLayout::V2 {
+            root: PathBuf::from("/sys/fs/cgroup"),
+        };
+        let cgroups = self.cgroups.as_ref().unwrap_or(&assumed);
+        let version = cgroups.version().to_string();
         let mut args: Vec<String> = [
             "--id",
             id,
@@ -79,17 +100,16 @@ impl JailerConfig {
             "--chroot-base-dir",
             &self.chroot_base(spec).to_string_lossy(),
             "--cgroup-version",
-            "2",
-            "--cgroup",
-            &format!("cpu.max={cpu_quota} {CPU_PERIOD_US}"),
-            "--cgroup",
-            &format!("memory.max={memory_max}"),
+            &version,
             "--resource-limit",
             &format!("no-file={}", self.max_open_files),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        for limit in cgroups.limits(cpu_quota, CPU_PERIOD_US, memory) {
+            args.extend(["--cgroup".to_owned(), limit]);
+        }
         if let Some(netns) = &self.netns {
             args.extend(["--netns".into(), netns.to_string_lossy().into_owned()]);
         }
@@ -99,13 +119,32 @@ impl JailerConfig {
     }
 
     /// Creates the chroot root, hard-links the VM's inputs into it and hands the root, the writable
-    /// disks and Firecracker's log and metrics files to the jailed user.
+    /// disks and Firecracker's log and metrics files to the jailed user. Fails first, saying why,
+    /// if there is no cgroup layout the jailer can use.
     pub fn prepare(&self, spec: &VmSpec, layout: &Layout) -> Result<(), VmError> {
         let Some(root) = layout.chroot_root() else {
             return Ok(());
         };
+        if self.cgroups.is_none() {
+            let reason = CgroupLayout::detect().err().map_or_else(
+                || "no cgroup layout was given".to_owned(),
+                |e| e.to_string(),
+            );
+            return Err(VmError::Unsupported(format!(
+                "the jailer cannot limit this VM: {reason}"
+            )));
+        }
         std::fs::create_dir_all(root).map_err(io("creating the jail", root))?;
+        let writable_disks: Vec<&Path> = spec
+            .drives
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| d.path.as_path())
+            .collect();
         for (source, target) in layout.jail_inputs(spec) {
+            if !writable_disks.contains(&source.as_path()) {
+                self.check_readable(&source)?;
+            }
             // A hard link keeps the shared rootfs image shared; a copy would cost its full size.
             std::fs::hard_link(&source, &target).map_err(|e| VmError::Io {
                 what: "hard-linking into the jail (the jail must be on the same filesystem as \
@@ -132,31 +171,60 @@ impl JailerConfig {
         }
         Ok(())
     }
-}
 
-/// The jailer's cgroup for this VM (`<root>/<exec-file-name>/<id>`), which it does not remove.
-pub fn cgroup_dir(exec_file_name: &str, id: &str) -> PathBuf {
-    Path::new(CGROUP_ROOT).join(exec_file_name).join(id)
-}
-
-/// The jailer `--id` for a run directory: its name reduced to `[A-Za-z0-9-]`, at most 64 bytes.
-pub fn vm_id(run_dir: &Path) -> Result<String, VmError> {
-    let name = run_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let id: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(64)
-        .collect();
-    if id.trim_matches('-').is_empty() {
-        return Err(VmError::Unsupported(format!(
-            "cannot derive a Firecracker VM id from the run directory {}: name it with letters or digits",
-            run_dir.display()
-        )));
+    /// A read-only input is shared through a hard link, so its own mode decides whether the
+    /// jailed Firecracker can open it; say so here rather than as Firecracker's bare "Permission
+    /// denied" on `PUT /boot-source` or `/drives`.
+    fn check_readable(&self, path: &Path) -> Result<(), VmError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(io("reading the metadata of", path))?;
+        if readable_by(meta.mode(), meta.uid(), meta.gid(), self.uid, self.gid) {
+            return Ok(());
+        }
+        Err(VmError::Io {
+            what: "the jailed Firecracker cannot read",
+            path: path.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "its mode {:o} and owner {}:{} keep the jailed user {}:{} out; make it \
+                     readable for that user (e.g. chmod o+r)",
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid(),
+                    self.uid,
+                    self.gid
+                ),
+            ),
+        })
     }
-    Ok(id)
+
+    /// The cgroup directories the jailer creates for this VM and does not remove: one per
+    /// hierarchy, `<hierarchy>/<exec-file-name>/<id>` (`--parent-cgroup` defaults to the exec
+    /// file's name). Empty when the host has no usable layout (the jailer never starts then).
+    pub fn cgroup_dirs(&self, exec_file_name: &str, id: &str) -> Vec<PathBuf> {
+        self.cgroups
+            .as_ref()
+            .map(|cgroups| cgroups.dirs(exec_file_name, id))
+            .unwrap_or_default()
+    }
+}
+
+/// Whether a file of `mode` owned by `owner`:`group` is readable by `uid`:`gid` without
+/// supplementary groups (the jailer's `Command::uid` drops them). Only the first matching class
+/// counts, as in the kernel: an owner without read permission cannot read even if others can.
+fn readable_by(mode: u32, owner: u32, group: u32, uid: u32, gid: u32) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let bits = if uid == owner {
+        mode >> 6
+    } else if gid == group {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & 0o4 != 0
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
@@ -179,6 +247,9 @@ mod tests {
         spec.vcpus = 2;
         spec.memory_mib = 512;
         let mut jailer = JailerConfig::new("/usr/bin/jailer", 1234, 1235);
+        jailer.cgroups = Some(CgroupLayout::V2 {
+            root: "/sys/fs/cgroup".into(),
+        });
         jailer.netns = Some("/var/run/netns/hearth".into());
         let args = jailer.render(
             &spec,
@@ -205,9 +276,88 @@ mod tests {
     }
 
     #[test]
-    fn vm_ids_are_sanitized_run_dir_names() {
-        assert_eq!(vm_id(Path::new("/h/run/sb_01.x")).unwrap(), "sb-01-x");
-        assert!(vm_id(Path::new("/")).is_err());
+    fn v1_hosts_get_v1_keys_and_a_cgroup_per_hierarchy() {
+        let mut spec = VmSpec::new("/k", "/i", "/h/run/vm1");
+        spec.vcpus = 2;
+        spec.memory_mib = 512;
+        let mut jailer = JailerConfig::new("/usr/bin/jailer", 1, 1);
+        jailer.cgroups = Some(CgroupLayout::V1 {
+            cpu: "/sys/fs/cgroup/cpu".into(),
+            memory: "/sys/fs/cgroup/memory".into(),
+        });
+        let args = jailer.render(&spec, Path::new("/usr/bin/firecracker"), "vm1", vec![]);
+        assert_eq!(values(&args, "--cgroup-version"), ["1"]);
+        assert_eq!(
+            values(&args, "--cgroup"),
+            [
+                "cpu.cfs_quota_us=200000",
+                "cpu.cfs_period_us=100000",
+                "memory.limit_in_bytes=603979776"
+            ]
+        );
+        assert_eq!(
+            jailer.cgroup_dirs("firecracker", "vm1"),
+            [
+                PathBuf::from("/sys/fs/cgroup/cpu/firecracker/vm1"),
+                PathBuf::from("/sys/fs/cgroup/memory/firecracker/vm1"),
+            ]
+        );
+        jailer.cgroups = Some(CgroupLayout::V2 {
+            root: "/sys/fs/cgroup".into(),
+        });
+        assert_eq!(
+            jailer.cgroup_dirs("firecracker", "vm1"),
+            [PathBuf::from("/sys/fs/cgroup/firecracker/vm1")]
+        );
+    }
+
+    #[test]
+    fn without_a_usable_layout_the_argv_still_renders_but_the_start_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = VmSpec::new("/k", "/i", tmp.path().join("run"));
+        let mut jailer = JailerConfig::new("jailer", 1, 1);
+        jailer.cgroups = None;
+        let args = jailer.render(&spec, Path::new("firecracker"), "run", vec![]);
+        assert_eq!(values(&args, "--cgroup-version"), ["2"]);
+        assert!(jailer.cgroup_dirs("firecracker", "run").is_empty());
+        let layout = Layout::jailed(&spec, &jailer.chroot_base(&spec), "firecracker", "run");
+        let error = jailer.prepare(&spec, &layout).unwrap_err();
+        assert!(error.to_string().contains("cannot limit"), "{error}");
+    }
+
+    #[test]
+    fn readability_follows_the_first_matching_class() {
+        assert!(readable_by(0o644, 0, 0, 65534, 65534));
+        assert!(!readable_by(0o600, 0, 0, 65534, 65534));
+        assert!(readable_by(0o640, 0, 65534, 65534, 65534));
+        assert!(readable_by(0o400, 65534, 0, 65534, 65534));
+        assert!(!readable_by(0o044, 65534, 0, 65534, 65534));
+        assert!(readable_by(0o000, 5, 5, 0, 0));
+    }
+
+    #[test]
+    fn inputs_the_jailed_user_cannot_read_are_refused_with_the_reason() {
+        use std::os::unix::fs::PermissionsExt;
+        if !crate::test_support::is_root() {
+            return; // files of another owner need root
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        let initrd = tmp.path().join("initrd");
+        for file in [&kernel, &initrd] {
+            std::fs::write(file, b"x").unwrap();
+        }
+        std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let spec = VmSpec::new(&kernel, &initrd, tmp.path().join("run"));
+        let mut jailer = JailerConfig::new("jailer", 65534, 65534);
+        jailer.cgroups = Some(CgroupLayout::V2 {
+            root: "/sys/fs/cgroup".into(),
+        });
+        let layout = Layout::jailed(&spec, &jailer.chroot_base(&spec), "firecracker", "run");
+        let error = jailer.prepare(&spec, &layout).unwrap_err().to_string();
+        assert!(error.contains("vmlinux"), "{error}");
+        assert!(error.contains("mode 600"), "{error}");
+        assert!(error.contains("65534:65534"), "{error}");
     }
 
     #[test]
@@ -225,7 +375,10 @@ mod tests {
             nix::unistd::getuid().as_raw(),
             nix::unistd::getgid().as_raw(),
         );
-        let jailer = JailerConfig::new("jailer", uid, gid);
+        let mut jailer = JailerConfig::new("jailer", uid, gid);
+        jailer.cgroups = Some(CgroupLayout::V2 {
+            root: "/sys/fs/cgroup".into(),
+        });
         let layout = Layout::jailed(&spec, &jailer.chroot_base(&spec), "firecracker", "run");
         jailer.prepare(&spec, &layout).unwrap();
         let root = layout.chroot_root().unwrap();

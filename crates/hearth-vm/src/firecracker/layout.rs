@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::VmSpec;
+use crate::spec::VmSpec;
 
 /// The API socket (host view) of a plain Firecracker.
 const API_SOCKET: &str = "firecracker.sock";

@@ -2,8 +2,8 @@
 //! the agent channel on a hybrid vsock, the guest console on Firecracker's stdout, and its log and
 //! metrics in files. `config.rs` holds the typed configuration (one type per API resource),
 //! `layout.rs` where files live with and without a chroot, `jailer.rs` the jailer's argv and chroot,
-//! `api.rs` the REST client, `running.rs` a started VM (`vmm_process.rs` its process), `failure.rs`
-//! reading failures from logs.
+//! `api.rs` the REST client, `running.rs` a started VM, `failure.rs` reading failures from logs,
+//! `error.rs` what only Firecracker can fail at (travelling as [`VmError::Backend`]).
 //!
 //! Two ways to configure, chosen by [`ConfigMode`]: the REST API (`Api`, the default: each call's
 //! error is reported on its own) or a `--config-file` (`ConfigFile`, one process start). Both write
@@ -12,24 +12,25 @@
 
 pub mod api;
 pub mod config;
+mod error;
 mod failure;
 pub mod jailer;
 mod layout;
+mod resource_id;
 mod running;
-mod vmm_process;
 
 use std::path::{Path, PathBuf};
 
 pub use api::{ApiError, FirecrackerApi, InstanceInfo};
 pub use config::{RateLimiter, TokenBucket, VmConfig};
+pub use error::FirecrackerError;
 pub use failure::find_failure;
 pub use jailer::JailerConfig;
 pub use layout::Layout;
 pub use running::RunningFirecracker;
 
-use crate::spec::SpecError;
-use crate::vmm::{LaunchPlan, RunningVm, VmError, Vmm};
-use crate::VmSpec;
+use crate::spec::{SpecError, VmSpec};
+use crate::vmm::{Capabilities, LaunchPlan, RunningVm, VmError, Vmm};
 
 /// virtio-mmio transport, block devices, overlayfs and the virtio vsock transport. No
 /// virtio_console: the agent talks over vsock here.
@@ -97,7 +98,7 @@ impl FirecrackerVmm {
         self
     }
 
-    /// Limits the drive with `serial` (e.g. [`crate::SCRATCH_SERIAL`]).
+    /// Limits the drive with `serial` (e.g. [`crate::spec::SCRATCH_SERIAL`]).
     pub fn with_rate_limiter(mut self, serial: impl Into<String>, limiter: RateLimiter) -> Self {
         self.rate_limiters.push((serial.into(), limiter));
         self
@@ -193,6 +194,11 @@ impl Vmm for FirecrackerVmm {
         GUEST_MODULES
     }
 
+    /// Firecracker's own snapshots (`/snapshot/create`, `/snapshot/load`) are not wired in yet.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
     fn dry_run(&self, spec: &VmSpec) -> Result<LaunchPlan, VmError> {
         Ok(self.prepare(spec)?.plan)
     }
@@ -232,7 +238,7 @@ fn find(variable: &str, name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Drive;
+    use crate::spec::Drive;
 
     fn spec() -> VmSpec {
         let mut spec = VmSpec::new("/k/vmlinux", "/k/initrd", "/h/run/vm1");
@@ -256,7 +262,7 @@ mod tests {
         let (path, json) = &plan.files[0];
         assert_eq!(path, Path::new("/h/run/vm1/vm_config.json"));
         let doc: serde_json::Value = serde_json::from_str(json).unwrap();
-        assert_eq!(doc["drives"][0]["drive_id"], "hearth-rootfs");
+        assert_eq!(doc["drives"][0]["drive_id"], "hearth_rootfs");
         assert_eq!(doc["drives"][0]["is_read_only"], true);
         assert_eq!(doc["drives"][1]["is_read_only"], false);
         assert_eq!(doc["vsock"]["uds_path"], "/h/run/vm1/agent.sock");
@@ -295,7 +301,7 @@ mod tests {
             ops: None,
         };
         let config = FirecrackerVmm::new("fc")
-            .with_rate_limiter(crate::SCRATCH_SERIAL, limiter.clone())
+            .with_rate_limiter(crate::spec::SCRATCH_SERIAL, limiter.clone())
             .vm_config(&spec())
             .unwrap();
         assert_eq!(config.drives[0].rate_limiter, None);

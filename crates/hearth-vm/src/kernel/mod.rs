@@ -110,7 +110,7 @@ pub fn extract_vmlinux_to(kernel: &Path, out: &Path) -> Result<(), KernelError> 
     } else {
         extract_vmlinux(&bytes, kernel)?
     };
-    crate::write_atomic(out, &vmlinux).map_err(|source| KernelError::Io {
+    crate::fsutil::write_atomic(out, &vmlinux).map_err(|source| KernelError::Io {
         what: "writing",
         path: out.to_owned(),
         source,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{QemuVmm, AGENT_PORT_NAME, TCG_CPU};
 use crate::accel::Accel;
-use crate::VmSpec;
+use crate::spec::VmSpec;
 
 /// `x-option-roms=off` skips the option-ROM scan (measured fastest); ACPI stays on because the guest
 /// finds its virtio-mmio devices through ACPI. pit/pic/rtc stay at their defaults: turning them off
@@ -110,7 +110,7 @@ fn opt_path(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Drive, VmSpec};
+    use crate::spec::{Drive, VmSpec};
 
     fn spec() -> VmSpec {
         let mut spec = VmSpec::new("/k/vmlinux", "/k/init.cpio", "/h/run/vm,1");

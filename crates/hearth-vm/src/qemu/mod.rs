@@ -1,22 +1,28 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio block devices, the agent channel
 //! on a virtio-serial port bound to a Unix socket, the serial console in a file and QMP on a Unix
 //! socket for control. `argv.rs` renders the command line, `running.rs` owns a started VM, `qmp.rs`
-//! speaks QMP, `snapshot/` builds boot templates and restores VMs from them.
+//! speaks QMP, `snapshot/` builds boot templates, saves running VMs and restores VMs from either,
+//! `kvm_probe.rs` finds out whether KVM boots guests here, `error.rs` holds what only QEMU can fail
+//! at (travelling as [`VmError::Backend`]).
 
 mod argv;
+mod error;
+mod kvm_probe;
 mod qmp;
 mod running;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
+pub use error::QemuError;
+pub use kvm_probe::KvmBootProbe;
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use running::RunningQemu;
 pub use snapshot::{ensure_template, SnapshotError, Template};
 
-use crate::accel::{Accel, KvmBootProbe, Selection};
-use crate::vmm::{LaunchPlan, RunningVm, VmError, Vmm};
-use crate::VmSpec;
+use crate::accel::{Accel, Selection};
+use crate::spec::VmSpec;
+use crate::vmm::{BootTemplate, BootTemplates, Capabilities, LaunchPlan, RunningVm, VmError, Vmm};
 
 /// Name of the virtio-serial port carrying the agent protocol (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT_NAME: &str = "hearth.agent";
@@ -66,7 +72,7 @@ impl QemuVmm {
         let probe = KvmBootProbe::new(home, &binary, probe_kernel);
         let selection = crate::accel::select(requested, &probe);
         let tsc_khz = match selection.accel {
-            Accel::Tcg => Some(crate::tsc::host_tsc_khz(home)?),
+            Accel::Tcg => Some(crate::tsc::host_tsc_khz(home).map_err(QemuError::Tsc)?),
             _ => None,
         };
         Ok((QemuVmm::new(binary, selection.accel, tsc_khz)?, selection))
@@ -104,12 +110,53 @@ impl Vmm for QemuVmm {
         GUEST_MODULES
     }
 
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            boot_templates: true,
+            save_state: true,
+            network: false,
+        }
+    }
+
+    fn boot_templates(&self) -> Option<&dyn BootTemplates> {
+        Some(self)
+    }
+
     fn dry_run(&self, spec: &VmSpec) -> Result<LaunchPlan, VmError> {
         self.plan(spec)
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn RunningVm>, VmError> {
         Ok(Box::new(self.start_qemu(spec)?))
+    }
+}
+
+impl BootTemplates for QemuVmm {
+    fn template_for(
+        &self,
+        home: &Path,
+        spec: &VmSpec,
+        build: bool,
+    ) -> Result<(BootTemplate, VmSpec), VmError> {
+        let template = match build {
+            true => ensure_template(self, home, spec),
+            false => Template::for_spec(self, home, spec),
+        }
+        .map_err(QemuError::Snapshot)?;
+        let restore = template
+            .restore_spec(self, spec)
+            .map_err(QemuError::Snapshot)?;
+        let neutral = BootTemplate {
+            id: template.key.id.clone(),
+            dir: template.dir.clone(),
+            state: template.state(),
+            built: template.is_built(),
+        };
+        Ok((neutral, restore))
+    }
+
+    fn discard(&self, template: &BootTemplate) -> Result<(), VmError> {
+        Ok(snapshot::discard(&template.dir).map_err(QemuError::Snapshot)?)
     }
 }
 

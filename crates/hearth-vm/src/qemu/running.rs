@@ -1,21 +1,23 @@
-//! A started QEMU: its process, QMP connection and run directory. Start-up waits for QMP to answer and
-//! fails fast (with QEMU's stderr and the console tail) if QEMU exits first. Whatever way the VM ends,
-//! the process is reaped and the run directory removed exactly once (also on drop), unless the
-//! handle was [released](RunningVm::release). A detached QEMU can be adopted by another process
-//! ([`RunningQemu::adopt`]): it is then watched through a pidfd instead of as our child.
+//! A started QEMU: its process ([`VmProcess`]: exit recorded once, run directory removed, killed on
+//! drop unless released), QMP connection and agent endpoint. Start-up waits for QMP to answer and
+//! fails fast (with QEMU's stderr and the console tail) if QEMU exits first; a VM started with
+//! `restore_from` then loads its saved state. A detached QEMU can be adopted by another process
+//! ([`RunningQemu::adopt`]).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use super::snapshot::{restore::load_and_continue, SnapshotError};
-use super::{argv, QemuVmm, Qmp};
-use crate::adopt::{DetachedRecord, ForeignProcess, ProcessIdentity, VmmProcess};
+use super::snapshot::restore::load_and_continue;
+use super::snapshot::{save::save, SnapshotError};
+use super::{argv, QemuError, QemuVmm, Qmp, QmpError};
+use crate::detached::DetachedRecord;
+use crate::error::VmError;
+use crate::lifecycle::{Diagnose, ProcessIdentity, VmExit, VmProcess};
 use crate::process::{spawn_vmm, SpawnRequest};
 use crate::rundir::{self, read_tail};
-use crate::vmm::{AgentEndpoint, RunningVm, VmError, VmExit};
-use crate::VmSpec;
+use crate::spec::VmSpec;
+use crate::vmm::{AgentEndpoint, RunningVm, SavedState};
 
 /// QEMU opens its sockets within milliseconds; loading a large kernel under load can take a while.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,20 +25,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// After a failed state load QEMU prints why and exits at once; its stderr is read after this.
 const RESTORE_FAILURE_EXIT: Duration = Duration::from_secs(2);
+const NAME: &str = "qemu";
+/// The saved state's file name inside a [`RunningVm::save_state`] directory.
+const SAVED_STATE: &str = "state";
 
 pub struct RunningQemu {
-    process: VmmProcess,
-    pid: u32,
-    run_dir: PathBuf,
-    console_log: PathBuf,
+    process: VmProcess,
     endpoint: AgentEndpoint,
+    console_log: PathBuf,
     qmp: Option<Qmp>,
-    exit: Option<VmExit>,
-    /// Released: dropping leaves the VMM running and the run directory in place.
-    released: bool,
-    /// Restored from a template: how long loading the state took.
+    /// Restored: how long loading the state took.
     restored_in: Option<Duration>,
-    /// Restored from a template: the agent port connection made before the state was loaded.
+    /// Restored: the agent port connection made before the state was loaded.
     agent_stream: Option<UnixStream>,
 }
 
@@ -45,16 +45,16 @@ impl RunningQemu {
         spec.validate()?;
         if let Some(state) = &spec.restore_from {
             if !state.is_file() {
-                return Err(SnapshotError::Restore {
+                let missing = SnapshotError::Restore {
                     state: state.clone(),
                     detail: "the saved state does not exist".into(),
                     stderr: String::new(),
-                }
-                .into());
+                };
+                return Err(QemuError::Snapshot(missing).into());
             }
         }
-        let run_dir = spec.run_dir.clone();
-        rundir::create(&run_dir)?;
+        let run_dir = &spec.run_dir;
+        rundir::create(run_dir)?;
         let log_path = run_dir.join(rundir::VMM_LOG);
         let log = std::fs::File::create(&log_path).map_err(|source| VmError::Io {
             what: "creating",
@@ -68,62 +68,61 @@ impl RunningQemu {
             stdout: None,
             detached: spec.detached,
         };
-        let child = match spawn_vmm(request) {
-            Ok(child) => child,
-            Err(source) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(VmError::Spawn {
-                    program: qemu.binary.clone(),
-                    source,
-                });
+        let child = spawn_vmm(request).map_err(|source| {
+            let _ = std::fs::remove_dir_all(run_dir);
+            VmError::Spawn {
+                program: qemu.binary.clone(),
+                source,
             }
-        };
-        let pid = child.id();
+        })?;
+        let process = VmProcess::child(NAME, child, run_dir, diagnose(&spec.console_log))?;
         let mut vm = RunningQemu {
-            process: VmmProcess::Child(child),
-            pid,
-            console_log: spec.console_log.clone(),
+            process,
             endpoint: AgentEndpoint::Stream(spec.agent_socket.clone()),
+            console_log: spec.console_log.clone(),
             qmp: None,
-            exit: None,
-            released: false,
             restored_in: None,
             agent_stream: None,
-            run_dir,
         };
-        rundir::write_pid(&vm.run_dir, pid)?;
         if spec.detached {
             // Written before anything can fail, so that whoever finds this run directory can
-            // tell whether its VMM still runs.
-            // (Exited at once: connect_qmp reports why.)
-            if let Some(process) = ProcessIdentity::of(pid) {
+            // tell whether its VMM still runs. (Exited at once: start-up below reports why.)
+            if let Some(process) = ProcessIdentity::of(vm.pid()) {
                 DetachedRecord {
-                    vmm: "qemu".into(),
+                    vmm: NAME.into(),
                     process,
-                    control_socket: vm.run_dir.join("qmp.sock"),
+                    control_socket: run_dir.join("qmp.sock"),
                     agent_socket: spec.agent_socket.clone(),
                     vsock_port: None,
                     console_log: spec.console_log.clone(),
                     log: None,
-                    cgroup: None,
+                    cgroups: Vec::new(),
                 }
-                .write(&vm.run_dir)?;
+                .write(run_dir)?;
             }
         }
-        vm.qmp = Some(vm.connect_qmp()?);
+        let socket = run_dir.join("qmp.sock");
+        let qmp = vm.process.await_control(
+            &socket,
+            &spec.console_log,
+            START_TIMEOUT,
+            || read_tail(&log_path),
+            || Qmp::connect(&socket).ok(),
+        )?;
+        vm.qmp = Some(qmp);
         if let Some(state) = &spec.restore_from {
             vm.restore(state, &spec.agent_socket)?;
         }
-        tracing::debug!(pid, run_dir = %vm.run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
+        tracing::debug!(pid = vm.pid(), run_dir = %run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
         Ok(vm)
     }
 
-    /// Loads the template state into a QEMU started with `-incoming defer` and lets it run. On
+    /// Loads the saved state into a QEMU started with `-incoming defer` and lets it run. On
     /// failure QEMU usually exits by itself; its stderr goes into the error before it is killed.
     fn restore(&mut self, state: &Path, agent_socket: &Path) -> Result<(), VmError> {
         let started = Instant::now();
-        // The template was saved with its host connected; connecting before the load keeps it
-        // so for the restored guest (see snapshot/build.rs).
+        // The state was saved with its host connected; connecting before the load keeps it so for
+        // the restored guest (see snapshot/build.rs).
         let agent = UnixStream::connect(agent_socket).map_err(|source| VmError::Io {
             what: "connecting to the agent socket before restoring",
             path: agent_socket.to_owned(),
@@ -137,151 +136,87 @@ impl RunningQemu {
                 Ok(())
             }
             Err(detail) => {
-                let _ = self.wait_process(Some(RESTORE_FAILURE_EXIT));
-                let stderr = read_tail(&self.run_dir.join(rundir::VMM_LOG));
-                let _ = self.kill();
-                Err(SnapshotError::Restore {
+                let _ = self.process.wait_status(Some(RESTORE_FAILURE_EXIT));
+                let stderr = read_tail(&self.process.run_dir().join(rundir::VMM_LOG));
+                let _ = self.process.kill();
+                let failed = SnapshotError::Restore {
                     state: state.to_owned(),
                     detail,
                     stderr,
-                }
-                .into())
+                };
+                Err(QemuError::Snapshot(failed).into())
             }
-        }
-    }
-
-    /// Polls for the QMP socket while watching for an early exit.
-    fn connect_qmp(&mut self) -> Result<Qmp, VmError> {
-        let socket = self.run_dir.join("qmp.sock");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.wait_process(Some(Duration::ZERO))? {
-                return Err(self.early_exit(status));
-            }
-            if socket.exists() {
-                match Qmp::connect(&socket) {
-                    Ok(qmp) => return Ok(qmp),
-                    Err(e) if started.elapsed() > START_TIMEOUT => {
-                        return Err(VmError::Qmp { socket, source: e });
-                    }
-                    Err(_) => {} // bound but not yet listening: retry
-                }
-            }
-            if started.elapsed() > START_TIMEOUT {
-                return Err(VmError::StartTimeout {
-                    vmm: "qemu",
-                    socket,
-                    waited: START_TIMEOUT,
-                    stderr: read_tail(&self.run_dir.join(rundir::VMM_LOG)),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
     /// Takes over the detached QEMU `record` describes (see [`crate::adopt()`]).
     pub(crate) fn adopt(run_dir: &Path, record: DetachedRecord) -> Result<Self, VmError> {
-        let pid = record.process.pid;
-        let process = ForeignProcess::open(record.process).ok_or(VmError::Gone {
-            run_dir: run_dir.to_owned(),
-            pid,
-        })?;
+        let process =
+            VmProcess::adopted(NAME, record.process, run_dir, diagnose(&record.console_log))?;
         // QMP serves one client at a time; the previous owner's connection died with it.
         let qmp = match Qmp::connect(&record.control_socket) {
             Ok(qmp) => Some(qmp),
             Err(e) => {
                 tracing::warn!(
-                    pid,
+                    pid = process.pid(),
                     "adopted qemu: QMP unavailable ({e}); stop will kill it"
                 );
                 None
             }
         };
         Ok(RunningQemu {
-            process: VmmProcess::Foreign(process),
-            pid,
-            run_dir: run_dir.to_owned(),
-            console_log: record.console_log.clone(),
+            process,
             endpoint: record.agent_endpoint(),
+            console_log: record.console_log,
             qmp,
-            exit: None,
-            released: false,
             restored_in: None,
             agent_stream: None,
         })
     }
 
-    fn wait_process(&mut self, timeout: Option<Duration>) -> Result<Option<ExitStatus>, VmError> {
-        let pid = self.pid;
-        self.process
-            .wait(timeout)
-            .map_err(|source| VmError::Wait { pid, source })
-    }
-
-    /// Builds the early-exit error, then cleans up (the error carries what the run dir held).
-    fn early_exit(&mut self, status: ExitStatus) -> VmError {
-        let error = VmError::EarlyExit {
-            vmm: "qemu",
-            status,
-            stderr: read_tail(&self.run_dir.join(rundir::VMM_LOG)),
-            console: read_tail(&self.console_log),
-        };
-        self.finish(status);
-        error
-    }
-
     /// The QMP connection, while the VM runs.
     pub fn qmp(&mut self) -> Option<&mut Qmp> {
-        self.qmp.as_mut()
+        self.qmp.as_mut().filter(|_| self.process.exit().is_none())
     }
 
     pub fn console_log(&self) -> &Path {
         &self.console_log
     }
 
-    /// Records the exit, reads a panic from the console and removes the run directory. Idempotent.
-    fn finish(&mut self, status: ExitStatus) -> VmExit {
-        if let Some(exit) = &self.exit {
-            return exit.clone();
-        }
-        self.qmp = None;
-        let failure = kernel_panic(&read_tail(&self.console_log));
-        if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
-            tracing::warn!(run_dir = %self.run_dir.display(), "removing run dir: {e}");
-        }
-        let exit = VmExit { status, failure };
-        self.exit = Some(exit.clone());
-        exit
-    }
-
-    fn qmp_quietly(&mut self, what: &str, f: impl FnOnce(&mut Qmp) -> Result<(), super::QmpError>) {
-        if let Some(qmp) = self.qmp.as_mut() {
+    fn qmp_quietly(&mut self, what: &str, f: impl FnOnce(&mut Qmp) -> Result<(), QmpError>) {
+        let pid = self.pid();
+        if let Some(qmp) = self.qmp() {
             if let Err(e) = f(qmp) {
-                tracing::debug!(pid = self.pid, "qmp {what}: {e}");
+                tracing::debug!(pid, "qmp {what}: {e}");
             }
         }
     }
 
-    fn qmp_required(
+    fn qmp_required<T>(
         &mut self,
-        f: impl FnOnce(&mut Qmp) -> Result<(), super::QmpError>,
-    ) -> Result<(), VmError> {
-        let socket = self.run_dir.join("qmp.sock");
+        f: impl FnOnce(&mut Qmp) -> Result<T, QmpError>,
+    ) -> Result<T, VmError> {
+        let socket = self.process.run_dir().join("qmp.sock");
         let qmp = self
-            .qmp
-            .as_mut()
+            .qmp()
             .ok_or_else(|| VmError::Unsupported("the VM has exited".into()))?;
-        f(qmp).map_err(|source| VmError::Qmp { socket, source })
+        f(qmp).map_err(|source| QemuError::Qmp { socket, source }.into())
     }
 }
 
+/// A kernel panic line on the console is how a QEMU guest's failure shows.
+fn diagnose(console: &Path) -> Diagnose {
+    let console = console.to_owned();
+    Box::new(move || kernel_panic(&read_tail(&console)))
+}
+
 impl RunningVm for RunningQemu {
-    fn pid(&self) -> u32 {
-        self.pid
+    fn process(&self) -> &VmProcess {
+        &self.process
     }
 
-    fn run_dir(&self) -> &Path {
-        &self.run_dir
+    fn process_mut(&mut self) -> &mut VmProcess {
+        &mut self.process
     }
 
     fn agent_endpoint(&self) -> &AgentEndpoint {
@@ -297,52 +232,54 @@ impl RunningVm for RunningQemu {
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {
-        if let Some(exit) = &self.exit {
+        if let Some(exit) = self.process.exit() {
             return Ok(exit.clone());
         }
         if !grace.is_zero() {
             self.qmp_quietly("system_powerdown", Qmp::system_powerdown);
-            if let Some(exit) = self.wait_timeout(grace)? {
+            if let Some(exit) = self.process.wait_timeout(grace)? {
                 return Ok(exit);
             }
         }
         self.qmp_quietly("quit", Qmp::quit);
-        if let Some(exit) = self.wait_timeout(QUIT_GRACE)? {
+        if let Some(exit) = self.process.wait_timeout(QUIT_GRACE)? {
             return Ok(exit);
         }
-        tracing::warn!(pid = self.pid, "qemu ignored quit; killing it");
-        self.kill()
-    }
-
-    fn kill(&mut self) -> Result<VmExit, VmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        self.process.kill();
-        self.wait()
-    }
-
-    fn wait(&mut self) -> Result<VmExit, VmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let status = self
-            .wait_process(None)?
-            .expect("waiting without a timeout ends with a status");
-        Ok(self.finish(status))
-    }
-
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
-        if let Some(exit) = &self.exit {
-            return Ok(Some(exit.clone()));
-        }
-        let status = self.wait_process(Some(timeout))?;
-        Ok(status.map(|status| self.finish(status)))
+        tracing::warn!(pid = self.pid(), "qemu ignored quit; killing it");
+        self.process.kill()
     }
 
     fn release(&mut self) {
-        self.released = true;
+        // QMP serves one client: the next owner needs the connection free.
         self.qmp = None;
+        self.process.release();
+    }
+
+    fn save_state(&mut self, dir: &Path) -> Result<SavedState, VmError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|source| VmError::Io {
+            what: "creating",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let state = dir.join(SAVED_STATE);
+        self.qmp_required(|qmp| Ok(save(qmp, &state)))?
+            .map_err(|detail| QemuError::Save {
+                state: state.clone(),
+                detail,
+            })?;
+        let bytes = std::fs::metadata(&state)
+            .map_err(|source| VmError::Io {
+                what: "reading",
+                path: state.clone(),
+                source,
+            })?
+            .len();
+        Ok(SavedState {
+            state,
+            bytes,
+            took: started.elapsed(),
+        })
     }
 
     fn restored_in(&self) -> Option<Duration> {
@@ -351,16 +288,6 @@ impl RunningVm for RunningQemu {
 
     fn take_agent_stream(&mut self) -> Option<UnixStream> {
         self.agent_stream.take()
-    }
-}
-
-impl Drop for RunningQemu {
-    fn drop(&mut self) {
-        if self.exit.is_none() && !self.released {
-            if let Err(e) = self.kill() {
-                tracing::warn!(pid = self.pid, "killing qemu on drop: {e}");
-            }
-        }
     }
 }
 

@@ -14,16 +14,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_proto::handshake::{parse_line, HandshakeLine, LineBuffer};
 
-use super::{SnapshotError, Template, TemplateMeta, META, STATE};
+use super::{save, SnapshotError, Template, TemplateMeta, META, STATE};
 use crate::qemu::{QemuVmm, RunningQemu};
 use crate::rundir::read_tail;
-use crate::vmm::shell_quote;
-use crate::{RunningVm, VmSpec};
+use crate::spec::VmSpec;
+use crate::vmm::RunningVm;
 
 /// A TCG cold boot takes 2-5 s here; a loaded machine may take much longer.
 const AGENT_DEADLINE: Duration = Duration::from_secs(90);
-/// Saving ~70 MB took 0.5 s; this bounds a wedged migration.
-const SAVE_DEADLINE: Duration = Duration::from_secs(120);
 /// Placeholder disk size. Never read by the template (virtio_blk is loaded only after RESUME), and
 /// not a filesystem, so an agent that ignores template mode fails the build instead of saving a
 /// half-booted guest.
@@ -51,7 +49,10 @@ pub(super) fn build(
     let agent = wait_for_agent(&mut vm, &spec.agent_socket).map_err(failed)?;
 
     let tmp = dir.join("state.tmp");
-    let saved = save(&mut vm, &tmp);
+    let saved = match vm.qmp() {
+        Some(qmp) => save::save(qmp, &tmp),
+        None => Err("the template VM has no QMP connection".into()),
+    };
     let _ = vm.stop(Duration::ZERO); // QMP quit; the run directory goes with it
     drop(agent);
     saved.map_err(failed)?;
@@ -72,7 +73,7 @@ pub(super) fn build(
     };
     let json = serde_json::to_vec_pretty(&meta).expect("meta serializes");
     let path = dir.join(META);
-    crate::write_atomic(&path, &json).map_err(|source| io("writing", &path, source))?;
+    crate::fsutil::write_atomic(&path, &json).map_err(|source| io("writing", &path, source))?;
     Ok(meta)
 }
 
@@ -132,36 +133,6 @@ fn wait_for_agent(vm: &mut RunningQemu, socket: &Path) -> Result<UnixStream, Str
                 "the agent did not report WAITING within {AGENT_DEADLINE:?}; \
                  does the agent support template mode (hearth.template=1)?"
             ));
-        }
-    }
-}
-
-/// Pauses the guest and migrates its state into `file`.
-fn save(vm: &mut RunningQemu, file: &Path) -> Result<(), String> {
-    let qmp = vm.qmp().ok_or("the template VM has no QMP connection")?;
-    qmp.stop().map_err(|e| format!("QMP stop: {e}"))?;
-    let uri = format!("exec:cat > {}", shell_quote(&file.to_string_lossy()));
-    qmp.migrate(&uri).map_err(|e| format!("QMP migrate: {e}"))?;
-    let deadline = Instant::now() + SAVE_DEADLINE;
-    loop {
-        let (status, error) = qmp
-            .query_migrate()
-            .map_err(|e| format!("QMP query-migrate: {e}"))?;
-        match status.as_str() {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
-                return Err(format!(
-                    "saving the state to {} {status}: {}",
-                    file.display(),
-                    error.unwrap_or_default()
-                ))
-            }
-            _ if Instant::now() > deadline => {
-                return Err(format!(
-                    "saving the state did not finish within {SAVE_DEADLINE:?}"
-                ))
-            }
-            _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::SnapshotError;
 use crate::qemu::{argv, QemuVmm};
-use crate::{Drive, VmSpec};
+use crate::spec::{Drive, VmSpec};
 
 /// Bumped whenever the way templates are made changes, so old ones are not restored.
 const FORMAT: u32 = 1;

@@ -12,6 +12,7 @@
 mod build;
 mod key;
 pub(crate) mod restore;
+pub(crate) mod save;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -23,12 +24,12 @@ use serde::{Deserialize, Serialize};
 pub use key::{FileIdentity, KeyInputs, TemplateKey};
 
 use super::QemuVmm;
-use crate::{Drive, KernelCmdline, VmError, VmSpec};
+use crate::spec::{Drive, KernelCmdline, VmSpec};
+use crate::vmm::VmError;
 
 /// Kernel parameter that puts the agent in template mode.
 pub const TEMPLATE_PARAM: &str = "hearth.template=1";
-/// Kernel parameter carrying a cold-booted guest's hostname; a restored guest gets it in RESUME.
-pub const HOSTNAME_PARAM: &str = "hearth.hostname";
+pub use crate::spec::HOSTNAME_PARAM;
 
 const STATE: &str = "state";
 const META: &str = "meta.json";
@@ -106,12 +107,11 @@ impl Template {
 
     /// Removes the template (after a restore from it failed) so the next VM builds it afresh.
     pub fn discard(&self) -> Result<(), SnapshotError> {
-        let _lock = BuildLock::take(&self.lock_path())?;
-        remove_dir(&self.dir)
+        discard(&self.dir)
     }
 
     fn lock_path(&self) -> PathBuf {
-        self.dir.with_extension("lock")
+        lock_path(&self.dir)
     }
 
     /// The template VM: `spec` with the template command line, placeholder disks of the same
@@ -178,6 +178,16 @@ pub fn ensure_template(
             Err(err)
         }
     }
+}
+
+/// Removes the template in `dir` under its build lock, so no build is cut short.
+pub fn discard(dir: &Path) -> Result<(), SnapshotError> {
+    let _lock = BuildLock::take(&lock_path(dir))?;
+    remove_dir(dir)
+}
+
+fn lock_path(dir: &Path) -> PathBuf {
+    dir.with_extension("lock")
 }
 
 /// The template's command line: `hearth.template=1`, and no per-VM hostname.

@@ -9,9 +9,11 @@
 //! terminal's Ctrl-C reaches hearth only and hearth decides how to tear the VM down. A detached VMM
 //! (the node daemon's) gets its own session instead and no parent-death signal.
 
+mod guard;
+
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -33,7 +35,7 @@ pub(crate) struct SpawnRequest {
 
 enum Job {
     Plain(SpawnRequest, mpsc::SyncSender<io::Result<Child>>),
-    /// Under a guard process (`crate::guard`); answers the guard's pid.
+    /// Under a guard process (`crate::process::guard`); answers the guard's pid.
     Guarded(SpawnRequest, mpsc::SyncSender<io::Result<u32>>),
 }
 
@@ -49,7 +51,7 @@ pub(crate) fn spawn_vmm(request: SpawnRequest) -> io::Result<Child> {
 }
 
 /// Spawns a VMM that changes its own credentials (the jailer) under a guard process that keeps the
-/// parent-death tie (see `crate::guard`). Returns the guard's pid: a child of this process, reaped
+/// parent-death tie (see `crate::process::guard`). Returns the guard's pid: a child of this process, reaped
 /// with `waitpid`; killing it kills the VMM.
 pub(crate) fn spawn_guarded_vmm(request: SpawnRequest) -> io::Result<u32> {
     let (reply_tx, reply_rx) = mpsc::sync_channel(1);
@@ -69,7 +71,7 @@ fn submit(job: Job) -> io::Result<()> {
                     match job {
                         Job::Plain(request, reply) => drop(reply.send(spawn_here(request))),
                         Job::Guarded(request, reply) => {
-                            drop(reply.send(crate::guard::spawn_guarded(&request)))
+                            drop(reply.send(guard::spawn_guarded(&request)))
                         }
                     }
                 }
@@ -128,7 +130,7 @@ fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
 /// an exit is seen at once rather than at the next poll tick.
 pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
     let deadline = Instant::now() + timeout;
-    let pidfd = crate::adopt::pidfd_open(child.id());
+    let pidfd = pidfd_open(child.id());
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
@@ -151,4 +153,12 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<O
             None => std::thread::sleep(left.min(Duration::from_millis(5))),
         }
     }
+}
+
+/// A pidfd for `pid` (which may be a zombie), or `None` if there is no such process.
+pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative return is a fresh fd that we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-use crate::process::SpawnRequest;
+use super::SpawnRequest;
 
 /// Starts `request` under a guard; returns the guard's pid (a child of the calling thread, to be
 /// waited for with `waitpid`). Call it from the spawner thread, like every VMM spawn.
@@ -313,7 +313,7 @@ mod tests {
         let mut helper = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "guard::tests::start_guarded_vmm_and_wait_to_be_killed",
+                "process::guard::tests::start_guarded_vmm_and_wait_to_be_killed",
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",

@@ -1,0 +1,543 @@
+//! One VM process lifecycle, embedded by every backend's running VM: the VMM process (a child we
+//! spawned, a guard process, or a detached VMM adopted from its run directory), its run directory,
+//! and the rule that however the VM ends — it exits, is killed, is waited for, or its handle is
+//! dropped — the process is reaped and its exit recorded exactly once, the backend's logs are read
+//! for a failure, and the run directory (and any other leftovers, such as a jailed VM's cgroups)
+//! removed. A released handle lets go instead: dropping it leaves the VMM running for a later adopt.
+//!
+//! Touches only the process it holds, its run directory and the leftovers it was given.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::VmError;
+use crate::rundir::{self, read_tail};
+
+/// Reads what a backend's logs say went wrong once its VMM has exited (a kernel panic on the
+/// console, a KVM internal error in Firecracker's log); `None` when they show nothing.
+pub(crate) type Diagnose = Box<dyn Fn() -> Option<String> + Send>;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    pub status: ExitStatus,
+    /// A failure the VMM or guest kernel reported even though the process may have exited 0: a kernel
+    /// panic line from the console (QEMU), a KVM internal error from the log (Firecracker).
+    pub failure: Option<String>,
+}
+
+/// A process as the kernel knows it: pid plus start time (clock ticks since boot, `/proc/PID/stat`
+/// field 22). Two processes never share both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcessIdentity {
+    /// The identity of the live (non-zombie) process `pid`; `None` if there is none.
+    pub fn of(pid: u32) -> Option<ProcessIdentity> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces and parentheses: fields start after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+            return None;
+        }
+        // fields[0] is field 3 (state), so field 22 (starttime) is fields[19].
+        let start_time = fields.get(19)?.parse().ok()?;
+        Some(ProcessIdentity { pid, start_time })
+    }
+
+    /// Whether this very process still runs (not exited, not a zombie, pid not recycled).
+    pub fn is_alive(&self) -> bool {
+        ProcessIdentity::of(self.pid) == Some(*self)
+    }
+}
+
+/// The VMM process of one VM and what must happen when it ends. Backends embed it and expose it
+/// through [`crate::RunningVm::process`], whose provided methods (pid, wait, kill, release) use it.
+pub struct VmProcess {
+    handle: Handle,
+    pid: u32,
+    vmm: &'static str,
+    run_dir: PathBuf,
+    /// Removed (if empty directories) after the exit: a jailed VM's cgroups.
+    leftovers: Vec<PathBuf>,
+    diagnose: Diagnose,
+    exit: Option<VmExit>,
+    released: bool,
+}
+
+enum Handle {
+    /// Spawned with `std::process`.
+    Child(Child),
+    /// Watched through a pidfd: the guard process of a jailed VMM (our child, spawned without
+    /// `std::process`), or a detached VMM adopted from its run directory (possibly not our child).
+    Pidfd(ForeignProcess),
+}
+
+impl VmProcess {
+    /// A VMM child just spawned into `run_dir` (which the caller created); writes the pid file.
+    pub(crate) fn child(
+        vmm: &'static str,
+        child: Child,
+        run_dir: &Path,
+        diagnose: Diagnose,
+    ) -> Result<VmProcess, VmError> {
+        let pid = child.id();
+        VmProcess::with_handle(vmm, Handle::Child(child), pid, run_dir, diagnose)
+    }
+
+    /// The guard process of a jailed VMM (a child spawned without `std::process`).
+    pub(crate) fn guard(
+        vmm: &'static str,
+        pid: u32,
+        run_dir: &Path,
+        diagnose: Diagnose,
+    ) -> Result<VmProcess, VmError> {
+        let process = ForeignProcess::child(pid).ok_or_else(|| VmError::Wait {
+            pid,
+            source: io::Error::last_os_error(),
+        })?;
+        VmProcess::with_handle(vmm, Handle::Pidfd(process), pid, run_dir, diagnose)
+    }
+
+    /// A detached VMM another process started: [`VmError::Gone`] unless `identity` still runs.
+    pub(crate) fn adopted(
+        vmm: &'static str,
+        identity: ProcessIdentity,
+        run_dir: &Path,
+        diagnose: Diagnose,
+    ) -> Result<VmProcess, VmError> {
+        let gone = || VmError::Gone {
+            run_dir: run_dir.to_owned(),
+            pid: identity.pid,
+        };
+        let process = ForeignProcess::open(identity).ok_or_else(gone)?;
+        Ok(VmProcess::new(
+            vmm,
+            Handle::Pidfd(process),
+            identity.pid,
+            run_dir,
+            diagnose,
+        ))
+    }
+
+    fn with_handle(
+        vmm: &'static str,
+        handle: Handle,
+        pid: u32,
+        run_dir: &Path,
+        diagnose: Diagnose,
+    ) -> Result<VmProcess, VmError> {
+        // From here on, dropping the value kills the VMM and removes the run directory.
+        let process = VmProcess::new(vmm, handle, pid, run_dir, diagnose);
+        rundir::write_pid(run_dir, pid)?;
+        Ok(process)
+    }
+
+    fn new(
+        vmm: &'static str,
+        handle: Handle,
+        pid: u32,
+        run_dir: &Path,
+        diagnose: Diagnose,
+    ) -> VmProcess {
+        VmProcess {
+            handle,
+            pid,
+            vmm,
+            run_dir: run_dir.to_owned(),
+            leftovers: Vec::new(),
+            diagnose,
+            exit: None,
+            released: false,
+        }
+    }
+
+    /// Also removes `dirs` (empty directories, such as cgroups) once the VMM has exited.
+    pub(crate) fn with_leftovers(mut self, dirs: Vec<PathBuf>) -> VmProcess {
+        self.leftovers = dirs;
+        self
+    }
+
+    /// The VMM's pid (a jailed VM's guard process).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The backend's name ("qemu", "firecracker").
+    pub fn vmm(&self) -> &'static str {
+        self.vmm
+    }
+
+    /// How the VM ended, once it has.
+    pub fn exit(&self) -> Option<&VmExit> {
+        self.exit.as_ref()
+    }
+
+    /// SIGKILLs the VMM (unless it already ended), reaps it and cleans up.
+    pub fn kill(&mut self) -> Result<VmExit, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        match &mut self.handle {
+            // A failure means it already exited; waiting reaps it either way.
+            Handle::Child(child) => drop(child.kill()),
+            Handle::Pidfd(process) => process.kill(),
+        }
+        self.wait()
+    }
+
+    /// Waits for the VMM to exit on its own, then cleans up.
+    pub fn wait(&mut self) -> Result<VmExit, VmError> {
+        Ok(self
+            .wait_timeout_inner(None)?
+            .expect("waiting without a deadline ends with an exit"))
+    }
+
+    /// Like [`VmProcess::wait`], giving up after `timeout` (`None` while it still runs).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<VmExit>, VmError> {
+        self.wait_timeout_inner(Some(timeout))
+    }
+
+    fn wait_timeout_inner(&mut self, timeout: Option<Duration>) -> Result<Option<VmExit>, VmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(Some(exit.clone()));
+        }
+        let status = self.wait_status(timeout)?;
+        Ok(status.map(|status| self.finish(status)))
+    }
+
+    /// Waits for the process without recording or cleaning up anything (to read its logs first).
+    pub(crate) fn wait_status(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ExitStatus>, VmError> {
+        let pid = self.pid;
+        match (&mut self.handle, timeout) {
+            (Handle::Child(child), Some(timeout)) => crate::process::wait_timeout(child, timeout),
+            (Handle::Child(child), None) => child.wait().map(Some),
+            (Handle::Pidfd(process), timeout) => process.wait(timeout),
+        }
+        .map_err(|source| VmError::Wait { pid, source })
+    }
+
+    /// Lets go of the VM: dropping this afterwards leaves the VMM running and its run directory in
+    /// place, for a later adopt.
+    pub fn release(&mut self) {
+        self.released = true;
+    }
+
+    /// Start-up: polls `connect` (the VMM's control socket) until it answers, failing fast with
+    /// [`VmError::EarlyExit`] (quoting `logs` and the `console` tail, read before the run directory
+    /// goes) if the VMM exits first, and with [`VmError::StartTimeout`] (the VMM killed) after
+    /// `timeout`.
+    pub(crate) fn await_control<T>(
+        &mut self,
+        socket: &Path,
+        console: &Path,
+        timeout: Duration,
+        logs: impl Fn() -> String,
+        mut connect: impl FnMut() -> Option<T>,
+    ) -> Result<T, VmError> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.wait_status(Some(Duration::ZERO))? {
+                return Err(self.early_exit(status, &logs(), console));
+            }
+            if socket.exists() {
+                if let Some(connected) = connect() {
+                    return Ok(connected);
+                }
+            }
+            if started.elapsed() > timeout {
+                let error = VmError::StartTimeout {
+                    vmm: self.vmm,
+                    socket: socket.to_owned(),
+                    waited: timeout,
+                    stderr: logs(),
+                };
+                let _ = self.kill();
+                return Err(error);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The VMM exited during start-up: the error quotes `logs` and the console, then the exit is
+    /// recorded and the run directory removed.
+    pub(crate) fn early_exit(&mut self, status: ExitStatus, logs: &str, console: &Path) -> VmError {
+        let error = VmError::EarlyExit {
+            vmm: self.vmm,
+            status,
+            stderr: logs.to_owned(),
+            console: read_tail(console),
+        };
+        self.finish(status);
+        error
+    }
+
+    /// Records the exit, reads the failure from the logs and removes what the VM left. Idempotent.
+    fn finish(&mut self, status: ExitStatus) -> VmExit {
+        if let Some(exit) = &self.exit {
+            return exit.clone();
+        }
+        let failure = (self.diagnose)();
+        for dir in &self.leftovers {
+            match std::fs::remove_dir(dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %dir.display(), "removing what the VM left: {e}")
+                }
+                _ => {}
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(run_dir = %self.run_dir.display(), "removing run dir: {e}");
+            }
+        }
+        let exit = VmExit { status, failure };
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if self.exit.is_none() && !self.released {
+            if let Err(e) = self.kill() {
+                tracing::warn!(
+                    pid = self.pid,
+                    vmm = self.vmm,
+                    "killing the VMM on drop: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// A VMM watched through a pidfd: liveness and waiting by polling it, killing through it (so a
+/// recycled pid is never signalled). It need not be our child; when it is, its real exit status is
+/// reaped.
+#[derive(Debug)]
+pub struct ForeignProcess {
+    pid: u32,
+    pidfd: OwnedFd,
+    /// Set once we sent SIGKILL, to report the exit as a kill.
+    killed: bool,
+}
+
+impl ForeignProcess {
+    /// Opens the process `identity` names; `None` if it is gone (exited, zombie, or pid recycled).
+    pub fn open(identity: ProcessIdentity) -> Option<ForeignProcess> {
+        let process = ForeignProcess::child(identity.pid)?;
+        // Checked after opening: the pidfd now pins the process the check is about.
+        identity.is_alive().then_some(process)
+    }
+
+    /// Opens our own child `pid`, even if it already exited (a zombie until reaped).
+    fn child(pid: u32) -> Option<ForeignProcess> {
+        Some(ForeignProcess {
+            pid,
+            pidfd: crate::process::pidfd_open(pid)?,
+            killed: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// SIGKILL through the pidfd, which cannot reach a process that merely reuses the pid.
+    pub fn kill(&mut self) {
+        self.killed = true;
+        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, no siginfo and no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+
+    /// Waits up to `timeout` (`None` = forever) for the process to exit; `None` while it runs. The
+    /// real exit status is known only when the process is our child (we started it, or it was
+    /// re-parented to us as a subreaper); otherwise it reads as SIGKILL after [`kill`] and as exit 0
+    /// else.
+    ///
+    /// [`kill`]: ForeignProcess::kill
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Option<ExitStatus>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let ms = match left {
+                None => -1,
+                Some(left) => left.as_millis().min(i32::MAX as u128) as i32,
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ready < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if ready > 0 {
+                return Ok(Some(self.exit_status()));
+            }
+            if left.is_some_and(|l| l.is_zero()) || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn exit_status(&self) -> ExitStatus {
+        let mut raw = 0;
+        // SAFETY: waitpid with WNOHANG and a valid status pointer; fails harmlessly (ECHILD) when
+        // the process is not our child.
+        let reaped = unsafe { libc::waitpid(self.pid as i32, &mut raw, libc::WNOHANG) };
+        if reaped == self.pid as i32 {
+            return ExitStatus::from_raw(raw);
+        }
+        ExitStatus::from_raw(if self.killed { libc::SIGKILL } else { 0 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    fn sleeper() -> Child {
+        Command::new("sh")
+            .args(["-c", "read line"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn quiet() -> Diagnose {
+        Box::new(|| None)
+    }
+
+    #[test]
+    fn foreign_process_waits_and_kills() {
+        let child = sleeper();
+        let identity = ProcessIdentity::of(child.id()).unwrap();
+        let mut foreign = ForeignProcess::open(identity).unwrap();
+        assert_eq!(foreign.wait(Some(Duration::from_millis(50))).unwrap(), None);
+        foreign.kill();
+        let status = foreign.wait(Some(Duration::from_secs(5))).unwrap().unwrap();
+        // Our child, so waitpid reaped it with its real status.
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(!identity.is_alive());
+        std::mem::forget(child); // already reaped above
+    }
+
+    #[test]
+    fn every_way_of_ending_reaps_once_and_removes_the_run_dir() {
+        let home = tempfile::tempdir().unwrap();
+        for (i, ending) in ["kill", "drop", "exit"].into_iter().enumerate() {
+            let run_dir = home.path().join(format!("vm{i}"));
+            let leftover = home.path().join(format!("cgroup{i}"));
+            std::fs::create_dir_all(&run_dir).unwrap();
+            std::fs::create_dir_all(&leftover).unwrap();
+            let child = match ending {
+                "exit" => Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap(),
+                _ => sleeper(),
+            };
+            let pid = child.id();
+            let diagnose: Diagnose = Box::new(|| Some("it panicked".into()));
+            let mut vm = VmProcess::child("test", child, &run_dir, diagnose)
+                .unwrap()
+                .with_leftovers(vec![leftover.clone()]);
+            assert_eq!(vm.pid(), pid);
+            assert!(run_dir.join("vmm.pid").is_file());
+            match ending {
+                "kill" => {
+                    assert_eq!(vm.wait_timeout(Duration::from_millis(20)).unwrap(), None);
+                    let exit = vm.kill().unwrap();
+                    assert_eq!(exit.status.signal(), Some(libc::SIGKILL));
+                    assert_eq!(exit.failure.as_deref(), Some("it panicked"));
+                    // Idempotent: the same exit again, no second reap.
+                    assert_eq!(vm.wait().unwrap(), exit);
+                    assert_eq!(vm.exit(), Some(&exit));
+                }
+                "drop" => drop(vm),
+                _ => assert_eq!(vm.wait().unwrap().status.code(), Some(3)),
+            }
+            assert!(!run_dir.exists(), "{ending}: run dir left");
+            assert!(!leftover.exists(), "{ending}: leftover left");
+            assert!(
+                ProcessIdentity::of(pid).is_none(),
+                "{ending}: still running"
+            );
+        }
+    }
+
+    #[test]
+    fn a_released_process_outlives_its_handle() {
+        let home = tempfile::tempdir().unwrap();
+        let mut child = sleeper();
+        let pid = child.id();
+        let identity = ProcessIdentity::of(pid).unwrap();
+        // A second handle on the same child, as an adopting process would hold it.
+        let mut vm = VmProcess::adopted("test", identity, home.path(), quiet()).unwrap();
+        vm.release();
+        drop(vm);
+        assert!(identity.is_alive());
+        assert!(home.path().exists());
+        let mut vm = VmProcess::adopted("test", identity, home.path(), quiet()).unwrap();
+        let exit = vm.kill().unwrap();
+        assert_eq!(exit.status.signal(), Some(libc::SIGKILL));
+        assert!(!home.path().exists());
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn an_exit_during_start_up_quotes_the_logs_and_cleans_up() {
+        let home = tempfile::tempdir().unwrap();
+        let run_dir = home.path().join("vm");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let console = home.path().join("console.log");
+        std::fs::write(&console, "Kernel panic - not syncing\n").unwrap();
+        let child = Command::new("sh").args(["-c", "exit 1"]).spawn().unwrap();
+        let mut vm = VmProcess::child("test", child, &run_dir, quiet()).unwrap();
+        let err = vm
+            .await_control(
+                &run_dir.join("never.sock"),
+                &console,
+                Duration::from_secs(10),
+                || "bad flag".to_owned(),
+                || Some(()),
+            )
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, VmError::EarlyExit { .. }), "{text}");
+        assert!(
+            text.contains("bad flag") && text.contains("Kernel panic"),
+            "{text}"
+        );
+        assert!(!run_dir.exists());
+    }
+}
