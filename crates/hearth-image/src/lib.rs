@@ -122,43 +122,6 @@ impl Default for PullOptions {
     }
 }
 
-impl PullOptions {
-    /// Defaults plus `HEARTH_INSECURE_REGISTRIES` (comma-separated) and `HEARTH_IMAGE_CACHE_MAX`
-    /// (bytes, or with a K/M/G/T suffix).
-    pub fn from_env() -> Result<Self, ImageError> {
-        let mut opts = PullOptions::default();
-        if let Ok(list) = std::env::var("HEARTH_INSECURE_REGISTRIES") {
-            opts.insecure_registries = list
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-        }
-        if let Ok(max) = std::env::var("HEARTH_IMAGE_CACHE_MAX") {
-            opts.cache_budget = Some(parse_size(&max).ok_or_else(|| ImageError::BadSetting {
-                name: "HEARTH_IMAGE_CACHE_MAX",
-                value: max.clone(),
-                expected: "a byte count like 20G, 512M or 1073741824",
-            })?);
-        }
-        Ok(opts)
-    }
-}
-
-/// `10G`, `512M`, `123` (bytes).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, shift) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 10),
-        (i, 'm' | 'M') => (&s[..i], 20),
-        (i, 'g' | 'G') => (&s[..i], 30),
-        (i, 't' | 'T') => (&s[..i], 40),
-        _ => (s, 0),
-    };
-    num.trim().parse::<u64>().ok()?.checked_mul(1 << shift)
-}
-
 /// An image ready to boot.
 #[derive(Debug, Clone)]
 pub struct PulledImage {
@@ -245,25 +208,6 @@ pub enum ImageError {
     },
     #[error("no cached image matches {0:?}; see `hearth images`")]
     NotCached(String),
-    #[error("{name}={value:?} is not valid: expected {expected}")]
-    BadSetting {
-        name: &'static str,
-        value: String,
-        expected: &'static str,
-    },
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("10G"), Some(10 << 30));
-        assert_eq!(parse_size("512m"), Some(512 << 20));
-        assert_eq!(parse_size("123"), Some(123));
-        assert_eq!(parse_size("x"), None);
-    }
 }

@@ -15,6 +15,7 @@ pub mod restore;
 mod sandbox;
 
 pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
+pub use error::SandboxError;
 /// The exec and file vocabulary of the agent channel, re-exported so that callers of this crate
 /// (the CLI, the Kubernetes node agent) need not depend on `hearth-vm`.
 pub use hearth_vm::channel::{
@@ -23,7 +24,6 @@ pub use hearth_vm::channel::{
 };
 /// `--accel`.
 pub use hearth_vm::Accel;
-pub use error::SandboxError;
 pub use node::{Node, NodeConfig, NodeError};
 pub use restore::RestorePlan;
 pub use sandbox::{sweep_stale, BootTimings, Sandbox};

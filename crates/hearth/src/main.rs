@@ -1,12 +1,14 @@
 //! `hearth`: the one host binary. `main` parses the command line, calls the library code behind the
 //! chosen subcommand and maps its error to an exit code. Subcommands live in `cmd/`, one file per group;
-//! global options (home directory, logging) in `cli.rs`. `serve/` is the node daemon's HTTP API
+//! global options (home directory, logging) in `cli.rs`; `units.rs` parses sizes and durations for
+//! flags and API fields alike. `serve/` is the node daemon's HTTP API
 //! (`hearth serve`), `client.rs` its client (`hearth sandbox ...`).
 
 mod cli;
 mod client;
 mod cmd;
 mod serve;
+mod units;
 
 use std::process::ExitCode;
 

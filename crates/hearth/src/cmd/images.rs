@@ -16,6 +16,7 @@ use hearth_image::{
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::GlobalArgs;
+use crate::cmd::common::{parse_any_size, runtime, Workers};
 
 /// Options shared by commands that reach a registry.
 #[derive(Args, Debug, Clone)]
@@ -98,14 +99,6 @@ pub enum ImageCommand {
     },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 fn open_store(g: &GlobalArgs) -> anyhow::Result<ImageStore> {
     ImageStore::open(&g.home)
         .with_context(|| format!("opening the image store in {}", g.home.display()))
@@ -116,15 +109,12 @@ pub fn pull(g: &GlobalArgs, a: PullArgs) -> anyhow::Result<ExitCode> {
     let mut opts = a.registry.pull_options()?;
     opts.policy = PullPolicy::Always;
     if let Some(max) = &a.cache_max {
-        opts.cache_budget = Some(
-            hearth_image::parse_size(max)
-                .with_context(|| format!("--cache-max {max:?} is not a size like 20G"))?,
-        );
+        opts.cache_budget = Some(parse_any_size(max, "--cache-max")?);
     }
     let bars =
         (!a.json && !a.quiet && std::io::stderr().is_terminal()).then(|| Arc::new(Bars::new()));
     opts.progress = bars.clone().map(|b| b as Arc<dyn Progress>);
-    let image = runtime()?
+    let image = runtime(Workers::Few)?
         .block_on(store.ensure(&a.image, &opts))
         .with_context(|| format!("pulling {}", a.image))?;
     if let Some(b) = bars {

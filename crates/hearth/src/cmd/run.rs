@@ -4,21 +4,20 @@
 //! own errors; 126/127 when the command cannot be run or found).
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use hearth_sandbox::command::{resolve, CommandOverrides, ImageDefaults};
-use hearth_sandbox::{BootPlan, Purpose, Sandbox, SandboxConfig, VmmChoice};
-use hearth_vm::channel::{ExecOutput, ExecRequest, ExitStatus};
-use hearth_vm::Accel;
+use hearth_sandbox::{
+    BootPlan, ExecOutput, ExecRequest, ExitStatus, Purpose, Sandbox, SandboxConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::GlobalArgs;
+use crate::cmd::common::{parse_duration, parse_size, runtime, shutdown_signal, VmArgs, Workers};
 use crate::cmd::images::{Bars, RegistryArgs};
 
 #[derive(Args, Debug)]
@@ -56,23 +55,8 @@ pub struct RunArgs {
     /// Kill the command (and everything it started) after this long: 30s, 5m, 1h or seconds.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
-    #[arg(long, value_enum, env = "HEARTH_VMM", default_value_t = VmmArg::Auto)]
-    pub vmm: VmmArg,
-    #[arg(long, value_enum, env = "HEARTH_ACCEL", default_value_t = AccelArg::Auto)]
-    pub accel: AccelArg,
-    /// Guest kernel: a kernel directory (vmlinuz, release, modules/) or a vmlinux/bzImage file.
-    #[arg(long, env = "HEARTH_KERNEL")]
-    pub kernel: Option<PathBuf>,
-    /// The static guest agent binary (default: HEARTH_AGENT, then hearth's home, then the build tree).
-    #[arg(long)]
-    pub agent: Option<PathBuf>,
-    /// With Firecracker: run it through its jailer (chroot, cgroup v2 limits, PID namespace) as this
-    /// unprivileged user and group.
-    #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
-    pub jailer: Option<(u32, u32)>,
-    /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
-    #[arg(long)]
-    pub no_snapshot: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Print the VMM command line and VM configuration that would be used, and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -83,27 +67,8 @@ pub struct RunArgs {
     pub registry: RegistryArgs,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum VmmArg {
-    Auto,
-    Qemu,
-    Firecracker,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum AccelArg {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
 pub fn run(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run_async(g, a))
+    runtime(Workers::Few)?.block_on(run_async(g, a))
 }
 
 async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -125,14 +90,7 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let pulled = t0.elapsed();
 
-    let c = &image.config;
-    let defaults = ImageDefaults {
-        entrypoint: c.entrypoint.clone(),
-        cmd: c.cmd.clone(),
-        env: c.env.clone(),
-        working_dir: c.working_dir.clone(),
-        user: c.user.clone(),
-    };
+    let defaults = ImageDefaults::from(&image.config);
     let overrides = CommandOverrides {
         command: a.command.clone(),
         entrypoint: a.entrypoint.clone(),
@@ -154,7 +112,7 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(restore) = &plan.restore {
             println!(
                 "# then QMP: migrate-incoming exec:cat {}; cont; the agent gets RESUME (clock, seed, hostname {})",
-                restore.template.state().display(),
+                restore.template.state.display(),
                 restore.hostname
             );
         }
@@ -175,17 +133,10 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
         false => None,
     };
     let exec_started = Instant::now();
-    let request = ExecRequest {
-        argv: command.argv,
-        env: command.env,
-        cwd: Some(command.working_dir),
-        user: Some(command.user),
-        stdin: a.interactive,
-        timeout_ms: a.timeout.map(|t| t.as_millis() as u64),
-    };
+    let request = command.into_request(a.interactive, a.timeout);
     let outcome = tokio::select! {
         status = exec(&sandbox, request) => Outcome::Exited(status),
-        signal = terminated() => Outcome::Signalled(signal),
+        signal = shutdown_signal() => Outcome::Signalled(signal),
     };
     let exec_time = exec_started.elapsed();
     let code = match outcome {
@@ -294,18 +245,6 @@ async fn exec(sandbox: &Sandbox, request: ExecRequest) -> anyhow::Result<ExitSta
     Ok(handle.wait().await?)
 }
 
-/// SIGINT, SIGTERM or SIGHUP to hearth: the caller tears the VM down.
-async fn terminated() -> i32 {
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    tokio::select! {
-        _ = int.recv() => libc::SIGINT,
-        _ = term.recv() => libc::SIGTERM,
-        _ = hup.recv() => libc::SIGHUP,
-    }
-}
-
 fn exit_code(status: &ExitStatus, timeout: Option<Duration>) -> u8 {
     if status.timed_out {
         if let Some(t) = timeout {
@@ -320,87 +259,19 @@ fn exit_code(status: &ExitStatus, timeout: Option<Duration>) -> u8 {
     }
 }
 
-fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<SandboxConfig> {
+/// The sandbox `hearth run` boots: its size flags plus the shared VM options.
+pub(crate) fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<SandboxConfig> {
     let mut config = SandboxConfig::new(&g.home);
     config.vcpus = a.cpus;
     config.memory_mib = (parse_size(&a.memory, "--memory")? >> 20) as u32;
     config.scratch_bytes = parse_size(&a.disk, "--disk")?;
-    config.vmm = match a.vmm {
-        VmmArg::Auto => VmmChoice::Auto,
-        VmmArg::Qemu => VmmChoice::Qemu,
-        VmmArg::Firecracker => VmmChoice::Firecracker,
-    };
-    config.accel = match a.accel {
-        AccelArg::Auto => Accel::Auto,
-        AccelArg::Kvm => Accel::Kvm,
-        AccelArg::Tcg => Accel::Tcg,
-    };
-    config.kernel = a.kernel.clone();
-    config.agent = a.agent.clone();
-    config.jailer = a.jailer;
-    if a.no_snapshot {
-        config.snapshot = false;
-    }
+    a.vm.apply(&mut config);
     Ok(config)
-}
-
-fn parse_size(value: &str, flag: &str) -> anyhow::Result<u64> {
-    hearth_image::parse_size(value)
-        .filter(|&n| n >= 1 << 20)
-        .with_context(|| format!("{flag} {value:?} is not a size of at least 1m, like 512m or 2g"))
-}
-
-/// `UID:GID`, numeric.
-fn parse_ids(value: &str) -> Result<(u32, u32), String> {
-    let (uid, gid) = value
-        .split_once(':')
-        .ok_or("expected UID:GID, e.g. 1234:1234")?;
-    let id = |s: &str| {
-        s.parse::<u32>()
-            .map_err(|_| format!("{s:?} is not a numeric id"))
-    };
-    Ok((id(uid)?, id(gid)?))
-}
-
-/// `30s`, `5m`, `1h`, `250ms` or plain seconds.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((value, "s"), |i| value.split_at(i));
-    let n: f64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration like 30s"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("{value:?} must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("0").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn exit_codes_follow_docker() {

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::Client;
-use crate::cmd::run::parse_duration;
+use crate::cmd::common::{parse_duration, runtime, Workers};
 use crate::serve::api::{CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, WsControl};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -135,11 +135,7 @@ pub struct RmArgs {
 }
 
 pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    runtime(Workers::Few)?.block_on(async move {
         let client = Client::new(&a.client.host, &a.client.token)?;
         match a.command {
             SandboxCommand::Create(args) => create(&client, args).await,

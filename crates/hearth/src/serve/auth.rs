@@ -107,7 +107,7 @@ impl Tenants {
             }
             let memory_mib = match &t.quota.memory {
                 Some(size) => {
-                    hearth_image::parse_size(size).with_context(|| {
+                    crate::units::bytes(size).with_context(|| {
                         format!(
                             "tenant {}: quota memory {size:?} is not a size like 16g",
                             t.name

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hearth_proto::ErrorKind;
 use hearth_sandbox::node::NodeError;
-use hearth_vm::channel::ChannelError;
+use hearth_sandbox::ChannelError;
 
 use super::api::ErrorBody;
 

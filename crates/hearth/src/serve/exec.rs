@@ -17,7 +17,7 @@ use axum::Json;
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use hearth_sandbox::node::{ExecSpec, NodeError, NodeExec};
-use hearth_vm::channel::{ExecOutput, ExitStatus};
+use hearth_sandbox::{ExecOutput, ExitStatus};
 
 use super::api::{ErrorBody, ExecBody, ExecEvent, WsControl};
 use super::auth::Authenticated;

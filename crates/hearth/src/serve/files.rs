@@ -14,7 +14,7 @@ use axum::Json;
 use futures::StreamExt;
 use hearth_proto::ErrorKind;
 use hearth_sandbox::node::NodeError;
-use hearth_vm::channel::ChannelError;
+use hearth_sandbox::ChannelError;
 
 use super::api::{DirListing, ErrorBody, FileQuery, FileWritten};
 use super::auth::Authenticated;

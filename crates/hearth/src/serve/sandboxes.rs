@@ -127,7 +127,7 @@ pub(super) fn nonempty(field: &str, value: &str) -> Result<String, ApiError> {
 pub(super) fn size_field(field: &str, value: Option<&str>) -> Result<Option<u64>, ApiError> {
     value
         .map(|v| {
-            hearth_image::parse_size(v)
+            crate::units::bytes(v)
                 .filter(|&n| n >= 1 << 20)
                 .ok_or_else(|| {
                     ApiError::invalid(format!(

@@ -1,10 +1,14 @@
 //! `hearth serve`: the node daemon. Builds the [`Node`] once from the flags (capacity, boot
-//! concurrency, sandbox defaults and maxima, VMM options like `hearth run`'s), loads the tenants,
-//! binds, prints `listening on ADDR` on stdout, and serves the HTTP API (`crate::serve`) until
-//! SIGTERM or SIGINT; then it stops accepting, lets running execs finish up to `--shutdown-grace`
-//! and exits 0. VMs keep running: the next `hearth serve` on the same home re-attaches them.
+//! concurrency, sandbox defaults and maxima, and the VM options `hearth run` has, [`VmArgs`]),
+//! loads the tenants, binds, prints `listening on ADDR` on stdout, and serves the HTTP API
+//! (`crate::serve`) until SIGTERM, SIGINT or SIGHUP; then it stops accepting, lets running execs
+//! finish up to `--shutdown-grace` and exits 0. VMs keep running: the next `hearth serve` on the
+//! same home re-attaches them.
 //!
-//! Other long-lived parts of the daemon get the same `Arc<Node>` (see [`serve`]).
+//! Other long-lived parts of the daemon get the same `Arc<Node>`: with `--kubernetes`, the
+//! Kubernetes node agent ([`node_agent`]).
+
+mod node_agent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,13 +19,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use hearth_sandbox::node::{Capacity, Limits, Node, NodeConfig};
-use hearth_sandbox::{SandboxConfig, VmmChoice};
-use hearth_vm::Accel;
-use tokio::signal::unix::{signal, SignalKind};
+use hearth_sandbox::SandboxConfig;
 
 use crate::cli::GlobalArgs;
+use crate::cmd::common::{
+    parse_duration, parse_nonzero_size, parse_size, runtime, shutdown_signal, VmArgs, Workers,
+};
 use crate::cmd::images::RegistryArgs;
-use crate::cmd::run::{parse_duration, AccelArg, VmmArg};
 use crate::serve::{ApiSettings, AppState, Tenants};
 
 #[derive(Args, Debug)]
@@ -72,26 +76,18 @@ pub struct ServeArgs {
     /// Output kept per stream by `POST /v1/runs`; more is dropped and flagged `truncated`.
     #[arg(long, default_value = "1m")]
     pub run_output_limit: String,
-    /// On SIGTERM/SIGINT, how long running execs may take to finish.
+    /// On SIGTERM, SIGINT or SIGHUP, how long running execs may take to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
-    #[arg(long, value_enum, default_value_t = VmmArg::Auto)]
-    pub vmm: VmmArg,
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-    pub accel: AccelArg,
-    /// Guest kernel: a kernel directory (vmlinuz, release, modules/) or a vmlinux/bzImage file.
-    #[arg(long, env = "HEARTH_KERNEL")]
-    pub kernel: Option<PathBuf>,
-    /// The static guest agent binary (default: HEARTH_AGENT, then hearth's home, then the build tree).
-    #[arg(long)]
-    pub agent: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// Print the OpenAPI document and exit (regenerates crates/hearth/openapi.json).
     #[arg(long)]
     pub print_openapi: bool,
     #[command(flatten)]
-    pub kubernetes: crate::cmd::operator::KubernetesArgs,
+    pub kubernetes: node_agent::KubernetesArgs,
 }
 
 pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -99,10 +95,7 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
         print!("{}", crate::serve::openapi::document());
         return Ok(ExitCode::SUCCESS);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = runtime(Workers::PerCpu)?;
     runtime.block_on(serve_async(g, a))?;
     // Execs still streaming after the grace period are cut here, not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -113,15 +106,8 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     let tokens = a.tokens.as_deref().context("--tokens FILE is required")?;
     let tenants = Tenants::load(tokens)?;
     let settings = ApiSettings {
-        max_upload_bytes: size(&a.max_upload, "--max-upload")?,
-        run_output_limit: hearth_image::parse_size(&a.run_output_limit)
-            .filter(|&n| n > 0)
-            .with_context(|| {
-                format!(
-                    "--run-output-limit {:?} is not a size like 1m",
-                    a.run_output_limit
-                )
-            })? as usize,
+        max_upload_bytes: parse_size(&a.max_upload, "--max-upload")?,
+        run_output_limit: parse_nonzero_size(&a.run_output_limit, "--run-output-limit")? as usize,
         ..ApiSettings::default()
     };
     let config = node_config(g, &a)?;
@@ -133,8 +119,7 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the node state in {}", g.home.display()))?;
     // `--kubernetes`: the node agent shares the Node; it stops when this function returns.
-    let _node_agent =
-        crate::cmd::operator::start_node_agent(&a.kubernetes, node.clone(), capacity).await?;
+    let _node_agent = node_agent::start(&a.kubernetes, node.clone(), capacity).await?;
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr, vcpus = capacity.vcpus, memory_mib = capacity.memory_mib,
@@ -147,18 +132,23 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
         tenants,
         settings,
     });
-    crate::serve::serve(listener, state, terminated(), a.shutdown_grace).await?;
+    let stop = async {
+        shutdown_signal().await;
+    };
+    crate::serve::serve(listener, state, stop, a.shutdown_grace).await?;
     tracing::info!("hearth serve stopped");
     Ok(())
 }
 
-fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeConfig> {
+/// The node the flags describe; its `defaults` is the sandbox `hearth run` would boot from the
+/// same VM and size flags.
+pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeConfig> {
     let mut config = NodeConfig::new(&g.home);
     let host = Capacity::from_host();
     config.capacity = Capacity {
         vcpus: a.capacity_cpus.unwrap_or(host.vcpus),
         memory_mib: match &a.capacity_memory {
-            Some(s) => size(s, "--capacity-memory")? >> 20,
+            Some(s) => parse_size(s, "--capacity-memory")? >> 20,
             None => host.memory_mib,
         },
     };
@@ -166,43 +156,16 @@ fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeConfig> {
     config.max_concurrent_boots = a.max_boots;
     config.limits = Limits {
         max_vcpus: a.max_cpus,
-        max_memory_mib: (size(&a.max_memory, "--max-memory")? >> 20) as u32,
-        max_disk_bytes: size(&a.max_disk, "--max-disk")?,
+        max_memory_mib: (parse_size(&a.max_memory, "--max-memory")? >> 20) as u32,
+        max_disk_bytes: parse_size(&a.max_disk, "--max-disk")?,
         max_ttl: a.max_ttl,
     };
     let mut defaults = SandboxConfig::new(&g.home);
     defaults.vcpus = a.cpus;
-    defaults.memory_mib = (size(&a.memory, "--memory")? >> 20) as u32;
-    defaults.scratch_bytes = size(&a.disk, "--disk")?;
-    defaults.vmm = match a.vmm {
-        VmmArg::Auto => VmmChoice::Auto,
-        VmmArg::Qemu => VmmChoice::Qemu,
-        VmmArg::Firecracker => VmmChoice::Firecracker,
-    };
-    defaults.accel = match a.accel {
-        AccelArg::Auto => Accel::Auto,
-        AccelArg::Kvm => Accel::Kvm,
-        AccelArg::Tcg => Accel::Tcg,
-    };
-    defaults.kernel = a.kernel.clone();
-    defaults.agent = a.agent.clone();
+    defaults.memory_mib = (parse_size(&a.memory, "--memory")? >> 20) as u32;
+    defaults.scratch_bytes = parse_size(&a.disk, "--disk")?;
+    a.vm.apply(&mut defaults);
     config.defaults = defaults;
     config.pull = a.registry.pull_options()?;
     Ok(config)
-}
-
-fn size(value: &str, flag: &str) -> anyhow::Result<u64> {
-    hearth_image::parse_size(value)
-        .filter(|&n| n >= 1 << 20)
-        .with_context(|| format!("{flag} {value:?} is not a size of at least 1m, like 512m or 8g"))
-}
-
-/// SIGTERM or SIGINT.
-async fn terminated() {
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
 }
