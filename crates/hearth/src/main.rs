@@ -1,12 +1,13 @@
 //! `hearth`: the one host binary. `main` parses the command line, calls the library code behind the
 //! chosen subcommand and maps its error to an exit code. Subcommands live in `cmd/`, one file per group;
 //! global options (home directory, logging) in `cli.rs`; `units.rs` parses sizes and durations for
-//! flags and API fields alike. `serve/` is the node daemon's HTTP API
+//! flags and API fields alike; `report.rs` renders an error with its causes, each once. `serve/` is the node daemon's HTTP API
 //! (`hearth serve`), `client.rs` its client (`hearth sandbox ...`).
 
 mod cli;
 mod client;
 mod cmd;
+mod report;
 mod serve;
 mod units;
 
@@ -20,7 +21,7 @@ fn main() -> ExitCode {
     match cmd::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("hearth: error: {err:#}");
+            eprintln!("hearth: error: {}", report::chain(&err));
             ExitCode::from(125)
         }
     }

@@ -355,7 +355,7 @@ async fn rm(client: &Client, a: RmArgs) -> anyhow::Result<ExitCode> {
         match client.delete(id).await {
             Ok(()) => println!("{id}"),
             Err(e) => {
-                eprintln!("hearth: {e:#}");
+                eprintln!("hearth: {}", crate::report::chain(&e));
                 failed = true;
             }
         }
