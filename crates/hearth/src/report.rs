@@ -51,9 +51,9 @@ mod tests {
 
         // hearth-vm, as hearth-sandbox reports it: a kernel that does not exist.
         let missing = dir.path().join("no-kernel");
-        let kernel = hearth_vm::kernel::resolve_kernel(dir.path(), Some(&missing))
-            .err()
-            .expect("no kernel there");
+        let Err(kernel) = hearth_vm::kernel::resolve_kernel(dir.path(), Some(&missing)) else {
+            panic!("no kernel there");
+        };
         let text = chain(&anyhow::Error::new(hearth_sandbox::SandboxError::from(
             kernel,
         )));
