@@ -1,7 +1,8 @@
 //! Real boots of the guest kernel with the QEMU backend under TCG (each costs a few seconds of CPU, so
 //! there are few): a busybox initramfs that loads hearth's module set and writes a line into the
-//! agent port; the floor initramfs; start-up failure; graceful stop; `kill -9` of the process that
-//! started QEMU; and the KVM probe's verdict on this host.
+//! agent port; the floor initramfs; start-up failure; graceful stop; saving a running VM to a file
+//! and restoring it; `kill -9` of the process that started QEMU; and the KVM probe's verdict on
+//! this host.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -34,6 +35,9 @@ done
 echo "hearth-test: hello from $($bb uname -r)" > "$port"
 $bb reboot -f
 "#;
+
+/// A guest whose memory changes visibly: a counter printed to the console five times a second.
+const TICK_SCRIPT: &str = "#!/bin/busybox sh\ni=0\nwhile :; do i=$((i+1)); echo \"tick $i\"; /bin/busybox usleep 200000; done\n";
 
 /// A guest that idles, for tests that end the VM from the host.
 const IDLE_SCRIPT: &str = "#!/bin/busybox sh\nexec /bin/busybox sleep 600\n";
@@ -192,6 +196,72 @@ fn stop_ends_a_running_guest_and_removes_its_run_dir() -> anyhow::Result<()> {
         "QEMU pid {pid} still exists"
     );
     assert!(!spec.run_dir.exists());
+    Ok(())
+}
+
+/// The highest `tick N` on a console log.
+fn last_tick(console: &Path) -> u64 {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn wait_for_tick(console: &Path, above: u64) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tick = last_tick(console);
+        if tick > above {
+            return Ok(tick);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no tick above {above} on {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pause-to-files hook: a running guest saved with `save_state` stays paused, and a new VM
+/// started from the saved file carries on where it stopped (its counter continues, no reboot).
+#[test]
+fn a_saved_vm_is_paused_and_a_vm_restored_from_the_file_carries_on() -> anyhow::Result<()> {
+    let fx = fixture()?;
+    assert!(fx.qemu.capabilities().save_state);
+    let initramfs = fx.busybox_initramfs(TICK_SCRIPT)?;
+    let spec = fx.spec(&initramfs, "ticker");
+    let mut vm = fx.qemu.start(&spec)?;
+    wait_for_tick(&spec.console_log, 3)?;
+
+    let saved_dir = fx.home.path().join("saved");
+    let saved = vm.save_state(&saved_dir)?;
+    assert!(
+        saved.state.starts_with(&saved_dir) && saved.bytes > 1 << 20,
+        "{saved:?}"
+    );
+    let at_save = last_tick(&spec.console_log);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        last_tick(&spec.console_log),
+        at_save,
+        "the saved VM kept running"
+    );
+    vm.kill()?;
+
+    let mut restored = fx.spec(&initramfs, "ticker-restored");
+    restored.restore_from = Some(saved.state.clone());
+    let mut vm = fx.qemu.start(&restored)?;
+    assert!(vm.restored_in().is_some());
+    let tick = wait_for_tick(&restored.console_log, 0)?;
+    assert!(
+        tick > at_save,
+        "the restored guest counts from {tick}, not on from {at_save}: it rebooted"
+    );
+    vm.kill()?;
+    assert!(!restored.run_dir.exists());
     Ok(())
 }
 
