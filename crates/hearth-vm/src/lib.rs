@@ -53,7 +53,8 @@ pub use error::VmError;
 pub use lifecycle::{ForeignProcess, ProcessIdentity, VmExit, VmProcess};
 pub use rundir::remove_stale_run_dirs;
 pub use spec::{
-    Drive, KernelCmdline, SpecError, VmSpec, HOSTNAME_PARAM, ROOTFS_SERIAL, SCRATCH_SERIAL,
+    Drive, KernelCmdline, NetworkInterface, SpecError, VmSpec, HOSTNAME_PARAM, ROOTFS_SERIAL,
+    SCRATCH_SERIAL,
 };
 pub use vmm::{
     AgentEndpoint, BootTemplate, BootTemplates, Capabilities, LaunchPlan, RunningVm, SavedState,

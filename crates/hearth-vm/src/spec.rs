@@ -39,10 +39,14 @@ pub struct VmSpec {
     /// parent-death signal, so it outlives its starter, and the run directory holds a
     /// [`crate::DetachedRecord`] from which a later process can [`crate::adopt`] it.
     pub detached: bool,
-    /// QEMU only: start from this saved template state (`crate::qemu::snapshot`) instead of
-    /// booting the kernel. The spec must then be the template's restore spec
-    /// ([`crate::qemu::snapshot::Template::restore_spec`]): same devices, the template's command line.
+    /// Start from this saved state instead of booting the kernel: a boot template
+    /// ([`crate::BootTemplates`]) or a running VM saved by [`crate::RunningVm::save_state`]. The
+    /// spec must describe the same devices and command line as the VM that was saved. Needs
+    /// [`crate::Capabilities::save_state`] or `boot_templates`.
     pub restore_from: Option<PathBuf>,
+    /// A virtio-net interface on a host tap device; `None` (the default) gives the guest no network
+    /// device at all. Needs [`crate::Capabilities::network`].
+    pub network: Option<NetworkInterface>,
 }
 
 impl VmSpec {
@@ -66,6 +70,7 @@ impl VmSpec {
             run_dir,
             detached: false,
             restore_from: None,
+            network: None,
         }
     }
 
@@ -85,10 +90,50 @@ impl VmSpec {
                 return Err(SpecError::DuplicateSerial(drive.serial.clone()));
             }
         }
+        if let Some(network) = &self.network {
+            network.validate()?;
+        }
         for socket in [&self.agent_socket, &self.run_dir.join("qmp.sock")] {
             if socket.as_os_str().len() > MAX_UNIX_SOCKET_PATH {
                 return Err(SpecError::SocketPathTooLong(socket.clone()));
             }
+        }
+        Ok(())
+    }
+}
+
+/// The guest's network interface: a virtio-net device whose host end is an existing tap device.
+/// Creating the tap (and the namespace, addresses and firewall around it) is the caller's job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInterface {
+    /// The host tap device's name: 1 to 15 characters from `[A-Za-z0-9_.-]` (IFNAMSIZ).
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`, unicast.
+    pub mac: String,
+}
+
+impl NetworkInterface {
+    fn validate(&self) -> Result<(), SpecError> {
+        let tap_ok = (1..=15).contains(&self.tap.len())
+            && self
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !tap_ok {
+            return Err(SpecError::Tap(self.tap.clone()));
+        }
+        let octets: Vec<Option<u8>> = self
+            .mac
+            .split(':')
+            .map(|o| {
+                (o.len() == 2)
+                    .then(|| u8::from_str_radix(o, 16).ok())
+                    .flatten()
+            })
+            .collect();
+        let unicast = matches!(octets.first(), Some(Some(first)) if first & 1 == 0);
+        if octets.len() != 6 || octets.iter().any(Option::is_none) || !unicast {
+            return Err(SpecError::Mac(self.mac.clone()));
         }
         Ok(())
     }
@@ -226,12 +271,42 @@ pub enum SpecError {
         "socket path {0} is longer than 107 bytes: choose a shorter HEARTH_HOME or run directory"
     )]
     SocketPathTooLong(PathBuf),
+    #[error("invalid tap device name {0:?}: use 1 to 15 characters from [A-Za-z0-9_.-]")]
+    Tap(String),
+    #[error("invalid MAC address {0:?}: use six hex pairs like 06:00:ac:10:00:02, unicast")]
+    Mac(String),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn network_interfaces_need_a_tap_name_and_a_unicast_mac() {
+        let mut spec = VmSpec::new("/k", "/i", "/r");
+        let nic = |tap: &str, mac: &str| {
+            Some(NetworkInterface {
+                tap: tap.into(),
+                mac: mac.into(),
+            })
+        };
+        spec.network = nic("hearth-tap0", "06:00:ac:10:00:02");
+        spec.validate().unwrap();
+        for (tap, mac, bad) in [
+            ("", "06:00:ac:10:00:02", "tap"),
+            ("a-name-far-too-long", "06:00:ac:10:00:02", "tap"),
+            ("tap;rm", "06:00:ac:10:00:02", "tap"),
+            ("tap0", "07:00:ac:10:00:02", "MAC"),
+            ("tap0", "06:00:ac:10:00", "MAC"),
+            ("tap0", "06:00:ac:10:00:zz", "MAC"),
+            ("tap0", "6:00:ac:10:00:02:", "MAC"),
+        ] {
+            spec.network = nic(tap, mac);
+            let err = spec.validate().unwrap_err().to_string();
+            assert!(err.contains(bad), "{tap} {mac}: {err}");
+        }
+    }
 
     #[test]
     fn default_cmdline_has_console_and_panic_reset() {

@@ -18,6 +18,9 @@ use hearth_vm::kernel::{resolve_modules, KernelDir};
 use hearth_vm::qemu::KvmBootProbe;
 use hearth_vm::qemu::{QemuVmm, GUEST_MODULES};
 use hearth_vm::{remove_stale_run_dirs, Accel, RunningVm, VmError, VmSpec, Vmm};
+use support::tap::Tap;
+
+mod support;
 
 const HELPER_HOME: &str = "HEARTH_VM_TEST_HELPER_HOME";
 const HELPER_INITRAMFS: &str = "HEARTH_VM_TEST_HELPER_INITRAMFS";
@@ -262,6 +265,30 @@ fn a_saved_vm_is_paused_and_a_vm_restored_from_the_file_carries_on() -> anyhow::
     );
     vm.kill()?;
     assert!(!restored.run_dir.exists());
+    Ok(())
+}
+
+/// The network-interface hook: a VM given a tap holds it open while it runs and lets go when it ends.
+#[test]
+fn a_vm_with_a_network_interface_holds_its_tap_while_it_runs() -> anyhow::Result<()> {
+    let Some(tap) = Tap::create("hth-q") else {
+        return Ok(());
+    };
+    let fx = fixture()?;
+    assert!(fx.qemu.capabilities().network);
+    let mut spec = fx.spec(&fx.busybox_initramfs(IDLE_SCRIPT)?, "nic");
+    spec.network = Some(hearth_vm::NetworkInterface {
+        tap: tap.name.clone(),
+        mac: "06:00:ac:10:00:02".into(),
+    });
+    assert!(!tap.attached(), "nothing holds the tap yet");
+    let mut vm = fx.qemu.start(&spec)?;
+    assert!(tap.attached(), "QEMU does not hold {}", tap.name);
+    vm.kill()?;
+    assert!(
+        !tap.attached(),
+        "the tap stayed attached after the VM ended"
+    );
     Ok(())
 }
 

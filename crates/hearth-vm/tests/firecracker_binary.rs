@@ -22,6 +22,9 @@ use hearth_vm::initramfs::InitramfsBuilder;
 use hearth_vm::kernel::{resolve_modules, KernelDir};
 use hearth_vm::{Drive, RunningVm, VmSpec, Vmm};
 use serde_json::{json, Value};
+use support::tap::Tap;
+
+mod support;
 
 const IDLE_SCRIPT: &str = "#!/bin/busybox sh\nexec /bin/busybox sleep 600\n";
 /// The jailed user and group: `nobody` / `nogroup`.
@@ -179,10 +182,16 @@ fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> any
         return Ok(());
     };
     let home = tempfile::tempdir()?;
-    let spec = idle_spec(home.path(), "api")?;
+    let mut spec = idle_spec(home.path(), "api")?;
+    // A real tap: Firecracker opens it when the interface is configured.
+    let tap = Tap::create("hth-f");
+    spec.network = tap.as_ref().map(|tap| hearth_vm::NetworkInterface {
+        tap: tap.name.clone(),
+        mac: "06:00:ac:10:00:03".into(),
+    });
     let vmm = FirecrackerVmm::new(binary);
-    // start() sends logger, metrics, machine-config, boot-source, both drives and the vsock,
-    // then InstanceStart; any refusal fails it.
+    // start() sends logger, metrics, machine-config, boot-source, both drives, the network
+    // interface and the vsock, then InstanceStart; any refusal fails it.
     let mut vm = vmm.start_firecracker(&spec)?;
     let pid = vm.pid();
     assert!(matches!(
@@ -191,6 +200,12 @@ fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> any
     ));
     if let Some(held) = firecrackers_config(vm.api()) {
         assert_holds_hearths_config(&held, &spec, &vmm);
+        if let Some(tap) = &tap {
+            let nic = &held["network-interfaces"][0];
+            assert_eq!(nic["iface_id"], "eth0", "{held}");
+            assert_eq!(nic["host_dev_name"], tap.name.as_str(), "{held}");
+            assert_eq!(nic["guest_mac"], "06:00:ac:10:00:03", "{held}");
+        }
         // The logger and the metrics took: Firecracker writes both files.
         let layout = Layout::plain(&spec);
         vm.api()

@@ -7,7 +7,7 @@ use hearth_vm::firecracker::config::{ActionType, ApiRequest, RunState};
 use hearth_vm::firecracker::{
     ConfigMode, FirecrackerVmm, JailerConfig, RateLimiter, TokenBucket, VmConfig,
 };
-use hearth_vm::{Drive, VmSpec, Vmm, SCRATCH_SERIAL};
+use hearth_vm::{Drive, NetworkInterface, VmSpec, Vmm, SCRATCH_SERIAL};
 use serde_json::{json, Value};
 use support::swagger::FirecrackerSchema;
 
@@ -23,6 +23,10 @@ fn spec() -> VmSpec {
         Drive::rootfs("/var/lib/hearth/rootfs/sha256-abc.ext4"),
         Drive::scratch("/var/lib/hearth/run/sb1/scratch.ext4"),
     ];
+    spec.network = Some(NetworkInterface {
+        tap: "hearth-tap0".into(),
+        mac: "06:00:ac:10:00:02".into(),
+    });
     spec
 }
 
@@ -82,6 +86,7 @@ fn every_api_request_body_validates_against_firecrackers_schema() {
             "/machine-config",
             "/boot-source",
             "/vsock",
+            "/network-interfaces/eth0",
         ] {
             assert!(
                 requests.iter().any(|r| r.path == path),

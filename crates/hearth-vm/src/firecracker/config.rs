@@ -148,6 +148,16 @@ pub struct VmConfig {
     pub vsock: VsockConfig,
     pub logger: LoggerConfig,
     pub metrics: MetricsConfig,
+    #[serde(rename = "network-interfaces", skip_serializing_if = "Vec::is_empty")]
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`: a virtio-net device on an existing host tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: ResourceId,
+    pub host_dev_name: String,
+    pub guest_mac: String,
 }
 
 /// One REST call: method, path and JSON body (`None` for GET).
@@ -255,6 +265,15 @@ impl VmConfig {
             metrics: MetricsConfig {
                 metrics_path: layout.vmm_metrics(),
             },
+            network_interfaces: spec
+                .network
+                .iter()
+                .map(|nic| NetworkInterfaceConfig {
+                    iface_id: ResourceId::from_name("eth0"),
+                    host_dev_name: nic.tap.clone(),
+                    guest_mac: nic.mac.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -277,6 +296,11 @@ impl VmConfig {
             self.drives
                 .iter()
                 .map(|drive| ApiRequest::put(format!("/drives/{}", drive.drive_id), drive)),
+        );
+        requests.extend(
+            self.network_interfaces
+                .iter()
+                .map(|nic| ApiRequest::put(format!("/network-interfaces/{}", nic.iface_id), nic)),
         );
         requests.push(ApiRequest::put("/vsock", &self.vsock));
         requests

@@ -196,7 +196,10 @@ impl Vmm for FirecrackerVmm {
 
     /// Firecracker's own snapshots (`/snapshot/create`, `/snapshot/load`) are not wired in yet.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities {
+            network: true,
+            ..Capabilities::default()
+        }
     }
 
     fn dry_run(&self, spec: &VmSpec) -> Result<LaunchPlan, VmError> {

@@ -87,6 +87,11 @@ pub(crate) fn spawn_guarded(request: &SpawnRequest) -> io::Result<u32> {
     let mut byte = 0u8;
     // SAFETY: read into a one-byte buffer owned by this frame.
     let n = unsafe { libc::read(raw(&armed_read), (&mut byte as *mut u8).cast(), 1) };
+    if n == 1 {
+        // Then for end-of-file: the guard has closed its end too and holds no fd but its stdio.
+        // SAFETY: as above.
+        while unsafe { libc::read(raw(&armed_read), (&mut byte as *mut u8).cast(), 1) } > 0 {}
+    }
     drop(alive_write);
     if n != 1 {
         let mut status = 0;
@@ -98,6 +103,21 @@ pub(crate) fn spawn_guarded(request: &SpawnRequest) -> io::Result<u32> {
         ));
     }
     Ok(pid as u32)
+}
+
+/// Closes every fd from 3 up except `keep`. Async-signal-safe.
+unsafe fn close_from_3_except(keep: RawFd) {
+    let close_range = |first: RawFd, last: RawFd| {
+        if first <= last
+            && libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) != 0
+        {
+            for fd in first..=last.min(4095) {
+                libc::close(fd);
+            }
+        }
+    };
+    close_range(3, keep - 1);
+    close_range(keep + 1, RawFd::MAX);
 }
 
 fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
@@ -154,11 +174,10 @@ unsafe fn guard(
             libc::_exit(126);
         }
     }
-    libc::write(armed_write, b"1".as_ptr().cast(), 1);
-    libc::close(armed_write);
     libc::close(alive_read);
     // The guard lives as long as the VM: it must not hold hearth's other fds (listening sockets,
-    // a caller's pipes). Its own 0-2 become the VMM's, everything else goes.
+    // a caller's pipes). Its own 0-2 become the VMM's, everything else goes — before the "armed"
+    // byte, so that once the caller hears it the guard holds nothing else.
     let mut parked = [0; 3];
     for (i, fd) in fds.iter().enumerate() {
         parked[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
@@ -171,11 +190,9 @@ unsafe fn guard(
             libc::_exit(126);
         }
     }
-    if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-        for fd in 3..4096 {
-            libc::close(fd);
-        }
-    }
+    close_from_3_except(armed_write);
+    libc::write(armed_write, b"1".as_ptr().cast(), 1);
+    libc::close(armed_write);
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());

@@ -81,6 +81,19 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
         ]);
     }
 
+    if let Some(nic) = &spec.network {
+        // The tap exists already (the caller made it, with its namespace and firewall); QEMU only
+        // opens it and never runs ifup scripts.
+        push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={},script=no,downscript=no", nic.tap),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
+        ]);
+    }
+
     push(&["-device", "virtio-serial-device,max_ports=2"]);
     let agent = opt_path(&spec.agent_socket);
     push(&[
@@ -193,6 +206,24 @@ mod tests {
             &cold[..],
             "same devices in the same order"
         );
+    }
+
+    #[test]
+    fn a_network_interface_is_a_virtio_net_device_on_its_tap_without_scripts() {
+        let qemu = QemuVmm::new("/usr/bin/qemu", Accel::Tcg, Some(1)).unwrap();
+        let mut spec = VmSpec::new("/k", "/i", "/h/run/x");
+        assert!(!render(&qemu, &spec).iter().any(|a| a.contains("net")));
+        spec.network = Some(crate::spec::NetworkInterface {
+            tap: "hearth-tap0".into(),
+            mac: "06:00:ac:10:00:02".into(),
+        });
+        let args = render(&qemu, &spec);
+        assert_eq!(
+            values(&args, "-netdev"),
+            ["tap,id=net0,ifname=hearth-tap0,script=no,downscript=no"]
+        );
+        assert!(values(&args, "-device")
+            .contains(&"virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02"));
     }
 
     #[test]

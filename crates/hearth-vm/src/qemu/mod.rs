@@ -114,7 +114,7 @@ impl Vmm for QemuVmm {
         Capabilities {
             boot_templates: true,
             save_state: true,
-            network: false,
+            network: true,
         }
     }
 
