@@ -7,9 +7,11 @@ Images (each an OCI layout directory under OUT/<name>, tag `latest`):
   layers     three layers (gzip, zstd, plain tar) exercising whiteouts, opaque directories, hard links,
              symlinks, owners, modes, setuid, device nodes, xattrs (security.capability) and timestamps
   multiarch  an OCI index with linux/amd64 and linux/arm64 manifests; /platform names the platform
+  scratch    one gzip layer holding only /bin/busybox (Debian's busybox-static): no /etc at all, no
+             User, like an image built FROM scratch around a static binary; Cmd `/bin/busybox id`
 
 Idempotent: an image whose layout already exists with the same recipe version is left alone.
-Usage: build-test-images.py OUT_DIR
+Usage: build-test-images.py OUT_DIR [NAME...]   (default: every image)
 """
 
 import gzip
@@ -232,16 +234,29 @@ def build_multiarch(layout):
     layout.finish(layout.blob(canonical(index), MT_INDEX))
 
 
+def build_scratch(layout):
+    t = TarBuilder()
+    t.dir("bin")
+    with open("/bin/busybox", "rb") as f:
+        t.file("bin/busybox", f.read(), 0o755)
+    layout.finish(layout.image([(t.bytes(), MT_GZIP)], {"Cmd": ["/bin/busybox", "id"]}))
+
+
 BUILDERS = {"busybox": build_busybox, "python": build_python, "layers": build_layers,
-            "multiarch": build_multiarch}
+            "multiarch": build_multiarch, "scratch": build_scratch}
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
     out = os.path.abspath(sys.argv[1])
+    names = sys.argv[2:] or list(BUILDERS)
+    unknown = [n for n in names if n not in BUILDERS]
+    if unknown:
+        sys.exit(f"unknown test image {', '.join(unknown)}; known: {', '.join(BUILDERS)}")
     os.makedirs(out, exist_ok=True)
-    for name, build in BUILDERS.items():
+    for name in names:
+        build = BUILDERS[name]
         dest = os.path.join(out, name)
         stamp = os.path.join(dest, ".hearth-recipe")
         if os.path.exists(stamp) and open(stamp).read() == RECIPE_VERSION:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# hearth's whole test suite on a fresh Debian 12 machine: provision, check style, build the static
-# agent, start one test registry and one Kubernetes control plane (etcd + kube-apiserver) for the run,
-# run every test with cargo-nextest, stop both.
+# hearth's whole test suite on a fresh Debian 12 machine: provision everything the suite needs
+# (`provision.sh test`), check style, build the static agent, start one test registry and one
+# Kubernetes control plane (etcd + kube-apiserver) for the run, run every test with cargo-nextest,
+# stop both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/provision.sh
+scripts/provision.sh test
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 export HEARTH_AGENT

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::*;
@@ -88,6 +89,66 @@ async fn user_and_group_by_name_and_number() {
         text(&result.stderr).contains("unable to find user no-such-user"),
         "{}",
         text(&result.stderr)
+    );
+}
+
+/// A root like an image built `FROM scratch` around a static binary: `/bin/busybox` and no `/etc`.
+#[tokio::test]
+async fn a_root_without_etc_runs_root_and_numeric_users_and_names_what_is_missing() {
+    if skip_unless_root() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox"))
+        .expect("copying the static /bin/busybox (Debian's busybox-static)");
+    let agent = AgentProcess::listening_in(root.path());
+    let client = agent.connect().await;
+    let as_user = |user: Option<&str>| {
+        let mut request = request(&[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox id; echo \"HOME=$HOME\"",
+        ]);
+        request.user = user.map(str::to_string);
+        request
+    };
+
+    // No user (the agent's default) and "root" (what hearth sends for an image without User).
+    for user in [None, Some("root"), Some("0")] {
+        let result = run(&client, as_user(user)).await;
+        assert_eq!(
+            (text(&result.stdout).as_str(), result.status.code),
+            ("uid=0 gid=0\nHOME=/\n", Some(0)),
+            "user {user:?}, stderr: {}",
+            text(&result.stderr)
+        );
+    }
+    let result = run(&client, as_user(Some("1234:5678"))).await;
+    assert!(
+        text(&result.stdout).starts_with("uid=1234 gid=5678"),
+        "{} {}",
+        text(&result.stdout),
+        text(&result.stderr)
+    );
+
+    for (user, names) in [
+        ("nobody", ["nobody", "/etc/passwd"]),
+        ("root:wheel", ["wheel", "/etc/group"]),
+    ] {
+        let result = run(&client, as_user(Some(user))).await;
+        let stderr = text(&result.stderr);
+        assert_eq!(result.status.code, Some(126), "user {user}: {stderr}");
+        assert!(
+            names.iter().all(|n| stderr.contains(n)),
+            "user {user}: {stderr}"
+        );
+    }
+    assert!(
+        !root.path().join("etc").exists(),
+        "the agent left the root without /etc"
     );
 }
 

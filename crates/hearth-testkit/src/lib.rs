@@ -26,7 +26,7 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-/// The OCI layout of a test image (`busybox`, `python`, `layers`, `multiarch`), tag `latest`.
+/// The OCI layout of a test image (`busybox`, `python`, `layers`, `multiarch`, `scratch`), tag `latest`.
 pub fn oci_layout(name: &str) -> PathBuf {
     let path = Path::new(CACHE_DIR).join("images").join(name);
     assert!(

@@ -374,3 +374,37 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         .unwrap_or_default();
     assert!(leftover.is_empty(), "dry run created a run directory");
 }
+
+/// An image with no `/etc` at all and no `User` (the `scratch` test image: only a static
+/// `/bin/busybox`, as images built `FROM scratch` around a static binary are) runs as uid 0 / gid 0
+/// like `docker run`; numeric ids need no passwd file.
+#[test]
+fn an_image_without_etc_runs_as_root_and_numeric_ids() {
+    let out = run(&[&image("scratch")]);
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.status.code()),
+        ("uid=0 gid=0\n", Some(0)),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let out = run(&["-u", "1234:5678", &image("scratch"), "/bin/busybox", "id"]);
+    assert_eq!(
+        (text(&out.stdout).as_str(), out.status.code()),
+        ("uid=1234 gid=5678\n", Some(0)),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A named user in an image without /etc/passwd is exit 126 with a message naming both.
+#[test]
+fn a_named_user_without_etc_passwd_is_126_naming_it() {
+    let out = run(&["-u", "nobody", &image("scratch")]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "stderr: {stderr}");
+    assert!(
+        stderr.contains("nobody") && stderr.contains("/etc/passwd"),
+        "stderr: {stderr}"
+    );
+    assert_eq!(text(&out.stdout), "");
+}

@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 pub use lookup::{build_env, find_program, DEFAULT_PATH};
-pub use user::{resolve as resolve_user, ResolvedUser};
+pub use user::{resolve as resolve_user, ResolvedUser, UserError};
 
 /// What the agent sends an exec-init on fd 3.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,7 +121,7 @@ fn start(control: &mut UnixStream) -> Result<Pid, StartError> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok();
     let group = std::fs::read_to_string("/etc/group").ok();
     let user = user::resolve(request.user.as_deref(), passwd.as_deref(), group.as_deref())
-        .map_err(StartError::CannotRun)?;
+        .map_err(|e| StartError::CannotRun(e.to_string()))?;
     let env = lookup::build_env(&request.env, &user.home).map_err(StartError::CannotRun)?;
     let cwd = request
         .cwd

@@ -1,7 +1,8 @@
 //! Resolving `user[:group]` (names or numbers) against the workload's /etc/passwd and /etc/group
-//! the way docker does: a numeric user without a passwd entry runs with gid 0 and HOME `/`; a name
-//! must exist; supplementary groups are the groups that list the user as a member. Pure functions
-//! over file contents.
+//! the way docker does: a numeric user without a passwd entry runs with gid 0 and HOME `/`; root
+//! (the default) needs no entry either, so images without /etc (`FROM scratch` around a static
+//! binary) run as uid 0, gid 0, HOME `/`; any other name must exist; supplementary groups are the
+//! groups that list the user as a member. Pure functions over file contents.
 
 /// Whom the command runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,6 +11,25 @@ pub struct ResolvedUser {
     pub gid: u32,
     pub groups: Vec<u32>,
     pub home: String,
+}
+
+/// Why `user[:group]` names nobody in the image. Each says what the image lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error(
+        "unable to find user {0}: the image has no /etc/passwd (without one, only root and \
+         numeric UID[:GID] work)"
+    )]
+    NoPasswdFile(String),
+    #[error("unable to find user {0}: the image's /etc/passwd has no entry for it")]
+    NoPasswdEntry(String),
+    #[error(
+        "unable to find group {0}: the image has no /etc/group (without one, only numeric \
+         GIDs work)"
+    )]
+    NoGroupFile(String),
+    #[error("unable to find group {0}: the image's /etc/group has no entry for it")]
+    NoGroupEntry(String),
 }
 
 struct PasswdEntry<'a> {
@@ -55,12 +75,12 @@ fn group_entries(group: &str) -> impl Iterator<Item = GroupEntry<'_>> {
 }
 
 /// Resolves `spec` (`None` or empty = root). `passwd`/`group` are the files' contents, `None` when
-/// the image lacks them. Errors read like docker's.
+/// the image lacks them.
 pub fn resolve(
     spec: Option<&str>,
     passwd: Option<&str>,
     group: Option<&str>,
-) -> Result<ResolvedUser, String> {
+) -> Result<ResolvedUser, UserError> {
     let spec = spec.unwrap_or("");
     let (user_part, group_part) = match spec.split_once(':') {
         Some((user, group)) => (user, Some(group)),
@@ -72,7 +92,9 @@ pub fn resolve(
         Some(uid) => e.uid == uid,
         None => e.name == user_part,
     });
-    let mut user = match (&entry, numeric_user) {
+    // Without a passwd entry a number is still a uid, and root by name is still uid 0.
+    let fallback_uid = numeric_user.or((user_part == "root").then_some(0));
+    let mut user = match (&entry, fallback_uid) {
         (Some(entry), _) => ResolvedUser {
             uid: entry.uid,
             gid: entry.gid,
@@ -85,11 +107,10 @@ pub fn resolve(
             groups: Vec::new(),
             home: "/".to_string(),
         },
-        (None, None) => {
-            return Err(format!(
-                "unable to find user {user_part}: no matching entries in passwd file"
-            ))
+        (None, None) if passwd.is_none() => {
+            return Err(UserError::NoPasswdFile(user_part.to_string()))
         }
+        (None, None) => return Err(UserError::NoPasswdEntry(user_part.to_string())),
     };
     if let Some(group_part) = group_part.filter(|g| !g.is_empty()) {
         let numeric_group: Option<u32> = group_part.parse().ok();
@@ -100,11 +121,10 @@ pub fn resolve(
         user.gid = match (found, numeric_group) {
             (Some(found), _) => found.gid,
             (None, Some(gid)) => gid,
-            (None, None) => {
-                return Err(format!(
-                    "unable to find group {group_part}: no matching entries in group file"
-                ))
+            (None, None) if group.is_none() => {
+                return Err(UserError::NoGroupFile(group_part.to_string()))
             }
+            (None, None) => return Err(UserError::NoGroupEntry(group_part.to_string())),
         };
     }
     if let Some(entry) = entry {
@@ -163,14 +183,56 @@ mod tests {
     }
 
     #[test]
-    fn unknown_names_are_errors_like_dockers() {
+    fn root_needs_no_passwd_entry() {
+        let root = ResolvedUser {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            home: "/".to_string(),
+        };
+        for spec in [
+            None,
+            Some(""),
+            Some("root"),
+            Some("0"),
+            Some("root:0"),
+            Some("0:0"),
+        ] {
+            assert_eq!(resolve(spec, None, None), Ok(root.clone()), "{spec:?}");
+        }
+        let no_root = "app:x:1000:1000::/home/app:/bin/sh\n";
+        assert_eq!(resolve(Some("root"), Some(no_root), Some(GROUP)), Ok(root));
+    }
+
+    #[test]
+    fn numeric_ids_need_neither_file() {
+        let user = resolve(Some("1234:5678"), None, None).unwrap();
         assert_eq!(
-            resolve(Some("ghost"), Some(PASSWD), Some(GROUP)).unwrap_err(),
-            "unable to find user ghost: no matching entries in passwd file"
+            (user.uid, user.gid, user.home.as_str(), user.groups),
+            (1234, 5678, "/", vec![])
+        );
+    }
+
+    #[test]
+    fn names_missing_from_the_image_say_which_file_lacks_them() {
+        let error = |spec, passwd, group| resolve(Some(spec), passwd, group).unwrap_err();
+        assert_eq!(
+            error("nobody", None, None).to_string(),
+            "unable to find user nobody: the image has no /etc/passwd (without one, only root \
+             and numeric UID[:GID] work)"
         );
         assert_eq!(
-            resolve(Some("app:ghosts"), Some(PASSWD), Some(GROUP)).unwrap_err(),
-            "unable to find group ghosts: no matching entries in group file"
+            error("ghost", Some(PASSWD), Some(GROUP)).to_string(),
+            "unable to find user ghost: the image's /etc/passwd has no entry for it"
+        );
+        assert_eq!(
+            error("root:wheel", None, None).to_string(),
+            "unable to find group wheel: the image has no /etc/group (without one, only \
+             numeric GIDs work)"
+        );
+        assert_eq!(
+            error("app:ghosts", Some(PASSWD), Some(GROUP)).to_string(),
+            "unable to find group ghosts: the image's /etc/group has no entry for it"
         );
     }
 }

@@ -1,12 +1,12 @@
 //! Test support: runs the real agent binary outside a VM (as `hearth-agent serve`, workload root
-//! `/`) and connects the real host client to it. Needs root (exec-inits clone PID and mount
-//! namespaces); tests skip with that reason otherwise.
+//! `/` or a directory the test builds) and connects the real host client to it. Needs root
+//! (exec-inits clone PID and mount namespaces); tests skip with that reason otherwise.
 #![allow(dead_code)]
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -34,10 +34,17 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// One session per connection on a Unix socket (like vsock).
     pub fn listening() -> AgentProcess {
+        AgentProcess::listening_in(Path::new("/"))
+    }
+
+    /// Like [`AgentProcess::listening`], with `root` as the workload root.
+    pub fn listening_in(root: &Path) -> AgentProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let child = Command::new(AGENT)
-            .args(["serve", "--root", "/", "--listen"])
+            .args(["serve", "--root"])
+            .arg(root)
+            .arg("--listen")
             .arg(&socket)
             .spawn()
             .expect("starting hearth-agent");
