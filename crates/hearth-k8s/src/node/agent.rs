@@ -159,13 +159,16 @@ impl NodeAgent {
         };
         let busy = lock(&self.running).contains_key(&uid);
         if s.metadata.deletion_timestamp.is_some() {
-            // Dropping the task aborts it; then its VM is found by label and stopped.
+            // The VM first, found by label and stopped (awaited, so the finalizer goes only after
+            // it); then the run's task, which finds its sandbox gone, is ended. Aborted first, the
+            // task's own clean-up would delete the sandbox in the background and hide it from
+            // `stop_local` before its VM is stopped.
+            self.stop_local(&uid).await;
             let task = lock(&self.running).remove(&uid);
             if let Some(mut task) = task {
                 task.0.abort();
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut task.0).await;
             }
-            self.stop_local(&uid).await;
             self.drop_finalizer(&s).await;
             return;
         }

@@ -1,11 +1,12 @@
 //! One Sandbox's run on this node: finalizer on, status Running (before anything boots, so a restart
-//! never starts it again), boot through `Node`, the command with its timeout, the output tail, the VM
-//! stopped, the final status, the finalizer off. Each step that writes uses the resourceVersion it read.
+//! never starts it again), the command through [`Node::run_once`](hearth_sandbox::node::Node::run_once)
+//! (boot, command with its timeout, VM stopped) keeping the output tail, the final status, the
+//! finalizer off. Each step that writes uses the resourceVersion it read.
 
 use std::time::Duration;
 
-use hearth_sandbox::node::{CreateSpec, ExecSpec, NodeError, State};
-use hearth_vm::channel::ExecOutput;
+use hearth_sandbox::node::{CreateSpec, ExecSpec, RunError, RunSpec};
+use hearth_sandbox::ExecOutput;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -92,25 +93,27 @@ impl NodeAgent {
             Err(e) => return Err(e).ctx(|| format!("marking Sandbox {name} Running")),
         }
 
-        // 3. Boot, run, collect.
+        // 3. Boot, run, collect. The VM is stopped before `execute` returns, so that when the
+        //    operator sees the result and counts the capacity free again, the node's own admission
+        //    agrees.
         let ended = self.execute(&s, &uid).await;
 
-        // 4. The VM stopped first, so that when the operator sees the result and counts the capacity
-        //    free again, the node's own admission agrees; then the result and the finalizer.
-        self.stop_local(&uid).await;
+        // 4. The result, then the finalizer, unless the Sandbox is being deleted: then the deletion
+        //    (`agent.rs`) drops it once it has stopped the VM.
         self.write_final(&api, &name, &ended).await?;
         if let Some(latest) = api
             .get_opt(&name)
             .await
             .ctx(|| format!("reading Sandbox {name}"))?
         {
-            self.drop_finalizer(&latest).await;
+            if latest.metadata.deletion_timestamp.is_none() {
+                self.drop_finalizer(&latest).await;
+            }
         }
         Ok(true)
     }
 
     async fn execute(&self, s: &Sandbox, uid: &str) -> Ended {
-        let tenant = &self.tenant.name;
         let demand = match s.spec.demand() {
             Ok(d) => d,
             Err(e) => return start_failed(e.to_string()),
@@ -122,107 +125,80 @@ impl NodeAgent {
             .iter()
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
-        let spec = CreateSpec {
-            image: s.spec.image.clone(),
-            vcpus: Some(demand.vcpus),
-            memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
-            // A hard stop in case this agent dies: the VM never outlives boot + command + margin.
-            ttl: timeout.map(|t| t + self.config.boot_timeout + Duration::from_secs(60)),
-            env: env.clone(),
-            workdir: s.spec.working_dir.clone(),
-            labels: [
-                (UID_LABEL.to_string(), uid.to_string()),
-                (
-                    "hearth.dev/sandbox".to_string(),
-                    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
-                ),
-            ]
-            .into(),
-            ..Default::default()
-        };
-        // The operator's ledger and the node's admission can briefly disagree (a VM still stopping,
-        // sandboxes created through the HTTP API): a capacity refusal is retried for a while.
-        let deadline = tokio::time::Instant::now() + CAPACITY_WAIT;
-        let info = loop {
-            match self.node.create(&self.tenant, spec.clone()).await {
-                Ok(i) => break i,
-                Err(NodeError::Capacity { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return start_failed(format!("the node refused the sandbox: {e}")),
-            }
-        };
-        let info = match self
-            .node
-            .wait_ready(tenant, &info.id, self.config.boot_timeout)
-            .await
-        {
-            Ok(i) => i,
-            Err(e) => return start_failed(format!("booting: {e}")),
-        };
-        if info.state != State::Running {
-            let why = info
-                .reason
-                .unwrap_or_else(|| format!("state {}", info.state));
-            return start_failed(format!("the microVM did not start: {why}"));
-        }
-        let req = ExecSpec {
-            argv: s.spec.argv(),
-            env,
-            workdir: s.spec.working_dir.clone(),
-            timeout,
-            ..Default::default()
-        };
-        let mut exec = match self.node.exec(tenant, &info.id, req).await {
-            Ok(x) => x,
-            Err(e) => return start_failed(format!("starting the command: {e}")),
+        let spec = RunSpec {
+            create: CreateSpec {
+                image: s.spec.image.clone(),
+                vcpus: Some(demand.vcpus),
+                memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
+                env: env.clone(),
+                workdir: s.spec.working_dir.clone(),
+                labels: [
+                    (UID_LABEL.to_string(), uid.to_string()),
+                    (
+                        "hearth.dev/sandbox".to_string(),
+                        format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                    ),
+                ]
+                .into(),
+                ..Default::default()
+            },
+            exec: ExecSpec {
+                argv: s.spec.argv(),
+                env,
+                workdir: s.spec.working_dir.clone(),
+                timeout,
+                ..Default::default()
+            },
+            stdin: None,
+            boot_timeout: self.config.boot_timeout,
+            // The operator's ledger and the node's admission can briefly disagree (a VM still
+            // stopping, sandboxes created through the HTTP API): a capacity refusal is retried.
+            capacity_wait: CAPACITY_WAIT,
         };
         let mut tail = OutputTail::new(self.config.tail_bytes);
-        loop {
-            match exec.next_output().await {
-                Ok(Some(ExecOutput::Stdout(b) | ExecOutput::Stderr(b))) => tail.push(&b),
-                Ok(None) => break,
-                Err(e) => {
-                    return Ended {
-                        outcome: Outcome::Failed {
-                            reason: reason::START_FAILED,
-                        },
-                        message: Some(format!("lost the command's output: {e}")),
-                        tail: Some(tail.text()),
-                    }
+        let ran = self
+            .node
+            .run_once(&self.tenant, spec, |chunk| match chunk {
+                ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => tail.push(&b),
+            })
+            .await;
+        let st = match ran {
+            Ok(ran) => ran.status,
+            Err(RunError::OutputLost(e)) => {
+                return Ended {
+                    outcome: Outcome::Failed {
+                        reason: reason::START_FAILED,
+                    },
+                    message: Some(format!("lost the command's output: {e}")),
+                    tail: Some(tail.text()),
                 }
             }
-        }
-        let tail_text = Some(tail.text());
-        match exec.wait().await {
-            Ok(st) => {
-                let code = st.code.or(st.signal.map(|sig| 128 + sig));
-                let outcome = if st.timed_out {
-                    Outcome::TimedOut(code)
-                } else {
-                    Outcome::Exited(code.unwrap_or(-1))
-                };
-                let message = match (&outcome, st.signal) {
-                    (Outcome::TimedOut(_), _) => Some(format!(
-                        "killed after timeoutSeconds={}",
-                        s.spec.timeout_seconds.unwrap_or_default()
-                    )),
-                    (_, Some(sig)) => Some(format!("killed by signal {sig}")),
-                    _ => None,
-                };
-                Ended {
-                    outcome,
-                    message,
-                    tail: tail_text,
-                }
+            Err(RunError::Refused(e)) => {
+                return start_failed(format!("the node refused the sandbox: {e}"))
             }
-            Err(e) => Ended {
-                outcome: Outcome::Failed {
-                    reason: reason::START_FAILED,
-                },
-                message: Some(format!("waiting for the command: {e}")),
-                tail: tail_text,
-            },
+            Err(RunError::NotStarted { reason, .. }) => {
+                return start_failed(format!("the microVM did not start: {reason}"))
+            }
+            Err(RunError::Exec(e)) => return start_failed(format!("starting the command: {e}")),
+        };
+        let code = st.code.or(st.signal.map(|sig| 128 + sig));
+        let outcome = if st.timed_out {
+            Outcome::TimedOut(code)
+        } else {
+            Outcome::Exited(code.unwrap_or(-1))
+        };
+        let message = match (&outcome, st.signal) {
+            (Outcome::TimedOut(_), _) => Some(format!(
+                "killed after timeoutSeconds={}",
+                s.spec.timeout_seconds.unwrap_or_default()
+            )),
+            (_, Some(sig)) => Some(format!("killed by signal {sig}")),
+            _ => None,
+        };
+        Ended {
+            outcome,
+            message,
+            tail: Some(tail.text()),
         }
     }
 

@@ -5,10 +5,11 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hearth_vm::channel::{ExecHandle, ExecOutput, ExecRequest, ExecResult, ExecStdin, ExitStatus};
+use hearth_vm::channel::{ExecHandle, ExecOutput, ExecResult, ExecStdin, ExitStatus};
 use tokio::io::AsyncRead;
 
-use super::{lock_ignoring_poison, now_ms, visible, ExecSpec, Node, NodeError, State};
+use super::record::ExecDefaults;
+use super::{admission, lock_ignoring_poison, now_ms, ExecSpec, Node, NodeError, State};
 use crate::command::{resolve, CommandOverrides, ImageDefaults};
 use crate::Sandbox;
 
@@ -107,7 +108,7 @@ impl NodeExec {
 struct Target {
     sandbox: Arc<Sandbox>,
     activity: Arc<Activity>,
-    defaults: super::store::ExecDefaults,
+    defaults: ExecDefaults,
     image: hearth_image::ImageConfig,
 }
 
@@ -117,20 +118,8 @@ impl Node {
     /// else the image's. The sandbox counts as active until the returned handle is done.
     pub async fn exec(&self, tenant: &str, id: &str, req: ExecSpec) -> Result<NodeExec, NodeError> {
         let target = self.target(tenant, id)?;
-        super::admission::check_env(&req.env)?;
-        super::admission::check_workdir(req.workdir.as_deref())?;
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(NodeError::Invalid(
-                "argv: give the command to run, e.g. [\"sh\", \"-c\", \"echo hi\"]".into(),
-            ));
-        }
-        let image = ImageDefaults {
-            entrypoint: target.image.entrypoint.clone(),
-            cmd: target.image.cmd.clone(),
-            env: target.image.env.clone(),
-            working_dir: target.image.working_dir.clone(),
-            user: target.image.user.clone(),
-        };
+        check(&req)?;
+        let (stdin, timeout) = (req.stdin, req.timeout);
         let overrides = CommandOverrides {
             command: req.argv,
             // Cleared: an exec names its whole command, as `docker exec` does.
@@ -146,20 +135,13 @@ impl Node {
             user: req.user.or(target.defaults.user.clone()),
         };
         // Never the daemon's environment: a sandbox sees only what it was given.
-        let command =
-            resolve(&image, &overrides, |_| None).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let command = resolve(&ImageDefaults::from(&target.image), &overrides, |_| None)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let active = ActivityGuard::new(target.activity);
         let handle = target
             .sandbox
             .client()
-            .exec(ExecRequest {
-                argv: command.argv,
-                env: command.env,
-                cwd: Some(command.working_dir),
-                user: Some(command.user),
-                stdin: req.stdin,
-                timeout_ms: req.timeout.map(|t| t.as_millis().max(1) as u64),
-            })
+            .exec(command.into_request(stdin, timeout))
             .await?;
         lock_ignoring_poison(&self.counters).execs_total += 1;
         Ok(NodeExec {
@@ -219,7 +201,7 @@ impl Node {
     fn target(&self, tenant: &str, id: &str) -> Result<Target, NodeError> {
         self.check_open()?;
         let table = self.table();
-        let entry = visible(&table, tenant, id)?;
+        let entry = table.visible(tenant, id)?;
         let state = entry.record.info.state;
         let (Some(sandbox), Some(image), State::Running) =
             (&entry.live, &entry.record.image, state)
@@ -237,6 +219,19 @@ impl Node {
             image: image.config.clone(),
         })
     }
+}
+
+/// What can be checked of an exec before its sandbox is known: a command, well-formed environment
+/// and working directory.
+pub(super) fn check(spec: &ExecSpec) -> Result<(), NodeError> {
+    admission::check_env(&spec.env)?;
+    admission::check_workdir(spec.workdir.as_deref())?;
+    if spec.argv.first().is_none_or(|cmd| cmd.is_empty()) {
+        return Err(NodeError::Invalid(
+            "argv: give the command to run, e.g. [\"sh\", \"-c\", \"echo hi\"]".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_path(path: &str) -> Result<(), NodeError> {

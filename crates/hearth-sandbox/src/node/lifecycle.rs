@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use hearth_image::PulledImage;
 
-use super::admission::{self, Usage};
-use super::store::{ExecDefaults, ImageMeta, Record};
+use super::record::Record;
 use super::{
-    lock_ignoring_poison, now_ms, visible, CreateSpec, Entry, Histogram, Node, NodeError,
-    SandboxInfo, State, Tenant, BOOT_BUCKETS,
+    admission, lock_ignoring_poison, now_ms, CreateSpec, Histogram, Node, NodeError, SandboxInfo,
+    State, Tenant, BOOT_BUCKETS,
 };
 use crate::boot::new_id;
 use crate::Sandbox;
@@ -29,65 +28,18 @@ impl Node {
     ) -> Result<SandboxInfo, NodeError> {
         self.check_open()?;
         let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
-        let now = now_ms();
         let id = new_id();
-        let record = Record {
-            info: SandboxInfo {
-                id: id.clone(),
-                tenant: tenant.name.clone(),
-                image: spec.image.clone(),
-                image_digest: None,
-                state: State::Creating,
-                reason: None,
-                vcpus: want.vcpus,
-                memory_mib: want.memory_mib,
-                disk_bytes: want.disk_bytes,
-                labels: spec.labels,
-                created_at: now,
-                ready_at: None,
-                finished_at: None,
-                expires_at: Some(now.saturating_add(want.ttl.as_millis() as u64)),
-                last_active_at: now,
-                boot_ms: None,
-            },
-            idle_timeout_ms: spec.idle_timeout.map(|t| t.as_millis().max(1) as u64),
-            defaults: ExecDefaults {
-                env: spec.env,
-                workdir: spec.workdir,
-                user: spec.user,
-            },
-            image: None,
-            vmm: None,
-            deleted: false,
-        };
+        let record = Record::new(id.clone(), &tenant.name, spec, &want, now_ms());
         let info = {
             let mut table = self.table();
-            let (mut node_usage, mut tenant_usage) = (Usage::default(), Usage::default());
-            for entry in table.values().filter(|e| e.holds_resources()) {
-                let (vcpus, memory) = (entry.record.info.vcpus, entry.record.info.memory_mib);
-                node_usage.add(vcpus, memory);
-                if entry.record.info.tenant == tenant.name {
-                    tenant_usage.add(vcpus, memory);
-                }
-            }
-            admission::admit(
-                &want,
-                &tenant.name,
-                &tenant.quota,
-                tenant_usage,
-                &self.config.capacity,
-                node_usage,
-            )?;
-            self.store().save(&record)?;
-            let info = record.info.clone();
-            let mut entry = Entry::new(record);
+            let entry = table.admit(tenant, &want, &self.config.capacity, record)?;
+            // Spawned under the lock: the boot task's first look at the table waits for the entry.
             let node = self
                 .me
                 .upgrade()
                 .expect("a node method runs on a live node");
             entry.boot = Some(tokio::spawn(node.boot(id.clone())).abort_handle());
-            table.insert(id.clone(), entry);
-            info
+            entry.record.info.clone()
         };
         tracing::info!(sandbox = %id, tenant = %tenant.name, image = %info.image, "sandbox admitted");
         self.bump();
@@ -97,7 +49,7 @@ impl Node {
     /// Stops the VM (clean shutdown, then kill) and forgets the sandbox: it disappears from `get`
     /// and `list` at once, and its resources are free once the VM is gone.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<(), NodeError> {
-        visible(&self.table(), tenant, id)?;
+        self.table().visible(tenant, id)?;
         self.end(id, State::Stopped, "deleted", true).await;
         Ok(())
     }
@@ -111,7 +63,7 @@ impl Node {
         loop {
             let running: usize = self
                 .table()
-                .values()
+                .entries()
                 .map(|e| e.activity.running_execs())
                 .sum();
             if running == 0 || tokio::time::Instant::now() >= deadline {
@@ -128,17 +80,17 @@ impl Node {
         let mut released = Vec::new();
         {
             let mut table = self.table();
-            for entry in table.values_mut() {
+            for entry in table.entries_mut() {
                 if let Some(boot) = entry.boot.take() {
                     boot.abort();
                 }
                 entry.record.info.last_active_at = entry.info().last_active_at;
-                self.persist(&entry.record);
                 if let Some(sandbox) = entry.live.take() {
                     sandbox.release();
                     released.push(sandbox);
                 }
             }
+            table.save_all();
         }
         // Dropping the clients closes the agent connections; the VMs stay up.
         drop(released);
@@ -208,45 +160,34 @@ impl Node {
             let wanted = entry.record.info.state == State::Creating;
             let mut counters = lock_ignoring_poison(&self.counters);
             counters.boots_total += 1;
-            match outcome {
+            let leftover = match outcome {
                 Ok((sandbox, image)) if wanted => {
-                    let info = &mut entry.record.info;
-                    info.state = State::Running;
-                    info.ready_at = Some(now);
-                    info.image_digest = Some(image.manifest_digest.to_string());
-                    let boot_ms = now.saturating_sub(info.created_at);
-                    info.boot_ms = Some(boot_ms);
+                    let vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
+                    let boot_ms = entry.record.running(&image, vmm, now);
                     counters
                         .boot_seconds
                         .get_or_insert_with(|| Histogram::with_bounds(BOOT_BUCKETS))
                         .observe(boot_ms as f64 / 1000.0);
-                    entry.record.image = Some(ImageMeta {
-                        reference: image.reference.to_string(),
-                        rootfs: image.rootfs.clone(),
-                        config: image.config.clone(),
-                    });
-                    entry.record.vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
                     entry.live = Some(Arc::new(sandbox));
                     entry.activity.touch();
-                    self.persist(&entry.record);
                     tracing::info!(sandbox = %id, boot_ms, "sandbox running");
                     None
                 }
                 Err(e) if wanted => {
                     counters.boot_failures_total += 1;
-                    let info = &mut entry.record.info;
-                    info.state = State::Failed;
-                    info.reason = Some(format!("boot failed: {e}"));
-                    info.finished_at = Some(now);
-                    self.persist(&entry.record);
                     tracing::warn!(sandbox = %id, "boot failed: {e}");
+                    entry.record.fail(format!("boot failed: {e}"), now);
                     let _ = std::fs::remove_dir_all(self.run_dir(id));
                     None
                 }
                 // Ended (deleted, expired, shut down) while booting.
                 Ok((sandbox, _)) => Some(Some(sandbox)),
                 Err(_) => Some(None),
+            };
+            if leftover.is_none() {
+                table.save(id);
             }
+            leftover
         };
         self.bump();
         if let Some(sandbox) = leftover {
@@ -270,11 +211,7 @@ impl Node {
                 return;
             };
             entry.record.deleted |= delete;
-            if entry.record.info.state.is_live() {
-                let info = &mut entry.record.info;
-                info.state = state;
-                info.reason = Some(reason.to_owned());
-                info.finished_at = Some(now_ms());
+            if entry.record.end(state, reason, now_ms()) {
                 tracing::info!(sandbox = %id, %state, reason, "sandbox ended");
             }
             if let Some(boot) = entry.boot.take_if(|_| !entry.vm_starting) {
@@ -283,11 +220,10 @@ impl Node {
             let live = entry.live.take();
             entry.releasing = live.is_some() || entry.vm_starting;
             if entry.record.deleted && !entry.releasing {
-                table.remove(id);
-                self.forget(id);
+                table.forget(id);
                 let _ = std::fs::remove_dir_all(self.run_dir(id));
             } else {
-                self.persist(&entry.record);
+                table.save(id);
             }
             live
         };
@@ -304,15 +240,15 @@ impl Node {
     /// deleted sandbox forgotten.
     fn released(&self, id: &str) {
         let _ = std::fs::remove_dir_all(self.run_dir(id));
-        let mut table = self.table();
-        if let Some(entry) = table.get_mut(id) {
-            entry.releasing = false;
-            if entry.record.deleted {
-                table.remove(id);
-                self.forget(id);
+        {
+            let mut table = self.table();
+            if let Some(entry) = table.get_mut(id) {
+                entry.releasing = false;
+                if entry.record.deleted {
+                    table.forget(id);
+                }
             }
         }
-        drop(table);
         self.bump();
     }
 }

@@ -4,10 +4,15 @@
 //! running sandbox; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
 //! so that the next `open` re-attaches them.
 //!
-//! Files: `types.rs` (public vocabulary), `error.rs`, `store.rs` (SQLite state), `admission.rs`
-//! (sizes, maxima, quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown),
-//! `recovery.rs` (what `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead
-//! VMs), `exec.rs` (commands and files).
+//! [`Node::run_once`] is the one-shot run (create, boot, one command, delete) behind `POST /v1/runs`
+//! and the Kubernetes node agent.
+//!
+//! Files: `types.rs` (public vocabulary), `error.rs`, `table.rs` (the sandboxes in memory, their
+//! lookup and usage, and the lock that also guards the store), `record.rs` (what is remembered per
+//! sandbox, and its state transitions), `store.rs` (SQLite state), `admission.rs` (sizes, maxima,
+//! quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown), `recovery.rs` (what
+//! `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead VMs), `exec.rs`
+//! (commands and files), `run_once.rs` (one command in a fresh sandbox).
 //!
 //! Writes only under `$HEARTH_HOME/state/` (database, lock) and `$HEARTH_HOME/sandboxes/<id>/` (each
 //! VM's run directory: sockets, scratch disk, console log), plus the image cache through
@@ -18,8 +23,11 @@ mod error;
 mod exec;
 mod lifecycle;
 mod reaper;
+mod record;
 mod recovery;
+mod run_once;
 mod store;
+mod table;
 mod types;
 
 use std::collections::BTreeMap;
@@ -33,17 +41,15 @@ use tokio::sync::{watch, Semaphore};
 
 pub use error::NodeError;
 pub use exec::NodeExec;
+pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
     Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig, NodeMetrics, Quota, SandboxInfo,
     State, StateCounts, Tenant,
 };
 
-use admission::Usage;
-use exec::Activity;
-use store::{Record, Store};
+use store::Store;
+use table::{SandboxTable, Table};
 use types::now_ms;
-
-use crate::Sandbox;
 
 /// Upper bounds (seconds) of the boot-latency histogram: TCG boots take 3-5 s, queued ones longer.
 const BOOT_BUCKETS: &[f64] = &[0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0];
@@ -53,9 +59,8 @@ pub struct Node {
     /// For background tasks started from `&self` methods.
     me: Weak<Node>,
     config: NodeConfig,
-    /// Lock order: `table` before `store`.
-    store: Mutex<Store>,
-    table: Mutex<BTreeMap<String, Entry>>,
+    /// Every sandbox, and the store their records are saved to (see `table.rs`).
+    sandboxes: SandboxTable,
     boots: Arc<Semaphore>,
     images: hearth_image::ImageStore,
     shutting_down: AtomicBool,
@@ -65,46 +70,6 @@ pub struct Node {
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The flock on `state/node.lock`, held for the node's life.
     _lock: File,
-}
-
-/// One sandbox as the node holds it.
-struct Entry {
-    record: Record,
-    /// The VM and its agent, while running.
-    live: Option<Arc<Sandbox>>,
-    activity: Arc<Activity>,
-    /// The boot task, while creating.
-    boot: Option<tokio::task::AbortHandle>,
-    /// The boot task has its image and may be starting a VM: aborting it now could leak one, so
-    /// it is left to finish (and its VM stopped). Before this, aborting it is safe.
-    vm_starting: bool,
-    /// A VM is still being stopped after the sandbox ended: its resources still count as held.
-    releasing: bool,
-}
-
-impl Entry {
-    fn new(record: Record) -> Entry {
-        let activity = Arc::new(Activity::new(record.info.last_active_at));
-        Entry {
-            record,
-            live: None,
-            activity,
-            boot: None,
-            vm_starting: false,
-            releasing: false,
-        }
-    }
-
-    fn info(&self) -> SandboxInfo {
-        let mut info = self.record.info.clone();
-        info.last_active_at = info.last_active_at.max(self.activity.last_active());
-        info
-    }
-
-    /// Whether node resources are held for it.
-    fn holds_resources(&self) -> bool {
-        self.record.info.state.is_live() || self.releasing
-    }
 }
 
 #[derive(Default)]
@@ -131,8 +96,7 @@ impl Node {
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
             config,
-            store: Mutex::new(store),
-            table: Mutex::new(BTreeMap::new()),
+            sandboxes: SandboxTable::new(store),
             boots,
             images,
             shutting_down: AtomicBool::new(false),
@@ -176,34 +140,20 @@ impl Node {
 
     /// The sandbox's record; [`NodeError::NotFound`] also for another tenant's id.
     pub fn get(&self, tenant: &str, id: &str) -> Result<SandboxInfo, NodeError> {
-        let table = self.table();
-        visible(&table, tenant, id).map(Entry::info)
+        self.table().visible(tenant, id).map(|e| e.info())
     }
 
     /// The tenant's sandboxes, oldest first.
     pub fn list(&self, tenant: &str) -> Vec<SandboxInfo> {
-        let table = self.table();
-        let mut list: Vec<SandboxInfo> = table
-            .values()
-            .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
-            .map(Entry::info)
-            .collect();
-        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        list
+        self.table().list(tenant)
     }
 
     /// Counts and counters for `/metrics`.
     pub fn metrics(&self) -> NodeMetrics {
-        let mut sandboxes = StateCounts::default();
-        let mut held = Usage::default();
-        for entry in self.table().values() {
-            if !entry.record.deleted {
-                sandboxes.add(entry.record.info.state);
-            }
-            if entry.holds_resources() {
-                held.add(entry.record.info.vcpus, entry.record.info.memory_mib);
-            }
-        }
+        let (sandboxes, held) = {
+            let table = self.table();
+            (table.counts(), table.held())
+        };
         let counters = lock_ignoring_poison(&self.counters);
         NodeMetrics {
             sandboxes,
@@ -230,26 +180,9 @@ impl Node {
         by_manifest.values().sum()
     }
 
-    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        lock_ignoring_poison(&self.table)
-    }
-
-    fn store(&self) -> MutexGuard<'_, Store> {
-        lock_ignoring_poison(&self.store)
-    }
-
-    /// Persists `record`; a failure is logged, since the in-memory state stays authoritative
-    /// until the next successful write.
-    fn persist(&self, record: &Record) {
-        if let Err(e) = self.store().save(record) {
-            tracing::error!(sandbox = %record.info.id, "saving sandbox state: {e}");
-        }
-    }
-
-    fn forget(&self, id: &str) {
-        if let Err(e) = self.store().delete(id) {
-            tracing::error!(sandbox = %id, "deleting sandbox state: {e}");
-        }
+    /// The sandbox table, locked; the store is reached only through it.
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.sandboxes.lock()
     }
 
     fn bump(&self) {
@@ -266,18 +199,6 @@ impl Node {
         }
         Ok(())
     }
-}
-
-/// The tenant's own, not deleted, entry `id`.
-fn visible<'a>(
-    table: &'a BTreeMap<String, Entry>,
-    tenant: &str,
-    id: &str,
-) -> Result<&'a Entry, NodeError> {
-    table
-        .get(id)
-        .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
-        .ok_or_else(|| NodeError::NotFound { id: id.to_owned() })
 }
 
 fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -32,9 +32,11 @@ impl Node {
     /// What has to end now, as (id, new state, reason); persists changed activity times.
     fn due(&self, now: u64) -> Vec<(String, State, String)> {
         let mut due = Vec::new();
+        let mut active = Vec::new();
         let mut table = self.table();
-        for (id, entry) in table.iter_mut() {
+        for entry in table.entries() {
             let info = &entry.record.info;
+            let id = &info.id;
             if !info.state.is_live() {
                 continue;
             }
@@ -64,11 +66,11 @@ impl Node {
                 continue;
             }
             if last_active > info.last_active_at {
-                entry.record.info.last_active_at = last_active;
-                if let Err(e) = self.store().set_last_active(id, last_active) {
-                    tracing::warn!(sandbox = %id, "saving activity time: {e}");
-                }
+                active.push((id.clone(), last_active));
             }
+        }
+        for (id, at) in active {
+            table.set_last_active(&id, at);
         }
         due
     }

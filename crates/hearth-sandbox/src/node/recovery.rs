@@ -19,8 +19,9 @@ use std::time::Duration;
 use hearth_image::{PulledImage, Reference};
 use hearth_vm::{DetachedRecord, VmError};
 
-use super::store::Record;
-use super::{now_ms, Entry, Node, NodeError, State};
+use super::record::Record;
+use super::table::Entry;
+use super::{now_ms, Node, NodeError, State};
 use crate::{Sandbox, SandboxError};
 
 /// How long a re-attached guest agent gets to answer the handshake.
@@ -36,7 +37,7 @@ impl Node {
             let run_dir = self.run_dir(&id);
             if record.deleted {
                 kill_and_remove(&run_dir).await;
-                self.forget(&id);
+                self.table().forget(&id);
                 continue;
             }
             let mut live = None;
@@ -57,12 +58,13 @@ impl Node {
                 },
                 State::Stopped | State::Failed => {}
             }
+            let mut table = self.table();
             if live.is_none() {
-                self.persist(&record);
+                table.save_record(&record);
             }
             let mut entry = Entry::new(record);
             entry.live = live;
-            self.table().insert(id, entry);
+            table.insert(entry);
         }
         self.remove_unowned(&owned).await
     }
@@ -130,9 +132,7 @@ impl Node {
 
 fn fail(record: &mut Record, reason: String) {
     tracing::warn!(sandbox = %record.info.id, "{reason}");
-    record.info.state = State::Failed;
-    record.info.reason = Some(reason);
-    record.info.finished_at = Some(now_ms());
+    record.fail(reason, now_ms());
 }
 
 fn with_console(reason: &str, console: &Path) -> String {

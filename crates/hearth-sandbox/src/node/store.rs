@@ -3,47 +3,19 @@
 //! always one consistent snapshot. Touches only the database file (and SQLite's `-wal`/`-shm`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hearth_vm::ProcessIdentity;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
+use super::record::Record;
 use super::{NodeError, SandboxInfo, State};
 
 /// Bumped with every schema change; `migrate` knows each step.
 const SCHEMA_VERSION: i64 = 1;
 
-/// What the node remembers about a sandbox beyond what callers see.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Record {
-    pub info: SandboxInfo,
-    pub idle_timeout_ms: Option<u64>,
-    pub defaults: ExecDefaults,
-    /// The pulled image, once known: enough to run commands and to re-attach after a restart.
-    pub image: Option<ImageMeta>,
-    /// The VMM, once it runs.
-    pub vmm: Option<ProcessIdentity>,
-    /// Deleted by its tenant, VM still being stopped: hidden, and gone once the VM is.
-    pub deleted: bool,
-}
-
-/// `CreateSpec`'s defaults for every exec.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ExecDefaults {
-    pub env: Vec<(String, String)>,
-    pub workdir: Option<String>,
-    pub user: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ImageMeta {
-    /// The normalised reference it was pulled as.
-    pub reference: String,
-    pub rootfs: PathBuf,
-    pub config: hearth_image::ImageConfig,
-}
-
+/// The open database; the table (`table.rs`) owns it, so it is used only under the table lock.
 pub(crate) struct Store {
     db: Connection,
 }
@@ -261,6 +233,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::record::{ExecDefaults, ImageMeta};
     use super::*;
 
     pub(crate) fn record(id: &str, state: State) -> Record {

@@ -1,17 +1,18 @@
-//! `POST /v1/runs`: one command in a fresh sandbox — create (waiting for the boot), exec, collect
-//! the output up to `--run-output-limit` per stream, delete. The sandbox is deleted however the
-//! request ends, including when the client goes away mid-run (a drop guard), and its TTL is the
-//! command's timeout plus boot time, so the node reaps it even if this daemon dies.
+//! `POST /v1/runs`: one command in a fresh sandbox, through
+//! [`Node::run_once`](hearth_sandbox::node::Node::run_once), which creates it, waits for the boot,
+//! runs the command and deletes the sandbox however the request ends (also when the client goes
+//! away mid-run). This handler only translates: the body into a run spec, the first
+//! `--run-output-limit` bytes of each stream into the answer (`truncated` when more came), and a
+//! failed step into its HTTP status.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::Json;
 use base64::Engine;
-use hearth_sandbox::node::{CreateSpec, Node, State as NodeState};
-use hearth_vm::channel::ExecOutput;
+use hearth_sandbox::node::{CreateSpec, RunError, RunSpec};
+use hearth_sandbox::ExecOutput;
 
 use super::api::{ErrorBody, ExecBody, RunBody, RunResult};
 use super::auth::Authenticated;
@@ -21,8 +22,6 @@ use super::sandboxes::{nonempty, size_field};
 use super::AppState;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-/// Time allowed for pull and boot on top of the command's timeout when sizing the sandbox's TTL.
-const BOOT_ALLOWANCE: Duration = Duration::from_secs(600);
 
 #[utoipa::path(post, path = "/v1/runs", tag = "runs",
     request_body = RunBody,
@@ -60,91 +59,72 @@ pub async fn run(
         },
         stdin.is_some(),
     )?;
-    let spec = CreateSpec {
-        image: nonempty("image", &body.image)?,
-        vcpus: body.cpus,
-        memory_mib: size_field("memory", body.memory.as_deref())?
-            .map(|b| u32::try_from(b >> 20).unwrap_or(u32::MAX)),
-        disk_bytes: size_field("disk", body.disk.as_deref())?,
-        ttl: exec.timeout.map(|t| t + BOOT_ALLOWANCE),
-        ..CreateSpec::default()
+    let spec = RunSpec {
+        create: CreateSpec {
+            image: nonempty("image", &body.image)?,
+            vcpus: body.cpus,
+            memory_mib: size_field("memory", body.memory.as_deref())?
+                .map(|b| u32::try_from(b >> 20).unwrap_or(u32::MAX)),
+            disk_bytes: size_field("disk", body.disk.as_deref())?,
+            ..CreateSpec::default()
+        },
+        exec,
+        stdin,
+        boot_timeout: state.settings.create_wait,
+        // A full node answers 503 with Retry-After at once; the client decides whether to wait.
+        capacity_wait: std::time::Duration::ZERO,
     };
-    let node = &state.node;
-    let created = node.create(&tenant, spec).await?;
-    let mut guard = DeleteOnDrop {
-        node: node.clone(),
-        tenant: tenant.name.clone(),
-        id: Some(created.id.clone()),
-    };
-    let ready = node
-        .wait_ready(&tenant.name, &created.id, state.settings.create_wait)
-        .await?;
-    if ready.state != NodeState::Running {
-        return Err(ApiError::internal(format!(
-            "the sandbox did not start ({}): {}",
-            ready.state,
-            ready.reason.as_deref().unwrap_or("still creating")
-        )));
-    }
-    let mut handle = node.exec(&tenant.name, &created.id, exec).await?;
-    if let (Some(data), Some(mut writer)) = (stdin, handle.take_stdin()) {
-        tokio::spawn(async move {
-            if writer.write(&data).await.is_ok() {
-                let _ = writer.close().await;
-            }
-        });
-    }
-    let limit = state.settings.run_output_limit;
-    let (mut stdout, mut stderr, mut truncated) = (Vec::new(), Vec::new(), false);
-    while let Some(output) = handle.next_output().await? {
-        let (buf, data) = match output {
-            ExecOutput::Stdout(data) => (&mut stdout, data),
-            ExecOutput::Stderr(data) => (&mut stderr, data),
-        };
-        let room = limit.saturating_sub(buf.len());
-        truncated |= data.len() > room;
-        buf.extend_from_slice(&data[..data.len().min(room)]);
-    }
-    let status = handle.wait().await?;
-    guard.delete_now().await;
+    let mut output = Head::new(state.settings.run_output_limit);
+    let ran = state
+        .node
+        .run_once(&tenant, spec, |chunk| output.push(chunk))
+        .await
+        .map_err(api_error)?;
     Ok(Json(RunResult {
-        stdout: B64.encode(stdout),
-        stderr: B64.encode(stderr),
-        exit_code: status.code,
-        signal: status.signal,
-        timed_out: status.timed_out,
-        truncated,
-        boot_ms: ready.boot_ms,
+        stdout: B64.encode(output.stdout),
+        stderr: B64.encode(output.stderr),
+        exit_code: ran.status.code,
+        signal: ran.status.signal,
+        timed_out: ran.status.timed_out,
+        truncated: output.truncated,
+        boot_ms: Some(ran.boot_ms),
     }))
 }
 
-/// Deletes the run's sandbox when the request ends, however it ends: awaited on the normal path
-/// (the answer comes after the sandbox is gone), spawned when the request is dropped or fails.
-struct DeleteOnDrop {
-    node: Arc<Node>,
-    tenant: String,
-    id: Option<String>,
+/// The first `limit` bytes of each stream, and whether more came.
+struct Head {
+    limit: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    truncated: bool,
 }
 
-impl DeleteOnDrop {
-    async fn delete_now(&mut self) {
-        if let Some(id) = self.id.take() {
-            delete(&self.node, &self.tenant, &id).await;
+impl Head {
+    fn new(limit: usize) -> Head {
+        Head {
+            limit,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            truncated: false,
         }
+    }
+
+    fn push(&mut self, chunk: ExecOutput) {
+        let (buf, data) = match chunk {
+            ExecOutput::Stdout(data) => (&mut self.stdout, data),
+            ExecOutput::Stderr(data) => (&mut self.stderr, data),
+        };
+        let room = self.limit.saturating_sub(buf.len());
+        self.truncated |= data.len() > room;
+        buf.extend_from_slice(&data[..data.len().min(room)]);
     }
 }
 
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            let (node, tenant) = (self.node.clone(), self.tenant.clone());
-            tokio::spawn(async move { delete(&node, &tenant, &id).await });
-        }
-    }
-}
-
-async fn delete(node: &Node, tenant: &str, id: &str) {
-    if let Err(e) = node.delete(tenant, id).await {
-        tracing::warn!(sandbox = %id, "deleting the sandbox of a finished run: {e}");
+/// A refused run answers as the node's refusal does (400, 429, 503); a failed boot, a failed exec and
+/// lost output as the step's own error (a boot failure is the server's: 500).
+fn api_error(err: RunError) -> ApiError {
+    match err {
+        RunError::Refused(e) | RunError::Exec(e) | RunError::OutputLost(e) => e.into(),
+        not_started @ RunError::NotStarted { .. } => ApiError::internal(not_started.to_string()),
     }
 }

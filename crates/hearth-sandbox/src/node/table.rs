@@ -1,0 +1,325 @@
+//! The node's sandbox table: every sandbox the node knows ([`Entry`]: its [`Record`] plus the live
+//! VM, activity and boot task) and the [`Store`] that persists the records, behind one mutex.
+//!
+//! The lock order "table before store" is built in rather than kept by convention: the store lives
+//! inside the guarded [`Table`], so the only way to write a record is through a locked table, and no
+//! code can hold the store while it waits for the table. Holding the lock a caller looks sandboxes
+//! up ([`Table::visible`]: the tenant's own, not deleted), admits a new one against what the node
+//! and the tenant already hold ([`Table::admit`]: usage summed, quota and capacity checked, record
+//! saved and entry inserted in one critical section, so concurrent creates never overcommit) and
+//! saves or forgets records. The lock is a std mutex: never held across an `.await`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::admission::{self, Resources, Usage};
+use super::exec::Activity;
+use super::record::Record;
+use super::store::Store;
+use super::{Capacity, NodeError, SandboxInfo, StateCounts, Tenant};
+use crate::Sandbox;
+
+/// The table and its store behind one lock; [`SandboxTable::lock`] is the only way in.
+pub(super) struct SandboxTable {
+    state: Mutex<Table>,
+}
+
+impl SandboxTable {
+    pub fn new(store: Store) -> SandboxTable {
+        SandboxTable {
+            state: Mutex::new(Table {
+                entries: BTreeMap::new(),
+                store,
+            }),
+        }
+    }
+
+    /// Locks the table (and with it the store). A panic while it was held poisons nothing: every
+    /// update leaves the table consistent before anything that can fail.
+    pub fn lock(&self) -> MutexGuard<'_, Table> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sandboxes by id, and the store their records are saved to.
+pub(super) struct Table {
+    entries: BTreeMap<String, Entry>,
+    store: Store,
+}
+
+/// One sandbox as the node holds it.
+pub(super) struct Entry {
+    pub record: Record,
+    /// The VM and its agent, while running.
+    pub live: Option<Arc<Sandbox>>,
+    pub activity: Arc<Activity>,
+    /// The boot task, while creating.
+    pub boot: Option<tokio::task::AbortHandle>,
+    /// The boot task has its image and may be starting a VM: aborting it now could leak one, so
+    /// it is left to finish (and its VM stopped). Before this, aborting it is safe.
+    pub vm_starting: bool,
+    /// A VM is still being stopped after the sandbox ended: its resources still count as held.
+    pub releasing: bool,
+}
+
+impl Entry {
+    pub fn new(record: Record) -> Entry {
+        let activity = Arc::new(Activity::new(record.info.last_active_at));
+        Entry {
+            record,
+            live: None,
+            activity,
+            boot: None,
+            vm_starting: false,
+            releasing: false,
+        }
+    }
+
+    /// The record as callers see it, with the latest activity time.
+    pub fn info(&self) -> SandboxInfo {
+        let mut info = self.record.info.clone();
+        info.last_active_at = info.last_active_at.max(self.activity.last_active());
+        info
+    }
+
+    /// Whether node resources are held for it.
+    pub fn holds_resources(&self) -> bool {
+        self.record.info.state.is_live() || self.releasing
+    }
+}
+
+impl Table {
+    /// The tenant's own, not deleted, sandbox `id`; [`NodeError::NotFound`] otherwise, also for
+    /// another tenant's id.
+    pub fn visible(&self, tenant: &str, id: &str) -> Result<&Entry, NodeError> {
+        self.entries
+            .get(id)
+            .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
+            .ok_or_else(|| NodeError::NotFound { id: id.to_owned() })
+    }
+
+    /// Any sandbox `id`, deleted or not, for the node's own bookkeeping.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        self.entries.get_mut(id)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    pub fn entries_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
+        self.entries.values_mut()
+    }
+
+    /// The tenant's sandboxes, oldest first.
+    pub fn list(&self, tenant: &str) -> Vec<SandboxInfo> {
+        let mut list: Vec<SandboxInfo> = self
+            .entries()
+            .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
+            .map(Entry::info)
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        list
+    }
+
+    /// Sandboxes per state, deleted ones left out.
+    pub fn counts(&self) -> StateCounts {
+        let mut counts = StateCounts::default();
+        for entry in self.entries().filter(|e| !e.record.deleted) {
+            counts.add(entry.record.info.state);
+        }
+        counts
+    }
+
+    /// What the node's sandboxes hold: creating and running ones, and VMs still being stopped.
+    pub fn held(&self) -> Usage {
+        self.held_where(|_| true)
+    }
+
+    /// The part of [`Table::held`] that `tenant`'s sandboxes hold.
+    pub fn held_by(&self, tenant: &str) -> Usage {
+        self.held_where(|info| info.tenant == tenant)
+    }
+
+    fn held_where(&self, counts: impl Fn(&SandboxInfo) -> bool) -> Usage {
+        let mut usage = Usage::default();
+        for entry in self.entries() {
+            let info = &entry.record.info;
+            if entry.holds_resources() && counts(info) {
+                usage.add(info.vcpus, info.memory_mib);
+            }
+        }
+        usage
+    }
+
+    /// Admits `record` (sized `want`) for `tenant` against the tenant's quota and the node's
+    /// `capacity`, saves it and adds its entry. A refusal changes nothing.
+    pub fn admit(
+        &mut self,
+        tenant: &Tenant,
+        want: &Resources,
+        capacity: &Capacity,
+        record: Record,
+    ) -> Result<&mut Entry, NodeError> {
+        let (node, own) = (self.held(), self.held_by(&tenant.name));
+        admission::admit(want, &tenant.name, &tenant.quota, own, capacity, node)?;
+        self.store.save(&record)?;
+        let id = record.info.id.clone();
+        self.entries.insert(id.clone(), Entry::new(record));
+        Ok(self.entries.get_mut(&id).expect("just inserted"))
+    }
+
+    /// Adds an entry whose record is already stored (recovery).
+    pub fn insert(&mut self, entry: Entry) {
+        self.entries.insert(entry.record.info.id.clone(), entry);
+    }
+
+    /// Saves sandbox `id`'s record. A failure is logged: the in-memory state stays authoritative
+    /// until the next successful write.
+    pub fn save(&self, id: &str) {
+        if let Some(entry) = self.entries.get(id) {
+            save_logged(&self.store, &entry.record);
+        }
+    }
+
+    /// Saves every record (shutdown).
+    pub fn save_all(&self) {
+        for entry in self.entries.values() {
+            save_logged(&self.store, &entry.record);
+        }
+    }
+
+    /// Saves a record that has no entry (recovery, before the entry exists).
+    pub fn save_record(&self, record: &Record) {
+        save_logged(&self.store, record);
+    }
+
+    /// Records that sandbox `id` was last active at `at` (Unix ms), in memory and in the store.
+    pub fn set_last_active(&mut self, id: &str, at: u64) {
+        if let Some(entry) = self.entries.get_mut(id) {
+            entry.record.info.last_active_at = at;
+        }
+        if let Err(e) = self.store.set_last_active(id, at) {
+            tracing::warn!(sandbox = %id, "saving activity time: {e}");
+        }
+    }
+
+    /// Removes sandbox `id` from the table and the store.
+    pub fn forget(&mut self, id: &str) -> Option<Entry> {
+        if let Err(e) = self.store.delete(id) {
+            tracing::error!(sandbox = %id, "deleting sandbox state: {e}");
+        }
+        self.entries.remove(id)
+    }
+}
+
+fn save_logged(store: &Store, record: &Record) {
+    if let Err(e) = store.save(record) {
+        tracing::error!(sandbox = %record.info.id, "saving sandbox state: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::node::{CreateSpec, Quota, State};
+
+    fn table(dir: &tempfile::TempDir) -> SandboxTable {
+        SandboxTable::new(Store::open(&dir.path().join("node.db")).unwrap())
+    }
+
+    fn tenant(name: &str) -> Tenant {
+        Tenant {
+            name: name.into(),
+            quota: Quota {
+                max_sandboxes: 10,
+                vcpus: 2,
+                memory_mib: 4096,
+            },
+        }
+    }
+
+    fn want(vcpus: u32) -> Resources {
+        Resources {
+            vcpus,
+            memory_mib: 256,
+            disk_bytes: 16 << 20,
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn record(id: &str, tenant: &str, vcpus: u32) -> Record {
+        Record::new(id.into(), tenant, CreateSpec::default(), &want(vcpus), 1)
+    }
+
+    const CAPACITY: Capacity = Capacity {
+        vcpus: 3,
+        memory_mib: 4096,
+    };
+
+    #[test]
+    fn admission_counts_what_the_node_and_the_tenant_hold_and_a_refusal_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = table(&dir);
+        let mut t = table.lock();
+        t.admit(&tenant("a"), &want(2), &CAPACITY, record("a1", "a", 2))
+            .unwrap();
+        // Tenant a is at its 2 vCPUs: quota, although the node has room.
+        let err = t
+            .admit(&tenant("a"), &want(1), &CAPACITY, record("a2", "a", 1))
+            .err()
+            .unwrap();
+        assert!(matches!(err, NodeError::Quota { .. }), "{err}");
+        t.admit(&tenant("b"), &want(1), &CAPACITY, record("b1", "b", 1))
+            .unwrap();
+        // The node is full now: capacity, for anyone.
+        let err = t
+            .admit(&tenant("c"), &want(1), &CAPACITY, record("c1", "c", 1))
+            .err()
+            .unwrap();
+        assert!(matches!(err, NodeError::Capacity { .. }), "{err}");
+        assert!(t.visible("c", "c1").is_err() && t.visible("a", "a2").is_err());
+        assert_eq!((t.held().vcpus, t.held_by("a").vcpus), (3, 2));
+
+        // An ended sandbox frees its share once its VM is gone, not before.
+        let a1 = t.get_mut("a1").unwrap();
+        a1.record.end(State::Stopped, "deleted", 2);
+        a1.releasing = true;
+        assert_eq!(t.held_by("a").vcpus, 2);
+        t.get_mut("a1").unwrap().releasing = false;
+        assert_eq!(t.held_by("a"), Usage::default());
+        assert_eq!(t.held(), t.held_by("b"));
+    }
+
+    #[test]
+    fn lookups_see_only_the_tenants_own_undeleted_sandboxes_and_saves_reach_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = table(&dir);
+        let mut t = table.lock();
+        for (id, owner) in [("x1", "a"), ("x2", "a"), ("y1", "b")] {
+            t.admit(&tenant(owner), &want(1), &CAPACITY, record(id, owner, 1))
+                .unwrap();
+        }
+        assert!(t.visible("a", "x1").is_ok());
+        assert!(matches!(
+            t.visible("b", "x1"),
+            Err(NodeError::NotFound { .. })
+        ));
+        t.get_mut("x2").unwrap().record.deleted = true;
+        t.save("x2");
+        assert!(t.visible("a", "x2").is_err());
+        let ids: Vec<String> = t.list("a").into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, ["x1"]);
+        assert_eq!(t.counts().creating, 2);
+        t.set_last_active("x1", 99);
+        t.forget("y1");
+        let stored = t.store.load_all().unwrap();
+        let ids: Vec<(&str, bool, u64)> = stored
+            .iter()
+            .map(|r| (r.info.id.as_str(), r.deleted, r.info.last_active_at))
+            .collect();
+        assert_eq!(ids, [("x1", false, 99), ("x2", true, 1)]);
+    }
+}
