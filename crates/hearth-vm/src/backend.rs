@@ -129,7 +129,7 @@ pub fn adopt(run_dir: &Path) -> Result<Box<dyn RunningVm>, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::ProcessIdentity;
+    use crate::process::ProcessIdentity;
 
     #[test]
     fn a_run_dir_whose_vmm_is_gone_cannot_be_adopted() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::VmError;
-use crate::lifecycle::ProcessIdentity;
+use crate::process::ProcessIdentity;
 use crate::vmm::AgentEndpoint;
 
 /// The record's file name inside the run directory.
@@ -99,7 +99,7 @@ mod tests {
             ..identity
         };
         assert!(!recycled.is_alive());
-        assert!(crate::lifecycle::ForeignProcess::open(recycled).is_none());
+        assert!(crate::process::ForeignProcess::open(recycled).is_none());
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!identity.is_alive());

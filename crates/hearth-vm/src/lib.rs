@@ -19,7 +19,8 @@
 //!   and the boot benchmark.
 //! - [`scratch`]: the per-sandbox writable ext4 disk; `rundir`: per-VM run directories and the
 //!   cleanup of those a dead hearth left ([`remove_stale_run_dirs`]); `process`: VMM spawning with
-//!   a parent-death signal, or detached; `detached`: what a detached VM leaves for its next owner.
+//!   a parent-death signal, or detached, the jailer's guard process, and processes watched by
+//!   identity and pidfd; `detached`: what a detached VM leaves for its next owner.
 //! - [`channel`]: the host end of the agent channel.
 //!
 //! Everything this crate writes goes under `HEARTH_HOME` or a caller-supplied run directory inside it.
@@ -50,7 +51,8 @@ pub use accel::{Accel, Selection};
 pub use backend::{adopt, select_backend, BackendRequest, Chosen, VmmChoice};
 pub use detached::{DetachedRecord, DETACHED_RECORD};
 pub use error::VmError;
-pub use lifecycle::{ForeignProcess, ProcessIdentity, VmExit, VmProcess};
+pub use lifecycle::{VmExit, VmProcess};
+pub use process::{ForeignProcess, ProcessIdentity};
 pub use rundir::remove_stale_run_dirs;
 pub use spec::{
     Drive, KernelCmdline, NetworkInterface, SpecError, VmSpec, HOSTNAME_PARAM, ROOTFS_SERIAL,

@@ -8,8 +8,14 @@
 //! blocking pool, test threads) are therefore safe. Children also get their own process group, so a
 //! terminal's Ctrl-C reaches hearth only and hearth decides how to tear the VM down. A detached VMM
 //! (the node daemon's) gets its own session instead and no parent-death signal.
+//!
+//! `guard.rs`: the guard process a jailed VMM runs under; `foreign.rs`: watching a process that is
+//! not (necessarily) our child, by identity and pidfd.
 
+mod foreign;
 mod guard;
+
+pub use foreign::{ForeignProcess, ProcessIdentity};
 
 use std::fs::File;
 use std::io;
