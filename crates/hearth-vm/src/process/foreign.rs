@@ -160,4 +160,37 @@ mod tests {
         assert!(!identity.is_alive());
         std::mem::forget(child); // already reaped above
     }
+
+    #[test]
+    fn identity_tells_a_live_process_from_a_recycled_pid() {
+        let mut child = sleeper();
+        let identity = ProcessIdentity::of(child.id()).unwrap();
+        assert!(identity.is_alive());
+        let recycled = ProcessIdentity {
+            start_time: identity.start_time + 1,
+            ..identity
+        };
+        assert!(!recycled.is_alive());
+        assert!(ForeignProcess::open(recycled).is_none());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!identity.is_alive());
+        assert!(ProcessIdentity::of(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn a_zombie_counts_as_dead() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Wait for the exit without reaping: the process stays a zombie.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(ProcessIdentity::of(pid).is_none());
+        child.wait().unwrap();
+    }
 }
