@@ -3,9 +3,12 @@
 //! Entry points: [`Sandbox::create`] pulls the image, prepares kernel, initramfs and scratch disk
 //! ([`boot`]), starts the VMM and connects to the guest agent; [`Sandbox::client`] runs commands and
 //! moves files; [`Sandbox::destroy`] stops the VM and removes its run directory. [`command::resolve`]
-//! turns an image config plus `docker run` style options into one concrete command. On QEMU a VM
-//! is restored from a snapshot boot template unless snapshots are off ([`restore`]). [`node::Node`]
-//! manages many long-lived sandboxes on one host (state, admission, TTLs, recovery after restarts).
+//! turns an image config plus `docker run` style options into one concrete command. Where the
+//! backend has boot templates (QEMU) a VM is restored from one unless snapshots are off
+//! ([`restore`]); which backend runs is `hearth_vm::select_backend`'s choice, and nothing here names
+//! a backend. [`node::Node`] manages many long-lived sandboxes on one host (state, admission, TTLs,
+//! recovery after restarts, the one-shot [`node::Node::run_once`]). The exec vocabulary of the agent
+//! channel is re-exported here, so that callers need not depend on `hearth-vm`.
 
 pub mod boot;
 pub mod command;

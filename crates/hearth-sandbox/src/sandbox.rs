@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
-use hearth_vm::channel::{AgentClient, Resume};
+use hearth_vm::channel::{AgentClient, ChannelError, Resume};
 use hearth_vm::{AgentEndpoint, RunningVm, VmError, VmExit, VmSpec};
 
 use crate::boot::{new_id, BootPlan, Purpose};
@@ -315,16 +315,14 @@ async fn reconnect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
     id: &str,
-) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
+) -> Result<AgentClient, ChannelError> {
     loop {
         let client = connect_agent(endpoint.clone(), deadline, None).await?;
         match tokio::time::timeout(REATTACH_PROBE, client.info()).await {
             Ok(Ok(_)) => return Ok(client),
             Ok(Err(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(hearth_vm::channel::ChannelError::HandshakeTimeout(
-                    REATTACH_PROBE,
-                ))
+                return Err(ChannelError::HandshakeTimeout(REATTACH_PROBE))
             }
             Ok(Err(e)) => {
                 tracing::warn!(sandbox = %id, "re-attached agent failed ({e}); reconnecting")
@@ -341,16 +339,22 @@ async fn connect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
     resume: Option<Resume>,
-) -> Result<AgentClient, hearth_vm::channel::ChannelError> {
+) -> Result<AgentClient, ChannelError> {
     match (endpoint, resume) {
         (AgentEndpoint::Stream(socket), Some(resume)) => {
             AgentClient::connect_unix_resume(&socket, deadline, resume).await
         }
         (AgentEndpoint::Stream(socket), None) => AgentClient::connect_unix(&socket, deadline).await,
-        // Only QEMU VMs are restored, and they have a stream endpoint.
-        (AgentEndpoint::HybridVsock { socket, port }, _) => {
+        (AgentEndpoint::HybridVsock { socket, port }, None) => {
             AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
         }
+        // No backend restores a vsock guest yet; a restored guest must get its RESUME, so say so
+        // rather than connect without it.
+        (AgentEndpoint::HybridVsock { .. }, Some(_)) => Err(ChannelError::Protocol(
+            "a VM restored from saved state needs RESUME, which hearth does not send over \
+             vsock yet"
+                .into(),
+        )),
     }
 }
 
@@ -382,4 +386,29 @@ fn console_tail(console: &Path) -> String {
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restored guest waits for its RESUME (clock, entropy, hostname); connecting to it without
+    /// one would leave it with the template's. Over vsock, where hearth cannot send it yet, the
+    /// connection is refused at once instead.
+    #[tokio::test]
+    async fn a_restored_guest_behind_vsock_is_refused_not_left_without_resume() {
+        let endpoint = AgentEndpoint::HybridVsock {
+            socket: "/nonexistent/agent.sock".into(),
+            port: 1024,
+        };
+        let resume = crate::restore::resume_for("hearth-x").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        let err = connect_agent(endpoint, deadline, Some(resume))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("RESUME"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 }
