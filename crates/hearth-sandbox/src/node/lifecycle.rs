@@ -20,7 +20,8 @@ use crate::Sandbox;
 impl Node {
     /// Validates and admits `spec` for `tenant` (a refusal is an error and records nothing),
     /// records the sandbox `Creating`, starts its boot in the background (at most
-    /// `max_concurrent_boots` at once; the rest wait in `Creating`) and returns the record.
+    /// `max_concurrent_boots` at once, tenants taking turns; the rest wait in `Creating`) and
+    /// returns the record.
     pub async fn create(
         &self,
         tenant: &Tenant,
@@ -28,6 +29,7 @@ impl Node {
     ) -> Result<SandboxInfo, NodeError> {
         self.check_open()?;
         let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
+        admission::check_local_image(&spec.image, &self.config.allow_local_images)?;
         let id = new_id();
         let record = Record::new(id.clone(), &tenant.name, spec, &want, now_ms());
         let info = {
@@ -38,7 +40,8 @@ impl Node {
                 .me
                 .upgrade()
                 .expect("a node method runs on a live node");
-            entry.boot = Some(tokio::spawn(node.boot(id.clone())).abort_handle());
+            entry.boot =
+                Some(tokio::spawn(node.boot(id.clone(), tenant.name.clone())).abort_handle());
             entry.record.info.clone()
         };
         tracing::info!(sandbox = %id, tenant = %tenant.name, image = %info.image, "sandbox admitted");
@@ -98,12 +101,10 @@ impl Node {
         tracing::info!("node shut down; running VMs left for the next start to re-attach");
     }
 
-    /// The boot task: waits for a boot slot, pulls, boots, and records the outcome. Until the VM
-    /// may start, ending the sandbox aborts this task.
-    async fn boot(self: Arc<Node>, id: String) {
-        let Ok(_slot) = self.boots.clone().acquire_owned().await else {
-            return;
-        };
+    /// The boot task: waits for a boot slot (tenants take turns: `boot_slots.rs`), pulls, boots,
+    /// and records the outcome. Until the VM may start, ending the sandbox aborts this task.
+    async fn boot(self: Arc<Node>, id: String, tenant: String) {
+        let _slot = self.boots.acquire(&tenant).await;
         let Some(image) = self.still_creating(&id, false).map(|info| info.image) else {
             return;
         };

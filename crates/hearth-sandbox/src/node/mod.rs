@@ -19,6 +19,7 @@
 //! `hearth-image`. VMs are detached: they survive the daemon, and only `open` decides their fate.
 
 mod admission;
+mod boot_slots;
 mod error;
 mod exec;
 mod lifecycle;
@@ -37,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 pub use error::NodeError;
 pub use exec::NodeExec;
@@ -47,6 +48,7 @@ pub use types::{
     State, StateCounts, Tenant,
 };
 
+use boot_slots::BootSlots;
 use store::Store;
 use table::{SandboxTable, Table};
 use types::now_ms;
@@ -61,7 +63,8 @@ pub struct Node {
     config: NodeConfig,
     /// Every sandbox, and the store their records are saved to (see `table.rs`).
     sandboxes: SandboxTable,
-    boots: Arc<Semaphore>,
+    /// Boot slots, shared round-robin between tenants.
+    boots: BootSlots,
     images: hearth_image::ImageStore,
     shutting_down: AtomicBool,
     /// Bumped on every state change; `wait_ready` watches it.
@@ -92,7 +95,7 @@ impl Node {
         let store = Store::open(&state_dir.join("node.db"))?;
         let records = store.load_all()?;
         let images = hearth_image::ImageStore::open(&config.home)?;
-        let boots = Arc::new(Semaphore::new(config.max_concurrent_boots.max(1)));
+        let boots = BootSlots::new(config.max_concurrent_boots);
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
             config,
