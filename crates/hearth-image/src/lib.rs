@@ -24,6 +24,7 @@ pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use cache::{GcReport, ImageDetails};
 pub use digest::Digest;
@@ -31,7 +32,7 @@ pub use index::ImageRecord;
 pub use layer::Limits;
 pub use oci::Platform;
 pub use reference::{Reference, RegistryRef};
-pub use registry::{Credentials, RetryPolicy};
+pub use registry::{ClientOptions, Credentials, CredentialsError, HostCredentials, RetryPolicy};
 
 use home::Home;
 use store::BlobStore;
@@ -95,8 +96,17 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Registries (`host[:port]`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
-    /// Overrides `~/.docker/config.json`.
-    pub credentials: Option<Credentials>,
+    /// Credentials per registry host; a host without an entry falls back to its
+    /// `~/.docker/config.json` entry. Never offered to any other host.
+    pub credentials: HostCredentials,
+    /// Let registry redirects and Bearer token realms point at loopback, link-local, private or
+    /// metadata addresses. True for the CLI; `hearth serve` sets false unless
+    /// `--allow-private-registries`. The registry the reference names is always allowed.
+    pub allow_private: bool,
+    /// The whole pull (resolve, download, build) must finish within this.
+    pub deadline: Duration,
+    /// Images with more layers than this are refused before anything is downloaded.
+    pub max_layers: usize,
     pub progress: Option<Arc<dyn Progress>>,
     pub policy: PullPolicy,
     pub limits: Limits,
@@ -111,13 +121,34 @@ impl Default for PullOptions {
         PullOptions {
             platform: Platform::default(),
             insecure_registries: Vec::new(),
-            credentials: None,
+            credentials: HostCredentials::default(),
+            allow_private: true,
+            deadline: DEFAULT_PULL_DEADLINE,
+            max_layers: DEFAULT_MAX_LAYERS,
             progress: None,
             policy: PullPolicy::default(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             max_concurrent_downloads: 4,
             cache_budget: None,
+        }
+    }
+}
+
+/// Default [`PullOptions::deadline`]: a slow-drip registry cannot hold a boot slot longer.
+pub const DEFAULT_PULL_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Default [`PullOptions::max_layers`] (each layer costs open files and a download task).
+pub const DEFAULT_MAX_LAYERS: usize = 256;
+
+impl PullOptions {
+    /// What the registry client needs of these options.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            insecure: self.insecure_registries.clone(),
+            credentials: self.credentials.clone(),
+            retry: self.retry,
+            allow_private: self.allow_private,
         }
     }
 }
@@ -205,6 +236,14 @@ pub enum ImageError {
         reference: String,
         what: String,
         detail: String,
+    },
+    #[error("pulling {reference} took longer than the {secs} s pull deadline")]
+    Deadline { reference: String, secs: u64 },
+    #[error("{reference} has {count} layers; at most {limit} are allowed")]
+    TooManyLayers {
+        reference: String,
+        count: usize,
+        limit: usize,
     },
     #[error("no cached image matches {0:?}; see `hearth images`")]
     NotCached(String),

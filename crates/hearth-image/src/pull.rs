@@ -9,8 +9,23 @@ use crate::source::Source;
 use crate::{ImageConfig, ImageError, ImageStore, PullOptions, PullPolicy, PulledImage, Reference};
 
 impl ImageStore {
-    /// Pulls `reference` (or reuses the cache) and makes sure its root filesystem exists.
+    /// Pulls `reference` (or reuses the cache) and makes sure its root filesystem exists, within
+    /// `opts.deadline` (cancelling the pull, and removing its partial files, when it runs out).
     pub async fn ensure(
+        &self,
+        reference: &str,
+        opts: &PullOptions,
+    ) -> Result<PulledImage, ImageError> {
+        match tokio::time::timeout(opts.deadline, self.ensure_unbounded(reference, opts)).await {
+            Ok(result) => result,
+            Err(_) => Err(ImageError::Deadline {
+                reference: reference.chars().take(200).collect(),
+                secs: opts.deadline.as_secs(),
+            }),
+        }
+    }
+
+    async fn ensure_unbounded(
         &self,
         reference: &str,
         opts: &PullOptions,
@@ -25,13 +40,7 @@ impl ImageStore {
                 return Ok(image);
             }
         }
-        let source = Source::new(
-            &reference,
-            &opts.insecure_registries,
-            opts.credentials.clone(),
-            opts.retry,
-        )
-        .await?;
+        let source = Source::new(&reference, &opts.client_options()).await?;
         if let Some(current) = source.peek_digest().await? {
             let known = ImageIndex::load(&self.home)?
                 .find(&key, &platform)
@@ -66,6 +75,13 @@ impl ImageStore {
                     })
                 }
             };
+        if manifest.layers.len() > opts.max_layers {
+            return Err(ImageError::TooManyLayers {
+                reference: key,
+                count: manifest.layers.len(),
+                limit: opts.max_layers,
+            });
+        }
         let manifest_digest = fetched.digest.clone();
         self.blobs.put(&manifest_digest, &fetched.body)?;
         let config_bytes = match self.blobs.read(&manifest.config.digest) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::proxy::{Auth, Fault, FaultProxy};
 use common::*;
-use hearth_image::{Credentials, ImageStore, PullOptions, RetryPolicy};
+use hearth_image::{Credentials, HostCredentials, ImageStore, PullOptions, RetryPolicy};
 
 struct Setup {
     proxy: FaultProxy,
@@ -134,10 +134,13 @@ async fn bearer_challenge_is_answered_with_a_token() {
     let err = pull_err(&s, &opts(&s)).await;
     assert!(err.contains("denied") && err.contains("--creds"), "{err}");
     let with_creds = PullOptions {
-        credentials: Some(Credentials {
-            username: "alice".into(),
-            password: "s3cret".into(),
-        }),
+        credentials: HostCredentials::new().with(
+            &s.proxy.addr,
+            Credentials {
+                username: "alice".into(),
+                password: "s3cret".into(),
+            },
+        ),
         ..opts(&s)
     };
     let image = pull(s.home.path(), &s.reference, &with_creds).await;
@@ -153,13 +156,13 @@ async fn basic_challenge_uses_credentials() {
         pass: "pw".into(),
     });
     let wrong = PullOptions {
-        credentials: Some("bob:nope".parse().unwrap()),
+        credentials: HostCredentials::new().with(&s.proxy.addr, "bob:nope".parse().unwrap()),
         ..opts(&s)
     };
     let err = pull_err(&s, &wrong).await;
     assert!(err.contains("refused"), "{err}");
     let right = PullOptions {
-        credentials: Some("bob:pw".parse().unwrap()),
+        credentials: HostCredentials::new().with(&s.proxy.addr, "bob:pw".parse().unwrap()),
         ..opts(&s)
     };
     assert!(pull(s.home.path(), &s.reference, &right)

@@ -1,5 +1,7 @@
 //! Registry authentication: `WWW-Authenticate` challenge parsing (Bearer token flow and Basic),
-//! credentials from `--creds` or `~/.docker/config.json`. Reads the Docker config file; writes nothing.
+//! credentials and their lookup in `~/.docker/config.json` (exact host only; credential helpers
+//! are not run). `creds` decides which host gets which credentials. Reads the Docker config file;
+//! writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

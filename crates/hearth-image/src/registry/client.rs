@@ -4,18 +4,34 @@
 
 use std::sync::Mutex;
 
-use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
 use super::auth::{Challenge, Credentials};
+use super::body::{read_capped, sanitize, MAX_SMALL_BODY};
+use super::creds::HostCredentials;
+use super::policy::{TargetPolicy, REFUSAL_MARK};
 use super::retry::RetryPolicy;
 use super::RegistryError;
 use crate::digest::Digest;
 use crate::oci::MANIFEST_ACCEPT;
 use crate::reference::RegistryRef;
 
-const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Manifests and configs: OCI's documented manifest limit (error and token bodies get 64 KiB).
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// How to reach registries: which speak plain HTTP, whose credentials, retries, and whether
+/// redirect and token-realm targets may be private addresses.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Registries (`host[:port]`) reached over plain HTTP.
+    pub insecure: Vec<String>,
+    pub credentials: HostCredentials,
+    pub retry: RetryPolicy,
+    /// Let redirects and Bearer realms point at loopback, link-local, private or metadata
+    /// addresses (the registry the pull names is always allowed).
+    pub allow_private: bool,
+}
 
 /// A manifest or index as the registry sent it.
 pub struct FetchedManifest {
@@ -29,7 +45,11 @@ pub struct RegistryClient {
     pub(super) base: String,
     pub(super) registry: String,
     pub(super) repository: String,
+    /// The credentials bound to this registry's host, if any.
     pub(super) credentials: Option<Credentials>,
+    /// Every host's credentials, for a token realm on another host that has its own entry.
+    pub(super) all_credentials: HostCredentials,
+    pub(super) targets: TargetPolicy,
     pub(super) policy: RetryPolicy,
     /// The `Authorization` value that last worked (a bearer token or basic credentials).
     pub(super) authorization: Mutex<Option<String>>,
@@ -38,30 +58,53 @@ pub struct RegistryClient {
 impl RegistryClient {
     pub fn new(
         reference: &RegistryRef,
-        insecure: &[String],
-        credentials: Option<Credentials>,
-        policy: RetryPolicy,
+        options: &ClientOptions,
     ) -> Result<RegistryClient, RegistryError> {
         let host = reference.api_host();
-        let is_insecure = insecure.iter().any(|i| {
+        let policy = options.retry;
+        let is_insecure = options.insecure.iter().any(|i| {
             let i = i.trim().trim_start_matches("http://").trim_end_matches('/');
             i == reference.registry || i == host || reference.registry.split(':').next() == Some(i)
         });
         let scheme = if is_insecure { "http" } else { "https" };
-        let http = reqwest::Client::builder()
+        let targets = TargetPolicy {
+            registry_authority: host.to_ascii_lowercase(),
+            insecure: options.insecure.clone(),
+            allow_private: options.allow_private,
+        };
+        let redirect_targets = targets.clone();
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                return attempt.error("more than 10 redirects");
+            }
+            let from_https = attempt
+                .previous()
+                .last()
+                .is_some_and(|u| u.scheme() == "https");
+            match redirect_targets.check("redirect to", attempt.url(), from_https) {
+                Ok(()) => attempt.follow(),
+                Err(refusal) => attempt.error(refusal),
+            }
+        });
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(policy.connect_timeout)
             .read_timeout(policy.stall_timeout)
-            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")))
+            .redirect(redirects)
+            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")));
+        if !options.allow_private {
+            builder = builder.dns_resolver(targets.resolver());
+        }
+        let http = builder
             .build()
             .map_err(|e| RegistryError::Client(e.to_string()))?;
-        let credentials =
-            credentials.or_else(|| Credentials::from_docker_config(&reference.registry));
         Ok(RegistryClient {
             http,
             base: format!("{scheme}://{host}/v2/{}", reference.repository),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
-            credentials,
+            credentials: options.credentials.for_host(&reference.registry),
+            all_credentials: options.credentials.clone(),
+            targets,
             policy,
             authorization: Mutex::new(None),
         })
@@ -82,7 +125,7 @@ impl RegistryClient {
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .map(|s| sanitize(s.as_bytes()));
         let body = self.read_small(resp, &url, "manifest").await?;
         let digest = Digest::of(&body);
         let expected = reference
@@ -143,42 +186,14 @@ impl RegistryClient {
         url: &str,
         what: &'static str,
     ) -> Result<Vec<u8>, RegistryError> {
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST_BYTES)
-        {
+        let (body, longer) =
+            read_capped(resp, url, MAX_MANIFEST_BYTES, self.policy.stall_timeout).await?;
+        if longer {
             return Err(RegistryError::TooLarge {
                 url: url.into(),
                 what,
-                limit: MAX_MANIFEST_BYTES,
+                limit: MAX_MANIFEST_BYTES as u64,
             });
-        }
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        loop {
-            let chunk = match tokio::time::timeout(self.policy.stall_timeout, stream.next()).await {
-                Err(_) => {
-                    return Err(RegistryError::Stalled {
-                        url: url.into(),
-                        secs: self.policy.stall_timeout.as_secs(),
-                        attempts: 1,
-                    })
-                }
-                Ok(None) => break,
-                Ok(Some(c)) => c.map_err(|e| RegistryError::Broken {
-                    url: url.into(),
-                    attempts: 1,
-                    detail: error_chain(&e),
-                })?,
-            };
-            body.extend_from_slice(&chunk);
-            if body.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(RegistryError::TooLarge {
-                    url: url.into(),
-                    what,
-                    limit: MAX_MANIFEST_BYTES,
-                });
-            }
         }
         Ok(body)
     }
@@ -305,13 +320,11 @@ impl RegistryClient {
         attempts: u32,
     ) -> Attempt {
         let status = resp.status();
-        let body: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect();
+        // At most 64 KiB is read, and only a short printable reason is kept.
+        let body = match read_capped(resp, url, MAX_SMALL_BODY, self.policy.stall_timeout).await {
+            Ok((bytes, _)) => sanitize(&bytes),
+            Err(_) => String::new(),
+        };
         match status {
             StatusCode::NOT_FOUND => Attempt::Fatal(RegistryError::NotFound {
                 what: what.into(),
@@ -362,6 +375,13 @@ impl From<Attempt> for RegistryError {
 
 pub(super) fn transport_error(url: &str, e: &reqwest::Error) -> Attempt {
     let detail = error_chain(e);
+    // A redirect or resolved address the target policy refused: never retried.
+    if let Some(at) = detail.find(REFUSAL_MARK) {
+        return Attempt::Fatal(RegistryError::Refused {
+            url: url.into(),
+            detail: sanitize(&detail.as_bytes()[at..]),
+        });
+    }
     let lower = detail.to_ascii_lowercase();
     // TLS failures do not heal by retrying; the usual cause is a plain-HTTP registry.
     if lower.contains("invalidcontenttype")

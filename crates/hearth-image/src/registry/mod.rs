@@ -1,16 +1,24 @@
 //! The OCI distribution-spec client: manifests and blobs over HTTPS (plain HTTP only for registries
 //! the user lists as insecure). `client` sends requests and answers auth challenges (`auth` parses
 //! them, `token` fetches Bearer tokens), `blob` streams layers with resumption, `retry` is the policy.
+//! `creds` binds credentials to hosts, `policy` decides which redirect and realm targets are allowed,
+//! `body` bounds what is read from a registry and shortens what is shown of it.
 //! Talks to the network; writes blobs only through the `BlobStore`'s writers.
 
 mod auth;
 mod blob;
+mod body;
 mod client;
+mod creds;
+mod policy;
 mod retry;
 mod token;
 
 pub use auth::{Challenge, Credentials};
-pub use client::{FetchedManifest, RegistryClient};
+pub use body::sanitize;
+pub use client::{ClientOptions, FetchedManifest, RegistryClient};
+pub use creds::{CredentialsError, HostCredentials};
+pub use policy::{is_private, Refusal};
 pub use retry::RetryPolicy;
 
 use crate::store::StoreError;
@@ -32,7 +40,7 @@ pub enum RegistryError {
     },
     #[error("{what} not found at {url} (check the repository name and tag)")]
     NotFound { what: String, url: String },
-    #[error("access to {repository} on {registry} was denied ({detail}); pass --creds USER:PASS or log in with `docker login`")]
+    #[error("access to {repository} on {registry} was denied ({detail}); pass --creds {registry}=USER:PASS, --creds-file FILE, or log in with `docker login`")]
     Unauthorized {
         registry: String,
         repository: String,
@@ -69,6 +77,8 @@ pub enum RegistryError {
         expected: String,
         actual: String,
     },
+    #[error("{url}: {detail}")]
+    Refused { url: String, detail: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
     #[error(transparent)]

@@ -1,12 +1,22 @@
-//! The Bearer token flow: ask the realm from the `WWW-Authenticate` challenge for a pull token,
-//! with Basic credentials when there are any. Network only.
+//! The Bearer token flow: ask the realm from the `WWW-Authenticate` challenge for a pull token.
+//! The realm must pass the target policy (https, not private in serve mode); Basic credentials go
+//! with the request only when the realm is the registry's own host (or Docker Hub's known token
+//! service), or when the realm host has credentials of its own. The answer is read up to 64 KiB.
+//! Network only.
 
 use reqwest::header::AUTHORIZATION;
+use reqwest::Url;
 
-use super::auth::TokenResponse;
+use super::auth::{Credentials, TokenResponse};
+use super::body::{read_capped, sanitize, MAX_SMALL_BODY};
 use super::client::{transport_error, with_attempts, Attempt, RegistryClient};
+use super::policy::authority;
 use super::retry::RetryPolicy;
 use super::RegistryError;
+use crate::reference::DOCKER_HUB;
+
+/// Docker Hub's token service, which serves the Hub's registry from another host.
+const DOCKER_HUB_AUTH: &str = "auth.docker.io";
 
 impl RegistryClient {
     pub(super) async fn fetch_token(
@@ -15,6 +25,19 @@ impl RegistryClient {
         service: Option<String>,
         scope: Option<String>,
     ) -> Result<String, Attempt> {
+        let shown = sanitize(realm.as_bytes());
+        let url: Url = realm.parse().map_err(|_| {
+            Attempt::Fatal(self.unauthorized(&format!("the token realm {shown:?} is not a URL")))
+        })?;
+        self.targets
+            .check("the token realm", &url, false)
+            .map_err(|refusal| {
+                Attempt::Fatal(RegistryError::Refused {
+                    url: self.base.clone(),
+                    detail: refusal.to_string(),
+                })
+            })?;
+        let credentials = self.realm_credentials(&url);
         let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", self.repository));
         let mut query = vec![("scope", scope)];
         if let Some(s) = service {
@@ -23,27 +46,36 @@ impl RegistryClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut req = self.http.get(realm).query(&query);
-            if let Some(c) = &self.credentials {
+            let mut req = self.http.get(url.clone()).query(&query);
+            if let Some(c) = &credentials {
                 req = req.header(AUTHORIZATION, c.basic_header());
             }
             let err = match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
-                    let token: TokenResponse = resp.json().await.map_err(|e| {
+                    let (body, longer) =
+                        read_capped(resp, realm, MAX_SMALL_BODY, self.policy.stall_timeout)
+                            .await
+                            .map_err(Attempt::Retry)?;
+                    if longer {
+                        return Err(Attempt::Fatal(self.unauthorized(&format!(
+                            "token endpoint {shown} sent an answer larger than {MAX_SMALL_BODY} bytes"
+                        ))));
+                    }
+                    let token: TokenResponse = serde_json::from_slice(&body).map_err(|_| {
                         Attempt::Fatal(self.unauthorized(&format!(
-                            "token endpoint {realm} sent an unreadable answer: {e}"
+                            "token endpoint {shown} sent an unreadable answer"
                         )))
                     })?;
                     return match token.token.or(token.access_token) {
                         Some(t) => Ok(format!("Bearer {t}")),
                         None => Err(Attempt::Fatal(
-                            self.unauthorized(&format!("token endpoint {realm} sent no token")),
+                            self.unauthorized(&format!("token endpoint {shown} sent no token")),
                         )),
                     };
                 }
                 Ok(resp) if RetryPolicy::is_retryable_status(resp.status().as_u16()) => {
                     RegistryError::Status {
-                        url: realm.into(),
+                        url: shown.clone(),
                         status: resp.status().as_u16(),
                         attempts: attempt,
                         body: String::new(),
@@ -51,11 +83,11 @@ impl RegistryClient {
                 }
                 Ok(resp) => {
                     return Err(Attempt::Fatal(self.unauthorized(&format!(
-                        "token endpoint {realm} answered {}",
+                        "token endpoint {shown} answered {}",
                         resp.status()
                     ))))
                 }
-                Err(e) => match transport_error(realm, &e) {
+                Err(e) => match transport_error(&shown, &e) {
                     Attempt::Retry(e) => e,
                     fatal => return Err(fatal),
                 },
@@ -64,6 +96,22 @@ impl RegistryClient {
                 return Err(Attempt::Fatal(with_attempts(err, attempt)));
             }
             tokio::time::sleep(self.policy.delay(attempt)).await;
+        }
+    }
+
+    /// The Basic credentials a token request to `realm` may carry: the registry's own when the
+    /// realm is on the registry's host (or is Docker Hub's token service for Docker Hub), else only
+    /// credentials bound to the realm's host.
+    fn realm_credentials(&self, realm: &Url) -> Option<Credentials> {
+        let realm_host = authority(realm);
+        let own = realm_host == self.targets.registry_authority
+            || (self.registry == DOCKER_HUB
+                && realm_host == DOCKER_HUB_AUTH
+                && realm.scheme() == "https");
+        if own {
+            self.credentials.clone()
+        } else {
+            self.all_credentials.for_host(&realm_host)
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::digest::Digest;
 use crate::oci::Descriptor;
 use crate::reference::{Reference, RegistryRef};
-use crate::registry::{Credentials, FetchedManifest, RegistryClient, RetryPolicy};
+use crate::registry::{ClientOptions, FetchedManifest, RegistryClient};
 use crate::store::BlobWriter;
 use crate::ImageError;
 use layout::{Layout, LayoutError};
@@ -28,13 +28,11 @@ pub enum Source {
 impl Source {
     pub async fn new(
         reference: &Reference,
-        insecure: &[String],
-        credentials: Option<Credentials>,
-        policy: RetryPolicy,
+        registry: &ClientOptions,
     ) -> Result<Source, ImageError> {
         Ok(match reference {
             Reference::Registry(r) => Source::Registry {
-                client: Box::new(RegistryClient::new(r, insecure, credentials, policy)?),
+                client: Box::new(RegistryClient::new(r, registry)?),
                 reference: r.clone(),
             },
             Reference::OciLayout { dir, tag } => Source::Layout {

@@ -2,6 +2,7 @@
 //! (no mounting), writing OCI layouts with hand-made (also hostile) layers, raw tar headers.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -92,14 +92,14 @@ impl FaultProxy {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -107,7 +107,7 @@ impl Request {
     }
 }
 
-async fn read_request(conn: &mut TcpStream) -> std::io::Result<Request> {
+pub async fn read_request(conn: &mut TcpStream) -> std::io::Result<Request> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use hearth_image::{
-    Credentials, Digest, ImageRecord, ImageStore, Platform, Progress, PullOptions, PullPolicy,
+    Digest, HostCredentials, ImageRecord, ImageStore, Platform, Progress, PullOptions, PullPolicy,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -28,28 +29,71 @@ pub struct RegistryArgs {
         value_delimiter = ','
     )]
     pub insecure_registries: Vec<String>,
-    /// Registry credentials (overrides ~/.docker/config.json).
-    #[arg(long, value_name = "USER:PASS")]
-    pub creds: Option<String>,
+    /// Credentials for one registry host, sent to that host only (overrides its
+    /// ~/.docker/config.json entry). Repeatable. Visible in `ps`: prefer --creds-file.
+    #[arg(long, value_name = "HOST=USER:PASS")]
+    pub creds: Vec<String>,
+    /// File of `HOST=USER:PASS` lines (`#` comments allowed); must be mode 600 or stricter.
+    #[arg(long, env = "HEARTH_CREDS_FILE", value_name = "FILE")]
+    pub creds_file: Option<PathBuf>,
     /// Platform to pick from a multi-platform image.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
+    /// Evict least-recently-used images while the cache exceeds this size (e.g. 20G; `none` for no
+    /// limit). `hearth serve` defaults to 20G; `hearth pull` and `hearth run` to no limit.
+    #[arg(long, env = "HEARTH_IMAGE_CACHE_MAX", value_name = "SIZE")]
+    pub cache_max: Option<String>,
+    /// `hearth serve`: let registry redirects and token realms point at loopback, link-local,
+    /// private or cloud-metadata addresses (refused by default; the CLI always allows them).
+    #[arg(long, env = "HEARTH_ALLOW_PRIVATE_REGISTRIES")]
+    pub allow_private_registries: bool,
 }
 
+/// The image-cache budget of `hearth serve` when --cache-max is not given.
+pub const SERVE_CACHE_MAX: u64 = 20 << 30;
+
 impl RegistryArgs {
-    /// Pull options from these flags (and their environment variables), defaults elsewhere.
+    /// Pull options from these flags (and their environment variables), defaults elsewhere. The
+    /// CLI's pulls may follow redirects and token realms to private addresses.
     pub fn pull_options(&self) -> anyhow::Result<PullOptions> {
+        let mut credentials = HostCredentials::new();
+        if !self.creds.is_empty() {
+            eprintln!(
+                "hearth: warning: --creds puts a password on the command line, where `ps` shows it \
+                 to every local user; prefer --creds-file FILE (mode 600)"
+            );
+        }
+        for entry in &self.creds {
+            credentials.add_entry(entry).context("--creds")?;
+        }
+        if let Some(file) = &self.creds_file {
+            credentials.add_file(file).context("--creds-file")?;
+        }
         Ok(PullOptions {
             platform: self.platform.parse::<Platform>()?,
             insecure_registries: self.insecure_registries.clone(),
-            credentials: self
-                .creds
-                .as_deref()
-                .map(str::parse::<Credentials>)
-                .transpose()
-                .map_err(anyhow::Error::msg)?,
+            credentials,
+            cache_budget: self.cache_budget()?,
             ..PullOptions::default()
         })
+    }
+
+    /// Pull options for `hearth serve`: redirect and token-realm targets on private addresses are
+    /// refused unless --allow-private-registries, and the cache budget defaults to 20G.
+    pub fn serve_pull_options(&self) -> anyhow::Result<PullOptions> {
+        let mut opts = self.pull_options()?;
+        opts.allow_private = self.allow_private_registries;
+        if self.cache_max.is_none() {
+            opts.cache_budget = Some(SERVE_CACHE_MAX);
+        }
+        Ok(opts)
+    }
+
+    fn cache_budget(&self) -> anyhow::Result<Option<u64>> {
+        match self.cache_max.as_deref() {
+            None | Some("none") => Ok(None),
+            Some(max) => Ok(Some(parse_any_size(max, "--cache-max")?)),
+        }
     }
 }
 
@@ -59,9 +103,6 @@ pub struct PullArgs {
     pub image: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Evict least-recently-used images while the cache exceeds this size (e.g. 20G).
-    #[arg(long, env = "HEARTH_IMAGE_CACHE_MAX", value_name = "SIZE")]
-    pub cache_max: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -108,9 +149,6 @@ pub fn pull(g: &GlobalArgs, a: PullArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(g)?;
     let mut opts = a.registry.pull_options()?;
     opts.policy = PullPolicy::Always;
-    if let Some(max) = &a.cache_max {
-        opts.cache_budget = Some(parse_any_size(max, "--cache-max")?);
-    }
     let bars =
         (!a.json && !a.quiet && std::io::stderr().is_terminal()).then(|| Arc::new(Bars::new()));
     opts.progress = bars.clone().map(|b| b as Arc<dyn Progress>);
@@ -343,5 +381,55 @@ impl Progress for Bars {
             b
         });
         bar.set_message(message.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        registry: RegistryArgs,
+    }
+
+    fn args(argv: &[&str]) -> RegistryArgs {
+        Cli::parse_from(std::iter::once("hearth").chain(argv.iter().copied())).registry
+    }
+
+    #[test]
+    fn plain_user_pass_is_refused_and_host_bound_creds_work() {
+        let Err(err) = args(&["--creds", "bob:pw"]).pull_options() else {
+            panic!("a bare USER:PASS must be refused");
+        };
+        assert!(format!("{err:#}").contains("HOST=USER:PASS"), "{err:#}");
+        let opts = args(&[
+            "--creds",
+            "reg.example=bob:pw",
+            "--creds",
+            "other.example:5000=a:b",
+        ])
+        .pull_options()
+        .unwrap();
+        assert_eq!(
+            opts.credentials.for_host("reg.example").unwrap().username,
+            "bob"
+        );
+        assert!(opts.credentials.for_host("evil.example").is_none());
+    }
+
+    #[test]
+    fn serve_refuses_private_targets_and_has_a_cache_budget() {
+        let cli = args(&[]).pull_options().unwrap();
+        assert!(cli.allow_private && cli.cache_budget.is_none());
+        let serve = args(&[]).serve_pull_options().unwrap();
+        assert!(!serve.allow_private);
+        assert_eq!(serve.cache_budget, Some(SERVE_CACHE_MAX));
+        let opted = args(&["--allow-private-registries", "--cache-max", "none"])
+            .serve_pull_options()
+            .unwrap();
+        assert!(opted.allow_private && opted.cache_budget.is_none());
     }
 }
