@@ -19,8 +19,14 @@ use crate::{SandboxConfig, SandboxError};
 
 /// How long the guest gets from VMM start to agent handshake (TCG boots take 2-5 s here).
 const AGENT_DEADLINE: Duration = Duration::from_secs(60);
-/// How long a clean shutdown may take before the VMM is killed.
+/// How long a clean shutdown may take, from the shutdown request to the VMM's exit, before the VMM
+/// is killed. The agent's confirmation itself is bounded by `channel::SHUTDOWN_DEADLINE` (3 s), so a
+/// hung or hostile guest is killed after at most this, plus [`KILL_GRACE`].
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the VMM gets after SIGTERM before SIGKILL (`RunningVm::stop`).
+const KILL_GRACE: Duration = Duration::from_millis(500);
+/// How much of the end of the console log error messages read.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
 
 /// Where boot time went, for `--timings` and the benchmark.
 #[derive(Debug, Clone, Copy, Default)]
@@ -240,18 +246,27 @@ impl Sandbox {
     }
 
     /// [`Sandbox::destroy`] for a shared sandbox: asks the guest to shut down, waits for the VMM,
-    /// kills it if it does not go in time, and removes the run directory.
+    /// kills it if it does not go in time, and removes the run directory. Bounded whatever the
+    /// guest does: at most [`SHUTDOWN_GRACE`] for the shutdown request and the VMM's exit together,
+    /// then [`KILL_GRACE`] for the kill (plus the wait for the VM's lock if another call holds it).
     pub async fn stop(&self) -> Result<VmExit, SandboxError> {
-        let asked = self.client.shutdown().await.is_ok();
+        let started = Instant::now();
+        // `shutdown` is bounded by its own deadline; this one also covers a guest that never
+        // accepts the request's stream.
+        let asked = matches!(
+            tokio::time::timeout(SHUTDOWN_GRACE, self.client.shutdown()).await,
+            Ok(Ok(()))
+        );
         let vm = self.vm.clone();
         let exit = tokio::task::spawn_blocking(move || {
             let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-            if asked {
-                if let Some(exit) = vm.wait_timeout(SHUTDOWN_GRACE)? {
+            let left = SHUTDOWN_GRACE.saturating_sub(started.elapsed());
+            if asked && !left.is_zero() {
+                if let Some(exit) = vm.wait_timeout(left)? {
                     return Ok::<_, VmError>(exit);
                 }
             }
-            vm.stop(Duration::from_millis(500))
+            vm.stop(KILL_GRACE)
         })
         .await
         .expect("stop task")?;
@@ -380,10 +395,10 @@ pub(crate) fn prepare_run_dir(spec: &VmSpec, config: &SandboxConfig) -> Result<(
     Ok(())
 }
 
-/// The last lines of the guest console, for errors.
+/// The last lines of the guest console, for errors: at most 20 lines of its last
+/// [`CONSOLE_TAIL_BYTES`], however large a flooding guest made the file.
 fn console_tail(console: &Path) -> String {
-    let text = std::fs::read(console).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    let text = hearth_vm::read_log_tail(console, CONSOLE_TAIL_BYTES);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
@@ -391,6 +406,25 @@ fn console_tail(console: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attack: a guest floods its console until the host file is huge. Quoting its tail in an error
+    /// reads only the last [`CONSOLE_TAIL_BYTES`] (a 4 GiB sparse file here: reading it whole would
+    /// take 4 GiB of memory and seconds, not milliseconds).
+    #[test]
+    fn the_console_tail_of_a_flooded_console_reads_only_the_tail() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let file = std::fs::File::create(&console).unwrap();
+        file.set_len(4 << 30).unwrap();
+        file.write_all_at(b"\nflood\nlast words\n", 4 << 30)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let tail = console_tail(&console);
+        assert!(tail.ends_with("flood\nlast words"), "{tail:?}");
+        assert!(tail.len() as u64 <= CONSOLE_TAIL_BYTES);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 
     /// A restored guest waits for its RESUME (clock, entropy, hostname); connecting to it without
     /// one would leave it with the template's. Over vsock, where hearth cannot send it yet, the

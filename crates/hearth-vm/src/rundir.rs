@@ -17,11 +17,26 @@ const SETUP_GRACE: Duration = Duration::from_secs(60);
 /// How much of a log a failure report quotes.
 const LOG_TAIL: usize = 4096;
 
-/// The last few KiB of a log file, lossily decoded; empty if it does not exist.
+/// The last few KiB ([`LOG_TAIL`]) of a log file, lossily decoded; empty if it does not exist.
 pub(crate) fn read_tail(path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(LOG_TAIL);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
+    read_log_tail(path, LOG_TAIL as u64)
+}
+
+/// The last `max` bytes of a log file (a guest's console, a VMM's log), lossily decoded; empty if it
+/// does not exist. Reads only those bytes (seeks from the end), so a guest that floods its console
+/// to gigabytes costs the host no more memory or time than a quiet one.
+pub fn read_log_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(max.min(1 << 20) as usize);
+    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_ok() {
+        // `take`: the file may still grow while it is read.
+        let _ = file.take(max).read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 pub(crate) fn create(dir: &Path) -> Result<(), VmError> {

@@ -136,8 +136,8 @@ fn fail(record: &mut Record, reason: String) {
 }
 
 fn with_console(reason: &str, console: &Path) -> String {
-    let text = std::fs::read(console).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
+    // The tail only: a guest may have flooded its console to any size.
+    let text = hearth_vm::read_log_tail(console, 16 * 1024);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return reason.to_owned();

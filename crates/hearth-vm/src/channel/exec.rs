@@ -3,7 +3,11 @@
 //!
 //! Flow control: output is pulled, never pushed. The HTTP/2 window for bytes already received is
 //! released only when the caller comes back for the next event, i.e. after it has dealt with the
-//! previous one, so a command printing gigabytes stalls in the guest instead of filling host memory.
+//! previous one, so a command printing gigabytes stalls in the guest instead of filling host memory:
+//! an exec whose output nobody reads holds at most `tuning::HTTP2_STREAM_WINDOW` (1 MiB) of it on the
+//! host (all requests of a client together at most `tuning::HTTP2_CONNECTION_WINDOW`, 4 MiB).
+//!
+//! Starting is bounded: the agent must report `Started` within [`super::ANSWER_DEADLINE`].
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -12,7 +16,11 @@ use hearth_proto::{
     MAX_PAYLOAD,
 };
 
-use super::{closed_or, read_response, send_all, AgentClient, ChannelError};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{
+    bounded, closed_or, read_response, send_all, AgentClient, ChannelError, ANSWER_DEADLINE,
+};
 
 /// A chunk of the command's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +48,8 @@ pub struct ExecHandle {
     /// Received bytes whose window is not yet released (see the module doc).
     unreleased: usize,
     status: Option<ExitStatus>,
+    /// Counts this exec against [`super::MAX_CONCURRENT_REQUESTS`].
+    _permit: OwnedSemaphorePermit,
 }
 
 /// The command's stdin. Dropping it or calling [`ExecStdin::close`] closes stdin (EOF).
@@ -49,9 +59,15 @@ pub struct ExecStdin {
 }
 
 impl AgentClient {
-    /// Starts a command. Returns once the agent reports that its process exists.
+    /// Starts a command. Returns once the agent reports that its process exists; fails with
+    /// [`ChannelError::Unresponsive`] if that takes longer than [`ANSWER_DEADLINE`] (dropping the
+    /// request, so the agent kills whatever it started).
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecHandle, ChannelError> {
-        let (response, mut send) = self.start(&AgentRequest::Exec, false).await?;
+        bounded("an exec request", ANSWER_DEADLINE, self.start_exec(request)).await
+    }
+
+    async fn start_exec(&self, request: ExecRequest) -> Result<ExecHandle, ChannelError> {
+        let (response, mut send, permit) = self.start(&AgentRequest::Exec, false).await?;
         let start = Frame::json(FrameKind::ExecStart, &request)
             .encode()
             .map_err(|e| ChannelError::Protocol(format!("exec request too large: {e}")))?;
@@ -68,6 +84,7 @@ impl AgentClient {
             decoder: FrameDecoder::new(),
             unreleased: 0,
             status: None,
+            _permit: permit,
         };
         let first = handle.next_frame().await?;
         handle.started = match first {

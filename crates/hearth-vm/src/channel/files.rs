@@ -1,6 +1,9 @@
 //! Host side of file transfer: [`AgentClient::put_file`] streams a reader into a file in the guest;
 //! [`AgentClient::get_file`] returns a [`FileDownload`] that streams the file out. Both move one
-//! window of data at a time, so file size does not grow memory.
+//! window of data at a time, so file size does not grow memory. The agent gets
+//! [`ANSWER_DEADLINE`] for each wait on it: a download's answer head, each window an upload waits
+//! for, and an upload's answer once its data is sent. The transfers themselves take as long as the
+//! data needs.
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -8,9 +11,11 @@ use hearth_proto::files::{MODE_HEADER, SIZE_HEADER};
 use hearth_proto::{AgentRequest, FileStat};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{closed_or, read_json, send_all, AgentClient, ChannelError};
+use super::{bounded, closed_or, read_json, send_all, AgentClient, ChannelError, ANSWER_DEADLINE};
 
 const CHUNK: usize = 64 * 1024;
+/// How long an upload that failed waits for the agent's answer (which explains a refusal better).
+const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl AgentClient {
     /// Writes everything `data` yields to `path` in the workload root (owned by root), replacing
@@ -39,33 +44,65 @@ impl AgentClient {
             uid,
             gid,
         };
-        let (response, mut send) = self.start(&request, false).await?;
+        let (response, mut send, _permit) = bounded(
+            "a file upload",
+            ANSWER_DEADLINE,
+            self.start(&request, false),
+        )
+        .await?;
+        // Sent on when all data is sent (the agent then has the deadline to answer), dropped when
+        // the upload failed (the answer, if the agent refused early, is then due at once).
+        let (uploaded_tx, uploaded_rx) = tokio::sync::oneshot::channel::<()>();
         let upload = async {
             let mut buf = vec![0u8; CHUNK];
             loop {
                 let n = data.read(&mut buf).await.map_err(|e| {
                     ChannelError::io(format!("reading the data to put at {path}"), e)
                 })?;
+                let piece = Bytes::copy_from_slice(&buf[..n]);
+                // An agent that stops granting window is as hung as one that does not answer.
+                let sent = send_all(&mut send, piece, n == 0);
+                bounded("a file upload's data", ANSWER_DEADLINE, sent).await?;
                 if n == 0 {
-                    return send_all(&mut send, Bytes::new(), true).await;
+                    let _ = uploaded_tx.send(());
+                    return Ok::<(), ChannelError>(());
                 }
-                send_all(&mut send, Bytes::copy_from_slice(&buf[..n]), false).await?;
+            }
+        };
+        let answer = async {
+            let head = super::read_response(response);
+            tokio::pin!(head);
+            tokio::select! {
+                head = &mut head => head,
+                sent = uploaded_rx => {
+                    let grace = if sent.is_ok() { ANSWER_DEADLINE } else { REFUSAL_GRACE };
+                    bounded("a file upload", grace, head).await
+                }
             }
         };
         // The agent may refuse before reading the body (missing directory): its answer then
         // explains the failure better than the interrupted upload does.
-        let (uploaded, answer) = tokio::join!(upload, super::read_response(response));
-        let body = answer?;
-        uploaded?;
-        read_json(body).await
+        let body = match tokio::join!(upload, answer) {
+            (Err(upload), Err(ChannelError::Unresponsive { .. })) => return Err(upload),
+            (_, Err(answer)) => return Err(answer),
+            (uploaded, Ok(body)) => {
+                uploaded?;
+                body
+            }
+        };
+        let stat = read_json(body, super::MAX_JSON_BODY);
+        bounded("a file upload", ANSWER_DEADLINE, stat).await
     }
 
     /// Opens `path` in the workload root for reading.
     pub async fn get_file(&self, path: &str) -> Result<FileDownload, ChannelError> {
-        let (response, _) = self
-            .start(&AgentRequest::GetFile { path: path.into() }, true)
-            .await?;
-        let response = response.await.map_err(closed_or)?;
+        let head = async {
+            let (response, _, permit) = self
+                .start(&AgentRequest::GetFile { path: path.into() }, true)
+                .await?;
+            Ok((response.await.map_err(closed_or)?, permit))
+        };
+        let (response, permit) = bounded("a file download", ANSWER_DEADLINE, head).await?;
         let header = |name: &str, radix: u32| {
             response
                 .headers()
@@ -85,6 +122,7 @@ impl AgentClient {
             size: size.unwrap_or(0),
             body,
             unreleased: 0,
+            _permit: permit,
         })
     }
 }
@@ -95,6 +133,8 @@ pub struct FileDownload {
     size: u64,
     body: RecvStream,
     unreleased: usize,
+    /// Counts this download against [`super::MAX_CONCURRENT_REQUESTS`].
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl FileDownload {

@@ -9,6 +9,19 @@
 //! the agent then kills the process trees of the execs that connection started.
 //!
 //! Touches only the stream it is given (and, for the connect helpers, the socket path named).
+//!
+//! The guest is untrusted (a compromised agent included), so every wait on it and everything it can
+//! make the host buffer is bounded (see PROTOCOL.md, "Host limits"):
+//! - no server push (`SETTINGS_ENABLE_PUSH = 0`: a PUSH_PROMISE is a connection error);
+//! - answer header lists of at most [`MAX_HEADER_LIST`] bytes (h2 also caps CONTINUATION frames);
+//! - at most [`MAX_CONCURRENT_REQUESTS`] open requests per client (one client per sandbox); one
+//!   more fails at once with [`ChannelError::Busy`] instead of queueing;
+//! - JSON answers of at most [`MAX_JSON_BODY`] bytes (directory listings [`MAX_LIST_BODY`]);
+//! - received-but-unread body data of at most `tuning::HTTP2_STREAM_WINDOW` (1 MiB) per request
+//!   and `tuning::HTTP2_CONNECTION_WINDOW` (4 MiB) for the whole connection: window is released
+//!   only as the caller consumes data, and h2 fails a peer that sends beyond it;
+//! - answer heads (and an exec's `Started` frame) within [`ANSWER_DEADLINE`], the shutdown
+//!   confirmation within [`SHUTDOWN_DEADLINE`]; then [`ChannelError::Unresponsive`].
 
 mod exec;
 mod files;
@@ -23,6 +36,7 @@ use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use hearth_proto::{tuning, AgentError, AgentInfo, AgentRequest, DirListing, FileStat};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use hearth_proto::handshake::Resume;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,8 +46,22 @@ pub use exec::{ExecHandle, ExecOutput, ExecResult, ExecStdin};
 pub use files::FileDownload;
 pub use hearth_proto::{ExecRequest, ExitStatus};
 
-/// Largest JSON answer the client accepts (a directory listing at its entry limit fits easily).
-const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+/// Largest JSON answer to `info`, `stat`, `signal` and `shutdown` (each is a few hundred bytes; a
+/// stat's symlink target is at most 4 KiB).
+pub const MAX_JSON_BODY: usize = 1024 * 1024;
+/// Largest directory listing answer: [`DirListing::MAX_ENTRIES`] entries with 255-byte names take
+/// about 4 MiB; twice that leaves room for escaping and symlink targets.
+pub const MAX_LIST_BODY: usize = 8 * 1024 * 1024;
+/// Largest header list (HPACK-decoded) of an answer; the agent sends two or three short headers.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Most requests (execs, file transfers, JSON requests) open at once on one client, i.e. per
+/// sandbox. Bounds the streams, and so the buffered data, a guest can hold open on the host.
+pub const MAX_CONCURRENT_REQUESTS: usize = 64;
+/// How long the agent may take to answer a request's head (for an exec: to report `Started`), and
+/// for `info`/`stat`/`list`/`signal` the whole answer. A hung or hostile guest then gets an error.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the agent may take to confirm a shutdown request (the caller then kills the VM).
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -57,6 +85,13 @@ pub enum ChannelError {
     Agent(#[from] AgentError),
     #[error("the agent sent something this client does not understand: {0}")]
     Protocol(String),
+    #[error("the agent did not answer {what} within {after:?}; the guest is hung or misbehaving")]
+    Unresponsive { what: &'static str, after: Duration },
+    #[error(
+        "this sandbox already has {0} requests open (execs, file transfers); \
+         wait for one to finish"
+    )]
+    Busy(usize),
 }
 
 impl ChannelError {
@@ -92,6 +127,8 @@ impl Drop for ConnectionTask {
 pub struct AgentClient {
     send: SendRequest<Bytes>,
     agent_version: Arc<str>,
+    /// [`MAX_CONCURRENT_REQUESTS`] permits; every open request holds one.
+    requests: Arc<Semaphore>,
     _connection: Arc<ConnectionTask>,
 }
 
@@ -116,6 +153,8 @@ impl AgentClient {
     {
         let ready = handshake::hello_resuming(&mut stream, resume.as_ref()).await?;
         let (send, connection) = h2::client::Builder::new()
+            .enable_push(false)
+            .max_header_list_size(MAX_HEADER_LIST)
             .initial_window_size(tuning::HTTP2_STREAM_WINDOW)
             .initial_connection_window_size(tuning::HTTP2_CONNECTION_WINDOW)
             .max_frame_size(tuning::HTTP2_MAX_FRAME)
@@ -129,6 +168,7 @@ impl AgentClient {
         Ok(AgentClient {
             send,
             agent_version: ready.agent_version.into(),
+            requests: Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS)),
             _connection: Arc::new(ConnectionTask(task)),
         })
     }
@@ -243,52 +283,72 @@ impl AgentClient {
     }
 
     pub async fn info(&self) -> Result<AgentInfo, ChannelError> {
-        self.simple_json(&AgentRequest::Info).await
+        self.simple_json(&AgentRequest::Info, MAX_JSON_BODY, ANSWER_DEADLINE)
+            .await
     }
 
     /// `lstat` of `path` inside the workload root.
     pub async fn stat(&self, path: &str) -> Result<FileStat, ChannelError> {
-        self.simple_json(&AgentRequest::Stat { path: path.into() })
+        let request = AgentRequest::Stat { path: path.into() };
+        self.simple_json(&request, MAX_JSON_BODY, ANSWER_DEADLINE)
             .await
     }
 
     pub async fn list(&self, path: &str) -> Result<DirListing, ChannelError> {
-        self.simple_json(&AgentRequest::List { path: path.into() })
+        let request = AgentRequest::List { path: path.into() };
+        self.simple_json(&request, MAX_LIST_BODY, ANSWER_DEADLINE)
             .await
     }
 
     /// Sends `signal` to a running exec (the agent forwards it to the command; SIGKILL kills the
     /// exec's whole process tree).
     pub async fn signal(&self, exec_id: u64, signal: i32) -> Result<(), ChannelError> {
-        self.simple_json(&AgentRequest::Signal {
+        let request = AgentRequest::Signal {
             exec: exec_id,
             signal,
-        })
-        .await
+        };
+        self.simple_json(&request, MAX_JSON_BODY, ANSWER_DEADLINE)
+            .await
     }
 
     /// Asks the agent to kill every exec, sync and unmount, and power the guest off. Returns once
     /// the agent confirmed; the guest powers off when this connection closes (drop every clone of
-    /// the client) or 100 ms after answering, whichever comes first.
+    /// the client) or 100 ms after answering, whichever comes first. Fails with
+    /// [`ChannelError::Unresponsive`] after [`SHUTDOWN_DEADLINE`]: kill the VM then.
     pub async fn shutdown(&self) -> Result<(), ChannelError> {
-        self.simple_json(&AgentRequest::Shutdown).await
+        self.simple_json(&AgentRequest::Shutdown, MAX_JSON_BODY, SHUTDOWN_DEADLINE)
+            .await
     }
 
+    /// One request without a body whose whole JSON answer (at most `limit` bytes) must arrive
+    /// within `deadline`.
     async fn simple_json<T: serde::de::DeserializeOwned>(
         &self,
         request: &AgentRequest,
+        limit: usize,
+        deadline: Duration,
     ) -> Result<T, ChannelError> {
-        let (response, _) = self.start(request, true).await?;
-        let body = read_response(response).await?;
-        read_json(body).await
+        let answer = async {
+            let (response, _, _permit) = self.start(request, true).await?;
+            let body = read_response(response).await?;
+            read_json(body, limit).await
+        };
+        bounded(what(request), deadline, answer).await
     }
 
-    /// Opens a request stream. With `end_of_stream` the request has no body.
+    /// Opens a request stream. With `end_of_stream` the request has no body. The permit counts the
+    /// request against [`MAX_CONCURRENT_REQUESTS`] until dropped. Waits for the agent to accept a
+    /// new stream: callers bound it (see [`bounded`]).
     async fn start(
         &self,
         request: &AgentRequest,
         end_of_stream: bool,
-    ) -> Result<(ResponseFuture, SendStream<Bytes>), ChannelError> {
+    ) -> Result<(ResponseFuture, SendStream<Bytes>, OwnedSemaphorePermit), ChannelError> {
+        let permit = self
+            .requests
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ChannelError::Busy(MAX_CONCURRENT_REQUESTS))?;
         let mut send = self.send.clone().ready().await.map_err(closed_or)?;
         let uri = format!("http://hearth-agent{}", request.path_and_query());
         let http_request = http::Request::builder()
@@ -296,8 +356,10 @@ impl AgentClient {
             .uri(uri)
             .body(())
             .map_err(|e| ChannelError::Protocol(format!("building request: {e}")))?;
-        send.send_request(http_request, end_of_stream)
-            .map_err(closed_or)
+        let (response, send) = send
+            .send_request(http_request, end_of_stream)
+            .map_err(closed_or)?;
+        Ok((response, send, permit))
     }
 }
 
@@ -306,6 +368,34 @@ fn retryable(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
     )
+}
+
+/// Names `request` in errors.
+fn what(request: &AgentRequest) -> &'static str {
+    match request {
+        AgentRequest::Exec => "an exec request",
+        AgentRequest::Signal { .. } => "a signal request",
+        AgentRequest::Shutdown => "the shutdown request",
+        AgentRequest::PutFile { .. } => "a file upload",
+        AgentRequest::GetFile { .. } => "a file download",
+        AgentRequest::Stat { .. } => "a stat request",
+        AgentRequest::List { .. } => "a directory listing request",
+        AgentRequest::Info => "an info request",
+    }
+}
+
+/// `future`, failing with [`ChannelError::Unresponsive`] if the agent takes longer than `deadline`.
+async fn bounded<T>(
+    what: &'static str,
+    deadline: Duration,
+    future: impl std::future::Future<Output = Result<T, ChannelError>>,
+) -> Result<T, ChannelError> {
+    tokio::time::timeout(deadline, future)
+        .await
+        .map_err(|_| ChannelError::Unresponsive {
+            what,
+            after: deadline,
+        })?
 }
 
 async fn with_deadline<T>(
@@ -382,8 +472,11 @@ async fn read_body(mut body: RecvStream, limit: usize) -> Result<Vec<u8>, Channe
     Ok(out)
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(body: RecvStream) -> Result<T, ChannelError> {
-    let bytes = read_body(body, MAX_JSON_BODY).await?;
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: RecvStream,
+    limit: usize,
+) -> Result<T, ChannelError> {
+    let bytes = read_body(body, limit).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ChannelError::Protocol(format!("bad JSON answer: {e}")))
 }

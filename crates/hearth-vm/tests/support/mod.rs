@@ -4,5 +4,6 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod fake_api;
+pub mod hostile_agent;
 pub mod swagger;
 pub mod tap;
