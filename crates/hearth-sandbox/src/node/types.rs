@@ -27,6 +27,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Insecure registries and credentials for pulls.
     pub pull: hearth_image::PullOptions,
+    /// Directories whose OCI layouts and archives (`oci-layout:PATH`, `oci-archive:FILE`) callers
+    /// may boot, canonical (`hearth serve` canonicalizes them at start). Empty (the default):
+    /// registry references only, so a caller cannot make the node read a host path.
+    pub allow_local_images: Vec<PathBuf>,
 }
 
 impl NodeConfig {
@@ -41,6 +45,7 @@ impl NodeConfig {
             max_concurrent_boots: 2,
             limits: Limits::default(),
             pull: hearth_image::PullOptions::default(),
+            allow_local_images: Vec::new(),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! tenants with quotas, and [`Authenticated`] is the extractor every `/v1` handler takes, so no
 //! handler can forget to authenticate. Tokens are stored and compared as SHA-256 digests, in
 //! constant time, against every tenant (no early exit that would time which one matched).
-//! Reads only the tokens file, once at start-up.
+//! Reads only the tokens file, once at start-up, and refuses it (as ssh refuses a private key) when
+//! group or others may access it, when two tenants share a token, or when a tenant takes a name
+//! the daemon uses itself ([`RESERVED_TENANTS`]).
 //!
 //! ```toml
 //! [[tenants]]
@@ -50,6 +52,11 @@ struct QuotaEntry {
     memory: Option<String>,
 }
 
+/// Tenant names the daemon uses internally: `kubernetes` is the tenant the Kubernetes node agent
+/// creates its sandboxes under (`hearth_k8s::node::NodeAgentConfig::new`); a tokens-file tenant of
+/// that name would see and delete them.
+pub const RESERVED_TENANTS: &[&str] = &["kubernetes"];
+
 /// The tenants a daemon serves.
 pub struct Tenants {
     entries: Vec<(Tenant, [u8; 32])>,
@@ -57,7 +64,7 @@ pub struct Tenants {
 
 impl Tenants {
     pub fn load(path: &Path) -> anyhow::Result<Tenants> {
-        let text = std::fs::read_to_string(path)
+        let text = read_private(path)
             .with_context(|| format!("reading the tokens file {}", path.display()))?;
         let json = path.extension().is_some_and(|e| e == "json");
         Tenants::parse(&text, json)
@@ -102,8 +109,25 @@ impl Tenants {
                     t.name
                 ),
             };
+            if RESERVED_TENANTS
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&t.name))
+            {
+                bail!(
+                    "tenant name {:?} is reserved: the daemon's Kubernetes node agent uses it for \
+                     its own sandboxes; pick another name",
+                    t.name
+                );
+            }
             if entries.iter().any(|(e, _): &(Tenant, _)| e.name == t.name) {
                 bail!("tenant {} is listed twice", t.name);
+            }
+            if let Some((other, _)) = entries.iter().find(|(_, d)| *d == digest) {
+                bail!(
+                    "tenants {} and {} have the same token; give each tenant its own",
+                    other.name,
+                    t.name
+                );
             }
             let memory_mib = match &t.quota.memory {
                 Some(size) => {
@@ -143,6 +167,25 @@ impl Tenants {
         }
         found
     }
+}
+
+/// The file's text, refused when group or others have any access to it (symlinks followed: the
+/// mode checked is that of the file read, taken from the open handle).
+fn read_private(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::File::open(path)?;
+    let mode = file.metadata()?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "permissions {mode:04o} are too open: the tokens must not be accessible by group or \
+             others; run `chmod 600 {}`",
+            path.display()
+        );
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// The tenant behind the request's `Authorization: Bearer` token; 401 otherwise.
@@ -239,6 +282,59 @@ token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122
         ] {
             let err = format!("{:#}", Tenants::parse(text, false).err().expect(text));
             assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    /// Attack: a tokens-file tenant named like the node agent's internal tenant would see and
+    /// delete the Kubernetes sandboxes.
+    #[test]
+    fn the_node_agents_tenant_name_is_refused() {
+        for name in ["kubernetes", "Kubernetes"] {
+            let text = format!("[[tenants]]\nname = \"{name}\"\ntoken = \"12345678\"");
+            let err = format!("{:#}", Tenants::parse(&text, false).err().unwrap());
+            assert!(err.contains("reserved") && err.contains(name), "{err}");
+        }
+    }
+
+    /// Attack: two tenants share a token (or its digest) and the last one silently wins, so the
+    /// first tenant's requests act on the other's sandboxes.
+    #[test]
+    fn two_tenants_with_one_token_are_refused() {
+        let plain = "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"\n\
+                     [[tenants]]\nname = \"b\"\ntoken = \"12345678\"";
+        // sha256("12345678")
+        let digest = "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"\n\
+                      [[tenants]]\nname = \"b\"\ntoken_sha256 = \
+                      \"ef797c8118f02dfb649607dd5d3f8c7623048c9c063d532cc95c5ed7a898a64f\"";
+        for text in [plain, digest] {
+            let err = format!("{:#}", Tenants::parse(text, false).err().expect(text));
+            assert!(err.contains("a and b have the same token"), "{err}");
+        }
+    }
+
+    /// Attack: a tokens file other local users can read hands them every tenant's token. Refused
+    /// like ssh refuses an open private key, also behind a symlink; 0600 and 0400 load.
+    #[test]
+    fn a_tokens_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(&file, "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"").unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            for path in [&file, &link] {
+                let err = format!("{:#}", Tenants::load(path).err().unwrap());
+                assert!(
+                    err.contains(&format!("permissions {mode:04o}")) && err.contains("chmod 600"),
+                    "{err}"
+                );
+            }
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(Tenants::load(&link).is_ok());
         }
     }
 

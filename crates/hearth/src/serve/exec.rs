@@ -8,8 +8,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,7 @@ use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use hearth_sandbox::node::{ExecSpec, NodeError, NodeExec};
 use hearth_sandbox::{ExecOutput, ExitStatus};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::api::{ErrorBody, ExecBody, ExecEvent, WsControl};
 use super::auth::Authenticated;
@@ -141,13 +143,23 @@ pub(super) fn exec_spec(body: ExecBody, stdin: bool) -> Result<ExecSpec, ApiErro
     })
 }
 
+/// Largest WebSocket message (and frame) a client may send; a larger one closes the connection
+/// with 1009 (message too big).
+pub const MAX_WS_MESSAGE: usize = 1 << 20;
+/// Stdin bytes queued per WebSocket exec while the command does not read them.
+const STDIN_QUEUE_BYTES: usize = 1 << 20;
+// A message must fit the queue, or waiting for room for it would never end.
+const _: () = assert!(STDIN_QUEUE_BYTES >= MAX_WS_MESSAGE);
+
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
         (status = 101, description = "WebSocket. Client: first a text message holding an `ExecBody`; then binary \
             messages are stdin, text messages are `WsControl` (`{\"close_stdin\":true}`, `{\"signal\":15}`). \
-            Server: one text message per `ExecEvent`, then close."),
+            Server: one text message per `ExecEvent`, then close. A client message over 1 MiB closes the connection \
+            with 1009; stdin the command does not read is queued up to 1 MiB, then the server stops reading messages \
+            until it drains (output keeps flowing)."),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
     ))]
@@ -159,6 +171,9 @@ pub async fn exec_ws(
 ) -> Result<Response, ApiError> {
     // Refuse before upgrading when the sandbox is not there, so the client sees a plain 404.
     state.node.get(&tenant.name, &id)?;
+    let upgrade = upgrade
+        .max_message_size(MAX_WS_MESSAGE)
+        .max_frame_size(MAX_WS_MESSAGE);
     Ok(upgrade.on_upgrade(move |socket| async move {
         if let Err(e) = interactive(state, tenant.name, id, socket).await {
             tracing::debug!("exec websocket ended: {e}");
@@ -167,6 +182,31 @@ pub async fn exec_ws(
 }
 
 type WsResult = Result<(), axum::Error>;
+
+/// Queue room a stdin message takes: its length, and at least 1 so empty messages count too.
+fn cost(data: &[u8]) -> u32 {
+    data.len().max(1) as u32
+}
+
+/// Why the connection ends after a read error: 1009 for a message over [`MAX_WS_MESSAGE`], else
+/// 1002 (protocol error).
+fn close_frame(err: axum::Error) -> CloseFrame {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    let too_big = err
+        .into_inner()
+        .downcast_ref::<Error>()
+        .is_some_and(|e| matches!(e, Error::Capacity(CapacityError::MessageTooLong { .. })));
+    match too_big {
+        true => CloseFrame {
+            code: close_code::SIZE,
+            reason: format!("message larger than {MAX_WS_MESSAGE} bytes").into(),
+        },
+        false => CloseFrame {
+            code: close_code::PROTOCOL,
+            reason: "websocket protocol error".into(),
+        },
+    }
+}
 
 async fn interactive(
     state: Arc<AppState>,
@@ -185,7 +225,10 @@ async fn interactive(
         Some(Ok(Message::Text(text))) => serde_json::from_str::<ExecBody>(&text)
             .map_err(|e| format!("the first message must be the exec request as JSON: {e}")),
         Some(Ok(_)) => Err("the first message must be a text message with the exec request".into()),
-        Some(Err(e)) => return Err(e),
+        Some(Err(e)) => {
+            let _ = tx.send(Message::Close(Some(close_frame(e)))).await;
+            return Ok(());
+        }
         None => return Ok(()),
     };
     let started = match first
@@ -207,11 +250,15 @@ async fn interactive(
         }
     };
     // Stdin goes through its own task: a write waiting for the guest to read must never stop
-    // output from flowing (the guest may be blocked writing output we have not read).
-    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    // output from flowing (the guest may be blocked writing output we have not read). What waits
+    // for that task is bounded in bytes: once `STDIN_QUEUE_BYTES` are queued, the next message is
+    // held and no more are read from the socket (TCP pushes back on the client) while output
+    // keeps flowing.
+    let budget = Arc::new(Semaphore::new(STDIN_QUEUE_BYTES));
+    let (stdin_tx, mut stdin_rx) = mpsc::unbounded_channel::<(Bytes, OwnedSemaphorePermit)>();
     if let Some(mut writer) = handle.take_stdin() {
         tokio::spawn(async move {
-            while let Some(data) = stdin_rx.recv().await {
+            while let Some((data, _permit)) = stdin_rx.recv().await {
                 if writer.write(&data).await.is_err() {
                     return;
                 }
@@ -220,12 +267,28 @@ async fn interactive(
         });
     }
     let mut stdin_tx = Some(stdin_tx);
+    // A stdin message waiting for room in the queue; the socket is not read meanwhile.
+    let mut held: Option<Bytes> = None;
     loop {
+        let room = held
+            .as_ref()
+            .map(|data| budget.clone().acquire_many_owned(cost(data)));
         tokio::select! {
-            message = rx.next() => match message {
+            permit = async { room.expect("guarded").await }, if held.is_some() => {
+                let data = held.take().expect("guarded");
+                if let (Some(stdin), Ok(permit)) = (&stdin_tx, permit) {
+                    let _ = stdin.send((data, permit));
+                }
+            }
+            message = rx.next(), if held.is_none() => match message {
                 Some(Ok(Message::Binary(data))) => {
                     if let Some(stdin) = &stdin_tx {
-                        let _ = stdin.send(data.to_vec()).await;
+                        match budget.clone().try_acquire_many_owned(cost(&data)) {
+                            Ok(permit) => {
+                                let _ = stdin.send((data, permit));
+                            }
+                            Err(_) => held = Some(data),
+                        }
                     }
                 }
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsControl>(&text) {
@@ -245,8 +308,13 @@ async fn interactive(
                     }
                 },
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Err(e)) => {
+                    // Say why before hanging up (the exec is dropped, killing the command).
+                    let _ = tx.send(Message::Close(Some(close_frame(e)))).await;
+                    return Ok(());
+                }
                 // The client went away: dropping the exec kills the command.
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
+                Some(Ok(Message::Close(_))) | None => return Ok(()),
             },
             output = handle.next_output() => match output {
                 Ok(Some(output)) => tx.send(send(output_event(output))).await?,

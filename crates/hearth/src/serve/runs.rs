@@ -28,7 +28,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The command ran; its output and how it ended", body = RunResult),
-        (status = 400, description = "Bad image reference, empty argv, bad size or stdin", body = ErrorBody),
+        (status = 400, description = "Bad image reference (a local `oci-layout:`/`oci-archive:` path only from a directory the node allows), empty argv, bad size or stdin", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),

@@ -23,7 +23,7 @@ use super::AppState;
     responses(
         (status = 201, description = "Created and running (or failed: see `state` and `reason`)", body = Sandbox),
         (status = 202, description = "Accepted, still creating (`\"wait\": false`, or boot slower than the daemon waits)", body = Sandbox),
-        (status = 400, description = "Bad image reference, size or limit", body = ErrorBody),
+        (status = 400, description = "Bad image reference (a local `oci-layout:`/`oci-archive:` path only from a directory the node allows), size or limit", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),

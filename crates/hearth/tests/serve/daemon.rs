@@ -28,6 +28,8 @@ impl Home {
             .tempdir_in("/tmp")
             .unwrap();
         std::fs::write(dir.path().join("tokens.toml"), tokens).unwrap();
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(dir.path().join("tokens.toml"), private).unwrap();
         Home { dir }
     }
 

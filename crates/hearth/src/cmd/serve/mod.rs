@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// On SIGTERM, SIGINT or SIGHUP, how long running execs may take to finish.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// A directory whose OCI layouts and archives tenants may boot (`oci-layout:DIR/x`,
+    /// `oci-archive:DIR/x.tar`); repeatable. Without it only registry references are accepted.
+    #[arg(long, value_name = "DIR")]
+    pub allow_local_images: Vec<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
@@ -166,6 +170,17 @@ pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeC
     defaults.scratch_bytes = parse_size(&a.disk, "--disk")?;
     a.vm.apply(&mut defaults);
     config.defaults = defaults;
-    config.pull = a.registry.pull_options()?;
+    config.pull = a.registry.serve_pull_options()?;
+    // Canonical once, here: the node compares resolved image paths against these.
+    config.allow_local_images = a
+        .allow_local_images
+        .iter()
+        .map(|dir| {
+            std::fs::canonicalize(dir)
+                .ok()
+                .filter(|real| real.is_dir())
+                .with_context(|| format!("--allow-local-images {}: not a directory", dir.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
     Ok(config)
 }
