@@ -6,7 +6,7 @@
 //! process), lets go of them on shutdown ([`Sandbox::release`]) and takes them over again after a
 //! restart ([`Sandbox::adopt`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,11 @@ const AGENT_DEADLINE: Duration = Duration::from_secs(60);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long the VMM gets after SIGTERM before SIGKILL (`RunningVm::stop`).
 const KILL_GRACE: Duration = Duration::from_millis(500);
+/// What of a guest's console log stays on the host disk: once it holds twice this, everything
+/// before its last this-many bytes is freed (`hearth_vm::trim_log`), checked every
+/// [`CONSOLE_TRIM_EVERY`]. A guest flooding its console costs the host at most ~2 MiB of disk.
+const CONSOLE_KEEP: u64 = 1 << 20;
+const CONSOLE_TRIM_EVERY: Duration = Duration::from_secs(1);
 /// How much of the end of the console log error messages read.
 const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
 
@@ -51,6 +56,37 @@ pub struct Sandbox {
     vm: Arc<Mutex<Box<dyn RunningVm>>>,
     timings: BootTimings,
     selection: String,
+    /// Keeps the console log's disk use bounded while the sandbox lives.
+    _console_trim: ConsoleTrim,
+}
+
+/// The task that trims a live sandbox's console log; stops with the sandbox.
+struct ConsoleTrim(tokio::task::AbortHandle);
+
+impl ConsoleTrim {
+    fn start(console: PathBuf) -> ConsoleTrim {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CONSOLE_TRIM_EVERY);
+            loop {
+                tick.tick().await;
+                match hearth_vm::trim_log(&console, CONSOLE_KEEP) {
+                    Ok(0) => {}
+                    Ok(freed) => {
+                        tracing::debug!(console = %console.display(), freed, "trimmed a flooded console")
+                    }
+                    // Gone with its run directory, or a filesystem without hole punching.
+                    Err(e) => tracing::trace!(console = %console.display(), "console trim: {e}"),
+                }
+            }
+        });
+        ConsoleTrim(task.abort_handle())
+    }
+}
+
+impl Drop for ConsoleTrim {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Sandbox {
@@ -153,6 +189,7 @@ impl Sandbox {
             vm: Arc::new(Mutex::new(vm)),
             timings,
             selection,
+            _console_trim: ConsoleTrim::start(console),
         })
     }
 
@@ -193,6 +230,7 @@ impl Sandbox {
             vm: Arc::new(Mutex::new(vm)),
             timings: BootTimings::default(),
             selection: "adopted from a previous hearth process".into(),
+            _console_trim: ConsoleTrim::start(console),
         })
     }
 

@@ -39,6 +39,41 @@ pub fn read_log_tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Keeps a log a guest can write to (its serial console) from filling the host disk: once the file
+/// holds more than `2 * keep` bytes on disk, the disk blocks of everything before its last `keep`
+/// bytes are freed (`FALLOC_FL_PUNCH_HOLE`, block-aligned). The VMM keeps writing at its own offset:
+/// the file's apparent size keeps growing, but what it occupies on disk stays under about
+/// `2 * keep`, and the tail ([`read_log_tail`]) reads as before. Returns the bytes freed.
+pub fn trim_log(path: &Path, keep: u64) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    const BLOCK: u64 = 4096;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let meta = file.metadata()?;
+    let on_disk = meta.blocks() * 512;
+    if on_disk <= keep.saturating_mul(2) {
+        return Ok(0);
+    }
+    let end = meta.len().saturating_sub(keep) / BLOCK * BLOCK;
+    if end == 0 {
+        return Ok(0);
+    }
+    // SAFETY: fallocate on a descriptor we own, with a range inside the file.
+    let done = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            end as libc::off_t,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let after = file.metadata()?.blocks() * 512;
+    Ok(on_disk.saturating_sub(after))
+}
+
 pub(crate) fn create(dir: &Path) -> Result<(), VmError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -144,6 +179,39 @@ fn rooted_inside(pid: u32, dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flooded log is cut back to about its tail on disk; the tail stays readable.
+    #[test]
+    fn a_flooded_log_is_trimmed_on_disk_and_keeps_its_tail() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut file = std::fs::File::create(&log).unwrap();
+        for _ in 0..10 {
+            file.write_all(&vec![b'x'; 1 << 20]).unwrap();
+        }
+        file.write_all(b"\nlast words\n").unwrap();
+        file.sync_all().unwrap();
+        assert_eq!(
+            trim_log(&log, 8 << 20).unwrap(),
+            0,
+            "under 2 * keep on disk: left alone"
+        );
+        let freed = trim_log(&log, 1 << 20).unwrap();
+        let meta = std::fs::metadata(&log).unwrap();
+        assert!(freed >= 8 << 20, "freed {freed}");
+        assert!(
+            meta.blocks() * 512 <= (1 << 20) + 8192,
+            "{} on disk",
+            meta.blocks() * 512
+        );
+        assert_eq!(meta.len(), (10 << 20) + 12, "the apparent size is kept");
+        assert!(read_tail(&log).ends_with("last words\n"));
+        // The VMM writes on at its offset.
+        file.write_all(b"more\n").unwrap();
+        assert!(read_tail(&log).ends_with("last words\nmore\n"));
+    }
 
     #[test]
     fn removes_dirs_of_dead_or_unrelated_pids_and_keeps_live_ones() {
