@@ -1,6 +1,9 @@
 //! Fuzzes layer application: arbitrary bytes, split into two layers, applied to a fresh staging
 //! directory. Whatever the input, application must not panic and must never create anything outside
-//! the staging root (a sibling directory stands in for "the rest of the machine").
+//! the staging root (a sibling directory stands in for "the rest of the machine"). The limits are
+//! realistic in shape (extension headers capped, per-path bookkeeping bounded by bytes, written bytes
+//! counted) and small enough that a bomb the fuzzer finds is caught quickly: the staged tree may never
+//! hold more file bytes than the limit allows.
 //!
 //! Run: `cd fuzz && cargo +nightly fuzz run layer_apply -- -max_total_time=60`
 #![no_main]
@@ -18,6 +21,8 @@ fuzz_target!(|data: &[u8]| {
         max_total_bytes: 16 << 20,
         max_entries: 10_000,
         max_path_len: 4096,
+        max_extension_header: 64 << 10,
+        max_bookkeeping_bytes: 1 << 20,
     };
     // The first two bytes choose where the first layer ends, so whiteouts can meet lower layers.
     let (first, second) = match data {
@@ -32,6 +37,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = staging.apply(second);
     }
     let _ = staging.finish();
+    let written = tree_bytes(&root);
+    assert!(
+        written <= limits.max_total_bytes,
+        "{written} file bytes staged past the {}-byte limit",
+        limits.max_total_bytes
+    );
     let escaped: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -46,3 +57,24 @@ fuzz_target!(|data: &[u8]| {
         "something was written outside"
     );
 });
+
+/// Apparent size of every regular file below `dir`, each inode once (hard links share their bytes;
+/// symlinks are not followed).
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    fn walk(dir: &std::path::Path, seen: &mut std::collections::HashSet<u64>) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut total = 0;
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += walk(&e.path(), seen),
+                Ok(m) if m.is_file() && seen.insert(m.ino()) => total += m.len(),
+                _ => {}
+            }
+        }
+        total
+    }
+    walk(dir, &mut std::collections::HashSet::new())
+}

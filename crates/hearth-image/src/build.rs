@@ -1,10 +1,11 @@
 //! Building a root filesystem for one manifest: layer blobs download concurrently while one thread
 //! applies them in order, each as soon as its bytes arrive (a `BlobFollower` never yields unverified
 //! end-of-file); then the staged tree becomes `rootfs/<manifest>.ext4`. Writes only under
-//! `$HEARTH_HOME` (blobs, tmp, rootfs).
+//! `$HEARTH_HOME` (blobs, tmp, rootfs), keeping those directories 0700.
 
 use std::fs::File;
 use std::io::BufReader;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use crate::layer::{decompressor, ReadAhead, Staging, StagingStats};
 use crate::lock::FileLock;
 use crate::oci::{Compression, Manifest};
 use crate::source::{OnBytes, Source};
-use crate::store::{BlobFollower, VerifyingReader};
+use crate::store::{private_dir, BlobFollower, VerifyingReader};
 use crate::{ImageError, ImageStore, Limits, Progress, PullOptions};
 
 /// A layer for the applier: already stored, or arriving.
@@ -53,6 +54,20 @@ impl ImageStore {
         if rootfs.exists() {
             return Ok(()); // a concurrent pull built it while we waited
         }
+        // The staging tree below tmp/ holds the image's setuid files and device nodes while it is
+        // built: tmp/ and each build-* directory (both 0700) keep every other host user from
+        // reaching them. rootfs/ and locks/ are owner-only too.
+        for dir in [
+            self.home.tmp_dir(),
+            self.home.rootfs_dir(),
+            self.home.locks_dir(),
+        ] {
+            private_dir(&dir).map_err(|source| ImageError::Io {
+                op: "make private",
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let tmp = tempfile::Builder::new()
             .prefix("build-")
             .tempdir_in(self.home.tmp_dir())
@@ -61,6 +76,11 @@ impl ImageStore {
                 path: self.home.tmp_dir(),
                 source,
             })?;
+        private_dir(tmp.path()).map_err(|source| ImageError::Io {
+            op: "make private",
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
         let staging_dir = tmp.path().join("root");
         std::fs::create_dir(&staging_dir).map_err(|source| ImageError::Io {
             op: "create",
@@ -153,6 +173,16 @@ impl ImageStore {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "filesystem image built"
         );
+        // 0644 inside the 0700 rootfs/ directory: no other host user can reach it by path, while the
+        // Firecracker jailer's unprivileged uid opens it through the hard link in its chroot (a hard
+        // link bypasses directory permissions, so the file mode alone decides).
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644)).map_err(
+            |source| ImageError::Io {
+                op: "set the mode of",
+                path: image.clone(),
+                source,
+            },
+        )?;
         std::fs::rename(&image, &rootfs).map_err(|source| ImageError::Io {
             op: "move into place",
             path: rootfs.clone(),

@@ -125,6 +125,11 @@ impl ImageIndex {
             .prefix(".images.json.")
             .tempfile_in(dir)
             .map_err(io_err("write"))?;
+        // The index names every image this host pulled: owner-only, like the rest of the store.
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("write"))?;
         serde_json::to_writer_pretty(&mut tmp, self).map_err(|e| io_err("write")(e.into()))?;
         tmp.persist(path).map_err(|e| io_err("replace")(e.error))?;
         Ok(())

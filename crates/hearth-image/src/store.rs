@@ -41,6 +41,21 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
     }
 }
 
+/// Creates `dir` (and missing parents) and makes it 0700: what lies below `$HEARTH_HOME` (blobs of
+/// possibly private images, root filesystems, build trees holding the images' setuid files and
+/// device nodes) is reachable by its owner only.
+pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if fs::metadata(dir)?.permissions().mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
@@ -49,7 +64,9 @@ pub struct BlobStore {
 impl BlobStore {
     pub fn open(home: &Path) -> Result<BlobStore, StoreError> {
         let dir = home.join("blobs").join("sha256");
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        for d in [home.join("blobs"), dir.clone()] {
+            private_dir(&d).map_err(io_err("create", &d))?;
+        }
         Ok(BlobStore { dir })
     }
 

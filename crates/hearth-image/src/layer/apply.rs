@@ -14,8 +14,9 @@ use tar::EntryType;
 
 use super::entries::{checked_name, io_err};
 use super::fsops;
+use super::headers::{HeaderGuard, HeaderRefused};
 use super::meta::{read_meta, Meta};
-use super::safety::{c_name, BombError, EntryPath, LimitedReader, Limits};
+use super::safety::{c_name, BombError, EntryPath, LimitedReader, Limits, BOOKKEEPING_OVERHEAD};
 use super::whiteout::{self, Whiteout};
 use super::LayerError;
 
@@ -43,6 +44,11 @@ pub struct Staging {
     /// The last parent directory opened, reused while a tar stays inside one directory.
     pub(super) parent_cache: Option<(PathBuf, OwnedFd)>,
     pub(super) buf: Vec<u8>,
+    /// Regular-file bytes written so far, counted against `max_total_bytes` as they are written.
+    pub(super) written_bytes: u64,
+    /// Bookkeeping charged against `max_bookkeeping_bytes`: the current layer's names plus every
+    /// directory time kept (only given back when a layer's name set is dropped).
+    pub(super) remembered: u64,
 }
 
 impl Staging {
@@ -60,6 +66,8 @@ impl Staging {
             dir_times: BTreeMap::new(),
             parent_cache: None,
             buf: vec![0; COPY_BUF],
+            written_bytes: 0,
+            remembered: 0,
         })
     }
 
@@ -68,12 +76,21 @@ impl Staging {
     }
 
     /// Applies one uncompressed layer tar stream. The stream is read to its end (so callers hashing it
-    /// see every byte) and counted against the size limit.
+    /// see every byte) and counted against the size limit; every header is checked by `HeaderGuard`
+    /// before the `tar` crate reads it.
     pub fn apply<R: Read>(&mut self, tar_stream: R) -> Result<(), LayerError> {
         let remaining = self.limits.max_total_bytes;
         let mut limited = LimitedReader::new(tar_stream, self.stats.tar_bytes, remaining);
         let mut written = HashSet::new();
-        let result = self.apply_entries(&mut limited, &mut written);
+        let guarded = HeaderGuard::new(&mut limited, self.limits.max_extension_header);
+        let result = self.apply_entries(guarded, &mut written);
+        // The layer's own name set is dropped here: give its charge back (directory times stay).
+        let freed: u64 = written
+            .iter()
+            .map(|p| p.as_os_str().len() as u64 + BOOKKEEPING_OVERHEAD)
+            .sum();
+        self.remembered = self.remembered.saturating_sub(freed);
+        drop(written);
         self.stats.tar_bytes = limited.read;
         result?;
         io::copy(&mut limited, &mut io::sink())
@@ -149,6 +166,7 @@ impl Staging {
             }
             Whiteout::Ordinary => {}
         }
+        self.remember(path)?;
         written.insert(path.as_path().to_path_buf());
         let cname = c_name(&name).map_err(|source| io_err(path, "name", source))?;
         let parent = self.parent(path, &parent_rel)?;
@@ -235,6 +253,21 @@ impl Staging {
         let dup = fsops::dup(fd.as_fd()).map_err(|e| io_err(path, "dup", e))?;
         self.parent_cache = Some((parent_rel.to_path_buf(), fd));
         Ok(BorrowedParent(dup))
+    }
+
+    /// Charges one remembered path against the bookkeeping bound, so a layer of many long names
+    /// cannot grow the applier's memory without limit.
+    pub(super) fn remember(&mut self, path: &EntryPath) -> Result<(), LayerError> {
+        self.remembered += path.as_path().as_os_str().len() as u64 + BOOKKEEPING_OVERHEAD;
+        if self.remembered > self.limits.max_bookkeeping_bytes {
+            return Err(LayerError::LimitExceeded {
+                what: format!(
+                    "per-path bookkeeping passed {} bytes at entry {path} (too many or too long names)",
+                    self.limits.max_bookkeeping_bytes
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Drops cached state about `rel` and everything below it (it is being removed or replaced).
@@ -324,7 +357,24 @@ pub(super) fn tar_error(e: io::Error, what: &str) -> LayerError {
         .and_then(|inner| inner.downcast_ref::<BombError>())
     {
         return LayerError::LimitExceeded {
-            what: bomb.to_string(),
+            what: format!("{bomb} (while trying to {what})"),
+        };
+    }
+    if let Some(refused) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<HeaderRefused>())
+    {
+        return match refused {
+            HeaderRefused::Sparse { entry, real_size } => LayerError::UnsupportedEntry {
+                entry: format!("/{}", entry.trim_start_matches('/')),
+                kind: format!(
+                    "GNU sparse (declared size {real_size}): its holes would expand without bound, \
+                     and Docker-built images never contain sparse members"
+                ),
+            },
+            HeaderRefused::TooLarge { .. } => LayerError::LimitExceeded {
+                what: refused.to_string(),
+            },
         };
     }
     LayerError::Archive {

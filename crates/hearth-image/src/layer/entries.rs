@@ -40,6 +40,15 @@ impl Staging {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(tar_error(e, &format!("read the content of {path}"))),
             };
+            self.written_bytes += n as u64;
+            if self.written_bytes > self.limits.max_total_bytes {
+                return Err(LayerError::LimitExceeded {
+                    what: format!(
+                        "file content written passed {} bytes at entry {path}",
+                        self.limits.max_total_bytes
+                    ),
+                });
+            }
             file.write_all(&self.buf[..n])
                 .map_err(|e| io_err(path, "write file", e))?;
             size += n as u64;
@@ -96,6 +105,7 @@ impl Staging {
         for (key, value) in &meta.xattrs {
             fsops::fsetxattr(fd, key, value).map_err(|e| xattr_err(path, key, e))?;
         }
+        self.remember(path)?;
         self.dir_times
             .insert(path.as_path().to_path_buf(), meta.mtime);
         Ok(())

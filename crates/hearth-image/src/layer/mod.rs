@@ -1,12 +1,13 @@
 //! Layer application: turning an image's layer tars into one directory tree. `safety` decides what an
 //! entry may name, `fsops` performs symlink-proof filesystem calls, `whiteout` implements the OCI
-//! deletion markers, `apply` drives a tar stream through them, `decompress` picks the codec and `readahead`
+//! deletion markers, `headers` checks each tar header before the `tar` crate reads it, `apply` drives a tar stream through them, `decompress` picks the codec and `readahead`
 //! decompresses on a second core.
 
 mod apply;
 mod decompress;
 mod entries;
 mod fsops;
+mod headers;
 mod meta;
 mod readahead;
 mod safety;
@@ -14,6 +15,7 @@ mod whiteout;
 
 pub use apply::{Staging, StagingStats};
 pub use decompress::decompressor;
+pub use headers::HeaderRefused;
 pub use readahead::ReadAhead;
 pub use safety::Limits;
 

@@ -18,6 +18,11 @@ pub struct Limits {
     pub max_entries: u64,
     /// Longest entry name (bytes, after normalisation).
     pub max_path_len: usize,
+    /// Largest GNU long-name/long-link or PAX extension header, checked before it is read.
+    pub max_extension_header: u64,
+    /// Memory for per-path bookkeeping (names remembered for whiteouts and directory times), counted
+    /// as name bytes plus a fixed per-entry overhead, over all layers.
+    pub max_bookkeeping_bytes: u64,
 }
 
 impl Default for Limits {
@@ -26,6 +31,8 @@ impl Default for Limits {
             max_total_bytes: 16 << 30,
             max_entries: 2_000_000,
             max_path_len: 4096,
+            max_extension_header: 1 << 20,
+            max_bookkeeping_bytes: 256 << 20,
         }
     }
 }
@@ -98,6 +105,10 @@ pub fn c_name(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
 }
+
+/// Bookkeeping cost charged per remembered path on top of its name bytes (the `PathBuf`, its
+/// allocation header and the set or map slot holding it).
+pub const BOOKKEEPING_OVERHEAD: u64 = 64;
 
 /// Counts bytes read through it and fails once `limit` is passed, so a small compressed layer cannot
 /// expand without bound.
