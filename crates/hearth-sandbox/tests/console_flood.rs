@@ -50,7 +50,12 @@ async fn a_console_flood_keeps_host_disk_use_bounded_and_the_sandbox_answering()
     while started.elapsed() < Duration::from_secs(20) {
         let asked = Instant::now();
         let out = tokio::time::timeout(Duration::from_secs(10), async {
-            sandbox.client().exec(sh("echo alive")).await?.output().await
+            sandbox
+                .client()
+                .exec(sh("echo alive"))
+                .await?
+                .output()
+                .await
         })
         .await
         .expect("the sandbox stopped answering during the flood")
