@@ -8,9 +8,7 @@ use hearth_vm::channel::ChannelError;
 pub enum SandboxError {
     #[error(transparent)]
     Image(#[from] hearth_image::ImageError),
-    #[error(
-        "guest kernel: {0}; run `hearth setup` to provision hearth's kernel, or pass --kernel"
-    )]
+    #[error("guest kernel: {}", with_setup_advice(.0))]
     Kernel(#[from] hearth_vm::kernel::KernelError),
     #[error("initramfs: {0}")]
     Initramfs(#[from] hearth_vm::initramfs::InitramfsError),
@@ -38,4 +36,15 @@ pub enum SandboxError {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// The kernel's error with the way out, unless it already says it.
+fn with_setup_advice(err: &hearth_vm::kernel::KernelError) -> String {
+    let text = err.to_string();
+    match text.contains("hearth setup") {
+        true => text,
+        false => {
+            format!("{text}; run `hearth setup` to provision hearth's kernel, or pass --kernel")
+        }
+    }
 }

@@ -159,7 +159,7 @@ pub enum KernelError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("kernel directory {dir} lacks {missing}")]
+    #[error("kernel directory {dir} lacks {missing}; run `hearth setup` or pass --kernel")]
     Layout { dir: PathBuf, missing: &'static str },
     #[error("extracting vmlinux from {path}: {source}")]
     Lz4 {
