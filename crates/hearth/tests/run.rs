@@ -336,20 +336,32 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     assert_eq!(config["drives"][1]["is_read_only"], false);
     assert_eq!(config["vsock"]["guest_cid"], 3);
     // Through the jailer: an unprivileged uid/gid and cgroup limits from --cpus/--memory, in the
-    // cgroup version this host mounts (v1 controllers on our machines, v2 elsewhere).
-    let out = run(&[
-        "--dry-run",
-        "--vmm",
-        "firecracker",
-        "--jailer",
-        "1234:1235",
-        "--cpus",
-        "2",
-        "--memory",
-        "256m",
-        &image("busybox"),
-        "true",
-    ]);
+    // cgroup version this host mounts (v1 controllers on our machines, v2 elsewhere). The jail's
+    // sockets sit deep under the home and must fit in `sun_path`: a short home, wherever the
+    // checkout lives.
+    let short_home = tempfile::Builder::new()
+        .prefix("hj")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let out = hearth()
+        .env("HEARTH_HOME", short_home.path())
+        .args([
+            "run",
+            "--dry-run",
+            "--vmm",
+            "firecracker",
+            "--jailer",
+            "1234:1235",
+            "--cpus",
+            "2",
+            "--memory",
+            "256m",
+            &image("busybox"),
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn hearth");
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let v1 = stdout.contains("--cgroup-version 1");
