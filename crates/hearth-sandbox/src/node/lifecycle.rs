@@ -29,7 +29,7 @@ impl Node {
     ) -> Result<SandboxInfo, NodeError> {
         self.check_open()?;
         let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
-        admission::check_local_image(&spec.image, &self.config.allow_local_images)?;
+        super::local_images::check_local_image(&spec.image, &self.config.allow_local_images)?;
         let id = new_id();
         let record = Record::new(id.clone(), &tenant.name, spec, &want, now_ms());
         let info = {

@@ -23,6 +23,7 @@ mod boot_slots;
 mod error;
 mod exec;
 mod lifecycle;
+mod local_images;
 mod reaper;
 mod record;
 mod recovery;
