@@ -110,6 +110,9 @@ pub struct NetworkInterface {
     pub tap: String,
     /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`, unicast.
     pub mac: String,
+    /// The network namespace (a bind-mounted nsfs file, e.g. `$HEARTH_HOME/net/ID/netns`) the VMM
+    /// process runs in, where `tap` lives; `None`: the VMM's own (the host's) namespace.
+    pub netns: Option<PathBuf>,
 }
 
 impl NetworkInterface {
@@ -289,6 +292,7 @@ mod tests {
             Some(NetworkInterface {
                 tap: tap.into(),
                 mac: mac.into(),
+                netns: None,
             })
         };
         spec.network = nic("hearth-tap0", "06:00:ac:10:00:02");

@@ -280,6 +280,7 @@ fn a_vm_with_a_network_interface_holds_its_tap_while_it_runs() -> anyhow::Result
     spec.network = Some(hearth_vm::NetworkInterface {
         tap: tap.name.clone(),
         mac: "06:00:ac:10:00:02".into(),
+        netns: None,
     });
     assert!(!tap.attached(), "nothing holds the tap yet");
     let mut vm = fx.qemu.start(&spec)?;

@@ -188,6 +188,7 @@ fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> any
     spec.network = tap.as_ref().map(|tap| hearth_vm::NetworkInterface {
         tap: tap.name.clone(),
         mac: "06:00:ac:10:00:03".into(),
+        netns: None,
     });
     let vmm = FirecrackerVmm::new(binary);
     // start() sends logger, metrics, machine-config, boot-source, both drives, the network

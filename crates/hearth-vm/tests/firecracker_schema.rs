@@ -26,6 +26,7 @@ fn spec() -> VmSpec {
     spec.network = Some(NetworkInterface {
         tap: "hearth-tap0".into(),
         mac: "06:00:ac:10:00:02".into(),
+        netns: None,
     });
     spec
 }

@@ -216,6 +216,7 @@ mod tests {
         spec.network = Some(crate::spec::NetworkInterface {
             tap: "hearth-tap0".into(),
             mac: "06:00:ac:10:00:02".into(),
+            netns: None,
         });
         let args = render(&qemu, &spec);
         assert_eq!(
