@@ -13,6 +13,8 @@ use super::api::ErrorBody;
 
 /// How long a client refused for capacity should wait before retrying.
 const RETRY_AFTER_SECONDS: u64 = 5;
+/// How long a client refused because its sandbox has too many requests open should wait.
+const BUSY_RETRY_AFTER_SECONDS: u64 = 1;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -61,10 +63,15 @@ impl IntoResponse for ApiError {
             code: self.code.to_string(),
         };
         let mut response = (self.status, axum::Json(body)).into_response();
-        if self.code == "capacity" {
+        let retry_after = match self.code {
+            "capacity" => Some(RETRY_AFTER_SECONDS),
+            "busy" => Some(BUSY_RETRY_AFTER_SECONDS),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -95,6 +102,12 @@ impl From<NodeError> for ApiError {
                 }
                 ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
+            // The sandbox's own request cap (not the node's): the client should retry soon.
+            NodeError::Channel(ChannelError::Busy(_)) => (StatusCode::TOO_MANY_REQUESTS, "busy"),
+            // The guest did not answer in time: the node is fine, the sandbox is not.
+            NodeError::Channel(
+                ChannelError::Unresponsive { .. } | ChannelError::HandshakeTimeout(_),
+            ) => (StatusCode::GATEWAY_TIMEOUT, "guest_unresponsive"),
             NodeError::Channel(_)
             | NodeError::Sandbox(_)
             | NodeError::Store(_)
@@ -155,6 +168,15 @@ mod tests {
                 "quota",
             ),
             (NodeError::ShuttingDown, 503, "shutting_down"),
+            (NodeError::Channel(ChannelError::Busy(64)), 429, "busy"),
+            (
+                NodeError::Channel(ChannelError::Unresponsive {
+                    what: "the exec's start",
+                    after: std::time::Duration::from_secs(30),
+                }),
+                504,
+                "guest_unresponsive",
+            ),
         ];
         for (err, status, code) in cases {
             let api = ApiError::from(err);
@@ -165,5 +187,7 @@ mod tests {
         })
         .into_response();
         assert_eq!(capacity.headers()[header::RETRY_AFTER], "5");
+        let busy = ApiError::from(NodeError::Channel(ChannelError::Busy(64))).into_response();
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
     }
 }

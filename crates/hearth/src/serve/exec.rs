@@ -40,6 +40,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
     ))]
 pub async fn exec(

@@ -34,6 +34,8 @@ pub const MODE_HEADER: &str = "x-hearth-mode";
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox, or no such parent directory", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
         (status = 413, description = "Larger than the daemon's --max-upload", body = ErrorBody),
     ))]
 pub async fn put(
@@ -108,6 +110,8 @@ pub async fn put(
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox or file", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
     ))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
