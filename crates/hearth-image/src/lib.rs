@@ -21,6 +21,7 @@ pub mod registry;
 pub mod rootfs;
 mod source;
 pub mod store;
+mod untrusted;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

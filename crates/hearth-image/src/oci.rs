@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::untrusted::sanitize;
 
 pub const MT_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -21,11 +22,9 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
 
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
-    #[error("{what} is not valid JSON of the expected shape: {source}")]
-    Json {
-        what: String,
-        source: serde_json::Error,
-    },
+    /// `detail` is serde's message, which may quote the document: sanitized.
+    #[error("{what} is not valid JSON of the expected shape: {detail}")]
+    Json { what: String, detail: String },
     #[error("{what} has media type {media_type:?}, which hearth does not support (expected an OCI or Docker schema-2 manifest or index)")]
     UnsupportedMediaType { what: String, media_type: String },
     #[error("{what} lists no manifest for platform {wanted}; available: {available}")]
@@ -79,6 +78,7 @@ pub struct Index {
 }
 
 /// A manifest or index, told apart by media type (or, when absent, by shape).
+#[derive(Debug)]
 pub enum ManifestOrIndex {
     Manifest(Manifest),
     Index(Index),
@@ -86,9 +86,9 @@ pub enum ManifestOrIndex {
 
 impl ManifestOrIndex {
     pub fn parse(what: &str, media_type: Option<&str>, body: &[u8]) -> Result<Self, DocumentError> {
-        let json = |source| DocumentError::Json {
+        let json = |source: serde_json::Error| DocumentError::Json {
             what: what.to_string(),
-            source,
+            detail: sanitize(source.to_string().as_bytes()),
         };
         let value: serde_json::Value = serde_json::from_slice(body).map_err(json)?;
         let declared = value
@@ -105,7 +105,7 @@ impl ManifestOrIndex {
             Some(other) => {
                 return Err(DocumentError::UnsupportedMediaType {
                     what: what.to_string(),
-                    media_type: other.to_string(),
+                    media_type: sanitize(other.as_bytes()),
                 })
             }
         };
@@ -175,7 +175,7 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+zstd" => Ok(Compression::Zstd),
             other => Err(DocumentError::UnsupportedLayer {
                 digest: desc.digest.clone(),
-                media_type: other.to_string(),
+                media_type: sanitize(other.as_bytes()),
             }),
         }
     }
@@ -265,16 +265,19 @@ impl Platform {
         best.ok_or_else(|| DocumentError::NoMatchingPlatform {
             what: what.to_string(),
             wanted: self.clone(),
-            available: index
-                .manifests
-                .iter()
-                .filter_map(|d| d.platform.as_ref())
-                .map(|p| match &p.variant {
-                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-                    None => format!("{}/{}", p.os, p.architecture),
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
+            available: sanitize(
+                index
+                    .manifests
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref())
+                    .map(|p| match &p.variant {
+                        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                        None => format!("{}/{}", p.os, p.architecture),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    .as_bytes(),
+            ),
         })
     }
 }
@@ -343,5 +346,66 @@ mod tests {
             "linux/arm64/v8".parse::<Platform>().unwrap().to_string(),
             "linux/arm64/v8"
         );
+    }
+}
+
+/// A registry controls every string of a manifest; what of it reaches an error message (and so a
+/// tenant's terminal or the daemon's log) must be short and printable.
+#[cfg(test)]
+mod hostile_text {
+    use super::*;
+
+    fn assert_tame(message: &str) {
+        assert!(
+            message.len() < 1000,
+            "{} bytes: {message:.200}",
+            message.len()
+        );
+        assert!(!message.contains('\x1b'), "escape code in {message:?}");
+    }
+
+    #[test]
+    fn a_hostile_media_type_is_cut_and_stripped() {
+        let media_type = format!("\x1b[2J{}", "x".repeat(100_000));
+        let body = serde_json::json!({ "schemaVersion": 2, "mediaType": media_type });
+        let err =
+            ManifestOrIndex::parse("manifest", None, body.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, DocumentError::UnsupportedMediaType { .. }));
+        assert_tame(&err.to_string());
+    }
+
+    #[test]
+    fn serde_errors_quoting_the_document_are_cut_and_stripped() {
+        let field = format!("\x1b]0;pwned\x07{}", "y".repeat(50_000));
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MT_OCI_MANIFEST}","config":{{"mediaType":"{field}","digest":"{field}","size":1}},"layers":[]}}"#,
+            field = field.replace('\x1b', "\\u001b").replace('\x07', "\\u0007")
+        );
+        let Err(err) = ManifestOrIndex::parse("manifest", None, body.as_bytes()) else {
+            panic!("a bad config descriptor was accepted");
+        };
+        assert!(matches!(err, DocumentError::Json { .. }), "{err}");
+        assert_tame(&err.to_string());
+    }
+
+    #[test]
+    fn hostile_platform_names_are_cut_and_stripped() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let manifests: Vec<_> = (0..500)
+            .map(|i| {
+                serde_json::json!({
+                    "mediaType": MT_OCI_MANIFEST, "digest": digest, "size": 1,
+                    "platform": { "os": format!("\x1b[31mos{i}"), "architecture": "z".repeat(200) }
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests });
+        let ManifestOrIndex::Index(index) =
+            ManifestOrIndex::parse("index", None, body.to_string().as_bytes()).unwrap()
+        else {
+            panic!("not an index");
+        };
+        let err = Platform::default().choose("index", &index).unwrap_err();
+        assert_tame(&err.to_string());
     }
 }

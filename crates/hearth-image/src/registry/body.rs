@@ -7,12 +7,12 @@ use reqwest::Response;
 
 use super::client::error_chain;
 use super::RegistryError;
+pub use crate::untrusted::sanitize;
 
 /// The most read from a token answer or an error body.
 pub(super) const MAX_SMALL_BODY: usize = 64 << 10;
 
 /// The most registry-controlled text put into an error message.
-const MAX_REASON_CHARS: usize = 200;
 
 /// Reads at most `limit` bytes of `resp`'s body. Returns the bytes and whether the body was longer
 /// (the rest is never read). A body that stalls for `stall` fails.
@@ -49,42 +49,5 @@ pub(super) async fn read_capped(
             return Ok((body, true));
         }
         body.extend_from_slice(&chunk);
-    }
-}
-
-/// Registry-controlled bytes as a short reason: printable ASCII only (anything else becomes `?`),
-/// whitespace runs collapsed, at most 200 characters (then `...`).
-pub fn sanitize(bytes: &[u8]) -> String {
-    let mut out = String::new();
-    let mut last_space = true;
-    for &b in bytes {
-        if out.len() >= MAX_REASON_CHARS {
-            out.push_str("...");
-            break;
-        }
-        let c = match b {
-            b' ' | b'\t' | b'\r' | b'\n' => ' ',
-            0x21..=0x7e => b as char,
-            _ => '?',
-        };
-        if c == ' ' && last_space {
-            continue;
-        }
-        last_space = c == ' ';
-        out.push(c);
-    }
-    out.trim_end().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sanitize_keeps_it_short_and_printable() {
-        assert_eq!(sanitize(b"  not\n\n found\x1b[31m\xff "), "not found?[31m?");
-        let long = sanitize(&[b'a'; 100_000]);
-        assert_eq!(long.len(), MAX_REASON_CHARS + 3);
-        assert!(long.ends_with("..."));
     }
 }
