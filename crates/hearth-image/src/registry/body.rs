@@ -12,8 +12,6 @@ pub use crate::untrusted::sanitize;
 /// The most read from a token answer or an error body.
 pub(super) const MAX_SMALL_BODY: usize = 64 << 10;
 
-/// The most registry-controlled text put into an error message.
-
 /// Reads at most `limit` bytes of `resp`'s body. Returns the bytes and whether the body was longer
 /// (the rest is never read). A body that stalls for `stall` fails.
 pub(super) async fn read_capped(
