@@ -11,6 +11,7 @@
 # Usage: bench/serve.sh [N]   (default 20; root; provisions like scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib/daemon.sh
 count=${1:-20}
 
 scripts/provision.sh > /dev/null
@@ -20,24 +21,7 @@ HEARTH_AGENT=$(scripts/build-agent.sh)
 target=${CARGO_TARGET_DIR:-$PWD/target}
 hearth=$target/release/hearth
 
-work=$(mktemp -d /tmp/hearth-bench-serve.XXXXXX)
-daemon_pid=""
-cleanup() {
-    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill -TERM "$daemon_pid"; wait "$daemon_pid" || true
-    fi
-    # VMs of the daemon are detached: kill any left over (their command lines name this work dir).
-    for pid in $(pgrep -f -- "$work/home" || true); do kill -KILL "$pid" 2>/dev/null || true; done
-    [ -n "${HEARTH_TEST_REGISTRY_OWNED:-}" ] && scripts/test-registry.sh stop "$work/registry"
-    rm -rf "$work"
-}
-trap cleanup EXIT
-if [ -z "${HEARTH_TEST_REGISTRY:-}" ]; then
-    HEARTH_TEST_REGISTRY=$(scripts/test-registry.sh start "$work/registry")
-    HEARTH_TEST_REGISTRY_OWNED=1
-fi
-export HEARTH_HOME=$work/home HEARTH_KERNEL=/var/cache/hearth-test/kernel
-export HEARTH_INSECURE_REGISTRIES=$HEARTH_TEST_REGISTRY
+bench_daemon_init serve
 image=$HEARTH_TEST_REGISTRY/hearth-test/busybox
 token=bench-token-$RANDOM$RANDOM
 printf '[[tenants]]\nname = "bench"\ntoken = "%s"\n' "$token" > "$work/tokens.toml"
@@ -45,13 +29,8 @@ printf '[[tenants]]\nname = "bench"\ntoken = "%s"\n' "$token" > "$work/tokens.to
 # Warm-up: pull the image, build the initramfs, measure the TSC once (all cached in the home).
 "$hearth" run --accel tcg --memory 256m "$image" true
 
-"$hearth" serve --listen 127.0.0.1:0 --tokens "$work/tokens.toml" --accel tcg --memory 256m \
-    --max-boots 2 --capacity-cpus "$count" --capacity-memory "$((count * 256))m" \
-    > "$work/daemon.out" 2> "$work/daemon.log" &
-daemon_pid=$!
-for _ in $(seq 100); do grep -q '^listening on ' "$work/daemon.out" && break; sleep 0.1; done
-addr=$(sed -n 's/^listening on //p' "$work/daemon.out")
-[ -n "$addr" ] || { echo "hearth serve did not start:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+bench_daemon_start --accel tcg --memory 256m \
+    --max-boots 2 --capacity-cpus "$count" --capacity-memory "$((count * 256))m"
 
 python3 - "$addr" "$token" "$image" "$count" > "$work/serve.txt" <<'PY'
 import concurrent.futures, json, statistics, sys, threading, time, urllib.request

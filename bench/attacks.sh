@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The attack corpus of issue #12 against a real `hearth serve`: hostile tenants at the API, a hostile
+# registry and hostile images (bench/attacks.py serves them), and a hostile root workload inside a
+# real guest. One line per attack: refused / contained / OPEN, the time it took, the daemon's peak
+# RSS after it. Exits 1 if any attack is OPEN. The daemon is the debug build the tests use (what is
+# measured is behaviour and bounds, not speed).
+#
+# Usage: bench/attacks.sh   (root; provisions like scripts/test.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib/daemon.sh
+
+scripts/provision.sh test > /dev/null
+cargo build --quiet -p hearth
+export HEARTH_AGENT
+HEARTH_AGENT=$(scripts/build-agent.sh)
+hearth=${CARGO_TARGET_DIR:-$PWD/target}/debug/hearth
+
+bench_daemon_init attacks
+token=attack-token-$RANDOM$RANDOM
+other=other-token-$RANDOM$RANDOM
+printf '[[tenants]]\nname = "mallory"\ntoken = "%s"\n\n[[tenants]]\nname = "alice"\ntoken = "%s"\n' \
+    "$token" "$other" > "$work/tokens.toml"
+
+# Warm-up: pull the image and build the initramfs once, outside the measurements.
+"$hearth" run --accel tcg --memory 256m "$HEARTH_TEST_REGISTRY/hearth-test/python" true
+
+bench_daemon_start --accel tcg --memory 512m --max-upload 1m --max-boots 2
+python3 bench/attacks.py "$addr" "$token" "$other" "$daemon_pid" "$HEARTH_TEST_REGISTRY" "$work"
