@@ -31,6 +31,7 @@ fn config(home: &Path) -> NodeConfig {
     config.capacity = Capacity {
         vcpus: 4,
         memory_mib: 4096,
+        disk_bytes: u64::MAX,
     };
     config.pull.insecure_registries = vec![registry.addr.clone()];
     config
@@ -43,6 +44,7 @@ fn tenant(name: &str) -> Tenant {
             max_sandboxes: 10,
             vcpus: 16,
             memory_mib: 64 * 1024,
+            disk_bytes: u64::MAX,
         },
     }
 }
@@ -137,6 +139,7 @@ async fn admission_refuses_beyond_quota_capacity_and_maxima_and_ttl_ends_waiting
     config.capacity = Capacity {
         vcpus: 3,
         memory_mib: 1024,
+        disk_bytes: u64::MAX,
     };
     config.limits.max_vcpus = 2;
     let node = Node::open(config).await.unwrap();
@@ -145,6 +148,7 @@ async fn admission_refuses_beyond_quota_capacity_and_maxima_and_ttl_ends_waiting
             max_sandboxes: 2,
             vcpus: 8,
             memory_mib: 8192,
+            disk_bytes: u64::MAX,
         },
         ..tenant("acme")
     };
@@ -228,6 +232,7 @@ async fn concurrent_creates_never_exceed_capacity() {
     config.capacity = Capacity {
         vcpus: 64,
         memory_mib: 1000,
+        disk_bytes: u64::MAX,
     };
     let node = Node::open(config).await.unwrap();
     let creates = (0..24).map(|i| {

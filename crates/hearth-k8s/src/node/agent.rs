@@ -76,6 +76,7 @@ impl NodeAgent {
                 max_sandboxes: u32::MAX,
                 vcpus: u32::MAX,
                 memory_mib: u64::MAX,
+                disk_bytes: u64::MAX,
             },
         };
         Arc::new(Self {

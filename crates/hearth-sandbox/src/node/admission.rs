@@ -29,13 +29,15 @@ pub(crate) struct Usage {
     pub sandboxes: u32,
     pub vcpus: u64,
     pub memory_mib: u64,
+    pub disk_bytes: u64,
 }
 
 impl Usage {
-    pub fn add(&mut self, vcpus: u32, memory_mib: u32) {
+    pub fn add(&mut self, vcpus: u32, memory_mib: u32, disk_bytes: u64) {
         self.sandboxes += 1;
         self.vcpus += u64::from(vcpus);
         self.memory_mib += u64::from(memory_mib);
+        self.disk_bytes = self.disk_bytes.saturating_add(disk_bytes);
     }
 }
 
@@ -153,6 +155,14 @@ pub(crate) fn admit(
             ),
         });
     }
+    if tenant_usage.disk_bytes.saturating_add(want.disk_bytes) > quota.disk_bytes {
+        return Err(NodeError::Quota {
+            message: format!(
+                "tenant {tenant} uses {} of its {} disk bytes and asked for {} more",
+                tenant_usage.disk_bytes, quota.disk_bytes, want.disk_bytes
+            ),
+        });
+    }
     let free_vcpus = u64::from(capacity.vcpus).saturating_sub(node_usage.vcpus);
     let free_memory = capacity.memory_mib.saturating_sub(node_usage.memory_mib);
     if vcpus > free_vcpus || memory > free_memory {
@@ -161,6 +171,16 @@ pub(crate) fn admit(
                 "asked for {vcpus} vCPUs and {memory} MiB; free now: {free_vcpus} of {} vCPUs and \
                  {free_memory} of {} MiB; retry when sandboxes end",
                 capacity.vcpus, capacity.memory_mib
+            ),
+        });
+    }
+    let free_disk = capacity.disk_bytes.saturating_sub(node_usage.disk_bytes);
+    if want.disk_bytes > free_disk {
+        return Err(NodeError::Capacity {
+            message: format!(
+                "asked for a {} byte disk; free now: {free_disk} of {} bytes of disk; retry when \
+                 sandboxes end or ask for a smaller disk",
+                want.disk_bytes, capacity.disk_bytes
             ),
         });
     }
@@ -303,10 +323,12 @@ mod tests {
         max_sandboxes: 2,
         vcpus: 4,
         memory_mib: 2048,
+        disk_bytes: 10 << 30,
     };
     const CAPACITY: Capacity = Capacity {
         vcpus: 4,
         memory_mib: 1024,
+        disk_bytes: 20 << 30,
     };
 
     fn usage(sandboxes: u32, vcpus: u64, memory_mib: u64) -> Usage {
@@ -314,6 +336,58 @@ mod tests {
             sandboxes,
             vcpus,
             memory_mib,
+            disk_bytes: 0,
+        }
+    }
+
+    /// Attack (#12 item 4): a tenant asks for sandboxes with the largest disk each and fills them,
+    /// to fill the host's filesystem. Disks count at their full size against the tenant's quota
+    /// and the node's capacity, so the node never promises more disk than it has.
+    #[test]
+    fn disks_count_against_quota_and_capacity_at_full_size() {
+        let disk = |bytes: u64| Resources {
+            disk_bytes: bytes,
+            ..want(1, 64)
+        };
+        let holding = |bytes: u64| Usage {
+            disk_bytes: bytes,
+            ..usage(1, 1, 64)
+        };
+        let ok = admit(
+            &disk(4 << 30),
+            "t",
+            &QUOTA,
+            holding(6 << 30),
+            &CAPACITY,
+            holding(6 << 30),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        match admit(
+            &disk(5 << 30),
+            "t",
+            &QUOTA,
+            holding(6 << 30),
+            &CAPACITY,
+            holding(6 << 30),
+        ) {
+            Err(NodeError::Quota { message }) => assert!(message.contains("disk"), "{message}"),
+            other => panic!("over the tenant's disk quota: {other:?}"),
+        }
+        match admit(
+            &disk(4 << 30),
+            "t",
+            &QUOTA,
+            holding(0),
+            &CAPACITY,
+            holding(17 << 30),
+        ) {
+            Err(NodeError::Capacity { message }) => {
+                assert!(
+                    message.contains("3221225472 of 21474836480 bytes"),
+                    "{message}"
+                )
+            }
+            other => panic!("over the node's disk: {other:?}"),
         }
     }
 

@@ -249,6 +249,7 @@ mod tests {
                 max_sandboxes: 10,
                 vcpus: 16,
                 memory_mib: 64 * 1024,
+                disk_bytes: u64::MAX,
             },
         }
     }
@@ -258,6 +259,7 @@ mod tests {
         config.capacity = Capacity {
             vcpus: capacity_vcpus,
             memory_mib: 64 * 1024,
+            disk_bytes: u64::MAX,
         };
         config.defaults.memory_mib = 256;
         config.defaults.scratch_bytes = 64 << 20;

@@ -146,7 +146,7 @@ impl Table {
         for entry in self.entries() {
             let info = &entry.record.info;
             if entry.holds_resources() && counts(info) {
-                usage.add(info.vcpus, info.memory_mib);
+                usage.add(info.vcpus, info.memory_mib, info.disk_bytes);
             }
         }
         usage
@@ -237,6 +237,7 @@ mod tests {
                 max_sandboxes: 10,
                 vcpus: 2,
                 memory_mib: 4096,
+                disk_bytes: u64::MAX,
             },
         }
     }
@@ -257,6 +258,7 @@ mod tests {
     const CAPACITY: Capacity = Capacity {
         vcpus: 3,
         memory_mib: 4096,
+        disk_bytes: u64::MAX,
     };
 
     #[test]

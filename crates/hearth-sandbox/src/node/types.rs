@@ -34,14 +34,14 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// A node on `home` with the host's CPUs and memory as capacity, two concurrent boots, default
+    /// A node on `home` with the host's CPUs, memory and free disk as capacity, two concurrent boots, default
     /// sandbox settings and limits, and pull options from the environment's defaults.
     pub fn new(home: impl Into<PathBuf>) -> NodeConfig {
         let home = home.into();
         NodeConfig {
             defaults: SandboxConfig::new(&home),
+            capacity: Capacity::from_host(&home),
             home,
-            capacity: Capacity::from_host(),
             max_concurrent_boots: 2,
             limits: Limits::default(),
             pull: hearth_image::PullOptions::default(),
@@ -55,11 +55,20 @@ impl NodeConfig {
 pub struct Capacity {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Writable disk handed out, counted at each sandbox's full (sparse) size so a node never
+    /// promises more than its filesystem holds. Absent in an older peer's record: unlimited.
+    #[serde(default = "unlimited")]
+    pub disk_bytes: u64,
+}
+
+fn unlimited() -> u64 {
+    u64::MAX
 }
 
 impl Capacity {
-    /// The host's online CPUs and total memory (no overcommit).
-    pub fn from_host() -> Capacity {
+    /// The host's online CPUs and total memory (no overcommit), and the space free now on the
+    /// filesystem holding `home` (where scratch disks live).
+    pub fn from_host(home: &std::path::Path) -> Capacity {
         let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let memory_mib = std::fs::read_to_string("/proc/meminfo")
             .ok()
@@ -69,8 +78,26 @@ impl Capacity {
                     .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             })
             .map_or(1024, |kib| kib / 1024);
-        Capacity { vcpus, memory_mib }
+        Capacity {
+            vcpus,
+            memory_mib,
+            disk_bytes: free_disk_bytes(home).unwrap_or(u64::MAX),
+        }
     }
+}
+
+/// Bytes available to an unprivileged writer on the filesystem of `path` (or of its nearest
+/// existing ancestor).
+fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes one struct statvfs into `stat` and reads the NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// Per-sandbox maxima; a request above one is refused as invalid.
@@ -100,6 +127,9 @@ pub struct Quota {
     pub max_sandboxes: u32,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Writable disk over the tenant's sandboxes, at their full sizes.
+    #[serde(default = "unlimited")]
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,7 +353,8 @@ mod tests {
 
     #[test]
     fn host_capacity_is_nonzero() {
-        let c = Capacity::from_host();
+        let c = Capacity::from_host(std::path::Path::new("/nonexistent/home"));
         assert!(c.vcpus >= 1 && c.memory_mib >= 64, "{c:?}");
+        assert!(c.disk_bytes > 0 && c.disk_bytes < u64::MAX, "{c:?}");
     }
 }

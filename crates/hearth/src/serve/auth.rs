@@ -10,7 +10,7 @@
 //! [[tenants]]
 //! name = "alice"
 //! token = "s3cret"                 # or token_sha256 = "<hex of sha256(token)>"
-//! quota = { sandboxes = 10, cpus = 8, memory = "16g" }   # each optional; default: unlimited
+//! quota = { sandboxes = 10, cpus = 8, memory = "16g", disk = "100g" }   # each optional; default: unlimited
 //! ```
 
 use std::path::Path;
@@ -50,6 +50,8 @@ struct QuotaEntry {
     cpus: Option<u32>,
     /// A size like `16g`.
     memory: Option<String>,
+    /// A size like `100g`: writable disk over the tenant's sandboxes, at their full sizes.
+    disk: Option<String>,
 }
 
 /// Tenant names the daemon uses internally: `kubernetes` is the tenant the Kubernetes node agent
@@ -129,21 +131,25 @@ impl Tenants {
                     t.name
                 );
             }
-            let memory_mib = match &t.quota.memory {
-                Some(size) => {
-                    crate::units::bytes(size).with_context(|| {
-                        format!(
-                            "tenant {}: quota memory {size:?} is not a size like 16g",
-                            t.name
-                        )
-                    })? >> 20
-                }
-                None => u64::MAX,
+            let size = |field: &str, value: &Option<String>| match value {
+                Some(size) => crate::units::bytes(size).with_context(|| {
+                    format!(
+                        "tenant {}: quota {field} {size:?} is not a size like 16g",
+                        t.name
+                    )
+                }),
+                None => Ok(u64::MAX),
             };
+            let memory_bytes = size("memory", &t.quota.memory)?;
             let quota = Quota {
                 max_sandboxes: t.quota.sandboxes.unwrap_or(u32::MAX),
                 vcpus: t.quota.cpus.unwrap_or(u32::MAX),
-                memory_mib,
+                memory_mib: if memory_bytes == u64::MAX {
+                    u64::MAX
+                } else {
+                    memory_bytes >> 20
+                },
+                disk_bytes: size("disk", &t.quota.disk)?,
             };
             entries.push((
                 Tenant {
@@ -228,7 +234,7 @@ mod tests {
 [[tenants]]
 name = "alice"
 token = "alice-token"
-quota = { sandboxes = 2, cpus = 4, memory = "2g" }
+quota = { sandboxes = 2, cpus = 4, memory = "2g", disk = "10g" }
 
 [[tenants]]
 name = "bob"
@@ -245,7 +251,8 @@ token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122
             Quota {
                 max_sandboxes: 2,
                 vcpus: 4,
-                memory_mib: 2048
+                memory_mib: 2048,
+                disk_bytes: 10 << 30,
             }
         );
         // sha256("bob-token-1")

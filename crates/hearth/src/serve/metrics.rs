@@ -153,6 +153,7 @@ mod tests {
             capacity: Capacity {
                 vcpus: 4,
                 memory_mib: 4096,
+                disk_bytes: u64::MAX,
             },
         };
         let text = render(&m);

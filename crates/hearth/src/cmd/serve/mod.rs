@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Guest memory the node hands out in total, like 8g (default: the host's memory).
     #[arg(long)]
     pub capacity_memory: Option<String>,
+    /// Writable disk the node hands out in total, counting each sandbox's disk at its full size,
+    /// like 500g (default: the space free on the home's filesystem at start).
+    #[arg(long)]
+    pub capacity_disk: Option<String>,
     /// Boots that run at once; more sandboxes wait in `creating`.
     #[arg(long, default_value_t = 2)]
     pub max_boots: usize,
@@ -148,12 +152,16 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
 /// same VM and size flags.
 pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeConfig> {
     let mut config = NodeConfig::new(&g.home);
-    let host = Capacity::from_host();
+    let host = Capacity::from_host(&g.home);
     config.capacity = Capacity {
         vcpus: a.capacity_cpus.unwrap_or(host.vcpus),
         memory_mib: match &a.capacity_memory {
             Some(s) => parse_size(s, "--capacity-memory")? >> 20,
             None => host.memory_mib,
+        },
+        disk_bytes: match &a.capacity_disk {
+            Some(s) => parse_size(s, "--capacity-disk")?,
+            None => host.disk_bytes,
         },
     };
     anyhow::ensure!(a.max_boots >= 1, "--max-boots must be at least 1");
