@@ -6,7 +6,8 @@
 #
 #   targets: layer_apply (layer tars, issue 12 limits), reference_parse (image references),
 #            oci_documents (manifests, indexes, configs), agent_frames (exec frame codec and the agent's
-#            JSON answers), handshake_lines (handshake line reader and parser).
+#            JSON answers), handshake_lines (handshake line reader and parser), sni (the egress
+#            proxy's TLS SNI / HTTP Host reader).
 #
 # Usage: bench/fuzz.sh [SECONDS]   (per target, default 30; needs the nightly toolchain and cargo-fuzz,
 # `cargo install cargo-fuzz`). Findings stay in fuzz/artifacts/TARGET/ to reproduce with
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-30}
-targets=(layer_apply reference_parse oci_documents agent_frames handshake_lines)
+targets=(layer_apply reference_parse oci_documents agent_frames handshake_lines sni)
 
 cargo +nightly fuzz --version > /dev/null 2>&1 || {
     echo "cargo-fuzz on nightly is missing: rustup toolchain install nightly && cargo install cargo-fuzz" >&2

@@ -16,6 +16,7 @@
 //! resolver and the proxy are testable on their own.
 
 pub mod addressing;
+pub mod ceiling;
 pub mod dns;
 pub mod learned;
 pub mod netns;
