@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::accel::{Accel, Selection};
+use crate::confine::{FIRST_UID, JAILER_PER_VM_IDS};
 use crate::detached::{DetachedRecord, DETACHED_RECORD};
 use crate::firecracker::{self, FirecrackerError, FirecrackerVmm, JailerConfig};
 use crate::qemu::{QemuVmm, RunningQemu};
@@ -33,7 +34,8 @@ pub struct BackendRequest<'a> {
     pub accel: Accel,
     /// The kernel a KVM probe boots (an ELF vmlinux or a bzImage).
     pub kernel: &'a Path,
-    /// Run Firecracker through its jailer as this unprivileged (uid, gid).
+    /// Run Firecracker through its jailer as this unprivileged (uid, gid);
+    /// [`crate::confine::JAILER_PER_VM_IDS`] gives each VM a uid and gid of its own.
     pub jailer: Option<(u32, u32)>,
     /// Planning only (`--dry-run`): a missing Firecracker or jailer binary is shown by its name
     /// instead of failing.
@@ -94,7 +96,8 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
     }
 }
 
-/// Firecracker, through its jailer when the request asks for one.
+/// Firecracker, through its jailer when the request asks for one (with a uid of the VM's own
+/// for [`JAILER_PER_VM_IDS`]: each `select_backend` call plans one VM).
 fn jailed(request: &BackendRequest, vmm: FirecrackerVmm) -> Result<Box<dyn Vmm>, VmError> {
     let Some((uid, gid)) = request.jailer else {
         return Ok(Box::new(vmm));
@@ -104,9 +107,13 @@ fn jailed(request: &BackendRequest, vmm: FirecrackerVmm) -> Result<Box<dyn Vmm>,
         None if request.dry_run => PathBuf::from("jailer"),
         None => return Err(FirecrackerError::NoJailer.into()),
     };
-    Ok(Box::new(
-        vmm.with_jailer(JailerConfig::new(jailer, uid, gid)),
-    ))
+    let config = match (uid, gid) {
+        // A dry run shows the range's first uid and leases none.
+        JAILER_PER_VM_IDS if request.dry_run => JailerConfig::new(jailer, FIRST_UID, FIRST_UID),
+        JAILER_PER_VM_IDS => JailerConfig::per_vm(jailer)?,
+        _ => JailerConfig::new(jailer, uid, gid),
+    };
+    Ok(Box::new(vmm.with_jailer(config)))
 }
 
 /// Takes over the detached VM whose run directory is `run_dir`: checks that its VMM still runs (same

@@ -21,15 +21,20 @@
 //!   cleanup of those a dead hearth left ([`remove_stale_run_dirs`]); `process`: VMM spawning with
 //!   a parent-death signal, or detached, the jailer's guard process, and processes watched by
 //!   identity and pidfd; `detached`: what a detached VM leaves for its next owner.
-//! - [`channel`]: the host end of the agent channel.
+//! - [`confine`]: least privilege for every VMM — a per-VM unprivileged uid (leased host-wide under
+//!   `/run/hearth/vmm-uids`), its own cgroup with memory and pids limits, an empty chroot; QEMU's
+//!   seccomp filter (`HEARTH_VMM_CONFINEMENT=off` drops all but the filter, for debugging).
+//! - [`channel`]: the host end of the agent channel (execs, files, port forwarding).
 //!
-//! Everything this crate writes goes under `HEARTH_HOME` or a caller-supplied run directory inside it.
+//! Everything this crate writes goes under `HEARTH_HOME` or a caller-supplied run directory inside it,
+//! except the uid leases in `/run/hearth/vmm-uids` (host-wide by nature) and the VMMs' cgroups.
 //! `KernelDir::vmlinux` caches `vmlinux` beside its `vmlinuz`, which for hearth's own kernel is inside
 //! `HEARTH_HOME`; user kernels go through `kernel::resolve_kernel`, which caches in `HEARTH_HOME`.
 
 pub mod accel;
 mod backend;
 pub mod channel;
+pub mod confine;
 mod detached;
 mod error;
 pub mod firecracker;

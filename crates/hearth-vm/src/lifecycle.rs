@@ -2,8 +2,8 @@
 //! spawned, a guard process, or a detached VMM adopted from its run directory), its run directory,
 //! and the rule that however the VM ends — it exits, is killed, is waited for, or its handle is
 //! dropped — the process is reaped and its exit recorded exactly once, the backend's logs are read
-//! for a failure, and the run directory (and any other leftovers, such as a jailed VM's cgroups)
-//! removed. A released handle lets go instead: dropping it leaves the VMM running for a later adopt.
+//! for a failure, and the run directory (and any other leftovers: a jailed or confined VM's
+//! cgroups, a confined VM's uid lease) removed. A released handle lets go instead: dropping it leaves the VMM running for a later adopt.
 //!
 //! Touches only the process it holds, its run directory and the leftovers it was given.
 
@@ -36,7 +36,8 @@ pub struct VmProcess {
     pid: u32,
     vmm: &'static str,
     run_dir: PathBuf,
-    /// Removed (if empty directories) after the exit: a jailed VM's cgroups.
+    /// Removed after the exit: empty directories (a jailed or confined VM's cgroups) and files (a
+    /// confined VM's uid lease).
     leftovers: Vec<PathBuf>,
     diagnose: Diagnose,
     exit: Option<VmExit>,
@@ -130,7 +131,8 @@ impl VmProcess {
         }
     }
 
-    /// Also removes `dirs` (empty directories, such as cgroups) once the VMM has exited.
+    /// Also removes `dirs` (empty directories, such as cgroups, or files, such as a uid lease) once
+    /// the VMM has exited.
     pub(crate) fn with_leftovers(mut self, dirs: Vec<PathBuf>) -> VmProcess {
         self.leftovers = dirs;
         self
@@ -263,14 +265,7 @@ impl VmProcess {
             return exit.clone();
         }
         let failure = (self.diagnose)();
-        for dir in &self.leftovers {
-            match std::fs::remove_dir(dir) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    tracing::warn!(dir = %dir.display(), "removing what the VM left: {e}")
-                }
-                _ => {}
-            }
-        }
+        remove_leftovers(&self.leftovers);
         if let Err(e) = std::fs::remove_dir_all(&self.run_dir) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(run_dir = %self.run_dir.display(), "removing run dir: {e}");
@@ -279,6 +274,38 @@ impl VmProcess {
         let exit = VmExit { status, failure };
         self.exit = Some(exit.clone());
         exit
+    }
+}
+
+/// Removes what a VM leaves outside its run directory: empty directories (cgroups) and files (a
+/// uid lease). Also for a VM whose process never started.
+pub(crate) fn remove_leftovers(paths: &[PathBuf]) {
+    for path in paths {
+        let removed = match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => remove_cgroup_dir(path),
+            Ok(_) => std::fs::remove_file(path),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %path.display(), "removing what the VM left: {e}")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Removes an empty directory; a cgroup is busy for a moment after its last task was reaped, so
+/// `EBUSY` is retried for up to 200 ms.
+fn remove_cgroup_dir(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            done => return done,
+        }
     }
 }
 
@@ -320,8 +347,10 @@ mod tests {
         for (i, ending) in ["kill", "drop", "exit"].into_iter().enumerate() {
             let run_dir = home.path().join(format!("vm{i}"));
             let leftover = home.path().join(format!("cgroup{i}"));
+            let lease = home.path().join(format!("lease{i}"));
             std::fs::create_dir_all(&run_dir).unwrap();
             std::fs::create_dir_all(&leftover).unwrap();
+            std::fs::write(&lease, "run dir").unwrap();
             let child = match ending {
                 "exit" => Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap(),
                 _ => sleeper(),
@@ -330,7 +359,7 @@ mod tests {
             let diagnose: Diagnose = Box::new(|| Some("it panicked".into()));
             let mut vm = VmProcess::child("test", child, &run_dir, diagnose)
                 .unwrap()
-                .with_leftovers(vec![leftover.clone()]);
+                .with_leftovers(vec![leftover.clone(), lease.clone()]);
             assert_eq!(vm.pid(), pid);
             assert!(run_dir.join("vmm.pid").is_file());
             match ending {
@@ -348,6 +377,7 @@ mod tests {
             }
             assert!(!run_dir.exists(), "{ending}: run dir left");
             assert!(!leftover.exists(), "{ending}: leftover left");
+            assert!(!lease.exists(), "{ending}: lease left");
             assert!(
                 ProcessIdentity::of(pid).is_none(),
                 "{ending}: still running"

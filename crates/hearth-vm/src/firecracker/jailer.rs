@@ -11,11 +11,13 @@ mod cgroup;
 mod vm_id;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use cgroup::{CgroupLayout, NoCgroupLayout};
 pub use vm_id::{check_vm_id, vm_id, InvalidVmId, MAX_VM_ID_LEN};
 
 use super::layout::Layout;
+use crate::confine::PendingLease;
 use crate::spec::VmSpec;
 use crate::vmm::VmError;
 
@@ -33,9 +35,14 @@ pub struct JailerConfig {
     /// The unprivileged user and group Firecracker runs as.
     pub uid: u32,
     pub gid: u32,
+    /// Set by [`JailerConfig::per_vm`]: `uid` and `gid` are this VM's own, leased from
+    /// `crate::confine::uid`; the lease passes to the VM's run directory in [`JailerConfig::prepare`]
+    /// and ends with the VM (it is among [`JailerConfig::cgroup_dirs`]). Such a config serves one VM.
+    pub uid_lease: Option<Arc<PendingLease>>,
     /// `--chroot-base-dir`; `None` puts the jail in `<run_dir>/jail`, removed with the run dir.
     pub chroot_base: Option<PathBuf>,
-    /// `--netns`: a network namespace path such as `/var/run/netns/NAME`.
+    /// `--netns`: a network namespace path such as `/var/run/netns/NAME`. The VM's own
+    /// [`crate::NetworkInterface::netns`], when set, takes precedence: its tap lives there.
     pub netns: Option<PathBuf>,
     /// Firecracker in a new PID namespace. hearth's guard process (`crate::process::guard`) creates it and is
     /// its PID 1, rather than the jailer's own `--new-pid-ns`: that jailer exits after forking, and
@@ -57,12 +64,26 @@ impl JailerConfig {
             binary: binary.into(),
             uid,
             gid,
+            uid_lease: None,
             chroot_base: None,
             netns: None,
             new_pid_ns: true,
             max_open_files: 2048,
             cgroups: CgroupLayout::detect().ok(),
         }
+    }
+
+    /// Jails one VM as a uid and gid of its own (leased now, from the range every confined VMM's
+    /// uid comes from), so that no two jailed VMs share a user.
+    pub fn per_vm(binary: impl Into<PathBuf>) -> Result<Self, VmError> {
+        let lease = PendingLease::take().map_err(|source| VmError::Io {
+            what: "leasing a uid for the jailed VMM in",
+            path: PathBuf::from(crate::confine::LEASE_DIR),
+            source,
+        })?;
+        let mut config = JailerConfig::new(binary, lease.uid(), lease.uid());
+        config.uid_lease = Some(Arc::new(lease));
+        Ok(config)
     }
 
     pub fn chroot_base(&self, spec: &VmSpec) -> PathBuf {
@@ -110,7 +131,8 @@ impl JailerConfig {
         for limit in cgroups.limits(cpu_quota, CPU_PERIOD_US, memory) {
             args.extend(["--cgroup".to_owned(), limit]);
         }
-        if let Some(netns) = &self.netns {
+        let spec_netns = spec.network.as_ref().and_then(|nic| nic.netns.as_ref());
+        if let Some(netns) = spec_netns.or(self.netns.as_ref()) {
             args.extend(["--netns".into(), netns.to_string_lossy().into_owned()]);
         }
         args.push("--".into());
@@ -169,6 +191,21 @@ impl JailerConfig {
             std::os::unix::fs::chown(&path, Some(self.uid), Some(self.gid))
                 .map_err(io("handing to the jailed user", &path))?;
         }
+        if let Some(lease) = &self.uid_lease {
+            // The VM's run directory keeps the uid from now on; a second VM must not share it.
+            let holder = std::fs::read(lease.file()).unwrap_or_default();
+            let mine = holder.is_empty() || holder.starts_with(b"/proc/");
+            if !mine {
+                return Err(VmError::Unsupported(format!(
+                    "uid {} was leased for one jailed VM and is in use by {}: a per-VM jailer                      configuration serves one VM",
+                    self.uid,
+                    String::from_utf8_lossy(&holder)
+                )));
+            }
+            lease
+                .hand_over(&spec.run_dir)
+                .map_err(io("handing the uid lease to the VM", lease.file()))?;
+        }
         Ok(())
     }
 
@@ -202,11 +239,17 @@ impl JailerConfig {
     /// The cgroup directories the jailer creates for this VM and does not remove: one per
     /// hierarchy, `<hierarchy>/<exec-file-name>/<id>` (`--parent-cgroup` defaults to the exec
     /// file's name). Empty when the host has no usable layout (the jailer never starts then).
+    /// With a per-VM uid, its lease file follows them (removed the same way once the VM is gone).
     pub fn cgroup_dirs(&self, exec_file_name: &str, id: &str) -> Vec<PathBuf> {
-        self.cgroups
+        let mut leftovers = self
+            .cgroups
             .as_ref()
             .map(|cgroups| cgroups.dirs(exec_file_name, id))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(lease) = &self.uid_lease {
+            leftovers.push(lease.file().to_owned());
+        }
+        leftovers
     }
 }
 
@@ -273,6 +316,20 @@ mod tests {
         assert!(!args.contains(&"--new-pid-ns".to_string()));
         let separator = args.iter().position(|a| a == "--").unwrap();
         assert_eq!(args[separator + 1..], ["--api-sock", "/firecracker.sock"]);
+        // The VM's own namespace, where its tap is, wins over the configured one.
+        let mut networked = spec.clone();
+        networked.network = Some(crate::NetworkInterface {
+            tap: "tap0".into(),
+            mac: "06:00:00:00:00:01".into(),
+            netns: Some("/h/net/vm/netns".into()),
+        });
+        let own = jailer.render(
+            &networked,
+            Path::new("/usr/bin/firecracker"),
+            "vm-1",
+            vec![],
+        );
+        assert_eq!(values(&own, "--netns"), ["/h/net/vm/netns"]);
     }
 
     #[test]
@@ -284,6 +341,7 @@ mod tests {
         jailer.cgroups = Some(CgroupLayout::V1 {
             cpu: "/sys/fs/cgroup/cpu".into(),
             memory: "/sys/fs/cgroup/memory".into(),
+            pids: None,
         });
         let args = jailer.render(&spec, Path::new("/usr/bin/firecracker"), "vm1", vec![]);
         assert_eq!(values(&args, "--cgroup-version"), ["1"]);

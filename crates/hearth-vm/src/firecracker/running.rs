@@ -14,7 +14,7 @@ use crate::detached::DetachedRecord;
 use crate::error::VmError;
 use crate::lifecycle::{Diagnose, VmExit, VmProcess};
 use crate::process::ProcessIdentity;
-use crate::process::{spawn_guarded_vmm, spawn_vmm, SpawnRequest};
+use crate::process::{spawn_guarded_vmm, spawn_vmm_in, Enter, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::spec::VmSpec;
 use crate::vmm::{AgentEndpoint, RunningVm};
@@ -112,7 +112,17 @@ impl RunningFirecracker {
                 VmProcess::guard(NAME, pid, run_dir, logs.clone().diagnose())?
             }
             false => {
-                let child = spawn_vmm(request).map_err(spawn_error)?;
+                // Without the jailer (which takes `--netns`), the VMM enters the NIC's namespace
+                // itself, where its tap lives.
+                let netns = match spec.network.as_ref().and_then(|n| n.netns.as_deref()) {
+                    Some(path) => Some(Enter::netns(path).map_err(io("opening", path))?),
+                    None => None,
+                };
+                let enter = Enter {
+                    netns,
+                    ..Enter::default()
+                };
+                let child = spawn_vmm_in(request, enter).map_err(spawn_error)?;
                 VmProcess::child(NAME, child, run_dir, logs.clone().diagnose())?
             }
         };

@@ -1,4 +1,5 @@
-//! A guard process for VMMs that drop privileges on their own (Firecracker's jailer).
+//! A guard process for VMMs that drop privileges on their own (Firecracker's jailer, QEMU's
+//! `-runas`).
 //!
 //! The parent-death signal that ties a VMM to hearth (see `crate::process`) is cleared by the
 //! kernel when a process changes its credentials, which is the jailer's job. So a jailed VMM is
@@ -7,7 +8,9 @@
 //! into that namespace and waits for it. When hearth dies the guard is killed, and when a PID
 //! namespace's first process dies the kernel kills every process in it: the jailed Firecracker goes
 //! within the same second, whatever its uid. Killing the guard is how hearth kills the VM, and the
-//! guard exits with the jailer's (Firecracker's) exit status.
+//! guard exits with the jailer's (Firecracker's) exit status. What the VMM must enter (its
+//! cgroups, a network namespace: [`Enter`]) the guard enters before it forks the VMM, so the VMM
+//! inherits it.
 //!
 //! After `clone` only async-signal-safe system calls run (hearth is multi-threaded): everything the
 //! guard and the jailer need is allocated before.
@@ -17,11 +20,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-use super::SpawnRequest;
+use super::{Enter, SpawnRequest};
 
-/// Starts `request` under a guard; returns the guard's pid (a child of the calling thread, to be
-/// waited for with `waitpid`). Call it from the spawner thread, like every VMM spawn.
-pub(crate) fn spawn_guarded(request: &SpawnRequest) -> io::Result<u32> {
+/// Starts `request` under a guard that first enters `enter`; returns the guard's pid (a child of
+/// the calling thread, to be waited for with `waitpid`). Call it from the spawner thread, like
+/// every VMM spawn.
+pub(crate) fn spawn_guarded(request: &SpawnRequest, enter: &Enter) -> io::Result<u32> {
     let nul = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} has a NUL"));
     let program =
         CString::new(request.program.as_os_str().as_bytes()).map_err(|_| nul("the VMM path"))?;
@@ -79,7 +83,7 @@ pub(crate) fn spawn_guarded(request: &SpawnRequest) -> io::Result<u32> {
     }
     if pid == 0 {
         // SAFETY: in the cloned child; never returns.
-        unsafe { guard(request.detached, pipes, fds, &program, &argv, &envp) }
+        unsafe { guard(request.detached, enter, pipes, fds, &program, &argv, &envp) }
     }
     drop(alive_read);
     drop(armed_write);
@@ -142,6 +146,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// VMM and reaps everything until the VMM exits, then exits with the VMM's status.
 unsafe fn guard(
     detached: bool,
+    enter: &Enter,
     [alive_read, alive_write, armed_read, armed_write]: [RawFd; 4],
     fds: [RawFd; 3],
     program: &CString,
@@ -175,6 +180,11 @@ unsafe fn guard(
         }
     }
     libc::close(alive_read);
+    if enter.apply().is_err() {
+        let message = b"hearth: VMM guard: cannot enter the VMM's cgroups or network namespace\n";
+        libc::write(fds[2], message.as_ptr().cast(), message.len());
+        libc::_exit(126);
+    }
     // The guard lives as long as the VM: it must not hold hearth's other fds (listening sockets,
     // a caller's pipes). Its own 0-2 become the VMM's, everything else goes — before the "armed"
     // byte, so that once the caller hears it the guard holds nothing else.

@@ -10,11 +10,14 @@
 //! (the node daemon's) gets its own session instead and no parent-death signal.
 //!
 //! `guard.rs`: the guard process a jailed VMM runs under; `foreign.rs`: watching a process that is
-//! not (necessarily) our child, by identity and pidfd.
+//! not (necessarily) our child, by identity and pidfd; `enter.rs`: the cgroups and network
+//! namespace a confined VMM enters before exec.
 
+mod enter;
 mod foreign;
 mod guard;
 
+pub(crate) use enter::Enter;
 pub use foreign::{ForeignProcess, ProcessIdentity};
 
 use std::fs::File;
@@ -40,17 +43,18 @@ pub(crate) struct SpawnRequest {
 }
 
 enum Job {
-    Plain(SpawnRequest, mpsc::SyncSender<io::Result<Child>>),
+    Plain(SpawnRequest, Enter, mpsc::SyncSender<io::Result<Child>>),
     /// Under a guard process (`crate::process::guard`); answers the guard's pid.
-    Guarded(SpawnRequest, mpsc::SyncSender<io::Result<u32>>),
+    Guarded(SpawnRequest, Enter, mpsc::SyncSender<io::Result<u32>>),
 }
 
 static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
 
-/// Spawns the VMM from the long-lived spawner thread, with PDEATHSIG and its own process group.
-pub(crate) fn spawn_vmm(request: SpawnRequest) -> io::Result<Child> {
+/// Spawns the VMM from the long-lived spawner thread, with PDEATHSIG and its own process group, the
+/// child first entering what `enter` holds (its cgroups, a network namespace).
+pub(crate) fn spawn_vmm_in(request: SpawnRequest, enter: Enter) -> io::Result<Child> {
     let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-    submit(Job::Plain(request, reply_tx))?;
+    submit(Job::Plain(request, enter, reply_tx))?;
     reply_rx
         .recv()
         .map_err(|_| io::Error::other("VMM spawner thread is gone"))?
@@ -60,8 +64,13 @@ pub(crate) fn spawn_vmm(request: SpawnRequest) -> io::Result<Child> {
 /// parent-death tie (see `crate::process::guard`). Returns the guard's pid: a child of this process, reaped
 /// with `waitpid`; killing it kills the VMM.
 pub(crate) fn spawn_guarded_vmm(request: SpawnRequest) -> io::Result<u32> {
+    spawn_guarded_vmm_in(request, Enter::default())
+}
+
+/// [`spawn_guarded_vmm`], the guard (and so the VMM) first entering what `enter` holds.
+pub(crate) fn spawn_guarded_vmm_in(request: SpawnRequest, enter: Enter) -> io::Result<u32> {
     let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-    submit(Job::Guarded(request, reply_tx))?;
+    submit(Job::Guarded(request, enter, reply_tx))?;
     reply_rx
         .recv()
         .map_err(|_| io::Error::other("VMM spawner thread is gone"))?
@@ -75,9 +84,11 @@ fn submit(job: Job) -> io::Result<()> {
             .spawn(move || {
                 for job in rx {
                     match job {
-                        Job::Plain(request, reply) => drop(reply.send(spawn_here(request))),
-                        Job::Guarded(request, reply) => {
-                            drop(reply.send(guard::spawn_guarded(&request)))
+                        Job::Plain(request, enter, reply) => {
+                            drop(reply.send(spawn_here(request, enter)))
+                        }
+                        Job::Guarded(request, enter, reply) => {
+                            drop(reply.send(guard::spawn_guarded(&request, &enter)))
                         }
                     }
                 }
@@ -90,7 +101,7 @@ fn submit(job: Job) -> io::Result<()> {
         .map_err(|_| io::Error::other("VMM spawner thread is gone"))
 }
 
-fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
+fn spawn_here(request: SpawnRequest, enter: Enter) -> io::Result<Child> {
     let parent = std::process::id();
     let stdout = match request.stdout {
         Some(file) => file,
@@ -102,6 +113,10 @@ fn spawn_here(request: SpawnRequest) -> io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(request.log);
+    // SAFETY: `Enter::apply` calls only write and setns on descriptors opened beforehand.
+    unsafe {
+        command.pre_exec(move || enter.apply());
+    }
     if request.detached {
         // SAFETY: setsid is async-signal-safe and allocates nothing.
         unsafe {

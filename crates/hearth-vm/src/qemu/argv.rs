@@ -1,5 +1,6 @@
 //! Renders a [`VmSpec`] into QEMU's argument vector. Pure: no I/O, so `--dry-run` prints exactly what
-//! `start` runs.
+//! `start` runs, apart from the per-VM user and chroot of a confined VMM ([`confinement`], appended
+//! at start once its uid is leased).
 
 use std::path::Path;
 
@@ -11,6 +12,34 @@ use crate::spec::VmSpec;
 /// finds its virtio-mmio devices through ACPI. pit/pic/rtc stay at their defaults: turning them off
 /// measured slower.
 const MACHINE: &str = "microvm,x-option-roms=off";
+/// TCG's translation cache in MiB. QEMU 7.2's default is 1 GiB, touched as guest code runs, which
+/// would make the VMM's memory limit (`crate::confine::VMM_OVERHEAD_MIB`) a matter of luck; a
+/// small guest's hot code fits many times over (QEMU flushes the cache when it fills).
+const TCG_TB_MIB: u32 = 128;
+
+/// QEMU's seccomp filter: no obsolete system calls, no fork or exec, no changing scheduling or
+/// resource limits, and no set*id calls once running. `drops_uid`: QEMU drops to its own uid
+/// (`-runas`, see [`confinement`]) itself, and QEMU 7.2 installs the filter *before* it drops, so
+/// a filter denying set*id kills it (SIGSYS) at the drop; such a QEMU gets
+/// `elevateprivileges=allow`. Nothing is lost by it: after the drop every one of its uids and gids
+/// is unprivileged and its capabilities are gone, so no set*id call can gain anything, and it
+/// cannot exec a setuid binary (`spawn=deny`, and the filter sets `no_new_privs`).
+pub(super) fn sandbox(drops_uid: bool) -> String {
+    let elevate = if drops_uid { "allow" } else { "deny" };
+    format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny")
+}
+
+/// The arguments that drop a started QEMU into its confinement once it has opened its files:
+/// chroot into `chroot` (an empty directory), then become `uid`:`gid` (numeric, no supplementary
+/// groups).
+pub(super) fn confinement(uid: u32, gid: u32, chroot: &Path) -> Vec<String> {
+    vec![
+        "-chroot".into(),
+        path(chroot),
+        "-runas".into(),
+        format!("{uid}:{gid}"),
+    ]
+}
 
 pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
@@ -23,12 +52,14 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
         "-nographic",
         "-no-reboot",
     ]);
+    push(&["-sandbox", &sandbox(crate::confine::enabled())]);
 
     let mut cmdline = spec.cmdline.clone();
     match qemu.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         _ => {
-            push(&["-accel", "tcg", "-cpu", TCG_CPU]);
+            let tcg = format!("tcg,tb-size={TCG_TB_MIB}");
+            push(&["-accel", &tcg, "-cpu", TCG_CPU]);
             if let Some(khz) = qemu.tsc_khz {
                 cmdline.set(format!("tsc_early_khz={khz}"));
             }
@@ -69,7 +100,10 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
         if !drive.read_only {
             // The writable disk is per-sandbox and thrown away with it: guest flushes need not
             // reach the host disk, and freed blocks should be returned to the sparse file.
-            options.push_str(",cache=unsafe,discard=unmap");
+            // `auto-read-only=off`: with it on (the -drive default) QEMU reopens the image by path
+            // to drop write access when a migration pauses the disks, which a chrooted QEMU
+            // cannot: saving a template or a running VM then fails in bdrv_inactivate_all.
+            options.push_str(",cache=unsafe,discard=unmap,auto-read-only=off");
         }
         push(&["-drive", &options]);
         push(&[
@@ -147,7 +181,7 @@ mod tests {
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "missing {flag}");
         }
-        assert_eq!(values(&args, "-accel"), ["tcg"]);
+        assert_eq!(values(&args, "-accel"), ["tcg,tb-size=128"]);
         assert_eq!(values(&args, "-m"), ["768M"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
@@ -158,6 +192,22 @@ mod tests {
         );
         assert!(append.split(' ').any(|p| p == "console=ttyS0"), "{append}");
         assert!(!append.contains("acpi=off"));
+    }
+
+    #[test]
+    fn every_qemu_runs_under_seccomp_and_a_confined_one_drops_into_its_chroot_and_uid() {
+        let qemu = QemuVmm::new("qemu", Accel::Tcg, Some(1)).unwrap();
+        let sandbox = values(&render(&qemu, &spec()), "-sandbox")[0].to_owned();
+        assert!(sandbox.starts_with("on,obsolete=deny,"), "{sandbox}");
+        assert!(
+            sandbox.contains("spawn=deny,resourcecontrol=deny"),
+            "{sandbox}"
+        );
+        assert!(super::sandbox(false).contains("elevateprivileges=deny"));
+        assert!(super::sandbox(true).contains("elevateprivileges=allow"));
+        let drop = confinement(0x6a00_0001, 0x6a00_0001, Path::new("/h/run/vm/vmm-root"));
+        assert_eq!(values(&drop, "-chroot"), ["/h/run/vm/vmm-root"]);
+        assert_eq!(values(&drop, "-runas"), ["1778384897:1778384897"]);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! A small synchronous QMP (QEMU Machine Protocol) client over QEMU's Unix socket: greeting and
-//! capabilities negotiation, commands with their replies, and asynchronous events (queued while a
-//! command waits for its reply). Touches only the socket it is given.
+//! capabilities negotiation, commands with their replies, asynchronous events (queued while a
+//! command waits for its reply), and handing QEMU a file descriptor (`getfd`, the descriptor sent
+//! with SCM_RIGHTS alongside the command) for a confined QEMU that can no longer open host paths.
+//! Touches only the socket it is given.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, IoSlice, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -55,6 +58,22 @@ impl Qmp {
 
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None)
+    }
+
+    /// Hands QEMU a duplicate of `fd` under `name` (`getfd`), for commands that take `fd:NAME`
+    /// (`migrate`, `migrate-incoming`). QEMU closes its copy when the command using it is done.
+    pub fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_passing("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .map(drop)
+    }
+
+    fn execute_passing(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         self.next_id += 1;
         let id = self.next_id;
         let mut request = json!({ "execute": command, "id": id });
@@ -63,7 +82,10 @@ impl Qmp {
         }
         let mut bytes = serde_json::to_vec(&request).expect("JSON value serializes");
         bytes.push(b'\n');
-        self.writer.write_all(&bytes)?;
+        match fd {
+            None => self.writer.write_all(&bytes)?,
+            Some(fd) => send_with_fd(&self.writer, &bytes, fd)?,
+        }
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -199,6 +221,25 @@ impl Qmp {
             }
         }
     }
+}
+
+/// Sends `bytes` in one message carrying `fd` (QEMU takes the descriptor from the message that
+/// holds the command's first byte, so the command must not be split before it).
+fn send_with_fd(socket: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    let control = [ControlMessage::ScmRights(&fds)];
+    let sent = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        &control,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    // The descriptor went with the first byte; the rest (rarely any) follows as plain data.
+    let mut writer = socket;
+    writer.write_all(&bytes[sent..])
 }
 
 fn as_event(message: &Value) -> Option<QmpEvent> {

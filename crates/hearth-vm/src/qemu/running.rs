@@ -1,7 +1,9 @@
 //! A started QEMU: its process ([`VmProcess`]: exit recorded once, run directory removed, killed on
 //! drop unless released), QMP connection and agent endpoint. Start-up waits for QMP to answer and
 //! fails fast (with QEMU's stderr and the console tail) if QEMU exits first; a VM started with
-//! `restore_from` then loads its saved state. A detached QEMU can be adopted by another process
+//! `restore_from` then loads its saved state. Every QEMU is confined (`crate::confine`: its own
+//! uid, chroot and cgroup, entered before exec; seccomp from the argv) and runs in the VM's network
+//! namespace when the spec names one. A detached QEMU can be adopted by another process
 //! ([`RunningQemu::adopt`]).
 
 use std::os::unix::net::UnixStream;
@@ -11,11 +13,12 @@ use std::time::{Duration, Instant};
 use super::snapshot::restore::load_and_continue;
 use super::snapshot::{save::save, SnapshotError};
 use super::{argv, QemuError, QemuVmm, Qmp, QmpError};
+use crate::confine;
 use crate::detached::DetachedRecord;
 use crate::error::VmError;
-use crate::lifecycle::{Diagnose, VmExit, VmProcess};
+use crate::lifecycle::{remove_leftovers, Diagnose, VmExit, VmProcess};
 use crate::process::ProcessIdentity;
-use crate::process::{spawn_vmm, SpawnRequest};
+use crate::process::{spawn_guarded_vmm_in, spawn_vmm_in, Enter, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::spec::VmSpec;
 use crate::vmm::{AgentEndpoint, RunningVm, SavedState};
@@ -26,6 +29,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// After a failed state load QEMU prints why and exits at once; its stderr is read after this.
 const RESTORE_FAILURE_EXIT: Duration = Duration::from_secs(2);
+/// How long an adopted QEMU whose QMP socket refuses connections gets to show that it exited.
+const ADOPT_EXIT_GRACE: Duration = Duration::from_secs(1);
 const NAME: &str = "qemu";
 /// The saved state's file name inside a [`RunningVm::save_state`] directory.
 const SAVED_STATE: &str = "state";
@@ -56,27 +61,27 @@ impl RunningQemu {
         }
         let run_dir = &spec.run_dir;
         rundir::create(run_dir)?;
-        let log_path = run_dir.join(rundir::VMM_LOG);
-        let log = std::fs::File::create(&log_path).map_err(|source| VmError::Io {
-            what: "creating",
-            path: log_path.clone(),
-            source,
-        })?;
-        let request = SpawnRequest {
-            program: qemu.binary.clone(),
-            args: argv::render(qemu, spec),
-            log,
-            stdout: None,
-            detached: spec.detached,
-        };
-        let child = spawn_vmm(request).map_err(|source| {
-            let _ = std::fs::remove_dir_all(run_dir);
-            VmError::Spawn {
-                program: qemu.binary.clone(),
-                source,
+        let confined = match confine::prepare(run_dir, spec.memory_mib, spec.vcpus) {
+            Ok(confined) => confined,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(run_dir);
+                return Err(e);
             }
-        })?;
-        let process = VmProcess::child(NAME, child, run_dir, diagnose(&spec.console_log))?;
+        };
+        let leftovers = confined
+            .as_ref()
+            .map(|c| c.leftovers.clone())
+            .unwrap_or_default();
+        let launched = Self::launch(qemu, spec, confined);
+        let process = match launched {
+            Ok(process) => process.with_leftovers(leftovers.clone()),
+            Err(e) => {
+                remove_leftovers(&leftovers);
+                let _ = std::fs::remove_dir_all(run_dir);
+                return Err(e);
+            }
+        };
+        let log_path = run_dir.join(rundir::VMM_LOG);
         let mut vm = RunningQemu {
             process,
             endpoint: AgentEndpoint::Stream(spec.agent_socket.clone()),
@@ -97,7 +102,7 @@ impl RunningQemu {
                     vsock_port: None,
                     console_log: spec.console_log.clone(),
                     log: None,
-                    cgroups: Vec::new(),
+                    cgroups: leftovers,
                 }
                 .write(run_dir)?;
             }
@@ -116,6 +121,62 @@ impl RunningQemu {
         }
         tracing::debug!(pid = vm.pid(), run_dir = %run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
         Ok(vm)
+    }
+
+    /// Spawns QEMU in `spec.run_dir` (created), confined by `confined` when set, in the VM's
+    /// network namespace when it has one. A confined QEMU runs under a guard process
+    /// (`crate::process`): its uid change clears its parent-death signal, and the guard's PID
+    /// namespace is what still ties it to hearth.
+    fn launch(
+        qemu: &QemuVmm,
+        spec: &VmSpec,
+        confined: Option<confine::Confined>,
+    ) -> Result<VmProcess, VmError> {
+        let run_dir = &spec.run_dir;
+        let log_path = run_dir.join(rundir::VMM_LOG);
+        let log = std::fs::File::create(&log_path).map_err(|source| VmError::Io {
+            what: "creating",
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut args = argv::render(qemu, spec);
+        let mut enter = Enter::default();
+        let guarded = confined.is_some();
+        if let Some(confined) = confined {
+            args.extend(argv::confinement(
+                confined.uid,
+                confined.gid,
+                &confined.chroot,
+            ));
+            enter = confined.enter;
+        }
+        if let Some(netns) = spec.network.as_ref().and_then(|n| n.netns.as_ref()) {
+            let file = Enter::netns(netns).map_err(|source| VmError::Io {
+                what: "opening the VM's network namespace",
+                path: netns.clone(),
+                source,
+            })?;
+            enter.netns = Some(file);
+        }
+        let request = SpawnRequest {
+            program: qemu.binary.clone(),
+            args,
+            log,
+            stdout: None,
+            detached: spec.detached,
+        };
+        let spawn_error = |source| VmError::Spawn {
+            program: qemu.binary.clone(),
+            source,
+        };
+        let diagnose = diagnose(&spec.console_log);
+        if guarded {
+            let pid = spawn_guarded_vmm_in(request, enter).map_err(spawn_error)?;
+            VmProcess::guard(NAME, pid, run_dir, diagnose)
+        } else {
+            let child = spawn_vmm_in(request, enter).map_err(spawn_error)?;
+            VmProcess::child(NAME, child, run_dir, diagnose)
+        }
     }
 
     /// Loads the saved state into a QEMU started with `-incoming defer` and lets it run. On
@@ -152,12 +213,22 @@ impl RunningQemu {
 
     /// Takes over the detached QEMU `record` describes (see [`crate::adopt()`]).
     pub(crate) fn adopt(run_dir: &Path, record: DetachedRecord) -> Result<Self, VmError> {
-        let process =
-            VmProcess::adopted(NAME, record.process, run_dir, diagnose(&record.console_log))?;
+        let mut process =
+            VmProcess::adopted(NAME, record.process, run_dir, diagnose(&record.console_log))?
+                .with_leftovers(record.cgroups.clone());
         // QMP serves one client at a time; the previous owner's connection died with it.
         let qmp = match Qmp::connect(&record.control_socket) {
             Ok(qmp) => Some(qmp),
             Err(e) => {
+                // A confined QEMU's recorded process is its guard, which outlives a killed QEMU
+                // by a moment: a refused control socket and an exit right after mean it is gone.
+                if let Ok(Some(_)) = process.wait_status(Some(ADOPT_EXIT_GRACE)) {
+                    process.release();
+                    return Err(VmError::Gone {
+                        run_dir: run_dir.to_owned(),
+                        pid: record.process.pid,
+                    });
+                }
                 tracing::warn!(
                     pid = process.pid(),
                     "adopted qemu: QMP unavailable ({e}); stop will kill it"

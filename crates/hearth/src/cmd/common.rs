@@ -28,8 +28,8 @@ pub struct VmArgs {
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// With Firecracker: run it through its jailer (chroot, cgroup limits, PID namespace) as this
-    /// unprivileged user and group.
-    #[arg(long, value_name = "UID:GID", value_parser = parse_ids)]
+    /// unprivileged user and group, or `auto`: as a uid and gid of each VM's own.
+    #[arg(long, value_name = "UID:GID|auto", value_parser = parse_ids)]
     pub jailer: Option<(u32, u32)>,
     /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
     #[arg(long)]
@@ -75,8 +75,11 @@ impl VmArgs {
     }
 }
 
-/// `UID:GID`, numeric.
+/// `UID:GID`, numeric, or `auto` (a uid and gid per VM).
 fn parse_ids(value: &str) -> Result<(u32, u32), String> {
+    if value == "auto" {
+        return Ok(hearth_vm::confine::JAILER_PER_VM_IDS);
+    }
     let (uid, gid) = value
         .split_once(':')
         .ok_or("expected UID:GID, e.g. 1234:1234")?;
@@ -187,6 +190,7 @@ mod tests {
         assert_eq!(parse_ids("1234:5678"), Ok((1234, 5678)));
         assert!(parse_ids("1234").is_err());
         assert!(parse_ids("me:you").is_err());
+        assert_eq!(parse_ids("auto"), Ok(hearth_vm::confine::JAILER_PER_VM_IDS));
     }
 
     /// The sandbox config `hearth run` and `hearth serve` (its sandbox defaults) build from `vm`.

@@ -15,8 +15,13 @@ pub enum CgroupLayout {
     /// `cgroup.controllers` offers `cpu` and `memory`.
     V2 { root: PathBuf },
     /// cgroup v1: the first v1 hierarchies whose mount options name `cpu` and `memory` (one path
-    /// twice when both are mounted together).
-    V1 { cpu: PathBuf, memory: PathBuf },
+    /// twice when both are mounted together), and `pids` where mounted (the jailer does not use
+    /// it; hearth's own VMM cgroups do, see `crate::confine`).
+    V1 {
+        cpu: PathBuf,
+        memory: PathBuf,
+        pids: Option<PathBuf>,
+    },
 }
 
 /// Why the host's cgroup layout cannot carry the jailer's limits.
@@ -77,7 +82,11 @@ impl CgroupLayout {
                 .map(|(dir, _, _)| unescape(dir))
         };
         match (v1("cpu"), v1("memory")) {
-            (Some(cpu), Some(memory)) => Ok(CgroupLayout::V1 { cpu, memory }),
+            (Some(cpu), Some(memory)) => Ok(CgroupLayout::V1 {
+                cpu,
+                memory,
+                pids: v1("pids"),
+            }),
             _ => Err(NoCgroupLayout(match unified {
                 Some(root) => format!(
                     "the cgroup2 hierarchy at {} does not offer both the cpu and memory \
@@ -118,13 +127,48 @@ impl CgroupLayout {
     pub fn dirs(&self, parent: &str, id: &str) -> Vec<PathBuf> {
         let hierarchies = match self {
             CgroupLayout::V2 { root } => vec![root],
-            CgroupLayout::V1 { cpu, memory } if cpu == memory => vec![cpu],
-            CgroupLayout::V1 { cpu, memory } => vec![cpu, memory],
+            CgroupLayout::V1 { cpu, memory, .. } if cpu == memory => vec![cpu],
+            CgroupLayout::V1 { cpu, memory, .. } => vec![cpu, memory],
         };
         hierarchies
             .into_iter()
             .map(|h| h.join(parent).join(id))
             .collect()
+    }
+
+    /// Where a cgroup `<parent>/<id>` limiting memory to `memory_bytes` and tasks to `pids_max`
+    /// lives, as (directory, [(limit file, value)]) per hierarchy, in the order to create them.
+    /// v2: one directory with `memory.max` and `pids.max`; v1: the memory hierarchy's
+    /// `memory.limit_in_bytes` and, where the pids controller is mounted, its `pids.max`.
+    pub fn memory_and_pids(
+        &self,
+        parent: &str,
+        id: &str,
+        memory_bytes: u64,
+        pids_max: u64,
+    ) -> Vec<(PathBuf, Vec<(&'static str, String)>)> {
+        match self {
+            CgroupLayout::V2 { root } => vec![(
+                root.join(parent).join(id),
+                vec![
+                    ("memory.max", memory_bytes.to_string()),
+                    ("pids.max", pids_max.to_string()),
+                ],
+            )],
+            CgroupLayout::V1 { memory, pids, .. } => {
+                let mut dirs = vec![(
+                    memory.join(parent).join(id),
+                    vec![("memory.limit_in_bytes", memory_bytes.to_string())],
+                )];
+                if let Some(pids) = pids {
+                    dirs.push((
+                        pids.join(parent).join(id),
+                        vec![("pids.max", pids_max.to_string())],
+                    ));
+                }
+                dirs
+            }
+        }
     }
 }
 
@@ -188,9 +232,23 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory
             CgroupLayout::V1 {
                 cpu: "/sys/fs/cgroup/cpu".into(),
                 memory: "/sys/fs/cgroup/memory".into(),
+                pids: Some("/sys/fs/cgroup/pids".into()),
             }
         );
         assert_eq!(layout.version(), 1);
+        assert_eq!(
+            layout.memory_and_pids("hearth", "vm1", 1 << 29, 64),
+            [
+                (
+                    PathBuf::from("/sys/fs/cgroup/memory/hearth/vm1"),
+                    vec![("memory.limit_in_bytes", "536870912".to_owned())]
+                ),
+                (
+                    PathBuf::from("/sys/fs/cgroup/pids/hearth/vm1"),
+                    vec![("pids.max", "64".to_owned())]
+                ),
+            ]
+        );
         // Co-mounted controllers (cpu,cpuacct) are found by option, not by directory name.
         let comounted = HYBRID_V1.replace(
             "/sys/fs/cgroup/cpu cgroup rw,relatime,cpu ",
@@ -263,9 +321,20 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory
             v2.dirs("firecracker", "vm1"),
             [PathBuf::from("/sys/fs/cgroup/firecracker/vm1")]
         );
+        assert_eq!(
+            v2.memory_and_pids("hearth", "vm1", 1 << 29, 64),
+            [(
+                PathBuf::from("/sys/fs/cgroup/hearth/vm1"),
+                vec![
+                    ("memory.max", "536870912".to_owned()),
+                    ("pids.max", "64".to_owned())
+                ]
+            )]
+        );
         let together = CgroupLayout::V1 {
             cpu: "/c".into(),
             memory: "/c".into(),
+            pids: None,
         };
         assert_eq!(together.dirs("p", "i"), [PathBuf::from("/c/p/i")]);
     }

@@ -1,21 +1,29 @@
-//! Feeding a QEMU started with `-incoming defer` its template state over QMP: `migrate-incoming`
-//! from `exec:cat STATE`, wait until the run state leaves `inmigrate`, `cont` (the template was
-//! saved paused). Touches only the QMP connection (QEMU reads the state file itself).
+//! Feeding a QEMU started with `-incoming defer` its saved state over QMP: the state file, opened
+//! here, is handed to QEMU with `getfd` (a confined QEMU can neither open host paths nor run
+//! `exec:cat`), then `migrate-incoming` from `fd:NAME`, wait until the run state leaves
+//! `inmigrate`, `cont` (the state was saved paused). Touches only `state` (read) and the QMP
+//! connection.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::qemu::Qmp;
-use crate::vmm::shell_quote;
 
 /// Loading ~70 MB takes 0.1-0.4 s here; far longer means QEMU is stuck.
 const LOAD_DEADLINE: Duration = Duration::from_secs(60);
+/// The name QEMU knows the state file's descriptor by.
+const FD_NAME: &str = "hearth-restore";
 
 /// Loads `state` and lets the guest run. The error says what QMP reported; QEMU itself exits when
 /// the state does not load, so the caller adds its stderr.
 pub(crate) fn load_and_continue(qmp: &mut Qmp, state: &Path) -> Result<(), String> {
-    let uri = format!("exec:cat {}", shell_quote(&state.to_string_lossy()));
-    qmp.migrate_incoming(&uri)
+    let input =
+        std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?;
+    qmp.send_fd(FD_NAME, input.as_fd())
+        .map_err(|e| format!("QMP getfd: {e}"))?;
+    drop(input); // QEMU holds its own copy now
+    qmp.migrate_incoming(&format!("fd:{FD_NAME}"))
         .map_err(|e| format!("QMP migrate-incoming: {e}"))?;
     let deadline = Instant::now() + LOAD_DEADLINE;
     loop {

@@ -1,21 +1,33 @@
-//! Saving a running QEMU's memory and device state to a file over QMP: `stop`, `migrate` to
-//! `exec:cat > FILE`, wait for `completed`. Used to build boot templates and to save live VMs
-//! ([`crate::RunningVm::save_state`]). Touches only the QMP connection (QEMU writes the file).
+//! Saving a running QEMU's memory and device state to a file over QMP: `stop`, hand QEMU the file
+//! (opened here, passed with `getfd`: a confined QEMU can neither open host paths nor run
+//! `exec:cat`), `migrate` to `fd:NAME`, wait for `completed`. Used to build boot templates and to
+//! save live VMs ([`crate::RunningVm::save_state`]). Touches only `file` and the QMP connection.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::qemu::Qmp;
-use crate::vmm::shell_quote;
 
 /// Saving ~70 MB took 0.5 s; this bounds a wedged migration.
 const SAVE_DEADLINE: Duration = Duration::from_secs(120);
+/// The name QEMU knows the state file's descriptor by.
+const FD_NAME: &str = "hearth-save";
 
-/// Pauses the guest and migrates its state into `file`.
+/// Pauses the guest and migrates its state into `file` (created, or truncated).
 pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), String> {
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(file)
+        .map_err(|e| format!("creating {}: {e}", file.display()))?;
     qmp.stop().map_err(|e| format!("QMP stop: {e}"))?;
-    let uri = format!("exec:cat > {}", shell_quote(&file.to_string_lossy()));
-    qmp.migrate(&uri).map_err(|e| format!("QMP migrate: {e}"))?;
+    qmp.send_fd(FD_NAME, out.as_fd())
+        .map_err(|e| format!("QMP getfd: {e}"))?;
+    drop(out); // QEMU holds its own copy now
+    qmp.migrate(&format!("fd:{FD_NAME}"))
+        .map_err(|e| format!("QMP migrate: {e}"))?;
     let deadline = Instant::now() + SAVE_DEADLINE;
     loop {
         let (status, error) = qmp
