@@ -9,6 +9,8 @@ Images (each an OCI layout directory under OUT/<name>, tag `latest`):
   multiarch  an OCI index with linux/amd64 and linux/arm64 manifests; /platform names the platform
   scratch    one gzip layer holding only /bin/busybox (Debian's busybox-static): no /etc at all, no
              User, like an image built FROM scratch around a static binary; Cmd `/bin/busybox id`
+  symlinks   a hostile image: busybox with /etc a symlink to `/` and /tmp a symlink to `../../..`,
+             so that following them at boot would take the agent's writes out of the workload root
 
 Idempotent: an image whose layout already exists with the same recipe version is left alone.
 Usage: build-test-images.py OUT_DIR [NAME...]   (default: every image)
@@ -242,8 +244,21 @@ def build_scratch(layout):
     layout.finish(layout.image([(t.bytes(), MT_GZIP)], {"Cmd": ["/bin/busybox", "id"]}))
 
 
+def build_symlinks(layout):
+    t = TarBuilder()
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "root", "proc", "sys", "dev", "run"):
+        t.dir(d)
+    t.symlink("etc", "/")
+    t.symlink("tmp", "../../..")
+    with open("/bin/busybox", "rb") as f:
+        t.file("bin/busybox", f.read(), 0o755)
+    t.symlink("bin/sh", "busybox")
+    config = {"Env": [PATH_ENV], "Cmd": ["sh"]}
+    layout.finish(layout.image([(t.bytes(), MT_GZIP)], config))
+
+
 BUILDERS = {"busybox": build_busybox, "python": build_python, "layers": build_layers,
-            "multiarch": build_multiarch, "scratch": build_scratch}
+            "multiarch": build_multiarch, "scratch": build_scratch, "symlinks": build_symlinks}
 
 
 def main():

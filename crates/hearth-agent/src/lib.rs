@@ -4,8 +4,9 @@
 //! workload root, then [`session::serve_port`] serves the host on the virtio-serial port (and
 //! [`session::serve_listener`] on vsock). Requests are routed in [`server`]; commands run through
 //! [`exec`] (agent side) and [`exec_init`] (the per-exec init process, PID 1 of the command's own
-//! PID namespace); file requests are in [`files`]. Outside a VM ([`standalone`]) the same binary
-//! serves on a Unix socket or an inherited fd, which is how the host-side tests run it.
+//! PID namespace); file requests are in [`files`]; port forwards in [`forward`]. The guest's
+//! network (`eth0`, resolver files) is set up by [`net`]. Outside a VM ([`standalone`]) the same
+//! binary serves on a Unix socket or an inherited fd, which is how the host-side tests run it.
 //! A template VM's agent (see [`pid1`]) holds HELLO back until a RESUME line ([`resume`]).
 
 use std::path::PathBuf;
@@ -14,6 +15,9 @@ use std::sync::Arc;
 pub mod exec;
 pub mod exec_init;
 pub mod files;
+pub mod forward;
+pub mod in_root;
+pub mod net;
 pub mod pid1;
 pub mod port;
 pub mod resume;
@@ -21,6 +25,7 @@ pub mod server;
 pub mod session;
 pub mod standalone;
 pub mod stream;
+pub mod workload_dev;
 
 /// The agent's version, announced in the handshake and in `GET /v1/info`.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -62,7 +67,7 @@ impl PowerControl for ExitProcess {
 
 /// What the agent serves.
 pub struct AgentConfig {
-    /// The workload root: commands run chrooted here and file paths are resolved inside it.
+    /// The workload root: every command's `/`; file paths are resolved inside it.
     pub root: PathBuf,
     /// The program re-executed (with [`EXEC_INIT_ARG`]) as each exec's init: this binary.
     pub exec_init_program: PathBuf,

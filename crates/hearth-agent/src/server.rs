@@ -11,7 +11,7 @@ use h2::{RecvStream, SendStream};
 use hearth_proto::{AgentError, AgentInfo, AgentRequest, PROTOCOL_MAJOR};
 use tokio_util::sync::CancellationToken;
 
-use crate::{exec, files, log, Agent};
+use crate::{exec, files, forward, log, Agent};
 
 /// Handles one HTTP/2 request. `session` is cancelled when the session that carried it ends.
 pub async fn handle(
@@ -50,6 +50,7 @@ pub async fn handle(
         AgentRequest::List { path } => respond_json(respond, files::list(root, &path)).await,
         AgentRequest::Info => respond_json(respond, Ok::<_, AgentError>(info())).await,
         AgentRequest::Shutdown => shutdown(&agent, session, respond).await,
+        AgentRequest::Forward { port } => forward::serve(session, port, body, respond).await,
     }
 }
 

@@ -9,6 +9,8 @@ pub mod exec;
 pub mod files;
 pub mod frame;
 pub mod handshake;
+pub mod net;
+pub mod ports;
 pub mod request;
 
 pub use error::{AgentError, ErrorKind};

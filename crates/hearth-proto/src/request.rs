@@ -30,6 +30,9 @@ pub enum AgentRequest {
     List { path: String },
     /// `GET /v1/info`: answers [`crate::AgentInfo`].
     Info,
+    /// `POST /v1/forward?port=N`: relays a TCP connection to `127.0.0.1:N` in the guest over the
+    /// stream (see [`crate::ports`]).
+    Forward { port: u16 },
     /// `POST /v1/shutdown`: kills every exec, syncs and unmounts, answers, then reboots the guest
     /// (the VM's clean exit).
     Shutdown,
@@ -38,7 +41,10 @@ pub enum AgentRequest {
 impl AgentRequest {
     pub fn method(&self) -> &'static str {
         match self {
-            AgentRequest::Exec | AgentRequest::Signal { .. } | AgentRequest::Shutdown => "POST",
+            AgentRequest::Exec
+            | AgentRequest::Signal { .. }
+            | AgentRequest::Shutdown
+            | AgentRequest::Forward { .. } => "POST",
             AgentRequest::PutFile { .. } => "PUT",
             AgentRequest::GetFile { .. }
             | AgentRequest::Stat { .. }
@@ -70,6 +76,7 @@ impl AgentRequest {
             AgentRequest::List { path } => format!("/v1/list?path={}", encode(path)),
             AgentRequest::Info => "/v1/info".into(),
             AgentRequest::Shutdown => "/v1/shutdown".into(),
+            AgentRequest::Forward { port } => format!("/v1/forward?port={port}"),
         }
     }
 
@@ -104,6 +111,9 @@ impl AgentRequest {
             },
             ("GET", "/v1/info") => AgentRequest::Info,
             ("POST", "/v1/shutdown") => AgentRequest::Shutdown,
+            ("POST", "/v1/forward") => AgentRequest::Forward {
+                port: query.number("port", 10)?,
+            },
             _ => {
                 return Err(AgentError::invalid(format!(
                     "no route for {method} {path} (agent protocol v{})",
@@ -111,6 +121,11 @@ impl AgentRequest {
                 )))
             }
         };
+        if let AgentRequest::Forward { port } = request {
+            if !crate::ports::valid_port(port) {
+                return Err(AgentError::invalid("port 0 cannot be forwarded"));
+            }
+        }
         if let AgentRequest::PutFile { mode, .. } = request {
             if mode > 0o7777 {
                 return Err(AgentError::invalid(format!(
@@ -245,6 +260,7 @@ mod tests {
             },
             AgentRequest::Info,
             AgentRequest::Shutdown,
+            AgentRequest::Forward { port: 8000 },
         ];
         for request in requests {
             let uri = request.path_and_query();
@@ -288,6 +304,10 @@ mod tests {
                 "not a permission mode",
             ),
             ("PUT", "/v1/files?path=/x&uid=-1", "not a valid number"),
+            ("POST", "/v1/forward", "`port` is missing"),
+            ("POST", "/v1/forward?port=0", "port 0"),
+            ("POST", "/v1/forward?port=65536", "not a valid number"),
+            ("GET", "/v1/forward?port=80", "no route"),
         ] {
             let err = AgentRequest::parse(method, uri).unwrap_err();
             assert_eq!(err.kind, crate::ErrorKind::InvalidRequest);

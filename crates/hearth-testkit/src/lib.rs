@@ -5,8 +5,10 @@
 //! Everything here is provisioned by the repository's scripts (`scripts/provision.sh`, which runs
 //! `scripts/provision-kube.sh`), never downloaded by tests. A test that needs something the machine
 //! cannot provide calls [`skip`] with the reason.
-//! This crate only reads the fixture cache and starts processes; it writes only into temp dirs.
+//! This crate only reads the fixture cache and starts processes; it writes only into temp dirs,
+//! except [`fake_internet`], which adds (and removes) a namespace, a veth pair and two routes.
 
+pub mod fake_internet;
 mod kube;
 mod registry;
 

@@ -1,14 +1,16 @@
 //! The exec-init: the agent binary re-executed (hidden argument [`crate::EXEC_INIT_ARG`]) as PID 1
 //! of a fresh PID and mount namespace, one per exec. It reads its [`ExecInitConfig`] from fd 3,
-//! mounts /proc for its namespace, chroots into the workload root, resolves the user, starts the
-//! command (stdin/stdout/stderr are its own fds 0-2), forwards every signal it receives to the
-//! command, reaps every process of the namespace, and when the command exits writes the command's
+//! mounts /proc for its namespace and makes the workload root its `/` ([`root`]), resolves the
+//! user, starts the command (stdin/stdout/stderr are its own fds 0-2) with docker's default
+//! capabilities and `no_new_privs` ([`caps`]), forwards every signal it receives to the command, reaps every process of the namespace, and when the command exits writes the command's
 //! [`ExitStatus`] to fd 3 and exits. Its exit kills whatever else still runs in the namespace.
 //!
 //! The workload cannot see the agent (it lives in the parent PID namespace) and cannot signal it.
 //! Single-threaded: runs before any async runtime exists.
 
+pub mod caps;
 mod lookup;
+mod root;
 mod user;
 
 use std::io::{Read, Write};
@@ -18,7 +20,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use hearth_proto::{ExecRequest, ExitStatus};
-use nix::mount::{mount, MsFlags};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -30,7 +31,7 @@ pub use user::{resolve as resolve_user, ResolvedUser, UserError};
 /// What the agent sends an exec-init on fd 3.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecInitConfig {
-    /// The workload root to chroot into.
+    /// The workload root to enter.
     pub root: PathBuf,
     pub request: ExecRequest,
 }
@@ -94,29 +95,7 @@ fn start(control: &mut UnixStream) -> Result<Pid, StartError> {
         serde_json::from_slice(&raw).map_err(|e| setup("parsing config from the agent", &e))?;
     let request = &config.request;
 
-    // Mounts made here (the new /proc) must not propagate back into the agent's namespace.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| setup("making mounts private", &e))?;
-    let proc_dir = config.root.join("proc");
-    let _ = std::fs::create_dir_all(&proc_dir);
-    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(
-        Some("proc"),
-        &proc_dir,
-        Some("proc"),
-        proc_flags,
-        None::<&str>,
-    )
-    .map_err(|e| setup(&format!("mounting /proc at {}", proc_dir.display()), &e))?;
-    nix::unistd::chroot(&config.root)
-        .map_err(|e| setup(&format!("chroot to {}", config.root.display()), &e))?;
-    std::env::set_current_dir("/").map_err(|e| setup("chdir /", &e))?;
+    root::enter(&config.root).map_err(|e| setup("entering the workload root", &e))?;
 
     let passwd = std::fs::read_to_string("/etc/passwd").ok();
     let group = std::fs::read_to_string("/etc/group").ok();
@@ -179,8 +158,9 @@ fn start_error(argv0: &str, program: &Path, error: &std::io::Error) -> StartErro
     }
 }
 
-/// In the command's process between fork and exec: own session, default signal handling, then the
-/// user's identity (groups and gid before uid, while still privileged).
+/// In the command's process between fork and exec: own session, default signal handling, docker's
+/// default capabilities ([`caps`]), then the user's identity (groups and gid before uid, while
+/// still privileged), and last `no_new_privs`.
 fn prepare_child(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
     let check = |ret: libc::c_int| {
         if ret < 0 {
@@ -202,11 +182,12 @@ fn prepare_child(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
             &empty,
             std::ptr::null_mut(),
         ))?;
+        caps::restrict_to_default()?;
         check(libc::setgroups(groups.len(), groups.as_ptr()))?;
         check(libc::setgid(gid))?;
         check(libc::setuid(uid))?;
     }
-    Ok(())
+    caps::set_no_new_privs()
 }
 
 /// Forwards signals to the command and reaps every process until the command exits.

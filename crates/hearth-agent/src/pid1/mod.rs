@@ -1,5 +1,5 @@
-//! The agent as the guest's PID 1: mounts, kernel modules, disks, the workload root, hostname and
-//! loopback, then serving the host on the virtio-serial port (and vsock when present). Any failure
+//! The agent as the guest's PID 1: mounts, kernel modules, disks, the workload root, hostname,
+//! loopback and the NIC ([`crate::net`]), then serving the host on the virtio-serial port (and vsock when present). Any failure
 //! before serving prints one `hearth-agent: FATAL:` line on the console and reboots, which ends the
 //! VM (QEMU runs with -no-reboot; Firecracker exits on reboot).
 //!
@@ -80,6 +80,7 @@ fn boot() -> Result<Booted, String> {
     }
     let (rootfs, scratch) = disks::wait_for_disks(DEVICE_TIMEOUT)?;
     mounts::mount_workload_root(&rootfs, &scratch, &hostname)?;
+    crate::net::boot_step(true, Some((Path::new(mounts::ROOT), &hostname)));
     log!(
         "{loaded} modules loaded, workload root mounted (uptime {})",
         uptime()
@@ -102,6 +103,7 @@ fn template_boot(listed: Vec<PathBuf>) -> Result<Booted, String> {
         );
     }
     let loaded = modules::load_all(&now).map_err(|e| e.to_string())?;
+    crate::net::boot_step(true, None);
     if let Err(e) = loopback_up() {
         log!("bringing up lo: {e} (continuing without loopback)");
     }

@@ -16,6 +16,23 @@ pub enum ModuleError {
     List { list: String, source: io::Error },
     #[error("loading kernel module {module}: {source} (is it built for this kernel? the initramfs must match the kernel release)")]
     Load { module: String, source: io::Error },
+    #[error("disabling module loading ({MODULES_DISABLED}): {0}")]
+    Disable(io::Error),
+}
+
+/// The one-way switch that ends module loading until the guest reboots.
+pub const MODULES_DISABLED: &str = "/proc/sys/kernel/modules_disabled";
+
+/// Ends module loading for the rest of the guest's life, for everyone (even a process that
+/// regained every capability). Call once every module is in: after the workload root is mounted
+/// in a cold boot, after RESUME's late init in a template-restored VM (never in the template
+/// itself, whose deferred modules load after RESUME).
+/// A kernel without module support has no switch: nothing to do.
+pub fn disable_loading() -> Result<(), ModuleError> {
+    match std::fs::write(MODULES_DISABLED, b"1\n") {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ModuleError::Disable(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Modules a template VM loads only after RESUME: probing the virtio disks must happen in each

@@ -50,6 +50,8 @@ impl TemplateResume {
         let loaded = modules::load_all(&self.deferred_modules).map_err(|e| e.to_string())?;
         let (rootfs, scratch) = disks::wait_for_disks(DEVICE_TIMEOUT)?;
         mounts::mount_workload_root(&rootfs, &scratch, &resume.hostname)?;
+        let root = std::path::Path::new(mounts::ROOT);
+        crate::net::boot_step(false, Some((root, &resume.hostname)));
         log!(
             "resumed: clock set, CRNG reseeded, {loaded} deferred modules loaded, workload root mounted (uptime {})",
             super::uptime()

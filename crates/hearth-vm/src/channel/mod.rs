@@ -25,6 +25,7 @@
 
 mod exec;
 mod files;
+mod forward;
 pub mod handshake;
 
 use std::io;
@@ -44,6 +45,7 @@ use tokio::time::Instant;
 
 pub use exec::{ExecHandle, ExecOutput, ExecResult, ExecStdin};
 pub use files::FileDownload;
+pub use forward::{ForwardError, PortStream};
 pub use hearth_proto::{ExecRequest, ExitStatus};
 
 /// Largest JSON answer to `info`, `stat`, `signal` and `shutdown` (each is a few hundred bytes; a
@@ -381,6 +383,7 @@ fn what(request: &AgentRequest) -> &'static str {
         AgentRequest::Stat { .. } => "a stat request",
         AgentRequest::List { .. } => "a directory listing request",
         AgentRequest::Info => "an info request",
+        AgentRequest::Forward { .. } => "a port forward",
     }
 }
 

@@ -32,8 +32,8 @@ pub use running::RunningFirecracker;
 use crate::spec::{SpecError, VmSpec};
 use crate::vmm::{Capabilities, LaunchPlan, RunningVm, VmError, Vmm};
 
-/// virtio-mmio transport, block devices, overlayfs and the virtio vsock transport. No
-/// virtio_console: the agent talks over vsock here.
+/// virtio-mmio transport, block devices, overlayfs, the virtio vsock transport and the NIC
+/// (virtio_net). No virtio_console: the agent talks over vsock here.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
@@ -41,6 +41,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "virtio_net",
 ];
 
 /// `sun_path` holds 108 bytes including the terminating NUL.

@@ -28,8 +28,15 @@ use crate::vmm::{BootTemplate, BootTemplates, Capabilities, LaunchPlan, RunningV
 pub const AGENT_PORT_NAME: &str = "hearth.agent";
 
 /// Guest modules for what this backend offers: virtio-mmio transport, block devices, the
-/// virtio-serial agent port, overlayfs. No vsock: QEMU here cannot offer vhost-vsock.
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "overlay"];
+/// virtio-serial agent port, overlayfs, the NIC (virtio_net pulls in net_failover and failover).
+/// No vsock: QEMU here cannot offer vhost-vsock.
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "overlay",
+    "virtio_net",
+];
 
 /// `-cpu` under TCG. Measured on the floor initramfs (5 boots each, same run): qemu64 and `max`
 /// boot equally fast within noise; qemu64 is the default and runs the x86-64 baseline static agent.
