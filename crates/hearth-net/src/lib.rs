@@ -20,6 +20,7 @@ pub mod ceiling;
 pub mod dns;
 pub mod learned;
 pub mod netns;
+pub mod network;
 pub mod nft;
 pub mod policy;
 pub mod proxy;

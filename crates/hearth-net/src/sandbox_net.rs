@@ -135,6 +135,32 @@ impl SandboxNet {
         })
     }
 
+    /// Takes over sandbox `id`'s network, made under `home` by another hearth process whose VMM
+    /// outlived it (the node daemon after a restart): the namespace and its tap stay as they are;
+    /// [`SandboxNet::set_rules`] replaces the table and [`SandboxNet::bind_services`] binds the
+    /// services anew (the old process's sockets died with it).
+    pub fn open(home: &Path, id: &str) -> Result<SandboxNet, SandboxNetError> {
+        validate_id(id)?;
+        let dir = net_root(home).join(id);
+        let netns_path = dir.join("netns");
+        let ns = NetNs::open(&netns_path)?;
+        let firewall = Firewall::open(&netns_path)?;
+        Ok(SandboxNet {
+            id: id.to_owned(),
+            dir,
+            netns_path,
+            ns,
+            firewall: Arc::new(firewall),
+            torn_down: false,
+        })
+    }
+
+    /// Lets go without removing anything: the namespace stays for a VMM that outlives this
+    /// process, for [`SandboxNet::open`] to take over.
+    pub fn release(mut self) {
+        self.torn_down = true;
+    }
+
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id

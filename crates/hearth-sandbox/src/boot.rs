@@ -7,9 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use hearth_image::PulledImage;
+use hearth_net::network::NetworkOptions;
+use hearth_net::policy::NetworkPolicy;
 use hearth_vm::kernel::resolve_kernel;
 use hearth_vm::{
-    select_backend, Accel, BackendRequest, Chosen, Drive, LaunchPlan, VmSpec, Vmm, HOSTNAME_PARAM,
+    select_backend, Accel, BackendRequest, Chosen, Drive, LaunchPlan, NetworkInterface, VmSpec,
+    Vmm, HOSTNAME_PARAM,
 };
 
 use crate::restore::{plan_restore, RestorePlan};
@@ -36,6 +39,35 @@ pub struct SandboxConfig {
     /// Restore QEMU VMs from a snapshot template instead of booting them (default on;
     /// `--no-snapshot`, `HEARTH_SNAPSHOT=0`).
     pub snapshot: bool,
+    /// Sandbox networking (the CLI and the daemon turn it on; `None`: the guest has no NIC).
+    pub network: Option<Networking>,
+    /// This sandbox's egress policy (with [`SandboxConfig::network`]); default `none`.
+    pub network_policy: NetworkPolicy,
+}
+
+/// How sandboxes get their network: one namespace, tap, firewall, resolver and egress proxy each
+/// (`hearth_net::network`).
+#[derive(Debug, Clone)]
+pub struct Networking {
+    pub options: NetworkOptions,
+    /// The directory whose `net/` holds the sandboxes' namespaces: `$HEARTH_HOME` for `hearth run`,
+    /// the node's own directory for the daemon, so each sweeps only its own.
+    pub home: PathBuf,
+}
+
+impl Networking {
+    /// The NIC a sandbox's VM gets: the tap inside the sandbox's own namespace.
+    pub fn interface(&self, id: &str) -> NetworkInterface {
+        NetworkInterface {
+            tap: hearth_net::addressing::TAP_NAME.into(),
+            mac: hearth_net::addressing::GUEST_MAC.into(),
+            netns: Some(
+                hearth_net::sandbox_net::net_root(&self.home)
+                    .join(id)
+                    .join("netns"),
+            ),
+        }
+    }
 }
 
 impl SandboxConfig {
@@ -51,6 +83,8 @@ impl SandboxConfig {
             agent: None,
             jailer: None,
             snapshot: crate::restore::snapshots_enabled_by_env(),
+            network: None,
+            network_policy: NetworkPolicy::none(),
         }
     }
 }
@@ -119,6 +153,7 @@ impl BootPlan {
             Drive::rootfs(&image.rootfs),
             Drive::scratch(run_dir.join("scratch.ext4")),
         ];
+        spec.network = config.network.as_ref().map(|n| n.interface(id));
         let (spec, restore, snapshot_note) =
             match plan_restore(config, vmm.as_ref(), &spec, &hostname, purpose) {
                 Ok((restore_spec, restore)) => {

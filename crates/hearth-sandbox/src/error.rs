@@ -26,6 +26,8 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error("sandbox network: {0}")]
+    Network(#[from] hearth_net::network::NetworkError),
     #[error(
         "no static guest agent found (looked in: {searched}); build it with scripts/build-agent.sh \
          and set HEARTH_AGENT, or run `hearth setup`"

@@ -17,8 +17,12 @@ pub mod node;
 pub mod restore;
 mod sandbox;
 
-pub use boot::{BootPlan, Purpose, SandboxConfig, VmmChoice};
+pub use boot::{BootPlan, Networking, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;
+/// Sandbox networking's vocabulary, re-exported for the CLI and the daemon.
+pub use hearth_net::network::{NetworkOptions, NetworkStats};
+pub use hearth_net::policy::{Entry as NetworkEntry, Mode as NetworkMode, NetworkPolicy};
+pub use hearth_net::proxy::RefusedAttempt;
 /// The exec and file vocabulary of the agent channel, re-exported so that callers of this crate
 /// (the CLI, the Kubernetes node agent) need not depend on `hearth-vm`.
 pub use hearth_vm::channel::{

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
+use hearth_net::network::SandboxNetwork;
 use hearth_vm::channel::{AgentClient, ChannelError, Resume};
 use hearth_vm::{AgentEndpoint, RunningVm, VmError, VmExit, VmSpec};
 
@@ -58,6 +59,8 @@ pub struct Sandbox {
     selection: String,
     /// Keeps the console log's disk use bounded while the sandbox lives.
     _console_trim: ConsoleTrim,
+    /// The guest's network (after `vm`: dropped once the VM is gone); taken out by `release`.
+    network: Mutex<Option<SandboxNetwork>>,
 }
 
 /// The task that trims a live sandbox's console log; stops with the sandbox.
@@ -124,7 +127,17 @@ impl Sandbox {
         let boot_image = image.clone();
         let plan_id = id.clone();
         let plan_dir = run_dir.clone();
-        let (plan, prepare) = tokio::task::spawn_blocking(move || {
+        let (plan, network, prepare) = tokio::task::spawn_blocking(move || {
+            // The namespace first: a boot template's VM is built in it too.
+            let network = match &config.network {
+                Some(networking) => Some(SandboxNetwork::start(
+                    &networking.home,
+                    &plan_id,
+                    config.network_policy.clone(),
+                    &networking.options,
+                )?),
+                None => None,
+            };
             let mut plan =
                 BootPlan::prepare_in(&config, &boot_image, &plan_id, &plan_dir, Purpose::Start)?;
             plan.spec.detached = detached;
@@ -132,7 +145,7 @@ impl Sandbox {
                 restore.cold_spec.detached = detached;
             }
             prepare_run_dir(&plan.spec, &config)?;
-            Ok::<_, SandboxError>((plan, started.elapsed()))
+            Ok::<_, SandboxError>((plan, network, started.elapsed()))
         })
         .await
         .expect("prepare task")?;
@@ -190,18 +203,32 @@ impl Sandbox {
             timings,
             selection,
             _console_trim: ConsoleTrim::start(console),
+            network: Mutex::new(network),
         })
     }
 
     /// Takes over the detached VM of sandbox `id` in `run_dir` (see [`Sandbox::create_detached`])
     /// and reconnects to its agent within `agent_deadline`. The VMM must still be the process
     /// that started it: otherwise [`VmError::Gone`]. A VM whose agent does not answer is killed.
+    ///
+    /// With `network` (its settings and the policy the sandbox had) the sandbox's network, which
+    /// outlived the previous process with the VM, is served again.
     pub async fn adopt(
         image: PulledImage,
         id: &str,
         run_dir: &Path,
         agent_deadline: Duration,
+        network: Option<(&crate::Networking, hearth_net::policy::NetworkPolicy)>,
     ) -> Result<Sandbox, SandboxError> {
+        let network = match network {
+            Some((networking, policy)) => Some(SandboxNetwork::adopt(
+                &networking.home,
+                id,
+                policy,
+                &networking.options,
+            )?),
+            None => None,
+        };
         let dir = run_dir.to_owned();
         let vm = tokio::task::spawn_blocking(move || hearth_vm::adopt(&dir))
             .await
@@ -231,6 +258,7 @@ impl Sandbox {
             timings: BootTimings::default(),
             selection: "adopted from a previous hearth process".into(),
             _console_trim: ConsoleTrim::start(console),
+            network: Mutex::new(network),
         })
     }
 
@@ -281,6 +309,45 @@ impl Sandbox {
     /// running for a later [`Sandbox::adopt`].
     pub fn release(&self) {
         self.vm.lock().unwrap_or_else(|e| e.into_inner()).release();
+        if let Some(network) = self.lock_network().take() {
+            network.release();
+        }
+    }
+
+    /// The egress policy in force, if the sandbox has a network.
+    pub fn network_policy(&self) -> Option<hearth_net::policy::NetworkPolicy> {
+        self.lock_network().as_ref().map(|n| n.policy())
+    }
+
+    /// Replaces the egress policy while the sandbox runs: in force for new connections and DNS
+    /// answers at once, and open connections it refuses are cut. `Ok(false)`: no network.
+    pub fn set_network_policy(
+        &self,
+        policy: hearth_net::policy::NetworkPolicy,
+    ) -> Result<bool, SandboxError> {
+        match self.lock_network().as_ref() {
+            Some(network) => {
+                network.set_policy(policy)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Bytes, connections and DNS counters, and the latest refused attempts.
+    pub fn network_activity(
+        &self,
+    ) -> Option<(
+        hearth_net::network::NetworkStats,
+        Vec<hearth_net::proxy::RefusedAttempt>,
+    )> {
+        self.lock_network()
+            .as_ref()
+            .map(|n| (n.stats(), n.refused()))
+    }
+
+    fn lock_network(&self) -> std::sync::MutexGuard<'_, Option<SandboxNetwork>> {
+        self.network.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// [`Sandbox::destroy`] for a shared sandbox: asks the guest to shut down, waits for the VMM,
@@ -341,7 +408,9 @@ impl Sandbox {
 
 /// Removes the run directories (VM sockets, scratch disks, logs) of hearth processes that died
 /// without cleaning up; their VMMs died with them (parent-death signal). Cheap when nothing is stale.
-/// The CLI calls it before every command; a long-lived caller calls it at start-up.
+/// The CLI calls it before every command; a long-lived caller calls it at start-up. Their networks
+/// (`$HEARTH_HOME/net/<id>`) go too, once no run directory of that id exists and the network is
+/// older than [`NET_SETUP_GRACE`] (a starting sandbox makes its network before its run directory).
 pub fn sweep_stale(home: &Path) {
     match hearth_vm::remove_stale_run_dirs(&home.join("run")) {
         Ok(removed) => {
@@ -354,7 +423,28 @@ pub fn sweep_stale(home: &Path) {
             home.display()
         ),
     }
+    let nets = hearth_net::sandbox_net::net_root(home);
+    let owned = |id: &str| {
+        home.join("run").join(id).exists()
+            || std::fs::metadata(nets.join(id))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < NET_SETUP_GRACE)
+    };
+    match hearth_net::sandbox_net::sweep(home, owned) {
+        Ok(removed) => {
+            for id in removed {
+                tracing::info!(sandbox = %id, "removed the network of a dead hearth process");
+            }
+        }
+        Err(err) => tracing::warn!("sweeping stale sandbox networks: {err}"),
+    }
 }
+
+/// How long a sandbox network may exist before its run directory does (the boot template's build
+/// happens in between).
+const NET_SETUP_GRACE: Duration = Duration::from_secs(300);
 
 /// Connects to the agent; a VM restored from a template gets `resume` first.
 /// How long a re-attached agent gets to answer its first request before the host reconnects.

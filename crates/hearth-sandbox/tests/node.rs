@@ -46,6 +46,7 @@ fn tenant(name: &str) -> Tenant {
             memory_mib: 64 * 1024,
             disk_bytes: u64::MAX,
         },
+        network_ceiling: hearth_sandbox::node::default_network_ceiling(),
     }
 }
 

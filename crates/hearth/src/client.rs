@@ -68,6 +68,28 @@ impl Client {
         ))
     }
 
+    /// `GET` (with `policy` None) or `PUT /v1/sandboxes/{id}/network`: the policy in force and
+    /// the network's activity, as JSON.
+    pub async fn network(
+        &self,
+        id: &str,
+        policy: Option<&hearth_sandbox::NetworkPolicy>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/v1/sandboxes/{id}/network");
+        let (request, what) = match policy {
+            Some(policy) => (
+                self.request(Method::PUT, &path).json(policy),
+                format!("setting the network policy of {id}"),
+            ),
+            None => (
+                self.request(Method::GET, &path),
+                format!("reading the network of {id}"),
+            ),
+        };
+        let response = self.send(request, &what).await?;
+        response.json().await.context("reading the network answer")
+    }
+
     pub async fn list(&self) -> anyhow::Result<Vec<Sandbox>> {
         let response = self
             .send(

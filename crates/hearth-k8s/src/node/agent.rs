@@ -78,6 +78,7 @@ impl NodeAgent {
                 memory_mib: u64::MAX,
                 disk_bytes: u64::MAX,
             },
+            network_ceiling: hearth_sandbox::node::default_network_ceiling(),
         };
         Arc::new(Self {
             client,

@@ -17,6 +17,9 @@ pub enum NodeError {
     /// 503 with Retry-After: the node is full; the message says what is free.
     #[error("node capacity exceeded: {message}")]
     Capacity { message: String },
+    /// 403: the request is above what the operator lets this tenant have (its network ceiling).
+    #[error("not allowed for this tenant: {0}")]
+    Forbidden(String),
     /// 429: the tenant's quota is used up; the message says which limit.
     #[error("tenant quota exceeded: {message}")]
     Quota { message: String },

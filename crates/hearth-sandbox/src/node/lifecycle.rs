@@ -30,6 +30,8 @@ impl Node {
         self.check_open()?;
         let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
         super::local_images::check_local_image(&spec.image, &self.config.allow_local_images)?;
+        let mut spec = spec;
+        spec.network = self.network_for(tenant, spec.network.take())?;
         let id = new_id();
         let record = Record::new(id.clone(), &tenant.name, spec, &want, now_ms());
         let info = {
@@ -142,6 +144,10 @@ impl Node {
         config.vcpus = info.vcpus;
         config.memory_mib = info.memory_mib;
         config.scratch_bytes = info.disk_bytes;
+        config.network_policy = info.network.clone().unwrap_or_default();
+        if let Some(networking) = &mut config.network {
+            networking.home = self.net_home();
+        }
         let sandbox =
             Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id)).await?;
         Ok((sandbox, image))

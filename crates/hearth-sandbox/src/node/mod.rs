@@ -24,6 +24,7 @@ mod error;
 mod exec;
 mod lifecycle;
 mod local_images;
+mod network;
 mod reaper;
 mod record;
 mod recovery;
@@ -43,10 +44,11 @@ use tokio::sync::watch;
 
 pub use error::NodeError;
 pub use exec::NodeExec;
+pub use network::NetworkView;
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
-    Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig, NodeMetrics, Quota, SandboxInfo,
-    State, StateCounts, Tenant,
+    default_network_ceiling, Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig,
+    NodeMetrics, Quota, SandboxInfo, State, StateCounts, Tenant,
 };
 
 use boot_slots::BootSlots;
@@ -195,6 +197,11 @@ impl Node {
 
     fn run_dir(&self, id: &str) -> PathBuf {
         self.config.home.join("sandboxes").join(id)
+    }
+
+    /// The directory whose `net/` holds the node's sandbox networks (apart from `hearth run`'s).
+    fn net_home(&self) -> PathBuf {
+        self.config.home.join("node")
     }
 
     fn check_open(&self) -> Result<(), NodeError> {

@@ -69,6 +69,7 @@ impl Record {
                 expires_at: Some(now.saturating_add(resources.ttl.as_millis() as u64)),
                 last_active_at: now,
                 boot_ms: None,
+                network: spec.network.clone(),
             },
             idle_timeout_ms: spec.idle_timeout.map(|t| t.as_millis().max(1) as u64),
             defaults: ExecDefaults {

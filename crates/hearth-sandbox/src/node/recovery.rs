@@ -6,9 +6,10 @@
 //!   boot";
 //! - a record deleted while its VM was stopping is finished off and forgotten;
 //! - anything in `$HOME/sandboxes/` that no re-attached sandbox owns (a VMM, a run directory with its
-//!   scratch disk and sockets) is killed and removed.
+//!   scratch disk and sockets) is killed and removed, and so is its network in `$HOME/node/net/`;
+//!   a re-attached sandbox's network is served again with the policy its record holds.
 //!
-//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` is touched, and a
+//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` and `$HOME/node/` is touched, and a
 //! process is killed only when its pid and start time match what its run directory recorded.
 
 use std::collections::BTreeSet;
@@ -97,7 +98,14 @@ impl Node {
             config: meta.config.clone(),
             cached: true,
         };
-        match Sandbox::adopt(image, id, run_dir, REATTACH_DEADLINE).await {
+        let networking = self.config.defaults.network.clone().map(|mut n| {
+            n.home = self.net_home();
+            n
+        });
+        let network = networking
+            .as_ref()
+            .map(|n| (n, record.info.network.clone().unwrap_or_default()));
+        match Sandbox::adopt(image, id, run_dir, REATTACH_DEADLINE, network).await {
             Ok(sandbox) => Ok(sandbox),
             Err(SandboxError::Vm(VmError::Gone { .. })) => {
                 Err(with_console(DEAD, &detached.console_log))
@@ -125,6 +133,15 @@ impl Node {
             } else {
                 let _ = std::fs::remove_file(&path);
             }
+        }
+        // Their networks too (after their VMs: a namespace goes with its last process).
+        match hearth_net::sandbox_net::sweep(&self.net_home(), |id| owned.contains(id)) {
+            Ok(removed) => {
+                for id in removed {
+                    tracing::info!(sandbox = %id, "removed a network no sandbox owns");
+                }
+            }
+            Err(e) => tracing::warn!("sweeping sandbox networks: {e}"),
         }
         Ok(())
     }

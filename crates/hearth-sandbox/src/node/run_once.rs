@@ -251,6 +251,7 @@ mod tests {
                 memory_mib: 64 * 1024,
                 disk_bytes: u64::MAX,
             },
+            network_ceiling: crate::node::default_network_ceiling(),
         }
     }
 

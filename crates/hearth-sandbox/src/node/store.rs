@@ -13,7 +13,7 @@ use super::record::Record;
 use super::{NodeError, SandboxInfo, State};
 
 /// Bumped with every schema change; `migrate` knows each step.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The open database; the table (`table.rs`) owns it, so it is used only under the table lock.
 pub(crate) struct Store {
@@ -66,9 +66,9 @@ impl Store {
             "INSERT OR REPLACE INTO sandboxes (id, tenant, image, image_digest, state, reason, \
              vcpus, memory_mib, disk_bytes, labels, created_at, ready_at, finished_at, expires_at, \
              last_active_at, boot_ms, idle_timeout_ms, exec_defaults, image_meta, vmm_pid, \
-             vmm_start_time, deleted) \
+             vmm_start_time, deleted, network) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19, ?20, ?21, ?22)",
+             ?18, ?19, ?20, ?21, ?22, ?23)",
             params![
                 info.id,
                 info.tenant,
@@ -92,6 +92,7 @@ impl Store {
                 record.vmm.map(|p| p.pid),
                 record.vmm.map(|p| p.start_time as i64),
                 record.deleted,
+                info.network.as_ref().map(json),
             ],
         )?;
         Ok(())
@@ -150,6 +151,16 @@ fn migrate(db: &Connection) -> Result<(), NodeError> {
                  INSERT INTO schema_version (version) VALUES (1);
                  COMMIT;",
             )?;
+            migrate(db)
+        }
+        Some(1) => {
+            // 2: each sandbox's egress policy (JSON), absent for sandboxes without a network.
+            db.execute_batch(
+                "BEGIN;
+                 ALTER TABLE sandboxes ADD COLUMN network TEXT;
+                 INSERT INTO schema_version (version) VALUES (2);
+                 COMMIT;",
+            )?;
             Ok(())
         }
         Some(SCHEMA_VERSION) => Ok(()),
@@ -180,6 +191,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
     let labels: String = row.get("labels")?;
     let defaults: String = row.get("exec_defaults")?;
     let image: Option<String> = row.get("image_meta")?;
+    let network: Option<String> = row.get("network")?;
     let pid: Option<u32> = row.get("vmm_pid")?;
     let start_time: Option<i64> = row.get("vmm_start_time")?;
     let opt = |name: &str| -> rusqlite::Result<Option<u64>> {
@@ -202,6 +214,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
         expires_at: opt("expires_at")?,
         last_active_at: row.get::<_, i64>("last_active_at")? as u64,
         boot_ms: opt("boot_ms")?,
+        network: None,
     };
     let idle_timeout_ms = opt("idle_timeout_ms")?;
     let deleted: bool = row.get("deleted")?;
@@ -215,6 +228,9 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
             info: SandboxInfo {
                 state,
                 labels: parse_json(&id, "labels", &labels)?,
+                network: network
+                    .map(|text| parse_json(&id, "network", &text))
+                    .transpose()?,
                 ..info
             },
             idle_timeout_ms,
@@ -255,6 +271,7 @@ mod tests {
                 expires_at: Some(99),
                 last_active_at: 3,
                 boot_ms: Some(1),
+                network: Some(hearth_net::policy::NetworkPolicy::none()),
             },
             idle_timeout_ms: Some(5000),
             defaults: ExecDefaults {

@@ -239,6 +239,7 @@ mod tests {
                 memory_mib: 4096,
                 disk_bytes: u64::MAX,
             },
+            network_ceiling: crate::node::default_network_ceiling(),
         }
     }
 

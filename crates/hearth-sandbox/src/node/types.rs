@@ -31,6 +31,9 @@ pub struct NodeConfig {
     /// may boot, canonical (`hearth serve` canonicalizes them at start). Empty (the default):
     /// registry references only, so a caller cannot make the node read a host path.
     pub allow_local_images: Vec<PathBuf>,
+    /// The egress policy of a sandbox created without one (`--network-default`); default `none`.
+    /// Applies when `defaults.network` gives sandboxes a network.
+    pub network_default: hearth_net::policy::NetworkPolicy,
 }
 
 impl NodeConfig {
@@ -46,6 +49,7 @@ impl NodeConfig {
             limits: Limits::default(),
             pull: hearth_image::PullOptions::default(),
             allow_local_images: Vec::new(),
+            network_default: hearth_net::policy::NetworkPolicy::none(),
         }
     }
 }
@@ -136,6 +140,17 @@ pub struct Quota {
 pub struct Tenant {
     pub name: String,
     pub quota: Quota,
+    /// The widest egress policy this tenant's sandboxes may have (`hearth_net::ceiling`).
+    pub network_ceiling: hearth_net::policy::NetworkPolicy,
+}
+
+/// The network ceiling of a tenant the operator set none for: `open`, which still keeps the
+/// private ranges closed (see `hearth_net::ceiling`).
+pub fn default_network_ceiling() -> hearth_net::policy::NetworkPolicy {
+    hearth_net::policy::NetworkPolicy {
+        mode: hearth_net::policy::Mode::Open,
+        ..Default::default()
+    }
 }
 
 /// A sandbox to create. Unset sizes come from [`NodeConfig::defaults`].
@@ -155,6 +170,9 @@ pub struct CreateSpec {
     pub user: Option<String>,
     /// Opaque to the node.
     pub labels: BTreeMap<String, String>,
+    /// The egress policy; `None` = [`NodeConfig::network_default`]. Must be within the tenant's
+    /// ceiling.
+    pub network: Option<hearth_net::policy::NetworkPolicy>,
 }
 
 /// A sandbox's life: `Creating -> Running -> Stopped | Failed`; `Creating -> Failed | Stopped`.
@@ -222,6 +240,9 @@ pub struct SandboxInfo {
     pub last_active_at: u64,
     /// Creation to agent ready, including the image pull and the wait for a boot slot.
     pub boot_ms: Option<u64>,
+    /// The egress policy in force; `None` when the node gives sandboxes no network.
+    #[serde(default)]
+    pub network: Option<hearth_net::policy::NetworkPolicy>,
 }
 
 /// A command to run in a sandbox, before the image config and the sandbox's defaults are applied.

@@ -3,6 +3,7 @@
 
 pub mod common;
 pub mod images;
+pub mod network;
 pub mod operator;
 pub mod run;
 pub mod sandbox;

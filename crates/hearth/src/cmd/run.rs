@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cli::GlobalArgs;
 use crate::cmd::common::{parse_duration, parse_size, runtime, shutdown_signal, VmArgs, Workers};
 use crate::cmd::images::{Bars, RegistryArgs};
+use crate::cmd::network::{NetHostArgs, PolicyArgs};
 
 #[derive(Args, Debug)]
 #[command(trailing_var_arg = true)]
@@ -57,6 +58,10 @@ pub struct RunArgs {
     pub timeout: Option<Duration>,
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub net: NetHostArgs,
     /// Print the VMM command line and VM configuration that would be used, and start nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -266,6 +271,10 @@ pub(crate) fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<Sand
     config.memory_mib = (parse_size(&a.memory, "--memory")? >> 20) as u32;
     config.scratch_bytes = parse_size(&a.disk, "--disk")?;
     a.vm.apply(&mut config);
+    if !a.dry_run {
+        config.network = a.net.networking(&g.home)?;
+    }
+    config.network_policy = a.policy.policy()?.unwrap_or_default();
     Ok(config)
 }
 

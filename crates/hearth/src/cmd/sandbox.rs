@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::Client;
 use crate::cmd::common::{parse_duration, runtime, Workers};
+use crate::cmd::network::PolicyArgs;
 use crate::serve::api::{CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, WsControl};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -64,6 +65,16 @@ pub enum SandboxCommand {
     Cp(CpArgs),
     /// Stop and remove sandboxes.
     Rm(RmArgs),
+    /// Show a sandbox's egress policy and network activity; with policy flags, replace the policy
+    /// while it runs.
+    Network(NetworkArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NetworkArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +105,8 @@ pub struct CreateArgs {
     /// Print the id at once instead of waiting for the sandbox to run.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +157,12 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             SandboxCommand::Exec(args) => exec(&client, args).await,
             SandboxCommand::Cp(args) => cp(&client, args).await,
             SandboxCommand::Rm(args) => rm(&client, args).await,
+            SandboxCommand::Network(args) => {
+                let policy = args.policy.policy()?;
+                let answer = client.network(&args.id, policy.as_ref()).await?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }
@@ -160,6 +179,7 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
         workdir: a.workdir,
         user: a.user,
         labels: pairs(&a.labels, "--label")?,
+        network: a.policy.policy()?,
         wait: Some(!a.no_wait),
     };
     let (_, sandbox) = client.create(&body).await?;

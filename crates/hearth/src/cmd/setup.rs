@@ -33,6 +33,14 @@ pub fn setup(g: &GlobalArgs, a: SetupArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Err(err.into()),
     };
     println!("qemu:   {}", qemu.display());
+    // Each sandbox namespace's firewall is an nftables table.
+    let nft_present = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !nft_present && !a.no_install {
+        eprintln!("hearth setup: installing nftables with apt-get");
+        apt_install(&["nftables"])?;
+    }
 
     let kernel = hearth_vm::kernel::provision_kernel(home)?;
     println!("kernel: {} ({})", kernel.release(), kernel.root().display());

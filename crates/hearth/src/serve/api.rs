@@ -41,6 +41,12 @@ pub struct CreateSandbox {
     /// Opaque labels, returned as given.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Egress policy: `{"mode": "none"|"allow"|"open", "allow": [ENTRY...], "deny": [ENTRY...]}`
+    /// (default: the daemon's `--network-default`, `none` unless set). An ENTRY is a domain, a
+    /// wildcard (`*.example.org`), an IP or a CIDR, each optionally with `:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<hearth_sandbox::NetworkPolicy>,
     /// Wait until the sandbox runs (201) rather than answering at once with `creating` (202).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<bool>,
@@ -77,6 +83,10 @@ pub struct Sandbox {
     pub last_active_at: u64,
     /// Creation until the agent answered, including pull and the wait for a boot slot.
     pub boot_ms: Option<u64>,
+    /// The egress policy in force (absent when the daemon gives sandboxes no network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub network: Option<hearth_sandbox::NetworkPolicy>,
 }
 
 impl From<SandboxInfo> for Sandbox {
@@ -103,6 +113,7 @@ impl From<SandboxInfo> for Sandbox {
             expires_at: s.expires_at,
             last_active_at: s.last_active_at,
             boot_ms: s.boot_ms,
+            network: s.network,
         }
     }
 }

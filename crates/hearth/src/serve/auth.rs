@@ -11,6 +11,7 @@
 //! name = "alice"
 //! token = "s3cret"                 # or token_sha256 = "<hex of sha256(token)>"
 //! quota = { sandboxes = 10, cpus = 8, memory = "16g", disk = "100g" }   # each optional; default: unlimited
+//! network = { mode = "allow", allow = ["*.pypi.org", "10.1.0.0/16"] }   # the egress ceiling; default: open
 //! ```
 
 use std::path::Path;
@@ -41,6 +42,10 @@ struct TenantEntry {
     token_sha256: Option<String>,
     #[serde(default)]
     quota: QuotaEntry,
+    /// The widest egress policy this tenant's sandboxes may have (default: open, with the private
+    /// ranges closed unless listed here).
+    #[serde(default)]
+    network: Option<hearth_sandbox::NetworkPolicy>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +160,9 @@ impl Tenants {
                 Tenant {
                     name: t.name,
                     quota,
+                    network_ceiling: t
+                        .network
+                        .unwrap_or_else(hearth_sandbox::node::default_network_ceiling),
                 },
                 digest,
             ));
@@ -238,6 +246,7 @@ quota = { sandboxes = 2, cpus = 4, memory = "2g", disk = "10g" }
 
 [[tenants]]
 name = "bob"
+network = { mode = "allow", allow = ["*.pypi.org"] }
 token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122"
 "#;
 
@@ -260,6 +269,12 @@ token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122
         assert_eq!(
             (bob.name.as_str(), bob.quota.max_sandboxes),
             ("bob", u32::MAX)
+        );
+        assert_eq!(bob.network_ceiling.mode, hearth_sandbox::NetworkMode::Allow);
+        assert_eq!(bob.network_ceiling.allow[0].to_string(), "*.pypi.org");
+        assert_eq!(
+            alice.network_ceiling,
+            hearth_sandbox::node::default_network_ceiling()
         );
         assert!(tenants.authenticate("alice-token ").is_none());
         assert!(tenants.authenticate("").is_none());

@@ -85,6 +85,7 @@ impl From<NodeError> for ApiError {
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             NodeError::Capacity { .. } => (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
             NodeError::Quota { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota"),
+            NodeError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             NodeError::NotRunning { .. } => (StatusCode::CONFLICT, "conflict"),
             NodeError::ShuttingDown | NodeError::Busy(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")

@@ -14,6 +14,7 @@ mod error;
 mod exec;
 mod files;
 mod metrics;
+mod network;
 pub mod openapi;
 mod runs;
 mod sandboxes;
@@ -75,6 +76,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
+        .route(
+            "/v1/sandboxes/{id}/network",
+            get(network::get).put(network::put),
+        )
         .route("/v1/runs", post(runs::run))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
     Router::new()

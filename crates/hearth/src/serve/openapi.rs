@@ -26,6 +26,8 @@ use super::api;
         super::exec::exec_ws,
         super::files::put,
         super::files::get,
+        super::network::get,
+        super::network::put,
         super::runs::run,
         super::healthz,
         super::metrics::metrics,
@@ -45,12 +47,14 @@ use super::api;
         api::RunResult,
         api::ErrorBody,
         api::Health,
+        super::network::SandboxNetwork,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "sandboxes", description = "Create, list, inspect and delete sandboxes"),
         (name = "exec", description = "Commands in a running sandbox"),
         (name = "files", description = "Files in and out of a running sandbox"),
+        (name = "network", description = "A running sandbox's egress policy and network activity"),
         (name = "runs", description = "One command in a throwaway sandbox"),
         (name = "node", description = "Health and metrics (no token)"),
     )

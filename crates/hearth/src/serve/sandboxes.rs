@@ -49,6 +49,7 @@ pub async fn create(
         workdir: body.workdir,
         user: body.user,
         labels: body.labels,
+        network: body.network,
     };
     let created = state.node.create(&tenant, spec).await?;
     tracing::info!(tenant = %tenant.name, sandbox = %created.id, image = %created.image, "created");

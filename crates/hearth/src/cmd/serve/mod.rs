@@ -90,6 +90,12 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     #[command(flatten)]
+    pub net: crate::cmd::network::NetHostArgs,
+    /// The egress policy of a sandbox created without one: none (the default), open, or a policy
+    /// as JSON (`{"mode":"allow","allow":["*.pypi.org"]}`). Tenants' ceilings still apply.
+    #[arg(long, default_value = "none", value_parser = crate::cmd::network::parse_policy)]
+    pub network_default: hearth_sandbox::NetworkPolicy,
+    #[command(flatten)]
     pub registry: RegistryArgs,
     /// Print the OpenAPI document and exit (regenerates crates/hearth/openapi.json).
     #[arg(long)]
@@ -177,7 +183,10 @@ pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeC
     defaults.memory_mib = (parse_size(&a.memory, "--memory")? >> 20) as u32;
     defaults.scratch_bytes = parse_size(&a.disk, "--disk")?;
     a.vm.apply(&mut defaults);
+    // The node puts its sandboxes' namespaces under its own directory (see `Node::start_vm`).
+    defaults.network = a.net.networking(&g.home)?;
     config.defaults = defaults;
+    config.network_default = a.network_default.clone();
     config.pull = a.registry.serve_pull_options()?;
     // Canonical once, here: the node compares resolved image paths against these.
     config.allow_local_images = a

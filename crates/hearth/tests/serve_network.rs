@@ -1,0 +1,164 @@
+//! Sandbox networking through the real daemon: a sandbox created with a policy over the API gets
+//! it (and shows it), its resolver answers only allowed names (the guest's own `nslookup` against
+//! the fake internet's DNS server as upstream), `PUT /network` replaces the policy while it runs
+//! and the guest sees the change, a policy above the tenant's ceiling from the tokens file is
+//! refused with 403, another tenant gets 404, and deleting the sandbox removes its namespace.
+
+#[path = "serve/daemon.rs"]
+mod daemon;
+
+use std::time::Duration;
+
+use daemon::{image, Daemon, Home, ALICE, BOB};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const TOKENS: &str = r#"
+[[tenants]]
+name = "alice"
+token = "alice-token-0001"
+network = { mode = "allow", allow = ["*.example", "allowed.example"] }
+
+[[tenants]]
+name = "bob"
+token = "bob-token-0002"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_set_read_replaced_and_bounded_by_the_tenant_ceiling() {
+    let internet = hearth_testkit::fake_internet::FakeInternet::start().unwrap();
+    let home = Home::new(TOKENS);
+    let upstream = internet.dns_server().to_string();
+    let d = Daemon::start(&home, &["--dns-upstream", &upstream]);
+
+    // Above the ceiling at create: refused before anything boots.
+    let (status, body) = d
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(ALICE),
+            Some(json!({"image": image("busybox"), "network": {"mode": "open"}})),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("ceiling"),
+        "{body}"
+    );
+
+    let (status, sandbox) = d
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(ALICE),
+            Some(json!({"image": image("busybox"),
+                        "network": {"mode": "allow", "allow": ["allowed.example"]}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    assert_eq!(sandbox["network"]["allow"], json!(["allowed.example"]));
+    let netns = home.path().join("node/net").join(&id).join("netns");
+    assert!(netns.exists(), "the sandbox has its own namespace");
+
+    let (code, out) = exec(&d, &id, "nslookup allowed.example").await;
+    assert!(code == 0 && out.contains("198.51.100.10"), "{out}");
+    let (code, out) = exec(&d, &id, "nslookup other.example").await;
+    assert!(code != 0, "a name outside the policy resolved: {out}");
+
+    // Replaced live, within the ceiling; the guest sees it at once.
+    let path = format!("/v1/sandboxes/{id}/network");
+    let (status, view) = d
+        .json(
+            Method::PUT,
+            &path,
+            Some(ALICE),
+            Some(json!({"mode": "allow", "allow": ["other.example"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["policy"]["allow"], json!(["other.example"]));
+    let (code, out) = exec(&d, &id, "nslookup other.example").await;
+    assert!(code == 0 && out.contains("203.0.113.10"), "{out}");
+    let (code, _) = exec(&d, &id, "nslookup allowed.example").await;
+    assert!(code != 0, "the old policy still answers");
+    let (status, view) = d.json(Method::GET, &path, Some(ALICE), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        view["stats"]["dns"]["refused"].as_u64().unwrap() >= 2,
+        "{view}"
+    );
+
+    // Above the ceiling, malformed, or someone else's: refused, and nothing changes.
+    for (policy, want) in [
+        (json!({"mode": "open"}), 403),
+        (json!({"mode": "allow", "allow": ["10.0.0.0/8"]}), 403),
+        (json!({"mode": "allow", "allow": ["not a name"]}), 422),
+    ] {
+        let (status, body) = d
+            .json(Method::PUT, &path, Some(ALICE), Some(policy.clone()))
+            .await;
+        assert_eq!(status, want, "{policy}: {body}");
+    }
+    let (status, _) = d.json(Method::GET, &path, Some(BOB), None).await;
+    assert_eq!(status, 404);
+    let (_, record) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(record["network"]["allow"], json!(["other.example"]));
+
+    let (status, _) = d
+        .json(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    for _ in 0..50 {
+        if !netns.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!netns.exists(), "the namespace outlived its sandbox");
+}
+
+/// `sh -c script` in sandbox `id`: (exit code, stdout and stderr).
+async fn exec(d: &Daemon, id: &str, script: &str) -> (i64, String) {
+    use base64::Engine;
+    let response = d
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(ALICE),
+        )
+        .json(&json!({"argv": ["sh", "-c", script], "timeout_seconds": 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let (mut out, mut code) = (String::new(), -1);
+    for line in text.lines() {
+        let event: Value = serde_json::from_str(line).unwrap();
+        for stream in ["stdout", "stderr"] {
+            if let Some(b64) = event[stream].as_str() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                out.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        if let Some(c) = event["exit_code"].as_i64() {
+            code = c;
+        }
+    }
+    (code, out)
+}
