@@ -18,15 +18,18 @@ here=$(cd "$(dirname "$0")" && pwd)
 what=${1:-test}
 [ $# -gt 0 ] && shift
 
-# Packages hearth, the test registry and the image builder use (the demo's set).
+# Packages hearth, the test registry and the image builder use (the demo's set); nftables holds each
+# sandbox namespace's firewall.
 packages=(qemu-system-x86 e2fsprogs docker-registry skopeo debootstrap busybox-static zstd curl
-          ca-certificates python3)
+          ca-certificates python3 nftables)
 case "$what" in
 demo)
     images=(busybox python "$@") ;;
 test)
     [ $# -eq 0 ] || { echo "provision: 'test' takes no arguments" >&2; exit 2; }
-    packages+=(umoci jq cpio file)
+    # iproute2: the fake internet's namespaces and routes; gcc, libc6-dev: a static attack helper
+    # built for the guest; util-linux: nsenter.
+    packages+=(umoci jq cpio file iproute2 gcc libc6-dev util-linux)
     images=() ;;  # build-test-images.py builds every image when given none
 *)
     echo "usage: provision.sh demo [IMAGE...] | provision.sh [test]" >&2; exit 2 ;;
