@@ -25,5 +25,10 @@ printf '[[tenants]]\nname = "mallory"\ntoken = "%s"\n\n[[tenants]]\nname = "alic
 # Warm-up: pull the image and build the initramfs once, outside the measurements.
 "$hearth" run --accel tcg --memory 256m "$HEARTH_TEST_REGISTRY/hearth-test/python" true
 
+# The hostile registry (bench/attacks.py serves it) is reached over plain HTTP, as the test registry
+# is, so that its attacks get past TLS to what they attack.
+hostile_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export HEARTH_INSECURE_REGISTRIES=$HEARTH_TEST_REGISTRY,127.0.0.1:$hostile_port
 bench_daemon_start --accel tcg --memory 512m --max-upload 1m --max-boots 2
-python3 bench/attacks.py "$addr" "$token" "$other" "$daemon_pid" "$HEARTH_TEST_REGISTRY" "$work"
+python3 bench/attacks.py "$addr" "$token" "$other" "$daemon_pid" "$HEARTH_TEST_REGISTRY" "$work" \
+    "$hostile_port"
