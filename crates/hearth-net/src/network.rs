@@ -22,6 +22,11 @@ use crate::policy::{Blocked, NetworkPolicy};
 use crate::proxy::{EgressProxy, ProxyConfig, ProxyStats, ProxyTask, RefusedAttempt};
 use crate::sandbox_net::{SandboxNet, SandboxNetError};
 
+/// Where the resolver forwards when the host names no nameserver: nothing listens there, so
+/// allowed names get SERVFAIL.
+const NO_UPSTREAM: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 53);
+
 /// Addresses remembered per sandbox from DNS answers.
 const LEDGER_ADDRESSES: usize = 4096;
 
@@ -41,12 +46,17 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
-    /// Options for this host: `upstream` or the host's first resolv.conf nameserver, the host's
-    /// addresses as they are now.
+    /// Options for this host: `upstream` or the host's first resolv.conf nameserver (none there:
+    /// a warning, and names do not resolve), the host's addresses as they are now.
     pub fn for_host(upstream: Option<SocketAddr>) -> Result<NetworkOptions, NetworkError> {
         let upstream = match upstream {
             Some(addr) => addr,
-            None => crate::dns::host_upstream()?,
+            None => crate::dns::host_upstream().unwrap_or_else(|e| {
+                // Sandboxes still get their network (addresses, `none`); names just do not
+                // resolve (the resolver answers SERVFAIL) until --dns-upstream names a server.
+                tracing::warn!("{e}; sandboxes' DNS has no upstream (pass --dns-upstream)");
+                NO_UPSTREAM
+            }),
         };
         Ok(NetworkOptions {
             upstream,
