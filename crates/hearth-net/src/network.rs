@@ -24,8 +24,7 @@ use crate::sandbox_net::{SandboxNet, SandboxNetError};
 
 /// Where the resolver forwards when the host names no nameserver: nothing listens there, so
 /// allowed names get SERVFAIL.
-const NO_UPSTREAM: SocketAddr =
-    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 53);
+const NO_UPSTREAM: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 53);
 
 /// Addresses remembered per sandbox from DNS answers.
 const LEDGER_ADDRESSES: usize = 4096;

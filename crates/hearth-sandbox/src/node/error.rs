@@ -26,6 +26,9 @@ pub enum NodeError {
     /// 409.
     #[error("sandbox {id} is {state}, not running")]
     NotRunning { id: String, state: State },
+    /// 502: nothing listens on the guest port a request was forwarded to.
+    #[error("nothing listens on port {port} in sandbox {id}")]
+    PortClosed { id: String, port: u16 },
     /// 503.
     #[error("the node is shutting down; retry against its successor")]
     ShuttingDown,

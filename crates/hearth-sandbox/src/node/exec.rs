@@ -41,11 +41,11 @@ impl Activity {
     }
 }
 
-/// Counts one running exec for as long as it lives.
-struct ActivityGuard(Arc<Activity>);
+/// Counts one running exec (or forwarded port) for as long as it lives.
+pub(super) struct ActivityGuard(Arc<Activity>);
 
 impl ActivityGuard {
-    fn new(activity: Arc<Activity>) -> ActivityGuard {
+    pub(super) fn new(activity: Arc<Activity>) -> ActivityGuard {
         activity.execs.fetch_add(1, Ordering::SeqCst);
         activity.touch();
         ActivityGuard(activity)
@@ -105,9 +105,9 @@ impl NodeExec {
 }
 
 /// What an exec needs from a running sandbox.
-struct Target {
-    sandbox: Arc<Sandbox>,
-    activity: Arc<Activity>,
+pub(super) struct Target {
+    pub(super) sandbox: Arc<Sandbox>,
+    pub(super) activity: Arc<Activity>,
     defaults: ExecDefaults,
     image: hearth_image::ImageConfig,
 }
@@ -198,7 +198,7 @@ impl Node {
     }
 
     /// The tenant's running sandbox `id`, marked active.
-    fn target(&self, tenant: &str, id: &str) -> Result<Target, NodeError> {
+    pub(super) fn target(&self, tenant: &str, id: &str) -> Result<Target, NodeError> {
         self.check_open()?;
         let table = self.table();
         let entry = table.visible(tenant, id)?;

@@ -12,11 +12,13 @@
 //! sandbox, and its state transitions), `store.rs` (SQLite state), `admission.rs` (sizes, maxima,
 //! quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown), `recovery.rs` (what
 //! `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead VMs), `exec.rs`
-//! (commands and files), `run_once.rs` (one command in a fresh sandbox).
+//! (commands and files), `network.rs` (a sandbox's egress policy: default, tenant ceiling, live
+//! changes), `ports.rs` (a guest port through the agent channel), `run_once.rs` (one command in a
+//! fresh sandbox).
 //!
-//! Writes only under `$HEARTH_HOME/state/` (database, lock) and `$HEARTH_HOME/sandboxes/<id>/` (each
-//! VM's run directory: sockets, scratch disk, console log), plus the image cache through
-//! `hearth-image`. VMs are detached: they survive the daemon, and only `open` decides their fate.
+//! Writes only under `$HEARTH_HOME/state/` (database, lock), `$HEARTH_HOME/sandboxes/<id>/` (each
+//! VM's run directory: sockets, scratch disk, console log) and `$HEARTH_HOME/node/net/<id>/` (each
+//! sandbox's network namespace), plus the image cache through `hearth-image`. VMs are detached: they survive the daemon, and only `open` decides their fate.
 
 mod admission;
 mod boot_slots;
@@ -25,6 +27,7 @@ mod exec;
 mod lifecycle;
 mod local_images;
 mod network;
+mod ports;
 mod reaper;
 mod record;
 mod recovery;
@@ -45,6 +48,7 @@ use tokio::sync::watch;
 pub use error::NodeError;
 pub use exec::NodeExec;
 pub use network::NetworkView;
+pub use ports::NodePort;
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
     default_network_ceiling, Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig,

@@ -5,6 +5,7 @@ pub mod common;
 pub mod images;
 pub mod network;
 pub mod operator;
+pub mod port_forward;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

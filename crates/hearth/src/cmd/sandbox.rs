@@ -68,6 +68,8 @@ pub enum SandboxCommand {
     /// Show a sandbox's egress policy and network activity; with policy flags, replace the policy
     /// while it runs.
     Network(NetworkArgs),
+    /// Forward a local TCP port to a port inside a sandbox until Ctrl-C.
+    PortForward(crate::cmd::port_forward::PortForwardArgs),
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +159,9 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             SandboxCommand::Exec(args) => exec(&client, args).await,
             SandboxCommand::Cp(args) => cp(&client, args).await,
             SandboxCommand::Rm(args) => rm(&client, args).await,
+            SandboxCommand::PortForward(args) => {
+                crate::cmd::port_forward::port_forward(&client, args).await
+            }
             SandboxCommand::Network(args) => {
                 let policy = args.policy.policy()?;
                 let answer = client.network(&args.id, policy.as_ref()).await?;

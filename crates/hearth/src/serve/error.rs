@@ -94,6 +94,7 @@ impl From<NodeError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid")
             }
             NodeError::Image(_) => (StatusCode::BAD_GATEWAY, "image"),
+            NodeError::PortClosed { .. } => (StatusCode::BAD_GATEWAY, "port_closed"),
             NodeError::Channel(ChannelError::Agent(agent)) => match agent.kind {
                 ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
                 ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "forbidden"),
@@ -169,6 +170,14 @@ mod tests {
                 "quota",
             ),
             (NodeError::ShuttingDown, 503, "shutting_down"),
+            (
+                NodeError::PortClosed {
+                    id: "x".into(),
+                    port: 8000,
+                },
+                502,
+                "port_closed",
+            ),
             (NodeError::Channel(ChannelError::Busy(64)), 429, "busy"),
             (
                 NodeError::Channel(ChannelError::Unresponsive {

@@ -2,7 +2,7 @@
 //! start-up/shutdown of the server. Handlers are thin — parse, authenticate ([`auth::Authenticated`]),
 //! call the [`Node`], map [`NodeError`](hearth_sandbox::node::NodeError) to a status
 //! ([`error::ApiError`]) — and live one file per resource: `sandboxes.rs`, `exec.rs`, `files.rs`,
-//! `runs.rs`, `metrics.rs`, `openapi.rs`. Wire types are in `api.rs`.
+//! `network.rs`, `ports.rs`, `runs.rs`, `metrics.rs`, `openapi.rs`. Wire types are in `api.rs`.
 //!
 //! Authentication: every `/v1` route takes a bearer token. `/healthz`, `/metrics` (aggregate counts
 //! only: no tenant names, ids or images) and `/openapi.json` do not, so probes and Prometheus need no
@@ -16,6 +16,7 @@ mod files;
 mod metrics;
 mod network;
 pub mod openapi;
+pub mod ports;
 mod runs;
 mod sandboxes;
 
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use hearth_sandbox::node::Node;
 
@@ -81,7 +82,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(network::get).put(network::put),
         )
         .route("/v1/runs", post(runs::run))
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // Unbounded bodies, streamed to the guest.
+        .route("/v1/sandboxes/{id}/ports/{port}/", any(ports::proxy_root))
+        .route("/v1/sandboxes/{id}/ports/{port}/{*path}", any(ports::proxy))
+        .route("/v1/sandboxes/{id}/tunnel/{port}", get(ports::tunnel));
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))

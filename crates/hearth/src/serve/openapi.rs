@@ -28,6 +28,8 @@ use super::api;
         super::files::get,
         super::network::get,
         super::network::put,
+        super::ports::proxy,
+        super::ports::tunnel,
         super::runs::run,
         super::healthz,
         super::metrics::metrics,
@@ -55,6 +57,7 @@ use super::api;
         (name = "exec", description = "Commands in a running sandbox"),
         (name = "files", description = "Files in and out of a running sandbox"),
         (name = "network", description = "A running sandbox's egress policy and network activity"),
+        (name = "ports", description = "HTTP and raw TCP to ports inside a running sandbox"),
         (name = "runs", description = "One command in a throwaway sandbox"),
         (name = "node", description = "Health and metrics (no token)"),
     )
