@@ -27,17 +27,13 @@ image=$HEARTH_TEST_REGISTRY/hearth-test/busybox
 # Warm-up: pull, initramfs, and one boot template each (a guest with a NIC has its own template).
 "$hearth" run --accel tcg --memory 256m "$image" true
 "$hearth" run --accel tcg --memory 256m --no-network "$image" true
-runs() { # ARGS... -> median wall ms of 5 runs
-    local t=()
-    for _ in 1 2 3 4 5; do
-        local s e
-        s=$(date +%s%N)
-        "$hearth" run --accel tcg --memory 256m "$@" "$image" true
-        e=$(date +%s%N)
-        t+=($(( (e - s) / 1000000 )))
-    done
-    printf '%s\n' "${t[@]}" | sort -n | sed -n 3p
-}
-with=$(runs)
-without=$(runs --no-network)
-echo "hearth run busybox true   with network ${with} ms | --no-network ${without} ms | added $((with - without)) ms (median of 5)"
+# Interleaved, so that the machine's drift hits both alike: 7 runs each, medians.
+one() { local s e; s=$(date +%s%N); "$hearth" run --accel tcg --memory 256m "$@" "$image" true; e=$(date +%s%N); echo $(( (e - s) / 1000000 )); }
+with=(); without=()
+for _ in 1 2 3 4 5 6 7; do
+    with+=("$(one)")
+    without+=("$(one --no-network)")
+done
+median() { printf '%s\n' "$@" | sort -n | sed -n 4p; }
+w=$(median "${with[@]}"); wo=$(median "${without[@]}")
+echo "hearth run busybox true   with network ${w} ms | --no-network ${wo} ms | added $((w - wo)) ms (medians of 7, interleaved)"
