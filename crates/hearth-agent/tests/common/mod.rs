@@ -112,7 +112,7 @@ impl Drop for AgentProcess {
 pub async fn connect_on(stream: &UnixStream) -> AgentClient {
     let dup = stream.try_clone().unwrap();
     dup.set_nonblocking(true).unwrap();
-    let stream = tokio::net::UnixStream::from_std(dup).unwrap();
+    let stream = KeepOpen(tokio::net::UnixStream::from_std(dup).unwrap());
     tokio::time::timeout(Duration::from_secs(10), AgentClient::connect(stream))
         .await
         .expect("handshake within 10 s")
@@ -185,5 +185,45 @@ pub async fn wait_until_present(argv: &[&str]) {
             "no process {argv:?} appeared"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A duplicate of the test's end of a socket pair that never shuts the socket down: a client
+/// closing its HTTP/2 connection shuts down its stream's write half, and on a duplicated descriptor
+/// that is the shared socket's, which would leave the test's own end unable to write the next
+/// session's handshake (the guest's virtio port is reopened per session instead).
+struct KeepOpen(tokio::net::UnixStream);
+
+impl tokio::io::AsyncRead for KeepOpen {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for KeepOpen {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
