@@ -130,12 +130,18 @@ impl Sandbox {
         let (plan, network, prepare) = tokio::task::spawn_blocking(move || {
             // The namespace first: a boot template's VM is built in it too.
             let network = match &config.network {
-                Some(networking) => Some(SandboxNetwork::start(
-                    &networking.home,
-                    &plan_id,
-                    config.network_policy.clone(),
-                    &networking.options,
-                )?),
+                Some(networking) => {
+                    let network = SandboxNetwork::start(
+                        &networking.home,
+                        &plan_id,
+                        config.network_policy.clone(),
+                        &networking.options,
+                    )?;
+                    if !detached {
+                        record_owner(&networking.home, &plan_id)?;
+                    }
+                    Some(network)
+                }
                 None => None,
             };
             let mut plan =
@@ -409,8 +415,8 @@ impl Sandbox {
 /// Removes the run directories (VM sockets, scratch disks, logs) of hearth processes that died
 /// without cleaning up; their VMMs died with them (parent-death signal). Cheap when nothing is stale.
 /// The CLI calls it before every command; a long-lived caller calls it at start-up. Their networks
-/// (`$HEARTH_HOME/net/<id>`) go too, once no run directory of that id exists and the network is
-/// older than [`NET_SETUP_GRACE`] (a starting sandbox makes its network before its run directory).
+/// (`$HEARTH_HOME/net/<id>`) go too: those whose run directory is gone and whose owner (the hearth
+/// process that made them, recorded in the network's directory) is dead.
 pub fn sweep_stale(home: &Path) {
     match hearth_vm::remove_stale_run_dirs(&home.join("run")) {
         Ok(removed) => {
@@ -425,12 +431,18 @@ pub fn sweep_stale(home: &Path) {
     }
     let nets = hearth_net::sandbox_net::net_root(home);
     let owned = |id: &str| {
-        home.join("run").join(id).exists()
-            || std::fs::metadata(nets.join(id))
+        if home.join("run").join(id).exists() {
+            return true;
+        }
+        match std::fs::read_to_string(nets.join(id).join(OWNER_FILE)) {
+            Ok(text) => parse_owner(&text).is_some_and(|owner| owner.is_alive()),
+            // Being set up (the owner is written right after the namespace), or unreadable.
+            Err(_) => std::fs::metadata(nets.join(id))
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
-                .is_none_or(|age| age < NET_SETUP_GRACE)
+                .is_none_or(|age| age < NET_SETUP_GRACE),
+        }
     };
     match hearth_net::sandbox_net::sweep(home, owned) {
         Ok(removed) => {
@@ -442,9 +454,36 @@ pub fn sweep_stale(home: &Path) {
     }
 }
 
-/// How long a sandbox network may exist before its run directory does (the boot template's build
-/// happens in between).
-const NET_SETUP_GRACE: Duration = Duration::from_secs(300);
+/// How long a sandbox network may exist without its owner file (written right after it).
+const NET_SETUP_GRACE: Duration = Duration::from_secs(60);
+/// In a `hearth run` sandbox's network directory: the pid and start time of the hearth process that
+/// made it, so the next command can tell a live run's network from a dead one's at once.
+const OWNER_FILE: &str = "owner";
+
+fn record_owner(net_home: &Path, id: &str) -> Result<(), SandboxError> {
+    let path = hearth_net::sandbox_net::net_root(net_home)
+        .join(id)
+        .join(OWNER_FILE);
+    let me =
+        hearth_vm::ProcessIdentity::of(std::process::id()).ok_or_else(|| SandboxError::Io {
+            what: "reading this process's start time".into(),
+            source: std::io::Error::other("no /proc entry for this process"),
+        })?;
+    std::fs::write(&path, format!("{} {}\n", me.pid, me.start_time)).map_err(|source| {
+        SandboxError::Io {
+            what: format!("writing {}", path.display()),
+            source,
+        }
+    })
+}
+
+fn parse_owner(text: &str) -> Option<hearth_vm::ProcessIdentity> {
+    let mut fields = text.split_whitespace();
+    Some(hearth_vm::ProcessIdentity {
+        pid: fields.next()?.parse().ok()?,
+        start_time: fields.next()?.parse().ok()?,
+    })
+}
 
 /// Connects to the agent; a VM restored from a template gets `resume` first.
 /// How long a re-attached agent gets to answer its first request before the host reconnects.

@@ -123,5 +123,14 @@ fn kill_9_takes_the_vmm_down_and_the_next_command_cleans_up() {
         "the next command removed it: {:?}",
         run_dirs(&home)
     );
+    let nets: Vec<_> = std::fs::read_dir(home.join("net"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(nets.is_empty(), "and its network namespace: {nets:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&home.display().to_string()),
+        "a mount under the home is left"
+    );
     let _ = std::fs::remove_dir_all(&home);
 }

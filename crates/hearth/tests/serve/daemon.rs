@@ -1,7 +1,8 @@
 //! Test support for `hearth serve`: starts the real binary on a free port with a temp home and a
 //! tokens file, talks to it over real HTTP, and on drop leaves nothing running — the daemon is
 //! killed and so is every process whose command line names this test's home (the detached VMs
-//! the daemon started), found through /proc by that unique path.
+//! the daemon started), found through /proc by that unique path, and the sandboxes' network
+//! namespace mounts under it are removed.
 
 #![allow(dead_code)]
 
@@ -50,6 +51,17 @@ impl Drop for Home {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(200));
+        // The sandboxes' network namespaces the killed daemon left (its successor would sweep them;
+        // a test has none): unmounted, so the temp directory can go.
+        let home = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mounts.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if point.starts_with(&home) {
+                let c = std::ffi::CString::new(point).unwrap();
+                // SAFETY: umount2 of a path this test's home holds; no memory is shared.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
     }
 }
 
