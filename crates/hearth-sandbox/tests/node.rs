@@ -372,7 +372,12 @@ async fn sandboxes_run_commands_move_files_go_idle_and_are_deleted() {
 
     // The second sandbox, never used, stops once idle; its VM and disk go.
     let b_ready = node.wait_ready("acme", &b.id, BOOT_TIMEOUT).await.unwrap();
-    assert_eq!(b_ready.state, State::Running, "{:?}", b_ready.reason);
+    // Under load the steps above can outlast its 2 s idle timeout: then it has run and gone idle
+    // already, which is what is checked next.
+    assert!(
+        b_ready.ready_at.is_some() && matches!(b_ready.state, State::Running | State::Stopped),
+        "{b_ready:?}"
+    );
     wait_for_state(&node, "acme", &b.id, State::Stopped, Duration::from_secs(8)).await;
     assert_eq!(
         node.get("acme", &b.id).unwrap().reason.as_deref(),
