@@ -9,9 +9,9 @@ mod daemon;
 
 use std::time::Duration;
 
-use daemon::{image, Daemon, Home, ALICE, BOB};
+use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE, BOB};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const TOKENS: &str = r#"
 [[tenants]]
@@ -132,7 +132,6 @@ async fn policies_are_set_read_replaced_and_bounded_by_the_tenant_ceiling() {
 
 /// `sh -c script` in sandbox `id`: (exit code, stdout and stderr).
 async fn exec(d: &Daemon, id: &str, script: &str) -> (i64, String) {
-    use base64::Engine;
     let response = d
         .request(
             Method::POST,
@@ -144,21 +143,6 @@ async fn exec(d: &Daemon, id: &str, script: &str) -> (i64, String) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
-    let (mut out, mut code) = (String::new(), -1);
-    for line in text.lines() {
-        let event: Value = serde_json::from_str(line).unwrap();
-        for stream in ["stdout", "stderr"] {
-            if let Some(b64) = event[stream].as_str() {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .unwrap();
-                out.push_str(&String::from_utf8_lossy(&bytes));
-            }
-        }
-        if let Some(c) = event["exit_code"].as_i64() {
-            code = c;
-        }
-    }
-    (code, out)
+    let (out, err, last) = outputs(&ndjson_events(response).await);
+    (last["exit_code"].as_i64().unwrap_or(-1), out + &err)
 }
