@@ -264,12 +264,19 @@ fn set_of(nets: &[Ipv4Net]) -> Option<String> {
     Some(format!("{{ {} }}", items.join(", ")))
 }
 
-/// Debian puts nft in /usr/sbin, which a non-login PATH may lack.
+/// Where Debian puts nft (/usr/sbin, which a non-login PATH may lack) and where others do.
+const NFT_PATHS: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
+
 fn nft_binary() -> &'static str {
-    ["/usr/sbin/nft", "/sbin/nft"]
+    NFT_PATHS
         .into_iter()
         .find(|p| Path::new(p).exists())
         .unwrap_or("nft")
+}
+
+/// Whether the `nft` binary sandbox firewalls need is installed (`hearth setup` installs it).
+pub fn installed() -> bool {
+    NFT_PATHS.iter().any(|p| Path::new(p).exists())
 }
 
 /// The destination a guest connection had before the namespace's table redirected it to the

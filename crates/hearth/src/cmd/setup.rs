@@ -34,10 +34,7 @@ pub fn setup(g: &GlobalArgs, a: SetupArgs) -> anyhow::Result<ExitCode> {
     };
     println!("qemu:   {}", qemu.display());
     // Each sandbox namespace's firewall is an nftables table.
-    let nft_present = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
-    if !nft_present && !a.no_install {
+    if !hearth_net::nft::installed() && !a.no_install {
         eprintln!("hearth setup: installing nftables with apt-get");
         apt_install(&["nftables"])?;
     }
