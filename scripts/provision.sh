@@ -29,7 +29,8 @@ test)
     [ $# -eq 0 ] || { echo "provision: 'test' takes no arguments" >&2; exit 2; }
     # iproute2: the fake internet's namespaces and routes; gcc, libc6-dev: a static attack helper
     # built for the guest; util-linux: nsenter.
-    packages+=(umoci jq cpio file iproute2 gcc libc6-dev util-linux)
+    # python3-venv: the suite's Python environment (scripts/python-env.sh).
+    packages+=(umoci jq cpio file iproute2 gcc libc6-dev util-linux python3-venv)
     images=() ;;  # build-test-images.py builds every image when given none
 *)
     echo "usage: provision.sh demo [IMAGE...] | provision.sh [test]" >&2; exit 2 ;;
@@ -73,6 +74,7 @@ fi
 python3 "$here/build-test-images.py" "$CACHE/images" "${images[@]}"
 
 if [ "$what" = test ]; then
+    "$here/python-env.sh" > /dev/null
     "$here/provision-kube.sh"
     if [ -f "$here/provision-firecracker.sh" ]; then
         bash "$here/provision-firecracker.sh"  # skips by itself, saying why, when it cannot build

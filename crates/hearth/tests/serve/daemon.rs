@@ -132,6 +132,10 @@ impl Daemon {
                 "tcg",
                 "--memory",
                 "256m",
+                // Disks are sparse; the suite must not depend on how full the CI machine's disk
+                // is (a 3 GB free one refused every default 4 GiB disk).
+                "--capacity-disk",
+                "1t",
             ])
             .arg("--tokens")
             .arg(home.dir.path().join("tokens.toml"))

@@ -126,6 +126,7 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     };
     let config = node_config(g, &a)?;
     let capacity = config.capacity;
+    let config_default_disk = config.defaults.scratch_bytes;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
@@ -135,8 +136,18 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     // `--kubernetes`: the node agent shares the Node; it stops when this function returns.
     let _node_agent = node_agent::start(&a.kubernetes, node.clone(), capacity).await?;
     let addr = listener.local_addr()?;
+    if capacity.disk_bytes < config_default_disk {
+        tracing::warn!(
+            capacity_disk = capacity.disk_bytes,
+            default_disk = config_default_disk,
+            "less disk free than one sandbox of the default size: creates that ask for the \
+             default disk will be refused; pass --capacity-disk to overcommit sparse disks or \
+             --disk for smaller ones"
+        );
+    }
     tracing::info!(
         %addr, vcpus = capacity.vcpus, memory_mib = capacity.memory_mib,
+        disk_bytes = capacity.disk_bytes,
         "hearth serve ready"
     );
     // The one line on stdout: scripts and tests read the bound address from it.
