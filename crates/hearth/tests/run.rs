@@ -312,6 +312,14 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         stdout.contains("hearth-rootfs") && stdout.contains("hearth-scratch"),
         "{stdout}"
     );
+    // The NIC every run gets (default-deny policy), and none with --no-network.
+    assert!(
+        stdout.contains("virtio-net-device") && stdout.contains("ifname=hearth0"),
+        "{stdout}"
+    );
+    let out = run(&["--dry-run", "--no-network", &image("busybox"), "true"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains("virtio-net"), "{}", text(&out.stdout));
     // Firecracker's plan prints even where its binary is absent: the command and its config file.
     let out = run(&[
         "--dry-run",
@@ -335,6 +343,7 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     assert_eq!(config["drives"][0]["is_read_only"], true);
     assert_eq!(config["drives"][1]["is_read_only"], false);
     assert_eq!(config["vsock"]["guest_cid"], 3);
+    assert_eq!(config["network-interfaces"][0]["host_dev_name"], "hearth0");
     // Through the jailer: an unprivileged uid/gid and cgroup limits from --cpus/--memory, in the
     // cgroup version this host mounts (v1 controllers on our machines, v2 elsewhere). The jail's
     // sockets sit deep under the home and must fit in `sun_path`: a short home, wherever the

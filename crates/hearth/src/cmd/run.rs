@@ -271,9 +271,8 @@ pub(crate) fn sandbox_config(g: &GlobalArgs, a: &RunArgs) -> anyhow::Result<Sand
     config.memory_mib = (parse_size(&a.memory, "--memory")? >> 20) as u32;
     config.scratch_bytes = parse_size(&a.disk, "--disk")?;
     a.vm.apply(&mut config);
-    if !a.dry_run {
-        config.network = a.net.networking(&g.home)?;
-    }
+    // A dry run shows the NIC the real run would get (nothing is set up until the boot).
+    config.network = a.net.networking(&g.home)?;
     config.network_policy = a.policy.policy()?.unwrap_or_default();
     Ok(config)
 }
