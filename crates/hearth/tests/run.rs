@@ -319,7 +319,11 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     );
     let out = run(&["--dry-run", "--no-network", &image("busybox"), "true"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    assert!(!text(&out.stdout).contains("virtio-net"), "{}", text(&out.stdout));
+    assert!(
+        !text(&out.stdout).contains("virtio-net"),
+        "{}",
+        text(&out.stdout)
+    );
     // Firecracker's plan prints even where its binary is absent: the command and its config file.
     let out = run(&[
         "--dry-run",
