@@ -103,7 +103,10 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
             // `auto-read-only=off`: with it on (the -drive default) QEMU reopens the image by path
             // to drop write access when a migration pauses the disks, which a chrooted QEMU
             // cannot: saving a template or a running VM then fails in bdrv_inactivate_all.
-            options.push_str(",cache=unsafe,discard=unmap,auto-read-only=off");
+            // `werror=report`: a full host disk is an I/O error inside the guest; QEMU's default
+            // (`enospc`) would stop the whole VM, leaving a sandbox that never answers again (the
+            // soak found one).
+            options.push_str(",cache=unsafe,discard=unmap,auto-read-only=off,werror=report");
         }
         push(&["-drive", &options]);
         push(&[
