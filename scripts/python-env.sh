@@ -11,9 +11,14 @@ venv="$CACHE/venv"
 reqs="$here/test-requirements.txt"
 stamp="$venv/.requirements"
 
+# Test processes run this at once (nextest runs test binaries in parallel): one installs, the
+# others wait for it.
+mkdir -p "$CACHE"
+exec 9> "$CACHE/venv.lock"
+flock 9
+
 if [ ! -x "$venv/bin/python" ]; then
     echo "python-env: creating $venv" >&2
-    mkdir -p "$CACHE"
     python3 -m venv "$venv" >&2
 fi
 if ! cmp -s "$reqs" "$stamp"; then

@@ -1,0 +1,139 @@
+"""What the SDK hands back: plain, immutable records built from the API's JSON answers
+(``crates/hearth/openapi.json``). ``from_json`` constructors accept unknown fields, so a newer
+daemon's additions do not break an older SDK. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def _int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) else None
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as the daemon describes it. Times are Unix milliseconds."""
+
+    id: str
+    image: str
+    state: str
+    """``creating``, ``running``, ``stopped`` or ``failed``."""
+    reason: Optional[str]
+    """Why it stopped or failed (``ttl expired``, ``idle``, ...)."""
+    cpus: int
+    memory_mib: int
+    disk_bytes: int
+    labels: Mapping[str, str]
+    created_at: int
+    image_digest: Optional[str] = None
+    ready_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    expires_at: Optional[int] = None
+    last_active_at: Optional[int] = None
+    boot_ms: Optional[int] = None
+    network: Optional[Mapping[str, Any]] = None
+    """The egress policy in force (``None`` when the daemon gives sandboxes no network)."""
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> SandboxInfo:
+        return SandboxInfo(
+            id=str(value["id"]),
+            image=str(value.get("image", "")),
+            state=str(value.get("state", "")),
+            reason=value.get("reason"),
+            cpus=int(value.get("cpus", 0)),
+            memory_mib=int(value.get("memory_mib", 0)),
+            disk_bytes=int(value.get("disk_bytes", 0)),
+            labels=dict(value.get("labels") or {}),
+            created_at=int(value.get("created_at", 0)),
+            image_digest=value.get("image_digest"),
+            ready_at=_int(value.get("ready_at")),
+            finished_at=_int(value.get("finished_at")),
+            expires_at=_int(value.get("expires_at")),
+            last_active_at=_int(value.get("last_active_at")),
+            boot_ms=_int(value.get("boot_ms")),
+            network=value.get("network"),
+        )
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command ended and everything it wrote. ``stdout``/``stderr`` are decoded as UTF-8
+    (invalid bytes replaced); the exact bytes are in ``stdout_bytes``/``stderr_bytes``."""
+
+    exit_code: Optional[int]
+    """The exit status, or ``None`` when a signal killed the command."""
+    stdout: str
+    stderr: str
+    signal: Optional[int] = None
+    """The signal that killed the command."""
+    timed_out: bool = False
+    """The exec's ``timeout`` fired and killed the command (``signal`` says with what)."""
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """Exited with status 0."""
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class RunResult(ExecResult):
+    """A one-shot run's result (``hearth.run``): an :class:`ExecResult` plus the run's extras."""
+
+    truncated: bool = False
+    """Output beyond the daemon's ``--run-output-limit`` was dropped."""
+    boot_ms: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One entry of a directory listing."""
+
+    name: str
+    kind: str
+    """``file``, ``dir``, ``symlink`` or ``other``."""
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    """Seconds since the Unix epoch."""
+    link_target: Optional[str] = None
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> DirEntry:
+        return DirEntry(
+            name=str(value["name"]),
+            kind=str(value.get("kind", "other")),
+            size=int(value.get("size", 0)),
+            mode=int(value.get("mode", 0)),
+            uid=int(value.get("uid", 0)),
+            gid=int(value.get("gid", 0)),
+            mtime=int(value.get("mtime", 0)),
+            link_target=value.get("link_target"),
+        )
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """A running sandbox's egress policy and what went through its network."""
+
+    policy: Mapping[str, Any]
+    """``{"mode": "none"|"allow"|"open", "allow": [...], "deny": [...]}``."""
+    stats: Mapping[str, Any]
+    refused: list[Mapping[str, Any]]
+    """The latest refused connection attempts, oldest first."""
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> NetworkView:
+        return NetworkView(
+            policy=dict(value.get("policy") or {}),
+            stats=dict(value.get("stats") or {}),
+            refused=list(value.get("refused") or []),
+        )
