@@ -3,7 +3,9 @@
 
 Images (each an OCI layout directory under OUT/<name>, tag `latest`):
   busybox    one gzip layer: Debian's busybox-static plus its applet links, /etc/passwd, /etc/group
-  python     one gzip layer: Debian bookworm minbase with python3 (debootstrap, cached)
+  python     one gzip layer: Debian bookworm minbase with python3 and pip (debootstrap, cached), without
+             apt's package lists and caches or docs, man pages and translations; no PEP 668 marker,
+             so `pip install` works as in the official python images
   layers     three layers (gzip, zstd, plain tar) exercising whiteouts, opaque directories, hard links,
              symlinks, owners, modes, setuid, device nodes, xattrs (security.capability) and timestamps
   multiarch  an OCI index with linux/amd64 and linux/arm64 manifests; /platform names the platform
@@ -16,6 +18,7 @@ Idempotent: an image whose layout already exists with the same recipe version is
 Usage: build-test-images.py OUT_DIR [NAME...]   (default: every image)
 """
 
+import glob
 import gzip
 import hashlib
 import io
@@ -26,7 +29,9 @@ import subprocess
 import sys
 import tarfile
 
-RECIPE_VERSION = "4"  # bump when an image's content changes
+RECIPE_VERSION = "5"  # bump when an image's content changes
+# The python image's Debian packages; the cached debootstrap root is rebuilt when this changes.
+PYTHON_PACKAGES = "python3,python3-pip"
 MTIME = 1700000000
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -175,18 +180,26 @@ def build_busybox(layout):
 
 def build_python(layout, cache):
     root = os.path.join(os.path.dirname(cache), "python-root")
-    if not os.path.exists(os.path.join(root, "usr", "bin", "python3")):
+    stamp = root + ".packages"  # beside the root, so not in the image
+    if not (os.path.exists(stamp) and open(stamp).read() == PYTHON_PACKAGES):
         tmp = root + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", "bookworm", tmp,
-                        "http://deb.debian.org/debian"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=" + PYTHON_PACKAGES,
+                        "bookworm", tmp, "http://deb.debian.org/debian"],
+                       check=True, stdout=subprocess.DEVNULL)
+        for marker in glob.glob(os.path.join(tmp, "usr/lib/python3*/EXTERNALLY-MANAGED")):
+            os.remove(marker)
         shutil.rmtree(root, ignore_errors=True)
         os.rename(tmp, root)
+        with open(stamp, "w") as f:
+            f.write(PYTHON_PACKAGES)
     # GNU tar keeps owners, modes, hard links and xattrs exactly as debootstrap left them.
+    excluded = ["./proc/*", "./sys/*", "./dev/*", "./var/cache/apt/*", "./var/lib/apt/lists/*",
+                "./usr/share/doc/*", "./usr/share/man/*", "./usr/share/info/*",
+                "./usr/share/locale/*"]
     tar_bytes = subprocess.run(
-        ["tar", "--numeric-owner", "--xattrs", "--sort=name", "--format=pax",
-         "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*",
-         "--exclude=./var/cache/apt/archives/*.deb", "-C", root, "-cf", "-", "."],
+        ["tar", "--numeric-owner", "--xattrs", "--sort=name", "--format=pax"]
+        + ["--exclude=" + e for e in excluded] + ["-C", root, "-cf", "-", "."],
         check=True, stdout=subprocess.PIPE).stdout
     config = {"Env": [PATH_ENV, "LANG=C.UTF-8"], "Cmd": ["python3"], "WorkingDir": "/"}
     layout.finish(layout.image([(tar_bytes, MT_GZIP)], config))

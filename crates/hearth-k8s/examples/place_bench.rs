@@ -82,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
                     timeout_seconds: None,
                     ttl_seconds_after_finished: None,
                     node_selector: Default::default(),
+                    network: None,
                 };
                 api.create(
                     &PostParams::default(),

@@ -40,7 +40,8 @@ pub struct NetworkOptions {
     pub tap_owner: Option<u32>,
     /// Bytes per second in each direction per sandbox (`--net-rate`).
     pub rate_limit: Option<u64>,
-    /// Open connections per sandbox.
+    /// Open TCP connections per sandbox (`--net-conns`), enforced by the namespace's table and
+    /// by the proxy: more are reset.
     pub max_connections: usize,
 }
 
@@ -106,6 +107,7 @@ impl SandboxNetwork {
     ) -> Result<SandboxNetwork, NetworkError> {
         let blocked = Blocked::for_host(&options.host_addrs);
         let net = SandboxNet::create(home, id, &policy.ip_rules_with(&blocked), options.tap_owner)?;
+        net.limit_connections(options.max_connections)?;
         Self::serve(net, blocked, policy, options)
     }
 
@@ -121,6 +123,7 @@ impl SandboxNetwork {
         let blocked = Blocked::for_host(&options.host_addrs);
         let net = SandboxNet::open(home, id)?;
         net.set_rules(&policy.ip_rules_with(&blocked))?;
+        net.limit_connections(options.max_connections)?;
         Self::serve(net, blocked, policy, options)
     }
 

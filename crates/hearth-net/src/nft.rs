@@ -8,7 +8,10 @@
 //! the accepted TCP to the proxy, and the `learned` set whose elements expire by themselves. A
 //! flow the table accepted once stays accepted (conntrack `established`) when its learned address
 //! expires or the rules change: cutting connections a change denies is the proxy's job, which
-//! sees every one. The sandbox network is IPv4 only (IPv6 is off in the namespace), so IPv6
+//! sees every one. A second filter chain, `conn_limit`, made once per sandbox
+//! ([`Firewall::limit_connections`]) and never touched by rule replacement, resets the guest's new
+//! TCP connections beyond its open-connection limit (`ct count`), so a policy change cannot reset
+//! the count either. The sandbox network is IPv4 only (IPv6 is off in the namespace), so IPv6
 //! entries are left out of the table and IPv6 packets are dropped.
 
 use std::collections::{BTreeMap, HashMap};
@@ -74,6 +77,13 @@ impl Firewall {
     pub fn apply(&self, rules: &IpRules) -> Result<(), NftError> {
         let script = render(rules)?;
         self.run(&script)
+    }
+
+    /// Resets (TCP RST) every new guest TCP connection while `max` are open already; replaces an
+    /// earlier limit. The kernel counts the namespace's live connections (conntrack), whatever
+    /// their destination and whether or not the proxy has accepted them yet.
+    pub fn limit_connections(&self, max: usize) -> Result<(), NftError> {
+        self.run(&render_connection_limit(max))
     }
 
     fn run(&self, script: &str) -> Result<(), NftError> {
@@ -226,6 +236,21 @@ pub fn render(rules: &IpRules) -> Result<String, NftError> {
     Ok(s)
 }
 
+/// The nft script that creates the table if needed and (re)makes its `conn_limit` chain, which
+/// runs before `guest_in` (priority -160).
+pub fn render_connection_limit(max: usize) -> String {
+    let t = TABLE;
+    let max = u32::try_from(max).unwrap_or(u32::MAX);
+    format!(
+        "table {t} {{\n\
+         \tchain conn_limit {{ type filter hook prerouting priority -160; policy accept; }}\n\
+         }}\n\
+         flush chain {t} conn_limit\n\
+         add rule {t} conn_limit iifname \"{TAP_NAME}\" meta l4proto tcp ct state new \
+         ct count over {max} reject with tcp reset\n"
+    )
+}
+
 /// One accepting rule per distinct port (and one for entries without a port).
 fn allow_rules(entries: &[(Ipv4Net, Option<u16>)]) -> Vec<String> {
     let mut by_port: BTreeMap<Option<u16>, Vec<Ipv4Net>> = BTreeMap::new();
@@ -354,5 +379,20 @@ mod tests {
         assert!(at("0.0.0.0/0") < at("@learned"));
         assert!(at("@learned") < at("guest_in meta l4proto tcp accept"));
         assert!(!s.contains("fd00"), "{s}");
+    }
+
+    #[test]
+    fn the_connection_limit_is_its_own_chain_that_rule_replacement_leaves_alone() {
+        let limit = render_connection_limit(7);
+        assert!(
+            limit.contains("ct count over 7 reject with tcp reset"),
+            "{limit}"
+        );
+        assert!(
+            limit.contains("flush chain inet hearth conn_limit"),
+            "{limit}"
+        );
+        let rules = render(&IpRules::default()).unwrap();
+        assert!(!rules.contains("conn_limit"), "{rules}");
     }
 }

@@ -42,6 +42,9 @@ pub fn redirected_destination() -> OriginalDestination {
     Arc::new(crate::nft::original_destination)
 }
 
+/// Open connections a sandbox may have at once unless configured otherwise (`--net-conns`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
 /// Limits and timeouts of one sandbox's proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -62,7 +65,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             peek_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(10),
-            max_connections: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             rate_limit: None,
             refused_log_len: 256,
         }

@@ -186,6 +186,12 @@ impl SandboxNet {
         Ok(self.firewall.apply(rules)?)
     }
 
+    /// Limits the guest to `max` open TCP connections at once; the next ones are reset at once.
+    /// Replacing the rules ([`SandboxNet::set_rules`]) keeps the limit and its count.
+    pub fn limit_connections(&self, max: usize) -> Result<(), SandboxNetError> {
+        Ok(self.firewall.limit_connections(max)?)
+    }
+
     /// What the resolver makes addresses reachable through.
     pub fn learner(&self) -> Arc<dyn AddressLearner> {
         self.firewall.clone()

@@ -1,17 +1,20 @@
 //! Egress policy enforced on a real guest (QEMU under TCG, the busybox test image) against the
 //! fake internet (hearth-testkit: HTTP servers and a DNS server on documentation addresses, routed
 //! from the host): one sandbox, its policy changed live from `none` to `allow` to `open` and back,
-//! each step checked with the guest's own `nslookup` and Python's urllib (the python test image); then teardown leaves no
-//! namespace, mount or directory behind.
+//! each step checked with the guest's own `nslookup` and Python's urllib (the python test image); in
+//! `open`, a neighbour sandbox's server is reached by no address, and an open connection to a
+//! destination a live update newly denies is cut within 1 s; then teardown leaves no namespace,
+//! mount or directory behind.
 
 use std::time::{Duration, Instant};
 
 use hearth_image::{ImageStore, PullOptions};
+use hearth_net::addressing::{GATEWAY, GUEST};
 use hearth_net::network::{host_addresses, NetworkOptions};
 use hearth_net::policy::{Mode, NetworkPolicy};
 use hearth_sandbox::{Networking, Sandbox, SandboxConfig};
 use hearth_testkit::fake_internet::{FakeInternet, OTHER_WEB, WEB};
-use hearth_vm::channel::ExecRequest;
+use hearth_vm::channel::{ExecHandle, ExecOutput, ExecRequest};
 
 /// `argv` in the guest: (stdout and stderr, exit code, how long it took).
 async fn run(sandbox: &Sandbox, argv: &[&str]) -> (String, i32, Duration) {
@@ -72,6 +75,55 @@ except Exception as e:
     ((if code == 0 { Ok(out) } else { Err(out) }), took)
 }
 
+/// Starts `argv` in the guest without waiting for it.
+async fn start(sandbox: &Sandbox, argv: &[&str]) -> ExecHandle {
+    sandbox
+        .client()
+        .exec(ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin:/usr/local/bin".into()],
+            ..ExecRequest::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Reads `handle`'s stdout until a line starting with `prefix`; that line.
+async fn line_starting(handle: &mut ExecHandle, prefix: &str, within: Duration) -> String {
+    let mut text = String::new();
+    let read = async {
+        loop {
+            match handle.next_output().await.unwrap() {
+                Some(ExecOutput::Stdout(b)) | Some(ExecOutput::Stderr(b)) => {
+                    text.push_str(&String::from_utf8_lossy(&b));
+                    if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+                        return line.to_owned();
+                    }
+                }
+                None => panic!("the command ended before printing {prefix:?}: {text}"),
+            }
+        }
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(line) => line,
+        Err(_) => panic!("no {prefix:?} line within {within:?}"),
+    }
+}
+
+/// Holds one TCP connection to `argv[1]`:80 open: the request head is never finished, so the
+/// server keeps waiting; reports when the connection ends and how.
+const HOLD: &str = "import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=60)
+s.sendall(b'GET /held HTTP/1.1\\r\\nHost: x\\r\\n')
+print('connected', flush=True)
+try:
+    print('ended: closed' if not s.recv(1) else 'ended: data', flush=True)
+except ConnectionResetError:
+    print('ended: reset', flush=True)
+except socket.timeout:
+    print('ended: still open after 60 s', flush=True)
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_policy_is_enforced_on_a_real_guest_and_changes_live() {
     let internet = FakeInternet::start().unwrap();
@@ -95,7 +147,7 @@ async fn egress_policy_is_enforced_on_a_real_guest_and_changes_live() {
         options,
         home: home.path().to_owned(),
     });
-    let sandbox = Sandbox::create(&config, image).await.unwrap();
+    let sandbox = Sandbox::create(&config, image.clone()).await.unwrap();
     let netns = home.path().join("net").join(sandbox.id()).join("netns");
     assert!(netns.exists(), "the sandbox has its own namespace");
 
@@ -176,6 +228,63 @@ async fn egress_policy_is_enforced_on_a_real_guest_and_changes_live() {
         page.is_err(),
         "the host's own address {host} was reachable: {page:?}"
     );
+
+    // The attack: an open sandbox reaching a neighbour's server. Every sandbox has the same link
+    // addresses in its own namespace and nothing routes between namespaces, so the neighbour's
+    // address is the guest's own (nothing listens there) and the gateway refuses; neither
+    // reaches the neighbour's server, which answers on its own side.
+    let neighbour = Sandbox::create(&config, image).await.unwrap();
+    let _server = start(
+        &neighbour,
+        &["python3", "-m", "http.server", "9000", "--bind", "0.0.0.0"],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetch(&neighbour, &format!("http://{GUEST}:9000/"), "")
+        .await
+        .0
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the neighbour's server never answered on its own side"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for address in [GUEST, GATEWAY] {
+        let (page, took) = fetch(&sandbox, &format!("http://{address}:9000/"), "").await;
+        assert!(
+            page.is_err() && took < REFUSED_AT_ONCE,
+            "the neighbour's server at {address}:9000: {page:?} in {took:?}"
+        );
+    }
+    neighbour.destroy().await.unwrap();
+
+    // A live update cuts an open connection to a destination it newly denies, within 1 s (the
+    // attack: keep a connection opened while allowed and go on using it after the deny).
+    let mut held = start(&sandbox, &["python3", "-c", HOLD, &OTHER_WEB.to_string()]).await;
+    line_starting(&mut held, "connected", Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sandbox.network_activity().unwrap().0.proxy.active == 0 {
+        // The proxy relays once it has waited for the head's server name (its peek timeout).
+        assert!(
+            Instant::now() < deadline,
+            "the held connection was never relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let denied = Instant::now();
+    sandbox
+        .set_network_policy(policy(Mode::Open, &[], &[&OTHER_WEB.to_string()]))
+        .unwrap();
+    let ended = line_starting(&mut held, "ended", Duration::from_secs(5)).await;
+    let took = denied.elapsed();
+    assert!(
+        ended == "ended: reset" || ended == "ended: closed",
+        "{ended}"
+    );
+    assert!(took < Duration::from_secs(1), "cut after {took:?}");
+    eprintln!("open connection cut {took:?} after the deny");
 
     // And back to none, in force at once.
     let changed = Instant::now();

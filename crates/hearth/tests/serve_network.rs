@@ -2,7 +2,8 @@
 //! it (and shows it), its resolver answers only allowed names (the guest's own `nslookup` against
 //! the fake internet's DNS server as upstream), `PUT /network` replaces the policy while it runs
 //! and the guest sees the change, a policy above the tenant's ceiling from the tokens file is
-//! refused with 403, another tenant gets 404, and deleting the sandbox removes its namespace.
+//! refused with 403, another tenant gets 404, `/metrics` shows the sandbox's network counters to
+//! its tenant only, and deleting the sandbox removes its namespace.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -89,6 +90,54 @@ async fn policies_are_set_read_replaced_and_bounded_by_the_tenant_ceiling() {
         "{view}"
     );
 
+    // Traffic through the proxy and a refused attempt (the allowed address, another Host) show
+    // in /metrics under the tenant's token, per sandbox; never without a token or under another
+    // tenant's (the attack: reading other tenants' sandbox ids and activity off /metrics).
+    let (code, out) = exec(&d, &id, "wget -q -O - http://other.example/").await;
+    assert!(code == 0 && out.contains("host=other.example"), "{out}");
+    let (code, out) = exec(
+        &d,
+        &id,
+        "wget -q -O - --header 'Host: allowed.example' http://other.example/",
+    )
+    .await;
+    assert!(code != 0, "a disallowed Host got through: {out}");
+    let text = metrics(&d, Some(ALICE)).await;
+    let value = |family: &str| -> u64 {
+        let prefix = format!("{family}{{sandbox=\"{id}\",tenant=\"alice\"}} ");
+        let line = text.lines().find_map(|l| l.strip_prefix(&prefix));
+        line.unwrap_or_else(|| panic!("no {prefix:?} in\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("hearth_sandbox_network_received_bytes_total") > 0);
+    assert!(value("hearth_sandbox_network_sent_bytes_total") > 0);
+    assert!(value("hearth_sandbox_network_connections_total") >= 1);
+    assert!(value("hearth_sandbox_network_refused_connections_total") >= 1);
+    assert!(value("hearth_sandbox_network_refused_dns_queries_total") >= 2);
+    for token in [None, Some(BOB)] {
+        let text = metrics(&d, token).await;
+        assert!(
+            text.contains("hearth_sandboxes{state=\"running\"}"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&id),
+            "{token:?} sees alice's sandbox:\n{text}"
+        );
+        assert!(
+            !text.contains("alice"),
+            "{token:?} sees alice's name:\n{text}"
+        );
+    }
+    let (status, _) = d
+        .json(Method::GET, "/metrics", Some("not-a-token"), None)
+        .await;
+    assert_eq!(
+        status, 401,
+        "a bad token is an error, not an anonymous scrape"
+    );
+
     // Above the ceiling, malformed, or someone else's: refused, and nothing changes.
     for (policy, want) in [
         (json!({"mode": "open"}), 403),
@@ -128,6 +177,17 @@ async fn policies_are_set_read_replaced_and_bounded_by_the_tenant_ceiling() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!netns.exists(), "the namespace outlived its sandbox");
+}
+
+/// `GET /metrics`'s text, with `token` when given.
+async fn metrics(d: &Daemon, token: Option<&str>) -> String {
+    let response = d
+        .request(Method::GET, "/metrics", token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
 }
 
 /// `sh -c script` in sandbox `id`: (exit code, stdout and stderr).

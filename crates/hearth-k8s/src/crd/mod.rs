@@ -6,8 +6,8 @@ mod sandbox;
 
 pub use node::{HearthNode, HearthNodeSpec, HearthNodeStatus, NodeCapacity};
 pub use sandbox::{
-    reason, Demand, EnvVar, Phase, Sandbox, SandboxCondition, SandboxResources, SandboxSpec,
-    SandboxStatus, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    reason, Demand, EnvVar, Phase, Sandbox, SandboxCondition, SandboxNetwork, SandboxResources,
+    SandboxSpec, SandboxStatus, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

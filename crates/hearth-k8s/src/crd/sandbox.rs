@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use hearth_net::policy::{Entry, Mode, NetworkPolicy, PolicyError, MAX_ENTRIES, MAX_ENTRY_LEN};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -69,6 +70,54 @@ pub struct SandboxSpec {
     /// Only nodes (HearthNode objects) carrying all these labels may run it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Egress of the microVM, in the HTTP API's `network` shape; unset: the node's default policy.
+    /// A policy above what the node lets Kubernetes sandboxes have fails the Sandbox (StartFailed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
+}
+
+/// A sandbox's egress policy as written in `spec.network`: `{mode, allow, deny}` exactly like the
+/// HTTP API's `network`, parsed by `hearth_net::policy` when the node runs it (so a malformed entry
+/// fails that one Sandbox, never the watch of all of them).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SandboxNetwork {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "network_mode_schema")]
+    pub mode: Option<Mode>,
+    /// Destinations let out: a domain (`api.example.com`), a wildcard (`*.example.org`: names
+    /// below it), an IP or a CIDR, each optionally with `:port`. Needs mode `allow` or `open`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENTRIES), inner(length(min = 1, max = MAX_ENTRY_LEN)))]
+    pub allow: Vec<String>,
+    /// Destinations refused whatever `allow` says (same forms).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ENTRIES), inner(length(min = 1, max = MAX_ENTRY_LEN)))]
+    pub deny: Vec<String>,
+}
+
+impl SandboxNetwork {
+    /// The validated policy, by the same rules as the HTTP API's.
+    pub fn policy(&self) -> Result<NetworkPolicy, PolicyError> {
+        let entries = |list: &[String]| -> Result<Vec<Entry>, PolicyError> {
+            list.iter().map(|e| e.parse()).collect()
+        };
+        NetworkPolicy::new(
+            self.mode.unwrap_or_default(),
+            entries(&self.allow)?,
+            entries(&self.deny)?,
+        )
+    }
+}
+
+/// The mode as a plain string enum (see [`phase_schema`] for why not the derived one).
+fn network_mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "none (the default: nothing leaves, DNS answers REFUSED), allow (only what \
+            `allow` lists) or open (the internet; never the node, other sandboxes, link-local or \
+            metadata addresses, or private ranges unless `allow` lists them).",
+        "type": "string",
+        "enum": ["none", "allow", "open"]
+    })
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -110,6 +159,14 @@ impl SandboxSpec {
                 None => DEFAULT_MEMORY_MIB,
             },
         })
+    }
+
+    /// The egress policy `spec.network` asks for; `None` when unset (the node's default applies).
+    pub fn network_policy(&self) -> Result<Option<NetworkPolicy>, PolicyError> {
+        self.network
+            .as_ref()
+            .map(SandboxNetwork::policy)
+            .transpose()
     }
 
     /// `command` followed by `args`.
@@ -228,5 +285,76 @@ impl Sandbox {
 
     pub fn node_name(&self) -> Option<&str> {
         self.status.as_ref().and_then(|s| s.node_name.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> SandboxSpec {
+        serde_yaml::from_str(&format!("image: busybox\ncommand: [\"true\"]\n{yaml}")).unwrap()
+    }
+
+    #[test]
+    fn spec_network_maps_to_the_api_policy() {
+        assert_eq!(
+            spec("").network_policy().unwrap(),
+            None,
+            "unset: node default"
+        );
+        let s = spec(
+            "network:\n  mode: allow\n  allow: [pypi.example, \"*.cdn.example:443\", 198.51.100.0/24]\n  deny: [bad.cdn.example]\n",
+        );
+        let api: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "mode": "allow",
+            "allow": ["pypi.example", "*.cdn.example:443", "198.51.100.0/24"],
+            "deny": ["bad.cdn.example"],
+        }))
+        .unwrap();
+        assert_eq!(s.network_policy().unwrap(), Some(api));
+        assert_eq!(
+            spec("network:\n  mode: open\n").network_policy().unwrap(),
+            Some(NetworkPolicy::new(Mode::Open, vec![], vec![]).unwrap())
+        );
+        assert_eq!(
+            spec("network: {}\n").network_policy().unwrap(),
+            Some(NetworkPolicy::none()),
+            "like the API, an empty network is mode none"
+        );
+        // It round-trips as written (the node agent reads what users wrote).
+        let back: SandboxSpec = serde_yaml::from_str(&serde_yaml::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_bad_spec_network_is_an_error_not_a_parse_failure() {
+        // The object itself deserializes (one bad Sandbox must not break the watch of all)...
+        let bad = spec("network:\n  mode: allow\n  allow: [\"exa mple.com\"]\n");
+        // ...and the policy says what is wrong, by the API's rules.
+        let err = bad.network_policy().unwrap_err().to_string();
+        assert!(err.contains("exa mple.com"), "{err}");
+        let none_with_allow = spec("network:\n  allow: [pypi.example]\n");
+        assert_eq!(
+            none_with_allow.network_policy().unwrap_err(),
+            PolicyError::AllowWithModeNone
+        );
+    }
+
+    #[test]
+    fn the_crd_schema_lists_the_modes_and_bounds_the_lists() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(Sandbox::crd()).unwrap();
+        let network = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"]["network"];
+        assert_eq!(
+            network["properties"]["mode"]["enum"],
+            serde_json::json!(["none", "allow", "open"])
+        );
+        assert_eq!(network["properties"]["allow"]["maxItems"], MAX_ENTRIES);
+        assert_eq!(
+            network["properties"]["deny"]["items"]["maxLength"],
+            MAX_ENTRY_LEN
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use hearth_sandbox::node::{CreateSpec, ExecSpec, RunError, RunSpec};
+use hearth_sandbox::node::{CreateSpec, ExecSpec, NodeError, RunError, RunSpec};
 use hearth_sandbox::ExecOutput;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -114,46 +114,9 @@ impl NodeAgent {
     }
 
     async fn execute(&self, s: &Sandbox, uid: &str) -> Ended {
-        let demand = match s.spec.demand() {
-            Ok(d) => d,
-            Err(e) => return start_failed(e.to_string()),
-        };
-        let timeout = s.spec.timeout_seconds.map(Duration::from_secs);
-        let env: Vec<(String, String)> = s
-            .spec
-            .env
-            .iter()
-            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-            .collect();
-        let spec = RunSpec {
-            create: CreateSpec {
-                image: s.spec.image.clone(),
-                vcpus: Some(demand.vcpus),
-                memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
-                env: env.clone(),
-                workdir: s.spec.working_dir.clone(),
-                labels: [
-                    (UID_LABEL.to_string(), uid.to_string()),
-                    (
-                        "hearth.dev/sandbox".to_string(),
-                        format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
-                    ),
-                ]
-                .into(),
-                ..Default::default()
-            },
-            exec: ExecSpec {
-                argv: s.spec.argv(),
-                env,
-                workdir: s.spec.working_dir.clone(),
-                timeout,
-                ..Default::default()
-            },
-            stdin: None,
-            boot_timeout: self.config.boot_timeout,
-            // The operator's ledger and the node's admission can briefly disagree (a VM still
-            // stopping, sandboxes created through the HTTP API): a capacity refusal is retried.
-            capacity_wait: CAPACITY_WAIT,
+        let spec = match run_spec(s, uid, self.config.boot_timeout) {
+            Ok(spec) => spec,
+            Err(ended) => return ended,
         };
         let mut tail = OutputTail::new(self.config.tail_bytes);
         let ran = self
@@ -173,9 +136,7 @@ impl NodeAgent {
                     tail: Some(tail.text()),
                 }
             }
-            Err(RunError::Refused(e)) => {
-                return start_failed(format!("the node refused the sandbox: {e}"))
-            }
+            Err(RunError::Refused(e)) => return start_failed(refused_message(&e)),
             Err(RunError::NotStarted { reason, .. }) => {
                 return start_failed(format!("the microVM did not start: {reason}"))
             }
@@ -243,6 +204,143 @@ impl NodeAgent {
     }
 }
 
+/// What the node runs for `s`, or how the Sandbox ends when its spec cannot run anywhere.
+fn run_spec(s: &Sandbox, uid: &str, boot_timeout: Duration) -> Result<RunSpec, Ended> {
+    let demand = s.spec.demand().map_err(|e| start_failed(e.to_string()))?;
+    let network = s.spec.network_policy().map_err(|e| Ended {
+        outcome: Outcome::Failed {
+            reason: reason::INVALID,
+        },
+        message: Some(format!("spec.network: {e}")),
+        tail: None,
+    })?;
+    let timeout = s.spec.timeout_seconds.map(Duration::from_secs);
+    let env: Vec<(String, String)> = s
+        .spec
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    Ok(RunSpec {
+        create: CreateSpec {
+            image: s.spec.image.clone(),
+            vcpus: Some(demand.vcpus),
+            memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
+            env: env.clone(),
+            workdir: s.spec.working_dir.clone(),
+            labels: [
+                (UID_LABEL.to_string(), uid.to_string()),
+                (
+                    "hearth.dev/sandbox".to_string(),
+                    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+                ),
+            ]
+            .into(),
+            // `None`: the node's default policy. Either way the node checks it against the
+            // Kubernetes tenant's ceiling and refuses what reaches above it.
+            network,
+            ..Default::default()
+        },
+        exec: ExecSpec {
+            argv: s.spec.argv(),
+            env,
+            workdir: s.spec.working_dir.clone(),
+            timeout,
+            ..Default::default()
+        },
+        stdin: None,
+        boot_timeout,
+        // The operator's ledger and the node's admission can briefly disagree (a VM still
+        // stopping, sandboxes created through the HTTP API): a capacity refusal is retried.
+        capacity_wait: CAPACITY_WAIT,
+    })
+}
+
+/// The status message of a sandbox the node refused to create; a network policy above the node's
+/// ceiling (the only `Forbidden`) names `spec.network`.
+fn refused_message(e: &NodeError) -> String {
+    match e {
+        NodeError::Forbidden(why) => {
+            format!("spec.network is above what this node allows: {why}")
+        }
+        e => format!("the node refused the sandbox: {e}"),
+    }
+}
+
 fn now() -> Time {
     Time(Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use hearth_net::ceiling::within_ceiling;
+    use hearth_sandbox::node::default_network_ceiling;
+    use hearth_sandbox::{NetworkMode, NetworkPolicy};
+
+    use super::*;
+    use crate::crd::{SandboxNetwork, SandboxSpec};
+
+    fn sandbox(network: Option<SandboxNetwork>) -> Sandbox {
+        let mut spec: SandboxSpec =
+            serde_yaml::from_str("image: busybox\ncommand: [wget, http://pypi.example/]\n")
+                .unwrap();
+        spec.network = network;
+        let mut s = Sandbox::new("s", spec);
+        s.metadata.namespace = Some("ns".into());
+        s
+    }
+
+    fn network(mode: NetworkMode, allow: &[&str]) -> Option<SandboxNetwork> {
+        Some(SandboxNetwork {
+            mode: Some(mode),
+            allow: allow.iter().map(|e| e.to_string()).collect(),
+            deny: vec![],
+        })
+    }
+
+    #[test]
+    fn spec_network_reaches_the_nodes_create() {
+        let boot = Duration::from_secs(1);
+        let unset = run_spec(&sandbox(None), "u", boot).ok().unwrap();
+        assert_eq!(unset.create.network, None, "the node's default applies");
+        let asked = network(NetworkMode::Allow, &["pypi.example", "*.cdn.example:443"]);
+        let run = run_spec(&sandbox(asked.clone()), "u", boot).ok().unwrap();
+        assert_eq!(run.create.network, Some(asked.unwrap().policy().unwrap()));
+    }
+
+    #[test]
+    fn a_malformed_spec_network_fails_the_sandbox_as_invalid() {
+        let bad = network(NetworkMode::Allow, &["exa mple.com"]);
+        let Err(ended) = run_spec(&sandbox(bad), "u", Duration::from_secs(1)) else {
+            panic!("a malformed entry must not run");
+        };
+        assert!(matches!(
+            ended.outcome,
+            Outcome::Failed {
+                reason: reason::INVALID
+            }
+        ));
+        let message = ended.message.unwrap();
+        assert!(message.starts_with("spec.network: "), "{message}");
+        assert!(message.contains("exa mple.com"), "{message}");
+    }
+
+    /// What the node's ceiling refuses (a private range here) fails the Sandbox with a message
+    /// naming `spec.network` and the entry.
+    #[test]
+    fn a_policy_over_the_ceiling_fails_with_a_clear_message() {
+        let asked = network(NetworkMode::Allow, &["10.0.0.0/8"])
+            .unwrap()
+            .policy()
+            .unwrap();
+        let why = within_ceiling(&asked, &default_network_ceiling()).unwrap_err();
+        let message = refused_message(&NodeError::Forbidden(why.to_string()));
+        assert_eq!(
+            message,
+            "spec.network is above what this node allows: network entry '10.0.0.0/8' is \
+             outside this tenant's allowed destinations"
+        );
+        let open: NetworkPolicy = network(NetworkMode::Open, &[]).unwrap().policy().unwrap();
+        assert!(within_ceiling(&open, &default_network_ceiling()).is_ok());
+    }
 }

@@ -101,6 +101,7 @@ pub fn spec(cpu: u32, mem: &str) -> SandboxSpec {
         timeout_seconds: None,
         ttl_seconds_after_finished: None,
         node_selector: BTreeMap::new(),
+        network: None,
     }
 }
 

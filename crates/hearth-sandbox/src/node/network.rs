@@ -21,7 +21,34 @@ pub struct NetworkView {
     pub refused: Vec<RefusedAttempt>,
 }
 
+/// A running sandbox's network counters, as `/metrics` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNetworkStats {
+    pub id: String,
+    pub tenant: String,
+    pub stats: NetworkStats,
+}
+
 impl Node {
+    /// The network counters of the tenant's running sandboxes (those with a network), by id:
+    /// the same counters as [`Node::network`]'s.
+    pub fn network_stats(&self, tenant: &str) -> Vec<SandboxNetworkStats> {
+        let live: Vec<(String, Arc<crate::Sandbox>)> = self
+            .table()
+            .entries()
+            .filter(|e| e.record.info.tenant == tenant && !e.record.deleted)
+            .filter(|e| e.record.info.state == State::Running)
+            .filter_map(|e| Some((e.record.info.id.clone(), e.live.clone()?)))
+            .collect();
+        live.into_iter()
+            .filter_map(|(id, sandbox)| {
+                let (stats, _) = sandbox.network_activity()?;
+                let tenant = tenant.to_owned();
+                Some(SandboxNetworkStats { id, tenant, stats })
+            })
+            .collect()
+    }
+
     /// The policy a sandbox created with `asked` gets, or why it may not: `None` when this node
     /// gives sandboxes no network.
     pub(super) fn network_for(
@@ -86,6 +113,7 @@ impl Node {
             (_, state) => Err(NodeError::NotRunning {
                 id: id.to_owned(),
                 state,
+                detail: None,
             }),
         }
     }

@@ -1,7 +1,7 @@
 //! The network flags, shared so the commands cannot drift apart: a sandbox's egress policy
 //! ([`PolicyArgs`]: `hearth run`, `hearth sandbox create` and `network`), and the host side of
-//! sandbox networking ([`NetHostArgs`]: the upstream DNS server, rate limits; `hearth run` and
-//! `hearth serve`).
+//! sandbox networking ([`NetHostArgs`]: the upstream DNS server, rate and connection limits;
+//! `hearth run` and `hearth serve`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -73,6 +73,10 @@ pub struct NetHostArgs {
     /// Bytes per second each sandbox may send, and receive, like 10m.
     #[arg(long, value_name = "RATE")]
     pub net_rate: Option<String>,
+    /// TCP connections each sandbox may have open at once; more are refused with a reset
+    /// [default: 256].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub net_conns: Option<u32>,
     /// Give guests no network device at all (only `lo`): for hosts where hearth cannot create
     /// network namespaces.
     #[arg(long)]
@@ -95,6 +99,9 @@ impl NetHostArgs {
             ),
             None => None,
         };
+        if let Some(n) = self.net_conns {
+            options.max_connections = n as usize;
+        }
         Ok(Some(Networking {
             options,
             home: home.to_owned(),
@@ -148,6 +155,28 @@ mod tests {
             ..Default::default()
         };
         assert!(none_with_allow.policy().is_err());
+    }
+
+    #[test]
+    fn net_conns_sets_the_connection_limit_and_has_a_default() {
+        let home = Path::new("/nonexistent");
+        let upstream = Some("198.51.100.53:53".parse().unwrap());
+        let args = NetHostArgs {
+            dns_upstream: upstream,
+            net_conns: Some(9),
+            ..Default::default()
+        };
+        let options = args.networking(home).unwrap().unwrap().options;
+        assert_eq!(options.max_connections, 9);
+        let args = NetHostArgs {
+            dns_upstream: upstream,
+            ..Default::default()
+        };
+        let options = args.networking(home).unwrap().unwrap().options;
+        assert_eq!(
+            options.max_connections,
+            hearth_net::proxy::DEFAULT_MAX_CONNECTIONS
+        );
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn sandbox(name: &str, created: i64, status: Option<SandboxStatus>) -> Sandbox {
             timeout_seconds: None,
             ttl_seconds_after_finished: None,
             node_selector: BTreeMap::new(),
+            network: None,
         },
     );
     s.metadata.namespace = Some("ns".into());
