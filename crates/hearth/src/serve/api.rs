@@ -52,7 +52,8 @@ pub struct CreateSandbox {
     pub wait: Option<bool>,
 }
 
-/// A sandbox's life: `creating -> running -> stopped | failed`.
+/// A sandbox's life: `creating -> running -> stopped | failed`; `running <-> paused` (saved to
+/// disk, no VM running); `paused -> stopped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
@@ -60,6 +61,7 @@ pub enum SandboxState {
     Running,
     Stopped,
     Failed,
+    Paused,
 }
 
 /// A sandbox. Times are Unix milliseconds.
@@ -101,6 +103,7 @@ impl From<SandboxInfo> for Sandbox {
                 State::Running => SandboxState::Running,
                 State::Stopped => SandboxState::Stopped,
                 State::Failed => SandboxState::Failed,
+                State::Paused => SandboxState::Paused,
             },
             reason: s.reason,
             cpus: s.vcpus,
@@ -299,8 +302,11 @@ pub struct RunResult {
 pub struct ErrorBody {
     /// What failed, on what input, and what to do.
     pub error: String,
-    /// Stable machine-readable kind: `not_found`, `invalid`, `unauthorized`, `capacity`, `quota`,
-    /// `conflict`, `too_large`, `unprocessable`, `unsupported_media_type`, `shutting_down`, `internal`.
+    /// Stable machine-readable kind: `not_found`, `invalid`, `unauthorized`, `forbidden`,
+    /// `capacity`, `quota`, `busy`, `conflict`, `too_large`, `unprocessable`,
+    /// `unsupported_media_type`, `shutting_down`, `port_closed`, `bad_gateway`, `image`,
+    /// `guest_unresponsive`, `guest_failed` (the guest's end went away mid-request: its VM
+    /// died), `internal`.
     pub code: String,
 }
 

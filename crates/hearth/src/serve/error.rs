@@ -110,6 +110,15 @@ impl From<NodeError> for ApiError {
             NodeError::Channel(
                 ChannelError::Unresponsive { .. } | ChannelError::HandshakeTimeout(_),
             ) => (StatusCode::GATEWAY_TIMEOUT, "guest_unresponsive"),
+            // The guest's end went away mid-request (its VM died or was killed, the agent broke
+            // the protocol): the sandbox failed, not the daemon. The reaper marks it failed.
+            NodeError::Channel(
+                ChannelError::Closed
+                | ChannelError::StreamEnded(_)
+                | ChannelError::Http2(_)
+                | ChannelError::Io { .. }
+                | ChannelError::Protocol(_),
+            ) => (StatusCode::BAD_GATEWAY, "guest_failed"),
             NodeError::Channel(_)
             | NodeError::Sandbox(_)
             | NodeError::Store(_)
@@ -179,6 +188,11 @@ mod tests {
                 "port_closed",
             ),
             (NodeError::Channel(ChannelError::Busy(64)), 429, "busy"),
+            (
+                NodeError::Channel(ChannelError::Closed),
+                502,
+                "guest_failed",
+            ),
             (
                 NodeError::Channel(ChannelError::Unresponsive {
                     what: "the exec's start",

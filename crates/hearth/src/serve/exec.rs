@@ -29,20 +29,27 @@ use super::AppState;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec",
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", operation_id = "execInSandbox",
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = ExecBody,
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "NDJSON stream of `ExecEvent`s, output in order, the last one `exit_code`, `signal` or `error`",
-            content_type = "application/x-ndjson", body = ExecEvent),
-        (status = 400, description = "Empty argv, bad stdin base64", body = ErrorBody),
+        (status = 200, description = "NDJSON stream: one `ExecEvent` (see the schemas) per line, output in order, the last one \
+            `exit_code`, `signal` or `error`. Generated clients get the raw stream and split it at newlines.",
+            content_type = "application/x-ndjson", body = inline(super::openapi::Binary)),
+        (status = 400, description = "Empty argv, bad stdin base64, environment or working directory", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
-        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
-        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
+        (status = 413, description = "Body over 8 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 500, description = "The command could not be started (the message says why)", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+        (status = 502, description = "The guest went away mid-request (its VM died; code `guest_failed`)", body = ErrorBody),
+        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
     ))]
 pub async fn exec(
     State(state): State<Arc<AppState>>,
@@ -153,7 +160,7 @@ const STDIN_QUEUE_BYTES: usize = 1 << 20;
 // A message must fit the queue, or waiting for room for it would never end.
 const _: () = assert!(STDIN_QUEUE_BYTES >= MAX_WS_MESSAGE);
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", operation_id = "execInSandboxWebSocket",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
@@ -162,6 +169,7 @@ const _: () = assert!(STDIN_QUEUE_BYTES >= MAX_WS_MESSAGE);
             Server: one text message per `ExecEvent`, then close. A client message over 1 MiB closes the connection \
             with 1009; stdin the command does not read is queued up to 1 MiB, then the server stops reading messages \
             until it drains (output keeps flowing)."),
+        (status = 400, description = "Not a WebSocket upgrade request (the web framework's plain-text answer)", content_type = "text/plain", body = String),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
     ))]

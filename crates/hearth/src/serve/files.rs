@@ -24,19 +24,24 @@ use super::AppState;
 /// Header carrying a downloaded file's permission bits (octal).
 pub const MODE_HEADER: &str = "x-hearth-mode";
 
-#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", operation_id = "putSandboxFile",
     params(("id" = String, Path, description = "Sandbox id"), FileQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes"),
+    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream", description = "The file's bytes"),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Written", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the parent is not a directory", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The guest refused the write (permission denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox, or no such parent directory", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
-        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
-        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
         (status = 413, description = "Larger than the daemon's --max-upload", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 500, description = "The write failed in the guest or on the node (the message says why)", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+        (status = 502, description = "The guest went away mid-request (its VM died; code `guest_failed`)", body = ErrorBody),
+        (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
     ))]
 pub async fn put(
     State(state): State<Arc<AppState>>,
@@ -100,17 +105,23 @@ pub async fn put(
     }
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", operation_id = "getSandboxFile",
     params(("id" = String, Path, description = "Sandbox id"), FileQuery),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "A regular file's bytes (`x-hearth-mode` holds its permission bits in octal), or a directory's listing as JSON",
-            content((Vec<u8> = "application/octet-stream"), (DirListing = "application/json"))),
+            content((inline(super::openapi::Binary) = "application/octet-stream"), (DirListing = "application/json")),
+            headers(("x-hearth-mode" = String, description = "The file's permission bits in octal, like `644` (regular files only)"))),
         (status = 400, description = "Bad path, or not a regular file or directory", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 403, description = "The guest refused the read (permission denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox or file", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
-        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 500, description = "The read failed in the guest or on the node (the message says why)", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+        (status = 502, description = "The guest went away mid-request (its VM died; code `guest_failed`)", body = ErrorBody),
         (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
     ))]
 pub async fn get(

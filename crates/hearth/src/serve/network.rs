@@ -44,7 +44,7 @@ impl From<NetworkView> for SandboxNetwork {
     }
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/network", tag = "network",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/network", tag = "network", operation_id = "getSandboxNetwork",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
@@ -62,18 +62,21 @@ pub async fn get(
     Ok(Json(state.node.network(&tenant.name, &id)?.into()))
 }
 
-#[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network",
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/network", tag = "network", operation_id = "setSandboxNetwork",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     request_body(content = Object, description = "The new policy: `{\"mode\": ..., \"allow\": [...], \"deny\": [...]}`"),
     responses(
         (status = 200, description = "In force: new connections and DNS answers follow it, open connections it refuses were cut", body = SandboxNetwork),
-        (status = 400, description = "The sandbox has no network", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or the sandbox has no network", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 403, description = "Above the tenant's network ceiling", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 413, description = "Body over 8 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field, wrong type or a malformed entry (the message says which)", body = ErrorBody),
+        (status = 500, description = "The new policy could not be applied (the message says why)", body = ErrorBody),
     ))]
 pub async fn put(
     State(state): State<Arc<AppState>>,

@@ -1,6 +1,10 @@
 //! The OpenAPI document, generated from the handlers' `#[utoipa::path]` annotations and the wire
 //! types' schemas, served at `/openapi.json` and checked in as `crates/hearth/openapi.json`
 //! (regenerate: `hearth serve --print-openapi > crates/hearth/openapi.json`; a test fails on drift).
+//! Client generators read it: each operation has its own camelCase `operationId`, a tag, every
+//! status it can answer (errors as `ErrorBody`) and its headers; raw bytes are [`Binary`]
+//! (`type: string, format: binary`). `tests/openapi_clients.rs` validates it and generates a
+//! client from it.
 
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -22,6 +26,8 @@ use super::api;
         super::sandboxes::list,
         super::sandboxes::get,
         super::sandboxes::delete,
+        super::lifecycle::pause,
+        super::lifecycle::resume,
         super::exec::exec,
         super::exec::exec_ws,
         super::files::put,
@@ -50,10 +56,11 @@ use super::api;
         api::ErrorBody,
         api::Health,
         super::network::SandboxNetwork,
+        super::lifecycle::PauseSandbox,
     )),
     modifiers(&BearerAuth),
     tags(
-        (name = "sandboxes", description = "Create, list, inspect and delete sandboxes"),
+        (name = "sandboxes", description = "Create, list, inspect, pause, resume and delete sandboxes"),
         (name = "exec", description = "Commands in a running sandbox"),
         (name = "files", description = "Files in and out of a running sandbox"),
         (name = "network", description = "A running sandbox's egress policy and network activity"),
@@ -63,6 +70,16 @@ use super::api;
     )
 )]
 struct ApiDoc;
+
+// Raw bytes in a body (a file's content, a proxied request or answer) as `type: string, format:
+// binary`, which generators turn into a file or bytes (a `Vec<u8>` would be an array of integers).
+// Only named in annotations: `inline(super::openapi::Binary)`. (A `///` comment here would become
+// the schema's description in every body.)
+/// Raw bytes.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // a schema only, never built
+pub struct Binary(Vec<u8>);
 
 struct BearerAuth;
 
@@ -126,6 +143,126 @@ mod tests {
         assert_eq!(
             doc["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"
+        );
+    }
+
+    /// Every operation as (method, path, operation).
+    fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+        let mut all = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                all.push((method.clone(), path.clone(), op.clone()));
+            }
+        }
+        all
+    }
+
+    /// Client generators name their functions after operationIds: each must be unique, camelCase
+    /// and say what it does (two operations called `get` broke generators before).
+    #[test]
+    fn operation_ids_are_unique_and_meaningful() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        let generic = [
+            "get", "list", "create", "put", "delete", "exec", "exec_ws", "run", "proxy", "tunnel",
+            "metrics", "healthz", "post", "patch", "update",
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for (method, path, op) in operations(&doc) {
+            let id = op["operationId"].as_str().unwrap_or_default();
+            assert!(
+                id.len() > 6
+                    && id.starts_with(|c: char| c.is_ascii_lowercase())
+                    && id.chars().all(|c| c.is_ascii_alphanumeric()),
+                "{method} {path}: operationId {id:?} is not a camelCase name"
+            );
+            assert!(
+                !generic.contains(&id),
+                "{method} {path}: generic operationId {id:?}"
+            );
+            assert!(seen.insert(id.to_string()), "operationId {id:?} used twice");
+        }
+        for id in [
+            "createSandbox",
+            "execInSandbox",
+            "putSandboxFile",
+            "getHealth",
+        ] {
+            assert!(seen.contains(id), "{id} missing from {seen:?}");
+        }
+    }
+
+    /// What a generated client relies on: a tag per operation, the bearer requirement on every
+    /// `/v1` route, an `ErrorBody` for every JSON error answer, the `Retry-After` header wherever an
+    /// answer says it carries one, `x-hearth-mode` on downloads, and raw bytes as `format: binary`
+    /// (never an array of integers).
+    #[test]
+    fn operations_document_tags_security_errors_headers_and_bytes() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        for (method, path, op) in operations(&doc) {
+            let at = format!("{method} {path}");
+            assert!(
+                op["tags"].as_array().is_some_and(|t| !t.is_empty()),
+                "{at}: no tag"
+            );
+            if path.starts_with("/v1/") {
+                assert_eq!(op["security"], serde_json::json!([{"bearer": []}]), "{at}");
+                assert!(op["responses"]["401"].is_object(), "{at}: no 401");
+            }
+            for (status, response) in op["responses"].as_object().unwrap() {
+                let content = &response["content"];
+                if status.starts_with('4') || status.starts_with('5') {
+                    let json = &content["application/json"]["schema"]["$ref"];
+                    let text = &content["text/plain"];
+                    assert!(
+                        json == "#/components/schemas/ErrorBody" || text.is_object(),
+                        "{at} {status}: no ErrorBody"
+                    );
+                }
+                let says_retry = response["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("Retry-After");
+                assert_eq!(
+                    says_retry,
+                    response["headers"]["Retry-After"].is_object(),
+                    "{at} {status}: Retry-After in the description and the headers disagree"
+                );
+            }
+            let bodies = op["requestBody"]["content"].as_object().into_iter().chain(
+                op["responses"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .filter_map(|r| r["content"].as_object()),
+            );
+            for content in bodies {
+                for (media, body) in content {
+                    let schema = body["schema"].to_string();
+                    if media == "application/octet-stream" || media == "application/x-ndjson" {
+                        assert!(
+                            schema.contains(r#""format":"binary""#) && !schema.contains("array"),
+                            "{at}: {media} is not raw bytes as format: binary: {schema}"
+                        );
+                    }
+                }
+            }
+        }
+        for (path, status) in [
+            ("/v1/sandboxes", "503"),
+            ("/v1/sandboxes/{id}/exec", "429"),
+            ("/v1/runs", "503"),
+        ] {
+            let response = &doc["paths"][path]["post"]["responses"][status];
+            assert!(
+                response["headers"]["Retry-After"].is_object(),
+                "post {path} {status}: no Retry-After"
+            );
+        }
+        let download = &doc["paths"]["/v1/sandboxes/{id}/files"]["get"]["responses"]["200"];
+        assert!(download["headers"]["x-hearth-mode"].is_object());
+        assert_eq!(
+            download["content"]["application/octet-stream"]["schema"]["format"],
+            "binary"
         );
     }
 }

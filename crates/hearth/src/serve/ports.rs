@@ -61,7 +61,7 @@ pub struct PortPath {
 }
 
 // Every method is proxied alike; documented once (as GET) to keep one operation id.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "ports",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "ports", operation_id = "proxySandboxPort",
     description = "Any method (GET, POST, PUT, PATCH, DELETE, ...) proxied to the guest port as one HTTP/1.1 request; \
         `/v1/sandboxes/{id}/ports/{port}/` is the guest's `/`.",
     params(
@@ -69,17 +69,25 @@ pub struct PortPath {
         ("port" = u16, Path, description = "TCP port on the guest's loopback"),
         ("path" = String, Path, description = "Path (and query) sent to the guest; empty for `/`"),
     ),
+    request_body(content = inline(Option<super::openapi::Binary>), content_type = "application/octet-stream",
+        description = "The request's body, if any, streamed to the guest as is (with the client's own `Content-Type`)"),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Whatever the guest's server answers (any status), streamed. The request \
+        (status = 200, description = "Whatever the guest's server answers (any status, headers and body), streamed. The request \
             reaches it without `Authorization` and hop-by-hop headers, with `Host: localhost:PORT`. \
-            WebSocket (and other) upgrades pass through: 101, then bytes both ways."),
+            WebSocket (and other) upgrades pass through: 101, then bytes both ways.",
+            content_type = "application/octet-stream", body = inline(super::openapi::Binary)),
+        (status = 400, description = "Port 0 or not a number (the latter in the web framework's plain text), or a path the guest request cannot carry",
+            content((ErrorBody = "application/json"), (String = "text/plain"))),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
-        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 431, description = "Request headers over 64 KiB", body = ErrorBody),
+        (status = 500, description = "The node failed to reach the guest (the message says why)", body = ErrorBody),
         (status = 502, description = "Nothing listens on the port, or the guest's answer is not HTTP/1.1", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
         (status = 504, description = "The guest did not accept the connection in time", body = ErrorBody),
     ))]
 pub async fn proxy(
@@ -238,7 +246,7 @@ fn bad_gateway(port: u16, e: hyper::Error) -> ApiError {
     )
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/tunnel/{port}", tag = "ports",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/tunnel/{port}", tag = "ports", operation_id = "tunnelSandboxPort",
     params(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "TCP port on the guest's loopback"),
@@ -249,11 +257,16 @@ fn bad_gateway(port: u16, e: hyper::Error) -> ApiError {
             bytes, both ways (at most 1 MiB per client message, else close 1009). An empty binary message ends \
             that direction (half-close; the server sends one when the guest closes its side); a close frame \
             ends the connection. The server closes once both directions ended."),
+        (status = 400, description = "Port 0, or not a WebSocket upgrade request or a port number (those two in the web framework's plain text)",
+            content((ErrorBody = "application/json"), (String = "text/plain"))),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
-        (status = 429, description = "The sandbox already has its maximum of requests open (see Retry-After)", body = ErrorBody),
+        (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 500, description = "The node failed to reach the guest (the message says why)", body = ErrorBody),
         (status = 502, description = "Nothing listens on the port", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
         (status = 504, description = "The guest did not accept the connection in time", body = ErrorBody),
     ))]
 pub async fn tunnel(

@@ -23,18 +23,25 @@ use super::AppState;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-#[utoipa::path(post, path = "/v1/runs", tag = "runs",
+#[utoipa::path(post, path = "/v1/runs", tag = "runs", operation_id = "runOnce",
     request_body = RunBody,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The command ran; its output and how it ended", body = RunResult),
         (status = 400, description = "Bad image reference (a local `oci-layout:`/`oci-archive:` path only from a directory the node allows), empty argv, bad size or stdin", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 403, description = "The node's default network policy is above the tenant's ceiling", body = ErrorBody),
+        (status = 404, description = "The sandbox was deleted (by another request) before the command started", body = ErrorBody),
+        (status = 409, description = "The sandbox stopped before the command started", body = ErrorBody),
+        (status = 413, description = "Body over 8 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
-        (status = 429, description = "Tenant quota used up", body = ErrorBody),
-        (status = 500, description = "The sandbox failed to boot (the message says why)", body = ErrorBody),
-        (status = 503, description = "Node capacity used up (see Retry-After) or shutting down", body = ErrorBody),
+        (status = 429, description = "Tenant quota used up (`quota`), or the sandbox's request cap (`busy`, with Retry-After)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `busy`)"))),
+        (status = 500, description = "The sandbox failed to boot, or the command's output was lost (the message says why)", body = ErrorBody),
+        (status = 503, description = "Node capacity used up (`capacity`, with Retry-After) or shutting down (`shutting_down`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+        (status = 504, description = "The guest agent did not answer in time", body = ErrorBody),
     ))]
 pub async fn run(
     State(state): State<Arc<AppState>>,

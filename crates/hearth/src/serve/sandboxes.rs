@@ -17,7 +17,7 @@ use super::auth::Authenticated;
 use super::error::ApiError;
 use super::AppState;
 
-#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", operation_id = "createSandbox",
     request_body = CreateSandbox,
     security(("bearer" = [])),
     responses(
@@ -25,10 +25,15 @@ use super::AppState;
         (status = 202, description = "Accepted, still creating (`\"wait\": false`, or boot slower than the daemon waits)", body = Sandbox),
         (status = 400, description = "Bad image reference (a local `oci-layout:`/`oci-archive:` path only from a directory the node allows), size or limit", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 403, description = "The network policy asked for (or the node's default) is above the tenant's ceiling", body = ErrorBody),
+        (status = 404, description = "Deleted (by another request) before it ran", body = ErrorBody),
+        (status = 413, description = "Body over 8 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
         (status = 429, description = "Tenant quota used up", body = ErrorBody),
-        (status = 503, description = "Node capacity used up (see Retry-After) or shutting down", body = ErrorBody),
+        (status = 500, description = "The node failed (the message says what)", body = ErrorBody),
+        (status = 503, description = "Node capacity used up (`capacity`, with Retry-After) or shutting down (`shutting_down`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
     ))]
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -67,7 +72,7 @@ pub async fn create(
     Ok((status, Json(info.into())))
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", operation_id = "listSandboxes",
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The caller's sandboxes (others' are never listed)", body = SandboxList),
@@ -83,7 +88,7 @@ pub async fn list(
     })
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", operation_id = "getSandbox",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
@@ -99,7 +104,7 @@ pub async fn get(
     Ok(Json(state.node.get(&tenant.name, &id)?.into()))
 }
 
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", operation_id = "deleteSandbox",
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
