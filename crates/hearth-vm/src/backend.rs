@@ -121,16 +121,23 @@ fn jailed(request: &BackendRequest, vmm: FirecrackerVmm) -> Result<Box<dyn Vmm>,
 /// [`VmError::Gone`] when the VMM has exited or its pid belongs to another process now.
 pub fn adopt(run_dir: &Path) -> Result<Box<dyn RunningVm>, VmError> {
     let record = DetachedRecord::read(run_dir)?;
-    match record.vmm.as_str() {
-        "qemu" => Ok(Box::new(RunningQemu::adopt(run_dir, record)?)),
-        "firecracker" => Ok(Box::new(firecracker::RunningFirecracker::adopt(
-            run_dir, record,
-        )?)),
+    let leftovers = record.cgroups.clone();
+    let adopted: Result<Box<dyn RunningVm>, VmError> = match record.vmm.as_str() {
+        "qemu" => RunningQemu::adopt(run_dir, record).map(|vm| Box::new(vm) as _),
+        "firecracker" => {
+            firecracker::RunningFirecracker::adopt(run_dir, record).map(|vm| Box::new(vm) as _)
+        }
         other => Err(VmError::Unsupported(format!(
             "{}: unknown VMM {other:?}",
             run_dir.join(DETACHED_RECORD).display()
         ))),
+    };
+    // A VMM that died unowned (its hearth was killed while stopping it) left its cgroups and uid
+    // lease; nobody else will remove them (the soak found them).
+    if let Err(VmError::Gone { .. }) = &adopted {
+        crate::lifecycle::remove_leftovers(&leftovers);
     }
+    adopted
 }
 
 #[cfg(test)]
@@ -139,9 +146,13 @@ mod tests {
     use crate::process::ProcessIdentity;
 
     #[test]
-    fn a_run_dir_whose_vmm_is_gone_cannot_be_adopted() {
+    fn a_run_dir_whose_vmm_is_gone_cannot_be_adopted_and_its_leftovers_go() {
         let dir = tempfile::tempdir().unwrap();
         for vmm in ["qemu", "firecracker"] {
+            // What its confinement left outside the run directory: a cgroup and a uid lease.
+            let (cgroup, lease) = (dir.path().join("cgroup"), dir.path().join("lease"));
+            std::fs::create_dir(&cgroup).unwrap();
+            std::fs::write(&lease, "holder").unwrap();
             DetachedRecord {
                 vmm: vmm.into(),
                 process: ProcessIdentity {
@@ -153,11 +164,15 @@ mod tests {
                 vsock_port: None,
                 console_log: dir.path().join("console.log"),
                 log: None,
-                cgroups: Vec::new(),
+                cgroups: vec![cgroup.clone(), lease.clone()],
             }
             .write(dir.path())
             .unwrap();
             assert!(matches!(adopt(dir.path()), Err(VmError::Gone { .. })));
+            assert!(
+                !cgroup.exists() && !lease.exists(),
+                "{vmm}: leftovers removed"
+            );
         }
     }
 

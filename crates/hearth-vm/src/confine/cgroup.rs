@@ -80,4 +80,19 @@ impl VmCgroup {
             let _ = std::fs::remove_dir(dir);
         }
     }
+
+    /// Removes cgroup `hearth/<name>` of a VMM that is gone, in every hierarchy; `true` when none
+    /// of its directories is left (a directory that still has a task cannot be removed).
+    pub fn remove_named(name: &str) -> bool {
+        let Ok(layout) = CgroupLayout::detect() else {
+            return true;
+        };
+        layout
+            .memory_and_pids(PARENT, name, 0, 0)
+            .into_iter()
+            .all(|(dir, _)| match std::fs::remove_dir(&dir) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            })
+    }
 }

@@ -61,6 +61,24 @@ pub(crate) fn enabled() -> bool {
     root && std::env::var_os(ENV_SWITCH).is_none_or(|v| v != "off")
 }
 
+/// Removes what confined VMMs of dead hearth processes left: the uid leases whose run directory
+/// is gone, with their cgroups once no task is in them (see [`uid::sweep_abandoned`]). Returns
+/// the uids freed; does nothing unprivileged.
+pub fn sweep_abandoned() -> Vec<u32> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Vec::new();
+    }
+    let release = |uid: u32| VmCgroup::remove_named(&format!("vmm-{uid}"));
+    match uid::sweep_abandoned(release) {
+        Ok(freed) => freed,
+        Err(e) => {
+            tracing::warn!("sweeping abandoned VMM uid leases in {LEASE_DIR}: {e}");
+            Vec::new()
+        }
+    }
+}
+
 /// The task limit of a VMM running `vcpus` vCPUs.
 pub fn pids_max(vcpus: u32) -> u64 {
     PIDS_BASE + u64::from(vcpus)

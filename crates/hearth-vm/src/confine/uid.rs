@@ -117,6 +117,41 @@ fn lease_in(dir: &Path, run_dir: &Path) -> io::Result<UidLease> {
     )))
 }
 
+/// Ends the leases in [`LEASE_DIR`] whose holder is gone (a hearth killed before its VM's process
+/// record removed them), with what `release` removes for the uid (its VMM's cgroups; `true`
+/// when nothing of them is left). A lease whose `release` fails stays, to be retried by the next
+/// sweep. Returns the uids freed. Every hearth runs it at start-up (`rundir`'s stale sweep).
+pub fn sweep_abandoned(release: impl FnMut(u32) -> bool) -> io::Result<Vec<u32>> {
+    sweep_in(Path::new(LEASE_DIR), release)
+}
+
+fn sweep_in(dir: &Path, mut release: impl FnMut(u32) -> bool) -> io::Result<Vec<u32>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    // Under the allocation lock: an allocation may be taking the same abandoned lease over.
+    let _lock = Flock::take(&dir.join(".lock"))?;
+    let mut freed = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let Some(uid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let holder = std::fs::read(entry.path()).unwrap_or_default();
+        let holder = Path::new(std::ffi::OsStr::from_bytes(&holder));
+        if holder.as_os_str().is_empty() || holder.exists() {
+            continue;
+        }
+        if release(uid) && std::fs::remove_file(entry.path()).is_ok() {
+            freed.push(uid);
+        }
+    }
+    Ok(freed)
+}
+
 fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
@@ -154,6 +189,39 @@ impl Flock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_ends_abandoned_leases_whose_cgroups_went_and_keeps_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let leases = tmp.path().join("leases");
+        let (live, gone, busy) = (
+            tmp.path().join("live"),
+            tmp.path().join("gone"),
+            tmp.path().join("busy"),
+        );
+        for d in [&live, &gone, &busy] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let live = lease_in(&leases, &live).unwrap();
+        let gone_lease = lease_in(&leases, &gone).unwrap();
+        let busy_lease = lease_in(&leases, &busy).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        std::fs::remove_dir(&busy).unwrap();
+        let mut asked = Vec::new();
+        let freed = sweep_in(&leases, |uid| {
+            asked.push(uid);
+            uid != busy_lease.uid // its cgroup still has a task
+        })
+        .unwrap();
+        assert_eq!(freed, vec![gone_lease.uid]);
+        asked.sort();
+        assert_eq!(asked, vec![gone_lease.uid, busy_lease.uid]);
+        assert!(live.file.exists() && busy_lease.file.exists());
+        assert!(!gone_lease.file.exists());
+        assert!(sweep_in(&tmp.path().join("absent"), |_| true)
+            .unwrap()
+            .is_empty());
+    }
 
     #[test]
     fn live_vms_get_distinct_uids_and_abandoned_leases_are_taken_over() {
