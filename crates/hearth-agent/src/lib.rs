@@ -8,6 +8,8 @@
 //! network (`eth0`, resolver files) is set up by [`net`]. Outside a VM ([`standalone`]) the same
 //! binary serves on a Unix socket or an inherited fd, which is how the host-side tests run it.
 //! A template VM's agent (see [`pid1`]) holds HELLO back until a RESUME line ([`resume`]).
+//! A RESUME line to a running agent (its VM restored from its own saved state) refreshes clock and
+//! entropy, and the execs of the session the restore cut short run on ([`session`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -100,6 +102,16 @@ impl Agent {
             config,
             execs: exec::ExecRegistry::default(),
             resume: resume::ResumeGate::closed(late_init),
+        })
+    }
+
+    /// An agent whose RESUME handling is `gate` (PID 1's, which also refreshes clock and entropy
+    /// when a running VM was restored from its saved state).
+    pub fn with_resume_gate(config: AgentConfig, gate: resume::ResumeGate) -> Arc<Agent> {
+        Arc::new(Agent {
+            config,
+            execs: exec::ExecRegistry::default(),
+            resume: gate,
         })
     }
 }

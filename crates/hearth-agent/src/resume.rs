@@ -2,7 +2,12 @@
 //! answers no HELLO (the guest has no disks, workload root, clock or fresh entropy yet). What
 //! applying means is behind [`LateInit`] (the real one, which touches the kernel, is PID 1's late
 //! init); this module only decides when it runs: once per agent life, one session at a time.
-//! A cold-booted agent has an open gate, which ignores RESUME lines.
+//!
+//! Once the gate is open (a cold boot, or a template VM already resumed), a RESUME line means the
+//! whole running VM was saved and restored (a paused sandbox resumed): its wall clock is as old as
+//! the pause and its CRNG state is the saved one. The gate then applies the line's clock and
+//! entropy through its [`Refresh`] (its hostname is not changed), at most once per session; a gate
+//! without a `Refresh` (outside a VM) ignores it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,11 +21,19 @@ pub trait LateInit: Send + Sync + 'static {
     fn apply(&self, resume: &Resume) -> Result<(), String>;
 }
 
+/// What a RESUME line to an already running agent applies: the host's wall clock and fresh
+/// entropy of a VM restored from its own saved state (the real one is PID 1's).
+pub trait Refresh: Send + Sync + 'static {
+    /// Sets the clock from `resume` and mixes its seed in (reseeding the CRNG). Blocking.
+    fn refresh(&self, resume: &Resume) -> Result<(), String>;
+}
+
 /// Whether HELLO may be answered yet, and what opens the gate.
 pub struct ResumeGate {
     open: AtomicBool,
     /// Held while applying, so concurrent sessions (vsock) apply at most one RESUME.
     late_init: tokio::sync::Mutex<Option<Arc<dyn LateInit>>>,
+    refresh: Option<Arc<dyn Refresh>>,
     warned: AtomicBool,
 }
 
@@ -29,7 +42,10 @@ pub struct ResumeGate {
 pub enum Resumed {
     /// This RESUME ran the late init; HELLO may be answered now.
     Applied,
-    /// The gate was already open (cold boot, or RESUME applied earlier): nothing done.
+    /// The gate was already open: the VM was restored from its own saved state, and the clock and
+    /// entropy were refreshed.
+    Refreshed,
+    /// The gate was already open and has no [`Refresh`]: nothing done.
     Ignored,
 }
 
@@ -39,6 +55,7 @@ impl ResumeGate {
         ResumeGate {
             open: AtomicBool::new(true),
             late_init: tokio::sync::Mutex::new(None),
+            refresh: None,
             warned: AtomicBool::new(false),
         }
     }
@@ -48,19 +65,33 @@ impl ResumeGate {
         ResumeGate {
             open: AtomicBool::new(false),
             late_init: tokio::sync::Mutex::new(Some(late_init)),
+            refresh: None,
             warned: AtomicBool::new(false),
         }
+    }
+
+    /// Refreshes clock and entropy with `refresh` on a RESUME line once the gate is open.
+    pub fn with_refresh(mut self, refresh: Arc<dyn Refresh>) -> ResumeGate {
+        self.refresh = Some(refresh);
+        self
     }
 
     pub fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Applies `resume` if the gate is closed (then opens it); ignores it otherwise.
+    /// Applies `resume` if the gate is closed (then opens it); refreshes clock and entropy from it
+    /// if the gate is open and has a [`Refresh`]; ignores it otherwise.
     pub async fn resume(&self, resume: Resume) -> Result<Resumed, String> {
         let mut pending = self.late_init.lock().await;
         let Some(late_init) = pending.clone() else {
-            return Ok(Resumed::Ignored);
+            let Some(refresh) = self.refresh.clone() else {
+                return Ok(Resumed::Ignored);
+            };
+            tokio::task::spawn_blocking(move || refresh.refresh(&resume))
+                .await
+                .map_err(|e| format!("refreshing clock and entropy panicked: {e}"))??;
+            return Ok(Resumed::Refreshed);
         };
         tokio::task::spawn_blocking(move || late_init.apply(&resume))
             .await
@@ -130,6 +161,32 @@ mod tests {
         assert!(!gate.is_open());
         assert_eq!(gate.resume(resume("vm")).await, Ok(Resumed::Applied));
         assert!(gate.is_open());
+    }
+
+    #[derive(Default)]
+    struct Refreshes(Mutex<Vec<u64>>);
+
+    impl Refresh for Refreshes {
+        fn refresh(&self, resume: &Resume) -> Result<(), String> {
+            self.0.lock().unwrap().push(resume.unix_time_ns);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_gate_refreshes_clock_and_entropy_on_resume() {
+        let refreshes = Arc::new(Refreshes::default());
+        let gate = ResumeGate::open().with_refresh(refreshes.clone());
+        assert_eq!(gate.resume(resume("x")).await, Ok(Resumed::Refreshed));
+        assert_eq!(*refreshes.0.lock().unwrap(), [1]);
+        // A template's gate applies the late init first; the next RESUME (a later live resume)
+        // refreshes.
+        let recorder = Arc::new(Recorder::default());
+        let gate = ResumeGate::closed(recorder.clone()).with_refresh(refreshes.clone());
+        assert_eq!(gate.resume(resume("one")).await, Ok(Resumed::Applied));
+        assert_eq!(gate.resume(resume("one")).await, Ok(Resumed::Refreshed));
+        assert_eq!(*recorder.applied.lock().unwrap(), ["one"]);
+        assert_eq!(refreshes.0.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]

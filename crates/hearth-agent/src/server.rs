@@ -11,12 +11,14 @@ use h2::{RecvStream, SendStream};
 use hearth_proto::{AgentError, AgentInfo, AgentRequest, PROTOCOL_MAJOR};
 use tokio_util::sync::CancellationToken;
 
+use crate::session::ExecFate;
 use crate::{exec, files, forward, log, Agent};
 
-/// Handles one HTTP/2 request. `session` is cancelled when the session that carried it ends.
+/// Handles one HTTP/2 request. `fate.kill` is cancelled when the session that carried it ends
+/// (`fate.keep` instead when a restored VM's new host took over: see [`crate::session`]).
 pub async fn handle(
     agent: Arc<Agent>,
-    session: CancellationToken,
+    fate: ExecFate,
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
@@ -31,8 +33,9 @@ pub async fn handle(
         Err(e) => return respond_error(respond, &e),
     };
     let root = agent.config.root.as_path();
+    let session = fate.kill.clone();
     match request {
-        AgentRequest::Exec => exec::serve(agent.clone(), session, body, respond).await,
+        AgentRequest::Exec => exec::serve(agent.clone(), fate, body, respond).await,
         AgentRequest::Signal { exec, signal } => {
             respond_json(respond, agent.execs.signal(exec, signal)).await
         }

@@ -6,7 +6,8 @@
 //! that is already connected (a booting VM) says HELLO at once instead of at its next retry.
 //! A VM restored from a snapshot template additionally gets
 //! `HEARTH-AGENT/1 RESUME <unix-time-ns> <seed-hex> <hostname>\n` before the HELLO: what differs
-//! between clones of one template (wall clock, entropy, hostname).
+//! between clones of one template (wall clock, entropy, hostname). A running VM restored from its own
+//! saved state (a paused sandbox resumed) gets one too; its agent applies the clock and entropy.
 //! Text lines let either end skip whatever an earlier session left in the byte stream. Pure byte
 //! handling: no I/O.
 

@@ -7,13 +7,16 @@
 //! backend has boot templates (QEMU) a VM is restored from one unless snapshots are off
 //! ([`restore`]); which backend runs is `hearth_vm::select_backend`'s choice, and nothing here names
 //! a backend. [`node::Node`] manages many long-lived sandboxes on one host (state, admission, TTLs,
-//! recovery after restarts, the one-shot [`node::Node::run_once`]). The exec vocabulary of the agent
+//! recovery after restarts, pause and resume, the one-shot [`node::Node::run_once`]).
+//! [`Sandbox::pause`] saves a running sandbox to disk and ends its VMM; [`PausedSandbox::resume`]
+//! brings it back (`pause.rs`). The exec vocabulary of the agent
 //! channel is re-exported here, so that callers need not depend on `hearth-vm`.
 
 pub mod boot;
 pub mod command;
 mod error;
 pub mod node;
+mod pause;
 pub mod restore;
 mod sandbox;
 
@@ -32,5 +35,6 @@ pub use hearth_vm::channel::{
 /// `--accel`.
 pub use hearth_vm::Accel;
 pub use node::{Node, NodeConfig, NodeError};
+pub use pause::{PausedSandbox, PAUSE_META};
 pub use restore::RestorePlan;
 pub use sandbox::{sweep_stale, BootTimings, Sandbox};

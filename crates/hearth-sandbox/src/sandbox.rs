@@ -4,7 +4,8 @@
 //!
 //! The node manager boots sandboxes detached ([`Sandbox::create_detached`]: the VM outlives this
 //! process), lets go of them on shutdown ([`Sandbox::release`]) and takes them over again after a
-//! restart ([`Sandbox::adopt`]).
+//! restart ([`Sandbox::adopt`]). [`Sandbox::pause`] (`crate::pause`) saves one to disk and ends
+//! its VMM; `PausedSandbox::resume` brings it back.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use crate::boot::{new_id, BootPlan, Purpose};
 use crate::{SandboxConfig, SandboxError};
 
 /// How long the guest gets from VMM start to agent handshake (TCG boots take 2-5 s here).
-const AGENT_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const AGENT_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a clean shutdown may take, from the shutdown request to the VMM's exit, before the VMM
 /// is killed. The agent's confirmation itself is bounded by `channel::SHUTDOWN_DEADLINE` (3 s), so a
 /// hung or hostile guest is killed after at most this, plus [`KILL_GRACE`].
@@ -51,16 +52,22 @@ pub struct BootTimings {
 
 /// A running sandbox. Call [`Sandbox::destroy`]; dropping it kills the VM without a clean shutdown.
 pub struct Sandbox {
-    id: String,
-    image: PulledImage,
-    client: AgentClient,
-    vm: Arc<Mutex<Box<dyn RunningVm>>>,
+    pub(crate) id: String,
+    pub(crate) image: PulledImage,
+    pub(crate) client: AgentClient,
+    pub(crate) vm: Arc<Mutex<Box<dyn RunningVm>>>,
     timings: BootTimings,
     selection: String,
+    /// What the VM was started with (what a pause saves, to start it again identically); also
+    /// recorded in the run directory (`crate::pause::SPEC_RECORD`) for an adopting process. `None`:
+    /// adopted from a run directory without that record.
+    pub(crate) spec: Option<VmSpec>,
     /// Keeps the console log's disk use bounded while the sandbox lives.
     _console_trim: ConsoleTrim,
     /// The guest's network (after `vm`: dropped once the VM is gone); taken out by `release`.
-    network: Mutex<Option<SandboxNetwork>>,
+    pub(crate) network: Mutex<Option<SandboxNetwork>>,
+    /// Set by [`Sandbox::give_up_on_guest`]: `stop` kills the VM without asking the guest first.
+    unresponsive: std::sync::atomic::AtomicBool,
 }
 
 /// The task that trims a live sandbox's console log; stops with the sandbox.
@@ -160,6 +167,8 @@ impl Sandbox {
         let vmm_started = Instant::now();
         let console = plan.spec.console_log.clone();
         let selection = plan.selection.clone();
+        let planned_spec = plan.spec.clone();
+        let cold_spec = plan.restore.as_ref().map(|r| r.cold_spec.clone());
         let start =
             tokio::task::spawn_blocking(move || crate::restore::start(&plan, &start_config))
                 .await
@@ -173,6 +182,12 @@ impl Sandbox {
         };
         let vmm_start = vmm_started.elapsed();
         let restore = vm.restored_in();
+        // A planned restore that fell back to a cold boot ran the cold spec.
+        let spec = match (cold_spec, &resume) {
+            (Some(cold), None) => cold,
+            _ => planned_spec,
+        };
+        crate::pause::record_spec(&run_dir, &spec);
 
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
@@ -201,16 +216,51 @@ impl Sandbox {
             restore,
         };
         tracing::info!(sandbox = %id, ?timings, "agent ready");
-        Ok(Sandbox {
+        Ok(Sandbox::from_parts(
+            id,
+            image,
+            client,
+            vm,
+            timings,
+            selection,
+            Some(spec),
+            console,
+            network,
+        ))
+    }
+
+    /// A sandbox whose VM runs and whose agent is connected.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        id: String,
+        image: PulledImage,
+        client: AgentClient,
+        vm: Box<dyn RunningVm>,
+        timings: BootTimings,
+        selection: String,
+        spec: Option<VmSpec>,
+        console: PathBuf,
+        network: Option<SandboxNetwork>,
+    ) -> Sandbox {
+        Sandbox {
             id,
             image,
             client,
             vm: Arc::new(Mutex::new(vm)),
             timings,
             selection,
+            spec,
             _console_trim: ConsoleTrim::start(console),
             network: Mutex::new(network),
-        })
+            unresponsive: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The guest no longer answers (the node's watchdog): the next `stop` kills its VM at once
+    /// instead of waiting out a clean shutdown the guest would never do.
+    pub fn give_up_on_guest(&self) {
+        self.unresponsive
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Takes over the detached VM of sandbox `id` in `run_dir` (see [`Sandbox::create_detached`])
@@ -256,16 +306,17 @@ impl Sandbox {
             }
         };
         tracing::info!(sandbox = %id, pid = vm.pid(), "re-attached to a running VM");
-        Ok(Sandbox {
-            id: id.to_owned(),
+        Ok(Sandbox::from_parts(
+            id.to_owned(),
             image,
             client,
-            vm: Arc::new(Mutex::new(vm)),
-            timings: BootTimings::default(),
-            selection: "adopted from a previous hearth process".into(),
-            _console_trim: ConsoleTrim::start(console),
-            network: Mutex::new(network),
-        })
+            vm,
+            BootTimings::default(),
+            "adopted from a previous hearth process".into(),
+            crate::pause::read_spec_record(run_dir),
+            console,
+            network,
+        ))
     }
 
     pub fn id(&self) -> &str {
@@ -362,13 +413,19 @@ impl Sandbox {
     /// then [`KILL_GRACE`] for the kill (plus the wait for the VM's lock if another call holds it).
     pub async fn stop(&self) -> Result<VmExit, SandboxError> {
         let started = Instant::now();
+        let vm = self.vm.clone();
+        if self.unresponsive.load(std::sync::atomic::Ordering::SeqCst) {
+            let exit = tokio::task::spawn_blocking(move || {
+                vm.lock().unwrap_or_else(|e| e.into_inner()).kill()
+            });
+            return Ok(exit.await.expect("kill task")?);
+        }
         // `shutdown` is bounded by its own deadline; this one also covers a guest that never
         // accepts the request's stream.
         let asked = matches!(
             tokio::time::timeout(SHUTDOWN_GRACE, self.client.shutdown()).await,
             Ok(Ok(()))
         );
-        let vm = self.vm.clone();
         let exit = tokio::task::spawn_blocking(move || {
             let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
             let left = SHUTDOWN_GRACE.saturating_sub(started.elapsed());
@@ -429,6 +486,10 @@ pub fn sweep_stale(home: &Path) {
             home.display()
         ),
     }
+    // Their VMMs' uid leases and cgroups (host-wide: any hearth's dead VMMs).
+    for uid in hearth_vm::confine::sweep_abandoned() {
+        tracing::info!(uid, "removed the uid lease and cgroup of a dead VMM");
+    }
     let nets = hearth_net::sandbox_net::net_root(home);
     let owned = |id: &str| {
         if home.join("run").join(id).exists() {
@@ -460,7 +521,7 @@ const NET_SETUP_GRACE: Duration = Duration::from_secs(60);
 /// made it, so the next command can tell a live run's network from a dead one's at once.
 const OWNER_FILE: &str = "owner";
 
-fn record_owner(net_home: &Path, id: &str) -> Result<(), SandboxError> {
+pub(crate) fn record_owner(net_home: &Path, id: &str) -> Result<(), SandboxError> {
     let path = hearth_net::sandbox_net::net_root(net_home)
         .join(id)
         .join(OWNER_FILE);
@@ -485,7 +546,6 @@ fn parse_owner(text: &str) -> Option<hearth_vm::ProcessIdentity> {
     })
 }
 
-/// Connects to the agent; a VM restored from a template gets `resume` first.
 /// How long a re-attached agent gets to answer its first request before the host reconnects.
 const REATTACH_PROBE: Duration = Duration::from_secs(3);
 
@@ -517,6 +577,7 @@ async fn reconnect_agent(
     }
 }
 
+/// Connects to the agent; a VM restored from a template gets `resume` first.
 async fn connect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
@@ -564,7 +625,7 @@ pub(crate) fn prepare_run_dir(spec: &VmSpec, config: &SandboxConfig) -> Result<(
 
 /// The last lines of the guest console, for errors: at most 20 lines of its last
 /// [`CONSOLE_TAIL_BYTES`], however large a flooding guest made the file.
-fn console_tail(console: &Path) -> String {
+pub(crate) fn console_tail(console: &Path) -> String {
     let text = hearth_vm::read_log_tail(console, CONSOLE_TAIL_BYTES);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

@@ -111,6 +111,29 @@ impl Client {
         Ok(())
     }
 
+    /// `POST /v1/sandboxes/{id}/pause` (with `force`: even while execs run); the record, `paused`.
+    pub async fn pause(&self, id: &str, force: bool) -> anyhow::Result<Sandbox> {
+        let path = format!("/v1/sandboxes/{id}/pause");
+        let mut request = self.request(Method::POST, &path);
+        if force {
+            request = request.json(&serde_json::json!({ "force": true }));
+        }
+        let response = self.send(request, &format!("pausing sandbox {id}")).await?;
+        response.json().await.context("reading the paused sandbox")
+    }
+
+    /// `POST /v1/sandboxes/{id}/resume`; the record, `running` again.
+    pub async fn resume(&self, id: &str) -> anyhow::Result<Sandbox> {
+        let path = format!("/v1/sandboxes/{id}/resume");
+        let response = self
+            .send(
+                self.request(Method::POST, &path),
+                &format!("resuming sandbox {id}"),
+            )
+            .await?;
+        response.json().await.context("reading the resumed sandbox")
+    }
+
     /// Starts a command; yields its events as the daemon streams them.
     pub async fn exec(
         &self,

@@ -6,7 +6,9 @@
 //!
 //! Killing an exec means SIGKILL to its exec-init, the PID 1 of the exec's PID namespace: the kernel
 //! then kills every process in that namespace, i.e. the whole process tree. That happens on
-//! timeout, when the host resets the exec's stream, and when the session that started it ends.
+//! timeout, when the host resets the exec's stream, and when the session that started it ends
+//! (unless a restored VM's new host took over: the exec then runs on, detached, its output
+//! discarded; see [`crate::session::ExecFate`]).
 
 mod registry;
 mod spawn;
@@ -24,19 +26,19 @@ use hearth_proto::{AgentError, ExecRequest, FrameDecoder, FrameKind};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 pub use registry::ExecRegistry;
 pub use spawn::{ExitWatch, PidFd, ProcessEnd};
 
 use crate::exec_init::ExecInitConfig;
+use crate::session::ExecFate;
 use crate::{log, server, Agent};
 use supervise::Supervisor;
 
 /// Serves one exec request to completion.
 pub async fn serve(
     agent: Arc<Agent>,
-    session: CancellationToken,
+    fate: ExecFate,
     mut body: RecvStream,
     respond: SendResponse<Bytes>,
 ) {
@@ -49,7 +51,7 @@ pub async fn serve(
         Ok(started) => started,
         Err(e) => return server::respond_error(respond, &e),
     };
-    run(agent, session, request, started, body, decoder, respond).await;
+    run(agent, fate, request, started, body, decoder, respond).await;
 }
 
 async fn read_exec_start(
@@ -175,7 +177,7 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     agent: Arc<Agent>,
-    session: CancellationToken,
+    fate: ExecFate,
     request: ExecRequest,
     started: Started,
     body: RecvStream,
@@ -196,7 +198,7 @@ async fn run(
         started.stdout,
         started.stderr,
         deadline,
-        session,
+        fate,
     );
     if let Err(e) = exec
         .serve(started.pid, started.control, &config, respond)

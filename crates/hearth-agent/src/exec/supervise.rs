@@ -1,6 +1,8 @@
 //! The agent's watch over one running exec: forwards output frames within the HTTP/2 send window,
 //! reaps the exec-init, enforces the timeout, kills the exec when its session ends or the host
-//! resets the stream, and reports the exit status.
+//! resets the stream, and reports the exit status. When the whole connection fails, the session's
+//! verdict ([`ExecFate`]) decides: killed, or (a restored VM's new host took over) detached: it runs
+//! on to its end with its output read and discarded.
 
 use std::io;
 use std::time::Duration;
@@ -12,14 +14,17 @@ use hearth_proto::{frame, AgentError, ExecStarted, ExitStatus, Frame, FrameKind}
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::spawn::{ExitWatch, ProcessEnd};
 use crate::exec_init::ExecInitConfig;
+use crate::session::ExecFate;
 use crate::{log, server};
 
 /// Bytes read from a pipe per output frame.
 const CHUNK: usize = 32 * 1024;
+/// How long an exec whose connection failed waits for its session's verdict (kill, or run on
+/// detached) before it is killed anyway; longer than the session's own wait for the next handshake.
+const LOST_VERDICT: Duration = Duration::from_secs(2 * crate::session::ORPHAN_GRACE.as_secs());
 
 /// Why the agent killed an exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +44,13 @@ pub(super) struct Supervisor {
     ended: Option<ProcessEnd>,
     killed: Option<KillReason>,
     deadline: Option<Instant>,
-    session: CancellationToken,
+    fate: ExecFate,
+    /// The connection failed (not a reset of this stream): output waits for the session's verdict
+    /// (killed after [`LOST_VERDICT`] without one).
+    host_lost: Option<h2::Error>,
+    lost_at: Option<Instant>,
+    /// Runs on with no host: output is discarded.
+    detached: bool,
 }
 
 impl Supervisor {
@@ -49,7 +60,7 @@ impl Supervisor {
         stdout: pipe::Receiver,
         stderr: pipe::Receiver,
         deadline: Option<Instant>,
-        session: CancellationToken,
+        fate: ExecFate,
     ) -> Supervisor {
         Supervisor {
             id,
@@ -59,7 +70,10 @@ impl Supervisor {
             ended: None,
             killed: None,
             deadline,
-            session,
+            fate,
+            host_lost: None,
+            lost_at: None,
+            detached: false,
         }
     }
 
@@ -107,6 +121,10 @@ impl Supervisor {
             return Err(host_gone(e));
         }
         let status = self.exit_status(&mut control).await;
+        if self.detached {
+            log!("exec {} (detached) ended: {status}", self.id);
+            return Ok(());
+        }
         let last = Frame::json(FrameKind::Exit, &status)
             .encode()
             .expect("small frame");
@@ -116,34 +134,58 @@ impl Supervisor {
     }
 
     /// Forwards output until both pipes reach end of file and the exec-init has been reaped,
-    /// killing the exec on timeout or session end meanwhile.
+    /// killing the exec on timeout or session end meanwhile. Detached, it reads and discards.
     async fn stream_output(&mut self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
         let mut stdout_buf = vec![0u8; CHUNK];
         let mut stderr_buf = vec![0u8; CHUNK];
         let mut pending = Bytes::new();
         loop {
+            if self.detached {
+                pending = Bytes::new();
+            }
+            if self.killed.is_some() && !self.detached {
+                if let Some(e) = self.host_lost.take() {
+                    return Err(e);
+                }
+            }
             let output_done = self.stdout.is_none() && self.stderr.is_none();
             if pending.is_empty() && output_done && self.ended.is_some() {
                 return Ok(());
             }
             let can_read = pending.is_empty();
             let alive = self.ended.is_none() && self.killed.is_none();
+            let sending = !self.detached && self.host_lost.is_none();
             tokio::select! {
-                event = poll_send(send, !pending.is_empty()) => match event {
+                event = poll_send(send, !pending.is_empty()), if sending => match event {
                     SendEvent::Capacity(n) => {
                         let chunk = pending.split_to(n.min(pending.len()));
-                        send.send_data(chunk, false)?;
-                        send.reserve_capacity(pending.len());
+                        match send.send_data(chunk, false) {
+                            Ok(()) => send.reserve_capacity(pending.len()),
+                            Err(e) => {
+                                self.host_lost = Some(e);
+                                self.lost_at = Some(Instant::now());
+                            }
+                        }
                     }
-                    SendEvent::Gone(e) => return Err(e),
+                    // The host ended this exec: kill it.
+                    SendEvent::Reset(e) => return Err(e),
+                    // The connection failed: the session's end says what becomes of the exec.
+                    SendEvent::Gone(e) => {
+                        self.host_lost = Some(e);
+                        self.lost_at = Some(Instant::now());
+                    }
                 },
                 n = read_pipe(&mut self.stdout, &mut stdout_buf), if can_read => {
                     pending = output_frame(FrameKind::Stdout, n, &mut self.stdout, &stdout_buf);
-                    send.reserve_capacity(pending.len());
+                    if sending {
+                        send.reserve_capacity(pending.len());
+                    }
                 }
                 n = read_pipe(&mut self.stderr, &mut stderr_buf), if can_read => {
                     pending = output_frame(FrameKind::Stderr, n, &mut self.stderr, &stderr_buf);
-                    send.reserve_capacity(pending.len());
+                    if sending {
+                        send.reserve_capacity(pending.len());
+                    }
                 }
                 end = self.exit.wait(), if self.ended.is_none() => match end {
                     Ok(end) => self.ended = Some(end),
@@ -153,7 +195,15 @@ impl Supervisor {
                     }
                 },
                 _ = sleep_until(self.deadline), if alive => self.kill(KillReason::Timeout),
-                _ = self.session.cancelled(), if alive => self.kill(KillReason::SessionEnded),
+                _ = sleep_until(self.lost_at.map(|at| at + LOST_VERDICT)),
+                    if alive && !self.detached => self.kill(KillReason::HostGone),
+                _ = self.fate.kill.cancelled(), if alive && !self.detached => {
+                    self.kill(KillReason::SessionEnded)
+                }
+                _ = self.fate.keep.cancelled(), if !self.detached => {
+                    log!("exec {}: its host went with the saved VM; running on, detached", self.id);
+                    self.detached = true;
+                }
             }
         }
     }
@@ -203,10 +253,14 @@ impl Supervisor {
 
 enum SendEvent {
     Capacity(usize),
+    /// The host reset this stream.
+    Reset(h2::Error),
+    /// The connection failed.
     Gone(h2::Error),
 }
 
-/// Resolves when the host reset the stream or, if `want_capacity`, when some send window is free.
+/// Resolves when the host reset the stream (or the connection failed) or, if `want_capacity`,
+/// when some send window is free.
 fn poll_send(
     send: &mut SendStream<Bytes>,
     want_capacity: bool,
@@ -214,10 +268,13 @@ fn poll_send(
     std::future::poll_fn(move |cx| {
         use std::task::Poll;
         if let Poll::Ready(reset) = send.poll_reset(cx) {
-            return Poll::Ready(SendEvent::Gone(match reset {
-                Ok(reason) => h2::Error::from(reason),
-                Err(e) => e,
-            }));
+            return Poll::Ready(match reset {
+                // The host dropped the exec (RST_STREAM CANCEL).
+                Ok(h2::Reason::CANCEL) => SendEvent::Reset(h2::Error::from(h2::Reason::CANCEL)),
+                // Any other reason is the connection's failure, reported to each stream.
+                Ok(reason) => SendEvent::Gone(h2::Error::from(reason)),
+                Err(e) => SendEvent::Gone(e),
+            });
         }
         if !want_capacity {
             return Poll::Pending;

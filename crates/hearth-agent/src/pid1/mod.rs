@@ -7,6 +7,8 @@
 //! mounts, every module but the deferred ones ([`modules::DEFERRED_IN_TEMPLATE`]), loopback, the
 //! agent port. Its agent then answers no HELLO until a RESUME line brings the late init
 //! ([`resume::TemplateResume`]): clock, entropy, hostname, deferred modules, disks, workload root.
+//! A RESUME line to an agent already running (any VM restored from its own saved state: a paused
+//! sandbox resumed) sets the clock and reseeds the CRNG ([`resume::LiveResume`]).
 //!
 //! Kernel command line parameters read here:
 //! - `hearth.hostname=NAME`: the guest's hostname (default `hearth`; a template's comes with RESUME).
@@ -22,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::resume::ResumeGate;
 use crate::{log, Agent, AgentConfig, PowerControl};
 
 pub use mounts::ROOT;
@@ -121,13 +124,16 @@ async fn serve(booted: Booted) -> String {
         exec_init_program: PathBuf::from("/proc/self/exe"),
         power: Arc::new(Reboot),
     };
-    let (agent, hostname) = match booted {
-        Booted::Cold { hostname } => (Agent::new(config), Some(hostname)),
+    // Either way, a RESUME line once the agent runs means the whole VM was restored from its own
+    // saved state (a paused sandbox resumed): clock and entropy are refreshed.
+    let (gate, hostname) = match booted {
+        Booted::Cold { hostname } => (ResumeGate::open(), Some(hostname)),
         Booted::Template { deferred_modules } => {
             let late_init = Arc::new(resume::TemplateResume { deferred_modules });
-            (Agent::awaiting_resume(config, late_init), None)
+            (ResumeGate::closed(late_init), None)
         }
     };
+    let agent = Agent::with_resume_gate(config, gate.with_refresh(Arc::new(resume::LiveResume)));
     tokio::spawn(reaper::reap_orphans(agent.clone()));
     if std::path::Path::new("/dev/vsock").exists() {
         match crate::port::VsockListener::bind(hearth_proto::VSOCK_PORT) {

@@ -3,7 +3,8 @@
 //! mounts of a cold boot's second half ([`super::disks`], [`super::mounts`]).
 //!
 //! Every clone of one template starts with the template's wall clock, CRNG state and (empty)
-//! hostname, so each must get its own before anything runs in it.
+//! hostname, so each must get its own before anything runs in it. A VM restored from its own saved
+//! state (a resumed sandbox) gets the clock and entropy again ([`LiveResume`]).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -57,6 +58,18 @@ impl TemplateResume {
             super::uptime()
         );
         Ok(())
+    }
+}
+
+/// What a RESUME line does to a running agent, i.e. to a VM restored from its own saved state (a
+/// paused sandbox resumed): its wall clock stood still while it was saved and its CRNG state is the
+/// saved one, so both are refreshed from the host. The hostname stays.
+pub struct LiveResume;
+
+impl crate::resume::Refresh for LiveResume {
+    fn refresh(&self, resume: &Resume) -> Result<(), String> {
+        set_realtime_clock(resume.unix_time_ns)?;
+        add_entropy_and_reseed(&resume.seed)
     }
 }
 

@@ -23,9 +23,14 @@ pub enum NodeError {
     /// 429: the tenant's quota is used up; the message says which limit.
     #[error("tenant quota exceeded: {message}")]
     Quota { message: String },
-    /// 409.
-    #[error("sandbox {id} is {state}, not running")]
-    NotRunning { id: String, state: State },
+    /// 409: the sandbox is not in the state the request needs. `detail` says what it needs (or
+    /// what is in the way); `None`: ", not running".
+    #[error("sandbox {id} is {state}{}", .detail.as_deref().unwrap_or(", not running"))]
+    NotRunning {
+        id: String,
+        state: State,
+        detail: Option<String>,
+    },
     /// 502: nothing listens on the guest port a request was forwarded to.
     #[error("nothing listens on port {port} in sandbox {id}")]
     PortClosed { id: String, port: u16 },

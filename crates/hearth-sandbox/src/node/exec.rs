@@ -209,6 +209,7 @@ impl Node {
             return Err(NodeError::NotRunning {
                 id: id.to_owned(),
                 state,
+                detail: None,
             });
         };
         entry.activity.touch();

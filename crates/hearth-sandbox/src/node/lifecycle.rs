@@ -139,6 +139,14 @@ impl Node {
         image: PulledImage,
         info: &SandboxInfo,
     ) -> Result<(Sandbox, PulledImage), NodeError> {
+        let config = self.sandbox_config(info);
+        let sandbox =
+            Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id)).await?;
+        Ok((sandbox, image))
+    }
+
+    /// The sandbox configuration of the sandbox `info` describes (its size, its network policy).
+    pub(super) fn sandbox_config(&self, info: &SandboxInfo) -> crate::SandboxConfig {
         let mut config = self.config.defaults.clone();
         config.home = self.config.home.clone();
         config.vcpus = info.vcpus;
@@ -148,9 +156,7 @@ impl Node {
         if let Some(networking) = &mut config.network {
             networking.home = self.net_home();
         }
-        let sandbox =
-            Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id)).await?;
-        Ok((sandbox, image))
+        config
     }
 
     /// Records a finished boot. A sandbox that ended while it booted gets its VM stopped now.
@@ -207,10 +213,11 @@ impl Node {
         }
     }
 
-    /// Ends sandbox `id` as `state` ("stopped" or "failed") with `reason` if it is still creating or
-    /// running (an ended one keeps its first reason), and with `delete` forgets it. Its VM is
-    /// stopped (clean shutdown, then kill) before this returns, unless a boot is still in flight:
-    /// then the boot's end stops it.
+    /// Ends sandbox `id` as `state` ("stopped" or "failed") with `reason` if it is still creating,
+    /// running or paused (an ended one keeps its first reason), and with `delete` forgets it. Its
+    /// VM is stopped (clean shutdown, then kill) before this returns, unless a boot is still in
+    /// flight: then the boot's end stops it. A paused sandbox's snapshot is removed (unless a pause
+    /// or resume is under way: its end removes it).
     pub(super) async fn end(&self, id: &str, state: State, reason: &str, delete: bool) {
         let live = {
             let mut table = self.table();
@@ -218,6 +225,9 @@ impl Node {
                 return;
             };
             entry.record.deleted |= delete;
+            if entry.record.info.state == State::Paused && !entry.releasing {
+                let _ = std::fs::remove_dir_all(self.paused_dir(id));
+            }
             if entry.record.end(state, reason, now_ms()) {
                 tracing::info!(sandbox = %id, %state, reason, "sandbox ended");
             }

@@ -1,7 +1,8 @@
 //! The node manager: many long-lived sandboxes on one host, as `hearth serve` and the Kubernetes node
 //! agent run them. [`Node::open`] takes the home's state lock, recovers what a previous daemon left
 //! and starts the reaper; [`Node::create`] admits and boots; [`Node::exec`] and the file calls use a
-//! running sandbox; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
+//! running sandbox; [`Node::pause`] saves one to disk (no VM left) and [`Node::resume`] brings it
+//! back; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
 //! so that the next `open` re-attaches them.
 //!
 //! [`Node::run_once`] is the one-shot run (create, boot, one command, delete) behind `POST /v1/runs`
@@ -11,14 +12,16 @@
 //! lookup and usage, and the lock that also guards the store), `record.rs` (what is remembered per
 //! sandbox, and its state transitions), `store.rs` (SQLite state), `admission.rs` (sizes, maxima,
 //! quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown), `recovery.rs` (what
-//! `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead VMs), `exec.rs`
+//! `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead VMs), `watchdog.rs` (hung guests), `exec.rs`
 //! (commands and files), `network.rs` (a sandbox's egress policy: default, tenant ceiling, live
-//! changes), `ports.rs` (a guest port through the agent channel), `run_once.rs` (one command in a
-//! fresh sandbox).
+//! changes), `ports.rs` (a guest port through the agent channel), `pause.rs` (pause to disk and
+//! resume), `run_once.rs` (one command in a fresh sandbox).
 //!
 //! Writes only under `$HEARTH_HOME/state/` (database, lock), `$HEARTH_HOME/sandboxes/<id>/` (each
 //! VM's run directory: sockets, scratch disk, console log) and `$HEARTH_HOME/node/net/<id>/` (each
-//! sandbox's network namespace), plus the image cache through `hearth-image`. VMs are detached: they survive the daemon, and only `open` decides their fate.
+//! sandbox's network namespace) and `$HEARTH_HOME/node/paused/<id>/` (a paused sandbox's
+//! snapshot), plus the image cache through `hearth-image`. VMs are detached: they survive the
+//! daemon, and only `open` decides their fate.
 
 mod admission;
 mod boot_slots;
@@ -27,6 +30,7 @@ mod exec;
 mod lifecycle;
 mod local_images;
 mod network;
+mod pause;
 mod ports;
 mod reaper;
 mod record;
@@ -35,6 +39,7 @@ mod run_once;
 mod store;
 mod table;
 mod types;
+mod watchdog;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,7 +52,7 @@ use tokio::sync::watch;
 
 pub use error::NodeError;
 pub use exec::NodeExec;
-pub use network::NetworkView;
+pub use network::{NetworkView, SandboxNetworkStats};
 pub use ports::NodePort;
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
@@ -117,6 +122,8 @@ impl Node {
         });
         node.recover(records).await?;
         *lock_ignoring_poison(&node.reaper) = Some(reaper::spawn(Arc::downgrade(&node)));
+        // Ends with the node (it holds it weakly) or at shutdown.
+        drop(watchdog::spawn(Arc::downgrade(&node)));
         Ok(node)
     }
 

@@ -1,8 +1,10 @@
-//! The reaper: a task ticking once a second that ends sandboxes past their TTL, running sandboxes
+//! The reaper: a task ticking once a second that ends sandboxes past their TTL (paused ones too: a
+//! TTL keeps counting while paused, and the snapshot goes with the sandbox), running sandboxes
 //! idle for longer than their idle timeout (no exec running and no exec or file request), and
 //! running sandboxes whose VM exited on its own (`Failed`, with how it ended). It also persists
-//! activity times, so an idle timeout survives a restart. Holds the node only weakly: it stops when
-//! the node goes.
+//! activity times, so an idle timeout survives a restart. Paused time is not idle time: a paused
+//! sandbox is never idle, and its resume counts as activity. Holds the node only weakly: it stops
+//! when the node goes.
 
 use std::sync::Weak;
 use std::time::Duration;

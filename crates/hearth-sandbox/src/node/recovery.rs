@@ -4,10 +4,13 @@
 //!   ("VM exited while the daemon was down", with the console's last lines) and its disks go;
 //! - a `Creating` record's VM (if it got that far) is killed: `Failed`, "daemon restarted during
 //!   boot";
+//! - a `Paused` record has no VMM to look for: it stays `Paused` while its snapshot
+//!   (`$HOME/node/paused/<id>/`) is there, to be resumed, and becomes `Failed` otherwise;
 //! - a record deleted while its VM was stopping is finished off and forgotten;
 //! - anything in `$HOME/sandboxes/` that no re-attached sandbox owns (a VMM, a run directory with its
 //!   scratch disk and sockets) is killed and removed, and so is its network in `$HOME/node/net/`;
-//!   a re-attached sandbox's network is served again with the policy its record holds.
+//!   a re-attached sandbox's network is served again with the policy its record holds; snapshots in
+//!   `$HOME/node/paused/` that no paused sandbox owns are removed.
 //!
 //! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` and `$HOME/node/` is touched, and a
 //! process is killed only when its pid and start time match what its run directory recorded.
@@ -33,6 +36,7 @@ const CONSOLE_LINES: usize = 5;
 impl Node {
     pub(super) async fn recover(&self, records: Vec<Record>) -> Result<(), NodeError> {
         let mut owned = BTreeSet::new();
+        let mut paused = BTreeSet::new();
         for mut record in records {
             let id = record.info.id.clone();
             let run_dir = self.run_dir(&id);
@@ -57,6 +61,23 @@ impl Node {
                         fail(&mut record, reason);
                     }
                 },
+                State::Paused => {
+                    // Its VMM ended with the pause; a run directory would be a resume cut short.
+                    kill_and_remove(&run_dir).await;
+                    let meta = self.paused_dir(&id).join(crate::PAUSE_META);
+                    match meta.is_file() {
+                        true => {
+                            paused.insert(id.clone());
+                        }
+                        false => fail(
+                            &mut record,
+                            format!(
+                                "its paused snapshot is gone ({} is missing)",
+                                meta.display()
+                            ),
+                        ),
+                    }
+                }
                 State::Stopped | State::Failed => {}
             }
             let mut table = self.table();
@@ -67,7 +88,24 @@ impl Node {
             entry.live = live;
             table.insert(entry);
         }
-        self.remove_unowned(&owned).await
+        self.remove_unowned(&owned).await?;
+        self.remove_unowned_snapshots(&paused);
+        Ok(())
+    }
+
+    /// Removes the snapshots in `$HOME/node/paused/` of sandboxes not in `paused`.
+    fn remove_unowned_snapshots(&self, paused: &BTreeSet<String>) {
+        let dir = self.net_home().join("paused");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !paused.contains(&name) {
+                tracing::info!(path = %entry.path().display(), "removing a snapshot no paused sandbox owns");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Takes over a running record's VM and reconnects its agent; the reason it cannot otherwise.
@@ -81,23 +119,7 @@ impl Node {
         if record.vmm.is_some_and(|vmm| vmm != detached.process) || !detached.process.is_alive() {
             return Err(with_console(DEAD, &detached.console_log));
         }
-        let Some(meta) = &record.image else {
-            return Err("the node lost this sandbox's image record; it cannot run commands".into());
-        };
-        let image = PulledImage {
-            reference: Reference::parse(&meta.reference).map_err(|e| e.to_string())?,
-            platform: self.config.pull.platform.clone(),
-            manifest_digest: record
-                .info
-                .image_digest
-                .as_deref()
-                .unwrap_or_default()
-                .parse()
-                .map_err(|e| format!("image digest: {e}"))?,
-            rootfs: meta.rootfs.clone(),
-            config: meta.config.clone(),
-            cached: true,
-        };
+        let image = image_of(record, &self.config.pull.platform)?;
         let networking = self.config.defaults.network.clone().map(|mut n| {
             n.home = self.net_home();
             n
@@ -145,6 +167,30 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// The pulled image a record remembers (to re-attach or resume its sandbox), or why there is none.
+pub(super) fn image_of(
+    record: &Record,
+    platform: &hearth_image::Platform,
+) -> Result<PulledImage, String> {
+    let Some(meta) = &record.image else {
+        return Err("the node lost this sandbox's image record; it cannot run commands".into());
+    };
+    Ok(PulledImage {
+        reference: Reference::parse(&meta.reference).map_err(|e| e.to_string())?,
+        platform: platform.clone(),
+        manifest_digest: record
+            .info
+            .image_digest
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e| format!("image digest: {e}"))?,
+        rootfs: meta.rootfs.clone(),
+        config: meta.config.clone(),
+        cached: true,
+    })
 }
 
 fn fail(record: &mut Record, reason: String) {

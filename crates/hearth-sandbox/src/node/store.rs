@@ -13,7 +13,7 @@ use super::record::Record;
 use super::{NodeError, SandboxInfo, State};
 
 /// Bumped with every schema change; `migrate` knows each step.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The open database; the table (`table.rs`) owns it, so it is used only under the table lock.
 pub(crate) struct Store {
@@ -159,6 +159,17 @@ fn migrate(db: &Connection) -> Result<(), NodeError> {
                 "BEGIN;
                  ALTER TABLE sandboxes ADD COLUMN network TEXT;
                  INSERT INTO schema_version (version) VALUES (2);
+                 COMMIT;",
+            )?;
+            migrate(db)
+        }
+        Some(2) => {
+            // 3: `state` may be `paused` (the sandbox's snapshot is in `$HOME/node/paused/<id>/`
+            // and no VMM runs). No column changes; the version keeps an older hearth, which
+            // cannot read that state, from opening the database.
+            db.execute_batch(
+                "BEGIN;
+                 INSERT INTO schema_version (version) VALUES (3);
                  COMMIT;",
             )?;
             Ok(())
@@ -319,6 +330,30 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_version_2_database_is_migrated_and_keeps_paused_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        drop(Store::open(&path).unwrap());
+        // What a version-2 hearth left.
+        let db = Connection::open(&path).unwrap();
+        db.execute("DELETE FROM schema_version WHERE version = 3", [])
+            .unwrap();
+        drop(db);
+        let store = Store::open(&path).unwrap();
+        let version: i64 = store
+            .db
+            .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mut paused = record("p", State::Paused);
+        paused.vmm = None;
+        store.save(&paused).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get("p").unwrap().unwrap(), paused);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::admission::{self, Resources, Usage};
 use super::exec::Activity;
 use super::record::Record;
 use super::store::Store;
-use super::{Capacity, NodeError, SandboxInfo, StateCounts, Tenant};
+use super::{Capacity, NodeError, SandboxInfo, State, StateCounts, Tenant};
 use crate::Sandbox;
 
 /// The table and its store behind one lock; [`SandboxTable::lock`] is the only way in.
@@ -58,7 +58,8 @@ pub(super) struct Entry {
     /// The boot task has its image and may be starting a VM: aborting it now could leak one, so
     /// it is left to finish (and its VM stopped). Before this, aborting it is safe.
     pub vm_starting: bool,
-    /// A VM is still being stopped after the sandbox ended: its resources still count as held.
+    /// A VM is still being stopped after the sandbox ended, or being saved or restored by a pause
+    /// or resume: its resources still count as held in full.
     pub releasing: bool,
 }
 
@@ -82,9 +83,15 @@ impl Entry {
         info
     }
 
-    /// Whether node resources are held for it.
+    /// Whether node resources are held for it (a paused one's disk only: [`Entry::holds_vm`]).
     pub fn holds_resources(&self) -> bool {
         self.record.info.state.is_live() || self.releasing
+    }
+
+    /// Whether its vCPUs and memory are held: a VM runs or is about to, or is being stopped,
+    /// saved or restored.
+    pub fn holds_vm(&self) -> bool {
+        matches!(self.record.info.state, State::Creating | State::Running) || self.releasing
     }
 }
 
@@ -145,11 +152,38 @@ impl Table {
         let mut usage = Usage::default();
         for entry in self.entries() {
             let info = &entry.record.info;
-            if entry.holds_resources() && counts(info) {
-                usage.add(info.vcpus, info.memory_mib, info.disk_bytes);
+            if !entry.holds_resources() || !counts(info) {
+                continue;
+            }
+            match entry.holds_vm() {
+                true => usage.add(info.vcpus, info.memory_mib, info.disk_bytes),
+                false => usage.add(0, 0, info.disk_bytes),
             }
         }
         usage
+    }
+
+    /// Admits paused sandbox `id` of `tenant` (sized by its record) to run again: its vCPUs and
+    /// memory must fit the tenant's quota and the node's `capacity` next to everything else held.
+    pub fn readmit(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+        ttl: std::time::Duration,
+        capacity: &Capacity,
+    ) -> Result<(), NodeError> {
+        let entry = self.visible(&tenant.name, id)?;
+        let info = &entry.record.info;
+        let want = Resources {
+            vcpus: info.vcpus,
+            memory_mib: info.memory_mib,
+            disk_bytes: info.disk_bytes,
+            ttl,
+        };
+        let others = |i: &SandboxInfo| i.id != id;
+        let node = self.held_where(others);
+        let own = self.held_where(|i| others(i) && i.tenant == tenant.name);
+        admission::admit(&want, &tenant.name, &tenant.quota, own, capacity, node)
     }
 
     /// Admits `record` (sized `want`) for `tenant` against the tenant's quota and the node's
@@ -294,6 +328,37 @@ mod tests {
         t.get_mut("a1").unwrap().releasing = false;
         assert_eq!(t.held_by("a"), Usage::default());
         assert_eq!(t.held(), t.held_by("b"));
+    }
+
+    #[test]
+    fn a_paused_sandbox_holds_only_its_disk_and_resumes_only_if_it_fits_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = table(&dir);
+        let mut t = table.lock();
+        t.admit(&tenant("a"), &want(2), &CAPACITY, record("a1", "a", 2))
+            .unwrap();
+        t.get_mut("a1").unwrap().record.info.state = State::Paused;
+        // Paused: its vCPUs and memory are free for others, its disk is not.
+        assert_eq!(t.held_by("a").vcpus, 0);
+        assert_eq!(t.held_by("a").memory_mib, 0);
+        assert_eq!(t.held_by("a").disk_bytes, 16 << 20);
+        assert_eq!(t.held().sandboxes, 1);
+        // Being saved or restored (`releasing`), it still holds everything.
+        t.get_mut("a1").unwrap().releasing = true;
+        assert_eq!(t.held().vcpus, 2);
+        t.get_mut("a1").unwrap().releasing = false;
+        // It fits again: resumable, and not counted twice against the tenant's sandbox count.
+        let ttl = Duration::from_secs(60);
+        t.readmit(&tenant("a"), "a1", ttl, &CAPACITY).unwrap();
+        // The node fills up meanwhile: the resume is refused for capacity.
+        t.admit(&tenant("b"), &want(2), &CAPACITY, record("b1", "b", 2))
+            .unwrap();
+        let err = t.readmit(&tenant("a"), "a1", ttl, &CAPACITY).unwrap_err();
+        assert!(matches!(err, NodeError::Capacity { .. }), "{err}");
+        assert!(matches!(
+            t.readmit(&tenant("b"), "a1", ttl, &CAPACITY),
+            Err(NodeError::NotFound { .. })
+        ));
     }
 
     #[test]

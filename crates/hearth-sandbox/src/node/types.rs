@@ -34,6 +34,9 @@ pub struct NodeConfig {
     /// The egress policy of a sandbox created without one (`--network-default`); default `none`.
     /// Applies when `defaults.network` gives sandboxes a network.
     pub network_default: hearth_net::policy::NetworkPolicy,
+    /// A running sandbox whose agent has not answered for this long is failed and its VM killed
+    /// (`watchdog.rs`); default 60 s.
+    pub unresponsive_after: Duration,
 }
 
 impl NodeConfig {
@@ -50,6 +53,7 @@ impl NodeConfig {
             pull: hearth_image::PullOptions::default(),
             allow_local_images: Vec::new(),
             network_default: hearth_net::policy::NetworkPolicy::none(),
+            unresponsive_after: Duration::from_secs(60),
         }
     }
 }
@@ -175,7 +179,9 @@ pub struct CreateSpec {
     pub network: Option<hearth_net::policy::NetworkPolicy>,
 }
 
-/// A sandbox's life: `Creating -> Running -> Stopped | Failed`; `Creating -> Failed | Stopped`.
+/// A sandbox's life: `Creating -> Running -> Stopped | Failed`; `Creating -> Failed | Stopped`;
+/// `Running <-> Paused` ([`super::Node::pause`], [`super::Node::resume`]); `Paused -> Stopped`
+/// (deleted, TTL expired).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
@@ -183,6 +189,8 @@ pub enum State {
     Running,
     Stopped,
     Failed,
+    /// Saved to disk with no VMM running: holds its disk, not its vCPUs and memory.
+    Paused,
 }
 
 impl State {
@@ -192,6 +200,7 @@ impl State {
             State::Running => "running",
             State::Stopped => "stopped",
             State::Failed => "failed",
+            State::Paused => "paused",
         }
     }
 
@@ -201,14 +210,16 @@ impl State {
             State::Running,
             State::Stopped,
             State::Failed,
+            State::Paused,
         ]
         .into_iter()
         .find(|state| state.as_str() == s)
     }
 
-    /// Whether the sandbox holds (or is about to hold) node resources.
+    /// Whether the sandbox has not ended: it holds (or is about to hold) node resources, all of
+    /// them while creating or running, its disk while paused.
     pub fn is_live(self) -> bool {
-        matches!(self, State::Creating | State::Running)
+        matches!(self, State::Creating | State::Running | State::Paused)
     }
 }
 
@@ -264,6 +275,7 @@ pub struct ExecSpec {
 pub struct StateCounts {
     pub creating: u64,
     pub running: u64,
+    pub paused: u64,
     pub stopped: u64,
     pub failed: u64,
 }
@@ -275,6 +287,7 @@ impl StateCounts {
             State::Running => self.running,
             State::Stopped => self.stopped,
             State::Failed => self.failed,
+            State::Paused => self.paused,
         }
     }
 
@@ -284,6 +297,7 @@ impl StateCounts {
             State::Running => self.running += 1,
             State::Stopped => self.stopped += 1,
             State::Failed => self.failed += 1,
+            State::Paused => self.paused += 1,
         }
     }
 }
@@ -352,6 +366,7 @@ mod tests {
             State::Running,
             State::Stopped,
             State::Failed,
+            State::Paused,
         ] {
             assert_eq!(State::parse(state.as_str()), Some(state));
             assert_eq!(

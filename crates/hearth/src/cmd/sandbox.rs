@@ -65,6 +65,13 @@ pub enum SandboxCommand {
     Cp(CpArgs),
     /// Stop and remove sandboxes.
     Rm(RmArgs),
+    /// Save a running sandbox to disk and end its VM (its vCPUs and memory are freed); prints its
+    /// id. Execs still running make it refuse unless --force, which ends their streams (their
+    /// processes run on after the resume, output discarded).
+    Pause(PauseArgs),
+    /// Bring a paused sandbox back as it was (processes, files, memory; the host's clock); prints
+    /// its id.
+    Resume(ResumeArgs),
     /// Show a sandbox's egress policy and network activity; with policy flags, replace the policy
     /// while it runs.
     Network(NetworkArgs),
@@ -109,6 +116,19 @@ pub struct CreateArgs {
     pub no_wait: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    pub id: String,
+    /// Pause even while execs run: their streams end; their processes run on after the resume.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    pub id: String,
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +179,16 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             SandboxCommand::Exec(args) => exec(&client, args).await,
             SandboxCommand::Cp(args) => cp(&client, args).await,
             SandboxCommand::Rm(args) => rm(&client, args).await,
+            SandboxCommand::Pause(args) => {
+                let sandbox = client.pause(&args.id, args.force).await?;
+                println!("{}", sandbox.id);
+                Ok(ExitCode::SUCCESS)
+            }
+            SandboxCommand::Resume(args) => {
+                let sandbox = client.resume(&args.id).await?;
+                println!("{}", sandbox.id);
+                Ok(ExitCode::SUCCESS)
+            }
             SandboxCommand::PortForward(args) => {
                 crate::cmd::port_forward::port_forward(&client, args).await
             }

@@ -13,6 +13,7 @@ pub mod auth;
 mod error;
 mod exec;
 mod files;
+mod lifecycle;
 mod metrics;
 mod network;
 pub mod openapi;
@@ -74,6 +75,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/sandboxes/{id}",
             get(sandboxes::get).delete(sandboxes::delete),
         )
+        .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
+        .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
@@ -130,7 +133,7 @@ pub async fn serve(
     }
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "node",
+#[utoipa::path(get, path = "/healthz", tag = "node", operation_id = "getHealth",
     responses((status = 200, description = "The daemon answers", body = api::Health)))]
 async fn healthz() -> Json<api::Health> {
     Json(api::Health {

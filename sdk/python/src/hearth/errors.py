@@ -95,6 +95,11 @@ class GuestUnresponsive(HearthError):
     misbehaving)."""
 
 
+class GuestFailed(HearthError):
+    """502 ``guest_failed``: the sandbox's guest went away mid-request (its VM died); the sandbox
+    turns ``failed``."""
+
+
 class ServerError(HearthError):
     """500 and any other answer the SDK does not know: a failure on the daemon's side."""
 
@@ -134,6 +139,7 @@ _BY_CODE: Mapping[str, type[HearthError]] = {
     "port_closed": PortClosed,
     "bad_gateway": PortClosed,
     "guest_unresponsive": GuestUnresponsive,
+    "guest_failed": GuestFailed,
     "internal": ServerError,
 }
 

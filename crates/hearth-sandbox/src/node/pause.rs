@@ -1,0 +1,218 @@
+//! Pausing and resuming a node's sandboxes ([`Node::pause`], [`Node::resume`]) on top of
+//! [`crate::Sandbox::pause`] and [`crate::PausedSandbox::resume`]. The snapshot of sandbox `id` lives
+//! in `$HOME/node/paused/<id>/` while it is `Paused`; its run directory is `$HOME/sandboxes/<id>/`
+//! again once resumed.
+//!
+//! Choices, as callers see them:
+//! - Pause needs a `Running` sandbox and resume a `Paused` one; anything else is a conflict (409),
+//!   as is a second pause or resume while one is under way.
+//! - Execs (and file transfers) still running make a pause a conflict unless it is forced: their
+//!   callers would lose the rest of their output and their exit status. Forced, their streams end
+//!   when the VM is saved (the agent channel closes: the caller gets an error event, not an exit
+//!   status); their processes are not killed: after the resume they run on in the guest, detached,
+//!   their output discarded (see `crate::pause`). Detached processes do not keep a sandbox from
+//!   counting as idle.
+//! - A paused sandbox holds its disk in admission but not its vCPUs and memory; a resume admits
+//!   those again like a create would (capacity: 503, quota: 429) and, refused, stays paused.
+//! - Its TTL keeps counting while paused (it ends a paused sandbox like a running one, and the
+//!   snapshot goes with it); its idle time does not: a resume counts as activity.
+//! - A resume that fails (a missing or corrupt snapshot file, a VMM that refuses it) leaves the
+//!   sandbox `Paused` with its snapshot untouched, and the error names the file.
+//!
+//! While a pause or resume runs the entry is `releasing` (its whole VM still counted) and has no
+//! live sandbox, so no exec can reach a VM that is being saved.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
+
+impl Node {
+    /// Where sandbox `id`'s snapshot lives while it is paused.
+    pub fn paused_dir(&self, id: &str) -> PathBuf {
+        self.net_home().join("paused").join(id)
+    }
+
+    /// Saves the tenant's running sandbox `id` to disk and ends its VMM (see the module docs for
+    /// execs still running, admission and timeouts). Returns the record, now `Paused`.
+    pub async fn pause(
+        &self,
+        tenant: &str,
+        id: &str,
+        force: bool,
+    ) -> Result<SandboxInfo, NodeError> {
+        self.check_open()?;
+        let sandbox = {
+            let mut table = self.table();
+            let entry = table.visible(tenant, id)?;
+            let state = entry.record.info.state;
+            let busy = entry
+                .releasing
+                .then(|| ", being paused or resumed".to_owned());
+            let Some(sandbox) = entry.live.clone().filter(|_| state == State::Running) else {
+                return Err(NodeError::NotRunning {
+                    id: id.to_owned(),
+                    state,
+                    detail: busy,
+                });
+            };
+            let execs = entry.activity.running_execs();
+            if execs > 0 && !force {
+                return Err(NodeError::NotRunning {
+                    id: id.to_owned(),
+                    state,
+                    detail: Some(format!(
+                        " with {execs} exec(s) or file transfer(s) running: wait for them, or \
+                         pause with \"force\": true, which ends them"
+                    )),
+                });
+            }
+            let entry = table.get_mut(id).expect("visible");
+            entry.live = None;
+            entry.releasing = true;
+            sandbox
+        };
+        self.bump();
+        let dir = self.paused_dir(id);
+        let paused = sandbox.pause(&dir).await;
+        let now = now_ms();
+        let outcome = {
+            let mut table = self.table();
+            match table.get_mut(id) {
+                // Ended (deleted, expired) while it was being saved: the VM is gone either way.
+                Some(entry) if entry.record.info.state == State::Running => {
+                    entry.releasing = false;
+                    match paused {
+                        Ok(_) => {
+                            entry.record.info.state = State::Paused;
+                            entry.record.vmm = None;
+                            let last_active = entry.info().last_active_at;
+                            entry.record.info.last_active_at = last_active;
+                            let info = entry.info();
+                            table.save(id);
+                            Ok(info)
+                        }
+                        Err(e) => {
+                            entry.live = Some(sandbox.clone());
+                            Err(NodeError::from(e))
+                        }
+                    }
+                }
+                ended => {
+                    if let Some(entry) = ended {
+                        entry.releasing = false;
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::remove_dir_all(self.run_dir(id));
+                    match table.get_mut(id) {
+                        Some(entry) if entry.record.deleted => {
+                            table.forget(id);
+                        }
+                        _ => {}
+                    }
+                    Err(NodeError::NotRunning {
+                        id: id.to_owned(),
+                        state: State::Stopped,
+                        detail: Some(", ended while it was being paused".into()),
+                    })
+                }
+            }
+        };
+        drop(sandbox);
+        self.bump();
+        match &outcome {
+            Ok(_) => tracing::info!(sandbox = %id, at = now, "sandbox paused"),
+            Err(e) => tracing::warn!(sandbox = %id, "pause failed: {e}"),
+        }
+        outcome
+    }
+
+    /// Brings the tenant's paused sandbox `id` back: admitted again (capacity, quota), restored
+    /// from its snapshot with its network rebuilt and the guest given the host's clock and fresh
+    /// entropy. Returns the record, `Running` again. A failed resume leaves it `Paused`.
+    pub async fn resume(&self, tenant: &Tenant, id: &str) -> Result<SandboxInfo, NodeError> {
+        self.check_open()?;
+        let (record, image) = {
+            let mut table = self.table();
+            let entry = table.visible(&tenant.name, id)?;
+            let state = entry.record.info.state;
+            if state != State::Paused || entry.releasing {
+                let detail = match entry.releasing {
+                    true => ", being paused or resumed",
+                    false => ", not paused",
+                };
+                return Err(NodeError::NotRunning {
+                    id: id.to_owned(),
+                    state,
+                    detail: Some(detail.into()),
+                });
+            }
+            let record = entry.record.clone();
+            let image = super::recovery::image_of(&record, &self.config.pull.platform)
+                .map_err(|e| NodeError::Invalid(format!("sandbox {id}: {e}")))?;
+            table.readmit(
+                tenant,
+                id,
+                self.config.limits.max_ttl,
+                &self.config.capacity,
+            )?;
+            table.get_mut(id).expect("visible").releasing = true;
+            (record, image)
+        };
+        self.bump();
+        let config = self.sandbox_config(&record.info);
+        let dir = self.paused_dir(id);
+        let run_dir = self.run_dir(id);
+        let resumed = match crate::PausedSandbox::open(&dir, image) {
+            Ok(paused) => paused.resume(&config, &run_dir, true).await,
+            Err(e) => Err(e),
+        };
+        let (outcome, leftover) = {
+            let mut table = self.table();
+            match (table.get_mut(id), resumed) {
+                (Some(entry), Ok(sandbox)) if entry.record.info.state == State::Paused => {
+                    entry.releasing = false;
+                    entry.record.info.state = State::Running;
+                    entry.record.vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
+                    entry.live = Some(Arc::new(sandbox));
+                    // Paused time is not idle time.
+                    entry.activity.touch();
+                    let info = entry.info();
+                    table.save(id);
+                    (Ok(info), None)
+                }
+                (Some(entry), Err(e)) if entry.record.info.state == State::Paused => {
+                    entry.releasing = false;
+                    (Err(NodeError::from(e)), None)
+                }
+                // Ended (deleted, expired) while it was being restored.
+                (entry, resumed) => {
+                    let deleted = entry.is_some_and(|e| {
+                        e.releasing = false;
+                        e.record.deleted
+                    });
+                    if deleted {
+                        table.forget(id);
+                    }
+                    let error = NodeError::NotRunning {
+                        id: id.to_owned(),
+                        state: State::Stopped,
+                        detail: Some(", ended while it was being resumed".into()),
+                    };
+                    (Err(error), resumed.ok())
+                }
+            }
+        };
+        if let Some(sandbox) = leftover {
+            let _ = sandbox.discard().await;
+            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        self.bump();
+        match &outcome {
+            Ok(_) => tracing::info!(sandbox = %id, "sandbox resumed"),
+            Err(e) => tracing::warn!(sandbox = %id, "resume failed: {e}"),
+        }
+        outcome
+    }
+}

@@ -1,0 +1,578 @@
+//! Pausing a running sandbox to disk and resuming it: [`Sandbox::pause`] saves the guest's memory
+//! and device state (`RunningVm::save_state`) into a snapshot directory, moves the scratch disk
+//! there, writes what a resume needs ([`PAUSE_META`]: the VM's spec and hostname) and ends the VMM;
+//! [`PausedSandbox::resume`] starts a new VMM restored from that state with the same drives, NIC,
+//! command line and run directory layout, connects to the agent and sends it a RESUME line (the
+//! host's wall clock and fresh entropy, applied by the agent's live refresh: `clock_settime`,
+//! `RNDADDENTROPY`, `RNDRESEEDCRNG`; the hostname is kept).
+//!
+//! A snapshot directory holds the saved state (QEMU's migration stream), `scratch.ext4` (the sandbox's
+//! writable disk) and [`PAUSE_META`]. It is removed only by a successful resume (or by its owner,
+//! e.g. the node when the sandbox is deleted): a resume that fails, for a missing or corrupt file
+//! or a VMM that refuses the state, names the file and leaves the snapshot as it was, to be retried
+//! or deleted. (The scratch disk is hard-linked into the new run directory, so the failed VM's
+//! cleanup removes only the link. A resume that fails only after the guest ran, when its agent does
+//! not answer, may have let the guest write to that disk.)
+//!
+//! The network is torn down at pause and built again, identically, at resume: the namespace path,
+//! tap name, MAC and the guest's addresses are the same for every start of sandbox `id`, so the
+//! guest needs no change; connections it had open are cut (as when a daemon restarts). Nothing
+//! network-related is held while paused, and no sweep can mistake a paused sandbox's namespace for
+//! a stale one.
+//!
+//! Everything in the guest survives: processes, open files, listening sockets, memory, the disks'
+//! contents, the uptime. The agent session changes with the VMM: the guest's old session fails
+//! when the new host speaks, and because that host's handshake carries RESUME (a restored VM), the
+//! agent lets the execs of the old session run on, detached from any host, their output discarded
+//! (`hearth_agent::session`); their callers' streams ended with the pause. Execs started after the
+//! resume are the new host's as usual.
+//!
+//! Writes only the snapshot directory and the run directory it is given.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hearth_image::PulledImage;
+use hearth_net::network::SandboxNetwork;
+use hearth_vm::channel::AgentClient;
+use hearth_vm::{
+    select_backend, BackendRequest, Drive, KernelCmdline, NetworkInterface, VmSpec, SCRATCH_SERIAL,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::{console_tail, record_owner, AGENT_DEADLINE};
+use crate::{BootTimings, Sandbox, SandboxConfig, SandboxError};
+
+/// The snapshot directory's description of the paused VM.
+pub const PAUSE_META: &str = "paused.json";
+/// The scratch disk's name inside a snapshot directory and a run directory.
+const SCRATCH_FILE: &str = "scratch.ext4";
+/// In a run directory: the spec the VM was started with, for a process that adopts it and later
+/// pauses it (`hearth-spec.json`).
+pub(crate) const SPEC_RECORD: &str = "hearth-spec.json";
+/// Version of [`PAUSE_META`]'s format; another version is refused, naming the file.
+const META_FORMAT: u32 = 1;
+
+/// A sandbox saved to disk by [`Sandbox::pause`]: no VMM runs for it.
+#[derive(Debug, Clone)]
+pub struct PausedSandbox {
+    id: String,
+    dir: PathBuf,
+    image: PulledImage,
+    meta: PauseMeta,
+}
+
+/// What [`PAUSE_META`] holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PauseMeta {
+    format: u32,
+    id: String,
+    /// The guest's hostname (the RESUME line carries it; the running guest keeps its own).
+    hostname: String,
+    spec: SpecRecord,
+    /// The saved memory and device state's file name inside the snapshot directory.
+    state_file: String,
+    /// Its size.
+    state_bytes: u64,
+}
+
+/// The parts of a [`VmSpec`] that must be the same when the saved VM is started again; paths
+/// inside the run directory (sockets, console, scratch disk) are rebuilt for the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SpecRecord {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    cmdline: Vec<String>,
+    vcpus: u32,
+    memory_mib: u32,
+    drives: Vec<DriveRecord>,
+    network: Option<NicRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DriveRecord {
+    serial: String,
+    /// Unused for the scratch disk, which lives in the snapshot or run directory.
+    path: PathBuf,
+    read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct NicRecord {
+    tap: String,
+    mac: String,
+    netns: Option<PathBuf>,
+}
+
+impl SpecRecord {
+    fn of(spec: &VmSpec) -> SpecRecord {
+        SpecRecord {
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            cmdline: spec.cmdline.params().to_vec(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            drives: spec
+                .drives
+                .iter()
+                .map(|d| DriveRecord {
+                    serial: d.serial.clone(),
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            network: spec.network.as_ref().map(|n| NicRecord {
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+                netns: n.netns.clone(),
+            }),
+        }
+    }
+
+    /// The spec of a VM in `run_dir` restored from `state`, with the scratch disk in `run_dir`.
+    fn spec(&self, run_dir: &Path, state: &Path, detached: bool) -> VmSpec {
+        let mut spec = VmSpec::new(&self.kernel, &self.initramfs, run_dir);
+        spec.cmdline = KernelCmdline::from_params(self.cmdline.iter().cloned());
+        spec.vcpus = self.vcpus;
+        spec.memory_mib = self.memory_mib;
+        spec.drives = self
+            .drives
+            .iter()
+            .map(|d| match d.serial == SCRATCH_SERIAL {
+                true => Drive::new(&d.serial, run_dir.join(SCRATCH_FILE), d.read_only),
+                false => Drive::new(&d.serial, &d.path, d.read_only),
+            })
+            .collect();
+        spec.network = self.network.as_ref().map(|n| NetworkInterface {
+            tap: n.tap.clone(),
+            mac: n.mac.clone(),
+            netns: n.netns.clone(),
+        });
+        spec.detached = detached;
+        spec.restore_from = Some(state.to_owned());
+        spec
+    }
+}
+
+/// Records `spec` in its run directory for a later adopter (a failure only costs that adopter the
+/// ability to pause: it is logged).
+pub(crate) fn record_spec(run_dir: &Path, spec: &VmSpec) {
+    let path = run_dir.join(SPEC_RECORD);
+    let json = serde_json::to_vec_pretty(&SpecRecord::of(spec)).expect("spec record serializes");
+    if let Err(e) = std::fs::write(&path, json) {
+        tracing::warn!(path = %path.display(), "recording the VM's spec: {e}");
+    }
+}
+
+/// The spec recorded in `run_dir` by [`record_spec`], if any (the run directory is this VM's).
+pub(crate) fn read_spec_record(run_dir: &Path) -> Option<VmSpec> {
+    let bytes = std::fs::read(run_dir.join(SPEC_RECORD)).ok()?;
+    let record: SpecRecord = serde_json::from_slice(&bytes).ok()?;
+    let mut spec = record.spec(run_dir, Path::new(""), true);
+    spec.restore_from = None;
+    Some(spec)
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |source| SandboxError::Io { what, source }
+}
+
+fn pause_error(sandbox: &str, what: String) -> SandboxError {
+    SandboxError::Io {
+        what: format!("pausing sandbox {sandbox}"),
+        source: std::io::Error::other(what),
+    }
+}
+
+impl Sandbox {
+    /// Saves this sandbox into `dir` (created; it must not hold a snapshot already) and ends its
+    /// VMM and network; the sandbox is dead afterwards (drop it) and [`PausedSandbox::resume`]
+    /// brings it back. Streams of execs still running end (their connection closes); their
+    /// processes run on after the resume, detached. If saving fails, the VM runs on and the error
+    /// is returned; `dir` is removed again.
+    pub async fn pause(&self, dir: &Path) -> Result<PausedSandbox, SandboxError> {
+        let started = Instant::now();
+        let id = self.id.clone();
+        let spec = self.spec.clone().ok_or_else(|| {
+            pause_error(
+                &id,
+                format!(
+                    "its run directory has no {SPEC_RECORD} (started by an older hearth): \
+                     the VM cannot be saved and started again identically"
+                ),
+            )
+        })?;
+        if dir.join(PAUSE_META).exists() {
+            return Err(pause_error(
+                &id,
+                format!("{} already holds a paused sandbox", dir.display()),
+            ));
+        }
+        let hostname = match self.client.info().await {
+            Ok(info) if hearth_proto::handshake::is_resume_hostname(&info.hostname) => {
+                info.hostname
+            }
+            _ => "hearth".to_owned(),
+        };
+        let scratch = spec
+            .drives
+            .iter()
+            .find(|d| d.serial == SCRATCH_SERIAL)
+            .map(|d| d.path.clone())
+            .ok_or_else(|| pause_error(&id, "the VM has no scratch disk".into()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_error(format!("creating {}", dir.display())))?;
+        }
+        let vm = self.vm.clone();
+        let snapshot = dir.to_owned();
+        let saved = tokio::task::spawn_blocking(move || {
+            let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
+            let saved = vm.save_state(&snapshot);
+            if saved.is_err() {
+                // `save_state` stops the vCPUs first: let the guest run on.
+                if let Err(e) = vm.resume() {
+                    tracing::warn!("resuming the VM after a failed save: {e}");
+                }
+            }
+            saved
+        })
+        .await
+        .expect("save task");
+        let saved = match saved {
+            Ok(saved) => saved,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e.into());
+            }
+        };
+        // The VM is stopped and its disks flushed: the scratch disk can move out of the run
+        // directory, which goes with the VMM.
+        let meta = PauseMeta {
+            format: META_FORMAT,
+            id: id.clone(),
+            hostname,
+            spec: SpecRecord::of(&spec),
+            state_file: saved
+                .state
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            state_bytes: saved.bytes,
+        };
+        let kept = std::fs::rename(&scratch, dir.join(SCRATCH_FILE))
+            .map_err(io_error(format!(
+                "moving the scratch disk {} into {}",
+                scratch.display(),
+                dir.display()
+            )))
+            .and_then(|()| write_meta(dir, &meta));
+        if let Err(e) = kept {
+            let _ = std::fs::rename(dir.join(SCRATCH_FILE), &scratch);
+            let vm = self.vm.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = vm.lock().unwrap_or_else(|e| e.into_inner()).resume();
+            })
+            .await
+            .expect("resume task");
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        let vm = self.vm.clone();
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = vm.lock().unwrap_or_else(|e| e.into_inner()).kill() {
+                tracing::warn!("ending the paused VM's VMM: {e}");
+            }
+            if let Some(network) = network {
+                if let Err(e) = network.teardown() {
+                    tracing::warn!("removing the paused sandbox's network: {e}");
+                }
+            }
+        })
+        .await
+        .expect("kill task");
+        tracing::info!(sandbox = %id, dir = %dir.display(), state_bytes = saved.bytes, took = ?started.elapsed(), "sandbox paused");
+        Ok(PausedSandbox {
+            id,
+            dir: dir.to_owned(),
+            image: self.image.clone(),
+            meta,
+        })
+    }
+}
+
+fn write_meta(dir: &Path, meta: &PauseMeta) -> Result<(), SandboxError> {
+    let path = dir.join(PAUSE_META);
+    let json = serde_json::to_vec_pretty(meta).expect("pause meta serializes");
+    let tmp = dir.join(format!("{PAUSE_META}.tmp"));
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(io_error(format!("writing {}", path.display())))
+}
+
+impl PausedSandbox {
+    /// The paused sandbox saved in `dir` (after a restart), booted from `image`. A missing or
+    /// unreadable [`PAUSE_META`] is an error naming it.
+    pub fn open(dir: &Path, image: PulledImage) -> Result<PausedSandbox, SandboxError> {
+        let path = dir.join(PAUSE_META);
+        let bytes =
+            std::fs::read(&path).map_err(io_error(format!("reading {}", path.display())))?;
+        let meta: PauseMeta = serde_json::from_slice(&bytes).map_err(|e| SandboxError::Io {
+            what: format!("reading {}", path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        if meta.format != META_FORMAT || meta.state_file.is_empty() || meta.state_file.contains('/')
+        {
+            return Err(SandboxError::Io {
+                what: format!("reading {}", path.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "format {} with state file {:?} (this hearth reads format {META_FORMAT})",
+                        meta.format, meta.state_file
+                    ),
+                ),
+            });
+        }
+        Ok(PausedSandbox {
+            id: meta.id.clone(),
+            dir: dir.to_owned(),
+            image,
+            meta,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes of saved memory and device state.
+    pub fn state_bytes(&self) -> u64 {
+        self.meta.state_bytes
+    }
+
+    /// Starts the saved VM again in `run_dir` (detached like the node's VMs with `detached`): the
+    /// same kernel, command line, drives and NIC, the network rebuilt per `config` (its policy
+    /// too), the scratch disk linked in, the state loaded, then the agent told the host's clock
+    /// and fresh entropy. On success the snapshot directory is removed; on failure it stays as it
+    /// was and the error names the file at fault.
+    pub async fn resume(
+        &self,
+        config: &SandboxConfig,
+        run_dir: &Path,
+        detached: bool,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let state = self.dir.join(&self.meta.state_file);
+        let scratch = self.dir.join(SCRATCH_FILE);
+        for file in [&state, &scratch] {
+            if !file.is_file() {
+                return Err(SandboxError::Io {
+                    what: format!("resuming sandbox {} from {}", self.id, file.display()),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "the paused sandbox's file is missing",
+                    ),
+                });
+            }
+        }
+        let spec = self.meta.spec.spec(run_dir, &state, detached);
+        let networking = match (&spec.network, &config.network) {
+            (None, _) => None,
+            (Some(_), Some(networking)) => Some(networking.clone()),
+            (Some(_), None) => {
+                return Err(SandboxError::Io {
+                    what: format!("resuming sandbox {}", self.id),
+                    source: std::io::Error::other(
+                        "it was paused with a network, and this configuration gives it none",
+                    ),
+                })
+            }
+        };
+        let id = self.id.clone();
+        let policy = config.network_policy.clone();
+        let home = config.home.clone();
+        let (vmm_choice, accel, jailer) = (config.vmm, config.accel, config.jailer);
+        let start_spec = spec.clone();
+        let link_from = scratch.clone();
+        let start = tokio::task::spawn_blocking(move || {
+            let chosen = select_backend(&BackendRequest {
+                home: &home,
+                vmm: vmm_choice,
+                accel,
+                kernel: &start_spec.kernel,
+                jailer,
+                dry_run: false,
+            })?;
+            let network = match &networking {
+                Some(n) => {
+                    let network = SandboxNetwork::start(&n.home, &id, policy, &n.options)?;
+                    if !detached {
+                        record_owner(&n.home, &id)?;
+                    }
+                    Some(network)
+                }
+                None => None,
+            };
+            let vm = link_scratch(&link_from, &start_spec.run_dir)
+                .and_then(|()| Ok(chosen.vmm.start(&start_spec)?));
+            match vm {
+                Ok(vm) => Ok((vm, network, chosen.reason)),
+                Err(e) => {
+                    // The VM's cleanup removed the run directory, or it never existed.
+                    let _ = std::fs::remove_dir_all(&start_spec.run_dir);
+                    if let Some(network) = network {
+                        let _ = network.teardown();
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .expect("resume task");
+        let (mut vm, network, reason) = start?;
+        let vmm_start = started.elapsed();
+        let guest_started = Instant::now();
+        let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
+        let resume = crate::restore::resume_for(&self.meta.hostname)?;
+        let connected = match vm.take_agent_stream() {
+            Some(stream) => AgentClient::connect_stream_resume(stream, deadline, resume).await,
+            None => AgentClient::connect_unix_resume(&spec.agent_socket, deadline, resume).await,
+        };
+        let client = match connected {
+            Ok(client) => client,
+            Err(source) => {
+                let console = spec.console_log.clone();
+                let tail = console_tail(&console);
+                let restored_run_dir = spec.run_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    drop(vm); // kills the VMM, removes the run directory
+                    let _ = std::fs::remove_dir_all(restored_run_dir);
+                    if let Some(network) = network {
+                        let _ = network.teardown();
+                    }
+                })
+                .await
+                .expect("cleanup task");
+                return Err(SandboxError::Agent {
+                    source,
+                    tail,
+                    console,
+                });
+            }
+        };
+        record_spec(run_dir, &spec);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "removing the resumed sandbox's snapshot: {e}");
+        }
+        let timings = BootTimings {
+            prepare: std::time::Duration::ZERO,
+            vmm_start,
+            guest_boot: guest_started.elapsed(),
+            restore: vm.restored_in(),
+        };
+        tracing::info!(sandbox = %self.id, ?timings, "sandbox resumed");
+        Ok(Sandbox::from_parts(
+            self.id.clone(),
+            self.image.clone(),
+            client,
+            vm,
+            timings,
+            format!("{reason}; resumed from {}", self.dir.display()),
+            Some(spec.clone()),
+            spec.console_log.clone(),
+            network,
+        ))
+    }
+}
+
+/// Creates `run_dir` and hard-links the snapshot's scratch disk into it, so that a failed start,
+/// whose cleanup removes the run directory, leaves the snapshot's copy.
+fn link_scratch(scratch: &Path, run_dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+        .map_err(io_error(format!(
+            "creating run directory {}",
+            run_dir.display()
+        )))?;
+    let target = run_dir.join(SCRATCH_FILE);
+    std::fs::hard_link(scratch, &target).map_err(io_error(format!(
+        "linking the scratch disk {} into {}",
+        scratch.display(),
+        run_dir.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_record_rebuilds_the_same_vm_around_a_new_run_directory() {
+        let mut spec = VmSpec::new("/k/vmlinux", "/k/init.cpio", "/h/sandboxes/a");
+        spec.vcpus = 2;
+        spec.memory_mib = 768;
+        spec.cmdline.set("hearth.template=1");
+        spec.drives = vec![
+            Drive::rootfs("/h/rootfs/x.ext4"),
+            Drive::scratch("/h/sandboxes/a/scratch.ext4"),
+        ];
+        spec.network = Some(NetworkInterface {
+            tap: "tap0".into(),
+            mac: "06:00:ac:10:00:02".into(),
+            netns: Some("/h/node/net/a/netns".into()),
+        });
+        let json = serde_json::to_string(&SpecRecord::of(&spec)).unwrap();
+        let record: SpecRecord = serde_json::from_str(&json).unwrap();
+        let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
+        let mut expected = spec.clone();
+        expected.detached = true;
+        expected.restore_from = Some("/p/state".into());
+        assert_eq!(again, expected);
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_meta_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = || PulledImage {
+            reference: "busybox".parse().unwrap(),
+            platform: Default::default(),
+            manifest_digest:
+                "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+                    .parse()
+                    .unwrap(),
+            rootfs: "/nonexistent".into(),
+            config: Default::default(),
+            cached: true,
+        };
+        let path = dir.path().join(PAUSE_META);
+        let missing = PausedSandbox::open(dir.path(), image()).unwrap_err();
+        assert!(
+            missing.to_string().contains(&path.display().to_string()),
+            "{missing}"
+        );
+        std::fs::write(&path, b"{not json").unwrap();
+        let corrupt = PausedSandbox::open(dir.path(), image()).unwrap_err();
+        assert!(
+            corrupt.to_string().contains(&path.display().to_string()),
+            "{corrupt}"
+        );
+    }
+}

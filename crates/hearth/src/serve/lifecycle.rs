@@ -1,0 +1,78 @@
+//! `/v1/sandboxes/{id}/pause` and `/v1/sandboxes/{id}/resume`: a running sandbox saved to disk
+//! with no VM left, and brought back as it was. Thin handlers over `Node::pause` and
+//! `Node::resume`, whose module documents the choices (execs running at pause, admission, TTL and
+//! idle time, failed resumes).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::api::{ErrorBody, Sandbox};
+use super::auth::Authenticated;
+use super::error::ApiError;
+use super::AppState;
+
+/// `POST /v1/sandboxes/{id}/pause` (the body is optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PauseSandbox {
+    /// Pause even while execs or file transfers run: their streams end with an error event (no exit
+    /// status); their processes are not killed and run on after the resume, their output
+    /// discarded. Without it such a pause answers 409.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", operation_id = "pauseSandbox",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body(content = Option<PauseSandbox>, description = "Optional; `{\"force\": true}` pauses even while execs run"),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Saved to disk: `paused`, no VM running; its vCPUs and memory are free, its disk still counted", body = Sandbox),
+        (status = 400, description = "Malformed JSON body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+        (status = 409, description = "Not running (already paused, creating, stopped, failed, or being paused or resumed), or execs running without `force`", body = ErrorBody),
+        (status = 415, description = "A body not sent as `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
+        (status = 500, description = "Saving failed; the sandbox runs on (the message says why)", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+    ))]
+pub async fn pause(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    body: Result<Option<Json<PauseSandbox>>, JsonRejection>,
+) -> Result<Json<Sandbox>, ApiError> {
+    let force = body?.map(|Json(b)| b.force).unwrap_or(false);
+    let info = state.node.pause(&tenant.name, &id, force).await?;
+    tracing::info!(tenant = %tenant.name, sandbox = %id, force, "paused");
+    Ok(Json(info.into()))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", operation_id = "resumeSandbox",
+    params(("id" = String, Path, description = "Sandbox id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Running again, restored from its snapshot: same files and memory, the host's clock, fresh entropy", body = Sandbox),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+        (status = 409, description = "Not paused (running, creating, stopped, failed, or being paused or resumed)", body = ErrorBody),
+        (status = 429, description = "Tenant quota used up; the sandbox stays paused", body = ErrorBody),
+        (status = 500, description = "The resume failed (e.g. a missing or corrupt snapshot file, named in the message); the sandbox stays paused with its snapshot", body = ErrorBody),
+        (status = 503, description = "Node capacity used up (`capacity`, with Retry-After; the sandbox stays paused) or shutting down", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+    ))]
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
+    let info = state.node.resume(&tenant, &id).await?;
+    tracing::info!(tenant = %tenant.name, sandbox = %id, "resumed");
+    Ok(Json(info.into()))
+}

@@ -1,0 +1,237 @@
+//! Pause and resume through `hearth serve` with a real VM under QEMU (TCG): a pause saves the
+//! sandbox and ends its VMM, freeing its memory in `/metrics`; a pause refused while an exec runs,
+//! forced, ends the exec's stream with an error event (its process runs on in the guest); a second
+//! pause and an exec on a paused sandbox are conflicts; `kill -9` of the daemon while paused leaves
+//! it paused for the next daemon, which resumes it as the same guest (same kernel boot, files on
+//! disk and in memory, the forced exec's counter still counting, the host's clock); deleting a
+//! paused sandbox removes its snapshot.
+
+#[path = "serve/daemon.rs"]
+mod daemon;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE};
+use reqwest::Method;
+use serde_json::json;
+
+const TOKENS: &str = r#"
+[[tenants]]
+name = "alice"
+token = "alice-token-0001"
+"#;
+
+async fn exec_stdout(d: &Daemon, id: &str, script: &str) -> String {
+    let response = d
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(ALICE),
+        )
+        .json(&json!({ "argv": ["sh", "-c", script] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "exec {script:?} in {id}");
+    let (stdout, stderr, last) = outputs(&ndjson_events(response).await);
+    assert_eq!(last, json!({"exit_code": 0}), "{script}: {stdout} {stderr}");
+    stdout.trim().to_owned()
+}
+
+/// `hearth_allocated_memory_bytes` in `/metrics`.
+async fn allocated_memory(d: &Daemon) -> u64 {
+    let text = d
+        .request(Method::GET, "/metrics", None)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("hearth_allocated_memory_bytes "))
+        .unwrap_or_else(|| panic!("no allocated memory in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn post(d: &Daemon, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    d.json(Method::POST, path, Some(ALICE), body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
+    let home = Home::new(TOKENS);
+    let mut d = Daemon::start(&home, &[]);
+    let (status, s) = post(
+        &d,
+        "/v1/sandboxes",
+        Some(json!({"image": image("busybox")})),
+    )
+    .await;
+    assert_eq!(
+        (status, &s["state"]),
+        (201, &json!("running")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    let id = s["id"].as_str().unwrap().to_owned();
+    let boot_id = exec_stdout(
+        &d,
+        &id,
+        "echo disk > /root/f; echo memory > /dev/shm/m; cat /proc/sys/kernel/random/boot_id",
+    )
+    .await;
+    assert_eq!(allocated_memory(&d).await, 256 << 20);
+    let (pause, resume) = (
+        format!("/v1/sandboxes/{id}/pause"),
+        format!("/v1/sandboxes/{id}/resume"),
+    );
+
+    // An exec is running: a plain pause is refused; a forced one ends the exec with an error event.
+    let long = d
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(ALICE),
+        )
+        .json(&json!({"argv": ["sh", "-c",
+            "echo started; i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.2; done"]}));
+    let long =
+        tokio::spawn(async move { outputs(&ndjson_events(long.send().await.unwrap()).await) });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, e) = post(&d, &pause, None).await;
+    assert_eq!(status, 409, "{e}");
+    assert!(e.to_string().contains("force"), "{e}");
+    let (status, s) = post(&d, &pause, Some(json!({"force": true}))).await;
+    assert_eq!(
+        (status, &s["state"]),
+        (200, &json!("paused")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    let (stdout, _, last) = tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .expect("the forced pause ended the running exec")
+        .unwrap();
+    assert_eq!(stdout, "started\n");
+    assert!(last["error"].is_string(), "the exec ended with {last}");
+
+    // Paused: no VMM, memory free in /metrics, the snapshot on disk; pause and exec are conflicts.
+    assert!(
+        daemon::processes_mentioning(&id).is_empty(),
+        "a VMM of the paused sandbox still runs"
+    );
+    assert_eq!(allocated_memory(&d).await, 0);
+    let snapshot = home.path().join("node/paused").join(&id);
+    assert!(snapshot.join("paused.json").is_file());
+    let (status, e) = post(&d, &pause, None).await;
+    assert_eq!(status, 409, "second pause: {e}");
+    assert!(e.to_string().contains("paused"), "{e}");
+    let (status, _) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(json!({"argv": ["true"]})),
+    )
+    .await;
+    assert_eq!(status, 409, "exec in a paused sandbox");
+
+    // The daemon crashes while the sandbox is paused; the next one still has it paused.
+    d.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = Daemon::start(&home, &[]);
+    let (status, s) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, &s["state"]),
+        (200, &json!("paused")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    assert!(
+        snapshot.join("paused.json").is_file(),
+        "recovery kept the snapshot"
+    );
+
+    // A corrupt state file: the resume fails naming it, the sandbox stays paused with its snapshot.
+    let state = snapshot.join("state");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, vec![0x5a; good.len()]).unwrap();
+    let (status, e) = post(&d, &resume, None).await;
+    assert_eq!(status, 500, "{e}");
+    assert!(e.to_string().contains(&state.display().to_string()), "{e}");
+    let (_, s) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(s["state"], "paused", "{s}");
+    assert_eq!(allocated_memory(&d).await, 0);
+    std::fs::write(&state, good).unwrap();
+
+    // Resume: the host's clock, the same guest, its files; its memory counted again.
+    let (status, s) = post(&d, &resume, None).await;
+    assert_eq!(
+        (status, &s["state"]),
+        (200, &json!("running")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    let guest: i64 = exec_stdout(&d, &id, "date +%s").await.parse().unwrap();
+    let host = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (host - guest).abs() <= 2,
+        "guest clock {guest}, host {host}"
+    );
+    assert!(!snapshot.exists(), "the snapshot outlived the resume");
+    assert_eq!(allocated_memory(&d).await, 256 << 20);
+    assert_eq!(
+        exec_stdout(&d, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        boot_id,
+        "the guest rebooted"
+    );
+    assert_eq!(
+        exec_stdout(&d, &id, "cat /root/f /dev/shm/m").await,
+        "disk\nmemory"
+    );
+    // The forced exec's process was not killed: it counts on.
+    let count = |text: String| text.parse::<u64>().unwrap();
+    let first = count(exec_stdout(&d, &id, "cat /dev/shm/count").await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = count(exec_stdout(&d, &id, "cat /dev/shm/count").await);
+    assert!(later > first, "the counter stopped at {first}");
+    let (status, e) = post(&d, &resume, None).await;
+    assert_eq!(status, 409, "resume of a running sandbox: {e}");
+
+    // Paused again, then deleted: the snapshot goes with it.
+    let (status, s) = post(&d, &pause, None).await;
+    assert_eq!((status, &s["state"]), (200, &json!("paused")), "{s}");
+    assert!(snapshot.is_dir());
+    let (status, _) = d
+        .json(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert!(
+        !snapshot.exists(),
+        "deleting a paused sandbox left its snapshot"
+    );
+    assert!(daemon::processes_mentioning(&id).is_empty());
+}
