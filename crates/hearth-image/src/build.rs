@@ -31,6 +31,40 @@ struct LayerInput {
     bytes: LayerBytes,
 }
 
+/// The lock file inside each `tmp/build-*` directory, held by the process building there.
+const BUILD_OWNER: &str = ".owner";
+
+/// Removes the `build-*` directories under `tmp` whose builder died (killed mid-build: its
+/// staging tree stays otherwise, found by the soak). A directory whose owner lock is held is a
+/// build in progress, by this or another hearth process, and stays; so does one too young to have
+/// taken its lock yet.
+pub(crate) fn sweep_abandoned_builds(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("build-") || !dir.is_dir() {
+            continue;
+        }
+        let owner = dir.join(BUILD_OWNER);
+        let abandoned = if owner.exists() {
+            FileLock::try_exclusive(&owner).is_ok_and(|held| held.is_some())
+        } else {
+            // No owner file yet: just created, or left by a hearth from before owner files.
+            std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 600))
+        };
+        if abandoned {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(dir = %dir.display(), "removed an abandoned image build"),
+                Err(e) => tracing::warn!(dir = %dir.display(), "removing an abandoned build: {e}"),
+            }
+        }
+    }
+}
+
 impl ImageStore {
     pub(crate) async fn build_rootfs(
         &self,
@@ -79,6 +113,14 @@ impl ImageStore {
         private_dir(tmp.path()).map_err(|source| ImageError::Io {
             op: "make private",
             path: tmp.path().to_path_buf(),
+            source,
+        })?;
+        // Held for the build's life: a directory whose owner lock is free belongs to a process
+        // that died mid-build (`sweep_abandoned_builds`).
+        let owner = tmp.path().join(BUILD_OWNER);
+        let _owner = FileLock::exclusive(&owner).map_err(|source| ImageError::Io {
+            op: "lock",
+            path: owner,
             source,
         })?;
         let staging_dir = tmp.path().join("root");
@@ -260,5 +302,34 @@ fn apply_layers(
 fn remove_tree(path: &Path) {
     if let Err(e) = std::fs::remove_dir_all(path) {
         tracing::warn!(path = %path.display(), error = %e, "could not remove a build directory; `hearth` gc will retry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hearth killed mid-build leaves its staging tree in tmp/; the next store open removes it,
+    /// and never a build still running (its owner lock held) or one just created.
+    #[test]
+    fn abandoned_builds_go_and_running_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let d = tmp.path().join(name);
+            std::fs::create_dir_all(d.join("root/etc")).unwrap();
+            d
+        };
+        let (running, dead, fresh, other) = (
+            dir("build-run"),
+            dir("build-dead"),
+            dir("build-new"),
+            dir("keep"),
+        );
+        let _held = FileLock::exclusive(&running.join(BUILD_OWNER)).unwrap();
+        drop(FileLock::exclusive(&dead.join(BUILD_OWNER)).unwrap());
+        sweep_abandoned_builds(tmp.path());
+        assert!(running.exists() && fresh.exists() && other.exists());
+        assert!(!dead.exists());
+        sweep_abandoned_builds(&tmp.path().join("absent"));
     }
 }

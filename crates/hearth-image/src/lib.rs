@@ -52,6 +52,7 @@ impl ImageStore {
             source,
         })?;
         let blobs = BlobStore::open(&home.root)?;
+        build::sweep_abandoned_builds(&home.tmp_dir());
         Ok(ImageStore {
             home,
             blobs,

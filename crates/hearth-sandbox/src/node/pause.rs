@@ -27,6 +27,9 @@ use std::sync::Arc;
 
 use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
 
+/// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
+const SAVE_MARGIN: u64 = 64 << 20;
+
 impl Node {
     /// Where sandbox `id`'s snapshot lives while it is paused.
     pub fn paused_dir(&self, id: &str) -> PathBuf {
@@ -67,6 +70,21 @@ impl Node {
                     )),
                 });
             }
+            // The saved memory must fit: a save that runs out of space fails only after
+            // writing most of it (the soak's full-disk fault found a 500 there).
+            let need = (u64::from(entry.record.info.memory_mib) << 20) + SAVE_MARGIN;
+            if let Some(free) = super::types::free_disk_bytes(&self.config.home) {
+                if free < need {
+                    return Err(NodeError::Capacity {
+                        message: format!(
+                            "no room to save this sandbox: its memory needs up to {} MiB and \
+                             the node's disk has {} MiB free; retry when space is freed",
+                            need >> 20,
+                            free >> 20
+                        ),
+                    });
+                }
+            }
             let entry = table.get_mut(id).expect("visible");
             entry.live = None;
             entry.releasing = true;
@@ -91,6 +109,15 @@ impl Node {
                             let info = entry.info();
                             table.save(id);
                             Ok(info)
+                        }
+                        Err(e) if e.to_string().contains("No space left on device") => {
+                            entry.live = Some(sandbox.clone());
+                            Err(NodeError::Capacity {
+                                message: format!(
+                                    "the node's disk filled up while saving this sandbox ({e}); \
+                                     it runs on; retry when space is freed"
+                                ),
+                            })
                         }
                         Err(e) => {
                             entry.live = Some(sandbox.clone());

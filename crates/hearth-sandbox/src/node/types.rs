@@ -96,7 +96,7 @@ impl Capacity {
 
 /// Bytes available to an unprivileged writer on the filesystem of `path` (or of its nearest
 /// existing ancestor).
-fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
+pub(crate) fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists())?;
     let c_path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
