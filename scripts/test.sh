@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # hearth's whole test suite on a fresh Debian 12 machine: provision everything the suite needs
 # (`provision.sh test`), check style, build the static agent, start one test registry and one
-# Kubernetes control plane (etcd + kube-apiserver) for the run, run every test with cargo-nextest,
-# stop both.
+# Kubernetes control plane (etcd + kube-apiserver) for the run, run every test with cargo-nextest
+# and then the short chaos soak (skipped when nextest is given a filter), stop both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +24,6 @@ HEARTH_TEST_KUBECONFIG=$(scripts/kube-env.sh start "$kube")
 export HEARTH_TEST_KUBECONFIG
 
 cargo nextest run --workspace --no-fail-fast "$@"
+# The chaos soak's short variant (issue 17), alone on the machine: a real daemon under mixed load
+# from three tenants while daemons, VMMs, guests, the disk and the registry fail (bench/soak.py).
+[ $# -gt 0 ] || bench/soak.sh --suite
