@@ -235,7 +235,7 @@ def main():
     ap.add_argument("--registry", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--duration", type=float, required=True)
-    ap.add_argument("--home-size", default="6G")
+    ap.add_argument("--home-size", default="3G")
     ap.add_argument("--report")
     ap.add_argument("--no-faults", action="store_true",
                     help="the same load without the fault injector (the baseline)")

@@ -1,12 +1,14 @@
-"""The `hearth serve` under soak: its home on a small loop-mounted ext4 (a real ENOSPC when full),
-its tokens, starting, killing and restarting it on one fixed port, and reading its fd count and
-RSS. Everything lives under the work directory; `close` removes it, VMs and mounts included."""
+"""The `hearth serve` under soak: its home on a small loop-mounted ext4 kept in /dev/shm (a real
+ENOSPC when full, never the machine's disk), its tokens, starting, killing and restarting it on one
+fixed port, and reading its fd count and RSS. Everything else lives under the work directory;
+`close` removes it all, VMs, mounts and the image included."""
 
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -34,7 +36,10 @@ class Daemon:
         self.windows = []  # (wall start, wall end) of each kill or SIGTERM until the next answer
         self.window_start = None
         os.makedirs(self.home, exist_ok=True)
-        image = os.path.join(self.work, "home.img")
+        # In RAM (/dev/shm), not on the machine's disk: the faults fill this filesystem, and the
+        # disk under the suite may have little room (a CI machine had 3 GB free).
+        self.image = tempfile.mkstemp(prefix="hearth-soak-", suffix=".img", dir="/dev/shm")[1]
+        image = self.image
         subprocess.run(["truncate", "-s", home_size, image], check=True)
         subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True)
         subprocess.run(["mount", "-o", "loop", image, self.home], check=True)
@@ -49,7 +54,7 @@ class Daemon:
 
     def argv(self):
         # --capacity-cpus 8: 1-vCPU sandboxes overcommitted 4:1 on two cores (idle ones cost little);
-        # --capacity-disk: sparse 1 GiB disks overcommitted on the 6 GiB home, so that filling them
+        # --capacity-disk: sparse 1 GiB disks overcommitted on the 3 GiB home, so that filling them
         # really fills the filesystem.
         return [self.hearth, "-v", "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--tokens", self.tokens_file, "--accel", "tcg", "--memory", "256m",
@@ -165,3 +170,7 @@ class Daemon:
         for mount in sorted(self.mounts_under_home(), key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], check=False)
         subprocess.run(["umount", "-l", self.home], check=False)
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass
