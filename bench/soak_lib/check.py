@@ -42,13 +42,21 @@ class Checker:
         return out
 
     def settle(self, limit=180):
+        """Waits until nothing is creating and every ended sandbox's VM is gone: an end answers (and
+        the record says `stopped`) before the VM's clean shutdown finishes, and its resources stay
+        allocated until then."""
         deadline = time.monotonic() + limit
         while True:
-            busy = [i for i, (_, s) in self.listing().items() if s["state"] == "creating"]
+            listing = self.listing()
+            vmms = self.vmm_cmdlines()
+            busy = [i for i, (_, s) in listing.items() if s["state"] == "creating"]
+            busy += [i for i, (_, s) in listing.items() if s["state"] in ("stopped", "failed")
+                     and any(i.encode() in c for c in vmms.values())]
             if not busy:
                 return
             if time.monotonic() > deadline:
-                self.fail(f"still creating {limit} s after the load stopped: {busy}")
+                self.fail(f"still creating, or an ended sandbox's VM still running, {limit} s "
+                          f"after the load stopped: {busy}")
                 return
             time.sleep(1)
 
@@ -136,13 +144,7 @@ class Checker:
 
     def truthful(self, present):
         """A `running` sandbox answers an exec; a stopped or failed one has no VMM left."""
-        vmm_cmdlines = {}
-        for pid in self.d.vmm_pids():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    vmm_cmdlines[pid] = f.read()
-            except OSError:
-                pass
+        vmm_cmdlines = self.vmm_cmdlines()
         for sid, (tenant, s) in present.items():
             if s["state"] == "running":
                 for attempt in range(3):
@@ -161,6 +163,16 @@ class Checker:
                 holders = [p for p, c in vmm_cmdlines.items() if sid.encode() in c]
                 if holders:
                     self.fail(f"{sid} is {s['state']} but VMM process {holders} still runs")
+
+    def vmm_cmdlines(self):
+        found = {}
+        for pid in self.d.vmm_pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found[pid] = f.read()
+            except OSError:
+                pass
+        return found
 
     def api_get(self, sid, tenant):
         status, body = self.api.call("other", "GET", f"/v1/sandboxes/{sid}", self.d.tokens[tenant])
