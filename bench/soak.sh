@@ -38,7 +38,16 @@ fi
 work=$(mktemp -d /tmp/hearth-soak.XXXXXX)
 registry_owned=
 cleanup() {
+    local status=$?
     [ -n "$registry_owned" ] && scripts/test-registry.sh stop "$work/registry"
+    if [ "$status" -ne 0 ]; then  # keep what explains a failed check
+        keep=$(mktemp -d /tmp/hearth-soak-failed.XXXXXX)
+        cp "$work"/*.json "$keep"/ 2>/dev/null || true
+        for log in "$work"/*/daemon.log; do
+            [ -f "$log" ] && cp "$log" "$keep/$(basename "$(dirname "$log")")-daemon.log"
+        done
+        echo "soak: reports and daemon logs kept in $keep" >&2
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT

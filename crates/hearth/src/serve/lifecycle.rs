@@ -40,7 +40,8 @@ pub struct PauseSandbox {
         (status = 415, description = "A body not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
         (status = 500, description = "Saving failed; the sandbox runs on (the message says why)", body = ErrorBody),
-        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+        (status = 503, description = "No room on the node's disk for the sandbox's memory (`capacity`, with Retry-After; the sandbox runs on) or shutting down", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
     ))]
 pub async fn pause(
     State(state): State<Arc<AppState>>,
