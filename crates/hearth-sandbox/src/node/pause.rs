@@ -119,6 +119,16 @@ impl Node {
                                 ),
                             })
                         }
+                        // Its VM died under the save (the soak kills VMMs): not a failure of
+                        // the node's; the reaper marks the sandbox failed at its next tick.
+                        Err(_) if sandbox.exited().is_some() => {
+                            entry.live = Some(sandbox.clone());
+                            Err(NodeError::NotRunning {
+                                id: id.to_owned(),
+                                state: State::Running,
+                                detail: Some(", but its VM has exited".to_owned()),
+                            })
+                        }
                         Err(e) => {
                             entry.live = Some(sandbox.clone());
                             Err(NodeError::from(e))
