@@ -30,6 +30,29 @@ use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
 /// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
 const SAVE_MARGIN: u64 = 64 << 20;
 
+/// What a failed save means to the caller; the VM runs on (or has died) either way.
+fn save_failed(id: &str, sandbox: &crate::Sandbox, e: crate::SandboxError) -> NodeError {
+    // QEMU reports a full disk only in its message.
+    if e.to_string().contains("No space left on device") {
+        return NodeError::Capacity {
+            message: format!(
+                "the node's disk filled up while saving this sandbox ({e}); it runs on; retry \
+                 when space is freed"
+            ),
+        };
+    }
+    // Its VM died under the save (the soak kills VMMs): not a failure of the node's; the reaper
+    // marks the sandbox failed at its next tick.
+    if sandbox.exited().is_some() {
+        return NodeError::NotRunning {
+            id: id.to_owned(),
+            state: State::Running,
+            detail: Some(", but its VM has exited".to_owned()),
+        };
+    }
+    NodeError::from(e)
+}
+
 impl Node {
     /// Where sandbox `id`'s snapshot lives while it is paused.
     pub fn paused_dir(&self, id: &str) -> PathBuf {
@@ -110,28 +133,9 @@ impl Node {
                             table.save(id);
                             Ok(info)
                         }
-                        Err(e) if e.to_string().contains("No space left on device") => {
-                            entry.live = Some(sandbox.clone());
-                            Err(NodeError::Capacity {
-                                message: format!(
-                                    "the node's disk filled up while saving this sandbox ({e}); \
-                                     it runs on; retry when space is freed"
-                                ),
-                            })
-                        }
-                        // Its VM died under the save (the soak kills VMMs): not a failure of
-                        // the node's; the reaper marks the sandbox failed at its next tick.
-                        Err(_) if sandbox.exited().is_some() => {
-                            entry.live = Some(sandbox.clone());
-                            Err(NodeError::NotRunning {
-                                id: id.to_owned(),
-                                state: State::Running,
-                                detail: Some(", but its VM has exited".to_owned()),
-                            })
-                        }
                         Err(e) => {
                             entry.live = Some(sandbox.clone());
-                            Err(NodeError::from(e))
+                            Err(save_failed(id, &sandbox, e))
                         }
                     }
                 }
