@@ -76,9 +76,14 @@ async fn a_resume_that_refreshes_nothing_does_not_keep_held_execs() {
     let (agent, stream) = AgentProcess::on_stream();
     let first = connect_on(&stream).await;
     let marker = "1000.5625";
-    let _handle = start_sleep(&first, marker).await;
+    let handle = start_sleep(&first, marker).await;
     interrupt(&stream);
+    // The first client's connection task reads the same socket until the last handle on it is
+    // gone (then it is aborted): let it stop before a second client speaks there, or it takes
+    // bytes meant for the second (a harness race, not the agent's).
+    drop(handle);
     drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let dup = stream.try_clone().unwrap();
     dup.set_nonblocking(true).unwrap();
     let resume = Resume {
