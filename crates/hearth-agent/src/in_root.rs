@@ -69,6 +69,12 @@ pub fn write_in_root(root: &Path, rel: &Path, contents: &[u8], mode: u32) -> io:
     std::fs::File::from(fd).write_all(contents)
 }
 
+/// Opens `rel` inside `root` with `flags` (close-on-exec added), resolved like every lookup here.
+pub fn open_in_root(root: &Path, rel: &Path, flags: i32) -> io::Result<OwnedFd> {
+    let root_fd = open_root(root)?;
+    openat2(&root_fd, &relative(rel)?, flags, 0, RESOLVE)
+}
+
 /// Whether `rel` names anything inside `root` (following symlinks, inside the root only).
 pub fn exists_in_root(root: &Path, rel: &Path) -> io::Result<bool> {
     let root_fd = open_root(root)?;

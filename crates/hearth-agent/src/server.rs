@@ -39,6 +39,9 @@ pub async fn handle(
         AgentRequest::Signal { exec, signal } => {
             respond_json(respond, agent.execs.signal(exec, signal)).await
         }
+        AgentRequest::Resize { exec, size } => {
+            respond_json(respond, agent.execs.resize(exec, size)).await
+        }
         AgentRequest::PutFile {
             path,
             mode,

@@ -27,6 +27,18 @@ pub struct ExecRequest {
     /// Kill the command's whole process tree after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Run the command on a pseudo-terminal of this size: its stdin, stdout and stderr are the
+    /// terminal, its output comes as `Stdout` frames only, and `POST /v1/resize` changes the size.
+    /// Absent: pipes (and old peers, which do not know the field, keep working).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells (`struct winsize` without the pixel fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// The command's process exists (payload of the `Started` frame).
@@ -100,6 +112,19 @@ mod tests {
         assert_eq!(request.argv, ["true"]);
         assert!(request.env.is_empty() && !request.stdin && request.cwd.is_none());
         assert!(request.timeout_ms.is_none() && request.user.is_none());
+        assert!(request.tty.is_none());
+    }
+
+    #[test]
+    fn tty_is_omitted_when_absent_and_carries_its_size() {
+        let plain = ExecRequest {
+            argv: vec!["sh".into()],
+            ..ExecRequest::default()
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("tty"));
+        let request: ExecRequest =
+            serde_json::from_str(r#"{"argv":["sh"],"tty":{"rows":24,"cols":80}}"#).unwrap();
+        assert_eq!(request.tty, Some(TtySize { rows: 24, cols: 80 }));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the routes.
 
 use crate::error::AgentError;
+use crate::exec::TtySize;
 
 /// Default permission bits of a file written by `PUT /v1/files` without `mode`.
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
@@ -14,6 +15,9 @@ pub enum AgentRequest {
     Exec,
     /// `POST /v1/signal?exec=ID&signal=N`: sends signal N to a running exec.
     Signal { exec: u64, signal: i32 },
+    /// `POST /v1/resize?exec=ID&rows=R&cols=C`: sets the terminal size of a running exec started
+    /// with a `tty` (the kernel then sends its foreground process group SIGWINCH).
+    Resize { exec: u64, size: TtySize },
     /// `PUT /v1/files?path=P&mode=OCTAL[&uid=U&gid=G]`: body = the file's bytes; replaces the file
     /// atomically once the whole body arrived. Answers the new file's [`crate::FileStat`].
     PutFile {
@@ -43,6 +47,7 @@ impl AgentRequest {
         match self {
             AgentRequest::Exec
             | AgentRequest::Signal { .. }
+            | AgentRequest::Resize { .. }
             | AgentRequest::Shutdown
             | AgentRequest::Forward { .. } => "POST",
             AgentRequest::PutFile { .. } => "PUT",
@@ -60,6 +65,10 @@ impl AgentRequest {
             AgentRequest::Signal { exec, signal } => {
                 format!("/v1/signal?exec={exec}&signal={signal}")
             }
+            AgentRequest::Resize { exec, size } => format!(
+                "/v1/resize?exec={exec}&rows={}&cols={}",
+                size.rows, size.cols
+            ),
             AgentRequest::PutFile {
                 path,
                 mode,
@@ -91,6 +100,13 @@ impl AgentRequest {
             ("POST", "/v1/signal") => AgentRequest::Signal {
                 exec: query.number("exec", 10)?,
                 signal: query.number("signal", 10)?,
+            },
+            ("POST", "/v1/resize") => AgentRequest::Resize {
+                exec: query.number("exec", 10)?,
+                size: TtySize {
+                    rows: query.number("rows", 10)?,
+                    cols: query.number("cols", 10)?,
+                },
             },
             ("PUT", "/v1/files") => AgentRequest::PutFile {
                 path: query.path()?,
@@ -245,6 +261,13 @@ mod tests {
                 exec: 7,
                 signal: 15,
             },
+            AgentRequest::Resize {
+                exec: 3,
+                size: TtySize {
+                    rows: 50,
+                    cols: 132,
+                },
+            },
             AgentRequest::PutFile {
                 path: "/tmp/a b&c=d%e/ü".into(),
                 mode: 0o4755,
@@ -297,6 +320,12 @@ mod tests {
             ("GET", "/v1/stat?path=%ff", "not UTF-8"),
             ("POST", "/v1/signal?exec=1", "`signal` is missing"),
             ("POST", "/v1/signal?exec=x&signal=1", "not a valid number"),
+            ("POST", "/v1/resize?exec=1&rows=24", "`cols` is missing"),
+            (
+                "POST",
+                "/v1/resize?exec=1&rows=24&cols=70000",
+                "not a valid number",
+            ),
             ("PUT", "/v1/files?path=/x&mode=999", "not a valid number"),
             (
                 "PUT",

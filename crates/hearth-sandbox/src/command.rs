@@ -65,6 +65,7 @@ impl ResolvedCommand {
             user: Some(self.user),
             stdin,
             timeout_ms: timeout.map(|t| t.as_millis().max(1) as u64),
+            tty: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `POST /v1/exec`, agent side: reads the `ExecStart` frame, starts an exec-init (see
-//! [`crate::exec_init`]) with pipes for stdin, stdout and stderr, then streams output frames as the
+//! [`crate::exec_init`]) with pipes for stdin, stdout and stderr (or one pseudo-terminal for all
+//! three, [`pty`]), then streams output frames as the
 //! HTTP/2 window allows (a pipe is read only when the previous frame has been handed to HTTP/2, so
 //! a command that prints faster than the host reads blocks in `write`), feeds stdin, enforces the
 //! timeout and reports the exit status.
@@ -10,6 +11,7 @@
 //! (unless a restored VM's new host took over: the exec then runs on, detached, its output
 //! discarded; see [`crate::session::ExecFate`]).
 
+mod pty;
 mod registry;
 mod spawn;
 mod supervise;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use hearth_proto::{AgentError, ExecRequest, FrameDecoder, FrameKind};
+use hearth_proto::{AgentError, ExecRequest, FrameDecoder, FrameKind, TtySize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
@@ -98,37 +100,82 @@ async fn read_exec_start(
     }
 }
 
-/// A started exec-init and the agent's ends of its pipes.
+/// A started exec-init and the agent's ends of its pipes (or of its terminal).
 struct Started {
     id: u64,
     pid: i32,
     exit: ExitWatch,
     stdin: Option<pipe::Sender>,
     stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
+    /// `None` with a terminal: it carries stdout and stderr as one stream.
+    stderr: Option<pipe::Receiver>,
     control: tokio::net::UnixStream,
+}
+
+/// The command's stdio: the exec-init's fds 0-2 and the agent's ends.
+struct Stdio {
+    child: [OwnedFd; 3],
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: Option<OwnedFd>,
+    /// The terminal master, with a `tty`.
+    tty: Option<Arc<OwnedFd>>,
+}
+
+impl Stdio {
+    /// Pipes (stdin `/dev/null` without `stdin`).
+    fn pipes(request: &ExecRequest) -> io::Result<Stdio> {
+        let (stdin_child, stdin) = if request.stdin {
+            let (reader, writer) = pipe_pair()?;
+            (reader, Some(writer))
+        } else {
+            (OwnedFd::from(std::fs::File::open("/dev/null")?), None)
+        };
+        let (stdout, stdout_child) = pipe_pair()?;
+        let (stderr, stderr_child) = pipe_pair()?;
+        Ok(Stdio {
+            child: [stdin_child, stdout_child, stderr_child],
+            stdin,
+            stdout,
+            stderr: Some(stderr),
+            tty: None,
+        })
+    }
+
+    /// One terminal for all three (see [`pty`]); stdin is written into the master only with
+    /// `stdin`.
+    fn terminal(agent: &Agent, request: &ExecRequest, size: TtySize) -> io::Result<Stdio> {
+        let pty::Pty { master, slave } = pty::open(&agent.config.root, size)?;
+        let child = [slave.try_clone()?, slave.try_clone()?, slave];
+        let stdin = match request.stdin {
+            true => Some(master.try_clone()?),
+            false => None,
+        };
+        Ok(Stdio {
+            child,
+            stdin,
+            stdout: master.try_clone()?,
+            stderr: None,
+            tty: Some(Arc::new(master)),
+        })
+    }
 }
 
 fn start(agent: &Arc<Agent>, request: &ExecRequest) -> Result<Started, AgentError> {
     let internal = |what: &str, e: io::Error| {
         AgentError::internal(format!("starting exec {:?}: {what}: {e}", request.argv[0]))
     };
-    let (stdin_child, stdin) = if request.stdin {
-        let (reader, writer) = pipe_pair().map_err(|e| internal("creating stdin pipe", e))?;
-        (reader, Some(writer))
-    } else {
-        let null =
-            std::fs::File::open("/dev/null").map_err(|e| internal("opening /dev/null", e))?;
-        (OwnedFd::from(null), None)
+    let stdio = match request.tty {
+        Some(size) => Stdio::terminal(agent, request, size)
+            .map_err(|e| internal("opening a pseudo-terminal", e))?,
+        None => Stdio::pipes(request).map_err(|e| internal("creating pipes", e))?,
     };
-    let (stdout, stdout_child) = pipe_pair().map_err(|e| internal("creating stdout pipe", e))?;
-    let (stderr, stderr_child) = pipe_pair().map_err(|e| internal("creating stderr pipe", e))?;
     let (control, control_child) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| internal("creating control socket", e))?;
     let fds = spawn::ChildFds {
-        stdin: stdin_child.as_fd(),
-        stdout: stdout_child.as_fd(),
-        stderr: stderr_child.as_fd(),
+        stdin: stdio.child[0].as_fd(),
+        stdout: stdio.child[1].as_fd(),
+        stderr: stdio.child[2].as_fd(),
         control: control_child.as_fd(),
     };
     let program = &agent.config.exec_init_program;
@@ -136,18 +183,41 @@ fn start(agent: &Arc<Agent>, request: &ExecRequest) -> Result<Started, AgentErro
         .execs
         .spawn_and_register(|| spawn::spawn_exec_init(program, fds))
         .map_err(|e| internal(&format!("cloning exec-init {}", program.display()), e))?;
-    // The child ends are closed here, so the pipes report end of file once the exec's processes
-    // are gone.
-    drop((stdin_child, stdout_child, stderr_child, control_child));
+    // The child ends are closed here, so the pipes report end of file (a terminal master EIO)
+    // once the exec's processes are gone.
+    let Stdio {
+        child,
+        stdin,
+        stdout,
+        stderr,
+        tty,
+    } = stdio;
+    drop((child, control_child));
+    if let Some(master) = tty {
+        agent.execs.attach_tty(id, master);
+    }
     let setup = || -> io::Result<Started> {
         control.set_nonblocking(true)?;
+        // A terminal master is not a pipe, but reads and writes on it behave like one's.
+        let (stdin, stdout) = match request.tty {
+            Some(_) => (
+                stdin
+                    .map(pipe::Sender::from_owned_fd_unchecked)
+                    .transpose()?,
+                pipe::Receiver::from_owned_fd_unchecked(stdout)?,
+            ),
+            None => (
+                stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+                pipe::Receiver::from_owned_fd(stdout)?,
+            ),
+        };
         Ok(Started {
             id,
             pid,
             exit: ExitWatch::new(pidfd.clone())?,
-            stdin: stdin.map(pipe::Sender::from_owned_fd).transpose()?,
-            stdout: pipe::Receiver::from_owned_fd(stdout)?,
-            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+            stdin,
+            stdout,
+            stderr: stderr.map(pipe::Receiver::from_owned_fd).transpose()?,
             control: tokio::net::UnixStream::from_std(control)?,
         })
     };

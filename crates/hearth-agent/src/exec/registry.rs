@@ -1,12 +1,13 @@
-//! The agent-wide table of running execs: exec id -> exec-init pidfd, for `POST /v1/signal`, for
-//! shutdown (kill everything) and for PID 1's orphan reaper (which must not reap an exec-init whose
+//! The agent-wide table of running execs: exec id -> exec-init pidfd, for `POST /v1/signal`, the
+//! terminal of an exec started with a `tty`, for `POST /v1/resize`, for shutdown (kill everything) and for PID 1's orphan reaper (which must not reap an exec-init whose
 //! status its exec task is waiting for).
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
-use hearth_proto::{AgentError, ErrorKind};
+use hearth_proto::{AgentError, ErrorKind, TtySize};
 
 use super::spawn::PidFd;
 
@@ -19,6 +20,8 @@ pub struct ExecRegistry {
 struct Table {
     next_id: u64,
     running: HashMap<u64, (i32, PidFd)>,
+    /// Terminal masters of the running execs that have one.
+    ttys: HashMap<u64, Arc<OwnedFd>>,
 }
 
 impl ExecRegistry {
@@ -38,11 +41,35 @@ impl ExecRegistry {
 
     /// Forgets an exec once its exec-init has been reaped.
     pub fn remove(&self, id: u64) {
-        self.inner
-            .lock()
-            .expect("exec registry poisoned")
-            .running
-            .remove(&id);
+        let mut table = self.inner.lock().expect("exec registry poisoned");
+        table.running.remove(&id);
+        table.ttys.remove(&id);
+    }
+
+    /// Records the terminal master of exec `id` (started with a `tty`), for [`Self::resize`].
+    pub fn attach_tty(&self, id: u64, master: Arc<OwnedFd>) {
+        let mut table = self.inner.lock().expect("exec registry poisoned");
+        if table.running.contains_key(&id) {
+            table.ttys.insert(id, master);
+        }
+    }
+
+    /// Sets the terminal size of exec `id`; its foreground process group gets SIGWINCH.
+    pub fn resize(&self, id: u64, size: TtySize) -> Result<(), AgentError> {
+        let master = {
+            let table = self.inner.lock().expect("exec registry poisoned");
+            if !table.running.contains_key(&id) {
+                return Err(AgentError::new(
+                    ErrorKind::NotFound,
+                    format!("exec {id} is not running"),
+                ));
+            }
+            table.ttys.get(&id).cloned().ok_or_else(|| {
+                AgentError::invalid(format!("exec {id} has no terminal (started without `tty`)"))
+            })?
+        };
+        super::pty::resize(master.as_fd(), size)
+            .map_err(|e| AgentError::internal(format!("resizing the terminal of exec {id}: {e}")))
     }
 
     /// Sends `signal` to exec `id`'s init, which forwards it to the command (SIGKILL kills the whole

@@ -58,7 +58,7 @@ impl Supervisor {
         id: u64,
         exit: ExitWatch,
         stdout: pipe::Receiver,
-        stderr: pipe::Receiver,
+        stderr: Option<pipe::Receiver>,
         deadline: Option<Instant>,
         fate: ExecFate,
     ) -> Supervisor {
@@ -66,7 +66,7 @@ impl Supervisor {
             id,
             exit,
             stdout: Some(stdout),
-            stderr: Some(stderr),
+            stderr,
             ended: None,
             killed: None,
             deadline,
@@ -294,7 +294,8 @@ async fn read_pipe(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Res
     }
 }
 
-/// The frame for a pipe read; closes the pipe on end of file or error (empty result).
+/// The frame for a pipe read; closes the pipe on end of file or error (empty result). A terminal
+/// master reads EIO once every slave descriptor is closed: that is its end of file.
 fn output_frame(
     kind: FrameKind,
     read: io::Result<usize>,

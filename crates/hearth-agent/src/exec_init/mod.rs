@@ -132,9 +132,10 @@ fn start(control: &mut UnixStream) -> Result<Pid, StartError> {
     let ResolvedUser {
         uid, gid, groups, ..
     } = user;
+    let tty = request.tty.is_some();
     // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls.
     unsafe {
-        command.pre_exec(move || prepare_child(uid, gid, &groups));
+        command.pre_exec(move || prepare_child(uid, gid, &groups, tty));
     }
     let child = command
         .spawn()
@@ -158,10 +159,13 @@ fn start_error(argv0: &str, program: &Path, error: &std::io::Error) -> StartErro
     }
 }
 
-/// In the command's process between fork and exec: own session, default signal handling, docker's
-/// default capabilities ([`caps`]), then the user's identity (groups and gid before uid, while
-/// still privileged), and last `no_new_privs`.
-fn prepare_child(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
+/// In the command's process between fork and exec: own session (with a `tty`, its stdin, the
+/// terminal the agent opened, becomes the session's controlling terminal, so that ^C typed there
+/// reaches the foreground job as SIGINT from the line discipline, and is given to the user),
+/// default signal handling,
+/// docker's default capabilities ([`caps`]), then the user's identity (groups and gid before uid,
+/// while still privileged), and last `no_new_privs`.
+fn prepare_child(uid: u32, gid: u32, groups: &[u32], tty: bool) -> std::io::Result<()> {
     let check = |ret: libc::c_int| {
         if ret < 0 {
             Err(std::io::Error::last_os_error())
@@ -172,6 +176,11 @@ fn prepare_child(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
     // SAFETY: plain syscalls on values owned by this frame.
     unsafe {
         libc::setsid();
+        if tty {
+            check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            // The user owns its terminal, as after a login (the group stays devpts' `tty`).
+            check(libc::fchown(0, uid, libc::gid_t::MAX))?;
+        }
         for signal in 1..libc::SIGRTMIN() {
             libc::signal(signal, libc::SIG_DFL);
         }

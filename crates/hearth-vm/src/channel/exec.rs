@@ -13,7 +13,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use hearth_proto::{
     AgentError, AgentRequest, ExecRequest, ExecStarted, ExitStatus, Frame, FrameDecoder, FrameKind,
-    MAX_PAYLOAD,
+    TtySize, MAX_PAYLOAD,
 };
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -130,6 +130,11 @@ impl ExecHandle {
     /// Sends `signal` to the command.
     pub async fn signal(&self, signal: i32) -> Result<(), ChannelError> {
         self.client.signal(self.started.id, signal).await
+    }
+
+    /// Sets the size of the command's terminal (the exec must have been started with a `tty`).
+    pub async fn resize(&self, size: TtySize) -> Result<(), ChannelError> {
+        self.client.resize(self.started.id, size).await
     }
 
     /// The exit status once the output has been read to the end.

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 pub use exec::{ExecHandle, ExecOutput, ExecResult, ExecStdin};
 pub use files::FileDownload;
 pub use forward::{ForwardError, PortStream};
-pub use hearth_proto::{ExecRequest, ExitStatus};
+pub use hearth_proto::{ExecRequest, ExitStatus, TtySize};
 
 /// Largest JSON answer to `info`, `stat`, `signal` and `shutdown` (each is a few hundred bytes; a
 /// stat's symlink target is at most 4 KiB).
@@ -313,6 +313,17 @@ impl AgentClient {
             .await
     }
 
+    /// Sets the terminal size of a running exec started with a `tty` (its foreground process
+    /// group gets SIGWINCH).
+    pub async fn resize(&self, exec_id: u64, size: TtySize) -> Result<(), ChannelError> {
+        let request = AgentRequest::Resize {
+            exec: exec_id,
+            size,
+        };
+        self.simple_json(&request, MAX_JSON_BODY, ANSWER_DEADLINE)
+            .await
+    }
+
     /// Asks the agent to kill every exec, sync and unmount, and power the guest off. Returns once
     /// the agent confirmed; the guest powers off when this connection closes (drop every clone of
     /// the client) or 100 ms after answering, whichever comes first. Fails with
@@ -377,6 +388,7 @@ fn what(request: &AgentRequest) -> &'static str {
     match request {
         AgentRequest::Exec => "an exec request",
         AgentRequest::Signal { .. } => "a signal request",
+        AgentRequest::Resize { .. } => "a terminal resize request",
         AgentRequest::Shutdown => "the shutdown request",
         AgentRequest::PutFile { .. } => "a file upload",
         AgentRequest::GetFile { .. } => "a file download",

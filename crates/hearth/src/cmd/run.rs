@@ -14,12 +14,13 @@ use hearth_sandbox::command::{resolve, CommandOverrides, ImageDefaults};
 use hearth_sandbox::{
     BootPlan, ExecOutput, ExecRequest, ExitStatus, Purpose, Sandbox, SandboxConfig,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::cli::GlobalArgs;
 use crate::cmd::common::{parse_duration, parse_size, runtime, shutdown_signal, VmArgs, Workers};
 use crate::cmd::images::{Bars, RegistryArgs};
 use crate::cmd::network::{NetHostArgs, PolicyArgs};
+use crate::cmd::tty::{self, Terminal};
 
 #[derive(Args, Debug)]
 #[command(trailing_var_arg = true)]
@@ -41,6 +42,11 @@ pub struct RunArgs {
     /// Keep stdin open and forward it to the command.
     #[arg(short, long)]
     pub interactive: bool,
+    /// Give the command a terminal (combine as -it): ours goes raw, the guest's follows our window
+    /// size, ^C interrupts the guest's foreground job. Needs stdin to be a terminal (warns and
+    /// runs without one otherwise).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// Override the image's Entrypoint ("" clears it).
     #[arg(long)]
     pub entrypoint: Option<String>,
@@ -138,11 +144,20 @@ async fn run_async(g: &GlobalArgs, a: RunArgs) -> anyhow::Result<ExitCode> {
         false => None,
     };
     let exec_started = Instant::now();
-    let request = command.into_request(a.interactive, a.timeout);
+    let mut request = command.into_request(a.interactive, a.timeout);
+    // Raw from here until the command has ended (dropped below, or on any early return).
+    let mut terminal = match tty::usable(a.tty) {
+        true => {
+            Some(Terminal::attach(a.interactive).context("putting the terminal into raw mode")?)
+        }
+        false => None,
+    };
+    request.tty = terminal.as_ref().map(Terminal::size);
     let outcome = tokio::select! {
-        status = exec(&sandbox, request) => Outcome::Exited(status),
+        status = exec(&sandbox, request, terminal.as_mut()) => Outcome::Exited(status),
         signal = shutdown_signal() => Outcome::Signalled(signal),
     };
+    drop(terminal);
     let exec_time = exec_started.elapsed();
     let code = match outcome {
         Outcome::Signalled(signal) => {
@@ -209,23 +224,22 @@ enum Outcome {
     Signalled(i32),
 }
 
-/// Runs the command, copying its output to ours as it comes and (with -i) our stdin to it.
-async fn exec(sandbox: &Sandbox, request: ExecRequest) -> anyhow::Result<ExitStatus> {
+/// Runs the command, copying its output to ours as it comes and (with -i) our stdin to it; with a
+/// terminal, our window size follows to the guest's.
+async fn exec(
+    sandbox: &Sandbox,
+    request: ExecRequest,
+    mut terminal: Option<&mut Terminal>,
+) -> anyhow::Result<ExitStatus> {
     let forward_stdin = request.stdin;
     let mut handle = sandbox.client().exec(request).await?;
     if forward_stdin {
         if let Some(mut stdin) = handle.take_stdin() {
+            let mut ours = tty::stdin_chunks();
             tokio::spawn(async move {
-                let mut ours = tokio::io::stdin();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match ours.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if stdin.write(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
+                while let Some(chunk) = ours.recv().await {
+                    if stdin.write(&chunk).await.is_err() {
+                        return;
                     }
                 }
                 let _ = stdin.close().await;
@@ -234,7 +248,21 @@ async fn exec(sandbox: &Sandbox, request: ExecRequest) -> anyhow::Result<ExitSta
     }
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
-    while let Some(output) = handle.next_output().await? {
+    loop {
+        let output = match terminal.as_deref_mut() {
+            Some(terminal) => tokio::select! {
+                output = handle.next_output() => output?,
+                size = terminal.resized() => {
+                    // Fails only once the command is gone; its exit status follows.
+                    if let Err(e) = handle.resize(size).await {
+                        tracing::debug!("resizing the guest's terminal: {e}");
+                    }
+                    continue;
+                }
+            },
+            None => handle.next_output().await?,
+        };
+        let Some(output) = output else { break };
         // Write before asking for more: the agent only sends what we have room for.
         match output {
             ExecOutput::Stdout(data) => {
