@@ -1,9 +1,10 @@
 //! The Python SDK (`sdk/python`) end to end: `pip install` of the package from the tree (into a
 //! temp target, no PyPI: dependencies and the build backend come from the suite's venv,
 //! `scripts/python-env.sh`), `mypy --strict` over its sources and tests, then its pytest suite
-//! against a real `hearth serve` with real VMs (TCG). The pytest suite boots three sandboxes: one
+//! against a real `hearth serve` with real VMs (TCG). The pytest suite boots four sandboxes: one
 //! shared by most checks, one deleted by its `async with` block (whose tenant's quota of one
-//! refuses a second), and one `hearth.run` one-shot (a fourth, a fork, once the daemon has fork).
+//! refuses a second), one of the python image for `run_code` (busybox has no python3), and one
+//! `hearth.run` one-shot (a fifth, a fork, once the daemon has fork).
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -116,6 +117,8 @@ async fn python_sdk_installs_type_checks_and_drives_a_real_daemon() {
         .env("HEARTH_TOKEN", ALICE)
         .env("HEARTH_TEST_QUOTA_TOKEN", CAROL)
         .env("HEARTH_TEST_IMAGE", image("busybox"))
+        // `run_code` needs python3, which the busybox image lacks (tests/test_code.py).
+        .env("HEARTH_TEST_PYTHON_IMAGE", image("python"))
         .current_dir(&sdk)
         .output()
         .expect("run pytest");

@@ -34,7 +34,7 @@ from .errors import (
     Unauthorized,
     Unsupported,
 )
-from .models import DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import CodeError, CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
 
 __all__ = [
     "AsyncClient",
@@ -43,6 +43,8 @@ __all__ = [
     "Busy",
     "CapacityExhausted",
     "Client",
+    "CodeError",
+    "CodeResult",
     "Conflict",
     "ConnectionFailed",
     "DirEntry",

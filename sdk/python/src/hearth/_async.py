@@ -25,7 +25,7 @@ from ._ops import Answer, Command, Data, Op, Policy, Size
 from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, STDIN_INLINE_LIMIT,
                       WS_MAX_SIZE, port_error, stdin_chunks, ws_error)
 from .errors import ConnectionFailed, ExecFailed, HearthError, NotFound, SandboxFailed, from_answer
-from .models import DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
 
 T = TypeVar("T")
 
@@ -289,6 +289,15 @@ class AsyncSandbox:
     async def fork(self, count: int = 1) -> builtins.list[AsyncSandbox]:
         return [AsyncSandbox(info, self._client) for info in
                 await self._client.call(_ops.fork(self.id, count))]
+
+    async def run_code(self, code: str, language: str = "python", *,
+                       timeout: Optional[float] = None) -> CodeResult:
+        """Like :meth:`Sandbox.run_code`: code in this sandbox's long-lived interpreter."""
+        return await self._client.call(_ops.run_code(self.id, code, language, timeout))
+
+    async def reset_code(self) -> None:
+        """Ends this sandbox's interpreter; the next ``run_code`` starts a fresh one."""
+        await self._client.call(_ops.reset_code(self.id))
 
 
 class AsyncFiles:

@@ -25,6 +25,8 @@ PORTS = Feature("port proxying", "get", "/v1/sandboxes/{id}/ports/{port}/{path}"
 PAUSE = Feature("pause", "post", "/v1/sandboxes/{id}/pause")
 RESUME = Feature("resume", "post", "/v1/sandboxes/{id}/resume")
 FORK = Feature("fork", "post", "/v1/sandboxes/{id}/fork")
+CODE = Feature("the code interpreter", "post", "/v1/sandboxes/{id}/code")
+CODE_RESET = Feature("resetting the code interpreter", "delete", "/v1/sandboxes/{id}/code")
 
 
 def _shape(path: str) -> str:

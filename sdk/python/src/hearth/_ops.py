@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from . import _features
 from .errors import InvalidRequest, NotFound, SandboxFailed, ServerError
-from .models import DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
 
 T = TypeVar("T")
 
@@ -199,6 +199,22 @@ def fork(id: str, count: int) -> Op[list[SandboxInfo]]:
 
     return Op("POST", _sandbox(id, "/fork"), f"forking sandbox {id}", parse,
               json={"count": count}, requires=_features.FORK)
+
+
+def run_code(id: str, code: str, language: str, timeout: Optional[float]) -> Op[CodeResult]:
+    body: dict[str, Any] = {"code": code, "language": language}
+    if timeout is not None:
+        if timeout <= 0:
+            raise InvalidRequest(f"run_code needs a positive timeout, not {timeout}")
+        body["timeout_seconds"] = max(1, math.ceil(timeout))
+    return Op("POST", _sandbox(id, "/code"), f"running code in sandbox {id}",
+              lambda answer: CodeResult.from_json(answer.json()), json=body,
+              requires=_features.CODE)
+
+
+def reset_code(id: str) -> Op[None]:
+    return Op("DELETE", _sandbox(id, "/code"), f"resetting the code interpreter of sandbox {id}",
+              _none, requires=_features.CODE_RESET)
 
 
 def openapi() -> Op[dict[str, Any]]:

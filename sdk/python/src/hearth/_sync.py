@@ -25,7 +25,7 @@ from ._exec_events import ExecEvents, OutputCallback
 from ._features import PORTS, Features
 from ._ops import Answer, Command, Data, Op, Policy, Size
 from .errors import ConnectionFailed, ExecFailed, HearthError, NotFound, SandboxFailed, from_answer
-from .models import DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
 from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, STDIN_INLINE_LIMIT,
                       WS_MAX_SIZE, port_error, stdin_chunks, ws_error)
 
@@ -280,6 +280,20 @@ class Sandbox:
         them yourself). :class:`Unsupported` when the daemon cannot fork."""
         return [Sandbox(info, self._client) for info in
                 self._client.call(_ops.fork(self.id, count))]
+
+    def run_code(self, code: str, language: str = "python", *,
+                 timeout: Optional[float] = None) -> CodeResult:
+        """Runs ``code`` in this sandbox's interpreter, which keeps its names between calls (one
+        per sandbox, started by the first call; calls queue and run one at a time). The value of a
+        trailing expression comes back as ``result`` (its ``repr``), an exception as ``error``.
+        ``timeout`` (seconds, default the daemon's 60) interrupts the code with
+        ``KeyboardInterrupt`` and keeps earlier state. :class:`Unsupported` on a daemon without
+        the interpreter; :class:`InvalidRequest` for a language other than ``python``."""
+        return self._client.call(_ops.run_code(self.id, code, language, timeout))
+
+    def reset_code(self) -> None:
+        """Ends this sandbox's interpreter; the next ``run_code`` starts a fresh one."""
+        self._client.call(_ops.reset_code(self.id))
 
 
 class Files:

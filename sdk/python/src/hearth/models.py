@@ -137,3 +137,70 @@ class NetworkView:
             stats=dict(value.get("stats") or {}),
             refused=list(value.get("refused") or []),
         )
+
+
+@dataclass(frozen=True)
+class CodeError:
+    """An exception raised by code run with ``run_code`` (or how its interpreter was lost:
+    ``InterpreterExited``, or ``TimeoutError`` when it ignored the interrupt and was killed)."""
+
+    name: str
+    """The exception's class name, e.g. ``ZeroDivisionError``."""
+    message: str
+    traceback: str
+    """Formatted as Python prints it."""
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> CodeError:
+        return CodeError(
+            name=str(value.get("name", "")),
+            message=str(value.get("message", "")),
+            traceback=str(value.get("traceback", "")),
+        )
+
+
+@dataclass(frozen=True)
+class CodeResult:
+    """What one ``run_code`` call produced, in the sandbox's long-lived interpreter."""
+
+    stdout: str
+    stderr: str
+    result: Optional[str]
+    """``repr()`` of the last line's value when it is an expression that is not ``None``."""
+    error: Optional[CodeError]
+    """The exception the code raised, if any."""
+    timed_out: bool
+    """The timeout interrupted the code (``KeyboardInterrupt``; earlier names are kept)."""
+    restarted: bool
+    """This call ran in a fresh interpreter because the previous one was lost (crash, kill after a
+    timeout, pause and resume, daemon restart): names defined before are gone."""
+    execution_count: int
+    """Calls run by this interpreter, this one included."""
+    truncated: bool = False
+    """Output beyond 1 MiB per stream was dropped."""
+
+    @property
+    def ok(self) -> bool:
+        """The code ran without raising."""
+        return self.error is None
+
+    @property
+    def text(self) -> str:
+        """What a notebook cell would show: the output, then the result or the traceback."""
+        shown = self.result if self.error is None else self.error.traceback
+        return self.stdout + self.stderr + (shown or "")
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> CodeResult:
+        error = value.get("error")
+        result = value.get("result")
+        return CodeResult(
+            stdout=str(value.get("stdout", "")),
+            stderr=str(value.get("stderr", "")),
+            result=result if isinstance(result, str) else None,
+            error=CodeError.from_json(error) if isinstance(error, dict) else None,
+            timed_out=bool(value.get("timed_out", False)),
+            restarted=bool(value.get("restarted", False)),
+            execution_count=int(value.get("execution_count", 0)),
+            truncated=bool(value.get("truncated", False)),
+        )
