@@ -4,10 +4,12 @@
 //! init); this module only decides when it runs: once per agent life, one session at a time.
 //!
 //! Once the gate is open (a cold boot, or a template VM already resumed), a RESUME line means the
-//! whole running VM was saved and restored (a paused sandbox resumed): its wall clock is as old as
-//! the pause and its CRNG state is the saved one. The gate then applies the line's clock and
-//! entropy through its [`Refresh`] (its hostname is not changed), at most once per session; a gate
-//! without a `Refresh` (outside a VM) ignores it.
+//! whole running VM was saved and restored (a paused sandbox resumed, or a forked sandbox's copy
+//! started): its wall clock is as old as the save and its CRNG state is the saved one. The gate
+//! then applies the line's clock and entropy through its [`Refresh`], at most once per session,
+//! and its hostname where it differs from the guest's (a copy's own; a resumed sandbox is sent the
+//! one it had, so the line's meaning for it is unchanged); a gate without a `Refresh` (outside a
+//! VM) ignores it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +26,8 @@ pub trait LateInit: Send + Sync + 'static {
 /// What a RESUME line to an already running agent applies: the host's wall clock and fresh
 /// entropy of a VM restored from its own saved state (the real one is PID 1's).
 pub trait Refresh: Send + Sync + 'static {
-    /// Sets the clock from `resume` and mixes its seed in (reseeding the CRNG). Blocking.
+    /// Sets the clock from `resume`, mixes its seed in (reseeding the CRNG) and takes its
+    /// hostname if the guest's differs. Blocking.
     fn refresh(&self, resume: &Resume) -> Result<(), String>;
 }
 

@@ -191,7 +191,7 @@ impl BootPlan {
     }
 }
 
-fn hostname_for(id: &str) -> String {
+pub(crate) fn hostname_for(id: &str) -> String {
     format!("hearth-{}", &id[..id.len().min(12)])
 }
 

@@ -4,7 +4,8 @@
 //! [`PausedSandbox::resume`] starts a new VMM restored from that state with the same drives, NIC,
 //! command line and run directory layout, connects to the agent and sends it a RESUME line (the
 //! host's wall clock and fresh entropy, applied by the agent's live refresh: `clock_settime`,
-//! `RNDADDENTROPY`, `RNDRESEEDCRNG`; the hostname is kept).
+//! `RNDADDENTROPY`, `RNDRESEEDCRNG`; the hostname the guest had at the pause, so it is kept).
+//! `fork.rs` starts copies from the same kind of snapshot.
 //!
 //! A snapshot directory holds the saved state (QEMU's migration stream), `scratch.ext4` (the sandbox's
 //! writable disk) and [`PAUSE_META`]. It is removed only by a successful resume (or by its owner,
@@ -46,7 +47,7 @@ use crate::{BootTimings, Sandbox, SandboxConfig, SandboxError};
 /// The snapshot directory's description of the paused VM.
 pub const PAUSE_META: &str = "paused.json";
 /// The scratch disk's name inside a snapshot directory and a run directory.
-const SCRATCH_FILE: &str = "scratch.ext4";
+pub(crate) const SCRATCH_FILE: &str = "scratch.ext4";
 /// In a run directory: the spec the VM was started with, for a process that adopts it and later
 /// pauses it (`hearth-spec.json`).
 pub(crate) const SPEC_RECORD: &str = "hearth-spec.json";
@@ -173,11 +174,11 @@ pub(crate) fn read_spec_record(run_dir: &Path) -> Option<VmSpec> {
     Some(spec)
 }
 
-fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+pub(crate) fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
     move |source| SandboxError::Io { what, source }
 }
 
-fn pause_error(sandbox: &str, what: String) -> SandboxError {
+pub(crate) fn pause_error(sandbox: &str, what: String) -> SandboxError {
     SandboxError::Io {
         what: format!("pausing sandbox {sandbox}"),
         source: std::io::Error::other(what),
@@ -212,7 +213,9 @@ impl Sandbox {
             Ok(info) if hearth_proto::handshake::is_resume_hostname(&info.hostname) => {
                 info.hostname
             }
-            _ => "hearth".to_owned(),
+            // Renamed by its tenant to more than one DNS label: the agent would refuse the
+            // RESUME line with that name, so the resumed guest gets hearth's name for it back.
+            _ => crate::boot::hostname_for(&id),
         };
         let scratch = spec
             .drives
@@ -252,36 +255,29 @@ impl Sandbox {
         };
         // The VM is stopped and its disks flushed: the scratch disk can move out of the run
         // directory, which goes with the VMM.
-        let meta = PauseMeta {
-            format: META_FORMAT,
-            id: id.clone(),
-            hostname,
-            spec: SpecRecord::of(&spec),
-            state_file: saved
-                .state
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            state_bytes: saved.bytes,
-        };
         let kept = std::fs::rename(&scratch, dir.join(SCRATCH_FILE))
             .map_err(io_error(format!(
                 "moving the scratch disk {} into {}",
                 scratch.display(),
                 dir.display()
             )))
-            .and_then(|()| write_meta(dir, &meta));
-        if let Err(e) = kept {
-            let _ = std::fs::rename(dir.join(SCRATCH_FILE), &scratch);
-            let vm = self.vm.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = vm.lock().unwrap_or_else(|e| e.into_inner()).resume();
-            })
-            .await
-            .expect("resume task");
-            let _ = std::fs::remove_dir_all(dir);
-            return Err(e);
-        }
+            .and_then(|()| {
+                PausedSandbox::describe(dir, &id, hostname, self.image.clone(), &spec, &saved)
+            });
+        let paused = match kept {
+            Ok(paused) => paused,
+            Err(e) => {
+                let _ = std::fs::rename(dir.join(SCRATCH_FILE), &scratch);
+                let vm = self.vm.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = vm.lock().unwrap_or_else(|e| e.into_inner()).resume();
+                })
+                .await
+                .expect("resume task");
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
         let vm = self.vm.clone();
         let network = self
             .network
@@ -301,12 +297,7 @@ impl Sandbox {
         .await
         .expect("kill task");
         tracing::info!(sandbox = %id, dir = %dir.display(), state_bytes = saved.bytes, took = ?started.elapsed(), "sandbox paused");
-        Ok(PausedSandbox {
-            id,
-            dir: dir.to_owned(),
-            image: self.image.clone(),
-            meta,
-        })
+        Ok(paused)
     }
 }
 
@@ -320,6 +311,37 @@ fn write_meta(dir: &Path, meta: &PauseMeta) -> Result<(), SandboxError> {
 }
 
 impl PausedSandbox {
+    /// Writes [`PAUSE_META`] for sandbox `id` (called `hostname`), whose VM, started with
+    /// `spec`, was just saved into `dir` as `saved` and whose scratch disk is in `dir` too.
+    pub(crate) fn describe(
+        dir: &Path,
+        id: &str,
+        hostname: String,
+        image: PulledImage,
+        spec: &VmSpec,
+        saved: &hearth_vm::SavedState,
+    ) -> Result<PausedSandbox, SandboxError> {
+        let meta = PauseMeta {
+            format: META_FORMAT,
+            id: id.to_owned(),
+            hostname,
+            spec: SpecRecord::of(spec),
+            state_file: saved
+                .state
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            state_bytes: saved.bytes,
+        };
+        write_meta(dir, &meta)?;
+        Ok(PausedSandbox {
+            id: id.to_owned(),
+            dir: dir.to_owned(),
+            image,
+            meta,
+        })
+    }
+
     /// The paused sandbox saved in `dir` (after a restart), booted from `image`. A missing or
     /// unreadable [`PAUSE_META`] is an error naming it.
     pub fn open(dir: &Path, image: PulledImage) -> Result<PausedSandbox, SandboxError> {
@@ -376,6 +398,29 @@ impl PausedSandbox {
         run_dir: &Path,
         detached: bool,
     ) -> Result<Sandbox, SandboxError> {
+        let identity = Identity {
+            id: &self.id,
+            hostname: &self.meta.hostname,
+            copy: false,
+        };
+        let sandbox = self
+            .start_saved(config, identity, run_dir, detached)
+            .await?;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "removing the resumed sandbox's snapshot: {e}");
+        }
+        Ok(sandbox)
+    }
+
+    /// Starts the saved VM in `run_dir` as `identity` (the snapshot's own sandbox, or a copy: see
+    /// [`Identity`]), leaving the snapshot directory as it was.
+    pub(crate) async fn start_saved(
+        &self,
+        config: &SandboxConfig,
+        identity: Identity<'_>,
+        run_dir: &Path,
+        detached: bool,
+    ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         let state = self.dir.join(&self.meta.state_file);
         let scratch = self.dir.join(SCRATCH_FILE);
@@ -390,10 +435,16 @@ impl PausedSandbox {
                 });
             }
         }
-        let spec = self.meta.spec.spec(run_dir, &state, detached);
-        let networking = match (&spec.network, &config.network) {
+        let mut spec = self.meta.spec.spec(run_dir, &state, detached);
+        let networking = match (&mut spec.network, &config.network) {
             (None, _) => None,
-            (Some(_), Some(networking)) => Some(networking.clone()),
+            (Some(nic), Some(networking)) => {
+                if identity.copy {
+                    // The same tap, MAC and guest addresses, in the copy's own namespace.
+                    *nic = networking.interface(identity.id);
+                }
+                Some(networking.clone())
+            }
             (Some(_), None) => {
                 return Err(SandboxError::Io {
                     what: format!("resuming sandbox {}", self.id),
@@ -403,7 +454,8 @@ impl PausedSandbox {
                 })
             }
         };
-        let id = self.id.clone();
+        let id = identity.id.to_owned();
+        let copy = identity.copy;
         let policy = config.network_policy.clone();
         let home = config.home.clone();
         let (vmm_choice, accel, jailer) = (config.vmm, config.accel, config.jailer);
@@ -428,7 +480,7 @@ impl PausedSandbox {
                 }
                 None => None,
             };
-            let vm = link_scratch(&link_from, &start_spec.run_dir)
+            let vm = place_scratch(&link_from, &start_spec.run_dir, copy)
                 .and_then(|()| Ok(chosen.vmm.start(&start_spec)?));
             match vm {
                 Ok(vm) => Ok((vm, network, chosen.reason)),
@@ -448,7 +500,7 @@ impl PausedSandbox {
         let vmm_start = started.elapsed();
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
-        let resume = crate::restore::resume_for(&self.meta.hostname)?;
+        let resume = crate::restore::resume_for(identity.hostname)?;
         let connected = match vm.take_agent_stream() {
             Some(stream) => AgentClient::connect_stream_resume(stream, deadline, resume).await,
             None => AgentClient::connect_unix_resume(&spec.agent_socket, deadline, resume).await,
@@ -476,23 +528,21 @@ impl PausedSandbox {
             }
         };
         record_spec(run_dir, &spec);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), "removing the resumed sandbox's snapshot: {e}");
-        }
         let timings = BootTimings {
             prepare: std::time::Duration::ZERO,
             vmm_start,
             guest_boot: guest_started.elapsed(),
             restore: vm.restored_in(),
         };
-        tracing::info!(sandbox = %self.id, ?timings, "sandbox resumed");
+        let how = if copy { "forked" } else { "resumed" };
+        tracing::info!(sandbox = %identity.id, from = %self.id, ?timings, "sandbox {how}");
         Ok(Sandbox::from_parts(
-            self.id.clone(),
+            identity.id.to_owned(),
             self.image.clone(),
             client,
             vm,
             timings,
-            format!("{reason}; resumed from {}", self.dir.display()),
+            format!("{reason}; {how} from {}", self.dir.display()),
             Some(spec.clone()),
             spec.console_log.clone(),
             network,
@@ -500,9 +550,22 @@ impl PausedSandbox {
     }
 }
 
-/// Creates `run_dir` and hard-links the snapshot's scratch disk into it, so that a failed start,
-/// whose cleanup removes the run directory, leaves the snapshot's copy.
-fn link_scratch(scratch: &Path, run_dir: &Path) -> Result<(), SandboxError> {
+/// Who a VM started from a snapshot is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Identity<'a> {
+    pub id: &'a str,
+    /// Sent in RESUME: a running agent takes it as its hostname when it differs.
+    pub hostname: &'a str,
+    /// A copy of the snapshot's sandbox (a fork's child) rather than that sandbox itself: its
+    /// NIC goes into `id`'s namespace and it gets its own copy of the scratch disk, so that the
+    /// snapshot can start more copies.
+    pub copy: bool,
+}
+
+/// Creates `run_dir` and puts the snapshot's scratch disk into it: hard-linked (so that a failed
+/// start, whose cleanup removes the run directory, leaves the snapshot's copy), or with `copy` a
+/// copy of its own (reflinked where the filesystem can, sparse otherwise).
+fn place_scratch(scratch: &Path, run_dir: &Path, copy: bool) -> Result<(), SandboxError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -513,8 +576,13 @@ fn link_scratch(scratch: &Path, run_dir: &Path) -> Result<(), SandboxError> {
             run_dir.display()
         )))?;
     let target = run_dir.join(SCRATCH_FILE);
-    std::fs::hard_link(scratch, &target).map_err(io_error(format!(
-        "linking the scratch disk {} into {}",
+    let placed = match copy {
+        true => hearth_vm::scratch::copy_sparse(scratch, &target),
+        false => std::fs::hard_link(scratch, &target),
+    };
+    placed.map_err(io_error(format!(
+        "{} the scratch disk {} into {}",
+        if copy { "copying" } else { "linking" },
         scratch.display(),
         run_dir.display()
     )))

@@ -85,8 +85,9 @@ fn ensure_template(home: &Path, size: u64) -> Result<PathBuf, ScratchError> {
     Ok(template)
 }
 
-/// Reflinks `from` to a new file `to`, or copies only its data extents, leaving holes as holes.
-fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Reflinks `from` to a new file `to` (which must not exist), or copies only its data extents,
+/// leaving holes as holes. Also how a forked sandbox gets its copy of the scratch disk.
+pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
     let src = File::open(from)?;
     let len = src.metadata()?.len();
     let dst = std::fs::OpenOptions::new()

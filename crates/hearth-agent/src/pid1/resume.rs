@@ -3,8 +3,9 @@
 //! mounts of a cold boot's second half ([`super::disks`], [`super::mounts`]).
 //!
 //! Every clone of one template starts with the template's wall clock, CRNG state and (empty)
-//! hostname, so each must get its own before anything runs in it. A VM restored from its own saved
-//! state (a resumed sandbox) gets the clock and entropy again ([`LiveResume`]).
+//! hostname, so each must get its own before anything runs in it. A VM restored from the saved
+//! state of a running VM (a resumed sandbox, a fork's copy) gets the clock and entropy again, and a
+//! copy its own hostname ([`LiveResume`]).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -61,16 +62,44 @@ impl TemplateResume {
     }
 }
 
-/// What a RESUME line does to a running agent, i.e. to a VM restored from its own saved state (a
-/// paused sandbox resumed): its wall clock stood still while it was saved and its CRNG state is the
-/// saved one, so both are refreshed from the host. The hostname stays.
+/// What a RESUME line does to a running agent, i.e. to a VM restored from saved state of a
+/// running VM (a paused sandbox resumed, or a forked sandbox's copy): its wall clock stood still
+/// while it was saved and its CRNG state is the saved one, so both are refreshed from the host.
+/// A hostname that differs from the guest's is a copy's own: the guest takes it (the kernel's,
+/// `/etc/hostname` and, with a network, `/etc/hosts`). A resumed sandbox's host sends the
+/// hostname the guest had when it was paused, so nothing changes there.
 pub struct LiveResume;
 
 impl crate::resume::Refresh for LiveResume {
     fn refresh(&self, resume: &Resume) -> Result<(), String> {
         set_realtime_clock(resume.unix_time_ns)?;
-        add_entropy_and_reseed(&resume.seed)
+        add_entropy_and_reseed(&resume.seed)?;
+        rename_if_changed(&resume.hostname)
     }
+}
+
+/// Sets the hostname to `hostname` if the guest has another one. The workload root's files are
+/// rewritten best effort (logged): the kernel's hostname is what must change.
+fn rename_if_changed(hostname: &str) -> Result<(), String> {
+    let current = nix::unistd::gethostname().ok();
+    if current.as_deref().and_then(|h| h.to_str()) == Some(hostname) {
+        return Ok(());
+    }
+    nix::unistd::sethostname(hostname)
+        .map_err(|e| format!("setting hostname {hostname:?}: {e}"))?;
+    let root = std::path::Path::new(mounts::ROOT);
+    let etc_hostname = std::path::Path::new("/etc/hostname");
+    if let Err(e) = crate::in_root::write_in_root(
+        root,
+        etc_hostname,
+        format!("{hostname}\n").as_bytes(),
+        0o644,
+    ) {
+        log!("writing /etc/hostname in the workload root: {e} (continuing)");
+    }
+    crate::net::boot_step(false, Some((root, hostname)));
+    log!("hostname changed to {hostname}");
+    Ok(())
 }
 
 /// Sets `CLOCK_REALTIME` to `unix_time_ns` nanoseconds since the epoch.

@@ -15,7 +15,9 @@
 //! - A paused sandbox holds its disk in admission but not its vCPUs and memory; a resume admits
 //!   those again like a create would (capacity: 503, quota: 429) and, refused, stays paused.
 //! - Its TTL keeps counting while paused (it ends a paused sandbox like a running one, and the
-//!   snapshot goes with it); its idle time does not: a resume counts as activity.
+//!   snapshot goes with it); its idle time does not: the pause and the resume count as activity,
+//!   so `last_active_at` of a paused sandbox is when it was paused. Paused for longer than the
+//!   node's `max_paused`, it is ended with its snapshot (`reaper.rs`).
 //! - A resume that fails (a missing or corrupt snapshot file, a VMM that refuses it) leaves the
 //!   sandbox `Paused` with its snapshot untouched, and the error names the file.
 //!
@@ -28,10 +30,10 @@ use std::sync::Arc;
 use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
 
 /// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
-const SAVE_MARGIN: u64 = 64 << 20;
+pub(super) const SAVE_MARGIN: u64 = 64 << 20;
 
 /// What a failed save means to the caller; the VM runs on (or has died) either way.
-fn save_failed(id: &str, sandbox: &crate::Sandbox, e: crate::SandboxError) -> NodeError {
+pub(super) fn save_failed(id: &str, sandbox: &crate::Sandbox, e: crate::SandboxError) -> NodeError {
     // QEMU reports a full disk only in its message.
     if e.to_string().contains("No space left on device") {
         return NodeError::Capacity {
@@ -114,6 +116,8 @@ impl Node {
             sandbox
         };
         self.bump();
+        // Saved, the code interpreter would run on detached after the resume, unreachable.
+        self.interpreters.end_for_pause(id).await;
         let dir = self.paused_dir(id);
         let paused = sandbox.pause(&dir).await;
         let now = now_ms();
@@ -127,6 +131,9 @@ impl Node {
                         Ok(_) => {
                             entry.record.info.state = State::Paused;
                             entry.record.vmm = None;
+                            // The pause counts as activity: a paused sandbox's last activity
+                            // is when it was paused, which `--max-paused` counts from.
+                            entry.activity.touch();
                             let last_active = entry.info().last_active_at;
                             entry.record.info.last_active_at = last_active;
                             let info = entry.info();

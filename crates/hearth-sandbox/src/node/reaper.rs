@@ -3,13 +3,18 @@
 //! idle for longer than their idle timeout (no exec running and no exec or file request), and
 //! running sandboxes whose VM exited on its own (`Failed`, with how it ended). It also persists
 //! activity times, so an idle timeout survives a restart. Paused time is not idle time: a paused
-//! sandbox is never idle, and its resume counts as activity. Holds the node only weakly: it stops
-//! when the node goes.
+//! sandbox is never idle, and its pause and resume count as activity; but one paused for longer
+//! than the node's `max_paused` (`--max-paused`, default 7 days) is ended, its snapshot removed,
+//! with that reason in its record. Each tick also refills the warm pools (`pool.rs`). Holds the
+//! node only weakly: it stops when the node goes.
+//!
+//! [`Node::update_timeouts`] (`PATCH /v1/sandboxes/{id}`) changes the TTL and idle timeout the
+//! reaper goes by, for a running or paused sandbox.
 
 use std::sync::Weak;
 use std::time::Duration;
 
-use super::{now_ms, Node, State};
+use super::{now_ms, Node, NodeError, SandboxInfo, State};
 
 const TICK: Duration = Duration::from_secs(1);
 
@@ -26,6 +31,7 @@ pub(super) fn spawn(node: Weak<Node>) -> tokio::task::JoinHandle<()> {
                 let node = node.clone();
                 tokio::spawn(async move { node.end(&id, state, &reason, false).await });
             }
+            node.refill_pools();
         }
     })
 }
@@ -44,6 +50,17 @@ impl Node {
             }
             if info.expires_at.is_some_and(|at| at <= now) {
                 due.push((id.clone(), State::Stopped, "ttl expired".to_owned()));
+                continue;
+            }
+            if info.state == State::Paused && !entry.releasing {
+                let paused_for = now.saturating_sub(entry.info().last_active_at);
+                if u128::from(paused_for) >= self.config.max_paused.as_millis() {
+                    let reason = format!(
+                        "paused for longer than the node allows ({}s, --max-paused)",
+                        self.config.max_paused.as_secs()
+                    );
+                    due.push((id.clone(), State::Stopped, reason));
+                }
                 continue;
             }
             if info.state != State::Running {
@@ -75,5 +92,146 @@ impl Node {
             table.set_last_active(&id, at);
         }
         due
+    }
+}
+
+impl Node {
+    /// Sets the tenant's running or paused sandbox `id`'s TTL (`ttl`, its whole lifetime counted
+    /// from its creation, as at create: at most the node's `max_ttl`) and idle timeout (from its
+    /// last activity), each only when given. A TTL already past ends it at the reaper's next tick.
+    /// Returns the record. Not live: [`NodeError::NotRunning`].
+    pub fn update_timeouts(
+        &self,
+        tenant: &str,
+        id: &str,
+        ttl: Option<Duration>,
+        idle_timeout: Option<Duration>,
+    ) -> Result<SandboxInfo, NodeError> {
+        let max_ttl = self.config.limits.max_ttl;
+        if let Some(ttl) = ttl.filter(|t| t.is_zero() || *t > max_ttl) {
+            return Err(NodeError::Invalid(format!(
+                "ttl {}s: this node allows 1 to {}s (counted from the sandbox's creation)",
+                ttl.as_secs_f64(),
+                max_ttl.as_secs()
+            )));
+        }
+        if idle_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(NodeError::Invalid("idle_timeout must be positive".into()));
+        }
+        let info = {
+            let mut table = self.table();
+            let state = table.visible(tenant, id)?.record.info.state;
+            if !matches!(state, State::Running | State::Paused) {
+                return Err(NodeError::NotRunning {
+                    id: id.to_owned(),
+                    state,
+                    detail: Some(", not running or paused".into()),
+                });
+            }
+            let entry = table.get_mut(id).expect("visible");
+            if let Some(ttl) = ttl {
+                let created = entry.record.info.created_at;
+                entry.record.info.expires_at = Some(created.saturating_add(ttl.as_millis() as u64));
+            }
+            if let Some(idle) = idle_timeout {
+                entry.record.idle_timeout_ms = Some(idle.as_millis().max(1) as u64);
+            }
+            let info = entry.info();
+            table.save(id);
+            info
+        };
+        self.bump();
+        tracing::info!(sandbox = %id, ?ttl, ?idle_timeout, "timeouts updated");
+        Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::admission::Resources;
+    use super::super::record::Record;
+    use super::super::table::Entry;
+    use super::super::{CreateSpec, NodeConfig};
+    use super::*;
+
+    const HOUR_MS: u64 = 3600 * 1000;
+
+    /// A node on an empty temp home (no VM is ever started) with `max_paused`.
+    async fn node(home: &std::path::Path, max_paused: Duration) -> std::sync::Arc<Node> {
+        let mut config = NodeConfig::new(home);
+        config.max_paused = max_paused;
+        config.limits.max_ttl = Duration::from_secs(24 * 3600);
+        Node::open(config).await.unwrap()
+    }
+
+    /// Puts a record of tenant "t" in `state`, created and last active at `at` with a 90-minute
+    /// TTL, into the table.
+    fn insert(node: &Node, id: &str, state: State, at: u64) {
+        let resources = Resources {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_bytes: 16 << 20,
+            ttl: Duration::from_secs(90 * 60),
+        };
+        let mut record = Record::new(id.into(), "t", CreateSpec::default(), &resources, at);
+        record.info.state = state;
+        node.table().insert(Entry::new(record));
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_paused_longer_than_max_paused_is_due_with_a_reason() {
+        let home = tempfile::tempdir().unwrap();
+        let node = node(home.path(), Duration::from_secs(2 * 3600)).await;
+        let now = now_ms();
+        insert(&node, "old", State::Paused, now - 3 * HOUR_MS);
+        insert(&node, "young", State::Paused, now - HOUR_MS);
+        // Paused three hours ago, but its TTL was extended: max-paused still ends it.
+        node.update_timeouts("t", "old", Some(Duration::from_secs(20 * 3600)), None)
+            .unwrap();
+        let due = node.due(now);
+        assert_eq!(due.len(), 1, "{due:?}");
+        let (id, state, reason) = &due[0];
+        assert_eq!((id.as_str(), *state), ("old", State::Stopped));
+        assert!(
+            reason.contains("--max-paused") && reason.contains("7200s"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_of_a_live_sandbox_are_set_within_the_maximum() {
+        let home = tempfile::tempdir().unwrap();
+        let node = node(home.path(), Duration::from_secs(3600)).await;
+        let now = now_ms();
+        insert(&node, "run", State::Running, now - 2 * HOUR_MS);
+        insert(&node, "new", State::Creating, now);
+        // Created two hours ago with a 90-minute TTL: due now, unless extended.
+        assert!(node.due(now).iter().any(|(id, _, _)| id == "run"));
+        let info = node
+            .update_timeouts("t", "run", Some(Duration::from_secs(3 * 3600)), None)
+            .unwrap();
+        assert_eq!(info.expires_at, Some(now - 2 * HOUR_MS + 3 * HOUR_MS));
+        assert!(node.due(now).is_empty());
+        // An idle timeout set now ends it once it has been idle that long (two hours already).
+        node.update_timeouts("t", "run", None, Some(Duration::from_secs(60)))
+            .unwrap();
+        let due = node.due(now);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(due[0].2, "idle");
+        // The node's maximum, zero, a sandbox that is not live yet, another tenant's.
+        let over = node.update_timeouts("t", "run", Some(Duration::from_secs(25 * 3600)), None);
+        assert!(matches!(over, Err(NodeError::Invalid(_))), "{over:?}");
+        let zero = node.update_timeouts("t", "run", None, Some(Duration::ZERO));
+        assert!(matches!(zero, Err(NodeError::Invalid(_))), "{zero:?}");
+        let creating = node.update_timeouts("t", "new", Some(Duration::from_secs(60)), None);
+        assert!(
+            matches!(creating, Err(NodeError::NotRunning { .. })),
+            "{creating:?}"
+        );
+        let other = node.update_timeouts("u", "run", Some(Duration::from_secs(60)), None);
+        assert!(
+            matches!(other, Err(NodeError::NotFound { .. })),
+            "{other:?}"
+        );
     }
 }

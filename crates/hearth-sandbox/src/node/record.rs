@@ -70,6 +70,7 @@ impl Record {
                 last_active_at: now,
                 boot_ms: None,
                 network: spec.network.clone(),
+                warm: false,
             },
             idle_timeout_ms: spec.idle_timeout.map(|t| t.as_millis().max(1) as u64),
             defaults: ExecDefaults {

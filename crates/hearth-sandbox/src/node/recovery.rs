@@ -10,7 +10,8 @@
 //! - anything in `$HOME/sandboxes/` that no re-attached sandbox owns (a VMM, a run directory with its
 //!   scratch disk and sockets) is killed and removed, and so is its network in `$HOME/node/net/`;
 //!   a re-attached sandbox's network is served again with the policy its record holds; snapshots in
-//!   `$HOME/node/paused/` that no paused sandbox owns are removed.
+//!   `$HOME/node/paused/` that no paused sandbox owns are removed, and so are forks' snapshots
+//!   (`$HOME/node/forks/`: no fork outlives its daemon).
 //!
 //! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` and `$HOME/node/` is touched, and a
 //! process is killed only when its pid and start time match what its run directory recorded.
@@ -90,6 +91,7 @@ impl Node {
         }
         self.remove_unowned(&owned).await?;
         self.remove_unowned_snapshots(&paused);
+        self.remove_fork_snapshots();
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use super::record::Record;
 use super::{NodeError, SandboxInfo, State};
 
 /// Bumped with every schema change; `migrate` knows each step.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The open database; the table (`table.rs`) owns it, so it is used only under the table lock.
 pub(crate) struct Store {
@@ -66,9 +66,9 @@ impl Store {
             "INSERT OR REPLACE INTO sandboxes (id, tenant, image, image_digest, state, reason, \
              vcpus, memory_mib, disk_bytes, labels, created_at, ready_at, finished_at, expires_at, \
              last_active_at, boot_ms, idle_timeout_ms, exec_defaults, image_meta, vmm_pid, \
-             vmm_start_time, deleted, network) \
+             vmm_start_time, deleted, network, warm) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19, ?20, ?21, ?22, ?23)",
+             ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
             params![
                 info.id,
                 info.tenant,
@@ -93,6 +93,7 @@ impl Store {
                 record.vmm.map(|p| p.start_time as i64),
                 record.deleted,
                 info.network.as_ref().map(json),
+                info.warm,
             ],
         )?;
         Ok(())
@@ -172,6 +173,16 @@ fn migrate(db: &Connection) -> Result<(), NodeError> {
                  INSERT INTO schema_version (version) VALUES (3);
                  COMMIT;",
             )?;
+            migrate(db)
+        }
+        Some(3) => {
+            // 4: whether the sandbox came from a warm pool (`pool.rs`).
+            db.execute_batch(
+                "BEGIN;
+                 ALTER TABLE sandboxes ADD COLUMN warm INTEGER NOT NULL DEFAULT 0;
+                 INSERT INTO schema_version (version) VALUES (4);
+                 COMMIT;",
+            )?;
             Ok(())
         }
         Some(SCHEMA_VERSION) => Ok(()),
@@ -226,6 +237,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
         last_active_at: row.get::<_, i64>("last_active_at")? as u64,
         boot_ms: opt("boot_ms")?,
         network: None,
+        warm: row.get("warm")?,
     };
     let idle_timeout_ms = opt("idle_timeout_ms")?;
     let deleted: bool = row.get("deleted")?;
@@ -283,6 +295,7 @@ mod tests {
                 last_active_at: 3,
                 boot_ms: Some(1),
                 network: Some(hearth_net::policy::NetworkPolicy::none()),
+                warm: false,
             },
             idle_timeout_ms: Some(5000),
             defaults: ExecDefaults {
@@ -339,8 +352,11 @@ mod tests {
         drop(Store::open(&path).unwrap());
         // What a version-2 hearth left.
         let db = Connection::open(&path).unwrap();
-        db.execute("DELETE FROM schema_version WHERE version = 3", [])
-            .unwrap();
+        db.execute_batch(
+            "ALTER TABLE sandboxes DROP COLUMN warm;
+             DELETE FROM schema_version WHERE version >= 3;",
+        )
+        .unwrap();
         drop(db);
         let store = Store::open(&path).unwrap();
         let version: i64 = store
@@ -354,6 +370,32 @@ mod tests {
         drop(store);
         let store = Store::open(&path).unwrap();
         assert_eq!(store.get("p").unwrap().unwrap(), paused);
+    }
+
+    #[test]
+    fn a_version_3_database_gains_the_warm_column_and_keeps_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let store = Store::open(&path).unwrap();
+        let running = record("r", State::Running);
+        store.save(&running).unwrap();
+        drop(store);
+        // What a version-3 hearth left: no `warm` column.
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(
+            "ALTER TABLE sandboxes DROP COLUMN warm;
+             DELETE FROM schema_version WHERE version = 4;",
+        )
+        .unwrap();
+        drop(db);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get("r").unwrap().unwrap(), running);
+        let mut warm = record("w", State::Running);
+        warm.info.warm = true;
+        store.save(&warm).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(store.get("w").unwrap().unwrap().info.warm);
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! `/v1/sandboxes/{id}/pause` and `/v1/sandboxes/{id}/resume`: a running sandbox saved to disk
-//! with no VM left, and brought back as it was. Thin handlers over `Node::pause` and
-//! `Node::resume`, whose module documents the choices (execs running at pause, admission, TTL and
-//! idle time, failed resumes).
+//! with no VM left, and brought back as it was; `/v1/sandboxes/{id}/fork`: new sandboxes from a
+//! running one's state. Thin handlers over `Node::pause`, `Node::resume` and `Node::fork`, whose
+//! modules document the choices (execs running at pause, admission, TTL and idle time, failed
+//! resumes; what a fork's children share and what is their own, all-or-nothing forks).
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::api::{ErrorBody, Sandbox};
+use super::api::{ErrorBody, Sandbox, SandboxList};
 use super::auth::Authenticated;
 use super::error::ApiError;
 use super::AppState;
@@ -76,4 +78,43 @@ pub async fn resume(
     let info = state.node.resume(&tenant, &id).await?;
     tracing::info!(tenant = %tenant.name, sandbox = %id, "resumed");
     Ok(Json(info.into()))
+}
+
+/// `POST /v1/sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    /// How many new sandboxes: 1 to 64.
+    #[schema(minimum = 1, maximum = 64)]
+    pub count: u32,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", operation_id = "forkSandbox",
+    params(("id" = String, Path, description = "Sandbox id (running)")),
+    request_body(content = ForkSandbox, description = "`{\"count\": N}`"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The children, `running`: each has the parent's processes, memory and files as of the fork, and its own id, hostname, entropy, clock, network namespace and a copy of the parent's network policy; the parent runs on. Execs running in the parent are not the children's", body = SandboxList),
+        (status = 400, description = "`count` is 0 or over 64, or a malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+        (status = 409, description = "The parent is not running (paused, creating, stopped, failed, or being paused or resumed)", body = ErrorBody),
+        (status = 415, description = "A body not sent as `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
+        (status = 429, description = "The children would exceed the tenant's quota; none was created", body = ErrorBody),
+        (status = 500, description = "The snapshot or a child failed (the message names it); all or nothing: no child was kept, the parent runs on", body = ErrorBody),
+        (status = 503, description = "Node capacity (memory, vCPUs, or disk for the snapshot) used up (`capacity`, with Retry-After; none created) or shutting down", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+    ))]
+pub async fn fork(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    body: Result<Json<ForkSandbox>, JsonRejection>,
+) -> Result<(StatusCode, Json<SandboxList>), ApiError> {
+    let Json(body) = body?;
+    let children = state.node.fork(&tenant, &id, body.count).await?;
+    tracing::info!(tenant = %tenant.name, sandbox = %id, count = body.count, "forked");
+    let sandboxes = children.into_iter().map(Sandbox::from).collect();
+    Ok((StatusCode::CREATED, Json(SandboxList { sandboxes })))
 }

@@ -20,7 +20,7 @@ use super::AppState;
 #[utoipa::path(get, path = "/metrics", tag = "node", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format: hearth_sandboxes{state}, hearth_boots_total, \
         hearth_boot_failures_total, hearth_boot_seconds (histogram), hearth_execs_total, hearth_image_cache_bytes, \
-        hearth_capacity_vcpus, hearth_capacity_memory_bytes, hearth_allocated_vcpus, hearth_allocated_memory_bytes; \
+        hearth_capacity_vcpus, hearth_capacity_memory_bytes, hearth_allocated_vcpus, hearth_allocated_memory_bytes, hearth_warm_pool_ready; \
         with a tenant's bearer token (optional) also that tenant's running sandboxes' hearth_sandbox_network_* series \
         {sandbox, tenant}: sent/received bytes, connections, open connections, refused connections and DNS queries",
         content_type = "text/plain", body = String),
@@ -63,7 +63,7 @@ pub fn render(m: &NodeMetrics) -> String {
         let count = m.sandboxes.get(state);
         let _ = writeln!(out, "hearth_sandboxes{{state=\"{state}\"}} {count}");
     }
-    let simple: [(&str, &str, &str, String); 9] = [
+    let simple: [(&str, &str, &str, String); 10] = [
         (
             "hearth_boots_total",
             "counter",
@@ -111,6 +111,12 @@ pub fn render(m: &NodeMetrics) -> String {
             "gauge",
             "Guest memory held by creating and running sandboxes.",
             (m.allocated_memory_mib << 20).to_string(),
+        ),
+        (
+            "hearth_warm_pool_ready",
+            "gauge",
+            "Warm pool sandboxes booted and ready for a create to take (they count in allocated).",
+            m.warm_ready.to_string(),
         ),
         (
             "hearth_free_vcpus",
@@ -250,6 +256,7 @@ mod tests {
                 memory_mib: 4096,
                 disk_bytes: u64::MAX,
             },
+            warm_ready: 2,
         };
         let text = render(&m);
         for line in [

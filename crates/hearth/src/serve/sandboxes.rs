@@ -1,4 +1,4 @@
-//! `/v1/sandboxes` and `/v1/sandboxes/{id}`: create, list, get, delete. Each handler parses,
+//! `/v1/sandboxes` and `/v1/sandboxes/{id}`: create, list, get, update (timeouts), delete. Each handler parses,
 //! authenticates, calls the node and maps its answer; sizes, durations and environment are
 //! converted from their wire form here (shared with `runs.rs`).
 
@@ -102,6 +102,45 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.node.get(&tenant.name, &id)?.into()))
+}
+
+/// `PATCH /v1/sandboxes/{id}`: new timeouts for a running or paused sandbox; fields left out
+/// stay as they are.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSandbox {
+    /// The sandbox's whole lifetime, counted from its creation as at create (`expires_at` becomes
+    /// `created_at` + this); at most the daemon's `--max-ttl`.
+    pub ttl_seconds: Option<u64>,
+    /// Stop it after this long without an exec or file request, counted from its last activity.
+    pub idle_timeout_seconds: Option<u64>,
+}
+
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes", operation_id = "updateSandbox",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = UpdateSandbox,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The sandbox with its new `expires_at`", body = Sandbox),
+        (status = 400, description = "A value of 0, a TTL over the daemon's maximum, or a malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
+        (status = 409, description = "Neither running nor paused (creating, stopped, failed)", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
+    ))]
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    body: Result<Json<UpdateSandbox>, JsonRejection>,
+) -> Result<Json<Sandbox>, ApiError> {
+    let Json(body) = body?;
+    let ttl = seconds_field("ttl_seconds", body.ttl_seconds)?;
+    let idle = seconds_field("idle_timeout_seconds", body.idle_timeout_seconds)?;
+    let info = state.node.update_timeouts(&tenant.name, &id, ttl, idle)?;
+    tracing::info!(tenant = %tenant.name, sandbox = %id, ?ttl, ?idle, "timeouts updated");
+    Ok(Json(info.into()))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", operation_id = "deleteSandbox",
