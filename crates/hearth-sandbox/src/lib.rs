@@ -9,12 +9,14 @@
 //! a backend. [`node::Node`] manages many long-lived sandboxes on one host (state, admission, TTLs,
 //! recovery after restarts, pause and resume, the one-shot [`node::Node::run_once`]).
 //! [`Sandbox::pause`] saves a running sandbox to disk and ends its VMM; [`PausedSandbox::resume`]
-//! brings it back (`pause.rs`). The exec vocabulary of the agent
+//! brings it back (`pause.rs`); [`Sandbox::snapshot`] saves one without ending it and
+//! [`PausedSandbox::start_copy`] starts copies of it with their own identity (`fork.rs`). The exec vocabulary of the agent
 //! channel is re-exported here, so that callers need not depend on `hearth-vm`.
 
 pub mod boot;
 pub mod command;
 mod error;
+mod fork;
 pub mod node;
 mod pause;
 pub mod restore;
@@ -30,7 +32,7 @@ pub use hearth_net::proxy::RefusedAttempt;
 /// (the CLI, the Kubernetes node agent) need not depend on `hearth-vm`.
 pub use hearth_vm::channel::{
     ChannelError, ExecHandle, ExecOutput, ExecRequest, ExecResult, ExecStdin, ExitStatus,
-    FileDownload,
+    FileDownload, TtySize,
 };
 /// `--accel`.
 pub use hearth_vm::Accel;

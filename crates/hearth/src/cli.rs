@@ -63,6 +63,8 @@ pub enum Command {
     Sandbox(crate::cmd::sandbox::SandboxArgs),
     /// Kubernetes controller: places Sandbox resources on hearth nodes (leader-elected).
     Operator(Box<crate::cmd::operator::OperatorArgs>),
+    /// Model Context Protocol server: sandboxes as tools for AI agents (stdio, or --http).
+    Mcp(crate::cmd::mcp::McpArgs),
 }
 
 /// Logs go to stderr so that a command's stdout stays the workload's own.

@@ -9,6 +9,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use crate::serve::api::{
     CreateSandbox, ErrorBody, ExecBody, ExecEvent, FileWritten, Sandbox, SandboxList,
 };
+use crate::serve::code::{CodeResult, RunCode};
 
 pub struct Client {
     http: reqwest::Client,
@@ -134,6 +135,21 @@ impl Client {
         response.json().await.context("reading the resumed sandbox")
     }
 
+    /// `POST /v1/sandboxes/{id}/fork`: `count` new sandboxes from the running one's state; their
+    /// records, `running`.
+    pub async fn fork(&self, id: &str, count: u32) -> anyhow::Result<Vec<Sandbox>> {
+        let path = format!("/v1/sandboxes/{id}/fork");
+        let request = self
+            .request(Method::POST, &path)
+            .json(&serde_json::json!({ "count": count }));
+        let response = self.send(request, &format!("forking sandbox {id}")).await?;
+        let list: SandboxList = response
+            .json()
+            .await
+            .context("reading the forked sandboxes")?;
+        Ok(list.sandboxes)
+    }
+
     /// Starts a command; yields its events as the daemon streams them.
     pub async fn exec(
         &self,
@@ -172,6 +188,31 @@ impl Client {
             .query(&[("path", path)]);
         self.send(request, &format!("copying from {id}:{path}"))
             .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/code`: runs `code` in the sandbox's interpreter (one per sandbox,
+    /// names kept between calls; calls on one sandbox wait their turn).
+    pub async fn run_code(&self, id: &str, body: &RunCode) -> anyhow::Result<CodeResult> {
+        let path = format!("/v1/sandboxes/{id}/code");
+        let response = self
+            .send(
+                self.request(Method::POST, &path).json(body),
+                &format!("running code in sandbox {id}"),
+            )
+            .await?;
+        response.json().await.context("reading the code's result")
+    }
+
+    /// `GET /openapi.json` (no token needed): which routes this daemon has.
+    pub async fn openapi(&self) -> anyhow::Result<serde_json::Value> {
+        let request = self.http.get(format!("{}/openapi.json", self.base));
+        let response = self
+            .send(request, "reading the daemon's /openapi.json")
+            .await?;
+        response
+            .json()
+            .await
+            .context("reading the daemon's /openapi.json")
     }
 
     /// The WebSocket URL of a sandbox's interactive exec.

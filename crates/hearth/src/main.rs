@@ -2,11 +2,13 @@
 //! chosen subcommand and maps its error to an exit code. Subcommands live in `cmd/`, one file per group;
 //! global options (home directory, logging) in `cli.rs`; `units.rs` parses sizes and durations for
 //! flags and API fields alike; `report.rs` renders an error with its causes, each once. `serve/` is the node daemon's HTTP API
-//! (`hearth serve`), `client.rs` its client (`hearth sandbox ...`).
+//! (`hearth serve`), `client.rs` its client (`hearth sandbox ...`, `hearth mcp`); `mcp/` the Model
+//! Context Protocol server (`hearth mcp`).
 
 mod cli;
 mod client;
 mod cmd;
+mod mcp;
 mod report;
 mod serve;
 mod units;

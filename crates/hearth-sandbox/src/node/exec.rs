@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hearth_vm::channel::{ExecHandle, ExecOutput, ExecResult, ExecStdin, ExitStatus};
+use hearth_vm::channel::{ExecHandle, ExecOutput, ExecResult, ExecStdin, ExitStatus, TtySize};
 use tokio::io::AsyncRead;
 
 use super::record::ExecDefaults;
@@ -88,6 +88,11 @@ impl NodeExec {
         Ok(self.handle.signal(signal).await?)
     }
 
+    /// Sets the size of the command's terminal (the exec must have been started with a `tty`).
+    pub async fn resize(&self, size: TtySize) -> Result<(), NodeError> {
+        Ok(self.handle.resize(size).await?)
+    }
+
     /// How the command ended, once known (after `next_output` returned `None`).
     pub fn status(&self) -> Option<ExitStatus> {
         self.handle.status()
@@ -101,6 +106,12 @@ impl NodeExec {
     /// Collects all output and the exit status.
     pub async fn output(self) -> Result<ExecResult, NodeError> {
         Ok(self.handle.output().await?)
+    }
+
+    /// The agent's handle, no longer counted as a running exec: for a process that lives on
+    /// between uses (the code interpreter), each of which counts instead.
+    pub(super) fn into_idle_handle(self) -> ExecHandle {
+        self.handle
     }
 }
 
@@ -119,7 +130,7 @@ impl Node {
     pub async fn exec(&self, tenant: &str, id: &str, req: ExecSpec) -> Result<NodeExec, NodeError> {
         let target = self.target(tenant, id)?;
         check(&req)?;
-        let (stdin, timeout) = (req.stdin, req.timeout);
+        let (stdin, timeout, tty) = (req.stdin, req.timeout, req.tty);
         let overrides = CommandOverrides {
             command: req.argv,
             // Cleared: an exec names its whole command, as `docker exec` does.
@@ -138,11 +149,9 @@ impl Node {
         let command = resolve(&ImageDefaults::from(&target.image), &overrides, |_| None)
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         let active = ActivityGuard::new(target.activity);
-        let handle = target
-            .sandbox
-            .client()
-            .exec(command.into_request(stdin, timeout))
-            .await?;
+        let mut request = command.into_request(stdin, timeout);
+        request.tty = tty;
+        let handle = target.sandbox.client().exec(request).await?;
         lock_ignoring_poison(&self.counters).execs_total += 1;
         Ok(NodeExec {
             handle,

@@ -31,7 +31,13 @@ impl Node {
         let want = admission::size(&spec, &self.config.defaults, &self.config.limits)?;
         super::local_images::check_local_image(&spec.image, &self.config.allow_local_images)?;
         let mut spec = spec;
+        let asked_network = spec.network.is_some();
         spec.network = self.network_for(tenant, spec.network.take())?;
+        if !asked_network {
+            if let Some(info) = self.claim_warm(tenant, &spec, &want)? {
+                return Ok(info);
+            }
+        }
         let id = new_id();
         let record = Record::new(id.clone(), &tenant.name, spec, &want, now_ms());
         let info = {
@@ -79,6 +85,8 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Idle code interpreters do not count as running execs; their connections close below.
+        self.interpreters.clear();
         if let Some(reaper) = lock_ignoring_poison(&self.reaper).take() {
             reaper.abort();
         }
@@ -105,7 +113,7 @@ impl Node {
 
     /// The boot task: waits for a boot slot (tenants take turns: `boot_slots.rs`), pulls, boots,
     /// and records the outcome. Until the VM may start, ending the sandbox aborts this task.
-    async fn boot(self: Arc<Node>, id: String, tenant: String) {
+    pub(super) async fn boot(self: Arc<Node>, id: String, tenant: String) {
         let _slot = self.boots.acquire(&tenant).await;
         let Some(image) = self.still_creating(&id, false).map(|info| info.image) else {
             return;
@@ -160,7 +168,11 @@ impl Node {
     }
 
     /// Records a finished boot. A sandbox that ended while it booted gets its VM stopped now.
-    async fn booted(&self, id: &str, outcome: Result<(Sandbox, PulledImage), NodeError>) {
+    pub(super) async fn booted(
+        &self,
+        id: &str,
+        outcome: Result<(Sandbox, PulledImage), NodeError>,
+    ) {
         let now = now_ms();
         let leftover = {
             let mut table = self.table();

@@ -2,7 +2,7 @@
 //! agent run them. [`Node::open`] takes the home's state lock, recovers what a previous daemon left
 //! and starts the reaper; [`Node::create`] admits and boots; [`Node::exec`] and the file calls use a
 //! running sandbox; [`Node::pause`] saves one to disk (no VM left) and [`Node::resume`] brings it
-//! back; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
+//! back; [`Node::fork`] makes new sandboxes from a running one's state; [`Node::delete`] and the reaper end them; [`Node::shutdown`] lets go of the VMs
 //! so that the next `open` re-attaches them.
 //!
 //! [`Node::run_once`] is the one-shot run (create, boot, one command, delete) behind `POST /v1/runs`
@@ -13,24 +13,28 @@
 //! sandbox, and its state transitions), `store.rs` (SQLite state), `admission.rs` (sizes, maxima,
 //! quota, capacity), `lifecycle.rs` (create, boot, stop, delete, shutdown), `recovery.rs` (what
 //! `open` does with what a previous daemon left), `reaper.rs` (TTL, idle, dead VMs), `watchdog.rs` (hung guests), `exec.rs`
-//! (commands and files), `network.rs` (a sandbox's egress policy: default, tenant ceiling, live
-//! changes), `ports.rs` (a guest port through the agent channel), `pause.rs` (pause to disk and
-//! resume), `run_once.rs` (one command in a fresh sandbox).
+//! (commands and files), `interpreter.rs` (a Python interpreter kept per sandbox for code runs),
+//! `network.rs` (a sandbox's egress policy: default, tenant ceiling, live changes), `ports.rs` (a
+//! guest port through the agent channel), `pause.rs` (pause to disk and resume),
+//! `fork.rs` (copies of a running sandbox), `run_once.rs` (one command in a fresh sandbox).
 //!
 //! Writes only under `$HEARTH_HOME/state/` (database, lock), `$HEARTH_HOME/sandboxes/<id>/` (each
 //! VM's run directory: sockets, scratch disk, console log) and `$HEARTH_HOME/node/net/<id>/` (each
 //! sandbox's network namespace) and `$HEARTH_HOME/node/paused/<id>/` (a paused sandbox's
-//! snapshot), plus the image cache through `hearth-image`. VMs are detached: they survive the
+//! snapshot) and `$HEARTH_HOME/node/forks/` (a fork's snapshot while its children start), plus the image cache through `hearth-image`. VMs are detached: they survive the
 //! daemon, and only `open` decides their fate.
 
 mod admission;
 mod boot_slots;
 mod error;
 mod exec;
+mod fork;
+mod interpreter;
 mod lifecycle;
 mod local_images;
 mod network;
 mod pause;
+mod pool;
 mod ports;
 mod reaper;
 mod record;
@@ -52,7 +56,10 @@ use tokio::sync::watch;
 
 pub use error::NodeError;
 pub use exec::NodeExec;
+pub use fork::MAX_FORK;
+pub use interpreter::{CodeError, CodeOutcome, MAX_CODE_TIMEOUT};
 pub use network::{NetworkView, SandboxNetworkStats};
+pub use pool::WarmPool;
 pub use ports::NodePort;
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
@@ -83,6 +90,8 @@ pub struct Node {
     changed: watch::Sender<u64>,
     counters: Mutex<Counters>,
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Each sandbox's code interpreter (see `interpreter.rs`).
+    interpreters: interpreter::Interpreters,
     /// The flock on `state/node.lock`, held for the node's life.
     _lock: File,
 }
@@ -118,8 +127,10 @@ impl Node {
             changed: watch::channel(0).0,
             counters: Mutex::new(Counters::default()),
             reaper: Mutex::new(None),
+            interpreters: Default::default(),
             _lock: lock,
         });
+        node.check_pools()?;
         node.recover(records).await?;
         *lock_ignoring_poison(&node.reaper) = Some(reaper::spawn(Arc::downgrade(&node)));
         // Ends with the node (it holds it weakly) or at shutdown.
@@ -167,9 +178,9 @@ impl Node {
 
     /// Counts and counters for `/metrics`.
     pub fn metrics(&self) -> NodeMetrics {
-        let (sandboxes, held) = {
+        let (sandboxes, held, warm_ready) = {
             let table = self.table();
-            (table.counts(), table.held())
+            (table.counts(), table.held(), pool::ready(&table))
         };
         let counters = lock_ignoring_poison(&self.counters);
         NodeMetrics {
@@ -185,6 +196,7 @@ impl Node {
             allocated_vcpus: held.vcpus as u32,
             allocated_memory_mib: held.memory_mib,
             capacity: self.config.capacity,
+            warm_ready,
         }
     }
 

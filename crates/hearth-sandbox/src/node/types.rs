@@ -37,6 +37,11 @@ pub struct NodeConfig {
     /// A running sandbox whose agent has not answered for this long is failed and its VM killed
     /// (`watchdog.rs`); default 60 s.
     pub unresponsive_after: Duration,
+    /// A sandbox paused for longer than this is deleted with its snapshot (`reaper.rs`);
+    /// default 7 days (`--max-paused`).
+    pub max_paused: Duration,
+    /// Sandboxes kept booted ahead of demand for creates that match (`pool.rs`); default none.
+    pub warm_pools: Vec<super::pool::WarmPool>,
 }
 
 impl NodeConfig {
@@ -54,6 +59,8 @@ impl NodeConfig {
             allow_local_images: Vec::new(),
             network_default: hearth_net::policy::NetworkPolicy::none(),
             unresponsive_after: Duration::from_secs(60),
+            max_paused: Duration::from_secs(7 * 24 * 3600),
+            warm_pools: Vec::new(),
         }
     }
 }
@@ -254,6 +261,9 @@ pub struct SandboxInfo {
     /// The egress policy in force; `None` when the node gives sandboxes no network.
     #[serde(default)]
     pub network: Option<hearth_net::policy::NetworkPolicy>,
+    /// Taken from a warm pool, booted before it was asked for (`pool.rs`).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// A command to run in a sandbox, before the image config and the sandbox's defaults are applied.
@@ -268,6 +278,9 @@ pub struct ExecSpec {
     pub timeout: Option<Duration>,
     /// Whether the caller will feed stdin ([`super::NodeExec::take_stdin`]); otherwise /dev/null.
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (stdout and stderr then arrive as one stdout stream;
+    /// [`super::NodeExec::resize`] changes the size).
+    pub tty: Option<hearth_vm::channel::TtySize>,
 }
 
 /// Sandboxes per state.
@@ -346,6 +359,8 @@ pub struct NodeMetrics {
     pub allocated_vcpus: u32,
     pub allocated_memory_mib: u64,
     pub capacity: Capacity,
+    /// Warm pool VMs booted and ready to be claimed (`pool.rs`).
+    pub warm_ready: u64,
 }
 
 /// Now, in Unix milliseconds.

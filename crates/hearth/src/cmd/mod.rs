@@ -3,6 +3,7 @@
 
 pub mod common;
 pub mod images;
+pub mod mcp;
 pub mod network;
 pub mod operator;
 pub mod port_forward;
@@ -10,6 +11,7 @@ pub mod run;
 pub mod sandbox;
 pub mod serve;
 pub mod setup;
+pub mod tty;
 
 use std::process::ExitCode;
 
@@ -17,9 +19,13 @@ use crate::cli::{Cli, Command};
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
-    // The client touches no local state; every other command first removes what a killed hearth
+    // The clients (`hearth sandbox`, `hearth mcp --host`) touch no local state; every other command first removes what a killed hearth
     // left behind (its VMM died with it).
-    if !matches!(cli.command, Command::Sandbox(_)) {
+    let client_only = matches!(
+        cli.command,
+        Command::Sandbox(_) | Command::Mcp(mcp::McpArgs { host: Some(_), .. })
+    );
+    if !client_only {
         hearth_sandbox::sweep_stale(&global.home);
     }
     match cli.command {
@@ -32,5 +38,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::serve(&global, *args),
         Command::Sandbox(args) => sandbox::sandbox(args),
         Command::Operator(args) => operator::operator(&global, *args),
+        Command::Mcp(args) => mcp::mcp(&global, args),
     }
 }

@@ -1,7 +1,8 @@
 //! `hearth sandbox create|ls|exec|cp|rm`: the CLI client of a `hearth serve` daemon
 //! (`--host`/`HEARTH_HOST`, `--token`/`HEARTH_TOKEN`). `exec` streams the command's output to our
 //! stdout and stderr and exits with its exit code (128+N for signal N, 124 on timeout, 125 for
-//! hearth's own errors); with `-i` it runs over the WebSocket and forwards our stdin. `cp` copies
+//! hearth's own errors); with `-i` it runs over the WebSocket and forwards our stdin, with `-t` on a
+//! terminal in the guest (see [`crate::cmd::tty`]). `cp` copies
 //! one file either way: `cp ./f ID:/path` or `cp ID:/path ./f`. Writes only the files `cp` names.
 
 use std::collections::BTreeMap;
@@ -13,14 +14,18 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use clap::{Args, Subcommand};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::Client;
-use crate::cmd::common::{parse_duration, runtime, Workers};
+use crate::cmd::common::{parse_duration, runtime, shutdown_signal, Workers};
 use crate::cmd::network::PolicyArgs;
-use crate::serve::api::{CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, WsControl};
+use crate::cmd::tty::{self, Terminal};
+use crate::serve::api::{
+    CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, TerminalSize, WsControl,
+    WsTerminal,
+};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -72,6 +77,9 @@ pub enum SandboxCommand {
     /// Bring a paused sandbox back as it was (processes, files, memory; the host's clock); prints
     /// its id.
     Resume(ResumeArgs),
+    /// Make new sandboxes from a running one's state now (processes, memory, files), each with its
+    /// own id, hostname, entropy and network; the parent runs on. Prints the new ids, one a line.
+    Fork(ForkArgs),
     /// Show a sandbox's egress policy and network activity; with policy flags, replace the policy
     /// while it runs.
     Network(NetworkArgs),
@@ -132,6 +140,14 @@ pub struct ResumeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ForkArgs {
+    pub id: String,
+    /// How many new sandboxes (1 to 64).
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u32,
+}
+
+#[derive(Args, Debug)]
 pub struct LsArgs {
     /// Print the daemon's JSON.
     #[arg(long)]
@@ -144,6 +160,10 @@ pub struct ExecArgs {
     /// Forward stdin to the command (over a WebSocket).
     #[arg(short, long)]
     pub interactive: bool,
+    /// Give the command a terminal (combine as -it; over a WebSocket): ours goes raw, the guest's
+    /// follows our window size. Needs stdin to be a terminal (warns and runs without otherwise).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     #[arg(short, long = "workdir")]
@@ -175,7 +195,9 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
         match a.command {
             SandboxCommand::Create(args) => create(&client, args).await,
             SandboxCommand::Ls(args) => ls(&client, args).await,
-            SandboxCommand::Exec(args) if args.interactive => exec_interactive(&client, args).await,
+            SandboxCommand::Exec(args) if args.interactive || args.tty => {
+                exec_interactive(&client, args).await
+            }
             SandboxCommand::Exec(args) => exec(&client, args).await,
             SandboxCommand::Cp(args) => cp(&client, args).await,
             SandboxCommand::Rm(args) => rm(&client, args).await,
@@ -187,6 +209,12 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             SandboxCommand::Resume(args) => {
                 let sandbox = client.resume(&args.id).await?;
                 println!("{}", sandbox.id);
+                Ok(ExitCode::SUCCESS)
+            }
+            SandboxCommand::Fork(args) => {
+                for child in client.fork(&args.id, args.count).await? {
+                    println!("{}", child.id);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             SandboxCommand::PortForward(args) => {
@@ -280,7 +308,31 @@ async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCode> {
     bail!("the exec stream ended without an exit status")
 }
 
+/// `exec -i` and `exec -t`: over the WebSocket, with our stdin (`-i`) and a terminal (`-t`).
 async fn exec_interactive(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCode> {
+    // Raw (with -it) from here to the end, on every way out (SIGTERM/SIGHUP included).
+    let mut terminal = match tty::usable(a.tty) {
+        true => {
+            Some(Terminal::attach(a.interactive).context("putting the terminal into raw mode")?)
+        }
+        false => None,
+    };
+    let outcome = match terminal.as_mut() {
+        Some(terminal) => tokio::select! {
+            code = exec_ws(client, &a, Some(terminal)) => code,
+            signal = shutdown_signal() => Ok(ExitCode::from(128 + signal as u8)),
+        },
+        None => exec_ws(client, &a, None).await,
+    };
+    drop(terminal);
+    outcome
+}
+
+async fn exec_ws(
+    client: &Client,
+    a: &ExecArgs,
+    mut terminal: Option<&mut Terminal>,
+) -> anyhow::Result<ExitCode> {
     let mut request = client.exec_ws_url(&a.id).into_client_request()?;
     request.headers_mut().insert(
         "authorization",
@@ -290,22 +342,49 @@ async fn exec_interactive(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCo
         .await
         .with_context(|| format!("opening the exec WebSocket of sandbox {}", a.id))?;
     let (mut tx, mut rx) = socket.split();
-    tx.send(Message::text(serde_json::to_string(&exec_body(&a)?)?))
-        .await?;
-    let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut stdin_open = true;
+    let mut first = serde_json::to_value(exec_body(a)?)?;
+    if let (Some(terminal), Some(fields)) = (terminal.as_deref(), first.as_object_mut()) {
+        let size = terminal.size();
+        let tty = WsTerminal {
+            tty: Some(true),
+            rows: Some(size.rows),
+            cols: Some(size.cols),
+        };
+        if let serde_json::Value::Object(tty) = serde_json::to_value(tty)? {
+            fields.extend(tty);
+        }
+    }
+    tx.send(Message::text(first.to_string())).await?;
+    let control = |control: WsControl| -> anyhow::Result<Message> {
+        Ok(Message::text(serde_json::to_string(&control)?))
+    };
+    let mut stdin = a.interactive.then(tty::stdin_chunks);
+    if stdin.is_none() {
+        // `-t` alone: the command's stdin ends at once, as without `-i` anywhere.
+        let close = WsControl {
+            close_stdin: Some(true),
+            ..WsControl::default()
+        };
+        tx.send(control(close)?).await?;
+    }
     let mut out = Output::default();
     loop {
         tokio::select! {
-            read = stdin.read(&mut buf), if stdin_open => match read {
-                Ok(0) | Err(_) => {
-                    stdin_open = false;
-                    let close = WsControl { close_stdin: Some(true), signal: None };
-                    tx.send(Message::text(serde_json::to_string(&close)?)).await?;
+            chunk = async { stdin.as_mut().expect("guarded").recv().await }, if stdin.is_some() => match chunk {
+                Some(chunk) => tx.send(Message::binary(chunk)).await?,
+                None => {
+                    stdin = None;
+                    let close = WsControl { close_stdin: Some(true), ..WsControl::default() };
+                    tx.send(control(close)?).await?;
                 }
-                Ok(n) => tx.send(Message::binary(buf[..n].to_vec())).await?,
             },
+            size = async { terminal.as_deref_mut().expect("guarded").resized().await }, if terminal.is_some() => {
+                let resize = WsControl {
+                    resize: Some(TerminalSize { rows: size.rows, cols: size.cols }),
+                    ..WsControl::default()
+                };
+                tx.send(control(resize)?).await?;
+            }
             message = rx.next() => match message {
                 Some(Ok(Message::Text(text))) => {
                     let event: ExecEvent = serde_json::from_str(&text)?;

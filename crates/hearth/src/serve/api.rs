@@ -89,6 +89,10 @@ pub struct Sandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub network: Option<hearth_sandbox::NetworkPolicy>,
+    /// Taken from the daemon's warm pool (`--warm-pool`): booted before it was asked for. Absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
 }
 
 impl From<SandboxInfo> for Sandbox {
@@ -117,6 +121,7 @@ impl From<SandboxInfo> for Sandbox {
             last_active_at: s.last_active_at,
             boot_ms: s.boot_ms,
             network: s.network,
+            warm: s.warm,
         }
     }
 }
@@ -175,12 +180,48 @@ pub struct ExecEvent {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WsControl {
-    /// Close the command's stdin (it reads end of file).
+    /// Close the command's stdin (it reads end of file; with a terminal nothing is passed on:
+    /// send `\u0004`, ^D, as stdin instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_stdin: Option<bool>,
     /// Send this signal to the command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// Resize the command's terminal (only for an exec started with `"tty": true`); its
+    /// foreground process group gets SIGWINCH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<TerminalSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Terminal fields the exec WebSocket's first message may carry beside the `ExecBody` fields
+/// (the NDJSON `POST .../exec` has no way to resize or type, so it takes none of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsTerminal {
+    /// Run the command on a pseudo-terminal: stdin, stdout and stderr are the terminal, output
+    /// comes as `stdout` events only, ^C (`\u0003`) sent as stdin interrupts the foreground job,
+    /// and `{"resize": {"rows": R, "cols": C}}` control messages change its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<bool>,
+    /// Initial rows (default 24); only with `tty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    /// Initial columns (default 80); only with `tty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+}
+
+impl WsTerminal {
+    /// Keys of the first message that belong to the terminal, not to the `ExecBody`.
+    pub const KEYS: [&'static str; 3] = ["tty", "rows", "cols"];
 }
 
 /// `PUT /v1/sandboxes/{id}/files` and `GET` query.

@@ -18,10 +18,10 @@ use axum::Json;
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use hearth_sandbox::node::{ExecSpec, NodeError, NodeExec};
-use hearth_sandbox::{ExecOutput, ExitStatus};
+use hearth_sandbox::{ExecOutput, ExitStatus, TtySize};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::api::{ErrorBody, ExecBody, ExecEvent, WsControl};
+use super::api::{ErrorBody, ExecBody, ExecEvent, WsControl, WsTerminal};
 use super::auth::Authenticated;
 use super::error::ApiError;
 use super::sandboxes::{env_pairs, seconds_field};
@@ -149,7 +149,40 @@ pub(super) fn exec_spec(body: ExecBody, stdin: bool) -> Result<ExecSpec, ApiErro
         user: body.user,
         timeout: seconds_field("timeout_seconds", body.timeout_seconds)?,
         stdin,
+        tty: None,
     })
+}
+
+/// Splits the WebSocket's first message into its `ExecBody` and its terminal ([`WsTerminal`]):
+/// both parts refuse unknown fields.
+fn ws_start(text: &str) -> Result<(ExecBody, Option<TtySize>), String> {
+    let what =
+        |e: serde_json::Error| format!("the first message must be the exec request as JSON: {e}");
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(what)?;
+    let terminal: serde_json::Map<_, _> = WsTerminal::KEYS
+        .iter()
+        .filter_map(|key| fields.remove_entry(*key))
+        .collect();
+    let terminal: WsTerminal = serde_json::from_value(terminal.into()).map_err(what)?;
+    let body: ExecBody = serde_json::from_value(fields.into()).map_err(what)?;
+    let tty = match terminal {
+        WsTerminal {
+            tty: Some(true),
+            rows,
+            cols,
+        } => Some(TtySize {
+            rows: rows.unwrap_or(24),
+            cols: cols.unwrap_or(80),
+        }),
+        WsTerminal {
+            rows: None,
+            cols: None,
+            ..
+        } => None,
+        _ => return Err("`rows` and `cols` need `\"tty\": true`".into()),
+    };
+    Ok((body, tty))
 }
 
 /// Largest WebSocket message (and frame) a client may send; a larger one closes the connection
@@ -164,8 +197,11 @@ const _: () = assert!(STDIN_QUEUE_BYTES >= MAX_WS_MESSAGE);
     params(("id" = String, Path, description = "Sandbox id")),
     security(("bearer" = [])),
     responses(
-        (status = 101, description = "WebSocket. Client: first a text message holding an `ExecBody`; then binary \
-            messages are stdin, text messages are `WsControl` (`{\"close_stdin\":true}`, `{\"signal\":15}`). \
+        (status = 101, description = "WebSocket. Client: first a text message holding an `ExecBody`, optionally with the \
+            `WsTerminal` fields beside its own (`\"tty\": true, \"rows\": 24, \"cols\": 80`: the command runs on a pseudo-terminal, \
+            its output comes as `stdout` events only, ^C sent as stdin interrupts its foreground job); then binary \
+            messages are stdin, text messages are `WsControl` (`{\"close_stdin\":true}`, `{\"signal\":15}`, \
+            `{\"resize\":{\"rows\":50,\"cols\":132}}` for a terminal). \
             Server: one text message per `ExecEvent`, then close. A client message over 1 MiB closes the connection \
             with 1009; stdin the command does not read is queued up to 1 MiB, then the server stops reading messages \
             until it drains (output keeps flowing)."),
@@ -232,8 +268,7 @@ async fn interactive(
         ..Default::default()
     };
     let first = match rx.next().await {
-        Some(Ok(Message::Text(text))) => serde_json::from_str::<ExecBody>(&text)
-            .map_err(|e| format!("the first message must be the exec request as JSON: {e}")),
+        Some(Ok(Message::Text(text))) => ws_start(&text),
         Some(Ok(_)) => Err("the first message must be a text message with the exec request".into()),
         Some(Err(e)) => {
             let _ = tx.send(Message::Close(Some(close_frame(e)))).await;
@@ -241,10 +276,12 @@ async fn interactive(
         }
         None => return Ok(()),
     };
-    let started = match first
-        .map_err(ApiError::invalid)
-        .and_then(|b| exec_spec(b, true))
-    {
+    let started = match first.map_err(ApiError::invalid).and_then(|(body, tty)| {
+        Ok(ExecSpec {
+            tty,
+            ..exec_spec(body, true)?
+        })
+    }) {
         Ok(spec) => state
             .node
             .exec(&tenant, &id, spec)
@@ -311,9 +348,15 @@ async fn interactive(
                                 tx.send(send(failed(e.to_string()))).await?;
                             }
                         }
+                        if let Some(size) = control.resize {
+                            let size = TtySize { rows: size.rows, cols: size.cols };
+                            if let Err(e) = handle.resize(size).await {
+                                tx.send(send(failed(e.to_string()))).await?;
+                            }
+                        }
                     }
                     Err(e) => {
-                        let message = format!("control messages are {{\"close_stdin\":true}} or {{\"signal\":N}}: {e}");
+                        let message = format!("control messages are {{\"close_stdin\":true}}, {{\"signal\":N}} or {{\"resize\":{{\"rows\":R,\"cols\":C}}}}: {e}");
                         tx.send(send(failed(message))).await?;
                     }
                 },
@@ -341,6 +384,34 @@ async fn interactive(
                     return tx.close().await;
                 }
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_websocket_message_splits_into_exec_and_terminal() {
+        let (body, tty) = ws_start(r#"{"argv":["sh"],"tty":true,"cols":100}"#).unwrap();
+        assert_eq!(body.argv, ["sh"]);
+        assert_eq!(
+            tty,
+            Some(TtySize {
+                rows: 24,
+                cols: 100
+            })
+        );
+        assert_eq!(ws_start(r#"{"argv":["sh"],"tty":false}"#).unwrap().1, None);
+        for (bad, needle) in [
+            (r#"{"argv":["sh"],"rows":3}"#, "need `\"tty\": true`"),
+            (r#"{"argv":["sh"],"tty":true,"rows":-1}"#, "invalid value"),
+            (r#"{"argv":["sh"],"tyy":true}"#, "unknown field `tyy`"),
+            (r#"["sh"]"#, "exec request as JSON"),
+        ] {
+            let err = ws_start(bad).unwrap_err();
+            assert!(err.contains(needle), "{bad}: {err}");
         }
     }
 }

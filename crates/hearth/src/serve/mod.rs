@@ -1,7 +1,7 @@
 //! `hearth serve`'s HTTP API: the router (one table from route to handler), the shared state, and
 //! start-up/shutdown of the server. Handlers are thin — parse, authenticate ([`auth::Authenticated`]),
 //! call the [`Node`], map [`NodeError`](hearth_sandbox::node::NodeError) to a status
-//! ([`error::ApiError`]) — and live one file per resource: `sandboxes.rs`, `exec.rs`, `files.rs`,
+//! ([`error::ApiError`]) — and live one file per resource: `sandboxes.rs`, `exec.rs`, `code.rs`, `files.rs`,
 //! `network.rs`, `ports.rs`, `runs.rs`, `metrics.rs`, `openapi.rs`. Wire types are in `api.rs`.
 //!
 //! Authentication: every `/v1` route takes a bearer token. `/healthz`, `/metrics` (aggregate counts
@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod code;
 mod error;
 mod exec;
 mod files;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use hearth_sandbox::node::Node;
 
@@ -73,12 +75,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/sandboxes/{id}",
-            get(sandboxes::get).delete(sandboxes::delete),
+            get(sandboxes::get)
+                .patch(sandboxes::update)
+                .delete(sandboxes::delete),
         )
         .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
+        .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
+        .route(
+            "/v1/sandboxes/{id}/code",
+            post(code::run).delete(code::reset),
+        )
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
         .route(
             "/v1/sandboxes/{id}/network",
@@ -110,6 +119,13 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let node = state.node.clone();
     let app = router(state);
+    // No Nagle: a streamed answer (exec's NDJSON, file bodies) is several small writes, and with
+    // Nagle each after the first waits for the client's delayed ACK, 40 ms on Linux.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an API connection: {e}");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(true);

@@ -40,9 +40,14 @@ pub struct ServeArgs {
         required_unless_present = "print_openapi"
     )]
     pub tokens: Option<PathBuf>,
-    /// vCPUs the node hands out in total (default: the host's CPUs).
+    /// vCPUs the node hands out in total (default: the host's CPUs times --cpu-overcommit).
     #[arg(long)]
     pub capacity_cpus: Option<u32>,
+    /// vCPUs handed out per host CPU when --capacity-cpus is not given (1 to 64). Idle sandboxes
+    /// use no CPU, so the default lets a node hold four times as many as it has cores; memory
+    /// stays a hard limit.
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
     /// Guest memory the node hands out in total, like 8g (default: the host's memory).
     #[arg(long)]
     pub capacity_memory: Option<String>,
@@ -74,6 +79,15 @@ pub struct ServeArgs {
     /// Longest lifetime of a sandbox; also the TTL of sandboxes created without one.
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub max_ttl: Duration,
+    /// A sandbox paused for longer than this (default 7 days) is ended with its snapshot (its
+    /// record says why).
+    #[arg(long, value_parser = parse_duration, default_value = "168h")]
+    pub max_paused: Duration,
+    /// Keep N sandboxes of IMAGE booted for creates that ask for that image and size and no env,
+    /// workdir, user or network policy (`IMAGE=N[,cpus=C,memory=M]`; repeatable). They count
+    /// against the node's capacity, not against any tenant until a create takes one.
+    #[arg(long, value_name = "IMAGE=N[,cpus=C,memory=M]", value_parser = parse_warm_pool)]
+    pub warm_pool: Vec<hearth_sandbox::node::WarmPool>,
     /// Largest file upload.
     #[arg(long, default_value = "1g")]
     pub max_upload: String,
@@ -119,11 +133,7 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     let tokens = a.tokens.as_deref().context("--tokens FILE is required")?;
     let tenants = Tenants::load(tokens)?;
-    let settings = ApiSettings {
-        max_upload_bytes: parse_size(&a.max_upload, "--max-upload")?,
-        run_output_limit: parse_nonzero_size(&a.run_output_limit, "--run-output-limit")? as usize,
-        ..ApiSettings::default()
-    };
+    let settings = api_settings(&a)?;
     let config = node_config(g, &a)?;
     let capacity = config.capacity;
     let config_default_disk = config.defaults.scratch_bytes;
@@ -165,13 +175,34 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API's own knobs the flags describe (`hearth mcp`'s in-process daemon takes them too).
+pub(crate) fn api_settings(a: &ServeArgs) -> anyhow::Result<ApiSettings> {
+    Ok(ApiSettings {
+        max_upload_bytes: parse_size(&a.max_upload, "--max-upload")?,
+        run_output_limit: parse_nonzero_size(&a.run_output_limit, "--run-output-limit")? as usize,
+        ..ApiSettings::default()
+    })
+}
+
+/// `cpus` host CPUs times `ratio` (`--cpu-overcommit`), at least one vCPU.
+fn overcommitted(cpus: u32, ratio: f64) -> anyhow::Result<u32> {
+    anyhow::ensure!(
+        (1.0..=64.0).contains(&ratio),
+        "--cpu-overcommit {ratio}: give a ratio from 1 to 64 (vCPUs handed out per host CPU)"
+    );
+    Ok(((f64::from(cpus) * ratio).floor() as u32).max(1))
+}
+
 /// The node the flags describe; its `defaults` is the sandbox `hearth run` would boot from the
 /// same VM and size flags.
 pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeConfig> {
     let mut config = NodeConfig::new(&g.home);
     let host = Capacity::from_host(&g.home);
     config.capacity = Capacity {
-        vcpus: a.capacity_cpus.unwrap_or(host.vcpus),
+        vcpus: match a.capacity_cpus {
+            Some(n) => n,
+            None => overcommitted(host.vcpus, a.cpu_overcommit)?,
+        },
         memory_mib: match &a.capacity_memory {
             Some(s) => parse_size(s, "--capacity-memory")? >> 20,
             None => host.memory_mib,
@@ -183,6 +214,8 @@ pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeC
     };
     anyhow::ensure!(a.max_boots >= 1, "--max-boots must be at least 1");
     config.max_concurrent_boots = a.max_boots;
+    config.max_paused = a.max_paused;
+    config.warm_pools = a.warm_pool.clone();
     config.limits = Limits {
         max_vcpus: a.max_cpus,
         max_memory_mib: (parse_size(&a.max_memory, "--max-memory")? >> 20) as u32,
@@ -211,4 +244,75 @@ pub(crate) fn node_config(g: &GlobalArgs, a: &ServeArgs) -> anyhow::Result<NodeC
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(config)
+}
+
+/// `--warm-pool IMAGE=N[,cpus=C,memory=M]`.
+fn parse_warm_pool(value: &str) -> Result<hearth_sandbox::node::WarmPool, String> {
+    let usage = || format!("{value:?} is not IMAGE=N[,cpus=C,memory=M]");
+    // An image reference has no `=`: the first one ends it.
+    let (image, rest) = value.split_once('=').ok_or_else(usage)?;
+    let mut parts = rest.split(',');
+    let size = parts
+        .next()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .ok_or_else(usage)?;
+    let mut pool = hearth_sandbox::node::WarmPool {
+        image: image.trim().to_owned(),
+        size,
+        vcpus: None,
+        memory_mib: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("cpus", c)) => pool.vcpus = Some(c.parse().map_err(|_| usage())?),
+            Some(("memory", m)) => {
+                let bytes = crate::units::bytes(m).ok_or_else(usage)?;
+                pool.memory_mib = Some(u32::try_from(bytes >> 20).map_err(|_| usage())?);
+            }
+            _ => return Err(usage()),
+        }
+    }
+    if pool.image.is_empty() {
+        return Err(usage());
+    }
+    Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpus_are_overcommitted_by_the_ratio_and_bad_ratios_are_refused() {
+        assert_eq!(overcommitted(2, 4.0).unwrap(), 8);
+        assert_eq!(overcommitted(2, 1.0).unwrap(), 2);
+        assert_eq!(overcommitted(3, 1.5).unwrap(), 4);
+        for bad in [0.0, 0.5, 65.0, f64::NAN] {
+            let e = overcommitted(2, bad).unwrap_err().to_string();
+            assert!(e.contains("--cpu-overcommit"), "{e}");
+        }
+    }
+
+    #[test]
+    fn warm_pools_parse_with_and_without_a_size() {
+        let pool = parse_warm_pool("reg:5000/hearth-test/busybox:1=3,cpus=2,memory=1g").unwrap();
+        assert_eq!(pool.image, "reg:5000/hearth-test/busybox:1");
+        assert_eq!(
+            (pool.size, pool.vcpus, pool.memory_mib),
+            (3, Some(2), Some(1024))
+        );
+        let plain = parse_warm_pool("python=1").unwrap();
+        assert_eq!((plain.size, plain.vcpus, plain.memory_mib), (1, None, None));
+        for bad in [
+            "python",
+            "python=0",
+            "python=x",
+            "=2",
+            "python=2,gpus=1",
+            "python=2,memory=lots",
+        ] {
+            assert!(parse_warm_pool(bad).is_err(), "{bad}");
+        }
+    }
 }
