@@ -11,6 +11,8 @@ keep-alive HTTP connection (the SDK keeps its own):
   floor: daemon only      GET /v1/sandboxes/{id} (no guest involved)
   floor: guest round trip GET /v1/sandboxes/{id}/files of a small file (daemon -> agent -> daemon)
   exec true (API)         POST /v1/sandboxes/{id}/exec {"argv": ["true"]}  (goal <= 30 ms p50)
+  exec of 10 x /bin/true  one exec whose shell starts /bin/true ten times: the guest's own cost
+                          of a process, the floor under any exec
   exec true (SDK)         Sandbox.exec(["true"])                          (goal: < 2 ms over the API)
   exec python3 -c         what a code call would cost without a kept interpreter
   run_code 1+1 (API)      POST /v1/sandboxes/{id}/code {"code": "1+1"}      (goal <= 30 ms p50)
@@ -93,6 +95,9 @@ def main():
         row("floor: guest round trip",
             timed(n, lambda: api.call("GET", f"/v1/sandboxes/{sid}/files?path=/tmp/small")))
         row("exec true (API)", timed(n, lambda: exec_ok(api, sid, ["true"])))
+        # What one more process costs inside the guest: the same exec running `true` 10 times.
+        ten = ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done"]
+        row("exec of 10 x /bin/true", timed(max(n // 5, 5), lambda: exec_ok(api, sid, ten)))
         try:
             import hearth  # noqa: PLC0415 (optional)
         except ImportError as e:

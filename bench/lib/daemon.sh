@@ -5,6 +5,10 @@
 #                                 $HEARTH_TEST_REGISTRY (started unless given), HEARTH_HOME/KERNEL set
 #   bench_daemon_start ARGS...    starts `$hearth serve --listen 127.0.0.1:0 --tokens $work/tokens.toml
 #                                 ARGS...`; sets $addr and $daemon_pid
+#   bench_release_daemon NAME IMAGE ARGS...
+#                                 all of the above for a one-tenant bench: provisions, builds the release
+#                                 hearth and the agent, writes a tokens file ($token), starts the daemon
+#                                 with ARGS; sets $hearth, $image ($HEARTH_TEST_REGISTRY/hearth-test/IMAGE)
 # $hearth must name the binary; tokens.toml is the caller's to write before starting (made 0600 here).
 
 bench_daemon_cleanup() {
@@ -37,4 +41,19 @@ bench_daemon_start() {
     for _ in $(seq 100); do grep -q '^listening on ' "$work/daemon.out" && break; sleep 0.1; done
     addr=$(sed -n 's/^listening on //p' "$work/daemon.out")
     [ -n "$addr" ] || { echo "hearth serve did not start:" >&2; cat "$work/daemon.log" >&2; exit 1; }
+}
+
+bench_release_daemon() {
+    local name=$1 test_image=$2
+    shift 2
+    scripts/provision.sh > /dev/null
+    cargo build --quiet --release -p hearth
+    export HEARTH_AGENT
+    HEARTH_AGENT=$(scripts/build-agent.sh)
+    hearth=${CARGO_TARGET_DIR:-$PWD/target}/release/hearth
+    bench_daemon_init "$name"
+    image=$HEARTH_TEST_REGISTRY/hearth-test/$test_image
+    token=bench-token-$RANDOM$RANDOM
+    printf '[[tenants]]\nname = "bench"\ntoken = "%s"\n' "$token" > "$work/tokens.toml"
+    bench_daemon_start "$@"
 }
