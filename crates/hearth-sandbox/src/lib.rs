@@ -21,6 +21,7 @@ pub mod node;
 mod pause;
 pub mod restore;
 mod sandbox;
+mod spec_record;
 
 pub use boot::{BootPlan, Networking, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;

@@ -59,7 +59,7 @@ pub struct Sandbox {
     timings: BootTimings,
     selection: String,
     /// What the VM was started with (what a pause saves, to start it again identically); also
-    /// recorded in the run directory (`crate::pause::SPEC_RECORD`) for an adopting process. `None`:
+    /// recorded in the run directory (`crate::spec_record::SPEC_RECORD`) for an adopting process. `None`:
     /// adopted from a run directory without that record.
     pub(crate) spec: Option<VmSpec>,
     /// Keeps the console log's disk use bounded while the sandbox lives.
@@ -187,7 +187,7 @@ impl Sandbox {
             (Some(cold), None) => cold,
             _ => planned_spec,
         };
-        crate::pause::record_spec(&run_dir, &spec);
+        crate::spec_record::record_spec(&run_dir, &spec);
 
         let guest_started = Instant::now();
         let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
@@ -313,7 +313,7 @@ impl Sandbox {
             vm,
             BootTimings::default(),
             "adopted from a previous hearth process".into(),
-            crate::pause::read_spec_record(run_dir),
+            crate::spec_record::read_spec_record(run_dir),
             console,
             network,
         ))

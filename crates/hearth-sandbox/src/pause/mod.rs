@@ -28,29 +28,28 @@
 //! (`hearth_agent::session`); their callers' streams ended with the pause. Execs started after the
 //! resume are the new host's as usual.
 //!
+//! Starting a VM from a snapshot directory, for a resume or a fork's copy, is [`start`]; the spec
+//! record both rely on is `crate::spec_record`.
+//!
 //! Writes only the snapshot directory and the run directory it is given.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hearth_image::PulledImage;
-use hearth_net::network::SandboxNetwork;
-use hearth_vm::channel::AgentClient;
-use hearth_vm::{
-    select_backend, BackendRequest, Drive, KernelCmdline, NetworkInterface, VmSpec, SCRATCH_SERIAL,
-};
+use hearth_vm::{VmSpec, SCRATCH_SERIAL};
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{console_tail, record_owner, AGENT_DEADLINE};
-use crate::{BootTimings, Sandbox, SandboxConfig, SandboxError};
+use crate::spec_record::{SpecRecord, SPEC_RECORD};
+
+mod start;
+use crate::{Sandbox, SandboxConfig, SandboxError};
+pub(crate) use start::Identity;
 
 /// The snapshot directory's description of the paused VM.
 pub const PAUSE_META: &str = "paused.json";
 /// The scratch disk's name inside a snapshot directory and a run directory.
 pub(crate) const SCRATCH_FILE: &str = "scratch.ext4";
-/// In a run directory: the spec the VM was started with, for a process that adopts it and later
-/// pauses it (`hearth-spec.json`).
-pub(crate) const SPEC_RECORD: &str = "hearth-spec.json";
 /// Version of [`PAUSE_META`]'s format; another version is refused, naming the file.
 const META_FORMAT: u32 = 1;
 
@@ -75,103 +74,6 @@ struct PauseMeta {
     state_file: String,
     /// Its size.
     state_bytes: u64,
-}
-
-/// The parts of a [`VmSpec`] that must be the same when the saved VM is started again; paths
-/// inside the run directory (sockets, console, scratch disk) are rebuilt for the new one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SpecRecord {
-    kernel: PathBuf,
-    initramfs: PathBuf,
-    cmdline: Vec<String>,
-    vcpus: u32,
-    memory_mib: u32,
-    drives: Vec<DriveRecord>,
-    network: Option<NicRecord>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct DriveRecord {
-    serial: String,
-    /// Unused for the scratch disk, which lives in the snapshot or run directory.
-    path: PathBuf,
-    read_only: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct NicRecord {
-    tap: String,
-    mac: String,
-    netns: Option<PathBuf>,
-}
-
-impl SpecRecord {
-    fn of(spec: &VmSpec) -> SpecRecord {
-        SpecRecord {
-            kernel: spec.kernel.clone(),
-            initramfs: spec.initramfs.clone(),
-            cmdline: spec.cmdline.params().to_vec(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            drives: spec
-                .drives
-                .iter()
-                .map(|d| DriveRecord {
-                    serial: d.serial.clone(),
-                    path: d.path.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
-            network: spec.network.as_ref().map(|n| NicRecord {
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-                netns: n.netns.clone(),
-            }),
-        }
-    }
-
-    /// The spec of a VM in `run_dir` restored from `state`, with the scratch disk in `run_dir`.
-    fn spec(&self, run_dir: &Path, state: &Path, detached: bool) -> VmSpec {
-        let mut spec = VmSpec::new(&self.kernel, &self.initramfs, run_dir);
-        spec.cmdline = KernelCmdline::from_params(self.cmdline.iter().cloned());
-        spec.vcpus = self.vcpus;
-        spec.memory_mib = self.memory_mib;
-        spec.drives = self
-            .drives
-            .iter()
-            .map(|d| match d.serial == SCRATCH_SERIAL {
-                true => Drive::new(&d.serial, run_dir.join(SCRATCH_FILE), d.read_only),
-                false => Drive::new(&d.serial, &d.path, d.read_only),
-            })
-            .collect();
-        spec.network = self.network.as_ref().map(|n| NetworkInterface {
-            tap: n.tap.clone(),
-            mac: n.mac.clone(),
-            netns: n.netns.clone(),
-        });
-        spec.detached = detached;
-        spec.restore_from = Some(state.to_owned());
-        spec
-    }
-}
-
-/// Records `spec` in its run directory for a later adopter (a failure only costs that adopter the
-/// ability to pause: it is logged).
-pub(crate) fn record_spec(run_dir: &Path, spec: &VmSpec) {
-    let path = run_dir.join(SPEC_RECORD);
-    let json = serde_json::to_vec_pretty(&SpecRecord::of(spec)).expect("spec record serializes");
-    if let Err(e) = std::fs::write(&path, json) {
-        tracing::warn!(path = %path.display(), "recording the VM's spec: {e}");
-    }
-}
-
-/// The spec recorded in `run_dir` by [`record_spec`], if any (the run directory is this VM's).
-pub(crate) fn read_spec_record(run_dir: &Path) -> Option<VmSpec> {
-    let bytes = std::fs::read(run_dir.join(SPEC_RECORD)).ok()?;
-    let record: SpecRecord = serde_json::from_slice(&bytes).ok()?;
-    let mut spec = record.spec(run_dir, Path::new(""), true);
-    spec.restore_from = None;
-    Some(spec)
 }
 
 pub(crate) fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -411,210 +313,11 @@ impl PausedSandbox {
         }
         Ok(sandbox)
     }
-
-    /// Starts the saved VM in `run_dir` as `identity` (the snapshot's own sandbox, or a copy: see
-    /// [`Identity`]), leaving the snapshot directory as it was.
-    pub(crate) async fn start_saved(
-        &self,
-        config: &SandboxConfig,
-        identity: Identity<'_>,
-        run_dir: &Path,
-        detached: bool,
-    ) -> Result<Sandbox, SandboxError> {
-        let started = Instant::now();
-        let state = self.dir.join(&self.meta.state_file);
-        let scratch = self.dir.join(SCRATCH_FILE);
-        for file in [&state, &scratch] {
-            if !file.is_file() {
-                return Err(SandboxError::Io {
-                    what: format!("resuming sandbox {} from {}", self.id, file.display()),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "the paused sandbox's file is missing",
-                    ),
-                });
-            }
-        }
-        let mut spec = self.meta.spec.spec(run_dir, &state, detached);
-        let networking = match (&mut spec.network, &config.network) {
-            (None, _) => None,
-            (Some(nic), Some(networking)) => {
-                if identity.copy {
-                    // The same tap, MAC and guest addresses, in the copy's own namespace.
-                    *nic = networking.interface(identity.id);
-                }
-                Some(networking.clone())
-            }
-            (Some(_), None) => {
-                return Err(SandboxError::Io {
-                    what: format!("resuming sandbox {}", self.id),
-                    source: std::io::Error::other(
-                        "it was paused with a network, and this configuration gives it none",
-                    ),
-                })
-            }
-        };
-        let id = identity.id.to_owned();
-        let copy = identity.copy;
-        let policy = config.network_policy.clone();
-        let home = config.home.clone();
-        let (vmm_choice, accel, jailer) = (config.vmm, config.accel, config.jailer);
-        let start_spec = spec.clone();
-        let link_from = scratch.clone();
-        let start = tokio::task::spawn_blocking(move || {
-            let chosen = select_backend(&BackendRequest {
-                home: &home,
-                vmm: vmm_choice,
-                accel,
-                kernel: &start_spec.kernel,
-                jailer,
-                dry_run: false,
-            })?;
-            let network = match &networking {
-                Some(n) => {
-                    let network = SandboxNetwork::start(&n.home, &id, policy, &n.options)?;
-                    if !detached {
-                        record_owner(&n.home, &id)?;
-                    }
-                    Some(network)
-                }
-                None => None,
-            };
-            let vm = place_scratch(&link_from, &start_spec.run_dir, copy)
-                .and_then(|()| Ok(chosen.vmm.start(&start_spec)?));
-            match vm {
-                Ok(vm) => Ok((vm, network, chosen.reason)),
-                Err(e) => {
-                    // The VM's cleanup removed the run directory, or it never existed.
-                    let _ = std::fs::remove_dir_all(&start_spec.run_dir);
-                    if let Some(network) = network {
-                        let _ = network.teardown();
-                    }
-                    Err(e)
-                }
-            }
-        })
-        .await
-        .expect("resume task");
-        let (mut vm, network, reason) = start?;
-        let vmm_start = started.elapsed();
-        let guest_started = Instant::now();
-        let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
-        let resume = crate::restore::resume_for(identity.hostname)?;
-        let connected = match vm.take_agent_stream() {
-            Some(stream) => AgentClient::connect_stream_resume(stream, deadline, resume).await,
-            None => AgentClient::connect_unix_resume(&spec.agent_socket, deadline, resume).await,
-        };
-        let client = match connected {
-            Ok(client) => client,
-            Err(source) => {
-                let console = spec.console_log.clone();
-                let tail = console_tail(&console);
-                let restored_run_dir = spec.run_dir.clone();
-                tokio::task::spawn_blocking(move || {
-                    drop(vm); // kills the VMM, removes the run directory
-                    let _ = std::fs::remove_dir_all(restored_run_dir);
-                    if let Some(network) = network {
-                        let _ = network.teardown();
-                    }
-                })
-                .await
-                .expect("cleanup task");
-                return Err(SandboxError::Agent {
-                    source,
-                    tail,
-                    console,
-                });
-            }
-        };
-        record_spec(run_dir, &spec);
-        let timings = BootTimings {
-            prepare: std::time::Duration::ZERO,
-            vmm_start,
-            guest_boot: guest_started.elapsed(),
-            restore: vm.restored_in(),
-        };
-        let how = if copy { "forked" } else { "resumed" };
-        tracing::info!(sandbox = %identity.id, from = %self.id, ?timings, "sandbox {how}");
-        Ok(Sandbox::from_parts(
-            identity.id.to_owned(),
-            self.image.clone(),
-            client,
-            vm,
-            timings,
-            format!("{reason}; {how} from {}", self.dir.display()),
-            Some(spec.clone()),
-            spec.console_log.clone(),
-            network,
-        ))
-    }
-}
-
-/// Who a VM started from a snapshot is.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Identity<'a> {
-    pub id: &'a str,
-    /// Sent in RESUME: a running agent takes it as its hostname when it differs.
-    pub hostname: &'a str,
-    /// A copy of the snapshot's sandbox (a fork's child) rather than that sandbox itself: its
-    /// NIC goes into `id`'s namespace and it gets its own copy of the scratch disk, so that the
-    /// snapshot can start more copies.
-    pub copy: bool,
-}
-
-/// Creates `run_dir` and puts the snapshot's scratch disk into it: hard-linked (so that a failed
-/// start, whose cleanup removes the run directory, leaves the snapshot's copy), or with `copy` a
-/// copy of its own (reflinked where the filesystem can, sparse otherwise).
-fn place_scratch(scratch: &Path, run_dir: &Path, copy: bool) -> Result<(), SandboxError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(run_dir)
-        .map_err(io_error(format!(
-            "creating run directory {}",
-            run_dir.display()
-        )))?;
-    let target = run_dir.join(SCRATCH_FILE);
-    let placed = match copy {
-        true => hearth_vm::scratch::copy_sparse(scratch, &target),
-        false => std::fs::hard_link(scratch, &target),
-    };
-    placed.map_err(io_error(format!(
-        "{} the scratch disk {} into {}",
-        if copy { "copying" } else { "linking" },
-        scratch.display(),
-        run_dir.display()
-    )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_spec_record_rebuilds_the_same_vm_around_a_new_run_directory() {
-        let mut spec = VmSpec::new("/k/vmlinux", "/k/init.cpio", "/h/sandboxes/a");
-        spec.vcpus = 2;
-        spec.memory_mib = 768;
-        spec.cmdline.set("hearth.template=1");
-        spec.drives = vec![
-            Drive::rootfs("/h/rootfs/x.ext4"),
-            Drive::scratch("/h/sandboxes/a/scratch.ext4"),
-        ];
-        spec.network = Some(NetworkInterface {
-            tap: "tap0".into(),
-            mac: "06:00:ac:10:00:02".into(),
-            netns: Some("/h/node/net/a/netns".into()),
-        });
-        let json = serde_json::to_string(&SpecRecord::of(&spec)).unwrap();
-        let record: SpecRecord = serde_json::from_str(&json).unwrap();
-        let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
-        let mut expected = spec.clone();
-        expected.detached = true;
-        expected.restore_from = Some("/p/state".into());
-        assert_eq!(again, expected);
-    }
 
     #[test]
     fn a_missing_or_corrupt_meta_file_is_named() {
