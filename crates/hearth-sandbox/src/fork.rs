@@ -31,8 +31,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use hearth_vm::SCRATCH_SERIAL;
-
 use crate::pause::{io_error, Identity, SCRATCH_FILE};
 use crate::{PausedSandbox, Sandbox, SandboxConfig, SandboxError};
 
@@ -52,20 +50,7 @@ impl Sandbox {
     pub async fn snapshot(&self, dir: &Path) -> Result<PausedSandbox, SandboxError> {
         let started = Instant::now();
         let id = self.id.clone();
-        let spec = self.spec.clone().ok_or_else(|| {
-            fork_error(
-                &id,
-                "its run directory has no VM spec record (started by an older hearth): the VM \
-                 cannot be copied"
-                    .into(),
-            )
-        })?;
-        let scratch = spec
-            .drives
-            .iter()
-            .find(|d| d.serial == SCRATCH_SERIAL)
-            .map(|d| d.path.clone())
-            .ok_or_else(|| fork_error(&id, "the VM has no scratch disk".into()))?;
+        let (spec, scratch) = self.saveable(|what| fork_error(&id, what), "copied")?;
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()

@@ -88,6 +88,29 @@ pub(crate) fn pause_error(sandbox: &str, what: String) -> SandboxError {
 }
 
 impl Sandbox {
+    /// What saving this VM needs (for a pause or a fork's snapshot): the spec it was started with
+    /// and its scratch disk's path. `fail` makes the error; `purpose` ends the message for a VM
+    /// without a spec record ("the VM cannot be {purpose}").
+    pub(crate) fn saveable(
+        &self,
+        fail: impl Fn(String) -> SandboxError,
+        purpose: &str,
+    ) -> Result<(VmSpec, PathBuf), SandboxError> {
+        let spec = self.spec.clone().ok_or_else(|| {
+            fail(format!(
+                "its run directory has no {SPEC_RECORD} (started by an older hearth): the VM \
+                 cannot be {purpose}"
+            ))
+        })?;
+        let scratch = spec
+            .drives
+            .iter()
+            .find(|d| d.serial == SCRATCH_SERIAL)
+            .map(|d| d.path.clone())
+            .ok_or_else(|| fail("the VM has no scratch disk".into()))?;
+        Ok((spec, scratch))
+    }
+
     /// Saves this sandbox into `dir` (created; it must not hold a snapshot already) and ends its
     /// VMM and network; the sandbox is dead afterwards (drop it) and [`PausedSandbox::resume`]
     /// brings it back. Streams of execs still running end (their connection closes); their
@@ -96,15 +119,8 @@ impl Sandbox {
     pub async fn pause(&self, dir: &Path) -> Result<PausedSandbox, SandboxError> {
         let started = Instant::now();
         let id = self.id.clone();
-        let spec = self.spec.clone().ok_or_else(|| {
-            pause_error(
-                &id,
-                format!(
-                    "its run directory has no {SPEC_RECORD} (started by an older hearth): \
-                     the VM cannot be saved and started again identically"
-                ),
-            )
-        })?;
+        let fail = |what| pause_error(&id, what);
+        let (spec, scratch) = self.saveable(fail, "saved and started again identically")?;
         if dir.join(PAUSE_META).exists() {
             return Err(pause_error(
                 &id,
@@ -119,12 +135,6 @@ impl Sandbox {
             // RESUME line with that name, so the resumed guest gets hearth's name for it back.
             _ => crate::boot::hostname_for(&id),
         };
-        let scratch = spec
-            .drives
-            .iter()
-            .find(|d| d.serial == SCRATCH_SERIAL)
-            .map(|d| d.path.clone())
-            .ok_or_else(|| pause_error(&id, "the VM has no scratch disk".into()))?;
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()

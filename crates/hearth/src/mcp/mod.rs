@@ -134,11 +134,7 @@ async fn serve_http(
     // The one line on stdout: scripts and tests read the bound address from it.
     println!("listening on {bound}");
     let app = axum::Router::new().nest_service("/mcp", service);
-    // No Nagle, as for the daemon's API (`crate::serve::serve`): answers stream in small writes.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
+    axum::serve(crate::serve::no_delay(listener), app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             stop.cancel();

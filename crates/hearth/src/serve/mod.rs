@@ -108,6 +108,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// `listener` with Nagle off on every connection it accepts: a streamed answer (exec's NDJSON, file
+/// bodies, MCP's) is several small writes, and with Nagle each after the first waits for the
+/// client's delayed ACK, 40 ms on Linux.
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an API connection: {e}");
+        }
+    })
+}
+
 /// Serves `router(state)` on `listener` until `shutdown` completes, then stops accepting and gives
 /// open connections (streams, WebSockets) `grace` to finish; whatever is left is cut.
 pub async fn serve(
@@ -119,14 +132,7 @@ pub async fn serve(
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     let node = state.node.clone();
     let app = router(state);
-    // No Nagle: a streamed answer (exec's NDJSON, file bodies) is several small writes, and with
-    // Nagle each after the first waits for the client's delayed ACK, 40 ms on Linux.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on an API connection: {e}");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = axum::serve(no_delay(listener), app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
     });
