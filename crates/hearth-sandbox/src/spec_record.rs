@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hearth_vm::{Drive, KernelCmdline, NetworkInterface, VmSpec, SCRATCH_SERIAL};
+use hearth_vm::{Drive, GuestMemory, KernelCmdline, NetworkInterface, VmSpec, SCRATCH_SERIAL};
 use serde::{Deserialize, Serialize};
 
 use crate::pause::SCRATCH_FILE;
@@ -26,6 +26,10 @@ pub(crate) struct SpecRecord {
     memory_mib: u32,
     drives: Vec<DriveRecord>,
     network: Option<NicRecord>,
+    /// The boot template whose memory file the VM maps (restored from a template); absent in
+    /// records written before guest memory was file-backed, and for cold-booted VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    template_memory: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,12 @@ impl SpecRecord {
             cmdline: spec.cmdline.params().to_vec(),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
+            template_memory: match &spec.memory {
+                GuestMemory::FromTemplate(file) | GuestMemory::TemplateFile(file) => {
+                    Some(file.clone())
+                }
+                GuestMemory::Anonymous => None,
+            },
             drives: spec
                 .drives
                 .iter()
@@ -89,6 +99,13 @@ impl SpecRecord {
         });
         spec.detached = detached;
         spec.restore_from = Some(state.to_owned());
+        // The saved state holds the VM's whole memory either way; a file-backed VM is restored
+        // onto the same template mapping (or zeroes, if the template is gone since) so that the
+        // state's RAM block and capabilities match.
+        spec.memory = match &self.template_memory {
+            Some(file) => GuestMemory::FromTemplate(file.clone()),
+            None => GuestMemory::Anonymous,
+        };
         spec
     }
 }
@@ -131,6 +148,7 @@ mod tests {
             mac: "06:00:ac:10:00:02".into(),
             netns: Some("/h/node/net/a/netns".into()),
         });
+        spec.memory = GuestMemory::FromTemplate("/h/templates/t/memory".into());
         let json = serde_json::to_string(&SpecRecord::of(&spec)).unwrap();
         let record: SpecRecord = serde_json::from_str(&json).unwrap();
         let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
@@ -138,5 +156,16 @@ mod tests {
         expected.detached = true;
         expected.restore_from = Some("/p/state".into());
         assert_eq!(again, expected);
+    }
+
+    #[test]
+    fn a_record_from_before_file_backed_memory_restores_with_anonymous_memory() {
+        let spec = VmSpec::new("/k/vmlinux", "/k/init.cpio", "/h/sandboxes/a");
+        let mut json: serde_json::Value = serde_json::to_value(SpecRecord::of(&spec)).unwrap();
+        assert!(json.get("template_memory").is_none());
+        json.as_object_mut().unwrap().remove("template_memory");
+        let record: SpecRecord = serde_json::from_value(json).unwrap();
+        let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
+        assert_eq!(again.memory, GuestMemory::Anonymous);
     }
 }

@@ -47,6 +47,33 @@ pub struct VmSpec {
     /// A virtio-net interface on a host tap device; `None` (the default) gives the guest no network
     /// device at all. Needs [`crate::Capabilities::network`].
     pub network: Option<NetworkInterface>,
+    /// Where guest memory lives (QEMU): private anonymous memory (the default), or a boot template's
+    /// memory file, written by the template VM and mapped copy-on-write by the VMs restored from it.
+    pub memory: GuestMemory,
+}
+
+/// Where a VM's guest memory comes from. The file-backed forms let every VM restored from one boot
+/// template share the template's pages until it writes them, instead of each loading a private copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Private anonymous memory allocated by the VMM (cold boots, Firecracker).
+    #[default]
+    Anonymous,
+    /// A boot template being built: guest memory is this file, mapped shared, so that the file
+    /// holds the template's RAM once it is saved (the saved state then leaves the RAM out).
+    TemplateFile(PathBuf),
+    /// A VM restored from a template (or from a snapshot of such a VM): a private, copy-on-write
+    /// mapping of a sealed in-memory copy of the template's memory file. The VM can neither change
+    /// the template nor punch holes into it; pages it never writes stay shared with its siblings.
+    FromTemplate(PathBuf),
+}
+
+impl GuestMemory {
+    /// Whether this memory is file-backed (a template's): saved states then leave the template's
+    /// RAM out (QEMU's `x-ignore-shared`), and loading one needs the same capability.
+    pub fn is_file_backed(&self) -> bool {
+        !matches!(self, GuestMemory::Anonymous)
+    }
 }
 
 impl VmSpec {
@@ -71,6 +98,7 @@ impl VmSpec {
             detached: false,
             restore_from: None,
             network: None,
+            memory: GuestMemory::Anonymous,
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{QemuVmm, AGENT_PORT_NAME, TCG_CPU};
 use crate::accel::Accel;
-use crate::spec::VmSpec;
+use crate::spec::{GuestMemory, VmSpec};
 
 /// `x-option-roms=off` skips the option-ROM scan (measured fastest); ACPI stays on because the guest
 /// finds its virtio-mmio devices through ACPI. pit/pic/rtc stay at their defaults: turning them off
@@ -41,12 +41,44 @@ pub(super) fn confinement(uid: u32, gid: u32, chroot: &Path) -> Vec<String> {
     ]
 }
 
+/// The id of the memory backend of a VM with file-backed memory ([`GuestMemory`]); its presence in
+/// `query-memdev` tells a save whether the RAM of shared mappings is to be left out.
+pub(super) const MEMORY_BACKEND_ID: &str = "hearth-mem";
+
+/// The command line; a VM restored from a template maps its memory from the template's file
+/// (as `--dry-run` shows it). See [`render_with_memory`].
 pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
+    render_with_memory(qemu, spec, None)
+}
+
+/// The command line, with `memory_source` (when set) as the file a [`GuestMemory::FromTemplate`]
+/// VM maps instead of the template's own file: the sealed copy that `start` makes
+/// (`super::memory`).
+pub(super) fn render_with_memory(
+    qemu: &QemuVmm,
+    spec: &VmSpec,
+    memory_source: Option<&Path>,
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    let (machine, backend) = match &spec.memory {
+        GuestMemory::Anonymous => (MACHINE.to_string(), None),
+        GuestMemory::TemplateFile(file) => (
+            format!("{MACHINE},memory-backend={MEMORY_BACKEND_ID}"),
+            Some(memory_backend(spec.memory_mib, file, true)),
+        ),
+        GuestMemory::FromTemplate(file) => (
+            format!("{MACHINE},memory-backend={MEMORY_BACKEND_ID}"),
+            Some(memory_backend(
+                spec.memory_mib,
+                memory_source.unwrap_or(file),
+                false,
+            )),
+        ),
+    };
     push(&[
         "-M",
-        MACHINE,
+        &machine,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -71,6 +103,9 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
         "-smp",
         &spec.vcpus.to_string(),
     ]);
+    if let Some(backend) = &backend {
+        push(&["-object", backend]);
+    }
     push(&[
         "-kernel",
         &path(&spec.kernel),
@@ -148,6 +183,16 @@ pub(super) fn render(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
     args
 }
 
+/// A file-backed memory backend: `share=on` for a template being built (its RAM goes into the
+/// file), `share=off` for a restored VM (a private copy-on-write mapping of it).
+fn memory_backend(memory_mib: u32, file: &Path, shared: bool) -> String {
+    format!(
+        "memory-backend-file,id={MEMORY_BACKEND_ID},size={memory_mib}M,mem-path={},share={}",
+        opt_path(file),
+        if shared { "on" } else { "off" }
+    )
+}
+
 fn path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -174,6 +219,36 @@ mod tests {
     }
 
     use crate::test_support::values;
+
+    #[test]
+    fn template_memory_is_a_shared_file_and_restored_memory_a_private_mapping() {
+        let qemu =
+            QemuVmm::new("/usr/bin/qemu-system-x86_64", Accel::Tcg, Some(2_300_000)).unwrap();
+        let mut template = spec();
+        template.memory = GuestMemory::TemplateFile("/h/templates/t/memory".into());
+        let args = render(&qemu, &template);
+        assert_eq!(
+            values(&args, "-M"),
+            ["microvm,x-option-roms=off,memory-backend=hearth-mem"]
+        );
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=hearth-mem,size=768M,mem-path=/h/templates/t/memory,share=on"]
+        );
+        let mut restored = spec();
+        restored.memory = GuestMemory::FromTemplate("/h/templates/t/memory".into());
+        let sealed = Path::new("/proc/7/fd/9");
+        let args = render_with_memory(&qemu, &restored, Some(sealed));
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=hearth-mem,size=768M,mem-path=/proc/7/fd/9,share=off"]
+        );
+        // Anonymous memory (cold boots, and VMs recorded before memory was file-backed) renders as
+        // it always did, so their saved states still load.
+        let args = render(&qemu, &spec());
+        assert_eq!(values(&args, "-M"), ["microvm,x-option-roms=off"]);
+        assert!(values(&args, "-object").is_empty());
+    }
 
     #[test]
     fn tcg_renders_machine_accel_and_tsc_frequency() {

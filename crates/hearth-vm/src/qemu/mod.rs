@@ -8,6 +8,7 @@
 mod argv;
 mod error;
 mod kvm_probe;
+mod memory;
 mod qmp;
 mod running;
 pub mod snapshot;

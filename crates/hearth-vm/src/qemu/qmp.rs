@@ -153,6 +153,22 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Turns a migration capability on or off (before `migrate` or `migrate-incoming`).
+    pub fn set_migration_capability(&mut self, name: &str, on: bool) -> Result<(), QmpError> {
+        let caps = json!({ "capabilities": [{ "capability": name, "state": on }] });
+        self.execute("migrate-set-capabilities", Some(caps))
+            .map(drop)
+    }
+
+    /// Whether the VM has a memory backend object with this id (`query-memdev`).
+    pub fn has_memdev(&mut self, id: &str) -> Result<bool, QmpError> {
+        let list = self.execute("query-memdev", None)?;
+        Ok(list.as_array().is_some_and(|devs| {
+            devs.iter()
+                .any(|d| d.get("id").and_then(Value::as_str) == Some(id))
+        }))
+    }
+
     /// The outgoing migration's status (`active`, `completed`, `failed`, ...) and QEMU's error
     /// description when it failed.
     pub fn query_migrate(&mut self) -> Result<(String, Option<String>), QmpError> {

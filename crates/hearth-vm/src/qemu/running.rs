@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::snapshot::restore::load_and_continue;
 use super::snapshot::{save::save, SnapshotError};
-use super::{argv, QemuError, QemuVmm, Qmp, QmpError};
+use super::{argv, memory, QemuError, QemuVmm, Qmp, QmpError};
 use crate::confine;
 use crate::detached::DetachedRecord;
 use crate::error::VmError;
@@ -20,7 +20,7 @@ use crate::lifecycle::{remove_leftovers, Diagnose, VmExit, VmProcess};
 use crate::process::ProcessIdentity;
 use crate::process::{spawn_guarded_vmm_in, spawn_vmm_in, Enter, SpawnRequest};
 use crate::rundir::{self, read_tail};
-use crate::spec::VmSpec;
+use crate::spec::{GuestMemory, VmSpec};
 use crate::vmm::{AgentEndpoint, RunningVm, SavedState};
 
 /// QEMU opens its sockets within milliseconds; loading a large kernel under load can take a while.
@@ -117,7 +117,7 @@ impl RunningQemu {
         )?;
         vm.qmp = Some(qmp);
         if let Some(state) = &spec.restore_from {
-            vm.restore(state, &spec.agent_socket)?;
+            vm.restore(state, &spec.agent_socket, spec.memory.is_file_backed())?;
         }
         tracing::debug!(pid = vm.pid(), run_dir = %run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
         Ok(vm)
@@ -139,7 +139,17 @@ impl RunningQemu {
             path: log_path.clone(),
             source,
         })?;
-        let mut args = argv::render(qemu, spec);
+        // A VM restored from a template maps a sealed copy of its memory (see `memory.rs`); the
+        // copy must stay open until QEMU has opened it, which it has once its QMP socket answers
+        // (the cache keeps it beyond that).
+        let sealed = match &spec.memory {
+            GuestMemory::FromTemplate(file) => {
+                Some(memory::sealed_copy(file, u64::from(spec.memory_mib) << 20)?)
+            }
+            _ => None,
+        };
+        let source = sealed.as_ref().map(|s| s.path());
+        let mut args = argv::render_with_memory(qemu, spec, source.as_deref());
         let mut enter = Enter::default();
         let guarded = confined.is_some();
         if let Some(confined) = confined {
@@ -181,7 +191,12 @@ impl RunningQemu {
 
     /// Loads the saved state into a QEMU started with `-incoming defer` and lets it run. On
     /// failure QEMU usually exits by itself; its stderr goes into the error before it is killed.
-    fn restore(&mut self, state: &Path, agent_socket: &Path) -> Result<(), VmError> {
+    fn restore(
+        &mut self,
+        state: &Path,
+        agent_socket: &Path,
+        file_backed: bool,
+    ) -> Result<(), VmError> {
         let started = Instant::now();
         // The state was saved with its host connected; connecting before the load keeps it so for
         // the restored guest (see snapshot/build.rs).
@@ -191,7 +206,7 @@ impl RunningQemu {
             source,
         })?;
         let qmp = self.qmp.as_mut().expect("QMP connected before restoring");
-        match load_and_continue(qmp, state) {
+        match load_and_continue(qmp, state, file_backed) {
             Ok(()) => {
                 self.restored_in = Some(started.elapsed());
                 self.agent_stream = Some(agent);

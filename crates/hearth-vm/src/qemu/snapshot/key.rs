@@ -12,10 +12,11 @@ use sha2::{Digest, Sha256};
 
 use super::SnapshotError;
 use crate::qemu::{argv, QemuVmm};
-use crate::spec::{Drive, VmSpec};
+use crate::spec::{Drive, GuestMemory, VmSpec};
 
-/// Bumped whenever the way templates are made changes, so old ones are not restored.
-const FORMAT: u32 = 1;
+/// Bumped whenever the way templates are made changes, so old ones are not restored (2: guest
+/// memory in the template's `memory` file, left out of `state`).
+const FORMAT: u32 = 2;
 /// Hex digits of the key's hash used as the template's name: 64 bits, short enough to keep socket
 /// paths under `$HEARTH_HOME` within `sun_path`'s limit.
 const ID_HEX_DIGITS: usize = 16;
@@ -92,6 +93,10 @@ pub(super) fn normalized_argv(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
     normal.console_log = "/@run/console.log".into();
     normal.detached = false;
     normal.restore_from = None;
+    // A template (shared file) and the VMs restored from it (private copy) have the same memory.
+    if spec.memory.is_file_backed() {
+        normal.memory = GuestMemory::TemplateFile("/@memory".into());
+    }
     normal.drives = spec
         .drives
         .iter()

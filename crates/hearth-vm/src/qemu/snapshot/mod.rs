@@ -5,6 +5,11 @@
 //! host's RESUME line (`hearth_proto::handshake`) makes the agent finish its init. The template
 //! never touches its (placeholder) disks, so one template serves every image.
 //!
+//! The template's guest memory is the file `templates/<id>/memory` (mapped shared while it is
+//! built, left out of `state`); restored VMs map a sealed copy of it privately
+//! ([`crate::GuestMemory`], `qemu/memory.rs`), so the pages they never write are shared by all of
+//! them instead of each VM loading its own copy of the template's RAM.
+//!
 //! Writes only under `$HEARTH_HOME/templates/` (and the template VM's run directory under
 //! `$HEARTH_HOME/run/`). Builds are serialized per key by an `flock` on `templates/<id>.lock`; a
 //! template is complete once its `meta.json` exists (written last), so a failed build is never used.
@@ -24,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use key::{FileIdentity, KeyInputs, TemplateKey};
 
 use super::QemuVmm;
-use crate::spec::{Drive, KernelCmdline, VmSpec};
+use crate::spec::{Drive, GuestMemory, KernelCmdline, VmSpec};
 use crate::vmm::VmError;
 
 /// Kernel parameter that puts the agent in template mode.
@@ -32,6 +37,7 @@ pub const TEMPLATE_PARAM: &str = "hearth.template=1";
 pub use crate::spec::HOSTNAME_PARAM;
 
 const STATE: &str = "state";
+const MEMORY: &str = "memory";
 const META: &str = "meta.json";
 
 /// A template's bookkeeping, `templates/<id>/meta.json`.
@@ -64,6 +70,7 @@ impl Template {
         let cmdline = template_cmdline(&spec.cmdline);
         let mut probe = spec.clone();
         probe.cmdline = cmdline.clone();
+        probe.memory = GuestMemory::TemplateFile(MEMORY.into());
         let key = TemplateKey::new(qemu, &probe)?;
         Ok(Template {
             dir: home.join("templates").join(&key.id),
@@ -78,8 +85,16 @@ impl Template {
         self.dir.join(STATE)
     }
 
-    /// The template's bookkeeping, if it is completely built.
+    /// The template's guest memory (written by the template VM, mapped by restored ones).
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join(MEMORY)
+    }
+
+    /// The template's bookkeeping, if it is completely built (its memory file there too).
     pub fn meta(&self) -> Option<TemplateMeta> {
+        if !self.memory().is_file() {
+            return None;
+        }
         let bytes = std::fs::read(self.dir.join(META)).ok()?;
         let meta: TemplateMeta = serde_json::from_slice(&bytes).ok()?;
         let state_bytes = std::fs::metadata(self.state()).ok()?.len();
@@ -97,6 +112,7 @@ impl Template {
         let mut restore = spec.clone();
         restore.cmdline = self.cmdline.clone();
         restore.restore_from = Some(self.state());
+        restore.memory = GuestMemory::FromTemplate(self.memory());
         if key::normalized_argv(qemu, &restore) != self.key.inputs.argv {
             return Err(SnapshotError::Mismatch {
                 id: self.key.id.clone(),
@@ -128,6 +144,7 @@ impl Template {
         template.run_dir = run_dir;
         template.detached = false;
         template.restore_from = None;
+        template.memory = GuestMemory::TemplateFile(self.memory());
         template.drives = spec
             .drives
             .iter()

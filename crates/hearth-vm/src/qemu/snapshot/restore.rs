@@ -2,7 +2,8 @@
 //! here, is handed to QEMU with `getfd` (a confined QEMU can neither open host paths nor run
 //! `exec:cat`), then `migrate-incoming` from `fd:NAME`, wait until the run state leaves
 //! `inmigrate`, `cont` (the state was saved paused). Touches only `state` (read) and the QMP
-//! connection.
+//! connection. A VM with file-backed memory loads with `x-ignore-shared`, as it was saved
+//! (`save.rs`).
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -17,7 +18,15 @@ const FD_NAME: &str = "hearth-restore";
 
 /// Loads `state` and lets the guest run. The error says what QMP reported; QEMU itself exits when
 /// the state does not load, so the caller adds its stderr.
-pub(crate) fn load_and_continue(qmp: &mut Qmp, state: &Path) -> Result<(), String> {
+pub(crate) fn load_and_continue(
+    qmp: &mut Qmp,
+    state: &Path,
+    file_backed: bool,
+) -> Result<(), String> {
+    if file_backed {
+        qmp.set_migration_capability(super::save::IGNORE_SHARED, true)
+            .map_err(|e| format!("QMP migrate-set-capabilities: {e}"))?;
+    }
     let input =
         std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?;
     qmp.send_fd(FD_NAME, input.as_fd())

@@ -2,12 +2,20 @@
 //! (opened here, passed with `getfd`: a confined QEMU can neither open host paths nor run
 //! `exec:cat`), `migrate` to `fd:NAME`, wait for `completed`. Used to build boot templates and to
 //! save live VMs ([`crate::RunningVm::save_state`]). Touches only `file` and the QMP connection.
+//!
+//! A VM with file-backed memory ([`crate::GuestMemory`]: it has the `hearth-mem` backend) is saved
+//! with `x-ignore-shared`: a template's shared memory file then stays out of the state (the file is
+//! the RAM), while a restored VM's private mapping is not shared and is saved whole, as before.
 
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::qemu::argv::MEMORY_BACKEND_ID;
 use crate::qemu::Qmp;
+
+/// QEMU's migration capability that leaves shared, file-backed RAM out of a saved state.
+pub(crate) const IGNORE_SHARED: &str = "x-ignore-shared";
 
 /// Saving ~70 MB took 0.5 s; this bounds a wedged migration.
 const SAVE_DEADLINE: Duration = Duration::from_secs(120);
@@ -23,6 +31,13 @@ pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), String> {
         .open(file)
         .map_err(|e| format!("creating {}: {e}", file.display()))?;
     qmp.stop().map_err(|e| format!("QMP stop: {e}"))?;
+    let file_backed = qmp
+        .has_memdev(MEMORY_BACKEND_ID)
+        .map_err(|e| format!("QMP query-memdev: {e}"))?;
+    if file_backed {
+        qmp.set_migration_capability(IGNORE_SHARED, true)
+            .map_err(|e| format!("QMP migrate-set-capabilities: {e}"))?;
+    }
     qmp.send_fd(FD_NAME, out.as_fd())
         .map_err(|e| format!("QMP getfd: {e}"))?;
     drop(out); // QEMU holds its own copy now
