@@ -4,10 +4,12 @@
 //!
 //! Entry points: [`crd`] (the custom resource types and the generated CRD YAML), [`schedule`] (the
 //! placement policy, pure), [`status`] (status transitions, pure), [`lease`] (heartbeats and leader
-//! election), [`controller::Operator`] (the `hearth operator` loop), [`node::NodeAgent`] (the node side).
+//! election), [`admission`] (the node-confinement webhook), [`controller::Operator`] (the
+//! `hearth operator` loop), [`node::NodeAgent`] (the node side).
 //! Everything that talks to the API server goes through `kube::Client`; nothing here touches the host
 //! except through `Node`.
 
+pub mod admission;
 pub mod client;
 pub mod controller;
 pub mod crd;

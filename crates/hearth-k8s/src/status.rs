@@ -1,6 +1,8 @@
 //! Status transitions of a Sandbox, as pure functions from the old status to the new one. Who writes
-//! which: the controller Pending -> Scheduled (and -> Failed/NodeLost), the node agent Scheduled ->
-//! Running -> Succeeded | Failed. Writers send the whole new status with the object's resourceVersion
+//! which: the controller Pending -> Scheduled (and -> Failed/NodeLost, -> Failed/InvalidSpec, and a
+//! Service never placed before its shutdown time -> Succeeded), the node agent Scheduled -> Running
+//! -> Succeeded | Failed, and for Service sandboxes Running <-> Paused and Paused -> Succeeded |
+//! Failed. Writers send the whole new status with the object's resourceVersion
 //! (`replace_status`), so a transition computed from a stale object fails with a conflict instead of
 //! overwriting someone else's.
 
@@ -14,11 +16,13 @@ pub fn allowed(from: Phase, to: Phase) -> bool {
     matches!(
         (from, to),
         (Pending, Scheduled)
-            | (Pending, Failed)
+            | (Pending, Succeeded | Failed)
             | (Scheduled, Running)
-            | (Scheduled, Failed)
-            | (Running, Succeeded)
-            | (Running, Failed)
+            | (Scheduled, Succeeded | Failed)
+            | (Running, Succeeded | Failed)
+            | (Running, Paused)
+            | (Paused, Running)
+            | (Paused, Succeeded | Failed)
     )
 }
 
@@ -87,6 +91,60 @@ pub fn running(old: &SandboxStatus, now: &Time) -> SandboxStatus {
     s
 }
 
+/// Scheduled (or Running, Paused) -> Running for a Service sandbox whose VM runs as node-local
+/// sandbox `sandbox_id`: the first time with its start time and `Started`; after a resume with the
+/// `Paused` condition False. A failure noted before (a failed resume) is cleared.
+pub fn service_running(old: &SandboxStatus, sandbox_id: &str, now: &Time) -> SandboxStatus {
+    let mut s = old.clone();
+    let was = s.phase;
+    s.phase = Some(Phase::Running);
+    s.sandbox_id = Some(sandbox_id.into());
+    s.start_time.get_or_insert_with(|| now.clone());
+    s.reason = None;
+    s.message = None;
+    set_condition(&mut s.conditions, "Started", true, None, None, now);
+    if was == Some(Phase::Paused) || s.conditions.iter().any(|c| c.type_ == "Paused") {
+        set_condition(&mut s.conditions, "Paused", false, None, None, now);
+    }
+    s
+}
+
+/// Running -> Paused: the VM is saved on its node and holds no vCPUs or memory there.
+pub fn paused(old: &SandboxStatus, now: &Time) -> SandboxStatus {
+    let mut s = old.clone();
+    s.phase = Some(Phase::Paused);
+    s.reason = None;
+    s.message = None;
+    set_condition(&mut s.conditions, "Paused", true, None, None, now);
+    s
+}
+
+/// A pause (`PauseFailed`, still running) or resume (`ResumeFailed`, still paused) that did not
+/// happen: the phase stays, the `Paused` condition and the message say why.
+pub fn pause_or_resume_failed(
+    old: &SandboxStatus,
+    resuming: bool,
+    message: &str,
+    now: &Time,
+) -> SandboxStatus {
+    let mut s = old.clone();
+    let why = match resuming {
+        true => reason::RESUME_FAILED,
+        false => reason::PAUSE_FAILED,
+    };
+    s.reason = Some(why.into());
+    s.message = Some(message.into());
+    set_condition(
+        &mut s.conditions,
+        "Paused",
+        resuming,
+        Some(why),
+        Some(message),
+        now,
+    );
+    s
+}
+
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -96,6 +154,8 @@ pub enum Outcome {
     TimedOut(Option<i32>),
     /// Ended without a result: `reason` is one of `reason::*`.
     Failed { reason: &'static str },
+    /// A Service sandbox reached its `lifecycle.shutdownTime` (Succeeded, `ShutdownTime`).
+    ShutDown,
 }
 
 /// Running (or Scheduled, for failures before start) -> Succeeded | Failed.
@@ -112,6 +172,7 @@ pub fn finished(
         Outcome::Exited(c) => (Phase::Failed, Some(*c), reason::ERROR),
         Outcome::TimedOut(c) => (Phase::Failed, *c, reason::TIMEOUT),
         Outcome::Failed { reason } => (Phase::Failed, None, *reason),
+        Outcome::ShutDown => (Phase::Succeeded, None, reason::SHUTDOWN_TIME),
     };
     s.phase = Some(phase);
     s.exit_code = code;
@@ -161,6 +222,7 @@ mod tests {
             Phase::Pending,
             Phase::Scheduled,
             Phase::Running,
+            Phase::Paused,
             Phase::Succeeded,
             Phase::Failed,
         ] {
@@ -170,6 +232,55 @@ mod tests {
         assert!(!allowed(Phase::Pending, Phase::Running));
         assert!(!allowed(Phase::Running, Phase::Scheduled));
         assert!(allowed(Phase::Scheduled, Phase::Running));
+        assert!(allowed(Phase::Running, Phase::Paused) && allowed(Phase::Paused, Phase::Running));
+        assert!(
+            !allowed(Phase::Scheduled, Phase::Paused),
+            "only a running VM pauses"
+        );
+        assert!(
+            !allowed(Phase::Paused, Phase::Scheduled),
+            "a snapshot never moves node"
+        );
+    }
+
+    #[test]
+    fn a_service_runs_pauses_resumes_and_shuts_down() {
+        let t = now();
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_100).unwrap());
+        let s = scheduled(&SandboxStatus::default(), "n1", &t);
+        let s = service_running(&s, "sb-1", &t);
+        assert_eq!(
+            (s.phase, s.sandbox_id.as_deref()),
+            (Some(Phase::Running), Some("sb-1"))
+        );
+        assert!(!s.conditions.iter().any(|c| c.type_ == "Paused"));
+        let s = pause_or_resume_failed(&s, false, "execs running", &t);
+        assert_eq!(
+            (s.phase, s.reason.as_deref()),
+            (Some(Phase::Running), Some("PauseFailed"))
+        );
+        let s = paused(&s, &later);
+        assert_eq!((s.phase, s.message.as_deref()), (Some(Phase::Paused), None));
+        let s = pause_or_resume_failed(&s, true, "node full", &later);
+        let cond = s.conditions.iter().find(|c| c.type_ == "Paused").unwrap();
+        assert_eq!(
+            (s.phase, cond.status.as_str(), cond.reason.as_deref()),
+            (Some(Phase::Paused), "True", Some("ResumeFailed"))
+        );
+        assert_eq!(
+            cond.last_transition_time, later,
+            "still paused: no transition"
+        );
+        let s = service_running(&s, "sb-1", &later);
+        assert_eq!(s.start_time, Some(t), "the start time is the first start");
+        assert_eq!(s.reason, None);
+        let cond = s.conditions.iter().find(|c| c.type_ == "Paused").unwrap();
+        assert_eq!(cond.status, "False");
+        let s = finished(&s, &Outcome::ShutDown, None, None, &later);
+        assert_eq!(
+            (s.phase, s.reason.as_deref(), s.sandbox_id.as_deref()),
+            (Some(Phase::Succeeded), Some("ShutdownTime"), Some("sb-1"))
+        );
     }
 
     #[test]

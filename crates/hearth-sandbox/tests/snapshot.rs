@@ -117,6 +117,29 @@ async fn two_vms_restored_from_one_template_are_each_their_own() {
         assert_eq!(ok(sandbox, "hostname").await, expected);
     }
 
+    // A guest that rewrites most of its memory (the template's pages among them) changes only its
+    // own copy: the template's memory file is byte for byte what it was, and a VM restored after it
+    // still runs.
+    let memory = home
+        .path()
+        .join("templates")
+        .join(&templates[0])
+        .join("memory");
+    let before = std::fs::read(&memory).expect("the template's memory file");
+    ok(
+        &second,
+        "python3 -c 'a = bytearray(b\"\\xa5\") * (160 << 20); print(len(a))'",
+    )
+    .await;
+    assert!(
+        std::fs::read(&memory).unwrap() == before,
+        "a restored VM changed its template's memory"
+    );
+    let third = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    assert!(third.timings().restore.is_some());
+    assert_eq!(ok(&third, "echo alive").await, "alive");
+    third.destroy().await.unwrap();
+
     // Their CRNGs diverged from the template's shared state.
     let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     let (a, b) = (ok(&first, random).await, ok(&second, random).await);

@@ -63,6 +63,8 @@ pub enum Command {
     Sandbox(crate::cmd::sandbox::SandboxArgs),
     /// Kubernetes controller: places Sandbox resources on hearth nodes (leader-elected).
     Operator(Box<crate::cmd::operator::OperatorArgs>),
+    /// Cluster-wide HTTP API: the `hearth serve` API for every node of a Kubernetes cluster.
+    Gateway(Box<crate::cmd::gateway::GatewayArgs>),
     /// Model Context Protocol server: sandboxes as tools for AI agents (stdio, or --http).
     Mcp(crate::cmd::mcp::McpArgs),
 }

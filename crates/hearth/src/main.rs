@@ -3,11 +3,12 @@
 //! global options (home directory, logging) in `cli.rs`; `units.rs` parses sizes and durations for
 //! flags and API fields alike; `report.rs` renders an error with its causes, each once. `serve/` is the node daemon's HTTP API
 //! (`hearth serve`), `client.rs` its client (`hearth sandbox ...`, `hearth mcp`); `mcp/` the Model
-//! Context Protocol server (`hearth mcp`).
+//! Context Protocol server (`hearth mcp`); `gateway/` the cluster-wide API (`hearth gateway`).
 
 mod cli;
 mod client;
 mod cmd;
+mod gateway;
 mod mcp;
 mod report;
 mod serve;

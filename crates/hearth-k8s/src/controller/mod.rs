@@ -1,26 +1,37 @@
-//! The operator (`hearth operator`): leader election, then passes of [`plan::plan`] over a fresh list of
-//! Sandboxes, HearthNodes and node Leases, whose writes it executes with bounded concurrency. A pass
-//! runs when a Sandbox or HearthNode changes (watch) and at least every `resync` (lease expiry, TTLs).
-//! Only the leader writes, and only while its leadership is certainly valid.
+//! The operator (`hearth operator`): leader election, then passes of [`plan::plan`] over the watch
+//! caches of Sandboxes, HearthNodes and node Leases ([`cache`]), whose writes it executes with bounded
+//! concurrency and a bounded rate ([`ratelimit`]), each successful one announced by a Kubernetes Event
+//! ([`events`]). A pass runs when a watch delivers a change and at least every `resync` (lease expiry,
+//! TTLs). Only the leader writes, and only while its leadership is certainly valid: each term of
+//! leadership starts fresh watches (quorum lists, as a list-based pass would read) and plans only once
+//! they are synced; a node is declared lost only after a quorum read of its Lease confirms what the
+//! cache says.
 
+mod cache;
+pub mod claims;
+mod events;
 pub mod plan;
+pub mod pools;
+pub mod ratelimit;
+mod write;
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{watch, Notify};
 
-use crate::crd::{HearthNode, Sandbox, FINALIZER};
-use crate::error::{is_conflict, is_not_found, Context, K8sError};
-use crate::lease::LeaderElection;
-use plan::Action;
+use crate::crd::HearthNode;
+use crate::error::{Context, K8sError};
+use crate::lease::{is_fresh, node_lease_name, LeaderElection};
+use cache::{Caches, Snapshot, Sources};
+use events::{EventSink, Reporter};
+use ratelimit::{RateLimit, TokenBucket};
+pub use write::remove_finalizer;
 
 /// Settings of one operator replica.
 #[derive(Clone, Debug)]
@@ -33,15 +44,26 @@ pub struct OperatorConfig {
     pub leader_lease: String,
     /// How long leadership lasts without renewal; a standby takes over this long after a leader dies.
     pub leader_lease_duration: Duration,
-    /// Longest time between passes.
+    /// Longest time between passes (changes start a pass at once; this catches expiring Leases, TTLs).
     pub resync: Duration,
     /// Writes in flight at once.
     pub write_concurrency: usize,
+    /// Bound on writes and Events per second (one bucket; Events get only spare tokens).
+    pub write_rate: RateLimit,
+    /// Events waiting to be published at most; more are dropped (and counted).
+    pub event_queue: usize,
     /// Only Sandboxes in this namespace (None: all namespaces).
     pub sandbox_namespace: Option<String>,
     /// Only HearthNodes matching this label selector (None: all), e.g. to run one operator per pool.
     pub node_selector: Option<String>,
 }
+
+/// The default write bound. Measured with bench/k8s-schedule.sh (kube-apiserver 1.20 + etcd on two
+/// shared cores): see bench/README.md for the figures behind it.
+pub const DEFAULT_WRITE_RATE: RateLimit = RateLimit {
+    per_second: 1000,
+    burst: 2000,
+};
 
 impl OperatorConfig {
     pub fn new(identity: impl Into<String>, namespace: impl Into<String>) -> Self {
@@ -52,6 +74,8 @@ impl OperatorConfig {
             leader_lease_duration: Duration::from_secs(15),
             resync: Duration::from_secs(1),
             write_concurrency: 32,
+            write_rate: DEFAULT_WRITE_RATE,
+            event_queue: 16_384,
             sandbox_namespace: None,
             node_selector: None,
         }
@@ -61,14 +85,26 @@ impl OperatorConfig {
 pub struct Operator {
     client: Client,
     config: OperatorConfig,
+    bucket: Arc<TokenBucket>,
 }
 
 /// Until when this replica may act as leader (None: not leader).
 type Leadership = watch::Receiver<Option<Instant>>;
 
+/// What one term of leadership works with.
+struct Term {
+    caches: Caches,
+    events: EventSink,
+}
+
 impl Operator {
     pub fn new(client: Client, config: OperatorConfig) -> Self {
-        Self { client, config }
+        let bucket = Arc::new(TokenBucket::new(config.write_rate));
+        Self {
+            client,
+            config,
+            bucket,
+        }
     }
 
     /// Runs until `shutdown` resolves, then gives leadership up.
@@ -83,25 +119,18 @@ impl Operator {
         // Aborted on drop: if this future is dropped (the task running it aborted), nothing keeps
         // renewing leadership behind its back.
         let elector = AbortOnDrop(tokio::spawn(elect(election.clone(), tx)));
-        let wake = Arc::new(Notify::new());
-        let watchers = AbortOnDrop(tokio::spawn(watch_changes(
-            self.sandbox_api(),
-            Api::all(self.client.clone()),
-            self.config.node_selector.clone(),
-            wake.clone(),
-        )));
         let result = tokio::select! {
-            r = self.control(leadership, wake) => r,
+            r = self.control(leadership) => r,
             () = shutdown => Ok(()),
         };
-        drop((elector, watchers));
+        drop(elector);
         if let Err(e) = election.release().await {
             tracing::warn!("could not release leadership: {e}");
         }
         result
     }
 
-    async fn control(&self, mut leadership: Leadership, wake: Arc<Notify>) -> Result<(), K8sError> {
+    async fn control(&self, mut leadership: Leadership) -> Result<(), K8sError> {
         loop {
             // Wait to lead.
             while !is_leader(&leadership) {
@@ -109,21 +138,58 @@ impl Operator {
                     return Ok(());
                 }
             }
-            tracing::info!(identity = %self.config.identity, "leading: placing sandboxes");
+            let wake = Arc::new(Notify::new());
+            let (caches, _watches) = Caches::start(self.sources(), wake.clone());
+            let synced = Instant::now();
+            tokio::select! {
+                () = caches.ready() => {}
+                () = lost(&leadership) => continue,
+            }
+            tracing::info!(
+                identity = %self.config.identity,
+                sync_ms = synced.elapsed().as_millis() as u64,
+                "leading: placing sandboxes"
+            );
+            let reporter = Reporter {
+                controller: "hearth.dev/operator".into(),
+                instance: self.config.identity.clone(),
+            };
+            let (events, _publisher) = EventSink::start(
+                self.client.clone(),
+                reporter,
+                self.bucket.clone(),
+                self.config.event_queue,
+            );
+            let term = Term { caches, events };
             while is_leader(&leadership) {
                 let started = Instant::now();
-                match self.pass(&leadership).await {
-                    Ok(n) if n > 0 => tracing::info!(
-                        writes = n,
-                        ms = started.elapsed().as_millis() as u64,
-                        "pass"
-                    ),
-                    Ok(_) => {}
+                let mut next = self.config.resync;
+                match self.pass(&term, &leadership).await {
+                    Ok((n, due)) => {
+                        next = due.map_or(next, |d| d.clamp(Duration::from_millis(10), next));
+                        if n > 0 {
+                            tracing::info!(
+                                writes = n,
+                                ms = started.elapsed().as_millis() as u64,
+                                undelivered = term.caches.undelivered(),
+                                events_dropped = term.events.dropped(),
+                                "pass"
+                            );
+                        }
+                    }
                     Err(e) => tracing::warn!("controller pass failed: {e}"),
+                }
+                // Warm pools and claims (their own pass: pools, claims and templates are not in the
+                // watch caches, so a change to one of them is seen within `resync`).
+                if is_leader(&leadership) {
+                    let ns = self.config.sandbox_namespace.as_deref();
+                    if let Err(e) = claims::reconcile_pools_and_claims(&self.client, ns).await {
+                        tracing::warn!("pools and claims pass failed: {e}");
+                    }
                 }
                 tokio::select! {
                     () = wake.notified() => {}
-                    () = tokio::time::sleep(self.config.resync) => {}
+                    () = tokio::time::sleep(next) => {}
                     _ = leadership.changed() => {}
                 }
             }
@@ -131,123 +197,131 @@ impl Operator {
         }
     }
 
-    /// One pass: list, plan, write. Returns the number of writes attempted.
-    pub async fn pass(&self, leadership: &Leadership) -> Result<usize, K8sError> {
-        let sandboxes = self.sandbox_api();
-        let nodes: Api<HearthNode> = Api::all(self.client.clone());
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.config.namespace);
-        let lp = ListParams::default();
-        let node_lp = self.node_list_params();
-        let (s, n, l) = tokio::try_join!(
-            async { sandboxes.list(&lp).await.ctx(|| "listing Sandboxes".into()) },
-            async {
-                nodes
-                    .list(&node_lp)
-                    .await
-                    .ctx(|| "listing HearthNodes".into())
-            },
-            async {
-                leases
-                    .list(&lp)
-                    .await
-                    .ctx(|| format!("listing Leases in {}", self.config.namespace))
-            },
-        )?;
-        let leases: HashMap<String, Lease> =
-            l.items.into_iter().map(|l| (l.name_any(), l)).collect();
-        let actions = plan::plan(&s.items, &n.items, &leases, Timestamp::now());
+    /// One pass: snapshot the caches, confirm lost nodes, plan, write. Returns the writes attempted
+    /// and how soon the clock alone makes work (a node Lease expiring, a TTL, a shutdown time), which
+    /// no watch would announce.
+    async fn pass(
+        &self,
+        term: &Term,
+        leadership: &Leadership,
+    ) -> Result<(usize, Option<Duration>), K8sError> {
+        if !term.caches.healthy() {
+            tracing::debug!("a watch is reconnecting: pass skipped");
+            return Ok((0, None));
+        }
+        let now = Timestamp::now();
+        let mut snap = term.caches.snapshot(now);
+        self.confirm_lost_nodes(&mut snap, now).await?;
+        let actions = plan::plan(&snap.sandboxes, &snap.nodes, &snap.leases, now);
+        let due = [
+            plan::next_deadline(&snap.sandboxes, now),
+            first_expiry(snap.leases.values(), now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|at| Duration::try_from(now.duration_until(at)).unwrap_or_default());
+        drop(snap);
         let count = actions.len();
+        let _writing = (count > 0).then(|| self.bucket.writing());
         futures::stream::iter(actions)
             .for_each_concurrent(self.config.write_concurrency, |a| async move {
+                self.bucket.acquire().await;
                 if !is_leader(leadership) {
                     return;
                 }
-                if let Err(e) = self.execute(a).await {
-                    tracing::warn!("{e}");
+                match write::execute(&self.client, &a).await {
+                    Ok(Some(after)) => {
+                        term.caches.wrote(write::sandbox_of(&a), after);
+                        term.events.written(&a);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{e}"),
                 }
             })
             .await;
-        Ok(count)
+        Ok((count, due))
     }
 
-    fn sandbox_api(&self) -> Api<Sandbox> {
-        match &self.config.sandbox_namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
+    /// The cache may lag a node's heartbeat (a slow or broken Lease watch): before the planner may
+    /// declare a node lost, the Leases of nodes that look lost while holding unfinished or
+    /// finalizer-held Sandboxes are read from the API server (a quorum read) into the snapshot.
+    async fn confirm_lost_nodes(
+        &self,
+        snap: &mut Snapshot,
+        now: Timestamp,
+    ) -> Result<(), K8sError> {
+        let known: BTreeSet<String> = snap.nodes.iter().map(|n| n.name_any()).collect();
+        let suspects: BTreeSet<String> = snap
+            .sandboxes
+            .iter()
+            .filter(|s| !s.phase().is_finished() || !s.finalizers().is_empty())
+            .filter_map(|s| s.node_name())
+            .filter(|n| known.contains(*n))
+            .map(node_lease_name)
+            .filter(|l| !snap.leases.get(l).is_some_and(|l| is_fresh(l, now)))
+            .collect();
+        if suspects.is_empty() {
+            return Ok(());
         }
-    }
-
-    fn node_list_params(&self) -> ListParams {
-        match &self.config.node_selector {
-            Some(sel) => ListParams::default().labels(sel),
-            None => ListParams::default(),
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.config.namespace);
+        let read: Vec<(String, Option<Lease>)> = futures::stream::iter(suspects)
+            .map(|name| {
+                let api = api.clone();
+                async move {
+                    let lease = api
+                        .get_opt(&name)
+                        .await
+                        .ctx(|| format!("confirming Lease {name}"))?;
+                    Ok::<_, K8sError>((name, lease))
+                }
+            })
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        for (name, lease) in read {
+            match lease {
+                Some(l) => snap.leases.insert(name, l),
+                None => snap.leases.remove(&name),
+            };
         }
+        Ok(())
     }
 
-    async fn execute(&self, action: Action) -> Result<(), K8sError> {
-        let (sandbox, what) = match &action {
-            Action::Bind { sandbox, .. } | Action::SetStatus { sandbox } => (sandbox, "status"),
-            Action::RemoveFinalizer { sandbox } => (sandbox, "finalizer"),
-            Action::Delete { sandbox } => (sandbox, "delete"),
-        };
-        let ns = sandbox.namespace().unwrap_or_default();
-        let name = sandbox.name_any();
-        let api: Api<Sandbox> = Api::namespaced(self.client.clone(), &ns);
-        let result = match &action {
-            Action::Bind { sandbox, node } => {
-                tracing::debug!(%ns, %name, %node, "bind");
-                api.replace_status(&name, &PostParams::default(), sandbox.as_ref())
-                    .await
-                    .map(|_| ())
-            }
-            Action::SetStatus { sandbox } => api
-                .replace_status(&name, &PostParams::default(), sandbox.as_ref())
-                .await
-                .map(|_| ()),
-            Action::RemoveFinalizer { sandbox } => remove_finalizer(&api, sandbox).await,
-            Action::Delete { sandbox } => {
-                let dp = DeleteParams {
-                    preconditions: Some(kube::api::Preconditions {
-                        uid: sandbox.metadata.uid.clone(),
-                        resource_version: None,
-                    }),
-                    ..Default::default()
-                };
-                api.delete(&name, &dp).await.map(|_| ())
-            }
-        };
-        match result {
-            Err(e) if is_conflict(&e) || is_not_found(&e) => {
-                tracing::debug!(%ns, %name, "{what} write skipped: the object changed meanwhile");
-                Ok(())
-            }
-            r => r.ctx(|| format!("writing {what} of Sandbox {ns}/{name}")),
+    fn sources(&self) -> Sources {
+        Sources {
+            sandboxes: match &self.config.sandbox_namespace {
+                Some(ns) => Api::namespaced(self.client.clone(), ns),
+                None => Api::all(self.client.clone()),
+            },
+            nodes: Api::<HearthNode>::all(self.client.clone()),
+            node_selector: self.config.node_selector.clone(),
+            leases: Api::namespaced(self.client.clone(), &self.config.namespace),
         }
     }
 }
 
-/// Removes `hearth.dev/vm` from `sandbox`: a merge patch of the remaining list guarded by the object's
-/// resourceVersion, so a concurrent finalizer change fails (409) instead of being lost. Idempotent: an
-/// absent finalizer is success.
-pub async fn remove_finalizer(api: &Api<Sandbox>, sandbox: &Sandbox) -> Result<(), kube::Error> {
-    if !sandbox.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+/// When the first Lease still fresh at `now` expires, if one does.
+fn first_expiry<'a>(leases: impl Iterator<Item = &'a Lease>, now: Timestamp) -> Option<Timestamp> {
+    leases
+        .filter_map(|l| {
+            let spec = l.spec.as_ref()?;
+            let renewed = spec.renew_time.as_ref()?.0;
+            let secs = i64::from(spec.lease_duration_seconds?);
+            renewed.checked_add(SignedDuration::from_secs(secs)).ok()
+        })
+        .filter(|at| *at > now)
+        .min()
+}
+
+/// Resolves once leadership is lost (or the elector is gone).
+async fn lost(leadership: &Leadership) {
+    let mut l = leadership.clone();
+    while is_leader(&l) {
+        if l.changed().await.is_err() {
+            return;
+        }
     }
-    let rest: Vec<&String> = sandbox
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
-    let patch = serde_json::json!({
-        "metadata": { "finalizers": rest, "resourceVersion": sandbox.resource_version() }
-    });
-    api.patch(
-        &sandbox.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await
-    .map(|_| ())
 }
 
 /// Aborts a spawned task when dropped.
@@ -280,31 +354,5 @@ async fn elect(election: LeaderElection, tx: watch::Sender<Option<Instant>>) {
             Err(e) => tracing::warn!("leader election: {e}"),
         }
         tokio::time::sleep(period).await;
-    }
-}
-
-/// Wakes the control loop on any Sandbox or HearthNode change.
-async fn watch_changes(
-    sandboxes: Api<Sandbox>,
-    nodes: Api<HearthNode>,
-    node_selector: Option<String>,
-    wake: Arc<Notify>,
-) {
-    let node_config = match &node_selector {
-        Some(sel) => watcher::Config::default().labels(sel),
-        None => watcher::Config::default(),
-    };
-    let sandboxes = watcher(sandboxes, watcher::Config::default());
-    let nodes = watcher(nodes, node_config);
-    let mut events = std::pin::pin!(futures::stream::select(
-        sandboxes.map(|e| e.is_ok()),
-        nodes.map(|e| e.is_ok())
-    ));
-    while let Some(ok) = events.next().await {
-        if ok {
-            wake.notify_one();
-        } else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 }

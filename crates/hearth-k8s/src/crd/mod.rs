@@ -1,14 +1,26 @@
 //! hearth's custom resources and their CRD manifests. The YAML checked in at `deploy/crds.yaml` is
 //! [`crds_yaml`]'s output (`hearth operator --print-crds > deploy/crds.yaml`); a test fails on drift.
 
+mod claim;
 mod node;
 mod sandbox;
+mod template;
+mod warmpool;
 
+pub use claim::{
+    claim_reason, ClaimLifecycle, ClaimedSandbox, SandboxClaim, SandboxClaimSpec,
+    SandboxClaimStatus, CLAIM_FINALIZER, CLAIM_LABEL,
+};
 pub use node::{HearthNode, HearthNodeSpec, HearthNodeStatus, NodeCapacity};
 pub use sandbox::{
-    reason, Demand, EnvVar, Phase, Sandbox, SandboxCondition, SandboxNetwork, SandboxResources,
-    SandboxSpec, SandboxStatus, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
+    reason, Demand, EnvVar, Lifecycle, LifecycleType, Phase, Sandbox, SandboxCondition,
+    SandboxNetwork, SandboxResources, SandboxSpec, SandboxStatus, ShutdownPolicy, SpecError,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS,
 };
+pub use template::{
+    SandboxTemplate, SandboxTemplateRef, SandboxTemplateSpec, TEMPLATE_HASH_LABEL, TEMPLATE_LABEL,
+};
+pub use warmpool::{SandboxWarmPool, SandboxWarmPoolSpec, SandboxWarmPoolStatus, POOL_LABEL};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -20,7 +32,13 @@ pub const UID_LABEL: &str = "hearth.dev/uid";
 
 /// Every CRD hearth needs, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Sandbox::crd(), HearthNode::crd()]
+    vec![
+        Sandbox::crd(),
+        HearthNode::crd(),
+        SandboxTemplate::crd(),
+        SandboxWarmPool::crd(),
+        SandboxClaim::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as checked in under `deploy/crds.yaml`.

@@ -35,6 +35,10 @@ use crate::quantity::{Quantity, QuantityError};
 pub struct HearthNodeSpec {
     /// What this node may hand out to sandboxes in total.
     pub capacity: NodeCapacity,
+    /// Where `hearth gateway` reaches this node's HTTP API (`https://host:port`, mutual TLS); unset:
+    /// the node serves no service sandboxes through a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

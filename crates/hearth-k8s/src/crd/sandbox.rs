@@ -1,6 +1,9 @@
-//! The `Sandbox` custom resource (`hearth.dev/v1alpha1`, namespaced): one command run in a fresh microVM
-//! booted from an OCI image. Users write the spec; the controller writes `status.phase = Scheduled` and
-//! `status.nodeName`; the node agent writes everything after that. Types only, no I/O.
+//! The `Sandbox` custom resource (`hearth.dev/v1alpha1`, namespaced): a microVM booted from an OCI image,
+//! either one command run to completion (the default) or a long-lived service sandbox
+//! (`spec.lifecycle.type: Service`) that stays Running, takes execs and files through the node's HTTP
+//! API (reached through `hearth gateway`), may be paused (`spec.paused`), and ends when deleted or at
+//! `spec.lifecycle.shutdownTime`. Users write the spec; the controller writes `status.phase =
+//! Scheduled` and `status.nodeName`; the node agent writes everything after that. Types only, no I/O.
 
 // kube's `printcolumn(...)` repeats `type_ = "string"` on purpose; clippy reads that as duplicated.
 #![allow(clippy::duplicated_attributes)]
@@ -14,6 +17,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::quantity::{Quantity, QuantityError};
+
+mod validate;
+pub use validate::SpecError;
 
 /// vCPUs a sandbox gets when its spec names none.
 pub const DEFAULT_VCPUS: u32 = 1;
@@ -30,7 +36,7 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
     status = "SandboxStatus",
     shortname = "sbx",
     category = "hearth",
-    doc = "A command run to completion in a fresh hearth microVM.",
+    doc = "A hearth microVM: one command run to completion, or a long-lived service sandbox.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "Exit", type_ = "integer", json_path = ".status.exitCode"),
@@ -45,8 +51,9 @@ pub struct SandboxSpec {
     /// OCI image reference, e.g. `docker.io/library/python:3.12`.
     pub image: String,
     /// The program and its arguments, run as given (like `docker exec`: the image's Entrypoint and Cmd
-    /// do not apply; its Env, WorkingDir and User do). At least one element.
-    #[schemars(length(min = 1))]
+    /// do not apply; its Env, WorkingDir and User do). Required (at least one element) for a
+    /// run-to-completion Sandbox; must be empty for a Service one (it runs what is exec'd into it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// Appended to `command`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -74,6 +81,63 @@ pub struct SandboxSpec {
     /// A policy above what the node lets Kubernetes sandboxes have fails the Sandbox (StartFailed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<SandboxNetwork>,
+    /// Run to completion (default) or a long-lived service; when a service ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+    /// Service sandboxes only: true saves the running VM to disk on its node and frees its memory and
+    /// vCPUs (phase Paused); false again resumes it on the node that holds the snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// How long a Sandbox lives. The field names follow kubernetes-sigs/agent-sandbox's `Lifecycle`
+/// (`shutdownTime`, `shutdownPolicy`); `type` is hearth's, since hearth Sandboxes may also be jobs.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// `RunToCompletion` (default: the command runs, the Sandbox ends Succeeded or Failed) or
+    /// `Service` (no command; Running until deleted or `shutdownTime`).
+    #[serde(default, rename = "type")]
+    #[schemars(schema_with = "lifecycle_type_schema")]
+    pub type_: LifecycleType,
+    /// Service sandboxes: the absolute time at which the sandbox is shut down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_time: Option<Time>,
+    /// What happens at `shutdownTime`: `Delete` (default: the object is deleted) or `Retain` (the VM
+    /// is stopped, the object kept with phase Succeeded and reason `ShutdownTime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "shutdown_policy_schema")]
+    pub shutdown_policy: Option<ShutdownPolicy>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LifecycleType {
+    #[default]
+    RunToCompletion,
+    Service,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ShutdownPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+fn lifecycle_type_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "RunToCompletion (default) or Service.",
+        "type": "string",
+        "enum": ["RunToCompletion", "Service"]
+    })
+}
+
+fn shutdown_policy_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Delete (default) or Retain.",
+        "type": "string",
+        "enum": ["Delete", "Retain"]
+    })
 }
 
 /// A sandbox's egress policy as written in `spec.network`: `{mode, allow, deny}` exactly like the
@@ -169,6 +233,13 @@ impl SandboxSpec {
             .transpose()
     }
 
+    /// Whether this is a long-lived service sandbox (`lifecycle.type: Service`).
+    pub fn is_service(&self) -> bool {
+        self.lifecycle
+            .as_ref()
+            .is_some_and(|l| l.type_ == LifecycleType::Service)
+    }
+
     /// `command` followed by `args`.
     pub fn argv(&self) -> Vec<String> {
         self.command.iter().chain(&self.args).cloned().collect()
@@ -176,12 +247,16 @@ impl SandboxSpec {
 }
 
 /// Where a sandbox is in its life. Pending -> Scheduled -> Running -> Succeeded | Failed; Pending or
-/// Scheduled may also go straight to Failed (node lost, refused by the node).
+/// Scheduled may also go straight to Failed (node lost, refused by the node, invalid spec). A Service
+/// sandbox is Running once its VM runs (not before it boots, unlike a run-to-completion one), may go
+/// Running -> Paused -> Running any number of times, and ends Succeeded (reason `ShutdownTime`) or
+/// Failed (`VMLost`, `NodeLost`) from Running or Paused.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Phase {
     Pending,
     Scheduled,
     Running,
+    Paused,
     Succeeded,
     Failed,
 }
@@ -196,6 +271,7 @@ impl Phase {
             Phase::Pending => "Pending",
             Phase::Scheduled => "Scheduled",
             Phase::Running => "Running",
+            Phase::Paused => "Paused",
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
         }
@@ -206,9 +282,9 @@ impl Phase {
 /// values, which kubectl's client-side validation rejects.
 fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
-        "description": "Pending, Scheduled, Running, Succeeded or Failed.",
+        "description": "Pending, Scheduled, Running, Paused, Succeeded or Failed.",
         "type": "string",
-        "enum": ["Pending", "Scheduled", "Running", "Succeeded", "Failed"]
+        "enum": ["Pending", "Scheduled", "Running", "Paused", "Succeeded", "Failed"]
     })
 }
 
@@ -230,6 +306,18 @@ pub mod reason {
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     /// The spec cannot be run anywhere (bad quantity).
     pub const INVALID: &str = "InvalidSpec";
+    /// A Service sandbox reached `lifecycle.shutdownTime`: its VM was stopped and it is Succeeded
+    /// (policy Delete: the operator then deletes the object).
+    pub const SHUTDOWN_TIME: &str = "ShutdownTime";
+    /// A Service sandbox's VM ended on its own: it exited or was killed, the node ended it (its
+    /// maximum TTL, `--max-paused`), or it was gone when the node agent restarted. The message says
+    /// which.
+    pub const VM_LOST: &str = "VMLost";
+    /// `spec.paused` could not be carried out (condition `Paused`; the phase is unchanged).
+    pub const PAUSE_FAILED: &str = "PauseFailed";
+    /// `spec.paused: false` could not be carried out (condition `Paused`; the phase stays Paused
+    /// and the node retries, e.g. until its capacity has room again).
+    pub const RESUME_FAILED: &str = "ResumeFailed";
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -241,6 +329,10 @@ pub struct SandboxStatus {
     /// The HearthNode the sandbox is bound to (set once by the controller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// Service sandboxes: the id of the sandbox in its node's HTTP API (`/v1/sandboxes/{id}`), set by
+    /// the node agent once the VM runs. `hearth gateway` proxies to `nodeName`'s API with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// One word why the phase is what it is (see `reason::*`).
@@ -259,7 +351,8 @@ pub struct SandboxStatus {
     pub conditions: Vec<SandboxCondition>,
 }
 
-/// A condition in the usual Kubernetes shape: `Scheduled`, `Started`, `Finished`.
+/// A condition in the usual Kubernetes shape: `Scheduled`, `Started`, `Finished`, and for Service
+/// sandboxes `Paused` (True while paused; its reason and message say why a pause or resume failed).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxCondition {
@@ -289,72 +382,4 @@ impl Sandbox {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(yaml: &str) -> SandboxSpec {
-        serde_yaml::from_str(&format!("image: busybox\ncommand: [\"true\"]\n{yaml}")).unwrap()
-    }
-
-    #[test]
-    fn spec_network_maps_to_the_api_policy() {
-        assert_eq!(
-            spec("").network_policy().unwrap(),
-            None,
-            "unset: node default"
-        );
-        let s = spec(
-            "network:\n  mode: allow\n  allow: [pypi.example, \"*.cdn.example:443\", 198.51.100.0/24]\n  deny: [bad.cdn.example]\n",
-        );
-        let api: NetworkPolicy = serde_json::from_value(serde_json::json!({
-            "mode": "allow",
-            "allow": ["pypi.example", "*.cdn.example:443", "198.51.100.0/24"],
-            "deny": ["bad.cdn.example"],
-        }))
-        .unwrap();
-        assert_eq!(s.network_policy().unwrap(), Some(api));
-        assert_eq!(
-            spec("network:\n  mode: open\n").network_policy().unwrap(),
-            Some(NetworkPolicy::new(Mode::Open, vec![], vec![]).unwrap())
-        );
-        assert_eq!(
-            spec("network: {}\n").network_policy().unwrap(),
-            Some(NetworkPolicy::none()),
-            "like the API, an empty network is mode none"
-        );
-        // It round-trips as written (the node agent reads what users wrote).
-        let back: SandboxSpec = serde_yaml::from_str(&serde_yaml::to_string(&s).unwrap()).unwrap();
-        assert_eq!(back, s);
-    }
-
-    #[test]
-    fn a_bad_spec_network_is_an_error_not_a_parse_failure() {
-        // The object itself deserializes (one bad Sandbox must not break the watch of all)...
-        let bad = spec("network:\n  mode: allow\n  allow: [\"exa mple.com\"]\n");
-        // ...and the policy says what is wrong, by the API's rules.
-        let err = bad.network_policy().unwrap_err().to_string();
-        assert!(err.contains("exa mple.com"), "{err}");
-        let none_with_allow = spec("network:\n  allow: [pypi.example]\n");
-        assert_eq!(
-            none_with_allow.network_policy().unwrap_err(),
-            PolicyError::AllowWithModeNone
-        );
-    }
-
-    #[test]
-    fn the_crd_schema_lists_the_modes_and_bounds_the_lists() {
-        use kube::CustomResourceExt;
-        let crd = serde_json::to_value(Sandbox::crd()).unwrap();
-        let network = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-            ["spec"]["properties"]["network"];
-        assert_eq!(
-            network["properties"]["mode"]["enum"],
-            serde_json::json!(["none", "allow", "open"])
-        );
-        assert_eq!(network["properties"]["allow"]["maxItems"], MAX_ENTRIES);
-        assert_eq!(
-            network["properties"]["deny"]["items"]["maxLength"],
-            MAX_ENTRY_LEN
-        );
-    }
-}
+mod tests;

@@ -5,22 +5,31 @@
 //! was computed from, so replayed or stale watch events can never start a sandbox twice.
 //!
 //! After a restart the agent cannot re-attach to a command that was running (its output and exit
-//! status went with the old process): a Sandbox still Running on this node becomes Failed
-//! (`NodeAgentRestarted`) and any VM the local Node store still has for it is stopped.
+//! status went with the old process): a run-to-completion Sandbox still Running on this node becomes
+//! Failed (`NodeAgentRestarted`) and any VM the local Node store still has for it is stopped.
+//!
+//! Service Sandboxes (`service.rs`, `service_act.rs`) are different: their VMs outlive the agent
+//! and are adopted again. The agent keeps every Sandbox it watches in a reflector store and looks at
+//! each Service one bound here once a second (shutdown times, VMs that died, missed events), and
+//! stops local service sandboxes whose Sandbox no longer exists (deleted while the agent was down
+//! and its finalizer dropped by the operator as node-lost).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Future, StreamExt};
 use hearth_sandbox::node::{Node, Quota, Tenant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use super::registration::{heartbeat_forever, register, report, Registration};
+use super::run::SANDBOX_LABEL;
+use super::service::{LIFECYCLE_LABEL, SERVICE};
 use crate::controller::{remove_finalizer, AbortOnDrop};
 use crate::crd::{reason, Phase, Sandbox, UID_LABEL};
 use crate::error::{is_conflict, is_not_found, K8sError};
@@ -57,13 +66,25 @@ pub struct NodeAgent {
     pub(super) node: Arc<Node>,
     pub(super) config: NodeAgentConfig,
     pub(super) tenant: Tenant,
-    /// Sandbox uid -> its run task.
-    running: Mutex<HashMap<String, AbortOnDrop<()>>>,
+    /// Sandbox uid -> its run task (run to completion) or its current step (Service).
+    pub(super) running: Mutex<HashMap<String, AbortOnDrop<()>>>,
+    /// Sandbox uid -> the Service step that failed last, not tried again before its time.
+    pub(super) retries: Mutex<HashMap<String, Retry>>,
     /// Uids the local Node store still had a VM for when the agent started.
     known_at_start: Mutex<HashSet<String>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A failed Service step: the same step for the same generation waits until `not_before`.
+pub(super) struct Retry {
+    pub kind: &'static str,
+    pub generation: Option<i64>,
+    pub not_before: Instant,
+}
+
+/// How often every Service Sandbox bound here is looked at without an event.
+const SERVICE_TICK: Duration = Duration::from_secs(1);
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -86,6 +107,7 @@ impl NodeAgent {
             config,
             tenant,
             running: Mutex::new(HashMap::new()),
+            retries: Mutex::new(HashMap::new()),
             known_at_start: Mutex::new(HashSet::new()),
         })
     }
@@ -117,16 +139,30 @@ impl NodeAgent {
             node = self.node_name(),
             "node agent registered; watching Sandboxes"
         );
-        let events = watcher(self.sandbox_api(), watcher::Config::default())
-            .default_backoff()
-            .applied_objects();
+        let (store, writer) = reflector::store();
+        let events = reflector::reflector(
+            writer,
+            watcher(self.sandbox_api(), watcher::Config::default()).default_backoff(),
+        );
         let mut events = std::pin::pin!(events);
         let agent = self.clone();
         let watch = async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(s) => agent.reconcile(s).await,
-                    Err(e) => tracing::warn!("watching Sandboxes: {e}"),
+            let mut tick = tokio::time::interval(SERVICE_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut synced = false;
+            loop {
+                tokio::select! {
+                    event = events.next() => match event {
+                        Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))) => {
+                            agent.reconcile(s).await
+                        }
+                        Some(Ok(watcher::Event::Delete(s))) => agent.gone(&s).await,
+                        Some(Ok(watcher::Event::InitDone)) => synced = true,
+                        Some(Ok(watcher::Event::Init)) => {}
+                        Some(Err(e)) => tracing::warn!("watching Sandboxes: {e}"),
+                        None => return,
+                    },
+                    _ = tick.tick(), if synced => agent.look_at_services(&store).await,
                 }
             }
         };
@@ -138,10 +174,14 @@ impl NodeAgent {
         Ok(())
     }
 
-    /// At start nothing of ours legitimately runs: every VM the Node still holds for a Sandbox belongs
-    /// to a command whose result is lost. Stop them all; remember which for the Failed message.
+    /// At start no run-to-completion command of ours legitimately runs: every such VM the Node still
+    /// holds belongs to a command whose result is lost. Stop them all; remember which for the Failed
+    /// message. Service sandboxes stay, to be adopted.
     async fn stop_leftovers(&self) {
         for info in self.node.list(&self.tenant.name) {
+            if is_service(&info) {
+                continue;
+            }
             if let Some(uid) = info.labels.get(UID_LABEL) {
                 lock(&self.known_at_start).insert(uid.clone());
             }
@@ -164,15 +204,16 @@ impl NodeAgent {
             // The VM first, found by label and stopped (awaited, so the finalizer goes only after
             // it); then the run's task, which finds its sandbox gone, is ended. Aborted first, the
             // task's own clean-up would delete the sandbox in the background and hide it from
-            // `stop_local` before its VM is stopped.
+            // `stop_local` before its VM is stopped. A Service step cut short may just have
+            // created a sandbox: it is stopped by the second look.
             self.stop_local(&uid).await;
-            let task = lock(&self.running).remove(&uid);
-            if let Some(mut task) = task {
-                task.0.abort();
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut task.0).await;
-            }
+            self.end_task(&uid).await;
+            self.stop_local(&uid).await;
             self.drop_finalizer(&s).await;
             return;
+        }
+        if s.spec.is_service() && !s.phase().is_finished() {
+            return self.reconcile_service(s);
         }
         match s.phase() {
             Phase::Scheduled if !busy => {
@@ -196,6 +237,64 @@ impl NodeAgent {
                 self.drop_finalizer(&s).await;
             }
             _ => {}
+        }
+    }
+
+    /// Aborts the task of Sandbox `uid`, if any, and waits (briefly) for it to end.
+    async fn end_task(&self, uid: &str) {
+        let task = lock(&self.running).remove(uid);
+        if let Some(mut task) = task {
+            task.0.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut task.0).await;
+        }
+        lock(&self.retries).remove(uid);
+    }
+
+    /// Sandbox `s` is gone from the API (its finalizer dropped by someone, e.g. the operator when
+    /// this node was lost): nothing of it may keep running here.
+    async fn gone(&self, s: &Sandbox) {
+        if let Some(uid) = s.metadata.uid.as_deref() {
+            self.end_task(uid).await;
+            self.stop_local(uid).await;
+        }
+    }
+
+    /// The once-a-second look at every Service Sandbox bound here (see the module doc), and the
+    /// sweep of local service sandboxes whose Sandbox no longer exists.
+    async fn look_at_services(self: &Arc<Self>, store: &Store<Sandbox>) {
+        let all = store.state();
+        let mut known = HashSet::new();
+        for s in &all {
+            known.extend(s.metadata.uid.clone());
+            let mine = s.node_name() == Some(self.node_name());
+            let live = s.metadata.deletion_timestamp.is_none() && !s.phase().is_finished();
+            if mine && s.spec.is_service() && live {
+                self.reconcile_service(Sandbox::clone(s));
+            }
+        }
+        let scope = self
+            .config
+            .sandbox_namespace
+            .as_ref()
+            .map(|ns| format!("{ns}/"));
+        for info in self.node.list(&self.tenant.name) {
+            let Some(uid) = info.labels.get(UID_LABEL) else {
+                continue;
+            };
+            let in_scope = scope.as_ref().is_none_or(|prefix| {
+                info.labels
+                    .get(SANDBOX_LABEL)
+                    .is_some_and(|k| k.starts_with(prefix.as_str()))
+            });
+            if is_service(&info) && in_scope && !known.contains(uid) {
+                if lock(&self.running).contains_key(uid) {
+                    continue;
+                }
+                tracing::warn!(id = %info.id, "stopping the VM of a Sandbox that no longer exists");
+                if let Err(e) = self.node.delete(&self.tenant.name, &info.id).await {
+                    tracing::warn!(id = %info.id, "stopping an orphaned sandbox: {e}");
+                }
+            }
         }
     }
 
@@ -246,7 +345,8 @@ impl NodeAgent {
         }
     }
 
-    /// Publishes the node's allocation when it changes (checked every few seconds).
+    /// Publishes the node's allocation when it changes (checked every few seconds). Paused sandboxes
+    /// hold no vCPUs or memory and are not counted.
     async fn report_loop(self: Arc<Self>) {
         let mut last = None;
         loop {
@@ -266,4 +366,9 @@ impl NodeAgent {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
     }
+}
+
+/// Whether a node-local sandbox belongs to a Service Sandbox.
+fn is_service(info: &hearth_sandbox::node::SandboxInfo) -> bool {
+    info.labels.get(LIFECYCLE_LABEL).map(String::as_str) == Some(SERVICE)
 }

@@ -26,6 +26,8 @@ pub struct Registration {
     pub lease_namespace: String,
     /// The node counts as lost this long after its last heartbeat.
     pub lease_duration: Duration,
+    /// Where `hearth gateway` reaches this node's HTTP API (HearthNode `spec.apiEndpoint`).
+    pub api_endpoint: Option<String>,
 }
 
 /// Creates or updates the node's HearthNode (labels and capacity; status untouched).
@@ -40,6 +42,7 @@ pub async fn register(client: &Client, reg: &Registration) -> Result<(), K8sErro
         },
         spec: HearthNodeSpec {
             capacity: reg.capacity.clone(),
+            api_endpoint: reg.api_endpoint.clone(),
         },
         status: None,
     };

@@ -19,7 +19,9 @@ use crate::error::{is_conflict, is_not_found, Context, K8sError};
 use crate::status::{self, Outcome};
 
 /// How long a node-side capacity refusal is retried before the sandbox fails.
-const CAPACITY_WAIT: Duration = Duration::from_secs(60);
+pub(super) const CAPACITY_WAIT: Duration = Duration::from_secs(60);
+/// Label on node-local sandboxes: the Sandbox object's `namespace/name`.
+pub(super) const SANDBOX_LABEL: &str = "hearth.dev/sandbox";
 
 /// How a run ended, ready for the status.
 struct Ended {
@@ -57,22 +59,8 @@ impl NodeAgent {
         let uid = s.metadata.uid.clone().unwrap_or_default();
 
         // 1. The finalizer, so a deletion waits until the VM is stopped.
-        let s = if s.finalizers().iter().any(|f| f == FINALIZER) {
-            s
-        } else {
-            let mut finalizers = s.finalizers().to_vec();
-            finalizers.push(FINALIZER.into());
-            let patch = serde_json::json!({
-                "metadata": { "finalizers": finalizers, "resourceVersion": s.resource_version() }
-            });
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                .await
-            {
-                Ok(s) => s,
-                Err(e) if is_conflict(&e) || is_not_found(&e) => return Ok(false),
-                Err(e) => return Err(e).ctx(|| format!("adding the finalizer to Sandbox {name}")),
-            }
+        let Some(s) = self.add_finalizer(&api, s).await? else {
+            return Ok(false);
         };
         if s.phase() != Phase::Scheduled || s.metadata.deletion_timestamp.is_some() {
             return Ok(false);
@@ -111,6 +99,32 @@ impl NodeAgent {
             }
         }
         Ok(true)
+    }
+
+    /// Puts `hearth.dev/vm` on `s` (guarded by its resourceVersion) and returns the object as
+    /// written; `None` when it changed or went meanwhile (a newer event decides).
+    pub(super) async fn add_finalizer(
+        &self,
+        api: &Api<Sandbox>,
+        s: Sandbox,
+    ) -> Result<Option<Sandbox>, K8sError> {
+        if s.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(Some(s));
+        }
+        let name = s.name_any();
+        let mut finalizers = s.finalizers().to_vec();
+        finalizers.push(FINALIZER.into());
+        let patch = serde_json::json!({
+            "metadata": { "finalizers": finalizers, "resourceVersion": s.resource_version() }
+        });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(None),
+            Err(e) => Err(e).ctx(|| format!("adding the finalizer to Sandbox {name}")),
+        }
     }
 
     async fn execute(&self, s: &Sandbox, uid: &str) -> Ended {
@@ -206,48 +220,23 @@ impl NodeAgent {
 
 /// What the node runs for `s`, or how the Sandbox ends when its spec cannot run anywhere.
 fn run_spec(s: &Sandbox, uid: &str, boot_timeout: Duration) -> Result<RunSpec, Ended> {
-    let demand = s.spec.demand().map_err(|e| start_failed(e.to_string()))?;
-    let network = s.spec.network_policy().map_err(|e| Ended {
+    let create = create_spec(s, uid).map_err(|message| Ended {
         outcome: Outcome::Failed {
             reason: reason::INVALID,
         },
-        message: Some(format!("spec.network: {e}")),
+        message: Some(message),
         tail: None,
     })?;
     let timeout = s.spec.timeout_seconds.map(Duration::from_secs);
-    let env: Vec<(String, String)> = s
-        .spec
-        .env
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-        .collect();
     Ok(RunSpec {
-        create: CreateSpec {
-            image: s.spec.image.clone(),
-            vcpus: Some(demand.vcpus),
-            memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
-            env: env.clone(),
-            workdir: s.spec.working_dir.clone(),
-            labels: [
-                (UID_LABEL.to_string(), uid.to_string()),
-                (
-                    "hearth.dev/sandbox".to_string(),
-                    format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
-                ),
-            ]
-            .into(),
-            // `None`: the node's default policy. Either way the node checks it against the
-            // Kubernetes tenant's ceiling and refuses what reaches above it.
-            network,
-            ..Default::default()
-        },
         exec: ExecSpec {
             argv: s.spec.argv(),
-            env,
+            env: create.env.clone(),
             workdir: s.spec.working_dir.clone(),
             timeout,
             ..Default::default()
         },
+        create,
         stdin: None,
         boot_timeout,
         // The operator's ledger and the node's admission can briefly disagree (a VM still
@@ -256,9 +245,42 @@ fn run_spec(s: &Sandbox, uid: &str, boot_timeout: Duration) -> Result<RunSpec, E
     })
 }
 
+/// The node-local sandbox of Sandbox `s` (uid `uid`): image, size, env, working directory,
+/// network, labelled with the uid and `namespace/name`. `Err`: why the spec is invalid
+/// ([`SandboxSpec::validate`](crate::crd::SandboxSpec::validate)'s message).
+pub(super) fn create_spec(s: &Sandbox, uid: &str) -> Result<CreateSpec, String> {
+    let demand = s.spec.validate().map_err(|e| e.to_string())?;
+    let network = s.spec.network_policy().map_err(|e| e.to_string())?;
+    let env: Vec<(String, String)> = s
+        .spec
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    Ok(CreateSpec {
+        image: s.spec.image.clone(),
+        vcpus: Some(demand.vcpus),
+        memory_mib: Some(u32::try_from(demand.memory_mib).unwrap_or(u32::MAX)),
+        env,
+        workdir: s.spec.working_dir.clone(),
+        labels: [
+            (UID_LABEL.to_string(), uid.to_string()),
+            (
+                SANDBOX_LABEL.to_string(),
+                format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()),
+            ),
+        ]
+        .into(),
+        // `None`: the node's default policy. Either way the node checks it against the
+        // Kubernetes tenant's ceiling and refuses what reaches above it.
+        network,
+        ..Default::default()
+    })
+}
+
 /// The status message of a sandbox the node refused to create; a network policy above the node's
 /// ceiling (the only `Forbidden`) names `spec.network`.
-fn refused_message(e: &NodeError) -> String {
+pub(super) fn refused_message(e: &NodeError) -> String {
     match e {
         NodeError::Forbidden(why) => {
             format!("spec.network is above what this node allows: {why}")
@@ -267,7 +289,7 @@ fn refused_message(e: &NodeError) -> String {
     }
 }
 
-fn now() -> Time {
+pub(super) fn now() -> Time {
     Time(Timestamp::now())
 }
 

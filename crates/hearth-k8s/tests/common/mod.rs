@@ -102,6 +102,8 @@ pub fn spec(cpu: u32, mem: &str) -> SandboxSpec {
         ttl_seconds_after_finished: None,
         node_selector: BTreeMap::new(),
         network: None,
+        lifecycle: None,
+        paused: false,
     }
 }
 
@@ -122,6 +124,7 @@ pub fn registration(c: &Cluster, name: &str, cpu: u32, mem: &str, lease: Duratio
         },
         lease_namespace: c.ns.clone(),
         lease_duration: lease,
+        api_endpoint: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! `common` holds what several commands share (VM options, parsers, shutdown signal, runtime).
 
 pub mod common;
+pub mod gateway;
 pub mod images;
 pub mod mcp;
 pub mod network;
@@ -23,7 +24,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // left behind (its VMM died with it).
     let client_only = matches!(
         cli.command,
-        Command::Sandbox(_) | Command::Mcp(mcp::McpArgs { host: Some(_), .. })
+        Command::Sandbox(_)
+            | Command::Gateway(_)
+            | Command::Mcp(mcp::McpArgs { host: Some(_), .. })
     );
     if !client_only {
         hearth_sandbox::sweep_stale(&global.home);
@@ -38,6 +41,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::serve(&global, *args),
         Command::Sandbox(args) => sandbox::sandbox(args),
         Command::Operator(args) => operator::operator(&global, *args),
+        Command::Gateway(args) => gateway::gateway(&global, *args),
         Command::Mcp(args) => mcp::mcp(&global, args),
     }
 }

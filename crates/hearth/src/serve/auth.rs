@@ -12,7 +12,12 @@
 //! token = "s3cret"                 # or token_sha256 = "<hex of sha256(token)>"
 //! quota = { sandboxes = 10, cpus = 8, memory = "16g", disk = "100g" }   # each optional; default: unlimited
 //! network = { mode = "allow", allow = ["*.pypi.org", "10.1.0.0/16"] }   # the egress ceiling; default: open
+//! namespace = "team-alice"         # `hearth gateway` only: the tenant's Kubernetes namespace; default: the name
 //! ```
+//!
+//! Over TLS with `--client-ca` (`super::tls`), a request on a connection whose client certificate
+//! verified is the [`Tenants::client_certificate_tenant`] (the node agent's `kubernetes` tenant,
+//! which `hearth gateway` acts as) whatever bearer token it carries.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,6 +51,9 @@ struct TenantEntry {
     /// ranges closed unless listed here).
     #[serde(default)]
     network: Option<hearth_sandbox::NetworkPolicy>,
+    /// `hearth gateway`: the Kubernetes namespace of this tenant's Sandboxes (default: its name).
+    #[serde(default)]
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -67,6 +75,22 @@ pub const RESERVED_TENANTS: &[&str] = &["kubernetes"];
 /// The tenants a daemon serves.
 pub struct Tenants {
     entries: Vec<(Tenant, [u8; 32])>,
+    /// Tenant name -> its Kubernetes namespace (`hearth gateway`); absent when neither a
+    /// `namespace` is given nor the name is a valid namespace.
+    namespaces: std::collections::HashMap<String, String>,
+    /// Who a verified client certificate authenticates as.
+    certificate_tenant: Option<Tenant>,
+}
+
+/// Whether `name` is a valid Kubernetes namespace (a DNS-1123 label).
+pub fn is_namespace_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 impl Tenants {
@@ -87,6 +111,7 @@ impl Tenants {
             bail!("no tenants: add a [[tenants]] entry with a name and a token");
         }
         let mut entries = Vec::new();
+        let mut namespaces = std::collections::HashMap::new();
         for t in file.tenants {
             if t.name.is_empty()
                 || !t
@@ -156,6 +181,20 @@ impl Tenants {
                 },
                 disk_bytes: size("disk", &t.quota.disk)?,
             };
+            match &t.namespace {
+                Some(ns) if !is_namespace_name(ns) => bail!(
+                    "tenant {}: namespace {ns:?} is not a Kubernetes namespace name (lower-case \
+                     letters, digits and '-', at most 63)",
+                    t.name
+                ),
+                Some(ns) => {
+                    namespaces.insert(t.name.clone(), ns.clone());
+                }
+                None if is_namespace_name(&t.name) => {
+                    namespaces.insert(t.name.clone(), t.name.clone());
+                }
+                None => {}
+            }
             entries.push((
                 Tenant {
                     name: t.name,
@@ -167,7 +206,40 @@ impl Tenants {
                 digest,
             ));
         }
-        Ok(Tenants { entries })
+        Ok(Tenants {
+            entries,
+            namespaces,
+            certificate_tenant: None,
+        })
+    }
+
+    /// No bearer tokens at all (a node API reached only with client certificates).
+    pub fn none() -> Tenants {
+        Tenants {
+            entries: Vec::new(),
+            namespaces: Default::default(),
+            certificate_tenant: None,
+        }
+    }
+
+    /// These tenants, plus `tenant` for requests on connections with a verified client certificate.
+    pub fn with_client_certificate_tenant(mut self, tenant: Tenant) -> Tenants {
+        self.certificate_tenant = Some(tenant);
+        self
+    }
+
+    pub fn client_certificate_tenant(&self) -> Option<&Tenant> {
+        self.certificate_tenant.as_ref()
+    }
+
+    /// The names of the token tenants, in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(t, _)| t.name.as_str())
+    }
+
+    /// The Kubernetes namespace of `tenant` (`hearth gateway`).
+    pub fn namespace(&self, tenant: &str) -> Option<&str> {
+        self.namespaces.get(tenant).map(String::as_str)
     }
 
     /// The tenant whose token this is. Every entry is compared, in constant time.
@@ -202,7 +274,27 @@ fn read_private(path: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// The tenant behind the request's `Authorization: Bearer` token; 401 otherwise.
+/// The token of the request's `Authorization: Bearer` header; 401 when there is none.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(header) = header else {
+        return Err(ApiError::unauthorized(
+            "missing Authorization header: send `Authorization: Bearer <token>`",
+        ));
+    };
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?;
+    Ok(token.trim())
+}
+
+/// The tenant behind the request: the client-certificate tenant on a TLS connection whose client
+/// certificate verified, else the one of its `Authorization: Bearer` token; 401 otherwise.
 pub struct Authenticated(pub Tenant);
 
 impl FromRequestParts<Arc<AppState>> for Authenticated {
@@ -212,22 +304,17 @@ impl FromRequestParts<Arc<AppState>> for Authenticated {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let Some(header) = header else {
-            return Err(ApiError::unauthorized(
-                "missing Authorization header: send `Authorization: Bearer <token>`",
-            ));
-        };
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-            })?;
-        match state.tenants.authenticate(token.trim()) {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<super::tls::Peer>>();
+        if let Some(peer) = peer.filter(|p| p.0.client_certificate) {
+            if let Some(tenant) = state.tenants.client_certificate_tenant() {
+                tracing::trace!(peer = %peer.0.addr, tenant = %tenant.name, "client certificate");
+                return Ok(Authenticated(tenant.clone()));
+            }
+        }
+        let token = bearer_token(&parts.headers)?;
+        match state.tenants.authenticate(token) {
             Some(tenant) => Ok(Authenticated(tenant.clone())),
             None => Err(ApiError::unauthorized("unknown token")),
         }
@@ -358,6 +445,20 @@ token_sha256 = "da35348540eea93333fbee67961c2b02777aff29018cbbd343e7b9ac2e259122
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
             assert!(Tenants::load(&link).is_ok());
         }
+    }
+
+    #[test]
+    fn tenants_map_to_namespaces_for_the_gateway() {
+        let text = "[[tenants]]\nname = \"alice\"\ntoken = \"12345678\"\n\
+                    [[tenants]]\nname = \"Bob_1\"\ntoken = \"87654321\"\n\
+                    [[tenants]]\nname = \"carol\"\ntoken = \"abcdefgh\"\nnamespace = \"team-c\"";
+        let tenants = Tenants::parse(text, false).unwrap();
+        assert_eq!(tenants.namespace("alice"), Some("alice"));
+        assert_eq!(tenants.namespace("Bob_1"), None, "not a namespace name");
+        assert_eq!(tenants.namespace("carol"), Some("team-c"));
+        let bad = "[[tenants]]\nname = \"a\"\ntoken = \"12345678\"\nnamespace = \"Kube_System\"";
+        let err = format!("{:#}", Tenants::parse(bad, false).err().unwrap());
+        assert!(err.contains("not a Kubernetes namespace name"), "{err}");
     }
 
     #[test]

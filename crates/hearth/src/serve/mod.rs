@@ -4,14 +4,15 @@
 //! ([`error::ApiError`]) — and live one file per resource: `sandboxes.rs`, `exec.rs`, `code.rs`, `files.rs`,
 //! `network.rs`, `ports.rs`, `runs.rs`, `metrics.rs`, `openapi.rs`. Wire types are in `api.rs`.
 //!
-//! Authentication: every `/v1` route takes a bearer token. `/healthz`, `/metrics` (aggregate counts
+//! Authentication: every `/v1` route takes a bearer token, or, over TLS with `--client-ca`, a client
+//! certificate ([`tls`]). `/healthz`, `/metrics` (aggregate counts
 //! only: no tenant names, ids or images) and `/openapi.json` do not, so probes and Prometheus need no
 //! secret. Touches nothing itself: all state is the node's.
 
 pub mod api;
 pub mod auth;
 pub mod code;
-mod error;
+pub(crate) mod error;
 mod exec;
 mod files;
 mod lifecycle;
@@ -21,6 +22,7 @@ pub mod openapi;
 pub mod ports;
 mod runs;
 mod sandboxes;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -136,8 +138,35 @@ pub async fn serve(
         shutdown.await;
         let _ = stopping_tx.send(true);
     });
-    let mut server = tokio::spawn(async move { server.await });
-    let mut stopping = stopping_rx;
+    let server = tokio::spawn(async move { server.await });
+    run_until_stopped(server, stopping_rx, node, grace).await
+}
+
+/// [`serve`] over TLS: the same API on a [`tls::TlsListener`], where a client certificate that
+/// verified authenticates as [`Tenants::client_certificate_tenant`] (see [`auth::Authenticated`]).
+pub async fn serve_tls(
+    listener: tls::TlsListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let node = state.node.clone();
+    let app = router(state).into_make_service_with_connect_info::<tls::Peer>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    });
+    let server = tokio::spawn(async move { server.await });
+    run_until_stopped(server, stopping_rx, node, grace).await
+}
+
+async fn run_until_stopped(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    node: Arc<Node>,
+    grace: Duration,
+) -> std::io::Result<()> {
     tokio::select! {
         // The server failed on its own (it never ends otherwise before shutdown).
         result = &mut server => return result.map_err(std::io::Error::other)?,

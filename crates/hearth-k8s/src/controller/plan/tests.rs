@@ -10,11 +10,11 @@ use super::*;
 use crate::crd::{HearthNodeSpec, NodeCapacity, SandboxSpec, SandboxStatus};
 use crate::quantity::Quantity;
 
-fn now() -> Timestamp {
+pub(super) fn now() -> Timestamp {
     Timestamp::from_second(2_000_000_000).unwrap()
 }
 
-fn node(name: &str, cpu: &str, mem: &str) -> HearthNode {
+pub(super) fn node(name: &str, cpu: &str, mem: &str) -> HearthNode {
     HearthNode::new(
         name,
         HearthNodeSpec {
@@ -22,11 +22,12 @@ fn node(name: &str, cpu: &str, mem: &str) -> HearthNode {
                 cpu: Quantity::new(cpu),
                 memory: Quantity::new(mem),
             },
+            api_endpoint: None,
         },
     )
 }
 
-fn lease(node: &str, age_secs: i64) -> (String, Lease) {
+pub(super) fn lease(node: &str, age_secs: i64) -> (String, Lease) {
     let name = node_lease_name(node);
     let mut l = Lease::default();
     l.metadata.name = Some(name.clone());
@@ -40,7 +41,7 @@ fn lease(node: &str, age_secs: i64) -> (String, Lease) {
     (name, l)
 }
 
-fn sandbox(name: &str, created: i64, status: Option<SandboxStatus>) -> Sandbox {
+pub(super) fn sandbox(name: &str, created: i64, status: Option<SandboxStatus>) -> Sandbox {
     let mut s = Sandbox::new(
         name,
         SandboxSpec {
@@ -54,6 +55,8 @@ fn sandbox(name: &str, created: i64, status: Option<SandboxStatus>) -> Sandbox {
             ttl_seconds_after_finished: None,
             node_selector: BTreeMap::new(),
             network: None,
+            lifecycle: None,
+            paused: false,
         },
     );
     s.metadata.namespace = Some("ns".into());
@@ -63,7 +66,7 @@ fn sandbox(name: &str, created: i64, status: Option<SandboxStatus>) -> Sandbox {
     s
 }
 
-fn bound(node: &str, phase: Phase) -> Option<SandboxStatus> {
+pub(super) fn bound(node: &str, phase: Phase) -> Option<SandboxStatus> {
     Some(SandboxStatus {
         phase: Some(phase),
         node_name: Some(node.into()),
@@ -71,7 +74,7 @@ fn bound(node: &str, phase: Phase) -> Option<SandboxStatus> {
     })
 }
 
-fn binds(actions: &[Action]) -> Vec<(String, String)> {
+pub(super) fn binds(actions: &[Action]) -> Vec<(String, String)> {
     actions
         .iter()
         .filter_map(|a| match a {

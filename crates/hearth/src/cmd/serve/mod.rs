@@ -8,7 +8,7 @@
 //! Other long-lived parts of the daemon get the same `Arc<Node>`: with `--kubernetes`, the
 //! Kubernetes node agent ([`node_agent`]).
 
-mod node_agent;
+pub(crate) mod node_agent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,13 +33,16 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:8420")]
     pub listen: SocketAddr,
-    /// Tenants and their tokens and quotas (TOML, or JSON for a .json file). Required.
+    /// Tenants and their tokens and quotas (TOML, or JSON for a .json file). Required unless
+    /// --client-ca is given (then clients may authenticate with certificates only).
     #[arg(
         long,
         env = "HEARTH_TOKENS_FILE",
-        required_unless_present = "print_openapi"
+        required_unless_present_any = ["print_openapi", "client_ca"]
     )]
     pub tokens: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// vCPUs the node hands out in total (default: the host's CPUs times --cpu-overcommit).
     #[arg(long)]
     pub capacity_cpus: Option<u32>,
@@ -118,6 +121,51 @@ pub struct ServeArgs {
     pub kubernetes: node_agent::KubernetesArgs,
 }
 
+/// `--tls-cert`, `--tls-key`, `--client-ca`: HTTPS for the API, with client certificates.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Serve the API over HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): a client certificate that chains to one of them authenticates as the
+    /// node's Kubernetes tenant (what `hearth gateway` uses), no token needed. Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server TLS configuration, when --tls-cert is given.
+    pub fn server_config(&self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let files = crate::serve::tls::ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.client_ca.clone(),
+        };
+        Ok(Some(crate::serve::tls::server_config(&files)?))
+    }
+}
+
+/// The tenant a verified client certificate authenticates as: the one the Kubernetes node agent
+/// creates its sandboxes under, limited only by the node's capacity (as the agent's own).
+fn client_certificate_tenant() -> hearth_sandbox::node::Tenant {
+    hearth_sandbox::node::Tenant {
+        name: crate::serve::auth::RESERVED_TENANTS[0].to_string(),
+        quota: hearth_sandbox::node::Quota {
+            max_sandboxes: u32::MAX,
+            vcpus: u32::MAX,
+            memory_mib: u64::MAX,
+            disk_bytes: u64::MAX,
+        },
+        network_ceiling: hearth_sandbox::node::default_network_ceiling(),
+    }
+}
+
 pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
     if a.print_openapi {
         print!("{}", crate::serve::openapi::document());
@@ -131,8 +179,15 @@ pub fn serve(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
-    let tokens = a.tokens.as_deref().context("--tokens FILE is required")?;
-    let tenants = Tenants::load(tokens)?;
+    let mut tenants = match a.tokens.as_deref() {
+        Some(tokens) => Tenants::load(tokens)?,
+        None if a.tls.client_ca.is_some() => Tenants::none(),
+        None => anyhow::bail!("--tokens FILE is required"),
+    };
+    if a.tls.client_ca.is_some() {
+        tenants = tenants.with_client_certificate_tenant(client_certificate_tenant());
+    }
+    let tls = a.tls.server_config()?;
     let settings = api_settings(&a)?;
     let config = node_config(g, &a)?;
     let capacity = config.capacity;
@@ -161,6 +216,7 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
         "hearth serve ready"
     );
     // The one line on stdout: scripts and tests read the bound address from it.
+    // (The same line with TLS: scripts pick the scheme they configured.)
     println!("listening on {addr}");
     let state = Arc::new(AppState {
         node,
@@ -170,7 +226,13 @@ async fn serve_async(g: &GlobalArgs, a: ServeArgs) -> anyhow::Result<()> {
     let stop = async {
         shutdown_signal().await;
     };
-    crate::serve::serve(listener, state, stop, a.shutdown_grace).await?;
+    match tls {
+        Some(config) => {
+            let listener = crate::serve::tls::TlsListener::new(listener, config)?;
+            crate::serve::serve_tls(listener, state, stop, a.shutdown_grace).await?
+        }
+        None => crate::serve::serve(listener, state, stop, a.shutdown_grace).await?,
+    }
     tracing::info!("hearth serve stopped");
     Ok(())
 }

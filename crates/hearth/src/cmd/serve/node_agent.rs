@@ -41,6 +41,23 @@ pub struct KubernetesArgs {
     /// Only run Sandboxes of this namespace (default: all namespaces).
     #[arg(long)]
     pub kube_sandbox_namespace: Option<String>,
+    /// Where `hearth gateway` reaches this node's API (`https://host:port`, served with
+    /// --tls-cert and --client-ca), written to the HearthNode's `spec.apiEndpoint`; unset: no
+    /// gateway can reach this node's service sandboxes.
+    #[arg(long, env = "HEARTH_ADVERTISE_URL", value_parser = parse_advertise_url)]
+    pub advertise_url: Option<String>,
+}
+
+/// `https://host:port` (no path, query or credentials): the gateway appends the API's paths.
+fn parse_advertise_url(s: &str) -> Result<String, String> {
+    let usage = || format!("{s:?} is not https://HOST:PORT");
+    let rest = s.strip_prefix("https://").ok_or_else(usage)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let authority: axum::http::uri::Authority = rest.parse().map_err(|_| usage())?;
+    if authority.as_str().contains('@') || authority.port_u16().is_none() || rest.contains('/') {
+        return Err(usage());
+    }
+    Ok(format!("https://{authority}"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -82,6 +99,7 @@ pub async fn start(
         },
         lease_namespace: args.kube_namespace.clone(),
         lease_duration: Duration::from_secs(args.node_lease_seconds.max(1)),
+        api_endpoint: args.advertise_url.clone(),
     };
     let mut config = NodeAgentConfig::new(registration);
     config.sandbox_namespace = args.kube_sandbox_namespace.clone();
@@ -92,4 +110,30 @@ pub async fn start(
         }
     });
     Ok(Some(NodeAgentTask(task)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_urls_are_https_host_and_port_only() {
+        assert_eq!(
+            parse_advertise_url("https://10.0.0.5:8443/").unwrap(),
+            "https://10.0.0.5:8443"
+        );
+        assert_eq!(
+            parse_advertise_url("https://node-1.hearth.svc:8443").unwrap(),
+            "https://node-1.hearth.svc:8443"
+        );
+        for bad in [
+            "http://10.0.0.5:8443",
+            "https://10.0.0.5",
+            "https://10.0.0.5:8443/v1",
+            "https://u:p@10.0.0.5:8443",
+            "10.0.0.5:8443",
+        ] {
+            assert!(parse_advertise_url(bad).is_err(), "{bad}");
+        }
+    }
 }

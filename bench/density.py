@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Density (issue #14): how many idle sandboxes one node holds, and what each costs the host.
+
+    bench/density.py --host http://127.0.0.1:PORT --token TOKEN --image REF --home HEARTH_HOME
+                     [--count 100] [--memory 512m]
+
+Creates COUNT sandboxes of IMAGE with MEMORY each (one after another, like a steady trickle of
+agents), lets them settle, then measures the host's cost per idle sandbox three ways: the drop of
+MemAvailable (everything the host lost: guest pages, QEMU, page cache of the template copies), the
+sum of the VMM processes' PSS (shared template pages split between the VMs that map them) and, for
+reference, their RSS (shared pages counted once per VM). Then every sandbox answers one `exec
+true`, timed. Prints a Markdown table and deletes the sandboxes.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.parse
+
+MIB = 1 << 20
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+class Api:
+    def __init__(self, host, token):
+        url = urllib.parse.urlparse(host)
+        self.host, self.port = url.hostname, url.port
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+
+    def call(self, method, path, body=None, expect=200):
+        self.conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                          headers=self.headers)
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        if resp.status != expect:
+            sys.exit(f"{method} {path}: {resp.status} {raw[:300]!r}")
+        return raw
+
+
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise SystemExit("no MemAvailable in /proc/meminfo")
+
+
+def vmm_pids(home):
+    """The QEMU processes whose command line names this daemon's home."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(home.encode() in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def guest_memory_pss(pid):
+    """PSS in bytes of the VM's guest memory mapping (the sealed template copy it maps privately)."""
+    total, inside = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
+                    inside = len(fields) > 5 and "hearth-template-memory" in fields[5]
+                elif inside and line.startswith("Pss:"):
+                    total += int(fields[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
+def rollup(pid):
+    """(Pss, Rss) in bytes from /proc/PID/smaps_rollup."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return pss, rss
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--home", required=True, help="the daemon's HEARTH_HOME (finds its VMMs)")
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--memory", default="512m")
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds idle before measuring")
+    args = parser.parse_args()
+    api = Api(args.host, args.token)
+
+    # One sandbox first, so the template and its image are built before the baseline is read.
+    ids = [json.loads(api.call("POST", "/v1/sandboxes",
+                               {"image": args.image, "memory": args.memory}, expect=201))["id"]]
+    time.sleep(args.settle)
+    base_available = mem_available()
+    created = time.monotonic()
+    try:
+        for i in range(1, args.count):
+            body = {"image": args.image, "memory": args.memory}
+            ids.append(json.loads(api.call("POST", "/v1/sandboxes", body, expect=201))["id"])
+            if i % 10 == 0:
+                print(f"  {i + 1} sandboxes, {time.monotonic() - created:.0f} s", file=sys.stderr)
+        time.sleep(args.settle)
+        added = args.count - 1
+        drop = (base_available - mem_available()) / added
+        pids = vmm_pids(args.home)
+        sums = [rollup(pid) for pid in pids]
+        pss = sum(s[0] for s in sums) / len(pids)
+        rss = sum(s[1] for s in sums) / len(pids)
+        guest = sum(guest_memory_pss(pid) for pid in pids) / len(pids)
+        times = []
+        for sid in ids:
+            start = time.perf_counter()
+            api.call("POST", f"/v1/sandboxes/{sid}/exec", {"argv": ["true"]})
+            times.append((time.perf_counter() - start) * 1000)
+        over = sum(1 for t in times if t > 1000)
+        print(f"| measure ({args.count} idle sandboxes of {args.memory}, {len(pids)} VMMs) | value |")
+        print("|---|---|")
+        print(f"| host MemAvailable drop per added sandbox | {drop / MIB:.1f} MiB |")
+        print(f"| VMM PSS per sandbox (shared pages split) | {pss / MIB:.1f} MiB |")
+        print(f"| of which guest memory (template pages shared, written pages private) | "
+              f"{guest / MIB:.1f} MiB |")
+        print(f"| VMM RSS per sandbox (shared pages counted in each) | {rss / MIB:.1f} MiB |")
+        print(f"| guest memory per sandbox (what a private copy could reach) | "
+              f"{int(args.memory.rstrip('mM'))} MiB |")
+        print(f"| `exec true` on each, p50 / p99 / max | {percentile(times, 50):.0f} / "
+              f"{percentile(times, 99):.0f} / {max(times):.0f} ms |")
+        print(f"| sandboxes whose exec took over 1 s | {over} of {len(times)} |")
+    finally:
+        for sid in ids:
+            api.call("DELETE", f"/v1/sandboxes/{sid}", expect=204)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+//! The I/O of warm pools and claims: one pass lists Sandboxes, then pools, claims and templates (that
+//! order: see [`super::super::pools::plan_pools`]), plans each namespace with the pure planners and
+//! executes the writes. Writes run with bounded concurrency; one claim's writes run in order and stop
+//! at the first failure. A conflict or a vanished object means the snapshot is stale for that object:
+//! the write is skipped and the next pass looks again.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::plan_claims;
+use crate::controller::pools::{plan_pools, Write};
+use crate::crd::{Sandbox, SandboxClaim, SandboxTemplate, SandboxWarmPool};
+use crate::error::{is_conflict, is_not_found, Context, K8sError};
+
+/// Writes in flight at once.
+const CONCURRENCY: usize = 16;
+
+/// Everything of one namespace the planners look at.
+#[derive(Default)]
+struct Snapshot {
+    sandboxes: Vec<Sandbox>,
+    pools: Vec<SandboxWarmPool>,
+    claims: Vec<SandboxClaim>,
+    templates: Vec<SandboxTemplate>,
+}
+
+/// One pass over warm pools and claims in namespace `ns` (None: all namespaces): fills and trims
+/// pools, rolls members of changed templates, hands claims their Sandboxes, deletes the Sandboxes of
+/// deleted claims, and updates both kinds' status. Idempotent (a pass over an unchanged cluster writes
+/// nothing); only the elected leader should call it, at every operator pass. Returns the number of
+/// writes attempted. Needs RBAC: list/create/patch/delete Sandboxes; list SandboxTemplates; list
+/// SandboxWarmPools and patch their status; list/patch/delete SandboxClaims and patch their status.
+pub async fn reconcile_pools_and_claims(
+    client: &Client,
+    ns: Option<&str>,
+) -> Result<usize, K8sError> {
+    let lp = ListParams::default();
+    // Sandboxes strictly first: a member or claimed Sandbox in this list was created after its pool or
+    // claim, which the later lists therefore hold unless it was deleted.
+    let sandboxes = list::<Sandbox>(client, ns, &lp, "Sandboxes").await?;
+    let (pools, claims, templates) = tokio::try_join!(
+        list::<SandboxWarmPool>(client, ns, &lp, "SandboxWarmPools"),
+        list::<SandboxClaim>(client, ns, &lp, "SandboxClaims"),
+        list::<SandboxTemplate>(client, ns, &lp, "SandboxTemplates"),
+    )?;
+    let mut by_ns: BTreeMap<String, Snapshot> = BTreeMap::new();
+    fn slot(by_ns: &mut BTreeMap<String, Snapshot>, ns: Option<String>) -> &mut Snapshot {
+        by_ns.entry(ns.unwrap_or_default()).or_default()
+    }
+    for s in sandboxes {
+        slot(&mut by_ns, s.namespace()).sandboxes.push(s);
+    }
+    for p in pools {
+        slot(&mut by_ns, p.namespace()).pools.push(p);
+    }
+    for c in claims {
+        slot(&mut by_ns, c.namespace()).claims.push(c);
+    }
+    for t in templates {
+        slot(&mut by_ns, t.namespace()).templates.push(t);
+    }
+    let now = Timestamp::now();
+    let mut sequences: Vec<Vec<Write>> = Vec::new();
+    for snap in by_ns.values() {
+        if snap.pools.is_empty() && snap.claims.is_empty() && !has_pool_members(&snap.sandboxes) {
+            continue;
+        }
+        sequences.extend(
+            plan_pools(&snap.pools, &snap.templates, &snap.sandboxes)
+                .into_iter()
+                .map(|w| vec![w]),
+        );
+        sequences.extend(plan_claims(
+            &snap.claims,
+            &snap.templates,
+            &snap.pools,
+            &snap.sandboxes,
+            now,
+        ));
+    }
+    let count = sequences.iter().map(Vec::len).sum();
+    futures::stream::iter(sequences)
+        .for_each_concurrent(CONCURRENCY, |seq| async move {
+            for w in seq {
+                match execute(client, &w).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+    Ok(count)
+}
+
+fn has_pool_members(sandboxes: &[Sandbox]) -> bool {
+    sandboxes
+        .iter()
+        .any(|s| crate::controller::pools::pool_of(s).is_some())
+}
+
+async fn list<K>(
+    client: &Client,
+    ns: Option<&str>,
+    lp: &ListParams,
+    what: &str,
+) -> Result<Vec<K>, K8sError>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    Ok(api.list(lp).await.ctx(|| format!("listing {what}"))?.items)
+}
+
+fn api_for<K>(client: &Client, obj: &K) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+{
+    Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default())
+}
+
+/// Executes one write. Ok(true): done; Ok(false): skipped because the object changed or vanished.
+async fn execute(client: &Client, w: &Write) -> Result<bool, K8sError> {
+    let pp = PatchParams::default();
+    let (what, result) = match w {
+        Write::CreateSandbox(s) => (
+            format!("creating Sandbox {}", s.name_any()),
+            api_for(client, s.as_ref())
+                .create(&PostParams::default(), s)
+                .await
+                .map(|_| ()),
+        ),
+        Write::DeleteSandbox {
+            sandbox,
+            same_version,
+        } => {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: sandbox.uid(),
+                    resource_version: same_version.then(|| sandbox.resource_version()).flatten(),
+                }),
+                ..Default::default()
+            };
+            (
+                format!("deleting Sandbox {}", sandbox.name_any()),
+                api_for(client, sandbox.as_ref())
+                    .delete(&sandbox.name_any(), &dp)
+                    .await
+                    .map(|_| ()),
+            )
+        }
+        Write::PatchSandbox { sandbox, patch } => (
+            format!("adopting Sandbox {}", sandbox.name_any()),
+            api_for(client, sandbox.as_ref())
+                .patch(&sandbox.name_any(), &pp, &Patch::Merge(patch))
+                .await
+                .map(|_| ()),
+        ),
+        Write::PoolStatus { pool, status } => (
+            format!("writing status of SandboxWarmPool {}", pool.name_any()),
+            api_for(client, pool.as_ref())
+                .patch_status(
+                    &pool.name_any(),
+                    &pp,
+                    &Patch::Merge(serde_json::json!({ "status": {
+                        "replicas": status.replicas,
+                        "readyReplicas": status.ready_replicas,
+                        "selector": status.selector,
+                        "message": status.message,
+                    }})),
+                )
+                .await
+                .map(|_| ()),
+        ),
+        Write::ClaimStatus { claim, status } => (
+            format!("writing status of SandboxClaim {}", claim.name_any()),
+            api_for(client, claim.as_ref())
+                .patch_status(
+                    &claim.name_any(),
+                    &pp,
+                    &Patch::Merge(serde_json::json!({ "status": {
+                        "sandbox": status.sandbox,
+                        "phase": status.phase,
+                        "conditions": status.conditions,
+                    }})),
+                )
+                .await
+                .map(|_| ()),
+        ),
+        Write::ClaimFinalizers { claim, finalizers } => (
+            format!("setting finalizers of SandboxClaim {}", claim.name_any()),
+            api_for(client, claim.as_ref())
+                .patch(
+                    &claim.name_any(),
+                    &pp,
+                    &Patch::Merge(serde_json::json!({ "metadata": {
+                        "finalizers": finalizers,
+                        "resourceVersion": claim.resource_version(),
+                    }})),
+                )
+                .await
+                .map(|_| ()),
+        ),
+        Write::DeleteClaim(claim) => {
+            let dp = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: claim.uid(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            (
+                format!("deleting SandboxClaim {}", claim.name_any()),
+                api_for(client, claim.as_ref())
+                    .delete(&claim.name_any(), &dp)
+                    .await
+                    .map(|_| ()),
+            )
+        }
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => {
+            tracing::debug!("{what}: skipped, the object changed meanwhile");
+            Ok(false)
+        }
+        Err(e) => Err(e).ctx(|| what),
+    }
+}
