@@ -34,6 +34,8 @@ const CHUNK: usize = 1 << 20;
 #[derive(Debug)]
 pub(super) struct SealedMemory {
     fd: OwnedFd,
+    /// Its size: the memory size of the VMs it serves (sealed, so it cannot change).
+    len: u64,
 }
 
 impl SealedMemory {
@@ -92,7 +94,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, _, copy)) = cache
         .iter()
-        .find(|(p, id, copy)| p == file && *id == identity && copy_len(copy) == Some(bytes))
+        .find(|(p, id, copy)| p == file && *id == identity && copy.len == bytes)
     {
         return Ok(copy.clone());
     }
@@ -106,12 +108,6 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
     }
     cache.push((file.to_owned(), identity, copy.clone()));
     Ok(copy)
-}
-
-fn copy_len(copy: &SealedMemory) -> Option<u64> {
-    // SAFETY: borrowing the fd for one fstat; the File is forgotten, never closed.
-    let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(copy.fd.as_raw_fd()) });
-    file.metadata().ok().map(|m| m.len())
 }
 
 /// A new memfd of `bytes` holding `source`'s non-zero data, then sealed against any change.
@@ -135,7 +131,7 @@ fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(SealedMemory { fd })
+    Ok(SealedMemory { fd, len: bytes })
 }
 
 /// Copies the data extents of `source` (SEEK_DATA/SEEK_HOLE: the template file is sparse), skipping
