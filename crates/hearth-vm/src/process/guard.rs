@@ -13,7 +13,8 @@
 //! inherits it.
 //!
 //! After `clone` only async-signal-safe system calls run (hearth is multi-threaded): everything the
-//! guard and the jailer need is allocated before.
+//! guard and the jailer need is allocated before, and the guard forks the VMM with the raw system
+//! call (glibc's `fork` would take locks other threads may have held at the `clone`).
 
 use std::ffi::CString;
 use std::io;
@@ -207,7 +208,10 @@ unsafe fn guard(
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
 
-    let vmm = libc::fork();
+    // A raw fork, not glibc's `fork`: that takes every malloc arena lock first, and one another
+    // thread of hearth held when the guard was cloned is locked here forever.
+    let vmm =
+        libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) as libc::pid_t;
     if vmm < 0 {
         libc::_exit(126);
     }
@@ -302,6 +306,58 @@ mod tests {
         let mut fds = fds;
         fds.sort();
         assert_eq!(fds, ["0", "1", "2"]);
+    }
+
+    /// Regression (found by the soak): the guard is a raw `clone` of a multi-threaded process, so
+    /// a malloc arena lock another thread held at that instant stays locked in the guard forever.
+    /// glibc's `fork` takes every arena lock first, and so hung the guard before it ran the VMM
+    /// ("did not open its control socket within 30s", nothing on stderr).
+    #[test]
+    fn guards_start_their_vmm_while_other_threads_allocate() {
+        if !crate::test_support::is_root() {
+            return eprintln!("SKIPPED: a new PID namespace needs root");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let allocators: Vec<_> = (0..3)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        kept.push(vec![i as u8; 64 + kept.len() % 4096]);
+                        if kept.len() > 256 {
+                            kept.clear();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut hung = None;
+        for _ in 0..150 {
+            let guard = process_spawn(request("/bin/true", &[], &log));
+            let started = Instant::now();
+            let mut status = 0;
+            // SAFETY: polling our own child with a valid status pointer.
+            while unsafe { libc::waitpid(guard as i32, &mut status, libc::WNOHANG) } == 0 {
+                if started.elapsed() > Duration::from_secs(10) {
+                    // SAFETY: killing our own, hung child.
+                    unsafe { libc::kill(guard as i32, libc::SIGKILL) };
+                    wait(guard);
+                    hung = Some(guard);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if hung.is_some() {
+                break;
+            }
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        allocators.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(hung, None, "a guard never ran its VMM within 10 s");
     }
 
     fn process_spawn(request: SpawnRequest) -> u32 {
