@@ -35,6 +35,7 @@ class Recorder:
             self.probe = {"calm": [], "guest_fault": []}
             self.probe_failures = 0
             self.peak_rss = 0
+            self.peak_private = 0
             self.our_uids = set()
 
     def op(self, kind, status, took):
@@ -102,9 +103,11 @@ class Healthz(threading.Thread):
                 self.rec.healthz_samples.append((float(at), float(took)))
 
     def sample(self):
-        """The daemon's RSS (for the run's peak) and the VMM uids its sandboxes hold."""
+        """The daemon's RSS and private memory (for the run's peaks) and the VMM uids its sandboxes hold."""
         try:
-            self.rec.peak_rss = max(self.rec.peak_rss, self.daemon_.usage()["rss"])
+            usage = self.daemon_.usage()
+            self.rec.peak_rss = max(self.rec.peak_rss, usage["rss"])
+            self.rec.peak_private = max(self.rec.peak_private, usage["private"])
         except (OSError, ValueError):
             pass  # between a kill and its restart
         for lease in glob.glob("/run/hearth/vmm-uids/*"):
@@ -158,8 +161,10 @@ def render(report):
                  f" (max {p['fault_max_ms']} ms)")
     d = report["daemon"]
     lines.append(f"daemon (last life, {d['end']['uptime_s']:.0f} s): fds {d['start']['fds']} -> "
-                 f"{d['end']['fds']}, RSS {d['start']['rss'] >> 20} -> {d['end']['rss'] >> 20} MiB "
-                 f"(peak of the run {d['peak_rss'] >> 20} MiB)")
+                 f"{d['end']['fds']}, private memory {d['start']['private'] >> 20} -> "
+                 f"{d['end']['private'] >> 20} MiB (peak of the run {d['peak_private'] >> 20} MiB), "
+                 f"RSS {d['start']['rss'] >> 20} -> {d['end']['rss'] >> 20} MiB "
+                 f"(peak {d['peak_rss'] >> 20} MiB)")
     lines.append(f"sandboxes acknowledged {report['acked']}, lost {len(report['lost'])}, "
                  f"leaks {len(report['leaks'])}, hung requests {len(report['hangs'])}, "
                  f"requests dropped by a living daemon {len(report['cuts'])}")

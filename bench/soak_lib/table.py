@@ -38,6 +38,9 @@ def main():
          f"({faults['probe']['fault_max_ms']})"),
         ("daemon fds, last life start -> end",
          f"{faults['daemon']['start']['fds']} -> {faults['daemon']['end']['fds']}"),
+        ("daemon private memory MiB start / peak / end",
+         f"{faults['daemon']['start']['private'] >> 20} / {faults['daemon']['peak_private'] >> 20} / "
+         f"{faults['daemon']['end']['private'] >> 20}"),
         ("daemon RSS MiB start / peak / end",
          f"{faults['daemon']['start']['rss'] >> 20} / {faults['daemon']['peak_rss'] >> 20} / "
          f"{faults['daemon']['end']['rss'] >> 20}"),

@@ -13,6 +13,9 @@ pub enum ErrorKind {
     AlreadyExists,
     NotADirectory,
     IsADirectory,
+    /// The guest ran out of something its own workload holds (processes, memory, disk space,
+    /// open files): the request may succeed once the guest frees it.
+    Exhausted,
     /// The agent could not do what was asked for a reason on its side.
     Internal,
 }
@@ -25,6 +28,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::AlreadyExists => 409,
+            ErrorKind::Exhausted => 503,
             ErrorKind::Internal => 500,
         }
     }
@@ -38,6 +42,17 @@ impl ErrorKind {
             20 | 40 => ErrorKind::NotADirectory, // ENOTDIR, ELOOP (symlink where a dir was needed)
             21 => ErrorKind::IsADirectory,       // EISDIR
             22 | 36 | 18 => ErrorKind::InvalidRequest, // EINVAL, ENAMETOOLONG, EXDEV (escape attempt)
+            // EAGAIN (no process or thread slot), ENOMEM, ENFILE, EMFILE, ENOSPC, EDQUOT
+            11 | 12 | 23 | 24 | 28 | 122 => ErrorKind::Exhausted,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// The kind for an error of the agent's own work (starting a process, making pipes): the
+    /// guest's exhaustion is told apart, anything else is internal.
+    pub fn of_own_work(error: &std::io::Error) -> ErrorKind {
+        match error.raw_os_error().map(ErrorKind::from_errno) {
+            Some(ErrorKind::Exhausted) => ErrorKind::Exhausted,
             _ => ErrorKind::Internal,
         }
     }
@@ -65,5 +80,49 @@ impl AgentError {
 
     pub fn internal(message: impl Into<String>) -> AgentError {
         AgentError::new(ErrorKind::Internal, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_out_of_slots_memory_or_disk_is_exhausted_not_internal() {
+        // EAGAIN is what clone answers inside a guest whose fork bomb holds every task slot (the
+        // soak's guest_forkbomb fault made an exec answer 500 before this kind existed).
+        for errno in [
+            libc_errno::EAGAIN,
+            libc_errno::ENOMEM,
+            libc_errno::ENOSPC,
+            libc_errno::EMFILE,
+        ] {
+            let error = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(
+                ErrorKind::of_own_work(&error),
+                ErrorKind::Exhausted,
+                "{error}"
+            );
+            assert_eq!(ErrorKind::Exhausted.http_status(), 503);
+        }
+        let other = std::io::Error::from_raw_os_error(libc_errno::EIO);
+        assert_eq!(ErrorKind::of_own_work(&other), ErrorKind::Internal);
+        // A missing path from the agent's own work is its fault, not the request's.
+        let missing = std::io::Error::from_raw_os_error(libc_errno::ENOENT);
+        assert_eq!(ErrorKind::of_own_work(&missing), ErrorKind::Internal);
+        assert_eq!(
+            ErrorKind::from_errno(libc_errno::ENOENT),
+            ErrorKind::NotFound
+        );
+    }
+
+    /// Linux x86_64 values (this crate does not depend on libc).
+    mod libc_errno {
+        pub const ENOENT: i32 = 2;
+        pub const EIO: i32 = 5;
+        pub const EAGAIN: i32 = 11;
+        pub const ENOMEM: i32 = 12;
+        pub const EMFILE: i32 = 24;
+        pub const ENOSPC: i32 = 28;
     }
 }

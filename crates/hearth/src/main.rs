@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod cmd;
 mod gateway;
+mod heap;
 mod mcp;
 mod report;
 mod serve;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use hearth_proto::{AgentError, ExecRequest, FrameDecoder, FrameKind, TtySize};
+use hearth_proto::{AgentError, ErrorKind, ExecRequest, FrameDecoder, FrameKind, TtySize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
@@ -163,7 +163,10 @@ impl Stdio {
 
 fn start(agent: &Arc<Agent>, request: &ExecRequest) -> Result<Started, AgentError> {
     let internal = |what: &str, e: io::Error| {
-        AgentError::internal(format!("starting exec {:?}: {what}: {e}", request.argv[0]))
+        AgentError::new(
+            ErrorKind::of_own_work(&e),
+            format!("starting exec {:?}: {what}: {e}", request.argv[0]),
+        )
     };
     let stdio = match request.tty {
         Some(size) => Stdio::terminal(agent, request, size)

@@ -135,15 +135,16 @@ pub async fn shutdown_signal() -> i32 {
 pub enum Workers {
     /// A command that does one thing and exits: two threads are plenty and start fast.
     Few,
-    /// A daemon serving many clients: one per CPU.
+    /// A daemon serving many clients: one per CPU, and the heap kept trimmed ([`crate::heap`]).
     PerCpu,
 }
 
 /// The async runtime a command runs on (I/O and timers enabled).
 pub fn runtime(workers: Workers) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Workers::Few = workers {
-        builder.worker_threads(2);
+    match workers {
+        Workers::Few => drop(builder.worker_threads(2)),
+        Workers::PerCpu => crate::heap::bound_retention(),
     }
     builder
         .enable_all()

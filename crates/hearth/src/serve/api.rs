@@ -347,7 +347,8 @@ pub struct ErrorBody {
     /// `capacity`, `quota`, `busy`, `conflict`, `too_large`, `unprocessable`,
     /// `unsupported_media_type`, `shutting_down`, `port_closed`, `bad_gateway`, `image`,
     /// `guest_unresponsive`, `guest_failed` (the guest's end went away mid-request: its VM
-    /// died), `internal`.
+    /// died), `guest_exhausted` (the guest's own workload holds its process slots, memory or
+    /// disk), `internal`.
     pub code: String,
 }
 

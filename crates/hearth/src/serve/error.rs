@@ -102,6 +102,9 @@ impl From<NodeError> for ApiError {
                 ErrorKind::InvalidRequest | ErrorKind::NotADirectory | ErrorKind::IsADirectory => {
                     (StatusCode::BAD_REQUEST, "invalid")
                 }
+                // The guest's own workload holds every process slot, its memory or its disk
+                // (a fork bomb, say): the sandbox's trouble, not the node's.
+                ErrorKind::Exhausted => (StatusCode::SERVICE_UNAVAILABLE, "guest_exhausted"),
                 ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
             // The sandbox's own request cap (not the node's): the client should retry soon.
@@ -192,6 +195,14 @@ mod tests {
                 NodeError::Channel(ChannelError::Closed),
                 502,
                 "guest_failed",
+            ),
+            (
+                NodeError::Channel(ChannelError::Agent(hearth_proto::AgentError::new(
+                    ErrorKind::Exhausted,
+                    "starting exec \"sh\": cloning exec-init: Resource temporarily unavailable",
+                ))),
+                503,
+                "guest_exhausted",
             ),
             (
                 NodeError::Channel(ChannelError::Unresponsive {

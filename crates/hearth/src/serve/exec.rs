@@ -47,7 +47,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
         (status = 429, description = "The sandbox already has its maximum of requests open (`busy`, see Retry-After)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
         (status = 500, description = "The command could not be started (the message says why)", body = ErrorBody),
-        (status = 503, description = "The daemon is shutting down", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down, or the guest could not start the command: its own workload holds its process slots or memory (code `guest_exhausted`)", body = ErrorBody),
         (status = 502, description = "The guest went away mid-request (its VM died; code `guest_failed`)", body = ErrorBody),
         (status = 504, description = "The guest agent did not answer in time (the sandbox is hung or misbehaving)", body = ErrorBody),
     ))]

@@ -100,6 +100,11 @@ class GuestFailed(HearthError):
     turns ``failed``."""
 
 
+class GuestExhausted(HearthError):
+    """503 ``guest_exhausted``: the sandbox's own workload holds every process slot, its memory or
+    its disk (a fork bomb, say); the request may succeed once the guest frees them."""
+
+
 class ServerError(HearthError):
     """500 and any other answer the SDK does not know: a failure on the daemon's side."""
 
@@ -140,6 +145,7 @@ _BY_CODE: Mapping[str, type[HearthError]] = {
     "bad_gateway": PortClosed,
     "guest_unresponsive": GuestUnresponsive,
     "guest_failed": GuestFailed,
+    "guest_exhausted": GuestExhausted,
     "internal": ServerError,
 }
 
