@@ -577,8 +577,8 @@ async fn reconnect_agent(
     }
 }
 
-/// Connects to the agent; a VM restored from a template gets `resume` first.
-async fn connect_agent(
+/// Connects to the agent; a VM restored from a template or a snapshot gets `resume` first.
+pub(crate) async fn connect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
     resume: Option<Resume>,
@@ -588,16 +588,9 @@ async fn connect_agent(
             AgentClient::connect_unix_resume(&socket, deadline, resume).await
         }
         (AgentEndpoint::Stream(socket), None) => AgentClient::connect_unix(&socket, deadline).await,
-        (AgentEndpoint::HybridVsock { socket, port }, None) => {
-            AgentClient::connect_hybrid_vsock(&socket, port, deadline).await
+        (AgentEndpoint::HybridVsock { socket, port }, resume) => {
+            AgentClient::connect_hybrid_vsock_resume(&socket, port, deadline, resume).await
         }
-        // No backend restores a vsock guest yet; a restored guest must get its RESUME, so say so
-        // rather than connect without it.
-        (AgentEndpoint::HybridVsock { .. }, Some(_)) => Err(ChannelError::Protocol(
-            "a VM restored from saved state needs RESUME, which hearth does not send over \
-             vsock yet"
-                .into(),
-        )),
     }
 }
 
@@ -654,23 +647,45 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
-    /// A restored guest waits for its RESUME (clock, entropy, hostname); connecting to it without
-    /// one would leave it with the template's. Over vsock, where hearth cannot send it yet, the
-    /// connection is refused at once instead.
+    /// A restored guest waits for its RESUME (clock, entropy, hostname); a Firecracker guest is
+    /// reached through its hybrid vsock socket, so the RESUME goes right after the `CONNECT`
+    /// exchange, before HELLO, exactly as on QEMU's stream. Here a peer plays Firecracker's socket
+    /// and records what the host sends.
     #[tokio::test]
-    async fn a_restored_guest_behind_vsock_is_refused_not_left_without_resume() {
-        let endpoint = AgentEndpoint::HybridVsock {
-            socket: "/nonexistent/agent.sock".into(),
-            port: 1024,
-        };
+    async fn a_restored_guest_behind_vsock_gets_its_resume_before_hello() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("v.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let peer = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            // CONNECT line, then answer it as Firecracker does and read two more lines.
+            while !seen.ends_with(b"\n") {
+                stream.read_exact(&mut byte).await.unwrap();
+                seen.push(byte[0]);
+            }
+            stream.write_all(b"OK 1073741824\n").await.unwrap();
+            while !String::from_utf8_lossy(&seen).contains(" HELLO") && seen.len() < 4096 {
+                stream.read_exact(&mut byte).await.unwrap();
+                seen.push(byte[0]);
+            }
+            String::from_utf8(seen).unwrap()
+        });
+        let endpoint = AgentEndpoint::HybridVsock { socket, port: 1024 };
         let resume = crate::restore::resume_for("hearth-x").unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let started = std::time::Instant::now();
-        let err = connect_agent(endpoint, deadline, Some(resume))
-            .await
-            .err()
-            .expect("refused");
-        assert!(err.to_string().contains("RESUME"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let connecting = tokio::spawn(connect_agent(endpoint, deadline, Some(resume)));
+        let seen = peer.await.unwrap();
+        let lines: Vec<&str> = seen.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines[0], "CONNECT 1024");
+        assert!(
+            lines[1].contains(" RESUME ") && lines[1].ends_with(" hearth-x"),
+            "{seen}"
+        );
+        assert!(lines[2].contains(" HELLO"), "{seen}");
+        // Nobody answers HELLO: the connect gives up at its deadline.
+        assert!(connecting.await.unwrap().is_err());
     }
 }

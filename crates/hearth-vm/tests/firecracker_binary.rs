@@ -222,6 +222,162 @@ fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> any
     Ok(())
 }
 
+/// Firecracker's own snapshots, with the real binary, as far as this machine lets them go: a
+/// started VM is paused and saved (a full snapshot: device state and guest memory, moved into the
+/// save directory), and a fresh Firecracker restores it into another run directory (the load with
+/// that VM's vsock socket, both drives re-pointed at its files, resumed), which Firecracker's own
+/// `GET /vm/config` must then show. Where the guest may already have died of a KVM internal error
+/// (nested PVM) and the save is refused, the VM must have reported that death.
+#[test]
+fn a_started_vm_saves_a_full_snapshot_that_a_fresh_firecracker_restores_elsewhere(
+) -> anyhow::Result<()> {
+    let Some(binary) = firecracker() else {
+        return Ok(());
+    };
+    let home = tempfile::tempdir()?;
+    let spec = idle_spec(home.path(), "saved")?;
+    let vmm = FirecrackerVmm::new(binary);
+    let mut vm = vmm.start_firecracker(&spec)?;
+    let dir = home.path().join("snapshot");
+    let saved = match vm.save_state(&dir) {
+        Ok(saved) => saved,
+        Err(e) => {
+            assert!(!kvm_boots_guests(), "saving failed on a KVM host: {e}");
+            let exit = vm.wait_timeout(Duration::from_secs(5))?.expect("exited");
+            assert!(
+                exit.failure.is_some(),
+                "save refused ({e}) but no failure: {exit:?}"
+            );
+            hearth_testkit::skip(&format!(
+                "the guest died before it could be saved ({:?}); the save said: {e}",
+                exit.failure
+            ));
+            return Ok(());
+        }
+    };
+    assert_eq!(saved.state, dir.join("vmstate"));
+    let memory = std::fs::metadata(dir.join("memory"))?.len();
+    assert_eq!(
+        memory,
+        u64::from(spec.memory_mib) << 20,
+        "the memory file holds all of it"
+    );
+    assert!(saved.bytes > memory, "{saved:?}");
+    assert_eq!(
+        vm.api().instance_info()?.state,
+        "Paused",
+        "a saved VM stays paused"
+    );
+    drop(vm);
+
+    let mut restored = idle_spec(home.path(), "restored")?;
+    restored.restore_from = Some(saved.state.clone());
+    let mut vm = vmm.start_firecracker(&restored)?;
+    assert!(vm.restored_in().is_some());
+    if let Some(held) = firecrackers_config(vm.api()) {
+        let scratch = held["drives"]
+            .as_array()
+            .expect("drives")
+            .iter()
+            .find(|d| d["drive_id"] == "hearth_scratch")
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            scratch["path_on_host"],
+            json!(restored.drives[1].path.to_string_lossy()),
+            "the restored VM writes its own scratch disk, not the saved VM's: {held}"
+        );
+        assert_eq!(
+            held["vsock"]["uds_path"],
+            json!(restored.agent_socket.to_string_lossy()),
+            "{held}"
+        );
+    }
+    running_or_reported_dead(&mut vm, "restored")?;
+    assert!(
+        dir.join("vmstate").is_file() && dir.join("memory").is_file(),
+        "the snapshot stays"
+    );
+    Ok(())
+}
+
+/// The same through the jailer, restored by a VM of another uid (hearth gives each VM its own):
+/// the snapshot is written inside the saving VM's chroot, moved out, and linked into the
+/// restoring VM's chroot under names a later save of that VM cannot overwrite.
+#[test]
+fn a_jailed_vm_saves_and_a_jailed_vm_of_another_uid_restores_it() -> anyhow::Result<()> {
+    let (binary, jailer) = match hearth_testkit::firecracker_bins() {
+        Ok(bins) => bins,
+        Err(reason) => {
+            hearth_testkit::skip(&reason);
+            return Ok(());
+        }
+    };
+    if !hearth_testkit::is_root() {
+        hearth_testkit::skip("the jailer needs root (chroot, cgroups, uid drop)");
+        return Ok(());
+    }
+    let home = tempfile::tempdir()?;
+    let jailed_spec = |name: &str| -> anyhow::Result<VmSpec> {
+        let mut spec = idle_spec(home.path(), name)?;
+        for input in [&mut spec.kernel, &mut spec.initramfs] {
+            let copy = home.path().join(input.file_name().unwrap());
+            if !copy.exists() {
+                std::fs::copy(&*input, &copy)?;
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
+            }
+            *input = copy;
+        }
+        Ok(spec)
+    };
+    let spec = jailed_spec("jsaved")?;
+    let saver =
+        FirecrackerVmm::new(&binary).with_jailer(JailerConfig::new(&jailer, NOBODY, NOBODY));
+    let mut vm = saver.start_firecracker(&spec)?;
+    let dir = home.path().join("jsnapshot");
+    let saved = match vm.save_state(&dir) {
+        Ok(saved) => saved,
+        Err(e) => {
+            assert!(!kvm_boots_guests(), "saving failed on a KVM host: {e}");
+            hearth_testkit::skip(&format!("the jailed guest could not be saved here: {e}"));
+            return Ok(());
+        }
+    };
+    drop(vm);
+    let mut restored = jailed_spec("jrestored")?;
+    restored.restore_from = Some(saved.state.clone());
+    let other = NOBODY - 1;
+    let restorer =
+        FirecrackerVmm::new(&binary).with_jailer(JailerConfig::new(&jailer, other, other));
+    let mut vm = restorer.start_firecracker(&restored)?;
+    assert!(vm.restored_in().is_some());
+    let exec_name = binary.file_name().unwrap().to_string_lossy().into_owned();
+    let chroot = Layout::jailed(
+        &restored,
+        &JailerConfig::new(&jailer, other, other).chroot_base(&restored),
+        &exec_name,
+        "jrestored",
+    );
+    let root = chroot.chroot_root().unwrap().to_owned();
+    assert!(root.join("restore.vmstate").is_file() && root.join("restore.memory").is_file());
+    // A save of the restored VM writes `vmstate`/`memory` in its chroot, never its inputs.
+    let again = home.path().join("jsnapshot-again");
+    if vm.save_state(&again).is_ok() {
+        assert!(again.join("vmstate").is_file());
+        assert_eq!(
+            std::fs::read(dir.join("vmstate"))?.len() as u64,
+            std::fs::metadata(&saved.state)?.len()
+        );
+    }
+    drop(vm);
+    assert!(
+        dir.join("vmstate").is_file() && dir.join("memory").is_file(),
+        "the snapshot stays"
+    );
+    assert!(!restored.run_dir.exists(), "run dir left behind");
+    Ok(())
+}
+
 #[test]
 fn a_config_file_start_matches_its_dry_run_starts_and_cleans_up() -> anyhow::Result<()> {
     let Some(binary) = firecracker() else {

@@ -278,3 +278,112 @@ fn a_rejected_configuration_call_fails_start_with_the_fault_and_leaves_nothing()
     let requests = recorded(home.path(), "rejects-1");
     assert!(!requests.iter().any(|r| r.is_action("InstanceStart")));
 }
+
+/// A save pauses the VM and asks for a full snapshot, whose two files end up in the save
+/// directory; a restore into another run directory sends, to a fresh Firecracker, only the logger,
+/// the metrics, the load (paused, with the new VM's vsock socket), each drive re-pointed at the new
+/// VM's file, then the resume: no boot resource, no InstanceStart. Every body is schema-valid.
+#[test]
+fn a_save_and_a_restore_elsewhere_follow_firecrackers_snapshot_sequence() {
+    let schema = FirecrackerSchema::load();
+    let home = tempfile::tempdir().unwrap();
+    let vmm = FirecrackerVmm::new(fake_binary());
+    let mut vm = vmm
+        .start_firecracker(&spec(home.path(), "ok-saved"))
+        .unwrap();
+    let dir = home.path().join("snapshot");
+    let saved = vm.save_state(&dir).unwrap();
+    assert_eq!(saved.state, dir.join("vmstate"));
+    assert_eq!(
+        std::fs::read(dir.join("memory")).unwrap(),
+        b"fake guest memory"
+    );
+    let calls = |id: &str| -> Vec<String> {
+        recorded(home.path(), id)
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    };
+    assert!(
+        calls("ok-saved").ends_with(&["PATCH /vm".into(), "PUT /snapshot/create".into()]),
+        "{:?}",
+        calls("ok-saved")
+    );
+    assert_eq!(vm.api().instance_info().unwrap().state, "Paused");
+    drop(vm);
+
+    let mut restored = spec(home.path(), "ok-restored");
+    restored.drives[1] = Drive::scratch(home.path().join("child-scratch.ext4"));
+    restored.restore_from = Some(saved.state.clone());
+    let vm = vmm.start_firecracker(&restored).unwrap();
+    assert!(vm.restored_in().is_some());
+    assert_eq!(
+        calls("ok-restored"),
+        [
+            "GET /",
+            "PUT /logger",
+            "PUT /metrics",
+            "PUT /snapshot/load",
+            "PATCH /drives/hearth_rootfs",
+            "PATCH /drives/hearth_scratch",
+            "PATCH /vm",
+        ]
+    );
+    let requests = recorded(home.path(), "ok-restored");
+    let load = requests[3].body.clone().unwrap();
+    assert_eq!(load["snapshot_path"], dir.join("vmstate").to_str().unwrap());
+    assert_eq!(
+        load["mem_backend"]["backend_path"],
+        dir.join("memory").to_str().unwrap()
+    );
+    assert_eq!(
+        load["resume_vm"], false,
+        "drives are re-pointed before a vCPU runs"
+    );
+    assert_eq!(
+        load["vsock_override"]["uds_path"],
+        restored.agent_socket.to_str().unwrap()
+    );
+    assert_eq!(
+        requests[5].body.as_ref().unwrap()["path_on_host"],
+        home.path().join("child-scratch.ext4").to_str().unwrap()
+    );
+    assert_eq!(requests[6].body.as_ref().unwrap()["state"], "Resumed");
+    assert_eq!(vm.api().instance_info().unwrap().state, "Running");
+    for r in recorded(home.path(), "ok-saved").iter().chain(&requests) {
+        schema
+            .validate_request(&r.method, &r.path, r.body.as_ref())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// A restore whose snapshot is missing fails with Firecracker's reason and the snapshot's name,
+/// kills the VMM and leaves no run directory; the snapshot directory is not touched.
+#[test]
+fn a_restore_from_a_missing_snapshot_fails_naming_it_and_leaves_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("snapshot");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("vmstate"), b"state without its memory").unwrap();
+    let mut restored = spec(home.path(), "ok-broken");
+    restored.restore_from = Some(dir.join("vmstate"));
+    let error = FirecrackerVmm::new(fake_binary())
+        .start_firecracker(&restored)
+        .err()
+        .expect("a restore without its memory file fails");
+    let text = error.to_string();
+    assert!(
+        text.contains("restoring the VM from") && text.contains("vmstate"),
+        "{text}"
+    );
+    assert!(text.contains("memory: No such file"), "{text}");
+    assert!(matches!(
+        error.backend_error::<FirecrackerError>(),
+        Some(FirecrackerError::Restore { .. })
+    ));
+    assert!(!restored.run_dir.exists(), "run dir left behind");
+    assert_eq!(
+        std::fs::read(dir.join("vmstate")).unwrap(),
+        b"state without its memory"
+    );
+}

@@ -60,10 +60,13 @@ fn backends() -> Vec<(&'static str, FirecrackerVmm)> {
     ]
 }
 
-/// Every call the backend makes: configuration, InstanceStart, stop, pause/resume, state query.
+/// Every call the backend makes: configuration, InstanceStart, stop, pause/resume, state query,
+/// a save's snapshot and a restore's load and drive updates.
 fn all_requests(config: &VmConfig) -> Vec<ApiRequest> {
     let mut requests = config.requests();
+    requests.extend(config.restore_requests("/h/paused/vmstate", "/h/paused/memory"));
     requests.extend([
+        ApiRequest::snapshot_create("/h/run/vm1/vmstate", "/h/run/vm1/memory"),
         ApiRequest::action(ActionType::InstanceStart),
         ApiRequest::action(ActionType::SendCtrlAltDel),
         ApiRequest::action(ActionType::FlushMetrics),
@@ -88,6 +91,8 @@ fn every_api_request_body_validates_against_firecrackers_schema() {
             "/boot-source",
             "/vsock",
             "/network-interfaces/eth0",
+            "/snapshot/create",
+            "/snapshot/load",
         ] {
             assert!(
                 requests.iter().any(|r| r.path == path),
@@ -99,7 +104,8 @@ fn every_api_request_body_validates_against_firecrackers_schema() {
                 .iter()
                 .filter(|r| r.path.starts_with("/drives/"))
                 .count(),
-            2
+            4,
+            "two drives configured, and re-pointed after a restore"
         );
         for request in &requests {
             schema

@@ -11,7 +11,7 @@ use hearth_vm::channel::AgentClient;
 use hearth_vm::{select_backend, BackendRequest};
 
 use super::{io_error, PausedSandbox, SCRATCH_FILE};
-use crate::sandbox::{console_tail, record_owner, AGENT_DEADLINE};
+use crate::sandbox::{connect_agent, console_tail, record_owner, AGENT_DEADLINE};
 use crate::spec_record::record_spec;
 use crate::{BootTimings, Sandbox, SandboxConfig, SandboxError};
 
@@ -107,7 +107,7 @@ impl PausedSandbox {
         let resume = crate::restore::resume_for(identity.hostname)?;
         let connected = match vm.take_agent_stream() {
             Some(stream) => AgentClient::connect_stream_resume(stream, deadline, resume).await,
-            None => AgentClient::connect_unix_resume(&spec.agent_socket, deadline, resume).await,
+            None => connect_agent(vm.agent_endpoint().clone(), deadline, Some(resume)).await,
         };
         let client = match connected {
             Ok(client) => client,

@@ -243,6 +243,17 @@ impl AgentClient {
         port: u32,
         deadline: Instant,
     ) -> Result<AgentClient, ChannelError> {
+        AgentClient::connect_hybrid_vsock_resume(path, port, deadline, None).await
+    }
+
+    /// [`AgentClient::connect_hybrid_vsock`] to a VM restored from saved state (Firecracker's
+    /// snapshot), which gets `resume` before its HELLO, as over a Unix socket.
+    pub async fn connect_hybrid_vsock_resume(
+        path: &Path,
+        port: u32,
+        deadline: Instant,
+        resume: Option<Resume>,
+    ) -> Result<AgentClient, ChannelError> {
         let started = Instant::now();
         loop {
             let attempt = async {
@@ -262,7 +273,8 @@ impl AgentClient {
             };
             match attempt.await {
                 Ok(stream) => {
-                    return with_deadline(deadline, started, AgentClient::connect(stream)).await
+                    let handshake = AgentClient::connect_resuming(stream, resume);
+                    return with_deadline(deadline, started, handshake).await;
                 }
                 Err(e)
                     if (retryable(&e) || e.kind() == io::ErrorKind::UnexpectedEof)

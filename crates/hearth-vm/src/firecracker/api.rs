@@ -101,10 +101,24 @@ impl FirecrackerApi {
 
     /// Applies every configuration call of `config`, stopping at the first rejection.
     pub fn configure(&self, config: &VmConfig) -> Result<(), ApiError> {
-        config
-            .requests()
+        self.call_all(&config.requests())
+    }
+
+    /// Applies `requests` in order, stopping at the first rejection.
+    pub fn call_all(&self, requests: &[ApiRequest]) -> Result<(), ApiError> {
+        requests
             .iter()
             .try_for_each(|request| self.call(request).map(drop))
+    }
+
+    /// Writes a full snapshot of the paused VM (paths as Firecracker sees them).
+    pub fn snapshot_create(
+        &self,
+        snapshot_path: &str,
+        mem_file_path: &str,
+    ) -> Result<(), ApiError> {
+        self.call(&ApiRequest::snapshot_create(snapshot_path, mem_file_path))
+            .map(drop)
     }
 
     pub fn instance_start(&self) -> Result<(), ApiError> {

@@ -1,7 +1,8 @@
 //! Firecracker's VM configuration as typed values: one type per API resource (the bodies of
 //! `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/vsock`, `/logger`, `/metrics`, `/actions`,
-//! `PATCH /vm`) and [`VmConfig`], which is both the `--config-file` document and the source of the
-//! API request sequence. Ids of resources are [`ResourceId`]s (`resource_id.rs`). Pure data: no
+//! `PATCH /vm`, `/snapshot/create`, `/snapshot/load`, `PATCH /drives/{id}`) and [`VmConfig`], which
+//! is both the `--config-file` document and the source of the API request sequences (a cold boot's
+//! and a restore's). Ids of resources are [`ResourceId`]s (`resource_id.rs`). Pure data: no
 //! I/O. Field names follow Firecracker's swagger definitions; `tests/firecracker_schema.rs`
 //! validates every body against that schema.
 
@@ -136,6 +137,68 @@ pub struct VmState {
     pub state: RunState,
 }
 
+/// Which snapshot `PUT /snapshot/create` writes: the whole guest memory (a diff snapshot needs
+/// dirty-page tracking from boot, which hearth leaves off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SnapshotType {
+    Full,
+}
+
+/// Body of `PUT /snapshot/create` (paths as Firecracker sees them; the VM must be paused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotCreate {
+    pub snapshot_type: SnapshotType,
+    /// Device and vCPU state.
+    pub snapshot_path: String,
+    /// Guest memory.
+    pub mem_file_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MemoryBackendType {
+    /// Memory mapped privately from a file: pages load on first touch.
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: String,
+}
+
+/// `network_overrides` entry: the NIC's tap in the restored VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkOverride {
+    pub iface_id: ResourceId,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+/// Body of `PUT /snapshot/load`, the first call to a fresh Firecracker after its logger and
+/// metrics. The VM stays paused (`resume_vm: false`) so that its drives can be pointed at this
+/// VM's files before a vCPU runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotLoad {
+    pub snapshot_path: String,
+    pub mem_backend: MemoryBackend,
+    pub resume_vm: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The agent's socket of this VM (a fork's child has its own; the snapshot names the parent's).
+    pub vsock_override: VsockOverride,
+}
+
+/// Body of `PATCH /drives/{drive_id}`: a restored VM's drive pointed at this VM's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartialDrive {
+    pub drive_id: ResourceId,
+    pub path_on_host: String,
+}
+
 /// The whole configuration: serialized as-is it is a `--config-file` (Firecracker's
 /// `FullVmConfiguration`); [`VmConfig::requests`] turns it into the equivalent API calls.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -199,6 +262,17 @@ impl ApiRequest {
 
     pub fn vm_state(state: RunState) -> Self {
         ApiRequest::patch("/vm", &VmState { state })
+    }
+
+    /// A full snapshot of the paused VM into `snapshot_path` and `mem_file_path` (Firecracker's
+    /// view).
+    pub fn snapshot_create(snapshot_path: &str, mem_file_path: &str) -> Self {
+        let body = SnapshotCreate {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: snapshot_path.to_owned(),
+            mem_file_path: mem_file_path.to_owned(),
+        };
+        ApiRequest::put("/snapshot/create", &body)
     }
 }
 
@@ -275,6 +349,45 @@ impl VmConfig {
                 })
                 .collect(),
         }
+    }
+
+    /// The calls that restore a fresh Firecracker from the snapshot at `snapshot_path` and
+    /// `memory_path` (Firecracker's view) into this configuration's VM, paused: logger and
+    /// metrics, the load (with this VM's vsock socket and taps), then each drive re-pointed at this
+    /// VM's file. `PATCH /vm Resumed` is not included.
+    pub fn restore_requests(&self, snapshot_path: &str, memory_path: &str) -> Vec<ApiRequest> {
+        let load = SnapshotLoad {
+            snapshot_path: snapshot_path.to_owned(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: memory_path.to_owned(),
+            },
+            resume_vm: false,
+            network_overrides: self
+                .network_interfaces
+                .iter()
+                .map(|nic| NetworkOverride {
+                    iface_id: nic.iface_id.clone(),
+                    host_dev_name: nic.host_dev_name.clone(),
+                })
+                .collect(),
+            vsock_override: VsockOverride {
+                uds_path: self.vsock.uds_path.clone(),
+            },
+        };
+        let mut requests = vec![
+            ApiRequest::put("/logger", &self.logger),
+            ApiRequest::put("/metrics", &self.metrics),
+            ApiRequest::put("/snapshot/load", &load),
+        ];
+        requests.extend(self.drives.iter().map(|drive| {
+            let partial = PartialDrive {
+                drive_id: drive.drive_id.clone(),
+                path_on_host: drive.path_on_host.clone(),
+            };
+            ApiRequest::patch(format!("/drives/{}", drive.drive_id), &partial)
+        }));
+        requests
     }
 
     /// The `--config-file` document.

@@ -12,6 +12,20 @@ pub enum FirecrackerError {
     /// Firecracker refused the configuration or InstanceStart; `log` holds its stderr and log.
     #[error("configuring Firecracker failed: {source}\n--- firecracker stderr:\n{log}")]
     Config { source: ApiError, log: String },
+    /// Firecracker refused to load a snapshot (or to point its drives at this VM's files); the
+    /// snapshot files are left as they were.
+    #[error("restoring the VM from {state} failed: {source}\n--- firecracker stderr:\n{log}")]
+    Restore {
+        state: std::path::PathBuf,
+        source: ApiError,
+        log: String,
+    },
+    /// Pausing the VM or writing its snapshot failed.
+    #[error("saving the VM to {dir} failed: {source}")]
+    Save {
+        dir: std::path::PathBuf,
+        source: ApiError,
+    },
     #[error(
         "--jailer needs Firecracker's jailer binary: put `jailer` in PATH or set HEARTH_JAILER_BIN"
     )]

@@ -157,6 +157,17 @@ impl JailerConfig {
             )));
         }
         std::fs::create_dir_all(root).map_err(io("creating the jail", root))?;
+        if let Some(state) = &spec.restore_from {
+            // A snapshot is written by the uid of the VM that was saved, which is not this one's;
+            // several fork children may restore it at once, so it is made readable rather than
+            // given to one of them. Only processes that can reach it see it: hearth's home is
+            // root's, and each jailed Firecracker sees nothing but its own chroot.
+            for file in [state.clone(), super::layout::snapshot_memory(state)] {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444))
+                    .map_err(io("making the snapshot readable", &file))?;
+            }
+        }
         let writable_disks: Vec<&Path> = spec
             .drives
             .iter()

@@ -15,6 +15,19 @@ const METRICS: &str = "metrics.json";
 const CONFIG: &str = "vm_config.json";
 /// Vsock socket name inside a jail (short: it lives deep under the chroot base).
 const JAILED_VSOCK: &str = "v.sock";
+/// What `PUT /snapshot/create` writes: device state and guest memory (also their names in the
+/// directory a saved VM is moved to, see [`snapshot_memory`]).
+pub const SNAPSHOT: &str = "vmstate";
+pub const SNAPSHOT_MEMORY: &str = "memory";
+/// A restore's inputs inside a jail: not the names a save writes, so that pausing a restored VM
+/// never truncates the (hard-linked) snapshot it came from.
+const RESTORE_SNAPSHOT: &str = "restore.vmstate";
+const RESTORE_MEMORY: &str = "restore.memory";
+
+/// The guest memory file saved beside the snapshot `state`.
+pub fn snapshot_memory(state: &Path) -> PathBuf {
+    state.with_file_name(SNAPSHOT_MEMORY)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -39,6 +52,17 @@ impl Layout {
             run_dir: spec.run_dir.clone(),
             agent_socket: spec.agent_socket.clone(),
             chroot_root: Some(chroot_base.join(exec_file_name).join(id).join("root")),
+        }
+    }
+
+    /// The layout of a running VM found by its run directory and API socket (an adopted VM):
+    /// jailed when the socket is not directly in the run directory.
+    pub fn found(run_dir: &Path, api_socket: &Path, agent_socket: &Path) -> Self {
+        let own_dir = api_socket.parent().unwrap_or(run_dir);
+        Layout {
+            run_dir: run_dir.to_owned(),
+            agent_socket: agent_socket.to_owned(),
+            chroot_root: (own_dir != run_dir).then(|| own_dir.to_owned()),
         }
     }
 
@@ -113,6 +137,21 @@ impl Layout {
         }
     }
 
+    /// Where a save writes the snapshot and the memory: (host paths, Firecracker's view).
+    pub fn saved(&self) -> ([PathBuf; 2], [String; 2]) {
+        let (state, memory) = (self.own_file(SNAPSHOT), self.own_file(SNAPSHOT_MEMORY));
+        ([state.0, memory.0], [state.1, memory.1])
+    }
+
+    /// A restore's snapshot and memory (saved by [`Layout::saved`], moved beside each other) as
+    /// Firecracker sees them.
+    pub fn vmm_restore(&self, state: &Path) -> [String; 2] {
+        [
+            self.input(RESTORE_SNAPSHOT, state),
+            self.input(RESTORE_MEMORY, &snapshot_memory(state)),
+        ]
+    }
+
     pub fn vmm_kernel(&self, kernel: &Path) -> String {
         self.input("kernel", kernel)
     }
@@ -140,6 +179,10 @@ impl Layout {
                 .iter()
                 .map(|d| (d.path.clone(), root.join(format!("{}.img", d.serial)))),
         );
+        if let Some(state) = &spec.restore_from {
+            inputs.push((state.clone(), root.join(RESTORE_SNAPSHOT)));
+            inputs.push((snapshot_memory(state), root.join(RESTORE_MEMORY)));
+        }
         inputs
     }
 
@@ -158,6 +201,36 @@ mod tests {
         let mut spec = VmSpec::new("/k/vmlinux", "/k/initrd.cpio", "/h/run/vm1");
         spec.drives = vec![Drive::rootfs("/h/rootfs/a.ext4")];
         spec
+    }
+
+    #[test]
+    fn saves_and_restores_use_distinct_names_so_a_restored_vm_never_overwrites_its_source() {
+        let mut restored = spec();
+        restored.restore_from = Some("/h/paused/vm1/vmstate".into());
+        let plain = Layout::plain(&restored);
+        assert_eq!(
+            plain.vmm_restore(Path::new("/h/paused/vm1/vmstate")),
+            ["/h/paused/vm1/vmstate", "/h/paused/vm1/memory"]
+        );
+        assert_eq!(plain.saved().1, ["/h/run/vm1/vmstate", "/h/run/vm1/memory"]);
+        let jailed = Layout::jailed(
+            &restored,
+            Path::new("/h/run/vm1/jail"),
+            "firecracker",
+            "vm1",
+        );
+        let root = Path::new("/h/run/vm1/jail/firecracker/vm1/root");
+        assert_eq!(
+            jailed.vmm_restore(Path::new("/h/paused/vm1/vmstate")),
+            ["/restore.vmstate", "/restore.memory"]
+        );
+        assert_eq!(
+            jailed.saved().0,
+            [root.join("vmstate"), root.join("memory")]
+        );
+        let inputs = jailed.jail_inputs(&restored);
+        assert!(inputs.contains(&("/h/paused/vm1/memory".into(), root.join("restore.memory"))));
+        assert!(inputs.contains(&("/h/paused/vm1/vmstate".into(), root.join("restore.vmstate"))));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use config::{RateLimiter, TokenBucket, VmConfig};
 pub use error::FirecrackerError;
 pub use failure::find_failure;
 pub use jailer::JailerConfig;
-pub use layout::Layout;
+pub use layout::{snapshot_memory, Layout};
 pub use running::RunningFirecracker;
 
 use crate::spec::{SpecError, VmSpec};
@@ -137,10 +137,10 @@ impl FirecrackerVmm {
 
     pub(crate) fn prepare(&self, spec: &VmSpec) -> Result<Prepared, VmError> {
         spec.validate()?;
-        if spec.restore_from.is_some() {
+        if !matches!(spec.memory, crate::spec::GuestMemory::Anonymous) {
             return Err(VmError::Unsupported(
-                "restoring a QEMU template snapshot is not possible with Firecracker: boot cold \
-                 (leave VmSpec::restore_from unset)"
+                "Firecracker guests have anonymous memory (a restore maps its snapshot's memory \
+                 file itself): leave VmSpec::memory as GuestMemory::Anonymous"
                     .into(),
             ));
         }
@@ -158,7 +158,8 @@ impl FirecrackerVmm {
         }
         let config = VmConfig::build(spec, &layout, &self.rate_limiters);
         let mut firecracker_args = vec!["--api-sock".to_owned(), layout.vmm_api_socket()];
-        if self.mode == ConfigMode::ConfigFile {
+        // A restore goes through the API whatever the mode: a config file would boot the kernel.
+        if self.mode == ConfigMode::ConfigFile && spec.restore_from.is_none() {
             firecracker_args.extend(["--config-file".to_owned(), layout.vmm_config()]);
         }
         let (program, args) = match &self.jailer {
@@ -195,10 +196,12 @@ impl Vmm for FirecrackerVmm {
         GUEST_MODULES
     }
 
-    /// Firecracker's own snapshots (`/snapshot/create`, `/snapshot/load`) are not wired in yet.
+    /// Saves and restores through Firecracker's own snapshots (`/snapshot/create`,
+    /// `/snapshot/load`); boot templates are QEMU's only so far.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             network: true,
+            save_state: true,
             ..Capabilities::default()
         }
     }

@@ -1,14 +1,17 @@
 //! A started Firecracker: its process ([`VmProcess`]: exit recorded once, failure read from the
 //! logs, run directory and a jailed VM's cgroups removed, killed on drop unless released), API
 //! client and agent endpoint. Start-up waits for the API to answer, configures the VM (API mode)
-//! and starts it, failing fast with Firecracker's log and the console tail if it exits first. A
+//! and starts it (or, for a VM restored from a snapshot, loads the snapshot, points its drives at
+//! this VM's files and resumes it), failing fast with Firecracker's log and the console tail if it
+//! exits first. A save pauses the VM and has Firecracker write a full snapshot. A
 //! jailed VMM runs under hearth's guard process (`crate::process::guard`), which hearth holds instead. A
 //! detached Firecracker can be taken over by another process ([`RunningFirecracker::adopt`]).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::config::RunState;
+use super::layout::{Layout, SNAPSHOT, SNAPSHOT_MEMORY};
 use super::{failure, FirecrackerApi, FirecrackerError, FirecrackerVmm};
 use crate::detached::DetachedRecord;
 use crate::error::VmError;
@@ -17,7 +20,7 @@ use crate::process::ProcessIdentity;
 use crate::process::{spawn_guarded_vmm, spawn_vmm_in, Enter, SpawnRequest};
 use crate::rundir::{self, read_tail};
 use crate::spec::VmSpec;
-use crate::vmm::{AgentEndpoint, RunningVm};
+use crate::vmm::{AgentEndpoint, RunningVm, SavedState};
 
 /// Firecracker opens its API socket within milliseconds; a loaded host gets slack.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,6 +30,10 @@ pub struct RunningFirecracker {
     process: VmProcess,
     endpoint: AgentEndpoint,
     api: FirecrackerApi,
+    /// Where its files are (for a save's snapshot).
+    layout: Layout,
+    /// How long loading its snapshot took, for a restored VM.
+    restored_in: Option<Duration>,
 }
 
 /// Where a Firecracker VM's logs are, for failure reports.
@@ -138,6 +145,8 @@ impl RunningFirecracker {
                 port: hearth_proto::VSOCK_PORT,
             },
             api: FirecrackerApi::new(layout.host_api_socket()),
+            layout: layout.clone(),
+            restored_in: None,
         };
         if spec.detached {
             // Written before anything else can fail, so that whoever finds this run directory
@@ -164,7 +173,21 @@ impl RunningFirecracker {
             || logs.tails(),
             || api.instance_info().ok(),
         )?;
-        if vmm.mode == super::ConfigMode::Api {
+        if let Some(state) = &spec.restore_from {
+            let loading = Instant::now();
+            let [snapshot, memory] = layout.vmm_restore(state);
+            let restored = vm
+                .api
+                .call_all(&prepared.config.restore_requests(&snapshot, &memory))
+                .and_then(|()| vm.api.set_state(RunState::Resumed));
+            if let Err(source) = restored {
+                let log = logs.tails();
+                let _ = vm.process.kill();
+                let state = state.clone();
+                return Err(FirecrackerError::Restore { state, source, log }.into());
+            }
+            vm.restored_in = Some(loading.elapsed());
+        } else if vmm.mode == super::ConfigMode::Api {
             let configured = vm
                 .api
                 .configure(&prepared.config)
@@ -195,6 +218,8 @@ impl RunningFirecracker {
             process,
             endpoint: record.agent_endpoint(),
             api: FirecrackerApi::new(record.control_socket.clone()),
+            layout: Layout::found(run_dir, &record.control_socket, &record.agent_socket),
+            restored_in: None,
         })
     }
 
@@ -223,6 +248,40 @@ impl RunningVm for RunningFirecracker {
 
     fn resume(&mut self) -> Result<(), VmError> {
         Ok(self.api.set_state(RunState::Resumed)?)
+    }
+
+    /// Pauses the VM, has Firecracker write a full snapshot into its own directory (the jail's
+    /// chroot when jailed), then moves the snapshot and the memory file into `dir`.
+    fn save_state(&mut self, dir: &Path) -> Result<SavedState, VmError> {
+        let started = Instant::now();
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let ([host_state, host_memory], [state, memory]) = self.layout.saved();
+        let save_error = |source| FirecrackerError::Save {
+            dir: dir.to_owned(),
+            source,
+        };
+        self.api.set_state(RunState::Paused).map_err(save_error)?;
+        self.api
+            .snapshot_create(&state, &memory)
+            .map_err(save_error)?;
+        let saved = [
+            (host_state, dir.join(SNAPSHOT)),
+            (host_memory, dir.join(SNAPSHOT_MEMORY)),
+        ];
+        let mut bytes = 0;
+        for (from, to) in &saved {
+            std::fs::rename(from, to).map_err(io("moving the snapshot file", from))?;
+            bytes += std::fs::metadata(to).map_err(io("reading", to))?.len();
+        }
+        Ok(SavedState {
+            state: dir.join(SNAPSHOT),
+            bytes,
+            took: started.elapsed(),
+        })
+    }
+
+    fn restored_in(&self) -> Option<Duration> {
+        self.restored_in
     }
 
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError> {

@@ -34,6 +34,10 @@ impl Recorded {
 pub struct FakeState {
     pub id: String,
     pub started: bool,
+    pub paused: bool,
+    /// A boot resource (anything but the logger and metrics) was configured: a snapshot load is
+    /// refused from then on, as Firecracker does.
+    pub configured: bool,
     /// Requests to this path are rejected with 400.
     pub reject_path: Option<String>,
 }
@@ -42,6 +46,58 @@ pub struct FakeState {
 pub fn instance_info(id: &str, started: bool) -> Value {
     let state = if started { "Running" } else { "Not started" };
     json!({"id": id, "state": state, "vmm_version": "1.17.0-dev", "app_name": "Firecracker"})
+}
+
+/// Firecracker's rules for the snapshot calls, and its effects (the fake writes the files a
+/// snapshot names, so that the host can move them): `Err` is the fault message of a 400.
+fn snapshot_call(state: &mut FakeState, request: &Recorded) -> Result<(), String> {
+    let body = request.body.clone().unwrap_or_default();
+    let text = |key: &str| body[key].as_str().unwrap_or_default().to_owned();
+    match (request.method.as_str(), request.path.as_str()) {
+        ("PUT", "/snapshot/create") => {
+            if !state.started || !state.paused {
+                return Err("Create snapshot error: the microVM must be paused".into());
+            }
+            std::fs::write(text("snapshot_path"), b"fake device state")
+                .map_err(|e| e.to_string())?;
+            std::fs::write(text("mem_file_path"), b"fake guest memory").map_err(|e| e.to_string())
+        }
+        ("PUT", "/snapshot/load") => {
+            if state.started || state.configured {
+                return Err(
+                    "Loading a microVM snapshot not allowed after configuring boot-specific \
+                            resources."
+                        .into(),
+                );
+            }
+            let memory = body["mem_backend"]["backend_path"]
+                .as_str()
+                .unwrap_or_default();
+            for file in [text("snapshot_path"), memory.to_owned()] {
+                if std::fs::read(&file).is_err() {
+                    return Err(format!(
+                        "Load snapshot error: cannot open {file}: No such file or directory"
+                    ));
+                }
+            }
+            state.started = true;
+            state.paused = !body["resume_vm"].as_bool().unwrap_or(false);
+            Ok(())
+        }
+        ("PATCH", path) if path.starts_with("/drives/") && !state.started => {
+            Err("The requested operation is not supported before starting the microVM.".into())
+        }
+        ("PATCH", "/vm") => {
+            state.paused = body["state"] == "Paused";
+            Ok(())
+        }
+        ("PUT", "/logger" | "/metrics") => Ok(()),
+        ("PUT", _) => {
+            state.configured = true;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Reads one request from `stream`, answers it and returns it.
@@ -60,7 +116,13 @@ pub fn serve_one(
             Some(json!({"fault_message": "Invalid block device path"})),
         )
     } else if request.method == "GET" && request.path == "/" {
-        ("200 OK", Some(instance_info(&state.id, state.started)))
+        let mut info = instance_info(&state.id, state.started);
+        if state.started && state.paused {
+            info["state"] = json!("Paused");
+        }
+        ("200 OK", Some(info))
+    } else if let Err(fault) = snapshot_call(state, &request) {
+        ("400 Bad Request", Some(json!({ "fault_message": fault })))
     } else {
         if request.is_action("InstanceStart") {
             state.started = true;
