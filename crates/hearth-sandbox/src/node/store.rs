@@ -238,6 +238,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
         boot_ms: opt("boot_ms")?,
         network: None,
         warm: row.get("warm")?,
+        stopping: false,
     };
     let idle_timeout_ms = opt("idle_timeout_ms")?;
     let deleted: bool = row.get("deleted")?;
@@ -296,6 +297,7 @@ mod tests {
                 boot_ms: Some(1),
                 network: Some(hearth_net::policy::NetworkPolicy::none()),
                 warm: false,
+                stopping: false,
             },
             idle_timeout_ms: Some(5000),
             defaults: ExecDefaults {

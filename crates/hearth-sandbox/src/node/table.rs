@@ -76,10 +76,12 @@ impl Entry {
         }
     }
 
-    /// The record as callers see it, with the latest activity time.
+    /// The record as callers see it, with the latest activity time, and `stopping` while an
+    /// ended sandbox's VM is still going.
     pub fn info(&self) -> SandboxInfo {
         let mut info = self.record.info.clone();
         info.last_active_at = info.last_active_at.max(self.activity.last_active());
+        info.stopping = self.releasing && !info.state.is_live();
         info
     }
 
@@ -322,10 +324,17 @@ mod tests {
 
         // An ended sandbox frees its share once its VM is gone, not before.
         let a1 = t.get_mut("a1").unwrap();
-        a1.record.end(State::Stopped, "deleted", 2);
+        a1.record.end(State::Stopped, "ttl expired", 2);
         a1.releasing = true;
         assert_eq!(t.held_by("a").vcpus, 2);
+        // Callers see it stopping, with its reason, until then; the record says stopped.
+        let shown = t.visible("a", "a1").unwrap().info();
+        assert!(shown.stopping && shown.state == State::Stopped, "{shown:?}");
+        assert_eq!(shown.reason.as_deref(), Some("ttl expired"));
+        let recorded = serde_json::to_value(&t.visible("a", "a1").unwrap().record.info).unwrap();
+        assert!(recorded.get("stopping").is_none(), "{recorded}");
         t.get_mut("a1").unwrap().releasing = false;
+        assert!(!t.visible("a", "a1").unwrap().info().stopping);
         assert_eq!(t.held_by("a"), Usage::default());
         assert_eq!(t.held(), t.held_by("b"));
     }

@@ -264,6 +264,10 @@ pub struct SandboxInfo {
     /// Taken from a warm pool, booted before it was asked for (`pool.rs`).
     #[serde(default)]
     pub warm: bool,
+    /// Ended (`state` and `reason` say how) while its VM is still being stopped: it holds its
+    /// resources until that is done. Set only in what callers are shown, never recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// A command to run in a sandbox, before the image config and the sandbox's defaults are applied.

@@ -53,12 +53,15 @@ pub struct CreateSandbox {
 }
 
 /// A sandbox's life: `creating -> running -> stopped | failed`; `running <-> paused` (saved to
-/// disk, no VM running); `paused -> stopped`.
+/// disk, no VM running); `paused -> stopped`. Between an end (TTL, idle timeout, VM death) and
+/// `stopped`/`failed`, `stopping` while its VM is being stopped: it still holds its resources and
+/// `reason` already says why it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
     Creating,
     Running,
+    Stopping,
     Stopped,
     Failed,
     Paused,
@@ -103,6 +106,7 @@ impl From<SandboxInfo> for Sandbox {
             image: s.image,
             image_digest: s.image_digest,
             state: match s.state {
+                _ if s.stopping => SandboxState::Stopping,
                 State::Creating => SandboxState::Creating,
                 State::Running => SandboxState::Running,
                 State::Stopped => SandboxState::Stopped,
@@ -374,6 +378,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(serde_json::to_string(&exit).unwrap(), r#"{"exit_code":3}"#);
+    }
+
+    #[test]
+    fn an_ended_sandbox_whose_vm_is_still_going_shows_stopping_then_its_end() {
+        let mut info: hearth_sandbox::node::SandboxInfo =
+            serde_json::from_value(serde_json::json!({
+                "id": "s1", "tenant": "t", "image": "i", "image_digest": null, "state": "failed",
+                "reason": "VM exited", "vcpus": 1, "memory_mib": 256, "disk_bytes": 0, "labels": {},
+                "created_at": 1, "ready_at": null, "finished_at": 2, "expires_at": null,
+                "last_active_at": 1, "boot_ms": null
+            }))
+            .unwrap();
+        info.stopping = true;
+        let shown = Sandbox::from(info.clone());
+        assert_eq!(shown.state, SandboxState::Stopping);
+        assert_eq!(shown.reason.as_deref(), Some("VM exited"));
+        assert_eq!(serde_json::to_value(shown.state).unwrap(), "stopping");
+        info.stopping = false;
+        assert_eq!(Sandbox::from(info).state, SandboxState::Failed);
     }
 
     #[test]

@@ -21,7 +21,8 @@ class SandboxInfo:
     id: str
     image: str
     state: str
-    """``creating``, ``running``, ``stopped`` or ``failed``."""
+    """``creating``, ``running``, ``paused``, ``stopping`` (ended, its VM still being stopped),
+    ``stopped`` or ``failed``."""
     reason: Optional[str]
     """Why it stopped or failed (``ttl expired``, ``idle``, ...)."""
     cpus: int
