@@ -76,6 +76,30 @@ async fn a_pool_keeps_replicas_members_and_scales_through_the_scale_subresource(
     })
     .await;
     assert_eq!(pools_api(&c).get("warm").await.unwrap().spec.replicas, 1);
+    // The status is the operator's by server-side apply: its field manager owns it.
+    let pool = pools_api(&c).get("warm").await.unwrap();
+    let managers: Vec<(String, String)> = pool
+        .managed_fields()
+        .iter()
+        .map(|m| {
+            let owns = m
+                .fields_v1
+                .as_ref()
+                .map(|f| f.0.to_string())
+                .unwrap_or_default();
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default() + " " + &owns,
+            )
+        })
+        .collect();
+    assert!(
+        managers.iter().any(|(manager, how)| manager
+            == hearth_k8s::controller::claims::FIELD_MANAGER
+            && how.starts_with("Apply ")
+            && how.contains("f:readyReplicas")),
+        "{managers:?}"
+    );
     r.abort();
 }
 

@@ -34,7 +34,8 @@ struct Snapshot {
 /// deleted claims, and updates both kinds' status. Idempotent (a pass over an unchanged cluster writes
 /// nothing); only the elected leader should call it, at every operator pass. Returns the number of
 /// writes attempted. Needs RBAC: list/create/patch/delete Sandboxes; list SandboxTemplates; list
-/// SandboxWarmPools and patch their status; list/patch/delete SandboxClaims and patch their status.
+/// SandboxWarmPools and patch their status; list/patch/delete SandboxClaims and patch their status
+/// (statuses by server-side apply, field manager [`FIELD_MANAGER`]).
 pub async fn reconcile_pools_and_claims(
     client: &Client,
     ns: Option<&str>,
@@ -126,6 +127,46 @@ where
     Ok(api.list(lp).await.ctx(|| format!("listing {what}"))?.items)
 }
 
+/// The field manager of the operator's server-side applies.
+pub const FIELD_MANAGER: &str = "hearth-operator";
+
+/// Writes the status of a pool or claim by server-side apply (as kube-rs recommends for what a
+/// controller owns outright): the operator declares the fields it manages as `hearth-operator`,
+/// and a field it no longer sets (null here) is removed rather than left stale. Forced: the status
+/// is the operator's alone.
+async fn apply_status<K>(
+    client: &Client,
+    obj: &K,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let status: serde_json::Map<String, serde_json::Value> = match status {
+        serde_json::Value::Object(fields) => {
+            fields.into_iter().filter(|(_, v)| !v.is_null()).collect()
+        }
+        _ => Default::default(),
+    };
+    let applied = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "name": obj.name_any() },
+        "status": status,
+    });
+    api_for(client, obj)
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(applied),
+        )
+        .await
+        .map(|_| ())
+}
+
 fn api_for<K>(client: &Client, obj: &K) -> Api<K>
 where
     K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
@@ -172,34 +213,30 @@ async fn execute(client: &Client, w: &Write) -> Result<bool, K8sError> {
         ),
         Write::PoolStatus { pool, status } => (
             format!("writing status of SandboxWarmPool {}", pool.name_any()),
-            api_for(client, pool.as_ref())
-                .patch_status(
-                    &pool.name_any(),
-                    &pp,
-                    &Patch::Merge(serde_json::json!({ "status": {
-                        "replicas": status.replicas,
-                        "readyReplicas": status.ready_replicas,
-                        "selector": status.selector,
-                        "message": status.message,
-                    }})),
-                )
-                .await
-                .map(|_| ()),
+            apply_status(
+                client,
+                pool.as_ref(),
+                serde_json::json!({
+                    "replicas": status.replicas,
+                    "readyReplicas": status.ready_replicas,
+                    "selector": status.selector,
+                    "message": status.message,
+                }),
+            )
+            .await,
         ),
         Write::ClaimStatus { claim, status } => (
             format!("writing status of SandboxClaim {}", claim.name_any()),
-            api_for(client, claim.as_ref())
-                .patch_status(
-                    &claim.name_any(),
-                    &pp,
-                    &Patch::Merge(serde_json::json!({ "status": {
-                        "sandbox": status.sandbox,
-                        "phase": status.phase,
-                        "conditions": status.conditions,
-                    }})),
-                )
-                .await
-                .map(|_| ()),
+            apply_status(
+                client,
+                claim.as_ref(),
+                serde_json::json!({
+                    "sandbox": status.sandbox,
+                    "phase": status.phase,
+                    "conditions": status.conditions,
+                }),
+            )
+            .await,
         ),
         Write::ClaimFinalizers { claim, finalizers } => (
             format!("setting finalizers of SandboxClaim {}", claim.name_any()),
