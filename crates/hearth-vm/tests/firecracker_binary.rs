@@ -36,6 +36,34 @@ fn firecracker() -> Option<PathBuf> {
         .ok()
 }
 
+/// The real Firecracker and jailer, when present and when this runs as root (chroot, cgroups, uid
+/// drop); `None`, said as a skip, otherwise.
+fn jail_binaries() -> Option<(PathBuf, PathBuf)> {
+    let bins = hearth_testkit::firecracker_bins()
+        .inspect_err(|reason| hearth_testkit::skip(reason))
+        .ok()?;
+    if !hearth_testkit::is_root() {
+        hearth_testkit::skip("the jailer needs root (chroot, cgroups, uid drop)");
+        return None;
+    }
+    Some(bins)
+}
+
+/// Points `spec` at copies of its kernel and initramfs in `home` that a jailed user can read: they
+/// are hard-linked into the jail, which must share their filesystem, and hearth's cached vmlinux
+/// and initramfs are written 0600.
+fn jail_readable_inputs(spec: &mut VmSpec, home: &Path) -> anyhow::Result<()> {
+    for input in [&mut spec.kernel, &mut spec.initramfs] {
+        let copy = home.join(input.file_name().unwrap());
+        if !copy.exists() {
+            std::fs::copy(&*input, &copy)?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
+        }
+        *input = copy;
+    }
+    Ok(())
+}
+
 fn kvm_boots_guests() -> bool {
     std::env::var("HEARTH_TEST_KVM").as_deref() == Ok("1")
 }
@@ -306,28 +334,13 @@ fn a_started_vm_saves_a_full_snapshot_that_a_fresh_firecracker_restores_elsewher
 /// restoring VM's chroot under names a later save of that VM cannot overwrite.
 #[test]
 fn a_jailed_vm_saves_and_a_jailed_vm_of_another_uid_restores_it() -> anyhow::Result<()> {
-    let (binary, jailer) = match hearth_testkit::firecracker_bins() {
-        Ok(bins) => bins,
-        Err(reason) => {
-            hearth_testkit::skip(&reason);
-            return Ok(());
-        }
-    };
-    if !hearth_testkit::is_root() {
-        hearth_testkit::skip("the jailer needs root (chroot, cgroups, uid drop)");
+    let Some((binary, jailer)) = jail_binaries() else {
         return Ok(());
-    }
+    };
     let home = tempfile::tempdir()?;
     let jailed_spec = |name: &str| -> anyhow::Result<VmSpec> {
         let mut spec = idle_spec(home.path(), name)?;
-        for input in [&mut spec.kernel, &mut spec.initramfs] {
-            let copy = home.path().join(input.file_name().unwrap());
-            if !copy.exists() {
-                std::fs::copy(&*input, &copy)?;
-                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
-            }
-            *input = copy;
-        }
+        jail_readable_inputs(&mut spec, home.path())?;
         Ok(spec)
     };
     let spec = jailed_spec("jsaved")?;
@@ -494,29 +507,14 @@ fn a_missing_kernel_is_rejected_with_firecrackers_reason_and_nothing_remains() -
 #[test]
 fn a_jailed_vm_runs_as_nobody_in_its_chroot_and_leaves_no_run_dir_or_cgroup_behind(
 ) -> anyhow::Result<()> {
-    let (binary, jailer) = match hearth_testkit::firecracker_bins() {
-        Ok(bins) => bins,
-        Err(reason) => {
-            hearth_testkit::skip(&reason);
-            return Ok(());
-        }
-    };
-    if !hearth_testkit::is_root() {
-        hearth_testkit::skip("the jailer needs root (chroot, cgroups, uid drop)");
+    let Some((binary, jailer)) = jail_binaries() else {
         return Ok(());
-    }
+    };
     let home = tempfile::tempdir()?;
     let mut spec = idle_spec(home.path(), "jailed")?;
     spec.vcpus = 2;
     spec.memory_mib = 256;
-    // Inputs are hard-linked into the jail, which must share their filesystem, and be readable
-    // by the jailed user (hearth's cached vmlinux and initramfs are written 0600).
-    for input in [&mut spec.kernel, &mut spec.initramfs] {
-        let copy = home.path().join(input.file_name().unwrap());
-        std::fs::copy(&*input, &copy)?;
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644))?;
-        *input = copy;
-    }
+    jail_readable_inputs(&mut spec, home.path())?;
     let jail = JailerConfig::new(jailer, NOBODY, NOBODY);
     let layout = CgroupLayout::detect()?;
     assert_eq!(jail.cgroups.as_ref(), Some(&layout));
