@@ -301,6 +301,12 @@ fn a_started_vm_saves_a_full_snapshot_that_a_fresh_firecracker_restores_elsewher
     let mut restored = idle_spec(home.path(), "restored")?;
     restored.restore_from = Some(saved.state.clone());
     let mut vm = vmm.start_firecracker(&restored)?;
+    eprintln!(
+        "firecracker save of {} MiB: {:?}; restore (load, drives, resume): {:?}",
+        spec.memory_mib,
+        saved.took,
+        vm.restored_in()
+    );
     assert!(vm.restored_in().is_some());
     if let Some(held) = firecrackers_config(vm.api()) {
         let scratch = held["drives"]
