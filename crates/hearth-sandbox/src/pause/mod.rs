@@ -7,8 +7,9 @@
 //! `RNDADDENTROPY`, `RNDRESEEDCRNG`; the hostname the guest had at the pause, so it is kept).
 //! `fork.rs` starts copies from the same kind of snapshot.
 //!
-//! A snapshot directory holds the saved state (QEMU's migration stream), `scratch.ext4` (the sandbox's
-//! writable disk) and [`PAUSE_META`]. It is removed only by a successful resume (or by its owner,
+//! A snapshot directory holds the saved state (QEMU's migration stream; Firecracker's `vmstate` and
+//! its guest `memory` file beside it), `scratch.ext4` (the sandbox's writable disk) and
+//! [`PAUSE_META`]. It is removed only by a successful resume (or by its owner,
 //! e.g. the node when the sandbox is deleted): a resume that fails, for a missing or corrupt file
 //! or a VMM that refuses the state, names the file and leaves the snapshot as it was, to be retried
 //! or deleted. (The scratch disk is hard-linked into the new run directory, so the failed VM's
