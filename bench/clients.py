@@ -23,33 +23,11 @@ Prints one table row per measure (p50, p99, max in ms) and deletes the sandbox. 
 """
 
 import argparse
-import http.client
 import json
 import os
 import sys
 import time
-import urllib.parse
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-class Api:
-    def __init__(self, host, token):
-        url = urllib.parse.urlparse(host)
-        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
-    def call(self, method, path, body=None, expect=200):
-        data = json.dumps(body) if body is not None else None
-        self.conn.request(method, path, body=data, headers=self.headers)
-        resp = self.conn.getresponse()
-        raw = resp.read()
-        if resp.status != expect:
-            sys.exit(f"{method} {path}: {resp.status} {raw[:300]!r}")
-        return raw
+from hearth_api import Api, percentile
 
 
 def timed(calls, fn):
@@ -83,7 +61,7 @@ def main():
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
 
-    api = Api(args.host, args.token)
+    api = Api(args.host, args.token, timeout=300)
     sid = json.loads(api.call("POST", "/v1/sandboxes", {"image": args.image}, expect=201))["id"]
     try:
         exec_ok(api, sid, ["sh", "-c", "echo hearth > /tmp/small"])

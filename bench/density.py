@@ -13,36 +13,13 @@ true`, timed. Prints a Markdown table and deletes the sandboxes.
 """
 
 import argparse
-import http.client
 import json
 import os
 import sys
 import time
-import urllib.parse
+from hearth_api import Api, percentile
 
 MIB = 1 << 20
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-class Api:
-    def __init__(self, host, token):
-        url = urllib.parse.urlparse(host)
-        self.host, self.port = url.hostname, url.port
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
-
-    def call(self, method, path, body=None, expect=200):
-        self.conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                          headers=self.headers)
-        resp = self.conn.getresponse()
-        raw = resp.read()
-        if resp.status != expect:
-            sys.exit(f"{method} {path}: {resp.status} {raw[:300]!r}")
-        return raw
 
 
 def mem_available():
