@@ -5,40 +5,10 @@
 //! random numbers and disk (a write in one shows in neither the origin nor the other copy); a copy
 //! under the origin's own id is refused.
 
-use std::path::Path;
-use std::time::Duration;
+use hearth_sandbox::{Sandbox, SandboxConfig};
 
-use hearth_image::{ImageStore, PullOptions, PulledImage};
-use hearth_sandbox::{ExecRequest, Sandbox, SandboxConfig};
-
-async fn ok(sandbox: &Sandbox, script: &str) -> String {
-    let request = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin".into()],
-        ..ExecRequest::default()
-    };
-    let run = async { sandbox.client().exec(request).await?.output().await };
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .unwrap_or_else(|_| panic!("{script}: no answer within 30 s"))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{script}: {:?} {stdout}", out.status);
-    stdout.trim().to_owned()
-}
-
-async fn pull(home: &Path, name: &str) -> PulledImage {
-    let registry = hearth_testkit::registry().unwrap();
-    let opts = PullOptions {
-        insecure_registries: vec![registry.addr.clone()],
-        ..Default::default()
-    };
-    ImageStore::open(home)
-        .unwrap()
-        .ensure(&hearth_testkit::image_ref(name).unwrap(), &opts)
-        .await
-        .unwrap()
-}
+mod support;
+use support::{ok, pull};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_of_a_running_sandbox_share_its_past_and_nothing_after() {

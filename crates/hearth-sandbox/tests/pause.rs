@@ -9,53 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hearth_image::{ImageStore, PullOptions, PulledImage};
-use hearth_sandbox::{ExecRequest, ExitStatus, PausedSandbox, Sandbox, SandboxConfig, PAUSE_META};
+use hearth_sandbox::{ExecRequest, PausedSandbox, Sandbox, PAUSE_META};
 
-async fn sh(sandbox: &Sandbox, script: &str) -> (String, ExitStatus) {
-    let request = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin:/usr/bin:/sbin:/usr/sbin".into()],
-        ..ExecRequest::default()
-    };
-    let run = async { sandbox.client().exec(request).await?.output().await };
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .unwrap_or_else(|_| panic!("{script}: no answer within 30 s"))
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        out.status,
-    )
-}
-
-async fn ok(sandbox: &Sandbox, script: &str) -> String {
-    let (out, status) = sh(sandbox, script).await;
-    assert!(status.success(), "{script}: {status:?} {out}");
-    out.trim().to_owned()
-}
-
-async fn pull(home: &Path, name: &str) -> PulledImage {
-    let registry = hearth_testkit::registry().unwrap();
-    let opts = PullOptions {
-        insecure_registries: vec![registry.addr.clone()],
-        ..Default::default()
-    };
-    ImageStore::open(home)
-        .unwrap()
-        .ensure(&hearth_testkit::image_ref(name).unwrap(), &opts)
-        .await
-        .unwrap()
-}
-
-fn config(home: &Path) -> SandboxConfig {
-    let mut config = SandboxConfig::new(home);
-    config.kernel = Some(hearth_testkit::kernel_dir());
-    config.agent = Some(hearth_testkit::agent_bin());
-    config.accel = hearth_vm::Accel::Tcg;
-    config.snapshot = true;
-    config
-}
+mod support;
+use support::{config, ok, pull, sh};
 
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
