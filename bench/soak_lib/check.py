@@ -43,14 +43,14 @@ class Checker:
         return out
 
     def settle(self, limit=180):
-        """Waits until nothing is creating and every ended sandbox's VM is gone: an end answers (and
-        the record says `stopped`) before the VM's clean shutdown finishes, and its resources stay
-        allocated until then."""
+        """Waits until nothing is creating or stopping and every ended sandbox's VM is gone: an end
+        answers before the VM's clean shutdown finishes (the sandbox shows `stopping` meanwhile), and
+        its resources stay allocated until then."""
         deadline = time.monotonic() + limit
         while True:
             listing = self.listing()
             vmms = self.vmm_cmdlines()
-            busy = [i for i, (_, s) in listing.items() if s["state"] == "creating"]
+            busy = [i for i, (_, s) in listing.items() if s["state"] in ("creating", "stopping")]
             busy += [i for i, (_, s) in listing.items() if s["state"] in ("stopped", "failed")
                      and any(i.encode() in c for c in vmms.values())]
             if not busy:
@@ -195,7 +195,8 @@ class Checker:
             if line and not line.startswith("#") and "{" not in line:
                 name, value = line.split()[:2]
                 metrics[name] = float(value)
-        holding = [s for _, s in self.listing().values() if s["state"] in ("creating", "running")]
+        holding = [s for _, s in self.listing().values()
+                   if s["state"] in ("creating", "running", "stopping")]
         vcpus = sum(s["cpus"] for s in holding)
         memory = sum(s["memory_mib"] for s in holding) << 20
         if metrics.get("hearth_allocated_vcpus") != vcpus:
