@@ -13,6 +13,8 @@ use super::config::{ActionType, ApiRequest, RunState, VmConfig};
 
 /// Configuration calls answer in microseconds; InstanceStart loads the kernel and may take longer.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A full snapshot writes the whole guest memory: seconds per GiB on a slow disk.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on a response we are willing to buffer (Firecracker's are a few hundred bytes).
 const MAX_RESPONSE: usize = 1 << 20;
 
@@ -80,7 +82,16 @@ impl FirecrackerApi {
 
     /// Sends `request` and fails unless Firecracker answers 2xx.
     pub fn call(&self, request: &ApiRequest) -> Result<ApiResponse, ApiError> {
-        let response = self.send(request)?;
+        self.call_within(request, IO_TIMEOUT)
+    }
+
+    /// [`FirecrackerApi::call`] waiting up to `timeout` for each read and write.
+    fn call_within(
+        &self,
+        request: &ApiRequest,
+        timeout: Duration,
+    ) -> Result<ApiResponse, ApiError> {
+        let response = self.send_within(request, timeout)?;
         if !(200..300).contains(&response.status) {
             let fault = response
                 .body
@@ -117,8 +128,8 @@ impl FirecrackerApi {
         snapshot_path: &str,
         mem_file_path: &str,
     ) -> Result<(), ApiError> {
-        self.call(&ApiRequest::snapshot_create(snapshot_path, mem_file_path))
-            .map(drop)
+        let request = ApiRequest::snapshot_create(snapshot_path, mem_file_path);
+        self.call_within(&request, SNAPSHOT_TIMEOUT).map(drop)
     }
 
     pub fn instance_start(&self) -> Result<(), ApiError> {
@@ -149,6 +160,14 @@ impl FirecrackerApi {
 
     /// One request/response exchange, any status.
     pub fn send(&self, request: &ApiRequest) -> Result<ApiResponse, ApiError> {
+        self.send_within(request, IO_TIMEOUT)
+    }
+
+    fn send_within(
+        &self,
+        request: &ApiRequest,
+        timeout: Duration,
+    ) -> Result<ApiResponse, ApiError> {
         let stream = UnixStream::connect(&self.socket).map_err(|source| ApiError::Connect {
             socket: self.socket.clone(),
             source,
@@ -159,12 +178,8 @@ impl FirecrackerApi {
             path: request.path.clone(),
             source,
         };
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(io_error)?;
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(io_error)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io_error)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io_error)?;
         (&stream).write_all(&encode(request)).map_err(io_error)?;
         read_response(BufReader::new(&stream)).map_err(|e| match e {
             ReadError::Io(source) => io_error(source),
