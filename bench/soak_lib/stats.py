@@ -3,6 +3,7 @@ deadline, daemon unreachable), `/healthz` latency every 200 ms, and a probe sand
 latency with and without a guest fault raging in another sandbox; plus the report's text form."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,7 @@ class Probe(threading.Thread):
         super().__init__(daemon=True, name="probe")
         self.api, self.sid, self.token, self.injector = api, sid, token, injector
         self.rec, self.stop = rec, stop
+        self.ended = False
 
     def run(self):
         while not self.stop.wait(1.0):
@@ -137,6 +139,14 @@ class Probe(threading.Thread):
                 self.rec.probe["guest_fault" if during else "calm"].append(took)
             elif status is not None:
                 self.rec.probe_failures += 1
+                if status == 409 and not self.ended:
+                    # The probe sandbox itself ended: say how, once (its later execs all fail).
+                    got, body = self.api.call("other", "GET", f"/v1/sandboxes/{self.sid}", self.token)
+                    if got == 200:
+                        s = json.loads(body)
+                        self.ended = True
+                        self.rec.note(f"the probe sandbox is {s['state']} since "
+                                      f"{time.strftime('%H:%M:%S')}: {s.get('reason')}")
 
 
 def ms(v):
