@@ -229,6 +229,51 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
         "{screen}"
     );
 
+    // A network policy set through the gateway is in force on the node and written back to the
+    // Sandbox's spec.network, which the gateway's own GET reads.
+    let policy = json!({"mode": "allow", "allow": ["example.com:443"]});
+    let answer: Value = rt.block_on(async {
+        let response = reqwest::Client::new()
+            .put(format!("{url}/v1/sandboxes/{}/network", ids[0]))
+            .bearer_auth(ALICE)
+            .json(&policy)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    });
+    assert_eq!(
+        answer["policy"]["allow"],
+        json!(["example.com:443"]),
+        "{answer}"
+    );
+    let (ok, json) = cluster.kubectl(&["get", "sandbox", &ids[0], "-o", "json"]);
+    assert!(ok, "{json}");
+    let object: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(object["spec"]["network"]["mode"], "allow", "{object}");
+    assert_eq!(
+        object["spec"]["network"]["allow"],
+        json!(["example.com:443"]),
+        "{object}"
+    );
+    let shown: Value = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{url}/v1/sandboxes/{}", ids[0]))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        shown["network"]["allow"],
+        json!(["example.com:443"]),
+        "{shown}"
+    );
+
     // Pause and resume (`spec.paused`, done by the node agent): the file written before is back.
     let started = Instant::now();
     let out = cli(&url, ALICE, &["pause", &ids[1]], None);
@@ -360,6 +405,74 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
     let (gateway, url) = cluster.gateway(&tokens);
     let out = cli(&url, ALICE, &["exec", &ids[0], "--", "echo", "again"], None);
     assert_eq!(text(&out.stdout), "again\n", "{}", text(&out.stderr));
+
+    // A sandbox from a SandboxTemplate: the gateway makes a SandboxClaim, the operator gives it a
+    // Sandbox, a node runs it; its id takes every route; deleting it takes the claim and the
+    // Sandbox with it.
+    let template = dir.path().join("template.yaml");
+    std::fs::write(
+        &template,
+        format!(
+            "apiVersion: hearth.dev/v1alpha1\nkind: SandboxTemplate\nmetadata:\n  name: tiny\n\
+             spec:\n  image: {image}\n  resources: {{cpu: 1, memory: 256Mi}}\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out) = cluster.kubectl(&["apply", "-f", &template.to_string_lossy()]);
+    assert!(ok, "{out}");
+    let started = Instant::now();
+    let created: Value = rt.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/v1/sandboxes"))
+            .bearer_auth(ALICE)
+            .json(&json!({"template": "tiny"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        body
+    });
+    eprintln!(
+        "created from a template through the gateway in {:?}",
+        started.elapsed()
+    );
+    let from_template = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["state"], "running", "{created}");
+    let (ok, json) = cluster.kubectl(&["get", "sandboxclaims", "-o", "json"]);
+    assert!(ok, "{json}");
+    let claims: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        claims["items"][0]["status"]["sandbox"]["name"],
+        from_template.as_str(),
+        "{claims}"
+    );
+    let out = cli(
+        &url,
+        ALICE,
+        &["exec", &from_template, "--", "echo", "templated"],
+        None,
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "templated\n",
+        "{}\n--- operator\n{}",
+        text(&out.stderr),
+        operator.log_text()
+    );
+    let out = cli(&url, ALICE, &["rm", &from_template], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, claims) = cluster.kubectl(&["get", "sandboxclaims", "-o", "name"]);
+        let (exists, _) = cluster.kubectl(&["get", "sandbox", &from_template]);
+        if claims.trim().is_empty() && !exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "claim or Sandbox left: {claims}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 
     // Delete: the objects go, and so do the VMs.
     let mut args = vec!["rm"];

@@ -1,15 +1,18 @@
 //! `/v1/sandboxes/{id}/...` routes the gateway does not answer itself (exec, WebSocket exec,
 //! files, code, network, ports, tunnels): the caller's Service sandbox is looked up in its own
 //! namespace (404 otherwise), its node's `spec.apiEndpoint` read from its HearthNode, and the
-//! request forwarded there by [`super::proxy`] to `/v1/sandboxes/{status.sandboxId}/...`.
+//! request forwarded there by [`super::proxy`] to `/v1/sandboxes/{status.sandboxId}/...`. A policy
+//! set through `PUT .../network` is written back to the Sandbox's `spec.network`.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use hearth_k8s::crd::{HearthNode, Phase};
-use kube::Api;
+use hearth_k8s::crd::{HearthNode, Phase, Sandbox};
+use hearth_net::policy::NetworkPolicy;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
 
 use super::objects::api_sandbox;
 use super::sandboxes::{bounded, find, no_such};
@@ -82,13 +85,83 @@ pub async fn forward(
         path.push_str(query);
     }
     Metrics::bump(&state.metrics.proxied);
-    state
+    let sets_network = rest == "network" && request.method() == Method::PUT;
+    let response = state
         .nodes
         .forward(&endpoint, &path, request)
         .await
         .map_err(|e| {
             Metrics::bump(&state.metrics.proxy_errors);
             tracing::warn!(node = %node_name, "{e}");
-            e.into()
-        })
+            ApiError::from(e)
+        })?;
+    if sets_network && response.status().is_success() {
+        return record_network(&state, &caller, &found.name_any(), response).await;
+    }
+    Ok(response)
+}
+
+/// Largest network answer the gateway reads back (a policy and its activity: a few KiB).
+const MAX_NETWORK_ANSWER: usize = 256 << 10;
+
+/// A policy the node put in force is written back to the Sandbox's `spec.network`, so that the
+/// object (and the gateway's own `GET`) says what is in force rather than what the sandbox was
+/// created with. The node's answer goes to the client unchanged; a failed write-back is logged
+/// (the node's policy is in force either way) and said in a `Warning` header.
+async fn record_network(
+    state: &GatewayState,
+    caller: &Caller,
+    name: &str,
+    response: Response,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_NETWORK_ANSWER)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                format!("reading the node's answer: {e}"),
+            )
+        })?;
+    let policy = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|answer| answer.get("policy").cloned())
+        .and_then(|policy| serde_json::from_value::<NetworkPolicy>(policy).ok());
+    let written = match policy {
+        Some(policy) => write_network(state, caller, name, &policy).await,
+        None => Err("the node's answer holds no policy".to_owned()),
+    };
+    if let Err(e) = written {
+        tracing::warn!(sandbox = %name, "spec.network not updated: {e}");
+        let warning = "199 hearth-gateway \"the policy is in force; the Sandbox object still shows the previous one\"";
+        parts.headers.insert(
+            axum::http::header::WARNING,
+            axum::http::HeaderValue::from_static(warning),
+        );
+    }
+    Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
+}
+
+async fn write_network(
+    state: &GatewayState,
+    caller: &Caller,
+    name: &str,
+    policy: &NetworkPolicy,
+) -> Result<(), String> {
+    let network = super::objects::crd_network(policy);
+    let patch = serde_json::json!({ "spec": { "network": network } });
+    let api: Api<Sandbox> = Api::namespaced(state.client.clone(), &caller.namespace);
+    let params = PatchParams {
+        field_manager: Some(super::sandboxes::MANAGER.into()),
+        ..PatchParams::default()
+    };
+    bounded(
+        state,
+        "writing spec.network",
+        api.patch(name, &params, &Patch::Merge(patch)),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| e.message)
 }

@@ -76,11 +76,7 @@ pub fn sandbox_object(
         Some(ttl) => Some(time(millis(now) + ttl * 1000)?),
         None => None,
     };
-    let network = body.network.as_ref().map(|p| SandboxNetwork {
-        mode: Some(p.mode),
-        allow: p.allow.iter().map(ToString::to_string).collect(),
-        deny: p.deny.iter().map(ToString::to_string).collect(),
-    });
+    let network = body.network.as_ref().map(crd_network);
     let mut annotations = BTreeMap::new();
     if !body.labels.is_empty() {
         let json = serde_json::to_string(&body.labels).expect("a string map serializes");
@@ -207,6 +203,15 @@ fn time(ms: u64) -> Result<Time, ApiError> {
     let ts = k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
         .map_err(|e| ApiError::invalid(format!("time out of range: {e}")))?;
     Ok(Time(ts))
+}
+
+/// A policy as a Sandbox's `spec.network`.
+pub(super) fn crd_network(p: &hearth_net::policy::NetworkPolicy) -> SandboxNetwork {
+    SandboxNetwork {
+        mode: Some(p.mode),
+        allow: p.allow.iter().map(ToString::to_string).collect(),
+        deny: p.deny.iter().map(ToString::to_string).collect(),
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use crate::serve::api::{self, CreateSandbox, SandboxList};
 use crate::serve::error::ApiError;
 
 /// The field manager of the gateway's writes.
-const MANAGER: &str = "hearth-gateway";
+pub(super) const MANAGER: &str = "hearth-gateway";
 
 fn sandboxes(state: &GatewayState, caller: &Caller) -> Api<Sandbox> {
     Api::namespaced(state.client.clone(), &caller.namespace)
