@@ -9,13 +9,12 @@ use std::sync::Arc;
 use axum::extract::{Path, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::Response;
-use hearth_k8s::crd::{HearthNode, Phase, Sandbox};
+use hearth_k8s::crd::{HearthNode, Phase};
 use hearth_net::policy::NetworkPolicy;
-use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use super::objects::api_sandbox;
-use super::sandboxes::{bounded, find, no_such};
+use super::sandboxes::{bounded, find, no_such, patch_spec};
 use super::{Caller, GatewayState, Metrics};
 use crate::serve::error::ApiError;
 
@@ -124,13 +123,19 @@ async fn record_network(
                 format!("reading the node's answer: {e}"),
             )
         })?;
-    let policy = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|answer| answer.get("policy").cloned())
-        .and_then(|policy| serde_json::from_value::<NetworkPolicy>(policy).ok());
-    let written = match policy {
-        Some(policy) => write_network(state, caller, name, &policy).await,
-        None => Err("the node's answer holds no policy".to_owned()),
+    /// The part of the node's answer (`serve::network::SandboxNetwork`) written back.
+    #[derive(serde::Deserialize)]
+    struct InForce {
+        policy: NetworkPolicy,
+    }
+    let written = match serde_json::from_slice::<InForce>(&bytes) {
+        Ok(InForce { policy }) => {
+            let network = serde_json::json!({ "network": super::objects::crd_network(&policy) });
+            patch_spec(state, caller, name, network, "writing spec.network")
+                .await
+                .map_err(|e| e.message)
+        }
+        Err(e) => Err(format!("the node's answer holds no policy: {e}")),
     };
     if let Err(e) = written {
         tracing::warn!(sandbox = %name, "spec.network not updated: {e}");
@@ -141,27 +146,4 @@ async fn record_network(
         );
     }
     Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
-}
-
-async fn write_network(
-    state: &GatewayState,
-    caller: &Caller,
-    name: &str,
-    policy: &NetworkPolicy,
-) -> Result<(), String> {
-    let network = super::objects::crd_network(policy);
-    let patch = serde_json::json!({ "spec": { "network": network } });
-    let api: Api<Sandbox> = Api::namespaced(state.client.clone(), &caller.namespace);
-    let params = PatchParams {
-        field_manager: Some(super::sandboxes::MANAGER.into()),
-        ..PatchParams::default()
-    };
-    bounded(
-        state,
-        "writing spec.network",
-        api.patch(name, &params, &Patch::Merge(patch)),
-    )
-    .await
-    .map(drop)
-    .map_err(|e| e.message)
 }

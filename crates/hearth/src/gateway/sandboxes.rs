@@ -22,10 +22,30 @@ use crate::serve::api::{self, CreateSandbox, SandboxList};
 use crate::serve::error::ApiError;
 
 /// The field manager of the gateway's writes.
-pub(super) const MANAGER: &str = "hearth-gateway";
+const MANAGER: &str = "hearth-gateway";
 
 fn sandboxes(state: &GatewayState, caller: &Caller) -> Api<Sandbox> {
     Api::namespaced(state.client.clone(), &caller.namespace)
+}
+
+/// Merges `spec` into the caller's Sandbox `name` as the gateway's field manager; `what` says
+/// what for errors.
+pub(super) async fn patch_spec(
+    state: &GatewayState,
+    caller: &Caller,
+    name: &str,
+    spec: serde_json::Value,
+    what: &str,
+) -> Result<(), ApiError> {
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let patch = serde_json::json!({ "spec": spec });
+    let api = sandboxes(state, caller);
+    bounded(state, what, api.patch(name, &params, &Patch::Merge(&patch)))
+        .await
+        .map(drop)
 }
 
 /// A kube error as the API's error; `what` says what the gateway was doing.
@@ -324,18 +344,20 @@ async fn set_paused(
         return Ok(Json(api_sandbox(&found)));
     }
     let api = sandboxes(&state, &caller);
-    let patch = serde_json::json!({"spec": {"paused": paused}});
-    let params = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    };
     let what = if paused { "pausing" } else { "resuming" };
     // Whole seconds, as the API server keeps condition times.
     let asked = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         - k8s_openapi::jiff::SignedDuration::from_secs(1);
-    bounded(&state, what, api.patch(&id, &params, &Patch::Merge(&patch))).await?;
+    patch_spec(
+        &state,
+        &caller,
+        &id,
+        serde_json::json!({ "paused": paused }),
+        what,
+    )
+    .await?;
     let refused = move |s: &Sandbox| refused_since(s, asked);
     let ended = move |s: &Sandbox| reached(s) || s.phase().is_finished() || refused(s);
     match wait_until(api, &id, state.settings.lifecycle_wait, ended).await {
