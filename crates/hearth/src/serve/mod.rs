@@ -167,10 +167,18 @@ async fn run_until_stopped(
     node: Arc<Node>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    tokio::select! {
+    // `biased`: with no connection open the server ends in the same poll as the signal, and
+    // whichever branch won, the node must hand its VMs over below — a daemon that returned
+    // without `Node::shutdown` dropped every live sandbox, killing its VM (the soak found it).
+    let failed = tokio::select! {
+        biased;
+        _ = stopping.wait_for(|&s| s) => None,
         // The server failed on its own (it never ends otherwise before shutdown).
-        result = &mut server => return result.map_err(std::io::Error::other)?,
-        _ = stopping.wait_for(|&s| s) => {}
+        result = &mut server => Some(result),
+    };
+    if let Some(result) = failed {
+        node.shutdown(Duration::ZERO).await;
+        return result.map_err(std::io::Error::other)?;
     }
     tracing::info!("shutting down: no new connections; waiting up to {grace:?} for running execs");
     node.shutdown(grace).await;
