@@ -36,9 +36,36 @@ const CONSOLE_LINES: usize = 5;
 
 impl Node {
     pub(super) async fn recover(&self, records: Vec<Record>) -> Result<(), NodeError> {
+        // Running records are re-attached all at once: each may wait seconds for its agent, and a
+        // restart with many sandboxes must not take their sum.
+        let (running, others): (Vec<Record>, Vec<Record>) = records
+            .into_iter()
+            .partition(|r| !r.deleted && r.info.state == State::Running);
+        let reattached = futures::future::join_all(running.into_iter().map(|record| async move {
+            let run_dir = self.run_dir(&record.info.id);
+            let outcome = self.reattach(&record, &run_dir).await;
+            if outcome.is_err() {
+                kill_and_remove(&run_dir).await;
+            }
+            (record, outcome)
+        }))
+        .await;
         let mut owned = BTreeSet::new();
         let mut paused = BTreeSet::new();
-        for mut record in records {
+        for (mut record, outcome) in reattached {
+            let live = match outcome {
+                Ok(sandbox) => {
+                    owned.insert(record.info.id.clone());
+                    Some(Arc::new(sandbox))
+                }
+                Err(reason) => {
+                    fail(&mut record, reason);
+                    None
+                }
+            };
+            self.restore_entry(record, live);
+        }
+        for mut record in others {
             let id = record.info.id.clone();
             let run_dir = self.run_dir(&id);
             if record.deleted {
@@ -46,22 +73,11 @@ impl Node {
                 self.table().forget(&id);
                 continue;
             }
-            let mut live = None;
             match record.info.state {
                 State::Creating => {
                     kill_and_remove(&run_dir).await;
                     fail(&mut record, "daemon restarted during boot".into());
                 }
-                State::Running => match self.reattach(&record, &run_dir).await {
-                    Ok(sandbox) => {
-                        owned.insert(id.clone());
-                        live = Some(Arc::new(sandbox));
-                    }
-                    Err(reason) => {
-                        kill_and_remove(&run_dir).await;
-                        fail(&mut record, reason);
-                    }
-                },
                 State::Paused => {
                     // Its VMM ended with the pause; a run directory would be a resume cut short.
                     kill_and_remove(&run_dir).await;
@@ -79,20 +95,26 @@ impl Node {
                         ),
                     }
                 }
-                State::Stopped | State::Failed => {}
+                State::Running | State::Stopped | State::Failed => {}
             }
-            let mut table = self.table();
-            if live.is_none() {
-                table.save_record(&record);
-            }
-            let mut entry = Entry::new(record);
-            entry.live = live;
-            table.insert(entry);
+            self.restore_entry(record, None);
         }
         self.remove_unowned(&owned).await?;
         self.remove_unowned_snapshots(&paused);
         self.remove_fork_snapshots();
         Ok(())
+    }
+
+    /// Puts a recovered record back in the table, with its re-attached sandbox if any (a record
+    /// without one is saved: recovery may have changed it).
+    fn restore_entry(&self, record: Record, live: Option<Arc<Sandbox>>) {
+        let mut table = self.table();
+        if live.is_none() {
+            table.save_record(&record);
+        }
+        let mut entry = Entry::new(record);
+        entry.live = live;
+        table.insert(entry);
     }
 
     /// Removes the snapshots in `$HOME/node/paused/` of sandboxes not in `paused`.
