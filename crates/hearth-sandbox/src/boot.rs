@@ -18,7 +18,7 @@ use hearth_vm::{
 use crate::restore::{plan_restore, RestorePlan};
 use crate::SandboxError;
 
-pub use hearth_vm::VmmChoice;
+pub use hearth_vm::{Jailer, VmmChoice};
 
 /// What a sandbox is made of.
 #[derive(Debug, Clone)]
@@ -34,8 +34,9 @@ pub struct SandboxConfig {
     pub kernel: Option<PathBuf>,
     /// The static guest agent; `None` = [`locate_agent`]'s search.
     pub agent: Option<PathBuf>,
-    /// Run Firecracker through its jailer as this unprivileged (uid, gid).
-    pub jailer: Option<(u32, u32)>,
+    /// Whether and as whom Firecracker runs through its jailer (default: a uid of each VM's own,
+    /// wherever hearth confines its VMMs).
+    pub jailer: Jailer,
     /// Restore QEMU VMs from a snapshot template instead of booting them (default on;
     /// `--no-snapshot`, `HEARTH_SNAPSHOT=0`).
     pub snapshot: bool,
@@ -81,7 +82,7 @@ impl SandboxConfig {
             accel: Accel::Auto,
             kernel: None,
             agent: None,
-            jailer: None,
+            jailer: Jailer::Default,
             snapshot: crate::restore::snapshots_enabled_by_env(),
             network: None,
             network_policy: NetworkPolicy::none(),

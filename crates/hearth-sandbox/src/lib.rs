@@ -23,7 +23,7 @@ pub mod restore;
 mod sandbox;
 mod spec_record;
 
-pub use boot::{BootPlan, Networking, Purpose, SandboxConfig, VmmChoice};
+pub use boot::{BootPlan, Jailer, Networking, Purpose, SandboxConfig, VmmChoice};
 pub use error::SandboxError;
 /// Sandbox networking's vocabulary, re-exported for the CLI and the daemon.
 pub use hearth_net::network::{NetworkOptions, NetworkStats};

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::accel::{Accel, Selection};
-use crate::confine::{FIRST_UID, JAILER_PER_VM_IDS};
+use crate::confine::FIRST_UID;
 use crate::detached::{DetachedRecord, DETACHED_RECORD};
 use crate::firecracker::{self, FirecrackerError, FirecrackerVmm, JailerConfig};
 use crate::qemu::{QemuVmm, RunningQemu};
@@ -25,6 +25,33 @@ pub enum VmmChoice {
     Firecracker,
 }
 
+/// `--jailer`: whether Firecracker runs through its jailer, and as whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jailer {
+    /// Through the jailer with a uid and gid of each VM's own wherever hearth confines its VMMs
+    /// (as root, unless `HEARTH_VMM_CONFINEMENT=off`): least privilege by default, as for QEMU.
+    /// Unprivileged, Firecracker runs as hearth's own user, as QEMU does.
+    #[default]
+    Default,
+    /// `--jailer off`: Firecracker runs as hearth's user, unconfined (debugging).
+    Off,
+    /// `--jailer auto`: a uid and gid of each VM's own from the [`crate::confine::uid`] range.
+    PerVm,
+    /// `--jailer UID:GID`: these fixed ids for every VM.
+    Ids(u32, u32),
+}
+
+impl Jailer {
+    /// What this choice comes to on this host: `Default` is `PerVm` where VMMs are confined.
+    fn resolve(self) -> Jailer {
+        match self {
+            Jailer::Default if crate::confine::enabled() => Jailer::PerVm,
+            Jailer::Default => Jailer::Off,
+            other => other,
+        }
+    }
+}
+
 /// What a backend is chosen from.
 #[derive(Debug, Clone, Copy)]
 pub struct BackendRequest<'a> {
@@ -34,9 +61,8 @@ pub struct BackendRequest<'a> {
     pub accel: Accel,
     /// The kernel a KVM probe boots (an ELF vmlinux or a bzImage).
     pub kernel: &'a Path,
-    /// Run Firecracker through its jailer as this unprivileged (uid, gid);
-    /// [`crate::confine::JAILER_PER_VM_IDS`] gives each VM a uid and gid of its own.
-    pub jailer: Option<(u32, u32)>,
+    /// Whether and as whom Firecracker runs through its jailer.
+    pub jailer: Jailer,
     /// Planning only (`--dry-run`): a missing Firecracker or jailer binary is shown by its name
     /// instead of failing.
     pub dry_run: bool,
@@ -67,6 +93,17 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
         (VmmChoice::Firecracker, Err(err)) => Err(err),
         (VmmChoice::Auto, Ok(binary)) => {
             let (qemu, selection) = QemuVmm::for_host(request.home, request.accel, request.kernel)?;
+            let unjailable = request.jailer.resolve() != Jailer::Off
+                && firecracker::find_jailer().is_none()
+                && !request.dry_run;
+            if selection.accel == Accel::Kvm && unjailable {
+                let why = format!(
+                    "qemu: firecracker is installed but its jailer is not (HEARTH_JAILER_BIN or \
+                     PATH), and VMMs run confined; accel {}: {}",
+                    selection.accel, selection.reason
+                );
+                return chosen(Box::new(qemu), why);
+            }
             if selection.accel == Accel::Kvm {
                 let why = format!(
                     "firecracker: found {}; {}",
@@ -96,22 +133,24 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
     }
 }
 
-/// Firecracker, through its jailer when the request asks for one (with a uid of the VM's own
-/// for [`JAILER_PER_VM_IDS`]: each `select_backend` call plans one VM).
+/// Firecracker, through its jailer unless the request (or an unconfined hearth) says otherwise,
+/// with a uid of the VM's own for [`Jailer::PerVm`] (each `select_backend` call plans one VM).
 fn jailed(request: &BackendRequest, vmm: FirecrackerVmm) -> Result<Box<dyn Vmm>, VmError> {
-    let Some((uid, gid)) = request.jailer else {
-        return Ok(Box::new(vmm));
+    let ids = match request.jailer.resolve() {
+        Jailer::Off | Jailer::Default => return Ok(Box::new(vmm)),
+        Jailer::PerVm => None,
+        Jailer::Ids(uid, gid) => Some((uid, gid)),
     };
     let jailer = match firecracker::find_jailer() {
         Some(jailer) => jailer,
         None if request.dry_run => PathBuf::from("jailer"),
         None => return Err(FirecrackerError::NoJailer.into()),
     };
-    let config = match (uid, gid) {
+    let config = match ids {
+        Some((uid, gid)) => JailerConfig::new(jailer, uid, gid),
         // A dry run shows the range's first uid and leases none.
-        JAILER_PER_VM_IDS if request.dry_run => JailerConfig::new(jailer, FIRST_UID, FIRST_UID),
-        JAILER_PER_VM_IDS => JailerConfig::per_vm(jailer)?,
-        _ => JailerConfig::new(jailer, uid, gid),
+        None if request.dry_run => JailerConfig::new(jailer, FIRST_UID, FIRST_UID),
+        None => JailerConfig::per_vm(jailer)?,
     };
     Ok(Box::new(vmm.with_jailer(config)))
 }
@@ -184,7 +223,7 @@ mod tests {
             vmm: VmmChoice::Firecracker,
             accel: Accel::Auto,
             kernel: Path::new("/nonexistent/vmlinux"),
-            jailer: Some((1234, 1234)),
+            jailer: Jailer::Ids(1234, 1234),
             dry_run: true,
         };
         let chosen = select_backend(&request).unwrap();
@@ -195,5 +234,38 @@ mod tests {
             chosen.reason
         );
         assert!(!chosen.vmm.capabilities().boot_templates);
+    }
+
+    // Sets process-wide variables: nextest runs each test in a process of its own.
+    #[test]
+    fn as_root_firecracker_is_jailed_by_default_and_refused_without_a_jailer() {
+        if !crate::confine::enabled() {
+            eprintln!("SKIP: the default jailer applies where hearth confines VMMs (root)");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        std::env::set_var("HEARTH_FIRECRACKER_BIN", "/bin/true");
+        std::env::remove_var("HEARTH_JAILER_BIN");
+        std::env::set_var("PATH", home.path());
+        let request = |vmm, jailer| BackendRequest {
+            home: home.path(),
+            vmm,
+            accel: Accel::Tcg,
+            kernel: Path::new("/nonexistent/vmlinux"),
+            jailer,
+            dry_run: false,
+        };
+        let refused = select_backend(&request(VmmChoice::Firecracker, Jailer::Default))
+            .err()
+            .expect("an unjailed Firecracker as root");
+        assert!(refused.to_string().contains("--jailer off"), "{refused}");
+        let unconfined = select_backend(&request(VmmChoice::Firecracker, Jailer::Off)).unwrap();
+        assert_eq!(unconfined.vmm.name(), "firecracker");
+        // With a jailer, the default plan is jailed: its command line is the jailer's.
+        std::env::set_var("HEARTH_JAILER_BIN", "/bin/false");
+        let jailed = select_backend(&request(VmmChoice::Firecracker, Jailer::Default)).unwrap();
+        let spec = crate::VmSpec::new("/k/vmlinux", "/k/initrd", home.path().join("run/vm1"));
+        let plan = jailed.vmm.dry_run(&spec).unwrap();
+        assert_eq!(plan.program, Path::new("/bin/false"), "{plan}");
     }
 }

@@ -53,7 +53,7 @@ pub mod tsc;
 mod vmm;
 
 pub use accel::{Accel, Selection};
-pub use backend::{adopt, select_backend, BackendRequest, Chosen, VmmChoice};
+pub use backend::{adopt, select_backend, BackendRequest, Chosen, Jailer, VmmChoice};
 pub use detached::{DetachedRecord, DETACHED_RECORD};
 pub use error::VmError;
 pub use lifecycle::{VmExit, VmProcess};

@@ -324,11 +324,14 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         "{}",
         text(&out.stdout)
     );
-    // Firecracker's plan prints even where its binary is absent: the command and its config file.
+    // Firecracker's plan prints even where its binary is absent: the command and its config file
+    // (unconfined here, so the paths are the run directory's).
     let out = run(&[
         "--dry-run",
         "--vmm",
         "firecracker",
+        "--jailer",
+        "off",
         &image("busybox"),
         "true",
     ]);
@@ -387,6 +390,30 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
             stdout.contains(expected),
             "jailer command has {expected}: {stdout}"
         );
+    }
+    // Without `--jailer`, hearth as root runs Firecracker through the jailer as a uid of the VM's
+    // own (the dry run shows the range's first), as it confines QEMU: least privilege by default.
+    let out = hearth()
+        .env("HEARTH_HOME", short_home.path())
+        .args([
+            "run",
+            "--dry-run",
+            "--vmm",
+            "firecracker",
+            &image("busybox"),
+        ])
+        .arg("true")
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn hearth");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let first = hearth_vm::confine::FIRST_UID;
+        for expected in [format!("--uid {first}"), format!("--gid {first}")] {
+            assert!(stdout.contains(&expected), "default jail: {stdout}");
+        }
     }
     let runs = home().join("run");
     let leftover: Vec<_> = std::fs::read_dir(&runs)

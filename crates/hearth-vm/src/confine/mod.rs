@@ -1,4 +1,5 @@
-//! Least privilege for the VMM processes hearth runs itself (QEMU; Firecracker has its jailer).
+//! Least privilege for the VMM processes hearth runs itself (QEMU; Firecracker has its jailer,
+//! which `backend::Jailer` turns on by default wherever this confinement is on).
 //! A VMM emulates devices for a guest hearth does not trust, and TCG is no security boundary, so
 //! a guest that breaks out into its VMM must find itself as an unprivileged user of its own
 //! ([`uid`]), in an empty chroot inside its run directory, in a cgroup that caps its memory and
@@ -37,9 +38,6 @@ pub const PIDS_BASE: u64 = 128;
 pub const CHROOT_DIR: &str = "vmm-root";
 /// `off` disables confinement.
 pub const ENV_SWITCH: &str = "HEARTH_VMM_CONFINEMENT";
-/// The jailer ids (`--jailer auto`) that ask for a uid and gid of the VM's own from the
-/// [`uid`] range instead of fixed ones (`u32::MAX` is no valid uid: `setuid(-1)` changes nothing).
-pub const JAILER_PER_VM_IDS: (u32, u32) = (u32::MAX, u32::MAX);
 
 /// What one confined VMM runs as and in.
 #[derive(Debug)]

@@ -27,7 +27,8 @@ pub enum FirecrackerError {
         source: ApiError,
     },
     #[error(
-        "--jailer needs Firecracker's jailer binary: put `jailer` in PATH or set HEARTH_JAILER_BIN"
+        "Firecracker runs through its jailer (the default as root) and no `jailer` binary was \
+         found: put it in PATH or set HEARTH_JAILER_BIN (`--jailer off` runs Firecracker unconfined)"
     )]
     NoJailer,
 }

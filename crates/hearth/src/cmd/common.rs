@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use hearth_sandbox::{Accel, SandboxConfig, VmmChoice};
+use hearth_sandbox::{Accel, Jailer, SandboxConfig, VmmChoice};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// How a guest VM is run: the same flags (and environment variables) for `hearth run` and for the
@@ -28,9 +28,10 @@ pub struct VmArgs {
     #[arg(long)]
     pub agent: Option<PathBuf>,
     /// With Firecracker: run it through its jailer (chroot, cgroup limits, PID namespace) as this
-    /// unprivileged user and group, or `auto`: as a uid and gid of each VM's own.
-    #[arg(long, value_name = "UID:GID|auto", value_parser = parse_ids)]
-    pub jailer: Option<(u32, u32)>,
+    /// unprivileged user and group, `auto`: as a uid and gid of each VM's own (the default as
+    /// root), or `off`: unconfined, as hearth's own user.
+    #[arg(long, value_name = "UID:GID|auto|off", value_parser = parse_jailer)]
+    pub jailer: Option<Jailer>,
     /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
     #[arg(long)]
     pub no_snapshot: bool,
@@ -67,7 +68,7 @@ impl VmArgs {
         };
         config.kernel = self.kernel.clone();
         config.agent = self.agent.clone();
-        config.jailer = self.jailer;
+        config.jailer = self.jailer.unwrap_or_default();
         // Without the flag, `HEARTH_SNAPSHOT` (read by `SandboxConfig::new`) decides.
         if self.no_snapshot {
             config.snapshot = false;
@@ -75,10 +76,12 @@ impl VmArgs {
     }
 }
 
-/// `UID:GID`, numeric, or `auto` (a uid and gid per VM).
-fn parse_ids(value: &str) -> Result<(u32, u32), String> {
-    if value == "auto" {
-        return Ok(hearth_vm::confine::JAILER_PER_VM_IDS);
+/// `UID:GID`, numeric, `auto` (a uid and gid per VM) or `off`.
+fn parse_jailer(value: &str) -> Result<Jailer, String> {
+    match value {
+        "auto" => return Ok(Jailer::PerVm),
+        "off" => return Ok(Jailer::Off),
+        _ => {}
     }
     let (uid, gid) = value
         .split_once(':')
@@ -87,7 +90,7 @@ fn parse_ids(value: &str) -> Result<(u32, u32), String> {
         s.parse::<u32>()
             .map_err(|_| format!("{s:?} is not a numeric id"))
     };
-    Ok((id(uid)?, id(gid)?))
+    Ok(Jailer::Ids(id(uid)?, id(gid)?))
 }
 
 pub use crate::units::parse_duration;
@@ -188,10 +191,11 @@ mod tests {
 
     #[test]
     fn jailer_ids_are_numeric_pairs() {
-        assert_eq!(parse_ids("1234:5678"), Ok((1234, 5678)));
-        assert!(parse_ids("1234").is_err());
-        assert!(parse_ids("me:you").is_err());
-        assert_eq!(parse_ids("auto"), Ok(hearth_vm::confine::JAILER_PER_VM_IDS));
+        assert_eq!(parse_jailer("1234:5678"), Ok(Jailer::Ids(1234, 5678)));
+        assert!(parse_jailer("1234").is_err());
+        assert!(parse_jailer("me:you").is_err());
+        assert_eq!(parse_jailer("auto"), Ok(Jailer::PerVm));
+        assert_eq!(parse_jailer("off"), Ok(Jailer::Off));
     }
 
     /// The sandbox config `hearth run` and `hearth serve` (its sandbox defaults) build from `vm`.
@@ -248,7 +252,7 @@ mod tests {
         assert_eq!(serve.accel, Accel::Tcg);
         assert_eq!(serve.kernel, Some(PathBuf::from("/k/vmlinux")));
         assert_eq!(serve.agent, Some(PathBuf::from("/a/agent")));
-        assert_eq!(serve.jailer, Some((1000, 1001)));
+        assert_eq!(serve.jailer, Jailer::Ids(1000, 1001));
         assert!(!serve.snapshot);
         assert_eq!(vm_fields(&run), vm_fields(&serve));
 
