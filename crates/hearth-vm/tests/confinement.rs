@@ -15,9 +15,9 @@
 //! A VM whose network interface names a network namespace gets its VMM started inside it: the
 //! tap that exists only there is the one QEMU holds, and no tap of that name appears on the host.
 //!
-//! And Firecracker through the jailer with a uid per VM (`--jailer auto`, the default as root; it
-//! is what `hearth serve` runs): two jailed VMs run as two different uids of the range, a per-VM configuration refuses
-//! a second VM, and the leases end with the VMs. Firecracker cannot boot a guest here: that test
+//! And Firecracker through the jailer with a uid per VM (`--jailer auto`, the default as root):
+//! two jailed VMs run as two different uids of the range, a per-VM configuration refuses a second
+//! VM, and the leases end with the VMs. Firecracker cannot boot a guest here: that test
 //! goes as far as InstanceStart (see firecracker_binary.rs) and skips without the binaries.
 //!
 //! Needs root (the confinement is root's to set up); skipped with a reason otherwise.
