@@ -1,10 +1,8 @@
-//! Registry authentication: `WWW-Authenticate` challenge parsing (Bearer token flow and Basic),
-//! credentials and their lookup in `~/.docker/config.json` (exact host only; credential helpers
-//! are not run). `creds` decides which host gets which credentials. Reads the Docker config file;
-//! writes nothing.
+//! Registry authentication: `WWW-Authenticate` challenge parsing (Bearer token flow and Basic) and
+//! credentials. `creds` decides which host gets which credentials, `docker_config` finds them in
+//! the Docker client config. Pure.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -44,77 +42,6 @@ impl Credentials {
             base64::engine::general_purpose::STANDARD.encode(raw)
         )
     }
-
-    /// Looks up `registry` in the Docker client config (`$DOCKER_CONFIG/config.json` or
-    /// `~/.docker/config.json`). Credential helpers are not run.
-    pub fn from_docker_config(registry: &str) -> Option<Credentials> {
-        let path = docker_config_path()?;
-        let text = std::fs::read(&path).ok()?;
-        Self::from_docker_config_json(&text, registry)
-    }
-
-    pub fn from_docker_config_json(json: &[u8], registry: &str) -> Option<Credentials> {
-        let config: DockerConfig = serde_json::from_slice(json).ok()?;
-        let keys: Vec<String> = if registry == crate::reference::DOCKER_HUB {
-            [
-                "https://index.docker.io/v1/",
-                "index.docker.io",
-                "docker.io",
-                "registry-1.docker.io",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        } else {
-            vec![
-                registry.to_string(),
-                format!("https://{registry}"),
-                format!("http://{registry}"),
-            ]
-        };
-        let entry = config.auths.iter().find(|(k, _)| {
-            let k = k.trim_end_matches('/');
-            keys.iter().any(|want| {
-                want.trim_end_matches('/') == k
-                    || k.strip_suffix("/v1").or(k.strip_suffix("/v2")) == Some(want.as_str())
-            })
-        })?;
-        let auth = entry.1;
-        if let Some(encoded) = &auth.auth {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(encoded.trim())
-                .ok()?;
-            return String::from_utf8(decoded).ok()?.parse().ok();
-        }
-        Some(Credentials {
-            username: auth.username.clone()?,
-            password: auth.password.clone()?,
-        })
-    }
-}
-
-fn docker_config_path() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-        return Some(PathBuf::from(dir).join("config.json"));
-    }
-    Some(
-        PathBuf::from(std::env::var_os("HOME")?)
-            .join(".docker")
-            .join("config.json"),
-    )
-}
-
-#[derive(Deserialize)]
-struct DockerConfig {
-    #[serde(default)]
-    auths: BTreeMap<String, DockerAuth>,
-}
-
-#[derive(Deserialize)]
-struct DockerAuth {
-    auth: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
 }
 
 /// A parsed `WWW-Authenticate` header.
@@ -211,19 +138,6 @@ mod tests {
         );
         assert_eq!(Challenge::parse("Bearer service=x"), None);
         assert_eq!(Challenge::parse("Negotiate"), None);
-    }
-
-    #[test]
-    fn reads_docker_config_auths() {
-        let json = br#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYTpzcw=="},"127.0.0.1:5000":{"username":"a","password":"b"}}}"#;
-        let hub = Credentials::from_docker_config_json(json, "docker.io").unwrap();
-        assert_eq!(
-            (hub.username.as_str(), hub.password.as_str()),
-            ("user", "pa:ss")
-        );
-        let local = Credentials::from_docker_config_json(json, "127.0.0.1:5000").unwrap();
-        assert_eq!(local.username, "a");
-        assert!(Credentials::from_docker_config_json(json, "quay.io").is_none());
     }
 
     #[test]

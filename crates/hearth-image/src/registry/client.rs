@@ -45,10 +45,9 @@ pub struct RegistryClient {
     pub(super) base: String,
     pub(super) registry: String,
     pub(super) repository: String,
-    /// The credentials bound to this registry's host, if any.
-    pub(super) credentials: Option<Credentials>,
-    /// Every host's credentials, for a token realm on another host that has its own entry.
-    pub(super) all_credentials: HostCredentials,
+    /// Every host's credentials: this registry's own, and a token realm's on another host that
+    /// has its own entry. Looked up only when a challenge asks for them.
+    pub(super) credentials: HostCredentials,
     pub(super) targets: TargetPolicy,
     pub(super) policy: RetryPolicy,
     /// The `Authorization` value that last worked (a bearer token or basic credentials).
@@ -102,8 +101,7 @@ impl RegistryClient {
             base: format!("{scheme}://{host}/v2/{}", reference.repository),
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
-            credentials: options.credentials.for_host(&reference.registry),
-            all_credentials: options.credentials.clone(),
+            credentials: options.credentials.clone(),
             targets,
             policy,
             authorization: Mutex::new(None),
@@ -230,6 +228,11 @@ impl RegistryClient {
         }
     }
 
+    /// The credentials bound to this registry's host, if any.
+    pub(super) async fn own_credentials(&self) -> Option<Credentials> {
+        self.credentials.for_host(&self.registry).await
+    }
+
     /// One request; answers a 401 challenge once (fetching a token or using basic credentials).
     pub(super) async fn send_once_authed(
         &self,
@@ -253,7 +256,7 @@ impl RegistryClient {
                 service,
                 scope,
             }) => self.fetch_token(&realm, service, scope).await?,
-            Some(Challenge::Basic) => match &self.credentials {
+            Some(Challenge::Basic) => match &self.own_credentials().await {
                 Some(c) => c.basic_header(),
                 None => {
                     return Err(Attempt::Fatal(

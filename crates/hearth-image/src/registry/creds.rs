@@ -1,7 +1,8 @@
 //! Credentials bound to registry hosts: `HOST=USER:PASS` entries (from `--creds` or a credentials
 //! file that only its owner may read), looked up by the exact `host[:port]` a request goes to, with
-//! `~/.docker/config.json` (also per host) as the fallback. Credentials are never offered to another
-//! host. Reads the credentials file; writes nothing.
+//! the Docker client config (per host too, credential helpers included: `docker_config`) as the
+//! fallback. Credentials are never offered to another host. Reads the credentials file; writes
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -112,17 +113,22 @@ impl HostCredentials {
         Ok(())
     }
 
-    /// The credentials for exactly `host` (`host[:port]`): an explicit entry, else the Docker
-    /// client config's entry for that host.
-    pub fn for_host(&self, host: &str) -> Option<Credentials> {
-        let host = normalize_host(host);
-        if let Some(c) = self.by_host.get(&host) {
-            return Some(c.clone());
+    /// The credentials for exactly `host` (`host[:port]`): an explicit entry, else what the Docker
+    /// client config has for that host (its credential helper, its store, or an inline entry).
+    /// Asked only when a registry challenges, so helpers run only for hosts that want credentials.
+    pub async fn for_host(&self, host: &str) -> Option<Credentials> {
+        if let Some(c) = self.explicit(host) {
+            return Some(c);
         }
         if self.skip_docker_config {
             return None;
         }
-        Credentials::from_docker_config(&host)
+        super::docker_config::lookup(&normalize_host(host)).await
+    }
+
+    /// The `--creds` / credentials-file entry for exactly `host`, without the Docker config.
+    pub fn explicit(&self, host: &str) -> Option<Credentials> {
+        self.by_host.get(&normalize_host(host)).cloned()
     }
 }
 
@@ -171,15 +177,15 @@ mod tests {
     fn entries_are_bound_to_hosts() {
         let mut c = HostCredentials::new().without_docker_config();
         c.add_entry("registry.example:5000=bob:p=w:x").unwrap();
-        let got = c.for_host("registry.example:5000").unwrap();
+        let got = c.explicit("registry.example:5000").unwrap();
         assert_eq!(
             (got.username.as_str(), got.password.as_str()),
             ("bob", "p=w:x")
         );
-        assert!(c.for_host("registry.example").is_none());
-        assert!(c.for_host("evil.example:5000").is_none());
+        assert!(c.explicit("registry.example").is_none());
+        assert!(c.explicit("evil.example:5000").is_none());
         c.add_entry("https://index.docker.io/v1/=hub:pw").unwrap();
-        assert_eq!(c.for_host("docker.io").unwrap().username, "hub");
+        assert_eq!(c.explicit("docker.io").unwrap().username, "hub");
     }
 
     #[test]
@@ -203,7 +209,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let mut c = HostCredentials::new().without_docker_config();
         c.add_file(&path).unwrap();
-        assert_eq!(c.for_host("reg.example").unwrap().username, "u");
+        assert_eq!(c.explicit("reg.example").unwrap().username, "u");
         std::fs::write(&path, "u:p\n").unwrap();
         let err = HostCredentials::new().add_file(&path).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");

@@ -1,8 +1,9 @@
 //! The OCI distribution-spec client: manifests and blobs over HTTPS (plain HTTP only for registries
 //! the user lists as insecure). `client` sends requests and answers auth challenges (`auth` parses
 //! them, `token` fetches Bearer tokens), `blob` streams layers with resumption, `retry` is the policy.
-//! `creds` binds credentials to hosts, `policy` decides which redirect and realm targets are allowed,
-//! `body` bounds what is read from a registry and shortens what is shown of it.
+//! `creds` binds credentials to hosts (`docker_config` reads Docker's, helpers included), `policy`
+//! decides which redirect and realm targets are allowed, `body` bounds what is read from a registry
+//! and shortens what is shown of it.
 //! Talks to the network; writes blobs only through the `BlobStore`'s writers.
 
 mod auth;
@@ -10,6 +11,7 @@ mod blob;
 mod body;
 mod client;
 mod creds;
+mod docker_config;
 mod policy;
 mod retry;
 mod token;

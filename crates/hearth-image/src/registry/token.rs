@@ -37,7 +37,7 @@ impl RegistryClient {
                     detail: refusal.to_string(),
                 })
             })?;
-        let credentials = self.realm_credentials(&url);
+        let credentials = self.realm_credentials(&url).await;
         let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", self.repository));
         let mut query = vec![("scope", scope)];
         if let Some(s) = service {
@@ -102,16 +102,16 @@ impl RegistryClient {
     /// The Basic credentials a token request to `realm` may carry: the registry's own when the
     /// realm is on the registry's host (or is Docker Hub's token service for Docker Hub), else only
     /// credentials bound to the realm's host.
-    fn realm_credentials(&self, realm: &Url) -> Option<Credentials> {
+    async fn realm_credentials(&self, realm: &Url) -> Option<Credentials> {
         let realm_host = authority(realm);
         let own = realm_host == self.targets.registry_authority
             || (self.registry == DOCKER_HUB
                 && realm_host == DOCKER_HUB_AUTH
                 && realm.scheme() == "https");
         if own {
-            self.credentials.clone()
+            self.own_credentials().await
         } else {
-            self.all_credentials.for_host(&realm_host)
+            self.credentials.for_host(&realm_host).await
         }
     }
 }

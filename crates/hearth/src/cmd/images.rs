@@ -414,10 +414,10 @@ mod tests {
         .pull_options()
         .unwrap();
         assert_eq!(
-            opts.credentials.for_host("reg.example").unwrap().username,
+            opts.credentials.explicit("reg.example").unwrap().username,
             "bob"
         );
-        assert!(opts.credentials.for_host("evil.example").is_none());
+        assert!(opts.credentials.explicit("evil.example").is_none());
     }
 
     #[test]
