@@ -1,7 +1,8 @@
 //! Building a root filesystem for one manifest: layer blobs download concurrently while one thread
 //! applies them in order, each as soon as its bytes arrive (a `BlobFollower` never yields unverified
-//! end-of-file); then the staged tree becomes `rootfs/<manifest>.ext4`. Writes only under
-//! `$HEARTH_HOME` (blobs, tmp, rootfs), keeping those directories 0700.
+//! end-of-file); then the staged tree becomes `rootfs/<manifest>.ext4`. Both steps run in a
+//! private mount namespace that sees the build directory `nosuid,nodev,noexec` (`private_mounts`).
+//! Writes only under `$HEARTH_HOME` (blobs, tmp, rootfs), keeping those directories 0700.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -15,6 +16,7 @@ use crate::digest::Digest;
 use crate::layer::{decompressor, ReadAhead, Staging, StagingStats};
 use crate::lock::FileLock;
 use crate::oci::{Compression, Manifest};
+use crate::private_mounts;
 use crate::source::{OnBytes, Source};
 use crate::store::{private_dir, BlobFollower, VerifyingReader};
 use crate::{ImageError, ImageStore, Limits, Progress, PullOptions};
@@ -162,13 +164,19 @@ impl ImageStore {
                 key.to_string(),
                 cancel.clone(),
             );
-            tokio::task::spawn_blocking(move || {
+            let tree = tmp.path().to_path_buf();
+            private_mounts::run_confined("hearth-apply", tree, move || {
                 let result = apply_layers(&key, &staging_dir, inputs, limits, progress.as_deref());
                 if result.is_err() {
                     cancel.notify_one();
                 }
                 result
             })
+            .map_err(|source| ImageError::Io {
+                op: "start the layer applier for",
+                path: tmp.path().to_path_buf(),
+                source,
+            })?
         };
         let download_all = futures::stream::iter(downloads)
             .map(|(desc, writer)| {
@@ -196,7 +204,8 @@ impl ImageStore {
             return Err(e); // explains any failure the applier saw on the same blob
         }
         let stats = applied
-            .map_err(|e| ImageError::Internal(format!("layer application panicked: {e}")))??;
+            .map_err(|e| ImageError::Internal(format!("layer applier ended: {e}")))?
+            .map_err(|_| ImageError::Internal("layer application panicked".into()))??;
 
         opts.progress
             .iter()
@@ -204,13 +213,22 @@ impl ImageStore {
         let image = tmp.path().join("rootfs.ext4");
         let imager = self.imager.clone();
         let (staging, image_path) = (staging_dir.clone(), image.clone());
-        tokio::task::spawn_blocking(move || imager.build(&staging, &stats, &image_path))
-            .await
-            .map_err(|e| ImageError::Internal(format!("mkfs task panicked: {e}")))?
-            .map_err(|source| ImageError::Rootfs {
-                reference: key.to_string(),
-                source: Box::new(source),
-            })?;
+        let tree = tmp.path().to_path_buf();
+        private_mounts::run_confined("hearth-mkfs", tree, move || {
+            imager.build(&staging, &stats, &image_path)
+        })
+        .map_err(|source| ImageError::Io {
+            op: "start the filesystem builder for",
+            path: tmp.path().to_path_buf(),
+            source,
+        })?
+        .await
+        .map_err(|e| ImageError::Internal(format!("mkfs thread ended: {e}")))?
+        .map_err(|_| ImageError::Internal("mkfs thread panicked".into()))?
+        .map_err(|source| ImageError::Rootfs {
+            reference: key.to_string(),
+            source: Box::new(source),
+        })?;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "filesystem image built"

@@ -15,6 +15,7 @@ mod index;
 pub mod layer;
 mod lock;
 pub mod oci;
+mod private_mounts;
 mod pull;
 pub mod reference;
 pub mod registry;

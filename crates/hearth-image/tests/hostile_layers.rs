@@ -459,9 +459,12 @@ async fn bookkeeping_floods_hit_their_bound() {
 }
 
 /// Records, while mkfs runs, the mode of the directory holding the staged tree and whether the
-/// image's setuid file and device node are there; then builds as usual.
+/// image's setuid file and device node are there, tries what a builder tricked by the image could
+/// do with them (open the device, run the setuid file) and reads the mount tables; then builds as
+/// usual.
 struct WatchingImager {
     seen: Arc<Mutex<Option<(u32, u32)>>>,
+    attempts: Arc<Mutex<Vec<String>>>,
 }
 
 impl hearth_image::rootfs::FilesystemImager for WatchingImager {
@@ -478,6 +481,40 @@ impl hearth_image::rootfs::FilesystemImager for WatchingImager {
             .mode();
         assert!(staging.join("bin/su").exists() && staging.join("dev/evil").exists());
         *self.seen.lock().unwrap() = Some((parent & 0o777, tmp & 0o777));
+        let mut attempts = self.attempts.lock().unwrap();
+        let outcome = |r: std::io::Result<()>| match r {
+            Ok(()) => "allowed".to_string(),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        attempts.push(outcome(
+            std::fs::File::open(staging.join("dev/evil")).map(drop),
+        ));
+        attempts.push(outcome(
+            std::process::Command::new(staging.join("bin/su"))
+                .status()
+                .map(drop),
+        ));
+        // This thread's mount table has the build directory nosuid,nodev,noexec; the host's
+        // (PID 1's) has no mount there.
+        let build_dir = staging.parent().unwrap().to_str().unwrap();
+        let mount_of = |table: &str| {
+            std::fs::read_to_string(table)
+                .unwrap()
+                .lines()
+                .find(|l| l.split(' ').nth(4) == Some(build_dir))
+                .map(|l| {
+                    let options: Vec<&str> =
+                        l.split(' ').nth(5).unwrap_or_default().split(',').collect();
+                    ["nosuid", "nodev", "noexec"]
+                        .iter()
+                        .filter(|o| options.contains(o))
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+        };
+        attempts.push(format!("{:?}", mount_of("/proc/thread-self/mountinfo")));
+        attempts.push(format!("{:?}", mount_of("/proc/1/mountinfo")));
         hearth_image::rootfs::Mkfs::default().build(staging, stats, output)
     }
 }
@@ -487,6 +524,8 @@ impl hearth_image::rootfs::FilesystemImager for WatchingImager {
 /// the pull nothing under the home is group/world-writable or readable, except the root filesystem
 /// image itself (0644 inside the 0700 rootfs/ directory, because the Firecracker jailer's
 /// unprivileged uid opens it through a hard link) and the empty lock files inside the 0700 locks/.
+/// The builder works in a private mount namespace where the tree is `nosuid,nodev,noexec`: the
+/// device node cannot be opened, the setuid file cannot be run, and the host sees no such mount.
 #[tokio::test]
 async fn the_store_is_owner_only_and_staging_is_unreachable() {
     if skip_unless_root() {
@@ -509,9 +548,13 @@ async fn the_store_is_owner_only_and_staging_is_unreachable() {
     tar.extend_from_slice(&[0; 1024]);
     write_layout(&f.layout, &layer_of(tar));
     let seen = Arc::new(Mutex::new(None));
+    let attempts = Arc::new(Mutex::new(Vec::new()));
     let store = ImageStore::open(&f.home)
         .unwrap()
-        .with_imager(Arc::new(WatchingImager { seen: seen.clone() }));
+        .with_imager(Arc::new(WatchingImager {
+            seen: seen.clone(),
+            attempts: attempts.clone(),
+        }));
     store
         .ensure(
             &format!("oci-layout:{}", f.layout.display()),
@@ -523,6 +566,16 @@ async fn the_store_is_owner_only_and_staging_is_unreachable() {
         *seen.lock().unwrap(),
         Some((0o700, 0o700)),
         "staging parent and tmp/ modes"
+    );
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        [
+            "PermissionDenied",
+            "PermissionDenied",
+            "Some(\"nosuid,nodev,noexec\")",
+            "None"
+        ],
+        "open the device node, run the setuid file, the build's mount, the host's mount"
     );
     let mut checked = 0;
     for path in walk(&f.home) {
