@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::hostile::{Hostile, Reply, Seen};
+use common::hostile::{authorizations, basic_challenge, plain_http_opts as opts, Hostile};
 use common::proxy::{Auth, FaultProxy};
-use hearth_image::{HostCredentials, ImageStore, PullOptions, RetryPolicy};
+use hearth_image::{ImageStore, PullOptions};
 
 /// A Docker config in a fresh directory with `config` as its `config.json`, and helper scripts
 /// `docker-credential-NAME` (from `helpers`) on `PATH` ahead of everything else.
@@ -60,35 +60,6 @@ fn basic(user: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(raw)
     )
-}
-
-fn basic_challenge(_: &Seen, _: &str) -> Reply {
-    Reply::Fixed(
-        401,
-        vec!["WWW-Authenticate: Basic realm=\"x\"".into()],
-        b"{}".to_vec(),
-    )
-}
-
-fn authorizations(seen: &[Seen]) -> Vec<String> {
-    seen.iter()
-        .filter_map(|s| s.authorization.clone())
-        .collect()
-}
-
-/// Plain HTTP to `insecure`, one try per request; the Docker config is read (the default).
-fn opts(insecure: &[&str]) -> PullOptions {
-    PullOptions {
-        insecure_registries: insecure.iter().map(|s| s.to_string()).collect(),
-        retry: RetryPolicy {
-            attempts: 1,
-            stall_timeout: Duration::from_secs(5),
-            ..RetryPolicy::default()
-        },
-        deadline: Duration::from_secs(30),
-        credentials: HostCredentials::new(),
-        ..PullOptions::default()
-    }
 }
 
 async fn pull_err(reference: &str, opts: &PullOptions) -> String {

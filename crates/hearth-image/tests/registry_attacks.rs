@@ -8,8 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::hostile::{Hostile, Reply, Seen};
-use hearth_image::{Credentials, HostCredentials, ImageStore, PullOptions, RetryPolicy};
+use common::hostile::{authorizations, basic_challenge, plain_http_opts as opts, Hostile, Reply};
+use hearth_image::{Credentials, HostCredentials, ImageStore, PullOptions};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -17,20 +17,6 @@ fn creds(user: &str) -> Credentials {
     Credentials {
         username: user.into(),
         password: "s3cret".into(),
-    }
-}
-
-/// Plain HTTP to `insecure`, one try per request, short stalls; the CLI's permissive mode.
-fn opts(insecure: &[&str]) -> PullOptions {
-    PullOptions {
-        insecure_registries: insecure.iter().map(|s| s.to_string()).collect(),
-        retry: RetryPolicy {
-            attempts: 1,
-            stall_timeout: Duration::from_secs(5),
-            ..RetryPolicy::default()
-        },
-        deadline: Duration::from_secs(20),
-        ..PullOptions::default()
     }
 }
 
@@ -62,20 +48,6 @@ fn docker_config_with_login(host: &str) -> tempfile::TempDir {
     // Each test runs in its own process under nextest.
     std::env::set_var("DOCKER_CONFIG", dir.path());
     dir
-}
-
-fn authorizations(seen: &[Seen]) -> Vec<String> {
-    seen.iter()
-        .filter_map(|s| s.authorization.clone())
-        .collect()
-}
-
-fn basic_challenge(_: &Seen, _: &str) -> Reply {
-    Reply::Fixed(
-        401,
-        vec!["WWW-Authenticate: Basic realm=\"x\"".into()],
-        b"{}".to_vec(),
-    )
 }
 
 /// Attack: a tenant names its own registry, which answers every request with a Basic challenge to

@@ -359,27 +359,20 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
         .prefix("hj")
         .tempdir_in("/tmp")
         .unwrap();
-    let out = hearth()
-        .env("HEARTH_HOME", short_home.path())
-        .args([
-            "run",
-            "--dry-run",
-            "--vmm",
-            "firecracker",
-            "--jailer",
-            "1234:1235",
-            "--cpus",
-            "2",
-            "--memory",
-            "256m",
-            &image("busybox"),
-            "true",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn hearth");
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let busybox = image("busybox");
+    let jailed_plan = |args: &[&str]| {
+        let out = hearth()
+            .env("HEARTH_HOME", short_home.path())
+            .args(["run", "--dry-run", "--vmm", "firecracker"])
+            .args(args)
+            .args([busybox.as_str(), "true"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn hearth");
+        assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let stdout = jailed_plan(&["--jailer", "1234:1235", "--cpus", "2", "--memory", "256m"]);
     let v1 = stdout.contains("--cgroup-version 1");
     let limits: &[&str] = match v1 {
         true => &["cpu.cfs_quota_us=200000", "memory.limit_in_bytes="],
@@ -393,21 +386,7 @@ fn dry_run_prints_the_vmm_command_and_starts_nothing() {
     }
     // Without `--jailer`, hearth as root runs Firecracker through the jailer as a uid of the VM's
     // own (the dry run shows the range's first), as it confines QEMU: least privilege by default.
-    let out = hearth()
-        .env("HEARTH_HOME", short_home.path())
-        .args([
-            "run",
-            "--dry-run",
-            "--vmm",
-            "firecracker",
-            &image("busybox"),
-        ])
-        .arg("true")
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn hearth");
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = jailed_plan(&[]);
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         let first = hearth_vm::confine::FIRST_UID;

@@ -112,3 +112,34 @@ async fn serve(
     }
     conn.shutdown().await
 }
+
+/// A 401 asking for Basic credentials, to collect whatever the client sends.
+pub fn basic_challenge(_: &Seen, _: &str) -> Reply {
+    Reply::Fixed(
+        401,
+        vec!["WWW-Authenticate: Basic realm=\"x\"".into()],
+        b"{}".to_vec(),
+    )
+}
+
+/// The `Authorization` headers among `seen`.
+pub fn authorizations(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter_map(|s| s.authorization.clone())
+        .collect()
+}
+
+/// Plain HTTP to `insecure`, one try per request, short stalls, a 20 s deadline; the CLI's
+/// permissive mode, the Docker config read as by default.
+pub fn plain_http_opts(insecure: &[&str]) -> hearth_image::PullOptions {
+    hearth_image::PullOptions {
+        insecure_registries: insecure.iter().map(|s| s.to_string()).collect(),
+        retry: hearth_image::RetryPolicy {
+            attempts: 1,
+            stall_timeout: Duration::from_secs(5),
+            ..hearth_image::RetryPolicy::default()
+        },
+        deadline: Duration::from_secs(20),
+        ..hearth_image::PullOptions::default()
+    }
+}
