@@ -160,6 +160,7 @@ class HostileRegistry(http.server.ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", int(HOSTILE_PORT)), Handler)
         self.blobs, self.manifests = {}, {}
+        self.authorizations = []  # what the "collector" repository was sent
         self.add_image("paxbomb", [tar_bytes([(self.pax_info(), b"")])])
         self.add_image("sparse", [gnu_sparse_layer()])
         self.add_image("manylayers", [tar_bytes([(tarfile.TarInfo(f"f{i}"), b"")]) for i in range(300)])
@@ -228,6 +229,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if name == "realm":  # a token realm on a private address
             return self.send(401, headers=[("WWW-Authenticate",
                                             'Bearer realm="https://10.0.0.1/token",service="x"')])
+        if name == "collector":  # asks for Basic credentials, to collect whatever it is sent
+            auth = self.headers.get("Authorization")
+            if auth:
+                reg.authorizations.append(auth)
+            return self.send(401, b"{}", [("WWW-Authenticate", 'Basic realm="x"')])
         if name == "errbody":  # a 10 MB error body full of escape codes
             return self.send(500, b"\x1b[31m" * ((10 << 20) // 5))
         if kind == "manifests" and name in reg.manifests:
@@ -287,6 +293,17 @@ def main():
             if reason and tame(text) and re.search(why, reason):
                 return "refused", f"{status} {reason[-90:]}"
             return "OPEN", f"HTTP {status} {text[-160:]!r}"
+
+    @attack("registry: collect credentials")
+    def _():
+        status, body = create(f"{evil}/collector:latest")
+        asked_file = os.path.join(WORK, "docker", "asked")
+        asked = open(asked_file).read().split() if os.path.exists(asked_file) else []
+        if hostile.authorizations:
+            return "OPEN", f"sent {len(hostile.authorizations)} Authorization header(s)"
+        if asked != [evil]:
+            return "OPEN", f"credential store asked for {asked} (expected only {evil})"
+        return "refused", f"{status}; no credentials sent, the store was asked for {evil} only"
 
     # One sandbox of the python image for the guest attacks (the busybox image lacks python).
     status, body = create(f"{REGISTRY}/hearth-test/python:latest", ttl_seconds=1800)
@@ -358,12 +375,17 @@ def main():
     def _():
         python_in(sid, "import os\nwhile True:\n  try: os.fork()\n  except OSError: pass\n", timeout=10)
         code, out = exec_in(sid, "echo alive", timeout=60)
-        return ("contained", f"daemon healthy, sandbox answers: {out.strip() or code}")
+        if out.strip() != "alive" or not healthy():
+            return "OPEN", f"the sandbox did not survive its own fork bomb: {out.strip()[:120]}"
+        return "contained", "daemon healthy, the sandbox answers the next exec"
 
     @attack("guest: memory bomb")
     def _():
         code, out = python_in(sid, "b = [bytearray(1 << 20) for _ in range(100000)]\n", timeout=120)
-        return ("contained", f"command ended with {code} inside the guest's memory")
+        _, alive = exec_in(sid, "echo alive", timeout=60)
+        if alive.strip() != "alive":
+            return "OPEN", f"the sandbox did not survive its own memory bomb: {alive.strip()[:120]}"
+        return "contained", f"killed inside the guest (exit {code}); the sandbox answers the next exec"
 
     @attack("guest: flood the console")
     def _():

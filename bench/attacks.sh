@@ -29,6 +29,23 @@ printf '[[tenants]]\nname = "mallory"\ntoken = "%s"\n\n[[tenants]]\nname = "alic
 # is, so that its attacks get past TLS to what they attack.
 hostile_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export HEARTH_INSECURE_REGISTRIES=$HEARTH_TEST_REGISTRY,127.0.0.1:$hostile_port
+# The operator's login for the test registry sits in a Docker credential store, which docker asks
+# for every host: the hostile registry's Basic challenge must get nothing from it. The helper logs
+# every host it is asked for ($work/docker/asked).
+mkdir -p "$work/docker"
+cat > "$work/docker/docker-credential-attackstore" <<EOF
+#!/bin/sh
+read -r server || true
+echo "\$server" >> "$work/docker/asked"
+if [ "\$server" = "$HEARTH_TEST_REGISTRY" ]; then
+  printf '{"ServerURL":"%s","Username":"operator","Secret":"s3cret"}' "\$server"
+else
+  echo "credentials not found in native keychain"; exit 1
+fi
+EOF
+chmod 755 "$work/docker/docker-credential-attackstore"
+echo '{"credsStore": "attackstore"}' > "$work/docker/config.json"
+export DOCKER_CONFIG=$work/docker PATH=$work/docker:$PATH
 bench_daemon_start --accel tcg --memory 512m --max-upload 1m --max-boots 2
 python3 bench/attacks.py "$addr" "$token" "$other" "$daemon_pid" "$HEARTH_TEST_REGISTRY" "$work" \
     "$hostile_port"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hearth_sandbox::{BootPlan, Purpose, Sandbox};
 
 mod support;
-use support::{config, ok, pull};
+use support::{config, ok, pull, sh};
 
 /// Processes whose command line mentions `home` (QEMUs of this test, template builds included).
 fn processes_using(home: &Path) -> Vec<String> {
@@ -94,6 +94,21 @@ async fn two_vms_restored_from_one_template_are_each_their_own() {
     assert!(third.timings().restore.is_some());
     assert_eq!(ok(&third, "echo alive").await, "alive");
     third.destroy().await.unwrap();
+
+    // A guest that fills all its memory is stopped by its own kernel, and its QEMU lives: a
+    // restored VM costs the host its private copies only. (Pages the template never wrote used to
+    // be allocated in the shared copy by the faulting VM and charged to its cgroup on top of its
+    // private copy, and QEMU was killed at the cgroup's limit.)
+    let (_, bomb) = sh(
+        &second,
+        "python3 -c 'b = [bytearray(1 << 20) for _ in range(100000)]'",
+    )
+    .await;
+    assert!(
+        !bomb.success(),
+        "the guest's OOM killer ends the bomb: {bomb:?}"
+    );
+    assert_eq!(ok(&second, "echo alive").await, "alive");
 
     // Their CRNGs diverged from the template's shared state.
     let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";

@@ -110,7 +110,8 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
     Ok(copy)
 }
 
-/// A new memfd of `bytes` holding `source`'s non-zero data, then sealed against any change.
+/// A new memfd of `bytes`, every page allocated, holding `source`'s non-zero data, then sealed
+/// against any change.
 fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
     let name = CString::new("hearth-template-memory").expect("no NUL");
     // SAFETY: memfd_create with a valid C string; the result is checked and owned at once.
@@ -123,6 +124,16 @@ fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let memfd = File::from(fd.try_clone()?);
     memfd.set_len(bytes)?;
+    // Every page allocated now, zero where the template wrote nothing: a hole in a shared memory
+    // file is filled on the first fault of any VM mapping it, even a read or the copy-on-write of
+    // a write, and that page is charged to the faulting VMM's cgroup on top of the private copy
+    // it then writes. A guest touching all its memory cost twice its size and its QEMU was killed
+    // at the cgroup limit (a fork or memory bomb did it). Filled here, the pages are the daemon's,
+    // once per template, and a VM's own cost stays its private copies.
+    // SAFETY: fallocate on an owned descriptor.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     if let Some(source) = source {
         copy_data(source, &memfd, bytes)?;
     }
@@ -187,6 +198,11 @@ mod tests {
         f.write_all_at(b"template page", 3 << 20).unwrap();
         drop(f);
         let copy = sealed_copy(&file, 8 << 20).unwrap();
+        // No holes: a VM's fault on one would allocate a page of the shared copy and charge it to
+        // that VM's cgroup. All 8 MiB are allocated (st_blocks counts 512-byte units; SEEK_HOLE
+        // would not say, as shmem reports allocated pages never written as holes).
+        let meta = File::open(copy.path()).unwrap().metadata().unwrap();
+        assert_eq!(meta.blocks() * 512, 8 << 20);
         // Opened by path, as QEMU does, read-write.
         let reopened = std::fs::OpenOptions::new()
             .read(true)
