@@ -113,17 +113,32 @@ impl AsyncWrite for FdStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let fd = self.registered()?;
+        let write = |fd: &AsyncFd<OwnedFd>| {
+            // SAFETY: writes from a valid buffer of the given length.
+            let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        };
+        // The write is tried before the reactor is asked whether the port is writable. Around a
+        // host reconnect the reactor's write readiness for a virtio-serial port was sometimes
+        // lost: a fresh session's HTTP/2 never tried to send its SETTINGS ACK and first answer
+        // while the port took writes, until the host gave up and reconnected (every re-attach
+        // after a daemon restart waited 3 s for that, found by the soak and a restart loop).
+        // Writing first costs one system call when the port is full, and cannot stall.
+        match write(fd) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            other => return Poll::Ready(other),
+        }
         loop {
             let mut guard = ready!(fd.poll_write_ready(cx))?;
-            let result = guard.try_io(|fd| {
-                // SAFETY: writes from a valid buffer of the given length.
-                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
+            let result = guard.try_io(write);
             match result {
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(result) => return Poll::Ready(result),

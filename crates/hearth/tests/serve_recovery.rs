@@ -130,6 +130,13 @@ async fn restarts_reattach_running_vms_and_fail_dead_ones() {
                 d.log_text()
             );
         }
+        // And at once: the re-attached agent answered its first session (a lost write readiness
+        // in the agent once made every re-attach wait out a 3 s probe and reconnect).
+        assert!(
+            !d.log_text().contains("did not answer"),
+            "a re-attach stalled after idle SIGTERM {round}: {}",
+            d.log_text()
+        );
     }
     d.kill9();
 
