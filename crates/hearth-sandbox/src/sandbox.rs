@@ -550,9 +550,10 @@ fn parse_owner(text: &str) -> Option<hearth_vm::ProcessIdentity> {
 const REATTACH_PROBE: Duration = Duration::from_secs(3);
 
 /// Connects to the agent of a VM another hearth process used, and proves the session works with an
-/// `info` request. Now and then (under load, after the previous host let go) a fresh session hands
-/// shake but then never answers; a new connection, whose HELLO ends the stuck session in the guest,
-/// recovers it. Tries until `deadline`.
+/// `info` request. A fresh session that shakes hands but then never answers is ended by a new
+/// connection, whose HELLO ends the stuck session in the guest. (Agents before the port-write fix
+/// in `hearth-agent/src/stream.rs` did that on most re-attaches; it stays as the safety net, and
+/// `serve_recovery` fails if it is needed.) Tries until `deadline`.
 async fn reconnect_agent(
     endpoint: AgentEndpoint,
     deadline: tokio::time::Instant,
