@@ -16,9 +16,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::hostile::{authorizations, basic_challenge, plain_http_opts as opts, Hostile};
+use common::hostile::{
+    authorizations, basic_challenge, plain_http_opts as opts, pull_err, Hostile,
+};
 use common::proxy::{Auth, FaultProxy};
-use hearth_image::{ImageStore, PullOptions};
+use hearth_image::ImageStore;
+
+/// How long a refused pull here may take (the hanging helper's 5 s included).
+const WITHIN: Duration = Duration::from_secs(20);
 
 /// A Docker config in a fresh directory with `config` as its `config.json`, and helper scripts
 /// `docker-credential-NAME` (from `helpers`) on `PATH` ahead of everything else.
@@ -62,18 +67,6 @@ fn basic(user: &str) -> String {
     )
 }
 
-async fn pull_err(reference: &str, opts: &PullOptions) -> String {
-    let home = tempfile::tempdir().unwrap();
-    let err = ImageStore::open(home.path())
-        .unwrap()
-        .ensure(reference, opts)
-        .await
-        .expect_err("the pull must fail")
-        .to_string();
-    eprintln!("{reference}: {err}");
-    err
-}
-
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -109,7 +102,7 @@ async fn a_credential_store_is_asked_only_for_the_host_a_pull_goes_to() {
     );
     let o = opts(&[&operator.addr, &tenant.addr]);
 
-    let err = pull_err(&format!("{}/x/y:latest", tenant.addr), &o).await;
+    let err = pull_err(&format!("{}/x/y:latest", tenant.addr), &o, WITHIN).await;
     assert!(err.contains("denied"), "{err}");
     assert!(!tenant.seen().is_empty());
     assert_eq!(authorizations(&tenant.seen()), Vec::<String>::new());
@@ -120,7 +113,7 @@ async fn a_credential_store_is_asked_only_for_the_host_a_pull_goes_to() {
     );
 
     // The operator's registry: its own helper (not the store) answers, and its login is sent.
-    pull_err(&format!("{}/x/y:latest", operator.addr), &o).await;
+    pull_err(&format!("{}/x/y:latest", operator.addr), &o, WITHIN).await;
     assert!(
         authorizations(&operator.seen()).contains(&basic("helper-user")),
         "{:?}",
@@ -168,7 +161,7 @@ async fn a_hanging_or_flooding_helper_is_killed_and_the_pull_fails_clearly() {
     let reference = format!("{}/x/y:latest", registry.addr);
     let o = opts(&[&registry.addr]);
     let t0 = Instant::now();
-    let err = pull_err(&reference, &o).await;
+    let err = pull_err(&reference, &o, WITHIN).await;
     let took = t0.elapsed();
     assert!(err.contains("denied"), "{err}");
     assert!(
@@ -181,7 +174,7 @@ async fn a_hanging_or_flooding_helper_is_killed_and_the_pull_fails_clearly() {
     let _config = docker_config(serde_json::json!({"credsStore": "flood"}), &[]);
     // The helper scripts live in the first config's directory, still on PATH.
     let t0 = Instant::now();
-    let err = pull_err(&reference, &o).await;
+    let err = pull_err(&reference, &o, WITHIN).await;
     assert!(err.contains("denied"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     std::thread::sleep(Duration::from_millis(300));

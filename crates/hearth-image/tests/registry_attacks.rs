@@ -6,10 +6,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::hostile::{authorizations, basic_challenge, plain_http_opts as opts, Hostile, Reply};
-use hearth_image::{Credentials, HostCredentials, ImageStore, PullOptions};
+use common::hostile::{
+    authorizations, basic_challenge, plain_http_opts as opts, pull_err, Hostile, Reply,
+};
+use hearth_image::{Credentials, HostCredentials, PullOptions};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -18,25 +20,6 @@ fn creds(user: &str) -> Credentials {
         username: user.into(),
         password: "s3cret".into(),
     }
-}
-
-/// Pulls `reference` into a fresh home; the error text, which must come within `within`.
-async fn pull_err(reference: &str, opts: &PullOptions, within: Duration) -> String {
-    let home = tempfile::tempdir().unwrap();
-    let t0 = Instant::now();
-    let err = ImageStore::open(home.path())
-        .unwrap()
-        .ensure(reference, opts)
-        .await
-        .expect_err("the pull must fail")
-        .to_string();
-    eprintln!("{reference}: {err}");
-    assert!(
-        t0.elapsed() < within,
-        "took {:?} (limit {within:?}): {err}",
-        t0.elapsed()
-    );
-    err
 }
 
 /// A Docker client config (`$DOCKER_CONFIG/config.json`) holding a login for `host`.

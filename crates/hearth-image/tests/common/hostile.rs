@@ -143,3 +143,26 @@ pub fn plain_http_opts(insecure: &[&str]) -> hearth_image::PullOptions {
         ..hearth_image::PullOptions::default()
     }
 }
+
+/// Pulls `reference` into a fresh home; the error text, which must come within `within`.
+pub async fn pull_err(
+    reference: &str,
+    opts: &hearth_image::PullOptions,
+    within: Duration,
+) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let err = hearth_image::ImageStore::open(home.path())
+        .unwrap()
+        .ensure(reference, opts)
+        .await
+        .expect_err("the pull must fail")
+        .to_string();
+    eprintln!("{reference}: {err}");
+    assert!(
+        t0.elapsed() < within,
+        "took {:?} (limit {within:?}): {err}",
+        t0.elapsed()
+    );
+    err
+}
