@@ -160,6 +160,12 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Sets migration parameters (`migrate-set-parameters`, e.g. `{"max-bandwidth": N}`).
+    pub fn set_migration_parameters(&mut self, parameters: Value) -> Result<(), QmpError> {
+        self.execute("migrate-set-parameters", Some(parameters))
+            .map(drop)
+    }
+
     /// Whether the VM has a memory backend object with this id (`query-memdev`).
     pub fn has_memdev(&mut self, id: &str) -> Result<bool, QmpError> {
         let list = self.execute("query-memdev", None)?;
