@@ -203,9 +203,8 @@ impl ImageStore {
         if let Some(Err(e)) = downloaded {
             return Err(e); // explains any failure the applier saw on the same blob
         }
-        let stats = applied
-            .map_err(|e| ImageError::Internal(format!("layer applier ended: {e}")))?
-            .map_err(|_| ImageError::Internal("layer application panicked".into()))??;
+        let stats =
+            applied.ok_or_else(|| ImageError::Internal("layer application panicked".into()))??;
 
         opts.progress
             .iter()
@@ -223,8 +222,7 @@ impl ImageStore {
             source,
         })?
         .await
-        .map_err(|e| ImageError::Internal(format!("mkfs thread ended: {e}")))?
-        .map_err(|_| ImageError::Internal("mkfs thread panicked".into()))?
+        .ok_or_else(|| ImageError::Internal("mkfs panicked".into()))?
         .map_err(|source| ImageError::Rootfs {
             reference: key.to_string(),
             source: Box::new(source),

@@ -18,13 +18,13 @@ use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
 /// Runs `work` on a new thread inside a private mount namespace in which `tree` is mounted
-/// `nosuid,nodev,noexec`; its result arrives on the returned channel (an `Err` if it panicked).
+/// `nosuid,nodev,noexec`; the returned future gives its result (`None` if it panicked).
 /// Processes `work` starts inherit the namespace.
 pub(crate) fn run_confined<T: Send + 'static>(
     name: &str,
     tree: PathBuf,
     work: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<std::thread::Result<T>>> {
+) -> std::io::Result<impl std::future::Future<Output = Option<T>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(name.into())
@@ -39,7 +39,7 @@ pub(crate) fn run_confined<T: Send + 'static>(
             }
             let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
         })?;
-    Ok(rx)
+    Ok(async move { rx.await.ok().and_then(Result::ok) })
 }
 
 /// Leaves the host's mount namespace and mounts `tree` onto itself `nosuid,nodev,noexec`.

@@ -93,18 +93,18 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
         (VmmChoice::Firecracker, Err(err)) => Err(err),
         (VmmChoice::Auto, Ok(binary)) => {
             let (qemu, selection) = QemuVmm::for_host(request.home, request.accel, request.kernel)?;
-            let unjailable = request.jailer.resolve() != Jailer::Off
-                && firecracker::find_jailer().is_none()
-                && !request.dry_run;
-            if selection.accel == Accel::Kvm && unjailable {
-                let why = format!(
-                    "qemu: firecracker is installed but its jailer is not (HEARTH_JAILER_BIN or \
-                     PATH), and VMMs run confined; accel {}: {}",
-                    selection.accel, selection.reason
-                );
-                return chosen(Box::new(qemu), why);
-            }
             if selection.accel == Accel::Kvm {
+                let unjailable = request.jailer.resolve() != Jailer::Off
+                    && firecracker::find_jailer().is_none()
+                    && !request.dry_run;
+                if unjailable {
+                    let why = format!(
+                        "qemu: firecracker is installed but its jailer is not (HEARTH_JAILER_BIN \
+                         or PATH), and VMMs run confined; accel {}: {}",
+                        selection.accel, selection.reason
+                    );
+                    return chosen(Box::new(qemu), why);
+                }
                 let why = format!(
                     "firecracker: found {}; {}",
                     binary.display(),

@@ -181,6 +181,10 @@ async fn run_helper(name: &str, server: &str) -> Result<Option<Credentials>, Hel
         return Err(HelperError::BadName(name.chars().take(64).collect()));
     }
     let program = format!("docker-credential-{name}");
+    let io_error = |source| HelperError::Spawn {
+        program: program.clone(),
+        source,
+    };
     let mut child = tokio::process::Command::new(&program)
         .arg("get")
         .stdin(Stdio::piped())
@@ -188,10 +192,7 @@ async fn run_helper(name: &str, server: &str) -> Result<Option<Credentials>, Hel
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| HelperError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        .map_err(io_error)?;
     let (mut stdin, stdout) = (child.stdin.take(), child.stdout.take());
     let exchange = async {
         if let Some(stdin) = stdin.as_mut() {
@@ -205,20 +206,14 @@ async fn run_helper(name: &str, server: &str) -> Result<Option<Credentials>, Hel
                 .take(HELPER_OUTPUT_LIMIT + 1)
                 .read_to_end(&mut out)
                 .await
-                .map_err(|source| HelperError::Spawn {
-                    program: program.clone(),
-                    source,
-                })?;
+                .map_err(io_error)?;
         }
         if out.len() as u64 > HELPER_OUTPUT_LIMIT {
             return Err(HelperError::TooLarge {
                 program: program.clone(),
             });
         }
-        let status = child.wait().await.map_err(|source| HelperError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        let status = child.wait().await.map_err(io_error)?;
         Ok((status, out))
     };
     let (status, out) = tokio::time::timeout(HELPER_TIMEOUT, exchange)
