@@ -132,7 +132,7 @@ class Load(threading.Thread):
 
     def run(self):
         ops = [(self.create, 3), (self.exec_big, 4), (self.files, 3), (self.delete, 1),
-               (self.network, 1), (self.pause_resume, 1)]
+               (self.network, 1), (self.pause_resume, 1), (self.fork, 1)]
         while not self.stop.is_set():
             op = self.rng.choices([o for o, _ in ops], [w for _, w in ops])[0]
             try:
@@ -220,13 +220,24 @@ class Load(threading.Thread):
             self.api.call("other", "POST", f"/v1/sandboxes/{sid}/resume", self.token, {},
                           timeout=120)
 
+    def fork(self):
+        sid = self.pick()
+        if not sid or not self.features.get("fork") or len(self.ledger.live(self.tenant)) >= 3:
+            return
+        status, payload = self.api.call("other", "POST", f"/v1/sandboxes/{sid}/fork", self.token,
+                                        {"count": 1}, timeout=120)
+        if status in (200, 201):
+            for child in json.loads(payload)["sandboxes"]:
+                self.ledger.add(child["id"], self.tenant, None)
+
 
 def features_of(api, token):
     """Which optional routes the daemon offers, from its OpenAPI document."""
     status, body = api.call("other", "GET", "/openapi.json", token)
     paths = json.loads(body).get("paths", {}) if status == 200 else {}
     return {"network": "/v1/sandboxes/{id}/network" in paths,
-            "pause": "/v1/sandboxes/{id}/pause" in paths}
+            "pause": "/v1/sandboxes/{id}/pause" in paths,
+            "fork": "/v1/sandboxes/{id}/fork" in paths}
 
 
 def main():
