@@ -46,20 +46,32 @@ def vmm_pids(home):
     return pids
 
 
-def guest_memory_pss(pid):
-    """PSS in bytes of the VM's guest memory mapping (the sealed template copy it maps privately)."""
-    total, inside = 0, False
+def mapping_pss(pid):
+    """(guest memory, TCG translation cache) PSS in bytes of one VMM: the sealed template copy it
+    maps privately, and QEMU's code buffer (its only anonymous mapping that is writable and
+    executable)."""
+    guest = tcg = 0
+    kind = None
     try:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 fields = line.split()
                 if "-" in fields[0] and len(fields) >= 5 and ":" not in fields[0]:
-                    inside = len(fields) > 5 and "hearth-template-memory" in fields[5]
-                elif inside and line.startswith("Pss:"):
-                    total += int(fields[1]) * 1024
+                    if len(fields) > 5 and "hearth-template-memory" in fields[5]:
+                        kind = "guest"
+                    elif len(fields) == 5 and fields[1] == "rwxp":
+                        kind = "tcg"
+                    else:
+                        kind = None
+                elif kind and line.startswith("Pss:"):
+                    size = int(fields[1]) * 1024
+                    if kind == "guest":
+                        guest += size
+                    else:
+                        tcg += size
     except OSError:
         pass
-    return total
+    return guest, tcg
 
 
 def rollup(pid):
@@ -108,7 +120,9 @@ def main():
         sums = [rollup(pid) for pid in pids]
         pss = sum(s[0] for s in sums) / len(pids)
         rss = sum(s[1] for s in sums) / len(pids)
-        guest = sum(guest_memory_pss(pid) for pid in pids) / len(pids)
+        parts = [mapping_pss(pid) for pid in pids]
+        guest = sum(p[0] for p in parts) / len(pids)
+        tcg = sum(p[1] for p in parts) / len(pids)
         times = []
         for sid in ids:
             start = time.perf_counter()
@@ -121,6 +135,8 @@ def main():
         print(f"| VMM PSS per sandbox (shared pages split) | {pss / MIB:.1f} MiB |")
         print(f"| of which guest memory (template pages shared, written pages private) | "
               f"{guest / MIB:.1f} MiB |")
+        print(f"| of which TCG's translation cache (translated guest code; none under KVM) | "
+              f"{tcg / MIB:.1f} MiB |")
         print(f"| VMM RSS per sandbox (shared pages counted in each) | {rss / MIB:.1f} MiB |")
         print(f"| guest memory per sandbox (what a private copy could reach) | "
               f"{int(args.memory.rstrip('mM'))} MiB |")

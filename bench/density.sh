@@ -6,6 +6,7 @@
 # the host has, which is the point of sharing it); everything is deleted at the end.
 #
 # Usage: bench/density.sh [COUNT]   (default 100; root; provisions like scripts/test.sh)
+# HEARTH_TCG_CACHE=MIB sets the daemon's --tcg-cache (translation cache per VM; default 128).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/daemon.sh

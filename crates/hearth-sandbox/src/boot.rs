@@ -37,6 +37,9 @@ pub struct SandboxConfig {
     /// Whether and as whom Firecracker runs through its jailer (default: a uid of each VM's own,
     /// wherever hearth confines its VMMs).
     pub jailer: Jailer,
+    /// QEMU under TCG: its translation cache in MiB (`--tcg-cache`; default
+    /// [`hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB`]).
+    pub tcg_cache_mib: u32,
     /// Restore QEMU VMs from a snapshot template instead of booting them (default on;
     /// `--no-snapshot`, `HEARTH_SNAPSHOT=0`).
     pub snapshot: bool,
@@ -83,6 +86,7 @@ impl SandboxConfig {
             kernel: None,
             agent: None,
             jailer: Jailer::Default,
+            tcg_cache_mib: hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB,
             snapshot: crate::restore::snapshots_enabled_by_env(),
             network: None,
             network_policy: NetworkPolicy::none(),
@@ -136,6 +140,7 @@ impl BootPlan {
             accel: config.accel,
             kernel: &kernel.image,
             jailer: config.jailer,
+            tcg_cache_mib: config.tcg_cache_mib,
             dry_run: purpose == Purpose::DryRun,
         })?;
         let agent = locate_agent(config.agent.as_deref(), home)?;

@@ -63,6 +63,8 @@ pub struct BackendRequest<'a> {
     pub kernel: &'a Path,
     /// Whether and as whom Firecracker runs through its jailer.
     pub jailer: Jailer,
+    /// QEMU under TCG: the translation cache in MiB (`--tcg-cache`).
+    pub tcg_cache_mib: u32,
     /// Planning only (`--dry-run`): a missing Firecracker or jailer binary is shown by its name
     /// instead of failing.
     pub dry_run: bool,
@@ -92,7 +94,7 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
         ),
         (VmmChoice::Firecracker, Err(err)) => Err(err),
         (VmmChoice::Auto, Ok(binary)) => {
-            let (qemu, selection) = QemuVmm::for_host(request.home, request.accel, request.kernel)?;
+            let (qemu, selection) = qemu_for_host(request)?;
             if selection.accel == Accel::Kvm {
                 let unjailable = request.jailer.resolve() != Jailer::Off
                     && firecracker::find_jailer().is_none()
@@ -119,8 +121,7 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
             chosen(Box::new(qemu), why)
         }
         (VmmChoice::Qemu | VmmChoice::Auto, _) => {
-            let (qemu, Selection { accel, reason }) =
-                QemuVmm::for_host(request.home, request.accel, request.kernel)?;
+            let (qemu, Selection { accel, reason }) = qemu_for_host(request)?;
             let why_qemu = match request.vmm {
                 VmmChoice::Qemu => "qemu as requested",
                 _ => "qemu: no firecracker binary (HEARTH_FIRECRACKER_BIN or PATH)",
@@ -131,6 +132,12 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
             )
         }
     }
+}
+
+/// QEMU with the accelerator that works here and the requested translation cache.
+fn qemu_for_host(request: &BackendRequest) -> Result<(QemuVmm, Selection), VmError> {
+    let (qemu, selection) = QemuVmm::for_host(request.home, request.accel, request.kernel)?;
+    Ok((qemu.with_tcg_cache_mib(request.tcg_cache_mib)?, selection))
 }
 
 /// Firecracker, through its jailer unless the request (or an unconfined hearth) says otherwise,
@@ -224,6 +231,7 @@ mod tests {
             accel: Accel::Auto,
             kernel: Path::new("/nonexistent/vmlinux"),
             jailer: Jailer::Ids(1234, 1234),
+            tcg_cache_mib: crate::qemu::TCG_CACHE_DEFAULT_MIB,
             dry_run: true,
         };
         let chosen = select_backend(&request).unwrap();
@@ -253,6 +261,7 @@ mod tests {
             accel: Accel::Tcg,
             kernel: Path::new("/nonexistent/vmlinux"),
             jailer,
+            tcg_cache_mib: crate::qemu::TCG_CACHE_DEFAULT_MIB,
             dry_run: false,
         };
         let refused = select_backend(&request(VmmChoice::Firecracker, Jailer::Default))

@@ -63,6 +63,7 @@ impl PausedSandbox {
         let policy = config.network_policy.clone();
         let home = config.home.clone();
         let (vmm_choice, accel, jailer) = (config.vmm, config.accel, config.jailer);
+        let tcg_cache_mib = config.tcg_cache_mib;
         let start_spec = spec.clone();
         let link_from = scratch.clone();
         let start = tokio::task::spawn_blocking(move || {
@@ -72,6 +73,7 @@ impl PausedSandbox {
                 accel,
                 kernel: &start_spec.kernel,
                 jailer,
+                tcg_cache_mib,
                 dry_run: false,
             })?;
             let network = match &networking {

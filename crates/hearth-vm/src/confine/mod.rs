@@ -26,7 +26,7 @@ use crate::error::VmError;
 use crate::process::Enter;
 
 /// Memory a VMM needs beyond guest RAM: QEMU's own heap, the TCG translation cache (capped at
-/// `qemu::argv`'s `TCG_TB_MIB`, 128 MiB; QEMU's default would let it grow to 1 GiB), device
+/// [`crate::qemu::TCG_CACHE_DEFAULT_MIB`], 128 MiB; QEMU's default would let it grow to 1 GiB), device
 /// buffers, and the page cache of the disks it writes (reclaimed, not fatal, at the limit).
 /// Measured: a TCG QEMU peaked at about 70 MiB over its guest's RAM after start-up
 /// (tests/confinement.rs prints the peak).
@@ -132,6 +132,7 @@ pub(crate) fn prepare(
         enter: Enter {
             cgroup_procs: cgroup.procs,
             netns: None,
+            no_huge_pages: false,
         },
     }))
 }

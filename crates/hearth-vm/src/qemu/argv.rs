@@ -12,10 +12,6 @@ use crate::spec::{GuestMemory, VmSpec};
 /// finds its virtio-mmio devices through ACPI. pit/pic/rtc stay at their defaults: turning them off
 /// measured slower.
 const MACHINE: &str = "microvm,x-option-roms=off";
-/// TCG's translation cache in MiB. QEMU 7.2's default is 1 GiB, touched as guest code runs, which
-/// would make the VMM's memory limit (`crate::confine::VMM_OVERHEAD_MIB`) a matter of luck; a
-/// small guest's hot code fits many times over (QEMU flushes the cache when it fills).
-const TCG_TB_MIB: u32 = 128;
 
 /// QEMU's seccomp filter: no obsolete system calls, no fork or exec, no changing scheduling or
 /// resource limits, and no set*id calls once running. `drops_uid`: QEMU drops to its own uid
@@ -90,7 +86,7 @@ pub(super) fn render_with_memory(
     match qemu.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         _ => {
-            let tcg = format!("tcg,tb-size={TCG_TB_MIB}");
+            let tcg = format!("tcg,tb-size={}", qemu.tcg_cache_mib);
             push(&["-accel", &tcg, "-cpu", TCG_CPU]);
             if let Some(khz) = qemu.tsc_khz {
                 cmdline.set(format!("tsc_early_khz={khz}"));
@@ -260,6 +256,15 @@ mod tests {
             assert!(args.iter().any(|a| a == flag), "missing {flag}");
         }
         assert_eq!(values(&args, "-accel"), ["tcg,tb-size=128"]);
+        let smaller = qemu.clone().with_tcg_cache_mib(16).unwrap();
+        assert_eq!(
+            values(&render(&smaller, &spec()), "-accel"),
+            ["tcg,tb-size=16"]
+        );
+        for refused in [4, 129] {
+            let err = qemu.clone().with_tcg_cache_mib(refused).unwrap_err();
+            assert!(err.to_string().contains("8 to 128 MiB"), "{err}");
+        }
         assert_eq!(values(&args, "-m"), ["768M"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);

@@ -41,7 +41,21 @@ pub const GUEST_MODULES: &[&str] = &[
 
 /// `-cpu` under TCG. Measured on the floor initramfs (5 boots each, same run): qemu64 and `max`
 /// boot equally fast within noise; qemu64 is the default and runs the x86-64 baseline static agent.
-const TCG_CPU: &str = "qemu64";
+/// `+arat` (the local APIC timer keeps running in deep C-states, which TCG's does) lets the guest
+/// kernel use that timer one-shot and stop its tick when idle: without it Linux keeps the 250 Hz
+/// periodic tick (no broadcast timer on microvm), and every idle guest woke its QEMU ~500 times a
+/// second, 2.3% of a host core each (bench/README, density).
+const TCG_CPU: &str = "qemu64,+arat";
+
+/// TCG's translation cache in MiB by default (`--tcg-cache`). QEMU 7.2's own default is 1 GiB,
+/// touched as guest code runs, which would make the VMM's memory limit
+/// (`crate::confine::VMM_OVERHEAD_MIB`) a matter of luck; a small guest's hot code fits several
+/// times over (QEMU flushes the cache when it fills). Measured (bench/README, density): an idle
+/// restored busybox guest holds ~23 MiB of translated code after one exec.
+pub const TCG_CACHE_DEFAULT_MIB: u32 = 128;
+/// The smallest `--tcg-cache` accepted: below it a guest's working set thrashes the cache (8 MiB
+/// already made the first exec of an idle busybox sandbox ~3x slower).
+pub const TCG_CACHE_MIN_MIB: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuVmm {
@@ -49,6 +63,8 @@ pub struct QemuVmm {
     accel: Accel,
     /// Host TSC kHz, required under TCG (see `crate::tsc`).
     tsc_khz: Option<u32>,
+    /// TCG's translation cache (`tb-size`), at most [`TCG_CACHE_DEFAULT_MIB`].
+    tcg_cache_mib: u32,
 }
 
 impl QemuVmm {
@@ -65,8 +81,27 @@ impl QemuVmm {
             (Accel::Tcg, None) => Err(VmError::Unsupported(
                 "TCG guests need the host TSC frequency (tsc::host_tsc_khz)".into(),
             )),
-            _ => Ok(QemuVmm { binary: binary.into(), accel, tsc_khz }),
+            _ => Ok(QemuVmm {
+                binary: binary.into(),
+                accel,
+                tsc_khz,
+                tcg_cache_mib: TCG_CACHE_DEFAULT_MIB,
+            }),
         }
+    }
+
+    /// The same backend with TCG's translation cache set to `mib` (`--tcg-cache`): less host
+    /// memory per guest for more re-translation. Only between [`TCG_CACHE_MIN_MIB`] and
+    /// [`TCG_CACHE_DEFAULT_MIB`]: the VMM's memory limit is sized for the default.
+    pub fn with_tcg_cache_mib(mut self, mib: u32) -> Result<Self, VmError> {
+        if !(TCG_CACHE_MIN_MIB..=TCG_CACHE_DEFAULT_MIB).contains(&mib) {
+            return Err(VmError::Unsupported(format!(
+                "a TCG translation cache of {mib} MiB: it must be {TCG_CACHE_MIN_MIB} to \
+                 {TCG_CACHE_DEFAULT_MIB} MiB"
+            )));
+        }
+        self.tcg_cache_mib = mib;
+        Ok(self)
     }
 
     /// Finds QEMU, picks the accelerator (`Auto` probes KVM by booting the floor initramfs on

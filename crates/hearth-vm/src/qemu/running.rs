@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::snapshot::restore::load_and_continue;
 use super::snapshot::{save::save, SnapshotError};
 use super::{argv, memory, QemuError, QemuVmm, Qmp, QmpError};
+use crate::accel::Accel;
 use crate::confine;
 use crate::detached::DetachedRecord;
 use crate::error::VmError;
@@ -168,6 +169,7 @@ impl RunningQemu {
             })?;
             enter.netns = Some(file);
         }
+        enter.no_huge_pages = qemu.accel != Accel::Kvm;
         let request = SpawnRequest {
             program: qemu.binary.clone(),
             args,

@@ -32,6 +32,13 @@ pub struct VmArgs {
     /// root), or `off`: unconfined, as hearth's own user.
     #[arg(long, value_name = "UID:GID|auto|off", value_parser = parse_jailer)]
     pub jailer: Option<Jailer>,
+    /// QEMU without KVM: TCG's translation cache in MiB. Smaller holds less host memory per idle
+    /// sandbox but re-translates more (bench/README, density).
+    #[arg(long, value_name = "MIB", env = "HEARTH_TCG_CACHE",
+          default_value_t = hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB,
+          value_parser = clap::value_parser!(u32).range(
+              hearth_vm::qemu::TCG_CACHE_MIN_MIB as i64..=hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB as i64))]
+    pub tcg_cache: u32,
     /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
     #[arg(long)]
     pub no_snapshot: bool,
@@ -69,6 +76,7 @@ impl VmArgs {
         config.kernel = self.kernel.clone();
         config.agent = self.agent.clone();
         config.jailer = self.jailer.unwrap_or_default();
+        config.tcg_cache_mib = self.tcg_cache;
         // Without the flag, `HEARTH_SNAPSHOT` (read by `SandboxConfig::new`) decides.
         if self.no_snapshot {
             config.snapshot = false;
