@@ -148,6 +148,13 @@ impl Caches {
         );
     }
 
+    /// Whether the Sandbox cache holds a warm-pool member (`hearth.dev/pool` label).
+    pub fn has_pool_members(&self) -> bool {
+        self.sandboxes
+            .find(|s| crate::controller::pools::pool_of(s).is_some())
+            .is_some()
+    }
+
     /// Whether every watch delivered since its last error.
     pub fn healthy(&self) -> bool {
         self.healthy.iter().all(|h| h.load(Ordering::Acquire))

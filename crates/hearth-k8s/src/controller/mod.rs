@@ -182,8 +182,7 @@ impl Operator {
                 // Warm pools and claims (their own pass: pools, claims and templates are not in the
                 // watch caches, so a change to one of them is seen within `resync`).
                 if is_leader(&leadership) {
-                    let ns = self.config.sandbox_namespace.as_deref();
-                    if let Err(e) = claims::reconcile_pools_and_claims(&self.client, ns).await {
+                    if let Err(e) = self.pools_and_claims(&term.caches).await {
                         tracing::warn!("pools and claims pass failed: {e}");
                     }
                 }
@@ -195,6 +194,16 @@ impl Operator {
             }
             tracing::warn!(identity = %self.config.identity, "lost leadership");
         }
+    }
+
+    /// The pools-and-claims pass, skipped (two one-object lists instead of a list of every
+    /// Sandbox) on a cluster with no pool, no claim and no pool member in the Sandbox cache.
+    async fn pools_and_claims(&self, caches: &Caches) -> Result<usize, K8sError> {
+        let ns = self.config.sandbox_namespace.as_deref();
+        if !caches.has_pool_members() && !claims::any_pools_or_claims(&self.client, ns).await? {
+            return Ok(0);
+        }
+        claims::reconcile_pools_and_claims(&self.client, ns).await
     }
 
     /// One pass: snapshot the caches, confirm lost nodes, plan, write. Returns the writes attempted

@@ -102,6 +102,20 @@ pub async fn reconcile_pools_and_claims(
     Ok(count)
 }
 
+/// Whether any SandboxWarmPool or SandboxClaim exists in `ns` (None: anywhere): two lists of at
+/// most one object each. The operator asks this before [`reconcile_pools_and_claims`], whose list of
+/// every Sandbox is the largest read it makes, and skips that pass when the answer is no and its own
+/// Sandbox cache holds no pool member (a member of a deleted pool still needs deleting). Skipping is
+/// always safe: a pool or claim made meanwhile is seen by the next pass.
+pub async fn any_pools_or_claims(client: &Client, ns: Option<&str>) -> Result<bool, K8sError> {
+    let one = ListParams::default().limit(1);
+    let (pools, claims) = tokio::try_join!(
+        list::<SandboxWarmPool>(client, ns, &one, "SandboxWarmPools"),
+        list::<SandboxClaim>(client, ns, &one, "SandboxClaims"),
+    )?;
+    Ok(!pools.is_empty() || !claims.is_empty())
+}
+
 fn has_pool_members(sandboxes: &[Sandbox]) -> bool {
     sandboxes
         .iter()
