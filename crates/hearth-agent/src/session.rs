@@ -71,9 +71,24 @@ pub enum SessionError {
     Resume(String),
 }
 
+impl SessionError {
+    /// Bytes that are not HTTP/2 ended the session: a new host's handshake, or garbage.
+    fn is_interruption(&self) -> bool {
+        matches!(self, SessionError::Http2(e) if is_interruption(e))
+    }
+}
+
+fn is_interruption(e: &h2::Error) -> bool {
+    e.is_go_away() && !e.is_remote()
+}
+
 /// Serves sessions on `port` for ever. End of file means the host side is disconnected; the port
 /// stays open (closing and reopening a virtio-serial port loses data) and is polled again after a
-/// short sleep. Each session starts with a fresh reactor registration (see [`FdStream`]).
+/// short sleep. A session interrupted by a new host's handshake (a VM resumed or forked from its
+/// saved state: the old session reads the new host's RESUME and HELLO lines) is followed by the
+/// next at once, as that host is connected and waiting: sleeping first cost every resume and fork
+/// the sleep plus one more WAITING/HELLO round trip. Each session starts with a fresh reactor
+/// registration (see [`FdStream`]).
 pub async fn serve_port(agent: Arc<Agent>, mut port: FdStream) -> ! {
     // The execs of the last session, when it was interrupted: held until the next handshake.
     let mut held: Option<ExecFate> = None;
@@ -81,12 +96,20 @@ pub async fn serve_port(agent: Arc<Agent>, mut port: FdStream) -> ! {
         if let Err(e) = port.reregister() {
             log!("re-registering the agent port: {e}");
         }
-        match run_port_session(&agent, &mut port, &mut held).await {
-            Ok(()) => log!("session ended"),
-            Err(SessionError::Eof) => {}
-            Err(e) => log!("session ended: {e}"),
+        let interrupted = match run_port_session(&agent, &mut port, &mut held).await {
+            Ok(()) => {
+                log!("session ended");
+                false
+            }
+            Err(SessionError::Eof) => false,
+            Err(e) => {
+                log!("session ended: {e}");
+                e.is_interruption()
+            }
+        };
+        if !interrupted {
+            tokio::time::sleep(RECONNECT_POLL).await;
         }
-        tokio::time::sleep(RECONNECT_POLL).await;
     }
 }
 
@@ -210,7 +233,7 @@ async fn serve_http2<S: AsyncRead + AsyncWrite + Unpin>(
     match result {
         Ok(()) => (Ok(()), Ended::HostGone),
         // Not HTTP/2 from the host: a new host's handshake lines, or garbage.
-        Err(e) if e.is_go_away() && !e.is_remote() => (Err(e.into()), Ended::Interrupted),
+        Err(e) if is_interruption(&e) => (Err(e.into()), Ended::Interrupted),
         Err(e) => (Err(e.into()), Ended::HostGone),
     }
 }
