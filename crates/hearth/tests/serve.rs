@@ -749,5 +749,8 @@ async fn metrics_have_every_family(d: &Daemon) {
     value("hearth_allocated_vcpus");
     value("hearth_allocated_memory_bytes");
     value("hearth_capacity_memory_bytes");
+    // Every sandbox here was restored from one boot template (busybox, the daemon's 256 MiB):
+    // the node keeps one sealed copy of its memory, counted against its capacity.
+    assert_eq!(value("hearth_template_memory_bytes"), (256u64 << 20) as f64);
     assert!(text.contains("hearth_boot_seconds_bucket{le=\"+Inf\"}"));
 }

@@ -30,6 +30,9 @@ pub(crate) struct Usage {
     pub vcpus: u64,
     pub memory_mib: u64,
     pub disk_bytes: u64,
+    /// Node memory held outside any sandbox (the sealed copies of boot templates' memory, see
+    /// `hearth_vm::qemu::template_copies_bytes`); zero for a tenant's usage.
+    pub reserved_mib: u64,
 }
 
 impl Usage {
@@ -164,12 +167,18 @@ pub(crate) fn admit(
         });
     }
     let free_vcpus = u64::from(capacity.vcpus).saturating_sub(node_usage.vcpus);
-    let free_memory = capacity.memory_mib.saturating_sub(node_usage.memory_mib);
+    let free_memory = capacity
+        .memory_mib
+        .saturating_sub(node_usage.memory_mib + node_usage.reserved_mib);
     if vcpus > free_vcpus || memory > free_memory {
+        let templates = match node_usage.reserved_mib {
+            0 => String::new(),
+            n => format!(" ({n} MiB of it held for boot templates' memory)"),
+        };
         return Err(NodeError::Capacity {
             message: format!(
                 "asked for {vcpus} vCPUs and {memory} MiB; free now: {free_vcpus} of {} vCPUs and \
-                 {free_memory} of {} MiB; retry when sandboxes end",
+                 {free_memory} of {} MiB{templates}; retry when sandboxes end",
                 capacity.vcpus, capacity.memory_mib
             ),
         });
@@ -337,6 +346,41 @@ mod tests {
             vcpus,
             memory_mib,
             disk_bytes: 0,
+            reserved_mib: 0,
+        }
+    }
+
+    /// A restored VM maps a copy of its boot template's memory that the node keeps (every page
+    /// allocated, 512 MiB for 512 MiB guests): a node whose sandboxes' memory fits its capacity
+    /// but not with that copy would be promising memory it does not have.
+    #[test]
+    fn boot_template_memory_counts_against_the_nodes_memory() {
+        let holding = Usage {
+            reserved_mib: 512,
+            ..usage(1, 1, 256)
+        };
+        assert!(admit(
+            &want(1, 256),
+            "t",
+            &QUOTA,
+            Usage::default(),
+            &CAPACITY,
+            holding
+        )
+        .is_ok());
+        match admit(
+            &want(1, 512),
+            "t",
+            &QUOTA,
+            Usage::default(),
+            &CAPACITY,
+            holding,
+        ) {
+            Err(NodeError::Capacity { message }) => assert!(
+                message.contains("256 of 1024 MiB (512 MiB of it held for boot templates"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
         }
     }
 

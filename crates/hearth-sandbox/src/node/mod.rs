@@ -195,6 +195,7 @@ impl Node {
             image_cache_bytes: self.image_cache_bytes(),
             allocated_vcpus: held.vcpus as u32,
             allocated_memory_mib: held.memory_mib,
+            template_memory_bytes: hearth_vm::qemu::template_copies_bytes(),
             capacity: self.config.capacity,
             warm_ready,
         }

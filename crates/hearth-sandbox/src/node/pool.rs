@@ -152,7 +152,7 @@ impl Node {
                 }
                 let have = mine().filter(|e| e.record.info.state.is_live()).count();
                 for _ in have..pool.size {
-                    let (capacity, held) = (&self.config.capacity, table.held());
+                    let (capacity, held) = (&self.config.capacity, table.node_usage());
                     let fits = admission::admit(
                         &want,
                         "warm pool",

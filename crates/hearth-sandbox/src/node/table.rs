@@ -145,6 +145,19 @@ impl Table {
         self.held_where(|_| true)
     }
 
+    /// [`Table::held`] with what the node holds outside its sandboxes: what admission compares
+    /// with the node's capacity.
+    pub fn node_usage(&self) -> Usage {
+        self.node_usage_where(|_| true)
+    }
+
+    fn node_usage_where(&self, counts: impl Fn(&SandboxInfo) -> bool) -> Usage {
+        Usage {
+            reserved_mib: hearth_vm::qemu::template_copies_bytes().div_ceil(1 << 20),
+            ..self.held_where(counts)
+        }
+    }
+
     /// The part of [`Table::held`] that `tenant`'s sandboxes hold.
     pub fn held_by(&self, tenant: &str) -> Usage {
         self.held_where(|info| info.tenant == tenant)
@@ -183,7 +196,7 @@ impl Table {
             ttl,
         };
         let others = |i: &SandboxInfo| i.id != id;
-        let node = self.held_where(others);
+        let node = self.node_usage_where(others);
         let own = self.held_where(|i| others(i) && i.tenant == tenant.name);
         admission::admit(&want, &tenant.name, &tenant.quota, own, capacity, node)
     }
@@ -197,7 +210,7 @@ impl Table {
         capacity: &Capacity,
         record: Record,
     ) -> Result<&mut Entry, NodeError> {
-        let (node, own) = (self.held(), self.held_by(&tenant.name));
+        let (node, own) = (self.node_usage(), self.held_by(&tenant.name));
         admission::admit(want, &tenant.name, &tenant.quota, own, capacity, node)?;
         self.store.save(&record)?;
         let id = record.info.id.clone();

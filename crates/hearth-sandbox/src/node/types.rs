@@ -362,6 +362,8 @@ pub struct NodeMetrics {
     /// Held by creating and running sandboxes.
     pub allocated_vcpus: u32,
     pub allocated_memory_mib: u64,
+    /// Sealed copies of boot templates' memory the node keeps (counted against its capacity).
+    pub template_memory_bytes: u64,
     pub capacity: Capacity,
     /// Warm pool VMs booted and ready to be claimed (`pool.rs`).
     pub warm_ready: u64,

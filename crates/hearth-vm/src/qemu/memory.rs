@@ -58,6 +58,13 @@ type Cache = Vec<(PathBuf, Option<Identity>, Arc<SealedMemory>)>;
 
 static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
 
+/// Bytes of the sealed copies this process keeps (every page of each is allocated): memory the
+/// node holds for its boot templates on top of its sandboxes' own, which admission counts.
+pub fn template_copies_bytes() -> u64 {
+    let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    cache.iter().map(|(_, _, copy)| copy.len).sum()
+}
+
 /// The sealed copy of `file`, `bytes` long (the VM's memory size), made now or earlier.
 pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, VmError> {
     let io_error = |what, source| VmError::Io {

@@ -20,7 +20,7 @@ use super::AppState;
 #[utoipa::path(get, path = "/metrics", tag = "node", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format: hearth_sandboxes{state}, hearth_boots_total, \
         hearth_boot_failures_total, hearth_boot_seconds (histogram), hearth_execs_total, hearth_image_cache_bytes, \
-        hearth_capacity_vcpus, hearth_capacity_memory_bytes, hearth_allocated_vcpus, hearth_allocated_memory_bytes, hearth_warm_pool_ready; \
+        hearth_capacity_vcpus, hearth_capacity_memory_bytes, hearth_allocated_vcpus, hearth_allocated_memory_bytes, hearth_template_memory_bytes, hearth_warm_pool_ready; \
         with a tenant's bearer token (optional) also that tenant's running sandboxes' hearth_sandbox_network_* series \
         {sandbox, tenant}: sent/received bytes, connections, open connections, refused connections and DNS queries",
         content_type = "text/plain", body = String),
@@ -63,7 +63,7 @@ pub fn render(m: &NodeMetrics) -> String {
         let count = m.sandboxes.get(state);
         let _ = writeln!(out, "hearth_sandboxes{{state=\"{state}\"}} {count}");
     }
-    let simple: [(&str, &str, &str, String); 10] = [
+    let simple: [(&str, &str, &str, String); 11] = [
         (
             "hearth_boots_total",
             "counter",
@@ -111,6 +111,12 @@ pub fn render(m: &NodeMetrics) -> String {
             "gauge",
             "Guest memory held by creating and running sandboxes.",
             (m.allocated_memory_mib << 20).to_string(),
+        ),
+        (
+            "hearth_template_memory_bytes",
+            "gauge",
+            "Memory held for boot templates' memory copies (counted against capacity).",
+            m.template_memory_bytes.to_string(),
         ),
         (
             "hearth_warm_pool_ready",
@@ -251,6 +257,7 @@ mod tests {
             image_cache_bytes: 1234,
             allocated_vcpus: 3,
             allocated_memory_mib: 1536,
+            template_memory_bytes: 1 << 29,
             capacity: Capacity {
                 vcpus: 4,
                 memory_mib: 4096,
@@ -269,6 +276,7 @@ mod tests {
             "hearth_image_cache_bytes 1234",
             "hearth_capacity_vcpus 4",
             "hearth_allocated_memory_bytes 1610612736",
+            "hearth_template_memory_bytes 536870912",
             "hearth_boot_seconds_bucket{le=\"5\"} 2",
             "hearth_boot_seconds_bucket{le=\"+Inf\"} 3",
             "hearth_boot_seconds_sum 7.5",
