@@ -138,14 +138,33 @@ fn is_stale(dir: &Path) -> bool {
     {
         return true;
     }
-    // A live VMM names its run dir in its arguments (socket paths); a recycled pid does not.
+    // A live VMM names its run dir in its arguments (socket paths); a recycled pid does not. A
+    // confined VMM's recorded pid is its guard's (`crate::process::guard`, a fork of hearth whose
+    // arguments are hearth's): the VMM is the guard's child. Judged stale, a live VM's sockets
+    // were removed under it by the next `hearth run`'s sweep (seen as "connecting to the agent
+    // socket before restoring: No such file or directory" with tests running in parallel).
+    std::iter::once(pid)
+        .chain(children(pid))
+        .all(|p| vmm_stale(p, dir))
+}
+
+/// Whether process `pid` is not a VMM of `dir`: it names `dir` in no argument and is not chrooted
+/// inside it. A process mid-exec (no arguments yet) is not judged stale: the next pass decides.
+fn vmm_stale(pid: u32, dir: &Path) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     if cmdline.is_empty() {
-        // Mid-exec: its arguments are not set up yet. Not ours to judge now; the next pass decides.
         return false;
     }
     let needle = dir.as_os_str().as_encoded_bytes();
     !cmdline.windows(needle.len()).any(|w| w == needle) && !rooted_inside(pid, dir)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// Whether the process's root directory is a directory inside `dir`: a jailed Firecracker names
@@ -237,6 +256,21 @@ mod tests {
             .spawn()
             .unwrap();
         write_pid(&live, sleeper.id()).unwrap();
+        // A confined VMM runs under a guard whose own arguments name nothing: the VMM (here the
+        // inner shell, whose $0 is the socket) is its child.
+        let guarded = parent.path().join("guarded");
+        create(&guarded).unwrap();
+        let mut guard = std::process::Command::new("sh")
+            .args(["-c", "sh -c 'read line' \"$VMM_SOCKET\"; :"])
+            .env("VMM_SOCKET", guarded.join("agent.sock"))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while children(guard.id()).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        write_pid(&guarded, guard.id()).unwrap();
         // A chrooted VMM (as under the jailer) names no host path in its arguments.
         let jailed = parent.path().join("jailed");
         let jail_root = jailed.join("jail/firecracker/jailed/root");
@@ -263,12 +297,13 @@ mod tests {
         write_pid(&jailed, prisoner.id()).unwrap();
         let mut removed = remove_stale_run_dirs(parent.path()).unwrap();
         removed.sort();
-        for child in [&mut sleeper, &mut prisoner] {
+        drop(guard.stdin.take()); // the inner shell's `read` ends
+        for child in [&mut sleeper, &mut prisoner, &mut guard] {
             child.kill().unwrap();
             child.wait().unwrap();
         }
         assert_eq!(removed, [dead.clone(), recycled.clone()]);
-        assert!(live.is_dir() && fresh.is_dir() && jailed.is_dir());
+        assert!(live.is_dir() && fresh.is_dir() && jailed.is_dir() && guarded.is_dir());
         assert!(remove_stale_run_dirs(&parent.path().join("absent"))
             .unwrap()
             .is_empty());
