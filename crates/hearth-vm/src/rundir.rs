@@ -159,7 +159,8 @@ fn vmm_stale(pid: u32, dir: &Path) -> bool {
     !cmdline.windows(needle.len()).any(|w| w == needle) && !rooted_inside(pid, dir)
 }
 
-fn children(pid: u32) -> Vec<u32> {
+/// The pids of process `pid`'s children (none when it is gone).
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()

@@ -245,6 +245,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::rundir::children;
 
     const HELPER: &str = "HEARTH_GUARD_TEST_HELPER";
 
@@ -272,14 +273,6 @@ mod tests {
     fn alive(pid: u32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").starts_with(" Z"))
-    }
-
-    fn children(pid: u32) -> Vec<u32> {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect()
     }
 
     #[test]
