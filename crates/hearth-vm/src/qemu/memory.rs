@@ -21,6 +21,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::VmError;
@@ -58,11 +59,14 @@ type Cache = Vec<(PathBuf, Option<Identity>, Arc<SealedMemory>)>;
 
 static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
 
+/// [`CACHE`]'s copies' bytes, kept apart so that reading it never waits on a copy being made
+/// (admission reads it under the node's table lock).
+static CACHED_BYTES: AtomicU64 = AtomicU64::new(0);
+
 /// Bytes of the sealed copies this process keeps (every page of each is allocated): memory the
 /// node holds for its boot templates on top of its sandboxes' own, which admission counts.
 pub fn template_copies_bytes() -> u64 {
-    let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    cache.iter().map(|(_, _, copy)| copy.len).sum()
+    CACHED_BYTES.load(Ordering::Relaxed)
 }
 
 /// The sealed copy of `file`, `bytes` long (the VM's memory size), made now or earlier.
@@ -114,6 +118,8 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
         cache.remove(0);
     }
     cache.push((file.to_owned(), identity, copy.clone()));
+    let bytes = cache.iter().map(|(_, _, copy)| copy.len).sum();
+    CACHED_BYTES.store(bytes, Ordering::Relaxed);
     Ok(copy)
 }
 
