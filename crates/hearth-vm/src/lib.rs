@@ -58,7 +58,7 @@ pub use detached::{DetachedRecord, DETACHED_RECORD};
 pub use error::VmError;
 pub use lifecycle::{VmExit, VmProcess};
 pub use process::{ForeignProcess, ProcessIdentity};
-pub use rundir::{read_log_tail, remove_stale_run_dirs, trim_log};
+pub use rundir::{kill_processes_naming, read_log_tail, remove_stale_run_dirs, trim_log};
 pub use spec::{
     Drive, GuestMemory, KernelCmdline, NetworkInterface, SpecError, VmSpec, HOSTNAME_PARAM,
     ROOTFS_SERIAL, SCRATCH_SERIAL,

@@ -159,6 +159,56 @@ fn vmm_stale(pid: u32, dir: &Path) -> bool {
     !cmdline.windows(needle.len()).any(|w| w == needle) && !rooted_inside(pid, dir)
 }
 
+/// Kills (SIGKILL, through a pidfd) every process whose arguments name a path inside `dir`: a VMM
+/// of that run directory whatever became of its record (its sockets are there). For a daemon
+/// recovering a run directory no sandbox owns, after the recorded VMM was adopted and killed, so
+/// that a VMM the record does not lead to (the e2e suite once found one left running) is not
+/// orphaned. Returns the pids signalled.
+pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let me = std::process::id();
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killed;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !cmdline
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
+        {
+            continue;
+        }
+        // SAFETY: pidfd_open and pidfd_send_signal with integer arguments; the descriptor is
+        // closed here. A pidfd signals exactly the process looked at, never a recycled pid.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
+            if fd < 0 {
+                continue;
+            }
+            let sent = libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+            libc::close(fd);
+            if sent == 0 {
+                killed.push(pid);
+            }
+        }
+    }
+    killed
+}
+
 /// The pids of process `pid`'s children (none when it is gone).
 pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -231,6 +281,34 @@ mod tests {
         // The VMM writes on at its offset.
         file.write_all(b"more\n").unwrap();
         assert!(read_tail(&log).ends_with("last words\nmore\n"));
+    }
+
+    #[test]
+    fn processes_naming_a_run_dir_are_killed_and_others_left_alone() {
+        let parent = tempfile::tempdir().unwrap();
+        let spawn = |socket: PathBuf| {
+            std::process::Command::new("sh")
+                .args(["-c", "read line"])
+                .arg(socket)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut orphan = spawn(parent.path().join("vm-1/agent.sock"));
+        // A sibling whose name starts with the same characters is another run directory.
+        let mut sibling = spawn(parent.path().join("vm-10/agent.sock"));
+        let killed = kill_processes_naming(&parent.path().join("vm-1"));
+        assert_eq!(killed, [orphan.id()]);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&orphan.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            sibling.try_wait().unwrap().is_none(),
+            "the sibling was killed"
+        );
+        sibling.kill().unwrap();
+        sibling.wait().unwrap();
     }
 
     #[test]

@@ -250,6 +250,9 @@ async fn kill_and_remove(run_dir: &Path) {
                 Err(e) => tracing::warn!(run_dir = %dir.display(), "inspecting its VMM: {e}"),
             }
         }
+        for pid in hearth_vm::kill_processes_naming(&dir) {
+            tracing::warn!(pid, run_dir = %dir.display(), "killed a VMM its record did not lead to");
+        }
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(run_dir = %dir.display(), "removing: {e}")
