@@ -296,7 +296,7 @@ pub(crate) fn remove_leftovers(paths: &[PathBuf]) {
 }
 
 /// Removes an empty directory; a cgroup is busy for a moment after its last task was reaped, so
-/// `EBUSY` is retried for up to 200 ms.
+/// `EBUSY` is retried for up to 2 s.
 fn remove_cgroup_dir(dir: &Path) -> io::Result<()> {
     // A killed VMM leaves its cgroups only once the kernel has torn its memory down, which on a
     // busy host took over 200 ms (the suite saw EBUSY at that bound).

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::VmError;
+use crate::process::{ForeignProcess, ProcessIdentity};
 
 /// The VMM's stdout and stderr.
 pub(crate) const VMM_LOG: &str = "vmm.log";
@@ -155,8 +156,12 @@ fn vmm_stale(pid: u32, dir: &Path) -> bool {
     if cmdline.is_empty() {
         return false;
     }
-    let needle = dir.as_os_str().as_encoded_bytes();
-    !cmdline.windows(needle.len()).any(|w| w == needle) && !rooted_inside(pid, dir)
+    !names(&cmdline, dir.as_os_str().as_encoded_bytes()) && !rooted_inside(pid, dir)
+}
+
+/// Whether a process's arguments (`/proc/PID/cmdline`) hold `needle` anywhere.
+fn names(cmdline: &[u8], needle: &[u8]) -> bool {
+    cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Kills (SIGKILL, through a pidfd) every process whose arguments name a path inside `dir`: a VMM
@@ -179,31 +184,15 @@ pub fn kill_processes_naming(dir: &Path) -> Vec<u32> {
         if pid == me {
             continue;
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if !cmdline
-            .windows(needle.len())
-            .any(|w| w == needle.as_slice())
-        {
+        // Opened before its arguments are read: the pidfd pins the process they are about, so a
+        // pid recycled meanwhile is never signalled.
+        let Some(mut process) = ProcessIdentity::of(pid).and_then(ForeignProcess::open) else {
             continue;
-        }
-        // SAFETY: pidfd_open and pidfd_send_signal with integer arguments; the descriptor is
-        // closed here. A pidfd signals exactly the process looked at, never a recycled pid.
-        unsafe {
-            let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
-            if fd < 0 {
-                continue;
-            }
-            let sent = libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
-            libc::close(fd);
-            if sent == 0 {
-                killed.push(pid);
-            }
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if names(&cmdline, &needle) {
+            process.kill();
+            killed.push(pid);
         }
     }
     killed
