@@ -137,7 +137,7 @@ impl InitramfsBuilder {
             .join("initramfs")
             .join(format!("{}.cpio", hex::encode(hasher.finalize())));
         if !path.is_file() {
-            crate::fsutil::write_atomic(&path, &bytes).map_err(|source| InitramfsError::Io {
+            crate::fsutil::write_once(&path, &bytes).map_err(|source| InitramfsError::Io {
                 what: "writing initramfs",
                 path: path.clone(),
                 source,

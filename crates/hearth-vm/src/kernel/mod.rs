@@ -98,7 +98,8 @@ impl KernelDir {
     }
 }
 
-/// Extracts the vmlinux inside an LZ4 bzImage (or copies an ELF kernel) to `out`, atomically.
+/// Extracts the vmlinux inside an LZ4 bzImage (or copies an ELF kernel) to `out`, atomically; an
+/// `out` already there (a concurrent extraction's) is kept.
 pub fn extract_vmlinux_to(kernel: &Path, out: &Path) -> Result<(), KernelError> {
     let bytes = std::fs::read(kernel).map_err(|source| KernelError::Io {
         what: "reading",
@@ -110,7 +111,7 @@ pub fn extract_vmlinux_to(kernel: &Path, out: &Path) -> Result<(), KernelError> 
     } else {
         extract_vmlinux(&bytes, kernel)?
     };
-    crate::fsutil::write_atomic(out, &vmlinux).map_err(|source| KernelError::Io {
+    crate::fsutil::write_once(out, &vmlinux).map_err(|source| KernelError::Io {
         what: "writing",
         path: out.to_owned(),
         source,
