@@ -221,6 +221,27 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
     }
 
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // The nodes' endpoints came from the gateway's HearthNode watch, not one API read per request.
+    let metrics = rt.block_on(async {
+        let response = reqwest::get(format!("{url}/metrics")).await.unwrap();
+        response.text().await.unwrap()
+    });
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
+    };
+    let (watch, api) = (
+        counter("hearth_gateway_node_lookups_watch_total"),
+        counter("hearth_gateway_node_lookups_api_total"),
+    );
+    eprintln!("node endpoints: {watch} from the gateway's watch, {api} read from the API");
+    assert!(
+        watch >= 6 && api <= 2,
+        "lookups: {watch} from the watch, {api} from the API"
+    );
+
     // A terminal over a raw WebSocket.
     let (screen, last) = rt.block_on(tty_over_websocket(&url, &ids[0]));
     assert_eq!(last, json!({"exit_code": 5}), "{screen}");

@@ -14,6 +14,7 @@ use clap::Args;
 
 use crate::cli::GlobalArgs;
 use crate::cmd::common::{parse_duration, runtime, shutdown_signal, Workers};
+use crate::gateway::nodes::NodeEndpoints;
 use crate::gateway::proxy::{NodeConnector, ProxyTimeouts};
 use crate::gateway::{GatewaySettings, GatewayState};
 use crate::serve::tls::{ClientTlsFiles, ServerTlsFiles, TlsListener};
@@ -82,6 +83,7 @@ async fn gateway_async(a: GatewayArgs) -> anyhow::Result<()> {
     };
     let client = hearth_k8s::client::client(a.kubeconfig.as_deref()).await?;
     let state = Arc::new(GatewayState {
+        endpoints: NodeEndpoints::start(client.clone()),
         client,
         tenants,
         nodes: NodeConnector::new(client_tls, ProxyTimeouts::default()),

@@ -1,7 +1,7 @@
 //! `/v1/sandboxes/{id}/...` routes the gateway does not answer itself (exec, WebSocket exec,
 //! files, code, network, ports, tunnels): the caller's Service sandbox is looked up in its own
-//! namespace (404 otherwise), its node's `spec.apiEndpoint` read from its HearthNode, and the
-//! request forwarded there by [`super::proxy`] to `/v1/sandboxes/{status.sandboxId}/...`. A policy
+//! namespace (404 otherwise), its node's `spec.apiEndpoint` taken from the HearthNode watch
+//! ([`super::nodes`]) or read from the API server, and the request forwarded there by [`super::proxy`] to `/v1/sandboxes/{status.sandboxId}/...`. A policy
 //! set through `PUT .../network` is written back to the Sandbox's `spec.network`.
 
 use std::sync::Arc;
@@ -64,14 +64,24 @@ pub async fn forward(
             ),
         ));
     };
-    let nodes: Api<HearthNode> = Api::all(state.client.clone());
-    let node = bounded(
-        &state,
-        "reading the sandbox's node",
-        nodes.get_opt(&node_name),
-    )
-    .await?;
-    let endpoint = node.and_then(|n| n.spec.api_endpoint).ok_or_else(|| {
+    let endpoint = match state.endpoints.cached(&node_name) {
+        Some(endpoint) => {
+            Metrics::bump(&state.metrics.nodes_from_watch);
+            Some(endpoint)
+        }
+        None => {
+            Metrics::bump(&state.metrics.nodes_from_api);
+            let nodes: Api<HearthNode> = Api::all(state.client.clone());
+            bounded(
+                &state,
+                "reading the sandbox's node",
+                nodes.get_opt(&node_name),
+            )
+            .await?
+            .and_then(|n| n.spec.api_endpoint)
+        }
+    };
+    let endpoint = endpoint.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "node_unreachable",

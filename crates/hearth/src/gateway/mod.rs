@@ -10,7 +10,8 @@
 //!   ([`sandboxes`], translated by [`objects`]); the operator places them and node agents run them.
 //! - Everything else under `/v1/sandboxes/{id}/` (exec, WebSocket exec, files, code, network,
 //!   ports, tunnels) is forwarded to the node holding the sandbox (`status.nodeName`'s HearthNode
-//!   `spec.apiEndpoint`, at `/v1/sandboxes/{status.sandboxId}/...`) over mutual TLS ([`proxy`]).
+//!   `spec.apiEndpoint`, kept from a watch by [`nodes`], at `/v1/sandboxes/{status.sandboxId}/...`)
+//!   over mutual TLS ([`proxy`]).
 //! - `"template": NAME` on create makes a `SandboxClaim` of that `SandboxTemplate` instead
 //!   ([`claims`]), served from a warm pool when one is ready.
 //! - Fork and one-shot runs (`/v1/runs`) answer 501 here: they are node-local operations.
@@ -20,6 +21,7 @@
 
 mod claims;
 mod forward;
+pub mod nodes;
 pub mod objects;
 pub mod proxy;
 #[cfg(test)]
@@ -72,6 +74,7 @@ pub struct GatewayState {
     pub client: kube::Client,
     pub tenants: Tenants,
     pub nodes: NodeConnector,
+    pub endpoints: nodes::NodeEndpoints,
     pub settings: GatewaySettings,
     pub metrics: Metrics,
 }
@@ -84,6 +87,8 @@ pub struct Metrics {
     proxied: AtomicU64,
     proxy_errors: AtomicU64,
     unauthorized: AtomicU64,
+    nodes_from_watch: AtomicU64,
+    nodes_from_api: AtomicU64,
 }
 
 impl Metrics {
@@ -282,6 +287,16 @@ async fn metrics(State(state): State<Arc<GatewayState>>) -> Response {
             "hearth_gateway_unauthorized_total",
             "Requests refused for a missing or unknown token.",
             &m.unauthorized,
+        ),
+        line(
+            "hearth_gateway_node_lookups_watch_total",
+            "Forwards whose node endpoint came from the HearthNode watch.",
+            &m.nodes_from_watch,
+        ),
+        line(
+            "hearth_gateway_node_lookups_api_total",
+            "Forwards whose node endpoint was read from the API server.",
+            &m.nodes_from_api,
         ),
     ]
     .concat();
