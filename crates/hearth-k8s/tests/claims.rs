@@ -373,3 +373,97 @@ async fn the_operator_spreads_a_pools_members_over_nodes() {
     op.abort();
     beats.iter().for_each(|b| b.abort());
 }
+
+/// The operator's pools-and-claims pass plans from its Sandbox watch rather than listing every
+/// Sandbox each pass, and its cache never makes it act twice: a pool filled, refilled after an
+/// adoption and scaled up gets exactly one create per missing member, a claim exactly one Sandbox.
+/// It lists only while the watch has not shown its previous pass's writes. Counted by the
+/// operator's own client.
+#[tokio::test]
+async fn the_operator_runs_pools_from_its_watch_and_never_acts_twice() {
+    let Some(c) = cluster("k8s-poolwatch").await else {
+        return;
+    };
+    let reg = registration(
+        &c,
+        &format!("{}-n", c.ns),
+        16,
+        "16Gi",
+        Duration::from_secs(20),
+    );
+    let beat = fake_node(&c, reg).await;
+    create_template(&c, "py", "python").await;
+    create_pool(&c, "warm", "py", 3).await;
+    let (client, log) = recording_client(&c).await;
+    let mut cfg = operator_config(&c, "op-poolwatch");
+    cfg.leader_lease = "op-poolwatch".into();
+    cfg.resync = Duration::from_millis(200);
+    let op = Operator::new(client, cfg);
+    let op =
+        tokio::spawn(async move { op.run(futures::future::pending()).await.expect("operator") });
+    // Node agents: a placed Sandbox starts running on its node.
+    let api: Api<Sandbox> = Api::namespaced(c.client.clone(), &c.ns);
+    let agents = tokio::spawn(async move {
+        loop {
+            for s in api
+                .list(&Default::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+            {
+                if s.phase() == Phase::Scheduled {
+                    let running = serde_json::json!({"status": {"phase": "Running",
+                        "sandboxId": format!("id-{}", s.name_any())}});
+                    let pp = PatchParams::default();
+                    let _ = api
+                        .patch_status(&s.name_any(), &pp, &Patch::Merge(&running))
+                        .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    eventually("3 ready members", WAIT, || async {
+        ready_members(&c, "warm").await == 3
+    })
+    .await;
+
+    let made = claims_api(&c)
+        .create(&PostParams::default(), &claim("c1", "py"))
+        .await
+        .unwrap();
+    eventually("c1 served and the pool refilled", WAIT, || async {
+        claimed(&c, "c1").await.is_some() && ready_members(&c, "warm").await == 3
+    })
+    .await;
+    let scale = serde_json::json!({"spec": {"replicas": 5}});
+    pools_api(&c)
+        .patch("warm", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .unwrap();
+    eventually("5 members", WAIT, || async {
+        members(&c, "warm").await.len() == 5
+    })
+    .await;
+    // Passes at most 200 ms apart, each free to overfill if its cache lagged.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    op.abort();
+    agents.abort();
+    beat.abort();
+
+    assert_eq!(members(&c, "warm").await.len(), 5);
+    let creates = sandbox_requests(&log, http::Method::POST);
+    assert_eq!(creates, 3 + 1 + 2, "one create per missing member");
+    let owned = sandboxes(&c)
+        .await
+        .iter()
+        .filter(|s| owner_uid(s) == made.uid())
+        .count();
+    assert_eq!(owned, 1, "the claim has one Sandbox");
+    let lists = sandbox_requests(&log, http::Method::GET);
+    eprintln!("Sandbox lists by the operator: {lists}");
+    assert!(
+        lists <= 8,
+        "{lists} Sandbox lists: the pass lists only while its watch lags its own writes"
+    );
+}

@@ -259,25 +259,7 @@ async fn without_pools_or_claims_the_operator_does_not_list_every_sandbox_each_p
     let Some(c) = cluster("nolists").await else {
         return;
     };
-    let sandbox_lists = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = sandbox_lists.clone();
-    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
-        let list = req.method() == http::Method::GET
-            && req.uri().path().ends_with("/sandboxes")
-            && !req.uri().query().is_some_and(|q| q.contains("watch=true"));
-        if list {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        req
-    });
-    let kubeconfig = kube::config::Kubeconfig::read_from(&c.kube.kubeconfig).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("config");
-    let client = kube::client::ClientBuilder::try_from(config)
-        .expect("client")
-        .with_layer(&layer)
-        .build();
+    let (client, log) = recording_client(&c).await;
     create_sandbox(&c, "idle", spec(1, "1Gi")).await;
     let mut cfg = OperatorConfig::new("op-nolists", &c.ns);
     cfg.leader_lease = "op-nolists".into();
@@ -290,7 +272,7 @@ async fn without_pools_or_claims_the_operator_does_not_list_every_sandbox_each_p
     // Leadership, the watches' initial lists, then ~15 passes at most 200 ms apart.
     tokio::time::sleep(Duration::from_secs(4)).await;
     task.abort();
-    let lists = sandbox_lists.load(std::sync::atomic::Ordering::Relaxed);
+    let lists = sandbox_requests(&log, http::Method::GET);
     assert!(
         (1..=2).contains(&lists),
         "the operator listed every Sandbox {lists} times in 4 s (its watch's initial list is 1)"

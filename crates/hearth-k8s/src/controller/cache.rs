@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
@@ -155,6 +155,18 @@ impl Caches {
             .is_some()
     }
 
+    /// The Sandboxes as the pools-and-claims pass plans from them: the store with our placement
+    /// writes applied (that pass's own writes are checked by the operator with
+    /// [`Caches::stored`]).
+    pub fn sandboxes(&self) -> Vec<Sandbox> {
+        lock(&self.overlay).apply(self.sandboxes.state())
+    }
+
+    /// The stored Sandbox `name` of namespace `ns`, as the watch last delivered it.
+    pub fn stored(&self, ns: &str, name: &str) -> Option<Arc<Sandbox>> {
+        self.sandboxes.get(&ObjectRef::new(name).within(ns))
+    }
+
     /// Whether every watch delivered since its last error.
     pub fn healthy(&self) -> bool {
         self.healthy.iter().all(|h| h.load(Ordering::Acquire))
@@ -163,7 +175,7 @@ impl Caches {
     /// The objects to plan from, with our undelivered writes applied. `now` decides which Leases count
     /// as fresh for waking.
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
-        let sandboxes = lock(&self.overlay).apply(self.sandboxes.state());
+        let sandboxes = self.sandboxes();
         let leases: HashMap<String, Lease> = self
             .leases
             .state()

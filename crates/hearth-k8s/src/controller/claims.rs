@@ -18,7 +18,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-pub use apply::{any_pools_or_claims, reconcile_pools_and_claims, FIELD_MANAGER};
+pub use apply::{
+    any_pools_or_claims, reconcile_pools_and_claims, reconcile_with, shows_all, PassOutcome, Wrote,
+    FIELD_MANAGER,
+};
 
 use super::pools::{is_ready, pool_of, template_labels, Write};
 use crate::crd::{

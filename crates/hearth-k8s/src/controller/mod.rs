@@ -161,6 +161,8 @@ impl Operator {
                 self.config.event_queue,
             );
             let term = Term { caches, events };
+            // The Sandboxes the last pools-and-claims pass wrote (see `pools_and_claims`).
+            let mut wrote = Vec::new();
             while is_leader(&leadership) {
                 let started = Instant::now();
                 let mut next = self.config.resync;
@@ -182,7 +184,7 @@ impl Operator {
                 // Warm pools and claims (their own pass: pools, claims and templates are not in the
                 // watch caches, so a change to one of them is seen within `resync`).
                 if is_leader(&leadership) {
-                    if let Err(e) = self.pools_and_claims(&term.caches).await {
+                    if let Err(e) = self.pools_and_claims(&term.caches, &mut wrote).await {
                         tracing::warn!("pools and claims pass failed: {e}");
                     }
                 }
@@ -196,14 +198,29 @@ impl Operator {
         }
     }
 
-    /// The pools-and-claims pass, skipped (two one-object lists instead of a list of every
-    /// Sandbox) on a cluster with no pool, no claim and no pool member in the Sandbox cache.
-    async fn pools_and_claims(&self, caches: &Caches) -> Result<usize, K8sError> {
+    /// The pools-and-claims pass, skipped (two one-object lists) on a cluster with no pool, no
+    /// claim and no pool member in the Sandbox cache. It plans from the Sandbox cache when that
+    /// shows every Sandbox write of the previous pass (`wrote`: else a pool it filled would look
+    /// short and be filled twice, a claim served would adopt again) and lists the Sandboxes
+    /// otherwise; `wrote` becomes this pass's.
+    async fn pools_and_claims(
+        &self,
+        caches: &Caches,
+        wrote: &mut Vec<claims::Wrote>,
+    ) -> Result<usize, K8sError> {
         let ns = self.config.sandbox_namespace.as_deref();
         if !caches.has_pool_members() && !claims::any_pools_or_claims(&self.client, ns).await? {
             return Ok(0);
         }
-        claims::reconcile_pools_and_claims(&self.client, ns).await
+        let caught_up =
+            caches.healthy() && claims::shows_all(wrote, |ns, name| caches.stored(ns, name));
+        if !caught_up {
+            tracing::debug!("the Sandbox cache lags the last pass's writes: listing Sandboxes");
+        }
+        let outcome =
+            claims::reconcile_with(&self.client, ns, caught_up.then(|| caches.sandboxes())).await?;
+        *wrote = outcome.sandboxes;
+        Ok(outcome.writes)
     }
 
     /// One pass: snapshot the caches, confirm lost nodes, plan, write. Returns the writes attempted

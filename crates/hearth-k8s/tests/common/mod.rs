@@ -87,6 +87,44 @@ where
     }
 }
 
+/// The requests a client made, as (method, path, query): kept by [`recording_client`].
+pub type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<(http::Method, String, String)>>>;
+
+/// A client for the test cluster that records every request it makes, so a test can count the
+/// requests of the one component it hands the client to (other tests share the API server).
+pub async fn recording_client(c: &Cluster) -> (Client, RequestLog) {
+    let log = RequestLog::default();
+    let to = log.clone();
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        let query = req.uri().query().unwrap_or_default().to_string();
+        to.lock()
+            .unwrap()
+            .push((req.method().clone(), req.uri().path().to_string(), query));
+        req
+    });
+    let kubeconfig = kube::config::Kubeconfig::read_from(&c.kube.kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    let client = kube::client::ClientBuilder::try_from(config)
+        .expect("client")
+        .with_layer(&layer)
+        .build();
+    (client, log)
+}
+
+/// How many requests in `log` were `method` on a path ending in `/sandboxes` that is not a watch:
+/// GET counts lists, POST creates.
+pub fn sandbox_requests(log: &RequestLog, method: http::Method) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, path, query)| {
+            *m == method && path.ends_with("/sandboxes") && !query.contains("watch=true")
+        })
+        .count()
+}
+
 pub fn spec(cpu: u32, mem: &str) -> SandboxSpec {
     SandboxSpec {
         image: "example.invalid/none".into(),

@@ -1,6 +1,7 @@
-//! The I/O of warm pools and claims: one pass lists Sandboxes, then pools, claims and templates (that
-//! order: see [`super::super::pools::plan_pools`]), plans each namespace with the pure planners and
-//! executes the writes. Writes run with bounded concurrency; one claim's writes run in order and stop
+//! The I/O of warm pools and claims: one pass takes the Sandboxes (listed, or the operator's watch
+//! cache), then lists pools, claims and templates (that order: see
+//! [`super::super::pools::plan_pools`]), plans each namespace with the pure planners and executes the
+//! writes. Writes run with bounded concurrency; one claim's writes run in order and stop
 //! at the first failure. A conflict or a vanished object means the snapshot is stale for that object:
 //! the write is skipped and the next pass looks again.
 
@@ -40,10 +41,69 @@ pub async fn reconcile_pools_and_claims(
     client: &Client,
     ns: Option<&str>,
 ) -> Result<usize, K8sError> {
+    Ok(reconcile_with(client, ns, None).await?.writes)
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct PassOutcome {
+    /// Writes attempted.
+    pub writes: usize,
+    /// The Sandboxes it created, adopted or deleted: a cache the next pass plans from must show
+    /// every one of these writes, or a pool it filled would look short and be filled again, or a
+    /// claim that adopted a member would look unserved and adopt a second.
+    pub sandboxes: Vec<Wrote>,
+}
+
+/// A Sandbox a pass wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrote {
+    pub namespace: String,
+    pub name: String,
+    /// The resourceVersion the write replaced; None: the Sandbox was created.
+    pub replaced: Option<String>,
+}
+
+impl Wrote {
+    /// Whether `stored`, a cache's Sandbox of this namespace and name (None: it has none), shows
+    /// this write: a created one is there; an adopted or deleted one is gone or no longer at the
+    /// resourceVersion the write replaced (events arrive in order, so any other version is later).
+    pub fn seen_in(&self, stored: Option<&Sandbox>) -> bool {
+        match (&self.replaced, stored) {
+            (None, stored) => stored.is_some(),
+            (Some(rv), Some(s)) => s.metadata.resource_version.as_ref() != Some(rv),
+            (Some(_), None) => true,
+        }
+    }
+}
+
+/// Whether a cache, whose Sandbox of a namespace and name `stored` looks up, shows every write in
+/// `wrote` (see [`Wrote::seen_in`]): only then may the next pass plan from it.
+pub fn shows_all<S>(wrote: &[Wrote], stored: impl Fn(&str, &str) -> Option<S>) -> bool
+where
+    S: std::ops::Deref<Target = Sandbox>,
+{
+    wrote
+        .iter()
+        .all(|w| w.seen_in(stored(&w.namespace, &w.name).as_deref()))
+}
+
+/// [`reconcile_pools_and_claims`] from `sandboxes` when given (taken now, before the other lists:
+/// the operator's watch cache, which must show every write of the previous pass, see
+/// [`PassOutcome::sandboxes`]; other lag only delays a write by a pass, as every patch and delete
+/// is guarded by the uid and resourceVersion seen), or from a list of them.
+pub async fn reconcile_with(
+    client: &Client,
+    ns: Option<&str>,
+    sandboxes: Option<Vec<Sandbox>>,
+) -> Result<PassOutcome, K8sError> {
     let lp = ListParams::default();
     // Sandboxes strictly first: a member or claimed Sandbox in this list was created after its pool or
     // claim, which the later lists therefore hold unless it was deleted.
-    let sandboxes = list::<Sandbox>(client, ns, &lp, "Sandboxes").await?;
+    let sandboxes = match sandboxes {
+        Some(s) => s,
+        None => list::<Sandbox>(client, ns, &lp, "Sandboxes").await?,
+    };
     let (pools, claims, templates) = tokio::try_join!(
         list::<SandboxWarmPool>(client, ns, &lp, "SandboxWarmPools"),
         list::<SandboxClaim>(client, ns, &lp, "SandboxClaims"),
@@ -84,22 +144,33 @@ pub async fn reconcile_pools_and_claims(
             now,
         ));
     }
-    let count = sequences.iter().map(Vec::len).sum();
+    let writes = sequences.iter().map(Vec::len).sum();
+    let wrote = std::sync::Mutex::new(Vec::new());
     futures::stream::iter(sequences)
-        .for_each_concurrent(CONCURRENCY, |seq| async move {
-            for w in seq {
-                match execute(client, &w).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        tracing::warn!("{e}");
-                        break;
+        .for_each_concurrent(CONCURRENCY, |seq| {
+            let wrote = &wrote;
+            async move {
+                for w in seq {
+                    match execute(client, &w).await {
+                        Ok(Done::Written(None)) => {}
+                        Ok(Done::Written(Some(sandbox))) => wrote
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(sandbox),
+                        Ok(Done::Skipped) => break,
+                        Err(e) => {
+                            tracing::warn!("{e}");
+                            break;
+                        }
                     }
                 }
             }
         })
         .await;
-    Ok(count)
+    Ok(PassOutcome {
+        writes,
+        sandboxes: wrote.into_inner().unwrap_or_else(|e| e.into_inner()),
+    })
 }
 
 /// Whether any SandboxWarmPool or SandboxClaim exists in `ns` (None: anywhere): two lists of at
@@ -188,17 +259,36 @@ where
     Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default())
 }
 
-/// Executes one write. Ok(true): done; Ok(false): skipped because the object changed or vanished.
-async fn execute(client: &Client, w: &Write) -> Result<bool, K8sError> {
+/// How a write ended when it did not fail.
+enum Done {
+    /// Written; the Sandbox it was of, if it was one.
+    Written(Option<Wrote>),
+    /// Skipped because the object changed or vanished.
+    Skipped,
+}
+
+/// Creates a Sandbox; one that exists already (a claim's, named like it) or whose namespace is
+/// gone is skipped.
+async fn create(client: &Client, s: &Sandbox) -> Result<Done, K8sError> {
+    match api_for(client, s).create(&PostParams::default(), s).await {
+        Ok(made) => Ok(Done::Written(Some(Wrote {
+            namespace: made.namespace().unwrap_or_default(),
+            name: made.name_any(),
+            replaced: None,
+        }))),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => {
+            tracing::debug!("creating Sandbox {}: skipped: {e}", s.name_any());
+            Ok(Done::Skipped)
+        }
+        Err(e) => Err(e).ctx(|| format!("creating Sandbox {}", s.name_any())),
+    }
+}
+
+/// Executes one write.
+async fn execute(client: &Client, w: &Write) -> Result<Done, K8sError> {
     let pp = PatchParams::default();
     let (what, result) = match w {
-        Write::CreateSandbox(s) => (
-            format!("creating Sandbox {}", s.name_any()),
-            api_for(client, s.as_ref())
-                .create(&PostParams::default(), s)
-                .await
-                .map(|_| ()),
-        ),
+        Write::CreateSandbox(s) => return create(client, s).await,
         Write::DeleteSandbox {
             sandbox,
             same_version,
@@ -283,11 +373,19 @@ async fn execute(client: &Client, w: &Write) -> Result<bool, K8sError> {
             )
         }
     };
+    let sandbox = match w {
+        Write::DeleteSandbox { sandbox, .. } | Write::PatchSandbox { sandbox, .. } => Some(Wrote {
+            namespace: sandbox.namespace().unwrap_or_default(),
+            name: sandbox.name_any(),
+            replaced: sandbox.resource_version(),
+        }),
+        _ => None,
+    };
     match result {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(Done::Written(sandbox)),
         Err(e) if is_conflict(&e) || is_not_found(&e) => {
             tracing::debug!("{what}: skipped, the object changed meanwhile");
-            Ok(false)
+            Ok(Done::Skipped)
         }
         Err(e) => Err(e).ctx(|| what),
     }

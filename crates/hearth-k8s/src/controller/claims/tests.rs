@@ -291,3 +291,54 @@ fn a_missing_template_or_a_taken_name_is_reported_not_acted_on() {
         Some(claim_reason::NAME_TAKEN)
     );
 }
+
+#[test]
+fn a_cache_shows_a_write_only_once_it_holds_the_result() {
+    let (t, p) = (template("py", "python"), pool("warm", "py", 1));
+    let at = |rv: &str| {
+        let mut s = member_of(&p, &t, "warm-1", Phase::Running, 1);
+        s.metadata.resource_version = Some(rv.into());
+        s
+    };
+    let created = Wrote {
+        namespace: NS.into(),
+        name: "warm-1".into(),
+        replaced: None,
+    };
+    assert!(!created.seen_in(None), "a create not yet delivered");
+    assert!(created.seen_in(Some(&at("7"))));
+    let changed = Wrote {
+        replaced: Some("7".into()),
+        ..created
+    };
+    assert!(
+        !changed.seen_in(Some(&at("7"))),
+        "an adoption or delete not yet delivered"
+    );
+    assert!(changed.seen_in(Some(&at("9"))), "adopted (or terminating)");
+    assert!(changed.seen_in(None), "deleted");
+
+    // A pass that adopted warm-1 (at version 7) and created warm-2: the next pass may plan from
+    // the cache only once it shows both.
+    let pass = [
+        changed,
+        Wrote {
+            namespace: NS.into(),
+            name: "warm-2".into(),
+            replaced: None,
+        },
+    ];
+    let cache = |m1: &'static str, m2: bool| {
+        let (m1, m2) = (at(m1), m2.then(|| at("8")));
+        move |_: &str, name: &str| match name {
+            "warm-1" => Some(Box::new(m1.clone())),
+            "warm-2" => m2.clone().map(Box::new),
+            _ => None,
+        }
+    };
+    assert!(!shows_all(&pass, cache("7", false)), "neither delivered");
+    assert!(!shows_all(&pass, cache("9", false)), "the create lags");
+    assert!(!shows_all(&pass, cache("7", true)), "the adoption lags");
+    assert!(shows_all(&pass, cache("9", true)));
+    assert!(shows_all(&[], cache("7", false)), "nothing written");
+}
