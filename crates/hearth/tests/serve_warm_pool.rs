@@ -3,7 +3,8 @@
 //! concurrent creates of that image each take a different one (`"warm": true`, running at once,
 //! answering execs as themselves); the pool refills, but never past the node's capacity, which its
 //! VMs fill so that a create that cannot use them (it gives env) is refused with 503 until a
-//! sandbox is deleted, and then boots without the pool.
+//! sandbox is deleted, and then boots without the pool. Also the memory the node keeps for boot
+//! templates: counted, and given back when a sandbox needs the room.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -150,4 +151,48 @@ async fn creates_take_distinct_pool_vms_and_the_pool_refills_within_capacity() {
     assert!(s.get("warm").is_none(), "{s}");
     assert_eq!(gauge(&d, "hearth_warm_pool_ready").await, 2);
     assert!(gauge(&d, "hearth_allocated_vcpus").await <= 4);
+}
+
+/// The node keeps a copy of each boot template's memory for the next restore and counts it, but
+/// a copy no VM uses never refuses a sandbox: admission gives it back and the restore makes it
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_memory_no_vm_uses_gives_way_to_a_sandbox() {
+    let home = Home::new(TOKENS);
+    let busybox = image("busybox");
+    // Room for one 256 MiB sandbox, not for it and an unused 256 MiB template copy as well.
+    let d = Daemon::start(&home, &["--capacity-memory", "400m"]);
+    let body = json!({"image": busybox, "memory": "256m"});
+    let (status, s) = d
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(ALICE),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!((status, &s["state"]), (201, &json!("running")), "{s}");
+    let template_memory = || gauge(&d, "hearth_template_memory_bytes");
+    assert_eq!(template_memory().await, 256 << 20);
+    let path = format!("/v1/sandboxes/{}", s["id"].as_str().unwrap());
+    let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        template_memory().await,
+        256 << 20,
+        "kept for the next restore"
+    );
+
+    let (status, s) = d
+        .json(Method::POST, "/v1/sandboxes", Some(ALICE), Some(body))
+        .await;
+    assert_eq!(
+        (status, &s["state"]),
+        (201, &json!("running")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(hostname(&d, id).await, format!("hearth-{}", &id[..12]));
+    assert_eq!(template_memory().await, 256 << 20, "made again for this VM");
 }

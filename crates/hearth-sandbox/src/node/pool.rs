@@ -152,15 +152,16 @@ impl Node {
                 }
                 let have = mine().filter(|e| e.record.info.state.is_live()).count();
                 for _ in have..pool.size {
-                    let (capacity, held) = (&self.config.capacity, table.node_usage());
-                    let fits = admission::admit(
-                        &want,
-                        "warm pool",
-                        &unlimited,
-                        Usage::default(),
-                        capacity,
-                        held,
-                    );
+                    let fits = super::table::with_template_memory_released(|| {
+                        admission::admit(
+                            &want,
+                            "warm pool",
+                            &unlimited,
+                            Usage::default(),
+                            &self.config.capacity,
+                            table.node_usage(),
+                        )
+                    });
                     if fits.is_err() {
                         break;
                     }

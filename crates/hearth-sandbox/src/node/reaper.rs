@@ -5,8 +5,9 @@
 //! activity times, so an idle timeout survives a restart. Paused time is not idle time: a paused
 //! sandbox is never idle, and its pause and resume count as activity; but one paused for longer
 //! than the node's `max_paused` (`--max-paused`, default 7 days) is ended, its snapshot removed,
-//! with that reason in its record. Each tick also refills the warm pools (`pool.rs`). Holds the
-//! node only weakly: it stops when the node goes.
+//! with that reason in its record. Each tick also refills the warm pools (`pool.rs`) and gives
+//! back boot templates' memory copies no VM has used for ten minutes. Holds the node only weakly:
+//! it stops when the node goes.
 //!
 //! [`Node::update_timeouts`] (`PATCH /v1/sandboxes/{id}`) changes the TTL and idle timeout the
 //! reaper goes by, for a running or paused sandbox.
@@ -17,6 +18,8 @@ use std::time::Duration;
 use super::{now_ms, Node, NodeError, SandboxInfo, State};
 
 const TICK: Duration = Duration::from_secs(1);
+/// A boot template's memory copy no VM has taken for this long is given back to the host.
+const TEMPLATE_MEMORY_IDLE: Duration = Duration::from_secs(600);
 
 pub(super) fn spawn(node: Weak<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -32,6 +35,7 @@ pub(super) fn spawn(node: Weak<Node>) -> tokio::task::JoinHandle<()> {
                 tokio::spawn(async move { node.end(&id, state, &reason, false).await });
             }
             node.refill_pools();
+            hearth_vm::qemu::release_unused_template_copies(TEMPLATE_MEMORY_IDLE);
         }
     })
 }

@@ -196,9 +196,11 @@ impl Table {
             ttl,
         };
         let others = |i: &SandboxInfo| i.id != id;
-        let node = self.node_usage_where(others);
         let own = self.held_where(|i| others(i) && i.tenant == tenant.name);
-        admission::admit(&want, &tenant.name, &tenant.quota, own, capacity, node)
+        with_template_memory_released(|| {
+            let node = self.node_usage_where(others);
+            admission::admit(&want, &tenant.name, &tenant.quota, own, capacity, node)
+        })
     }
 
     /// Admits `record` (sized `want`) for `tenant` against the tenant's quota and the node's
@@ -210,8 +212,11 @@ impl Table {
         capacity: &Capacity,
         record: Record,
     ) -> Result<&mut Entry, NodeError> {
-        let (node, own) = (self.node_usage(), self.held_by(&tenant.name));
-        admission::admit(want, &tenant.name, &tenant.quota, own, capacity, node)?;
+        let own = self.held_by(&tenant.name);
+        with_template_memory_released(|| {
+            let node = self.node_usage();
+            admission::admit(want, &tenant.name, &tenant.quota, own, capacity, node)
+        })?;
         self.store.save(&record)?;
         let id = record.info.id.clone();
         self.entries.insert(id.clone(), Entry::new(record));
@@ -265,6 +270,23 @@ impl Table {
 fn save_logged(store: &Store, record: &Record) {
     if let Err(e) = store.save(record) {
         tracing::error!(sandbox = %record.info.id, "saving sandbox state: {e}");
+    }
+}
+
+/// `check` (an admission against the node's usage), and once more when it refused for capacity
+/// and copies of boot templates' memory that no VM uses could be given back: those are released
+/// first (a later restore from one makes it again), so memory kept for speed never refuses a
+/// sandbox.
+pub(super) fn with_template_memory_released(
+    check: impl Fn() -> Result<(), NodeError>,
+) -> Result<(), NodeError> {
+    match check() {
+        Err(NodeError::Capacity { .. })
+            if hearth_vm::qemu::release_unused_template_copies(std::time::Duration::ZERO) > 0 =>
+        {
+            check()
+        }
+        result => result,
     }
 }
 

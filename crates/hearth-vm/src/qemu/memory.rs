@@ -14,6 +14,12 @@
 //! file and process, kept while its file is unchanged (a rebuilt template is a new file); a missing
 //! file gives an all-zero copy, which serves the restore of a paused sandbox whose template has
 //! since been removed (its saved state holds all of its memory).
+//!
+//! Every copy is fully allocated, so the node counts each one (admission, `/metrics`) from its
+//! making until its last holder lets go: the cache and each VM restored from it
+//! ([`RunningQemu`](super::running::RunningQemu) keeps its copy for its life). A copy no VM holds
+//! is given back by [`release_unused_template_copies`]: after a while unused, or at once when
+//! admission needs the room.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -23,6 +29,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::VmError;
 
@@ -46,6 +53,12 @@ impl SealedMemory {
     }
 }
 
+impl Drop for SealedMemory {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
 /// What a template file was when it was copied: a changed file is copied again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Identity {
@@ -55,18 +68,56 @@ struct Identity {
     mtime_ns: i128,
 }
 
-type Cache = Vec<(PathBuf, Option<Identity>, Arc<SealedMemory>)>;
+/// A cached copy: which file it is of, and when a VM last took it.
+struct Cached {
+    file: PathBuf,
+    identity: Option<Identity>,
+    copy: Arc<SealedMemory>,
+    used: Instant,
+}
 
-static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
+static CACHE: Mutex<Vec<Cached>> = Mutex::new(Vec::new());
 
-/// [`CACHE`]'s copies' bytes, kept apart so that reading it never waits on a copy being made
-/// (admission reads it under the node's table lock).
-static CACHED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes of the copies alive (cached, held by a VM, or both), kept apart from [`CACHE`] so that
+/// reading it never waits on a copy being made (admission reads it under the node's table lock).
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Bytes of the sealed copies this process keeps (every page of each is allocated): memory the
+/// Bytes of the sealed copies this process holds (every page of each is allocated): memory the
 /// node holds for its boot templates on top of its sandboxes' own, which admission counts.
 pub fn template_copies_bytes() -> u64 {
-    CACHED_BYTES.load(Ordering::Relaxed)
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+/// Drops the cached copies no VM holds that no VM took for `idle`; returns the bytes given back.
+/// A later restore from one of them makes a new copy. Gives nothing back, rather than wait, while
+/// a copy is being made (admission calls this under the node's table lock).
+pub fn release_unused_template_copies(idle: Duration) -> u64 {
+    let mut cache = match CACHE.try_lock() {
+        Ok(cache) => cache,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return 0,
+    };
+    let before = cache.len();
+    let mut released = 0;
+    cache.retain(|c| {
+        let unused = Arc::strong_count(&c.copy) == 1 && c.used.elapsed() >= idle;
+        if unused {
+            released += c.copy.len;
+        }
+        !unused
+    });
+    if cache.len() < before {
+        tracing::info!(
+            copies = before - cache.len(),
+            mib = released >> 20,
+            "released boot template memory no VM uses"
+        );
+    }
+    released
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Vec<Cached>> {
+    CACHE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The sealed copy of `file`, `bytes` long (the VM's memory size), made now or earlier.
@@ -102,24 +153,32 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
         }
         None => None,
     };
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, copy)) = cache
-        .iter()
-        .find(|(p, id, copy)| p == file && *id == identity && copy.len == bytes)
+    let mut cache = lock();
+    if let Some(cached) = cache
+        .iter_mut()
+        .find(|c| c.file == file && c.identity == identity && c.copy.len == bytes)
     {
-        return Ok(copy.clone());
+        cached.used = Instant::now();
+        return Ok(cached.copy.clone());
     }
     if source.is_none() {
         tracing::warn!(file = %file.display(), "template memory is gone: restoring onto zeroed memory");
     }
     let copy = Arc::new(copy_sealed(source.as_ref(), bytes).map_err(|e| io_error("copying", e))?);
-    cache.retain(|(p, _, _)| p != file);
+    // A VM restored from a copy this one replaces (or evicts) keeps that copy, still counted.
+    cache.retain(|c| c.file != file);
     if cache.len() >= CACHE_ENTRIES {
-        cache.remove(0);
+        let lru = (0..cache.len())
+            .min_by_key(|&i| cache[i].used)
+            .expect("full");
+        cache.remove(lru);
     }
-    cache.push((file.to_owned(), identity, copy.clone()));
-    let bytes = cache.iter().map(|(_, _, copy)| copy.len).sum();
-    CACHED_BYTES.store(bytes, Ordering::Relaxed);
+    cache.push(Cached {
+        file: file.to_owned(),
+        identity,
+        copy: copy.clone(),
+        used: Instant::now(),
+    });
     Ok(copy)
 }
 
@@ -155,6 +214,7 @@ fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
     Ok(SealedMemory { fd, len: bytes })
 }
 
@@ -202,8 +262,16 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 mod tests {
     use super::*;
 
+    /// The cache and the byte count are process-wide: these tests take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn the_copy_holds_the_template_and_refuses_writes_and_hole_punching() {
+        let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("memory");
         let f = File::create(&file).unwrap();
@@ -248,7 +316,52 @@ mod tests {
     }
 
     #[test]
+    fn copies_count_until_their_last_holder_lets_go_and_unused_ones_are_released() {
+        let _serial = serial();
+        release_unused_template_copies(Duration::ZERO);
+        let base = template_copies_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("memory");
+        let template = |byte: u8| {
+            let tmp = dir.path().join("memory.new");
+            std::fs::write(&tmp, vec![byte; 1 << 20]).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+        };
+        template(1);
+        let vm = sealed_copy(&file, 1 << 20).unwrap();
+        assert_eq!(template_copies_bytes(), base + (1 << 20));
+        assert_eq!(
+            release_unused_template_copies(Duration::ZERO),
+            0,
+            "a copy a VM maps stays"
+        );
+        // The template is rebuilt: restores take a new copy, the running VM keeps the old one,
+        // and both are counted until the VM lets go of its own.
+        template(2);
+        let newer = sealed_copy(&file, 1 << 20).unwrap();
+        assert!(!Arc::ptr_eq(&vm, &newer));
+        assert_eq!(template_copies_bytes(), base + (2 << 20));
+        drop(vm);
+        assert_eq!(template_copies_bytes(), base + (1 << 20));
+        // No VM maps the cached one now: kept while recently used, released once idle.
+        drop(newer);
+        assert_eq!(release_unused_template_copies(Duration::from_secs(3600)), 0);
+        assert_eq!(template_copies_bytes(), base + (1 << 20));
+        assert_eq!(release_unused_template_copies(Duration::ZERO), 1 << 20);
+        assert_eq!(template_copies_bytes(), base);
+        // The next restore makes it again.
+        let again = sealed_copy(&file, 1 << 20).unwrap();
+        let mut got = [0u8; 4];
+        File::open(again.path())
+            .unwrap()
+            .read_exact_at(&mut got, 4096)
+            .unwrap();
+        assert_eq!(got, [2; 4]);
+    }
+
+    #[test]
     fn a_missing_template_gives_zeroed_memory() {
+        let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
         let copy = sealed_copy(&dir.path().join("gone"), 1 << 20).unwrap();
         let reopened = File::open(copy.path()).unwrap();

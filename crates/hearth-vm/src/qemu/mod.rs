@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::QemuError;
 pub use kvm_probe::KvmBootProbe;
-pub use memory::template_copies_bytes;
+pub use memory::{release_unused_template_copies, template_copies_bytes};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use running::RunningQemu;
 pub use snapshot::{ensure_template, SnapshotError, Template};

@@ -8,6 +8,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::snapshot::restore::load_and_continue;
@@ -45,6 +46,9 @@ pub struct RunningQemu {
     restored_in: Option<Duration>,
     /// Restored: the agent port connection made before the state was loaded.
     agent_stream: Option<UnixStream>,
+    /// Restored from a template: the sealed copy of its memory this VM maps, held so that the
+    /// node counts it while the VM lives (see `memory.rs`).
+    _memory: Option<Arc<memory::SealedMemory>>,
 }
 
 impl RunningQemu {
@@ -74,8 +78,8 @@ impl RunningQemu {
             .map(|c| c.leftovers.clone())
             .unwrap_or_default();
         let launched = Self::launch(qemu, spec, confined);
-        let process = match launched {
-            Ok(process) => process.with_leftovers(leftovers.clone()),
+        let (process, memory) = match launched {
+            Ok((process, memory)) => (process.with_leftovers(leftovers.clone()), memory),
             Err(e) => {
                 remove_leftovers(&leftovers);
                 let _ = std::fs::remove_dir_all(run_dir);
@@ -90,6 +94,7 @@ impl RunningQemu {
             qmp: None,
             restored_in: None,
             agent_stream: None,
+            _memory: memory,
         };
         if spec.detached {
             // Written before anything can fail, so that whoever finds this run directory can
@@ -132,7 +137,7 @@ impl RunningQemu {
         qemu: &QemuVmm,
         spec: &VmSpec,
         confined: Option<confine::Confined>,
-    ) -> Result<VmProcess, VmError> {
+    ) -> Result<(VmProcess, Option<Arc<memory::SealedMemory>>), VmError> {
         let run_dir = &spec.run_dir;
         let log_path = run_dir.join(rundir::VMM_LOG);
         let log = std::fs::File::create(&log_path).map_err(|source| VmError::Io {
@@ -141,8 +146,8 @@ impl RunningQemu {
             source,
         })?;
         // A VM restored from a template maps a sealed copy of its memory (see `memory.rs`); the
-        // copy must stay open until QEMU has opened it, which it has once its QMP socket answers
-        // (the cache keeps it beyond that).
+        // copy must stay open until QEMU has opened it, which it has once its QMP socket answers;
+        // the VM keeps it for its life.
         let sealed = match &spec.memory {
             GuestMemory::FromTemplate(file) => {
                 Some(memory::sealed_copy(file, u64::from(spec.memory_mib) << 20)?)
@@ -182,13 +187,14 @@ impl RunningQemu {
             source,
         };
         let diagnose = diagnose(&spec.console_log);
-        if guarded {
+        let process = if guarded {
             let pid = spawn_guarded_vmm_in(request, enter).map_err(spawn_error)?;
-            VmProcess::guard(NAME, pid, run_dir, diagnose)
+            VmProcess::guard(NAME, pid, run_dir, diagnose)?
         } else {
             let child = spawn_vmm_in(request, enter).map_err(spawn_error)?;
-            VmProcess::child(NAME, child, run_dir, diagnose)
-        }
+            VmProcess::child(NAME, child, run_dir, diagnose)?
+        };
+        Ok((process, sealed))
     }
 
     /// Loads the saved state into a QEMU started with `-incoming defer` and lets it run. On
@@ -260,6 +266,8 @@ impl RunningQemu {
             qmp,
             restored_in: None,
             agent_stream: None,
+            // Its copy was made by the daemon that started it; it is not counted here.
+            _memory: None,
         })
     }
 
