@@ -4,6 +4,10 @@
 //! private mount namespace that sees the build directory `nosuid,nodev,noexec` (`private_mounts`).
 //! Writes only under `$HEARTH_HOME` (blobs, tmp, rootfs), keeping those directories 0700.
 
+mod dir;
+
+pub(crate) use dir::sweep_abandoned_builds;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
@@ -20,6 +24,7 @@ use crate::private_mounts;
 use crate::source::{OnBytes, Source};
 use crate::store::{private_dir, BlobFollower, VerifyingReader};
 use crate::{ImageError, ImageStore, Limits, Progress, PullOptions};
+use dir::BuildDir;
 
 /// A layer for the applier: already stored, or arriving.
 enum LayerBytes {
@@ -31,40 +36,6 @@ struct LayerInput {
     digest: Digest,
     compression: Compression,
     bytes: LayerBytes,
-}
-
-/// The lock file inside each `tmp/build-*` directory, held by the process building there.
-const BUILD_OWNER: &str = ".owner";
-
-/// Removes the `build-*` directories under `tmp` whose builder died (killed mid-build: its
-/// staging tree stays otherwise, found by the soak). A directory whose owner lock is held is a
-/// build in progress, by this or another hearth process, and stays; so does one too young to have
-/// taken its lock yet.
-pub(crate) fn sweep_abandoned_builds(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if !entry.file_name().to_string_lossy().starts_with("build-") || !dir.is_dir() {
-            continue;
-        }
-        let owner = dir.join(BUILD_OWNER);
-        let abandoned = if owner.exists() {
-            FileLock::try_exclusive(&owner).is_ok_and(|held| held.is_some())
-        } else {
-            // No owner file yet: just created, or left by a hearth from before owner files.
-            std::fs::metadata(&dir)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > 600))
-        };
-        if abandoned {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => tracing::info!(dir = %dir.display(), "removed an abandoned image build"),
-                Err(e) => tracing::warn!(dir = %dir.display(), "removing an abandoned build: {e}"),
-            }
-        }
-    }
 }
 
 impl ImageStore {
@@ -104,27 +75,7 @@ impl ImageStore {
                 source,
             })?;
         }
-        let tmp = tempfile::Builder::new()
-            .prefix("build-")
-            .tempdir_in(self.home.tmp_dir())
-            .map_err(|source| ImageError::Io {
-                op: "create a build directory in",
-                path: self.home.tmp_dir(),
-                source,
-            })?;
-        private_dir(tmp.path()).map_err(|source| ImageError::Io {
-            op: "make private",
-            path: tmp.path().to_path_buf(),
-            source,
-        })?;
-        // Held for the build's life: a directory whose owner lock is free belongs to a process
-        // that died mid-build (`sweep_abandoned_builds`).
-        let owner = tmp.path().join(BUILD_OWNER);
-        let _owner = FileLock::exclusive(&owner).map_err(|source| ImageError::Io {
-            op: "lock",
-            path: owner,
-            source,
-        })?;
+        let tmp = BuildDir::create(&self.home.tmp_dir())?;
         let staging_dir = tmp.path().join("root");
         std::fs::create_dir(&staging_dir).map_err(|source| ImageError::Io {
             op: "create",
@@ -164,8 +115,9 @@ impl ImageStore {
                 key.to_string(),
                 cancel.clone(),
             );
-            let tree = tmp.path().to_path_buf();
+            let (tree, worker) = (tmp.path().to_path_buf(), tmp.worker());
             private_mounts::run_confined("hearth-apply", tree, move || {
+                let _worker = worker;
                 let result = apply_layers(&key, &staging_dir, inputs, limits, progress.as_deref());
                 if result.is_err() {
                     cancel.notify_one();
@@ -212,8 +164,9 @@ impl ImageStore {
         let image = tmp.path().join("rootfs.ext4");
         let imager = self.imager.clone();
         let (staging, image_path) = (staging_dir.clone(), image.clone());
-        let tree = tmp.path().to_path_buf();
+        let (tree, worker) = (tmp.path().to_path_buf(), tmp.worker());
         private_mounts::run_confined("hearth-mkfs", tree, move || {
+            let _worker = worker;
             imager.build(&staging, &stats, &image_path)
         })
         .map_err(|source| ImageError::Io {
@@ -246,10 +199,7 @@ impl ImageStore {
             path: rootfs.clone(),
             source,
         })?;
-        let tmp_path = tmp.keep();
-        tokio::task::spawn_blocking(move || remove_tree(&tmp_path))
-            .await
-            .map_err(|e| ImageError::Internal(e.to_string()))?;
+        tmp.remove().await;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "build directory removed"
@@ -312,40 +262,4 @@ fn apply_layers(
         progress.iter().for_each(|p| p.layer_done(&digest));
     }
     staging.finish().map_err(tree_err)
-}
-
-/// Best-effort removal of a build directory; anything left is collected by `gc`.
-fn remove_tree(path: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(path) {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove a build directory; `hearth` gc will retry");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A hearth killed mid-build leaves its staging tree in tmp/; the next store open removes it,
-    /// and never a build still running (its owner lock held) or one just created.
-    #[test]
-    fn abandoned_builds_go_and_running_ones_stay() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = |name: &str| {
-            let d = tmp.path().join(name);
-            std::fs::create_dir_all(d.join("root/etc")).unwrap();
-            d
-        };
-        let (running, dead, fresh, other) = (
-            dir("build-run"),
-            dir("build-dead"),
-            dir("build-new"),
-            dir("keep"),
-        );
-        let _held = FileLock::exclusive(&running.join(BUILD_OWNER)).unwrap();
-        drop(FileLock::exclusive(&dead.join(BUILD_OWNER)).unwrap());
-        sweep_abandoned_builds(tmp.path());
-        assert!(running.exists() && fresh.exists() && other.exists());
-        assert!(!dead.exists());
-        sweep_abandoned_builds(&tmp.path().join("absent"));
-    }
 }

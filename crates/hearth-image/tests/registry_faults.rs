@@ -1,6 +1,7 @@
 //! Registry faults from a fault-injecting proxy in front of the real test registry: 5xx answers,
 //! Bearer and Basic auth challenges, connection resets and stalls in the middle of a blob (resumed
-//! with Range), truncated and corrupted blobs (clear errors, nothing left behind).
+//! with Range), truncated and corrupted blobs (clear errors, nothing left behind), a pull cancelled
+//! mid-blob (no build directory left).
 
 mod common;
 
@@ -229,4 +230,49 @@ async fn corrupted_blob_fails_verification_and_leaves_nothing() {
         "{err}"
     );
     assert!(!blob_exists(s.home.path(), &s.layer));
+}
+
+/// A pull cancelled in the middle of a blob (its sandbox deleted while creating) leaves no build
+/// directory behind, and the next pull of the image works.
+#[tokio::test]
+async fn a_pull_cancelled_mid_blob_leaves_no_build_directory() {
+    let Some(s) = setup().await else { return };
+    s.proxy.fault(
+        &s.layer,
+        Fault::StallAfter {
+            bytes: 300_000,
+            stall: Duration::from_secs(5),
+            times: 1,
+        },
+    );
+    let (home, reference, options) = (s.home.path().to_owned(), s.reference.clone(), opts(&s));
+    let pulling = tokio::spawn(async move {
+        let store = ImageStore::open(&home).unwrap();
+        store.ensure(&reference, &options).await.map(|_| ())
+    });
+    let tmp = s.home.path().join("tmp");
+    let builds = || -> Vec<_> {
+        std::fs::read_dir(&tmp)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !s.proxy.log().iter().any(|l| l.ends_with("stall")) {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", s.proxy.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        builds().len(),
+        1,
+        "a build directory while the blob arrives"
+    );
+    pulling.abort();
+    let _ = pulling.await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !builds().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left: {:?}", builds());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let image = pull(s.home.path(), &s.reference, &opts(&s)).await;
+    assert!(exists(&image.rootfs, "/bin/busybox"));
 }
