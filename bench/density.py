@@ -47,10 +47,11 @@ def vmm_pids(home):
 
 
 def mapping_pss(pid):
-    """(guest memory, TCG translation cache) PSS in bytes of one VMM: the sealed template copy it
-    maps privately, and QEMU's code buffer (its only anonymous mapping that is writable and
-    executable)."""
-    guest = tcg = 0
+    """(guest memory, TCG translation cache, heap) PSS in bytes of one VMM: the sealed template copy
+    it maps privately, QEMU's code buffer (its only anonymous mapping that is writable and
+    executable), and its C heap (`[heap]` and the anonymous read-write mappings malloc's arenas and
+    thread stacks live in)."""
+    sizes = {"guest": 0, "tcg": 0, "heap": 0}
     kind = None
     try:
         with open(f"/proc/{pid}/smaps") as f:
@@ -61,17 +62,15 @@ def mapping_pss(pid):
                         kind = "guest"
                     elif len(fields) == 5 and fields[1] == "rwxp":
                         kind = "tcg"
+                    elif fields[1] == "rw-p" and (len(fields) == 5 or fields[5] == "[heap]"):
+                        kind = "heap"
                     else:
                         kind = None
                 elif kind and line.startswith("Pss:"):
-                    size = int(fields[1]) * 1024
-                    if kind == "guest":
-                        guest += size
-                    else:
-                        tcg += size
+                    sizes[kind] += int(fields[1]) * 1024
     except OSError:
         pass
-    return guest, tcg
+    return sizes["guest"], sizes["tcg"], sizes["heap"]
 
 
 def rollup(pid):
@@ -123,6 +122,7 @@ def main():
         parts = [mapping_pss(pid) for pid in pids]
         guest = sum(p[0] for p in parts) / len(pids)
         tcg = sum(p[1] for p in parts) / len(pids)
+        heap = sum(p[2] for p in parts) / len(pids)
         times = []
         for sid in ids:
             start = time.perf_counter()
@@ -137,6 +137,7 @@ def main():
               f"{guest / MIB:.1f} MiB |")
         print(f"| of which TCG's translation cache (translated guest code; none under KVM) | "
               f"{tcg / MIB:.1f} MiB |")
+        print(f"| of which QEMU's heap (malloc arenas, thread stacks) | {heap / MIB:.1f} MiB |")
         print(f"| VMM RSS per sandbox (shared pages counted in each) | {rss / MIB:.1f} MiB |")
         print(f"| guest memory per sandbox (what a private copy could reach) | "
               f"{int(args.memory.rstrip('mM'))} MiB |")

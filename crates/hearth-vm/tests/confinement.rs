@@ -8,6 +8,7 @@
 //! - Opening a file outside its run directory fails: `blockdev-add` of a 0600 file of
 //!   `$HEARTH_HOME` and of the world-readable `/etc/passwd` (only the chroot stops that one); the
 //!   uid could not read the 0600 file anyway.
+//! - QEMU's environment is empty: a secret in its starter's is not there to read.
 //! - Spawning a program fails: `migrate` to `exec:...` kills QEMU (seccomp `spawn=deny`) and the
 //!   program never runs.
 //! - When the VM ends, its cgroup and its uid lease are gone.
@@ -164,6 +165,9 @@ fn a_taken_over_qemu_is_unprivileged_chrooted_limited_and_cannot_reach_host_file
     let Some(fx) = fixture()? else {
         return Ok(());
     };
+    // A secret in the starter's environment, as a daemon's credentials may be (nextest runs each
+    // test in a process of its own, so no other thread reads the environment meanwhile).
+    std::env::set_var("HEARTH_TEST_DAEMON_SECRET", "s3cr3t");
     // A secret of the tenant's home, as hearth keeps every file there: 0600, root's.
     let secret = fx.home.path().join("images.json");
     std::fs::write(&secret, "{\"secret\": true}")?;
@@ -194,6 +198,13 @@ fn a_taken_over_qemu_is_unprivileged_chrooted_limited_and_cannot_reach_host_file
     assert_eq!(status_field(pid, "NoNewPrivs")?, "1");
     assert_eq!(status_field(pid, "CapEff")?, "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm")?, "0000000000000000");
+    // Nothing of the starter's environment (the secret, PATH, HOME, cargo's variables) is QEMU's.
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    assert!(
+        environ.is_empty(),
+        "QEMU's environment: {}",
+        String::from_utf8_lossy(&environ)
+    );
     // An emulating QEMU asks for huge pages on its translation cache; hearth turns them off (each
     // would pin 2 MiB of host memory for a few KiB of translated code).
     assert_eq!(status_field(pid, "THP_enabled")?, "0", "huge pages left on");

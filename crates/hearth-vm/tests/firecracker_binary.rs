@@ -229,6 +229,15 @@ fn api_mode_applies_hearths_whole_configuration_and_starts_the_instance() -> any
     ));
     if let Some(held) = firecrackers_config(vm.api()) {
         assert_holds_hearths_config(&held, &spec, &vmm);
+        // Started with an empty environment: nothing of this test's (or a daemon's) to read. (A
+        // jailed Firecracker's jailer empties its own as well.)
+        assert!(std::env::vars_os().next().is_some());
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        assert!(
+            environ.is_empty(),
+            "Firecracker's environment: {}",
+            String::from_utf8_lossy(&environ)
+        );
         if let Some(tap) = &tap {
             let nic = &held["network-interfaces"][0];
             assert_eq!(nic["iface_id"], "eth0", "{held}");

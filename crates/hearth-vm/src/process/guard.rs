@@ -38,16 +38,9 @@ pub(crate) fn spawn_guarded(request: &SpawnRequest, enter: &Enter) -> io::Result
                 .map(|a| CString::new(a.as_bytes()).map_err(|_| nul("a VMM argument"))),
         )
         .collect::<io::Result<Vec<CString>>>()?;
-    let env = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            let mut pair = k.as_bytes().to_vec();
-            pair.push(b'=');
-            pair.extend_from_slice(v.as_bytes());
-            CString::new(pair).ok()
-        })
-        .collect::<Vec<CString>>();
+    // Like every VMM (see `crate::process`), with an empty environment.
     let argv = pointers(&args);
-    let envp = pointers(&env);
+    let envp = pointers(&[]);
     let devnull = std::fs::File::open("/dev/null")?;
     let stdout = request.stdout.as_ref().unwrap_or(&request.log);
     let fds = [

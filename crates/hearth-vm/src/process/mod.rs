@@ -1,6 +1,9 @@
 //! Spawning VMM processes so that they die with hearth (or, detached, outlive it), and waiting for
 //! them with a timeout.
 //!
+//! A VMM starts with an empty environment: it needs none, and hearth's may hold what a guest that
+//! took over its VMM must not read (credentials, tokens, the paths of hearth's own files).
+//!
 //! Every VMM child gets `PR_SET_PDEATHSIG = SIGKILL`: if hearth dies (even by `kill -9`) the kernel
 //! kills the VMM. The signal fires when the *thread* that forked the child exits, not the process, so
 //! children are forked by one dedicated spawner thread that lives as long as the process (it blocks
@@ -110,6 +113,7 @@ fn spawn_here(request: SpawnRequest, enter: Enter) -> io::Result<Child> {
     let mut command = Command::new(&request.program);
     command
         .args(&request.args)
+        .env_clear()
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(request.log);
