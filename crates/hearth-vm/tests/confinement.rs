@@ -162,12 +162,12 @@ fn read_trimmed(path: &Path) -> anyhow::Result<String> {
 #[test]
 fn a_taken_over_qemu_is_unprivileged_chrooted_limited_and_cannot_reach_host_files(
 ) -> anyhow::Result<()> {
+    // A secret in the starter's environment, as a daemon's credentials may be (nextest runs each
+    // test in a process of its own, and this one has started no other thread yet).
+    std::env::set_var("HEARTH_TEST_DAEMON_SECRET", "s3cr3t");
     let Some(fx) = fixture()? else {
         return Ok(());
     };
-    // A secret in the starter's environment, as a daemon's credentials may be (nextest runs each
-    // test in a process of its own, so no other thread reads the environment meanwhile).
-    std::env::set_var("HEARTH_TEST_DAEMON_SECRET", "s3cr3t");
     // A secret of the tenant's home, as hearth keeps every file there: 0600, root's.
     let secret = fx.home.path().join("images.json");
     std::fs::write(&secret, "{\"secret\": true}")?;
