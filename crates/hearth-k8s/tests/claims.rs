@@ -401,28 +401,7 @@ async fn the_operator_runs_pools_from_its_watch_and_never_acts_twice() {
     let op = Operator::new(client, cfg);
     let op =
         tokio::spawn(async move { op.run(futures::future::pending()).await.expect("operator") });
-    // Node agents: a placed Sandbox starts running on its node.
-    let api: Api<Sandbox> = Api::namespaced(c.client.clone(), &c.ns);
-    let agents = tokio::spawn(async move {
-        loop {
-            for s in api
-                .list(&Default::default())
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default()
-            {
-                if s.phase() == Phase::Scheduled {
-                    let running = serde_json::json!({"status": {"phase": "Running",
-                        "sandboxId": format!("id-{}", s.name_any())}});
-                    let pp = PatchParams::default();
-                    let _ = api
-                        .patch_status(&s.name_any(), &pp, &Patch::Merge(&running))
-                        .await;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let agents = pretend_placed_agents(&c);
     eventually("3 ready members", WAIT, || async {
         ready_members(&c, "warm").await == 3
     })

@@ -10,7 +10,7 @@ use hearth_k8s::crd::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 
 use crate::common::{sandboxes, Cluster};
@@ -34,6 +34,34 @@ pub fn reconciler(c: &Cluster) -> tokio::task::JoinHandle<()> {
 /// Stands in for node agents: every Sandbox without a phase is set Running (with a node and a sandbox
 /// id), as a node agent writes it once the VM runs. Nothing boots.
 pub fn pretend_node_agent(c: &Cluster) -> tokio::task::JoinHandle<()> {
+    every_sandbox(c, |api, s| async move {
+        if s.status.as_ref().and_then(|st| st.phase).is_none() {
+            let _ = set_running(&api, s).await;
+        }
+    })
+}
+
+/// Stands in for the agents of registered nodes: every Sandbox the operator placed (`Scheduled`)
+/// starts running on its node (the operator's placement is kept). Nothing boots.
+pub fn pretend_placed_agents(c: &Cluster) -> tokio::task::JoinHandle<()> {
+    every_sandbox(c, |api, s| async move {
+        if s.phase() == Phase::Scheduled {
+            let running = serde_json::json!({"status": {"phase": "Running",
+                "sandboxId": format!("id-{}", s.name_any())}});
+            let pp = PatchParams::default();
+            let _ = api
+                .patch_status(&s.name_any(), &pp, &Patch::Merge(&running))
+                .await;
+        }
+    })
+}
+
+/// Calls `act` on every Sandbox of the test's namespace every 100 ms until aborted.
+fn every_sandbox<F, Fut>(c: &Cluster, act: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Api<Sandbox>, Sandbox) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let api: Api<Sandbox> = Api::namespaced(c.client.clone(), &c.ns);
     tokio::spawn(async move {
         loop {
@@ -43,9 +71,7 @@ pub fn pretend_node_agent(c: &Cluster) -> tokio::task::JoinHandle<()> {
                 .map(|l| l.items)
                 .unwrap_or_default()
             {
-                if s.status.as_ref().and_then(|st| st.phase).is_none() {
-                    let _ = set_running(&api, s).await;
-                }
+                act(api.clone(), s).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
