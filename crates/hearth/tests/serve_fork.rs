@@ -89,13 +89,9 @@ async fn post(d: &Daemon, path: &str, body: serde_json::Value) -> (u16, serde_js
 async fn forked_children_share_the_parents_state_and_nothing_after() {
     let home = Home::new(TOKENS);
     let mut d = Daemon::start(&home, &["--capacity-cpus", "8"]);
-    let (status, s) = post(&d, "/v1/sandboxes", json!({"image": image("python")})).await;
-    assert_eq!(
-        (status, &s["state"]),
-        (201, &json!("running")),
-        "{s}\n{}",
-        d.log_text()
-    );
+    let s = d
+        .create_running(ALICE, json!({"image": image("python")}))
+        .await;
     let parent = s["id"].as_str().unwrap().to_owned();
     let fork = format!("/v1/sandboxes/{parent}/fork");
 

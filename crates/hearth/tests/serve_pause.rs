@@ -64,18 +64,9 @@ async fn post(d: &Daemon, path: &str, body: Option<serde_json::Value>) -> (u16, 
 async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
     let home = Home::new(TOKENS);
     let mut d = Daemon::start(&home, &[]);
-    let (status, s) = post(
-        &d,
-        "/v1/sandboxes",
-        Some(json!({"image": image("busybox")})),
-    )
-    .await;
-    assert_eq!(
-        (status, &s["state"]),
-        (201, &json!("running")),
-        "{s}\n{}",
-        d.log_text()
-    );
+    let s = d
+        .create_running(ALICE, json!({"image": image("busybox")}))
+        .await;
     let id = s["id"].as_str().unwrap().to_owned();
     let boot_id = exec_stdout(
         &d,

@@ -139,15 +139,9 @@ async fn creates_take_distinct_pool_vms_and_the_pool_refills_within_capacity() {
         )
         .await;
     assert_eq!(status, 204);
-    let (status, s) = d
-        .json(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(ALICE),
-            Some(json!({"image": busybox, "env": {"A": "1"}})),
-        )
+    let s = d
+        .create_running(ALICE, json!({"image": busybox, "env": {"A": "1"}}))
         .await;
-    assert_eq!((status, &s["state"]), (201, &json!("running")), "{s}");
     assert!(s.get("warm").is_none(), "{s}");
     assert_eq!(gauge(&d, "hearth_warm_pool_ready").await, 2);
     assert!(gauge(&d, "hearth_allocated_vcpus").await <= 4);
@@ -163,15 +157,7 @@ async fn template_memory_no_vm_uses_gives_way_to_a_sandbox() {
     // Room for one 256 MiB sandbox, not for it and an unused 256 MiB template copy as well.
     let d = Daemon::start(&home, &["--capacity-memory", "400m"]);
     let body = json!({"image": busybox, "memory": "256m"});
-    let (status, s) = d
-        .json(
-            Method::POST,
-            "/v1/sandboxes",
-            Some(ALICE),
-            Some(body.clone()),
-        )
-        .await;
-    assert_eq!((status, &s["state"]), (201, &json!("running")), "{s}");
+    let s = d.create_running(ALICE, body.clone()).await;
     let template_memory = || gauge(&d, "hearth_template_memory_bytes");
     assert_eq!(template_memory().await, 256 << 20);
     let path = format!("/v1/sandboxes/{}", s["id"].as_str().unwrap());
@@ -183,15 +169,7 @@ async fn template_memory_no_vm_uses_gives_way_to_a_sandbox() {
         "kept for the next restore"
     );
 
-    let (status, s) = d
-        .json(Method::POST, "/v1/sandboxes", Some(ALICE), Some(body))
-        .await;
-    assert_eq!(
-        (status, &s["state"]),
-        (201, &json!("running")),
-        "{s}\n{}",
-        d.log_text()
-    );
+    let s = d.create_running(ALICE, body).await;
     let id = s["id"].as_str().unwrap();
     assert_eq!(hostname(&d, id).await, format!("hearth-{}", &id[..12]));
     assert_eq!(template_memory().await, 256 << 20, "made again for this VM");

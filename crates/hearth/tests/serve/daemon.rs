@@ -210,6 +210,21 @@ impl Daemon {
         (status, value)
     }
 
+    /// Creates a sandbox from `body` as `token`'s tenant and asserts it answered 201 running (with
+    /// the daemon's log when not); returns its record.
+    pub async fn create_running(&self, token: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, s) = self
+            .json(Method::POST, "/v1/sandboxes", Some(token), Some(body))
+            .await;
+        assert_eq!(
+            (status, &s["state"]),
+            (201, &serde_json::json!("running")),
+            "{s}\n{}",
+            self.log_text()
+        );
+        s
+    }
+
     /// Polls a sandbox until `done` says so or `timeout` passes; returns the last record.
     pub async fn wait_for(
         &self,
