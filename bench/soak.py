@@ -74,6 +74,8 @@ class Api:
                 self.rec.unreachable(kind)
             return None, str(reason).encode()
         self.rec.op(kind, status, time.monotonic() - started)
+        if status == 500:
+            self.rec.internal_error(kind, method, path, payload)
         return status, payload
 
     def exec(self, sid, token, script, timeout=60):

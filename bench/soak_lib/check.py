@@ -131,6 +131,7 @@ class Checker:
             "leaks": leaks,
             "hangs": self.rec.hangs,
             "cuts": self.rec.cuts,
+            "internal": self.rec.internal,
             "mismatches": mismatches,
             "notes": self.rec.notes + [f"slow /healthz answers: {self.slow_healthz}",
                                        f"/healthz probes across a restart: {across_restarts}",

@@ -29,6 +29,7 @@ class Recorder:
             self.ops = {}  # kind -> {"status": {code: n}, "lat": [s]}
             self.hangs = []
             self.cuts = []
+            self.internal = []  # every 500: what was asked and what came back
             self.down = {}
             self.notes = []
             self.healthz_samples = []  # (wall time answered, seconds)
@@ -52,6 +53,11 @@ class Recorder:
     def cut(self, kind, path, why):
         with self.lock:
             self.cuts.append({"kind": kind, "path": path, "why": why})
+
+    def internal_error(self, kind, method, path, body):
+        with self.lock:
+            self.internal.append({"kind": kind, "request": f"{method} {path}",
+                                  "answer": body[:600].decode(errors="replace")})
 
     def unreachable(self, kind):
         with self.lock:
@@ -179,7 +185,8 @@ def render(report):
                  f"leaks {len(report['leaks'])}, hung requests {len(report['hangs'])}, "
                  f"requests dropped by a living daemon {len(report['cuts'])}")
     for title, items in (("LOST", report["lost"]), ("LEAK", report["leaks"]),
-                         ("HUNG", report["hangs"]), ("CUT", report["cuts"]), ("MISMATCH", report["mismatches"]),
+                         ("HUNG", report["hangs"]), ("CUT", report["cuts"]), ("500", report.get("internal", [])),
+                         ("MISMATCH", report["mismatches"]),
                          ("note", report["notes"])):
         for item in items:
             lines.append(f"  {title}: {item}")

@@ -40,6 +40,49 @@ pub enum SandboxError {
     },
 }
 
+impl SandboxError {
+    /// The host's disk (hearth's home) was full: the node's capacity, not a fault of hearth's.
+    /// Looks through the error's sources for ENOSPC or EDQUOT, and in its text for the message
+    /// QEMU reports a full disk with (its migration errors are text only).
+    pub fn is_disk_full(&self) -> bool {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                    return true;
+                }
+            }
+            next = e.source();
+        }
+        self.to_string().contains("No space left on device")
+    }
+
+    /// The VMM or the guest did not answer in time (frozen, or a host too loaded to run it): the
+    /// sandbox's trouble, not a failure of hearth's.
+    pub fn is_unresponsive(&self) -> bool {
+        use hearth_vm::firecracker::FirecrackerError;
+        use hearth_vm::qemu::QemuError;
+        let channel = |c: &ChannelError| {
+            matches!(
+                c,
+                ChannelError::Unresponsive { .. } | ChannelError::HandshakeTimeout(_)
+            )
+        };
+        match self {
+            SandboxError::Vm(hearth_vm::VmError::StartTimeout { .. }) => true,
+            SandboxError::Vm(vm) => {
+                vm.backend_error::<QemuError>()
+                    .is_some_and(QemuError::is_unresponsive)
+                    || vm
+                        .backend_error::<FirecrackerError>()
+                        .is_some_and(FirecrackerError::is_unresponsive)
+            }
+            SandboxError::Agent { source, .. } | SandboxError::Channel(source) => channel(source),
+            _ => false,
+        }
+    }
+}
+
 /// The kernel's error with the way out, unless it already says it.
 fn with_setup_advice(err: &hearth_vm::kernel::KernelError) -> String {
     let text = err.to_string();

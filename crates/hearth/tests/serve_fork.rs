@@ -5,6 +5,7 @@
 //! it, shows in no other sandbox (the parent's own counter goes on from where it was); the kernel's
 //! random uuid, `os.urandom` and the hostname differ across all four; the parent runs on with its
 //! exec still streaming; a daemon `kill -9` and restart re-attaches the children like any sandbox.
+//! A fork of a parent whose VMM is frozen answers 504, keeps no child and leaves the parent running.
 //! Bad input: count 0 and 65 are 400, a fork over the tenant's quota 429 with nothing created, a
 //! paused parent 409. `PATCH` sets a paused child's TTL (from its creation) and idle timeout, and
 //! refuses a TTL over the daemon's maximum, a zero and an unknown field.
@@ -125,6 +126,36 @@ async fn forked_children_share_the_parents_state_and_nothing_after() {
         let (status, e) = post(&d, &fork, json!({ "count": count })).await;
         assert_eq!(status, 400, "count {count}: {e}");
     }
+
+    // The parent's VMM frozen (a guest that wedged it, a starved host): the fork answers 504
+    // once QEMU has not taken the save's first command in time, keeps no child, and the parent
+    // runs on as it was once its VMM does (the soak found this answered 500).
+    let vmm = daemon::processes_mentioning(&parent)
+        .into_iter()
+        .find(|(_, cmdline)| cmdline.contains("qemu"))
+        .expect("the parent's QEMU")
+        .0 as i32;
+    assert_eq!(unsafe { libc::kill(vmm, libc::SIGSTOP) }, 0);
+    let thaw = async {
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(unsafe { libc::kill(vmm, libc::SIGCONT) }, 0);
+    };
+    let ((status, e), ()) = tokio::join!(post(&d, &fork, json!({"count": 1})), thaw);
+    assert_eq!(
+        (status, &e["code"]),
+        (504, &json!("guest_unresponsive")),
+        "fork of a frozen parent: {e}"
+    );
+    assert!(e.to_string().contains("QMP stop"), "{e}");
+    assert_eq!(sh(&d, &parent, "cat /root/origin").await, "parent");
+    let (_, listed) = d
+        .json(Method::GET, "/v1/sandboxes", Some(ALICE), None)
+        .await;
+    assert_eq!(
+        listed["sandboxes"].as_array().map(Vec::len),
+        Some(1),
+        "a child outlived the failed fork: {listed}"
+    );
 
     let started = std::time::Instant::now();
     let (status, answer) = post(&d, &fork, json!({"count": 3})).await;

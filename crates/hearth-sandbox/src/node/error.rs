@@ -42,8 +42,13 @@ pub enum NodeError {
     Busy(String),
     #[error(transparent)]
     Image(#[from] hearth_image::ImageError),
+    /// 504: the sandbox's VMM or guest did not answer in time (frozen, or a host too loaded to
+    /// run it); the node itself is fine. The message says which step waited.
+    #[error("sandbox {id} did not answer in time: {detail}")]
+    Unresponsive { id: String, detail: String },
+    /// 500: what no other variant classifies. [`NodeError::of`] sorts a [`SandboxError`].
     #[error(transparent)]
-    Sandbox(#[from] SandboxError),
+    Sandbox(SandboxError),
     #[error(transparent)]
     Channel(#[from] ChannelError),
     /// The state database failed.
@@ -56,8 +61,98 @@ pub enum NodeError {
     },
 }
 
+impl NodeError {
+    /// `e`, a failure of sandbox `id`, by what it means to the caller: a full disk is the node's
+    /// capacity (503, retry later), a VMM or guest that did not answer is the sandbox's trouble
+    /// (504), anything else is hearth's own failure (500).
+    pub fn of(id: &str, e: SandboxError) -> NodeError {
+        if e.is_disk_full() {
+            return NodeError::Capacity {
+                message: format!("the node's disk is full ({e}); retry when space is freed"),
+            };
+        }
+        if e.is_unresponsive() {
+            return NodeError::Unresponsive {
+                id: id.to_owned(),
+                detail: e.to_string(),
+            };
+        }
+        NodeError::Sandbox(e)
+    }
+}
+
 impl From<rusqlite::Error> for NodeError {
     fn from(e: rusqlite::Error) -> Self {
         NodeError::Store(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use hearth_vm::qemu::{QemuError, QmpError, SaveError};
+    use hearth_vm::VmError;
+
+    use super::*;
+
+    fn qemu_save(source: SaveError) -> SandboxError {
+        SandboxError::Vm(VmError::backend(
+            "qemu",
+            QemuError::Save {
+                state: PathBuf::from("/home/node/forks/x/state"),
+                source,
+            },
+        ))
+    }
+
+    #[test]
+    fn a_full_disk_is_capacity_a_silent_vmm_unresponsive_and_the_rest_internal() {
+        let full = SandboxError::Io {
+            what: "copying the scratch disk".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(matches!(
+            NodeError::of("s", full),
+            NodeError::Capacity { .. }
+        ));
+        // QEMU says so only in its migration's error text.
+        let full = qemu_save(SaveError::Failed {
+            path: PathBuf::from("state"),
+            status: "failed".into(),
+            detail: "Unable to write to file: No space left on device".into(),
+        });
+        assert!(matches!(
+            NodeError::of("s", full),
+            NodeError::Capacity { .. }
+        ));
+
+        let frozen = qemu_save(SaveError::Qmp {
+            command: "stop",
+            source: QmpError::Timeout("reply to the command"),
+        });
+        match NodeError::of("s", frozen) {
+            NodeError::Unresponsive { id, detail } => {
+                assert_eq!(id, "s");
+                assert!(detail.contains("QMP stop"), "{detail}");
+            }
+            other => panic!("a frozen VMM's save: {other:?}"),
+        }
+        let silent = SandboxError::Channel(ChannelError::HandshakeTimeout(Duration::from_secs(1)));
+        assert!(matches!(
+            NodeError::of("s", silent),
+            NodeError::Unresponsive { .. }
+        ));
+
+        let refused = qemu_save(SaveError::Qmp {
+            command: "migrate",
+            source: QmpError::Command {
+                command: "migrate".into(),
+                class: "GenericError".into(),
+                desc: "no".into(),
+            },
+        });
+        assert!(matches!(NodeError::of("s", refused), NodeError::Sandbox(_)));
     }
 }

@@ -166,22 +166,19 @@ impl Node {
             match outcome {
                 Ok(sandbox) => self.booted(&child.id, Ok((sandbox, image.clone()))).await,
                 Err(e) => {
-                    let message = format!("child {} did not come up: {e}", child.id);
-                    failure.get_or_insert(message);
+                    let failed = child_failed(id, &child.id, &e);
+                    failure.get_or_insert(failed);
                     self.booted(&child.id, Err(e)).await;
                 }
             }
         }
-        if let Some(message) = failure {
+        if let Some(failure) = failure {
             for child in &children {
                 self.end(&child.id, State::Failed, "fork failed", true)
                     .await;
             }
-            tracing::warn!(sandbox = %id, "fork failed: {message}");
-            return Err(NodeError::Io {
-                what: format!("forking sandbox {id} (no child kept)"),
-                source: std::io::Error::other(message),
-            });
+            tracing::warn!(sandbox = %id, "fork failed: {failure}");
+            return Err(failure);
         }
         tracing::info!(sandbox = %id, count, "forked");
         Ok(children
@@ -226,7 +223,7 @@ impl Node {
             tasks.spawn(async move {
                 let _slot = node.boots.acquire(&tenant).await;
                 let started = snapshot.start_copy(&config, &id, &run_dir, true).await;
-                (index, started.map_err(NodeError::from))
+                (index, started.map_err(|e| NodeError::of(&id, e)))
             });
         }
         let mut outcomes: Vec<Option<Result<crate::Sandbox, NodeError>>> =
@@ -239,6 +236,26 @@ impl Node {
             .into_iter()
             .map(|o| o.expect("every child started"))
             .collect()
+    }
+}
+
+/// The fork's answer when child `child` of `parent` did not come up: of the same kind as the
+/// child's error `e` (a full disk is capacity, a VMM that did not answer the sandbox's trouble),
+/// saying no child was kept.
+fn child_failed(parent: &str, child: &str, e: &NodeError) -> NodeError {
+    let what = format!("forking sandbox {parent} (no child kept): child {child} did not come up");
+    match e {
+        NodeError::Capacity { message } => NodeError::Capacity {
+            message: format!("{what}: {message}"),
+        },
+        NodeError::Unresponsive { detail, .. } => NodeError::Unresponsive {
+            id: child.to_owned(),
+            detail: format!("{what}: {detail}"),
+        },
+        other => NodeError::Io {
+            what,
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }
 

@@ -148,8 +148,9 @@ impl Node {
         info: &SandboxInfo,
     ) -> Result<(Sandbox, PulledImage), NodeError> {
         let config = self.sandbox_config(info);
-        let sandbox =
-            Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id)).await?;
+        let sandbox = Sandbox::create_detached(&config, image.clone(), id, &self.run_dir(id))
+            .await
+            .map_err(|e| NodeError::of(id, e))?;
         Ok((sandbox, image))
     }
 

@@ -91,7 +91,11 @@ impl Node {
             let (sandbox, policy) = (sandbox.clone(), policy.clone());
             tokio::task::spawn_blocking(move || sandbox.set_network_policy(policy))
         };
-        if !apply.await.expect("network policy task")? {
+        if !apply
+            .await
+            .expect("network policy task")
+            .map_err(|e| NodeError::of(id, e))?
+        {
             return Err(no_network(id));
         }
         {

@@ -32,27 +32,20 @@ use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
 /// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
 pub(super) const SAVE_MARGIN: u64 = 64 << 20;
 
-/// What a failed save means to the caller; the VM runs on (or has died) either way.
+/// What a failed save means to the caller; the VM runs on (or has died) either way. A full disk
+/// is the node's capacity (503) and a VMM that did not answer the sandbox's trouble (504; the
+/// failed save asked it to continue, which it does once it answers again): see [`NodeError::of`].
 pub(super) fn save_failed(id: &str, sandbox: &crate::Sandbox, e: crate::SandboxError) -> NodeError {
-    // QEMU reports a full disk only in its message.
-    if e.to_string().contains("No space left on device") {
-        return NodeError::Capacity {
-            message: format!(
-                "the node's disk filled up while saving this sandbox ({e}); it runs on; retry \
-                 when space is freed"
-            ),
-        };
-    }
     // Its VM died under the save (the soak kills VMMs): not a failure of the node's; the reaper
     // marks the sandbox failed at its next tick.
-    if sandbox.exited().is_some() {
+    if !e.is_disk_full() && sandbox.exited().is_some() {
         return NodeError::NotRunning {
             id: id.to_owned(),
             state: State::Running,
             detail: Some(", but its VM has exited".to_owned()),
         };
     }
-    NodeError::from(e)
+    NodeError::of(id, e)
 }
 
 impl Node {
@@ -231,7 +224,7 @@ impl Node {
                 }
                 (Some(entry), Err(e)) if entry.record.info.state == State::Paused => {
                     entry.releasing = false;
-                    (Err(NodeError::from(e)), None)
+                    (Err(NodeError::of(id, e)), None)
                 }
                 // Ended (deleted, expired) while it was being restored.
                 (entry, resumed) => {

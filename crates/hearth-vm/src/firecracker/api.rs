@@ -47,6 +47,14 @@ pub enum ApiError {
     },
 }
 
+impl ApiError {
+    /// The call's read or write timed out: Firecracker did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ApiError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock))
+    }
+}
+
 /// `GET /` (Firecracker's `InstanceInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct InstanceInfo {

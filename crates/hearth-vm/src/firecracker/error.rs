@@ -33,6 +33,20 @@ pub enum FirecrackerError {
     NoJailer,
 }
 
+impl FirecrackerError {
+    /// Firecracker did not answer an API call in time (frozen, or too starved to serve it): the
+    /// sandbox's trouble, not a failure of hearth's.
+    pub fn is_unresponsive(&self) -> bool {
+        match self {
+            FirecrackerError::Api(source)
+            | FirecrackerError::Config { source, .. }
+            | FirecrackerError::Restore { source, .. }
+            | FirecrackerError::Save { source, .. } => source.is_timeout(),
+            FirecrackerError::NoJailer => false,
+        }
+    }
+}
+
 impl From<FirecrackerError> for VmError {
     fn from(e: FirecrackerError) -> VmError {
         VmError::backend("firecracker", e)

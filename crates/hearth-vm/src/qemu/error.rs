@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::snapshot::SaveError;
 use super::{QmpError, SnapshotError};
 use crate::tsc::TscError;
 use crate::vmm::VmError;
@@ -16,8 +17,23 @@ pub enum QemuError {
     Tsc(TscError),
     #[error("snapshot: {0}")]
     Snapshot(SnapshotError),
-    #[error("saving the VM to {state}: {detail}")]
-    Save { state: PathBuf, detail: String },
+    #[error("saving the VM to {state}: {source}")]
+    Save { state: PathBuf, source: SaveError },
+}
+
+impl QemuError {
+    /// QEMU did not answer in time (frozen, or too starved to run its main loop): the sandbox's
+    /// trouble, not a failure of hearth's.
+    pub fn is_unresponsive(&self) -> bool {
+        match self {
+            QemuError::Qmp {
+                source: QmpError::Timeout(_),
+                ..
+            } => true,
+            QemuError::Save { source, .. } => source.is_unresponsive(),
+            _ => false,
+        }
+    }
 }
 
 impl From<QemuError> for VmError {

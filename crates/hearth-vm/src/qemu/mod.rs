@@ -20,7 +20,7 @@ pub use kvm_probe::KvmBootProbe;
 pub use memory::{release_unused_template_copies, template_copies_bytes};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 pub use running::RunningQemu;
-pub use snapshot::{ensure_template, SnapshotError, Template};
+pub use snapshot::{ensure_template, SaveError, SnapshotError, Template};
 
 use crate::accel::{Accel, Selection};
 use crate::spec::VmSpec;

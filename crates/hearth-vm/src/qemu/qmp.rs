@@ -91,7 +91,7 @@ impl Qmp {
             let left = deadline.saturating_duration_since(Instant::now());
             let message = self
                 .read_message(left)?
-                .ok_or(QmpError::Timeout("a command reply"))?;
+                .ok_or(QmpError::Timeout("reply to the command"))?;
             if let Some(event) = as_event(&message) {
                 self.events.push_back(event);
                 continue;

@@ -361,9 +361,9 @@ impl RunningVm for RunningQemu {
         })?;
         let state = dir.join(SAVED_STATE);
         self.qmp_required(|qmp| Ok(save(qmp, &state)))?
-            .map_err(|detail| QemuError::Save {
+            .map_err(|source| QemuError::Save {
                 state: state.clone(),
-                detail,
+                source,
             })?;
         let bytes = std::fs::metadata(&state)
             .map_err(|source| VmError::Io {

@@ -95,6 +95,13 @@ impl From<NodeError> for ApiError {
             }
             NodeError::Image(_) => (StatusCode::BAD_GATEWAY, "image"),
             NodeError::PortClosed { .. } => (StatusCode::BAD_GATEWAY, "port_closed"),
+            NodeError::Unresponsive { .. } => (StatusCode::GATEWAY_TIMEOUT, "guest_unresponsive"),
+            // The node's disk is full: capacity, retried later.
+            NodeError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                (StatusCode::SERVICE_UNAVAILABLE, "capacity")
+            }
             NodeError::Channel(ChannelError::Agent(agent)) => match agent.kind {
                 ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
                 ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "forbidden"),

@@ -44,6 +44,7 @@ pub struct PauseSandbox {
         (status = 500, description = "Saving failed; the sandbox runs on (the message says why)", body = ErrorBody),
         (status = 503, description = "No room on the node's disk for the sandbox's memory (`capacity`, with Retry-After; the sandbox runs on) or shutting down", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+        (status = 504, description = "The sandbox's VMM did not answer in time (`guest_unresponsive`: frozen, or a host too loaded to run it); nothing was saved and the sandbox runs on once its VMM does", body = ErrorBody),
     ))]
 pub async fn pause(
     State(state): State<Arc<AppState>>,
@@ -69,6 +70,7 @@ pub async fn pause(
         (status = 500, description = "The resume failed (e.g. a missing or corrupt snapshot file, named in the message); the sandbox stays paused with its snapshot", body = ErrorBody),
         (status = 503, description = "Node capacity used up (`capacity`, with Retry-After; the sandbox stays paused) or shutting down", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+        (status = 504, description = "The restored VM or its guest did not answer in time (`guest_unresponsive`); the sandbox stays paused with its snapshot", body = ErrorBody),
     ))]
 pub async fn resume(
     State(state): State<Arc<AppState>>,
@@ -103,8 +105,9 @@ pub struct ForkSandbox {
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
         (status = 429, description = "The children would exceed the tenant's quota; none was created", body = ErrorBody),
         (status = 500, description = "The snapshot or a child failed (the message names it); all or nothing: no child was kept, the parent runs on", body = ErrorBody),
-        (status = 503, description = "Node capacity (memory, vCPUs, or disk for the snapshot) used up (`capacity`, with Retry-After; none created) or shutting down", body = ErrorBody,
+        (status = 503, description = "Node capacity (memory, vCPUs, or disk for the snapshot or the children) used up (`capacity`, with Retry-After; none created) or shutting down", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before trying again (sent with `capacity`)"))),
+        (status = 504, description = "The parent's VMM, or a child, did not answer in time (`guest_unresponsive`); no child was kept, the parent runs on once its VMM does", body = ErrorBody),
     ))]
 pub async fn fork(
     State(state): State<Arc<AppState>>,

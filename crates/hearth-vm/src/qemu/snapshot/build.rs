@@ -50,8 +50,8 @@ pub(super) fn build(
 
     let tmp = dir.join("state.tmp");
     let saved = match vm.qmp() {
-        Some(qmp) => save::save(qmp, &tmp),
-        None => Err("the template VM has no QMP connection".into()),
+        Some(qmp) => save::save(qmp, &tmp).map_err(|e| e.to_string()),
+        None => Err("the template VM has no QMP connection".to_owned()),
     };
     let _ = vm.stop(Duration::ZERO); // QMP quit; the run directory goes with it
     drop(agent);

@@ -27,6 +27,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 pub use key::{FileIdentity, KeyInputs, TemplateKey};
+pub use save::SaveError;
 
 use super::QemuVmm;
 use crate::spec::{Drive, GuestMemory, KernelCmdline, VmSpec};

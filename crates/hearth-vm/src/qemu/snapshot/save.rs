@@ -8,11 +8,11 @@
 //! the RAM), while a restored VM's private mapping is not shared and is saved whole, as before.
 
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::qemu::argv::MEMORY_BACKEND_ID;
-use crate::qemu::Qmp;
+use crate::qemu::{Qmp, QmpError};
 
 /// QEMU's migration capability that leaves shared, file-backed RAM out of a saved state.
 pub(crate) const IGNORE_SHARED: &str = "x-ignore-shared";
@@ -26,48 +26,83 @@ const SAVE_DEADLINE: Duration = Duration::from_secs(120);
 /// The name QEMU knows the state file's descriptor by.
 const FD_NAME: &str = "hearth-save";
 
+/// Why a save failed, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("creating {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP {command}: {source}")]
+    Qmp {
+        command: &'static str,
+        source: QmpError,
+    },
+    /// QEMU ended the migration itself (its message says why: a full disk, say).
+    #[error("saving the state to {path} {status}: {detail}")]
+    Failed {
+        path: PathBuf,
+        status: String,
+        detail: String,
+    },
+    #[error("saving the state did not finish within {0:?}")]
+    Deadline(Duration),
+}
+
+impl SaveError {
+    /// QEMU did not answer a command in time, or the save never ended: a frozen or starved VMM
+    /// rather than a failure of the save itself.
+    pub fn is_unresponsive(&self) -> bool {
+        matches!(
+            self,
+            SaveError::Qmp {
+                source: QmpError::Timeout(_),
+                ..
+            } | SaveError::Deadline(_)
+        )
+    }
+}
+
 /// Pauses the guest and migrates its state into `file` (created, or truncated).
-pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), String> {
+pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), SaveError> {
     let out = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(file)
-        .map_err(|e| format!("creating {}: {e}", file.display()))?;
-    qmp.stop().map_err(|e| format!("QMP stop: {e}"))?;
+        .map_err(|source| SaveError::Create {
+            path: file.to_owned(),
+            source,
+        })?;
+    let step = |command: &'static str| move |source| SaveError::Qmp { command, source };
+    qmp.stop().map_err(step("stop"))?;
     let file_backed = qmp
         .has_memdev(MEMORY_BACKEND_ID)
-        .map_err(|e| format!("QMP query-memdev: {e}"))?;
+        .map_err(step("query-memdev"))?;
     if file_backed {
         qmp.set_migration_capability(IGNORE_SHARED, true)
-            .map_err(|e| format!("QMP migrate-set-capabilities: {e}"))?;
+            .map_err(step("migrate-set-capabilities"))?;
     }
     qmp.set_migration_parameters(serde_json::json!({ "max-bandwidth": SAVE_BANDWIDTH }))
-        .map_err(|e| format!("QMP migrate-set-parameters: {e}"))?;
-    qmp.send_fd(FD_NAME, out.as_fd())
-        .map_err(|e| format!("QMP getfd: {e}"))?;
+        .map_err(step("migrate-set-parameters"))?;
+    qmp.send_fd(FD_NAME, out.as_fd()).map_err(step("getfd"))?;
     drop(out); // QEMU holds its own copy now
     qmp.migrate(&format!("fd:{FD_NAME}"))
-        .map_err(|e| format!("QMP migrate: {e}"))?;
+        .map_err(step("migrate"))?;
     let deadline = Instant::now() + SAVE_DEADLINE;
     loop {
-        let (status, error) = qmp
-            .query_migrate()
-            .map_err(|e| format!("QMP query-migrate: {e}"))?;
+        let (status, error) = qmp.query_migrate().map_err(step("query-migrate"))?;
         match status.as_str() {
             "completed" => return Ok(()),
             "failed" | "cancelled" => {
-                return Err(format!(
-                    "saving the state to {} {status}: {}",
-                    file.display(),
-                    error.unwrap_or_default()
-                ))
+                return Err(SaveError::Failed {
+                    path: file.to_owned(),
+                    status,
+                    detail: error.unwrap_or_default(),
+                })
             }
-            _ if Instant::now() > deadline => {
-                return Err(format!(
-                    "saving the state did not finish within {SAVE_DEADLINE:?}"
-                ))
-            }
+            _ if Instant::now() > deadline => return Err(SaveError::Deadline(SAVE_DEADLINE)),
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
