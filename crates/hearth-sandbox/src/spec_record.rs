@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use hearth_vm::{Drive, GuestMemory, KernelCmdline, NetworkInterface, VmSpec, SCRATCH_SERIAL};
+use hearth_vm::{
+    Drive, GuestMemory, KernelCmdline, MachineRevision, NetworkInterface, VmSpec, SCRATCH_SERIAL,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::pause::SCRATCH_FILE;
@@ -30,6 +32,14 @@ pub(crate) struct SpecRecord {
     /// records written before guest memory was file-backed, and for cold-booted VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     template_memory: Option<PathBuf>,
+    /// The VM's [`MachineRevision`]; absent in records written before revisions were kept, whose
+    /// VMs all ran on the machine with a PIT.
+    #[serde(default = "machine_before_revisions")]
+    machine: u32,
+}
+
+fn machine_before_revisions() -> u32 {
+    MachineRevision::WITH_PIT.0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +71,7 @@ impl SpecRecord {
                 }
                 GuestMemory::Anonymous => None,
             },
+            machine: spec.machine.0,
             drives: spec
                 .drives
                 .iter()
@@ -98,6 +109,7 @@ impl SpecRecord {
             netns: n.netns.clone(),
         });
         spec.detached = detached;
+        spec.machine = MachineRevision(self.machine);
         spec.restore_from = Some(state.to_owned());
         // The saved state holds the VM's whole memory either way; a file-backed VM is restored
         // onto the same template mapping (or zeroes, if the template is gone since) so that the
@@ -149,6 +161,7 @@ mod tests {
             netns: Some("/h/node/net/a/netns".into()),
         });
         spec.memory = GuestMemory::FromTemplate("/h/templates/t/memory".into());
+        spec.machine = MachineRevision::WITH_PIT;
         let json = serde_json::to_string(&SpecRecord::of(&spec)).unwrap();
         let record: SpecRecord = serde_json::from_str(&json).unwrap();
         let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
@@ -167,5 +180,20 @@ mod tests {
         let record: SpecRecord = serde_json::from_value(json).unwrap();
         let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
         assert_eq!(again.memory, GuestMemory::Anonymous);
+    }
+
+    #[test]
+    fn a_record_keeps_its_machine_and_one_from_before_revisions_had_the_pit() {
+        let spec = VmSpec::new("/k/vmlinux", "/k/init.cpio", "/h/sandboxes/a");
+        let mut json: serde_json::Value = serde_json::to_value(SpecRecord::of(&spec)).unwrap();
+        assert_eq!(json["machine"], MachineRevision::CURRENT.0);
+        let record: SpecRecord = serde_json::from_value(json.clone()).unwrap();
+        let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
+        assert_eq!(again.machine, MachineRevision::CURRENT);
+
+        json.as_object_mut().unwrap().remove("machine");
+        let record: SpecRecord = serde_json::from_value(json).unwrap();
+        let again = record.spec(Path::new("/h/sandboxes/a"), Path::new("/p/state"), true);
+        assert_eq!(again.machine, MachineRevision::WITH_PIT);
     }
 }

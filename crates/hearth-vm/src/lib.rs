@@ -60,8 +60,8 @@ pub use lifecycle::{VmExit, VmProcess};
 pub use process::{ForeignProcess, ProcessIdentity};
 pub use rundir::{kill_processes_naming, read_log_tail, remove_stale_run_dirs, trim_log};
 pub use spec::{
-    Drive, GuestMemory, KernelCmdline, NetworkInterface, SpecError, VmSpec, HOSTNAME_PARAM,
-    ROOTFS_SERIAL, SCRATCH_SERIAL,
+    Drive, GuestMemory, KernelCmdline, MachineRevision, NetworkInterface, SpecError, VmSpec,
+    HOSTNAME_PARAM, ROOTFS_SERIAL, SCRATCH_SERIAL,
 };
 pub use vmm::{
     AgentEndpoint, BootTemplate, BootTemplates, Capabilities, LaunchPlan, RunningVm, SavedState,

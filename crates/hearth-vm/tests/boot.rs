@@ -295,12 +295,16 @@ fn wait_for_tick(console: &Path, above: u64) -> anyhow::Result<u64> {
 
 /// The pause-to-files hook: a running guest saved with `save_state` stays paused, and a new VM
 /// started from the saved file carries on where it stopped (its counter continues, no reboot).
+/// The VM is saved on the machine revision before today's (with a PIT, as a hearth before
+/// revisions saved every VM): started on today's machine QEMU refuses the state, started on its
+/// own it carries on.
 #[test]
 fn a_saved_vm_is_paused_and_a_vm_restored_from_the_file_carries_on() -> anyhow::Result<()> {
     let fx = fixture()?;
     assert!(fx.qemu.capabilities().save_state);
     let initramfs = fx.busybox_initramfs(TICK_SCRIPT)?;
-    let spec = fx.spec(&initramfs, "ticker");
+    let mut spec = fx.spec(&initramfs, "ticker");
+    spec.machine = hearth_vm::MachineRevision::WITH_PIT;
     let mut vm = fx.qemu.start(&spec)?;
     wait_for_tick(&spec.console_log, 3)?;
 
@@ -319,7 +323,19 @@ fn a_saved_vm_is_paused_and_a_vm_restored_from_the_file_carries_on() -> anyhow::
     );
     vm.kill()?;
 
+    let mut today = fx.spec(&initramfs, "ticker-today");
+    today.restore_from = Some(saved.state.clone());
+    let refused = match fx.qemu.start(&today) {
+        Ok(mut vm) => {
+            vm.kill()?;
+            anyhow::bail!("a state saved with a PIT was restored on a machine without one");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(refused.contains("i8254"), "{refused}");
+
     let mut restored = fx.spec(&initramfs, "ticker-restored");
+    restored.machine = spec.machine;
     restored.restore_from = Some(saved.state.clone());
     let mut vm = fx.qemu.start(&restored)?;
     assert!(vm.restored_in().is_some());
