@@ -38,24 +38,6 @@ async fn exec_stdout(d: &Daemon, id: &str, script: &str) -> String {
     stdout.trim().to_owned()
 }
 
-/// `hearth_allocated_memory_bytes` in `/metrics`.
-async fn allocated_memory(d: &Daemon) -> u64 {
-    let text = d
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("hearth_allocated_memory_bytes "))
-        .unwrap_or_else(|| panic!("no allocated memory in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 async fn post(d: &Daemon, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     d.json(Method::POST, path, Some(ALICE), body).await
 }
@@ -74,7 +56,7 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         "echo disk > /root/f; echo memory > /dev/shm/m; cat /proc/sys/kernel/random/boot_id",
     )
     .await;
-    assert_eq!(allocated_memory(&d).await, 256 << 20);
+    assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 256 << 20);
     let (pause, resume) = (
         format!("/v1/sandboxes/{id}/pause"),
         format!("/v1/sandboxes/{id}/resume"),
@@ -114,7 +96,7 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         daemon::processes_mentioning(&id).is_empty(),
         "a VMM of the paused sandbox still runs"
     );
-    assert_eq!(allocated_memory(&d).await, 0);
+    assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 0);
     let snapshot = home.path().join("node/paused").join(&id);
     assert!(snapshot.join("paused.json").is_file());
     let (status, e) = post(&d, &pause, None).await;
@@ -167,7 +149,7 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         )
         .await;
     assert_eq!(s["state"], "paused", "{s}");
-    assert_eq!(allocated_memory(&d).await, 0);
+    assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 0);
     std::fs::write(&state, good).unwrap();
 
     // Resume: the host's clock, the same guest, its files; its memory counted again.
@@ -188,7 +170,7 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         "guest clock {guest}, host {host}"
     );
     assert!(!snapshot.exists(), "the snapshot outlived the resume");
-    assert_eq!(allocated_memory(&d).await, 256 << 20);
+    assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 256 << 20);
     assert_eq!(
         exec_stdout(&d, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id,

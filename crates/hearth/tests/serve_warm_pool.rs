@@ -21,36 +21,17 @@ name = "alice"
 token = "alice-token-0001"
 "#;
 
-/// A gauge from `/metrics`.
-async fn gauge(d: &Daemon, name: &str) -> u64 {
-    let text = d
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Waits until `/metrics` says `ready` pool VMs are ready and `vcpus` are allocated; checks that
 /// allocation never goes over `capacity` meanwhile.
 async fn wait_for_pool(d: &Daemon, ready: u64, vcpus: u64, capacity: u64) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let allocated = gauge(d, "hearth_allocated_vcpus").await;
+        let allocated = d.gauge("hearth_allocated_vcpus").await;
         assert!(
             allocated <= capacity,
             "{allocated} vCPUs allocated of {capacity}"
         );
-        if gauge(d, "hearth_warm_pool_ready").await == ready && allocated == vcpus {
+        if d.gauge("hearth_warm_pool_ready").await == ready && allocated == vcpus {
             return;
         }
         assert!(
@@ -143,8 +124,8 @@ async fn creates_take_distinct_pool_vms_and_the_pool_refills_within_capacity() {
         .create_running(ALICE, json!({"image": busybox, "env": {"A": "1"}}))
         .await;
     assert!(s.get("warm").is_none(), "{s}");
-    assert_eq!(gauge(&d, "hearth_warm_pool_ready").await, 2);
-    assert!(gauge(&d, "hearth_allocated_vcpus").await <= 4);
+    assert_eq!(d.gauge("hearth_warm_pool_ready").await, 2);
+    assert!(d.gauge("hearth_allocated_vcpus").await <= 4);
 }
 
 /// The node keeps a copy of each boot template's memory for the next restore and counts it, but
@@ -158,7 +139,7 @@ async fn template_memory_no_vm_uses_gives_way_to_a_sandbox() {
     let d = Daemon::start(&home, &["--capacity-memory", "400m"]);
     let body = json!({"image": busybox, "memory": "256m"});
     let s = d.create_running(ALICE, body.clone()).await;
-    let template_memory = || gauge(&d, "hearth_template_memory_bytes");
+    let template_memory = || d.gauge("hearth_template_memory_bytes");
     assert_eq!(template_memory().await, 256 << 20);
     let path = format!("/v1/sandboxes/{}", s["id"].as_str().unwrap());
     let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;

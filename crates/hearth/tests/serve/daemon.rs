@@ -225,6 +225,25 @@ impl Daemon {
         s
     }
 
+    /// The value of the unlabelled sample `name` in `/metrics` (a gauge or counter in whole units).
+    pub async fn gauge(&self, name: &str) -> u64 {
+        let text = self
+            .request(Method::GET, "/metrics", None)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Polls a sandbox until `done` says so or `timeout` passes; returns the last record.
     pub async fn wait_for(
         &self,
