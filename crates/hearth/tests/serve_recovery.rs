@@ -2,7 +2,8 @@
 //! and exits 0 leaving the VMs up; the next daemon re-attaches them; after `kill -9` of the daemon
 //! the next one re-attaches the VM that still runs (exec works, its files are there) and marks the
 //! one whose VMM died meanwhile failed with the reason; SIGTERMs with no request open leave the VMs
-//! up too; nothing is left once both are deleted.
+//! up too; the boot template memory a re-attached VM maps stays counted until it ends; nothing is
+//! left once both are deleted.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -156,6 +157,14 @@ async fn restarts_reattach_running_vms_and_fail_dead_ones() {
     }
 
     let mut d = Daemon::start(&home, &args);
+    // The re-attached VM still maps the boot template memory the first daemon copied (256 MiB):
+    // counted, though this daemon made no copy. Both VMs came from one template.
+    assert_eq!(
+        d.gauge("hearth_template_memory_bytes").await,
+        256 << 20,
+        "{}",
+        d.log_text()
+    );
     let (status, s) = d
         .json(
             Method::GET,
@@ -216,6 +225,11 @@ async fn restarts_reattach_running_vms_and_fail_dead_ones() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(home.processes(), vec![], "no VMM is left");
+    assert_eq!(
+        d.gauge("hearth_template_memory_bytes").await,
+        0,
+        "the copy is no longer counted once its last VM ended"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(home.path().join("sandboxes"))
         .map(|dir| dir.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();

@@ -19,7 +19,9 @@
 //! making until its last holder lets go: the cache and each VM restored from it
 //! ([`RunningQemu`](super::running::RunningQemu) keeps its copy for its life). A copy no VM holds
 //! is given back by [`release_unused_template_copies`]: after a while unused, or at once when
-//! admission needs the room.
+//! admission needs the room. A daemon that adopts VMs an earlier daemon restored counts the copies
+//! they still map ([`inherited_copy`], found in the VMM's `/proc/PID/maps`) once each, until the
+//! last of those VMs ends: the earlier daemon's descriptors are gone, its copies' pages are not.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -28,11 +30,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::VmError;
 
+/// The memfd name of every copy; `/proc/PID/maps` shows it as `/memfd:NAME (deleted)`.
+const MEMFD_NAME: &str = "hearth-template-memory";
 /// Copies kept per process (templates differ by vCPUs, memory and network; a node has a few).
 const CACHE_ENTRIES: usize = 8;
 /// Copy chunk; all-zero chunks are skipped, so the copy holds only what the template wrote.
@@ -57,6 +61,101 @@ impl Drop for SealedMemory {
     fn drop(&mut self) {
         LIVE_BYTES.fetch_sub(self.len, Ordering::Relaxed);
     }
+}
+
+/// A copy an earlier daemon made, mapped by VMs this process adopted: counted once, however many
+/// of them map it, from the first adoption until the last of them ends.
+#[derive(Debug)]
+pub(super) struct InheritedMemory {
+    /// The memfd's device and inode as `/proc/PID/maps` shows them.
+    key: (String, u64),
+    len: u64,
+}
+
+impl Drop for InheritedMemory {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// The inherited copies counted now.
+static INHERITED: Mutex<Vec<Weak<InheritedMemory>>> = Mutex::new(Vec::new());
+
+/// The template copy that VMM `pid` (or, for a confined VMM's guard, its child) maps, if any,
+/// counted from now on while the handle, or another for the same copy, lives.
+pub(super) fn inherited_copy(pid: u32) -> Option<Arc<InheritedMemory>> {
+    let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok();
+    let (key, len) = std::iter::once(pid)
+        .chain(crate::rundir::children(pid))
+        .find_map(|pid| mapped_copy(&maps(pid)?))?;
+    if held_here(&key) {
+        return None; // a copy this process made: counted already
+    }
+    let mut inherited = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    inherited.retain(|w| w.strong_count() > 0);
+    if let Some(held) = inherited
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|c| c.key == key)
+    {
+        return Some(held);
+    }
+    LIVE_BYTES.fetch_add(len, Ordering::Relaxed);
+    tracing::info!(
+        pid,
+        mib = len >> 20,
+        "an adopted VM maps boot template memory an earlier daemon made"
+    );
+    let copy = Arc::new(InheritedMemory { key, len });
+    inherited.push(Arc::downgrade(&copy));
+    Some(copy)
+}
+
+/// Whether this process holds the memfd `key` names open itself.
+fn held_here(key: &(String, u64)) -> bool {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::metadata(fd.path()).is_ok_and(|m| {
+            let dev = format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev()));
+            m.ino() == key.1 && dev == key.0
+        })
+    })
+}
+
+/// The template copy in a `/proc/PID/maps` text: its key and size (the furthest byte of it
+/// mapped; the kernel may split one mapping into several lines).
+fn mapped_copy(maps: &str) -> Option<((String, u64), u64)> {
+    let name = format!("/memfd:{MEMFD_NAME}");
+    let mut found: Option<((String, u64), u64)> = None;
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [range, _perms, offset, dev, inode, path, ..] = fields[..] else {
+            continue;
+        };
+        if path != name {
+            continue;
+        }
+        let (Some((start, end)), Ok(offset), Ok(inode)) = (
+            range.split_once('-'),
+            u64::from_str_radix(offset, 16),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let reach = offset + end.saturating_sub(start);
+        match &mut found {
+            Some((key, len)) if *key == (dev.to_owned(), inode) => *len = (*len).max(reach),
+            Some(_) => {}
+            None => found = Some(((dev.to_owned(), inode), reach)),
+        }
+    }
+    found
 }
 
 /// What a template file was when it was copied: a changed file is copied again.
@@ -185,7 +284,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
 /// A new memfd of `bytes`, every page allocated, holding `source`'s non-zero data, then sealed
 /// against any change.
 fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
-    let name = CString::new("hearth-template-memory").expect("no NUL");
+    let name = CString::new(MEMFD_NAME).expect("no NUL");
     // SAFETY: memfd_create with a valid C string; the result is checked and owned at once.
     let raw =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
@@ -267,6 +366,63 @@ mod tests {
 
     fn serial() -> std::sync::MutexGuard<'static, ()> {
         SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn a_copy_mapped_by_an_adopted_vm_is_counted_once_until_its_last_vm_ends() {
+        let _serial = serial();
+        let copy = copy_sealed(None, 4 << 20).unwrap();
+        // This process stands in for the adopted VMM: it maps the copy as QEMU does, and the
+        // daemon that made it is gone (the descriptor closed, the pages mapped).
+        // SAFETY: a private mapping of an owned descriptor, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                copy.fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let made = template_copies_bytes();
+        assert!(
+            inherited_copy(std::process::id()).is_none(),
+            "a copy this process holds is counted already"
+        );
+        drop(copy);
+        let before = template_copies_bytes();
+        assert_eq!(before, made - (4 << 20));
+        let first = inherited_copy(std::process::id()).expect("the mapping is found");
+        assert_eq!(template_copies_bytes(), before + (4 << 20));
+        let second = inherited_copy(std::process::id()).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(template_copies_bytes(), before + (4 << 20), "counted once");
+        drop(first);
+        assert_eq!(template_copies_bytes(), before + (4 << 20));
+        drop(second);
+        assert_eq!(template_copies_bytes(), before);
+        // SAFETY: the mapping made above.
+        assert_eq!(unsafe { libc::munmap(at, 4 << 20) }, 0);
+    }
+
+    #[test]
+    fn a_copy_split_over_several_mappings_counts_its_whole_size() {
+        let maps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 fe:01 1234 /usr/bin/qemu-system-x86_64
+7f0000000000-7f0008000000 rw-p 00000000 00:01 2051 /memfd:hearth-template-memory (deleted)
+7f0008000000-7f0010000000 rw-p 08000000 00:01 2051 /memfd:hearth-template-memory (deleted)
+7f2000000000-7f2000001000 rw-p 00000000 00:00 0
+";
+        assert_eq!(
+            mapped_copy(maps),
+            Some((("00:01".to_owned(), 2051), 256 << 20))
+        );
+        assert_eq!(
+            mapped_copy("7f0-7f1 rw-p 0 00:01 9 /memfd:other (deleted)\n"),
+            None
+        );
     }
 
     #[test]

@@ -46,9 +46,10 @@ pub struct RunningQemu {
     restored_in: Option<Duration>,
     /// Restored: the agent port connection made before the state was loaded.
     agent_stream: Option<UnixStream>,
-    /// Restored from a template: the sealed copy of its memory this VM maps, held so that the
-    /// node counts it while the VM lives (see `memory.rs`).
-    _memory: Option<Arc<memory::SealedMemory>>,
+    /// Restored from a template: the sealed copy of its memory this VM maps (made here, or by an
+    /// earlier daemon for an adopted VM), held so that the node counts it while the VM lives (see
+    /// `memory.rs`).
+    _memory: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl RunningQemu {
@@ -94,7 +95,7 @@ impl RunningQemu {
             qmp: None,
             restored_in: None,
             agent_stream: None,
-            _memory: memory,
+            _memory: memory.map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
         };
         if spec.detached {
             // Written before anything can fail, so that whoever finds this run directory can
@@ -266,8 +267,9 @@ impl RunningQemu {
             qmp,
             restored_in: None,
             agent_stream: None,
-            // Its copy was made by the daemon that started it; it is not counted here.
-            _memory: None,
+            // Its copy was made by the daemon that restored it: counted here while it lives.
+            _memory: memory::inherited_copy(record.process.pid)
+                .map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
         })
     }
 
