@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::SendStream;
-use hearth_proto::{frame, AgentError, ExecStarted, ExitStatus, Frame, FrameKind};
+use hearth_proto::{frame, AgentError, ErrorKind, ExecStarted, ExitStatus, Frame, FrameKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
@@ -91,10 +91,7 @@ impl Supervisor {
             control.shutdown().await
         };
         if let Err(e) = sent.await {
-            let error = AgentError::internal(format!(
-                "exec {}: sending exec-init its config: {e}",
-                self.id
-            ));
+            let error = config_not_taken(self.id, &e);
             server::respond_error(respond, &error);
             return Err(error);
         }
@@ -319,5 +316,38 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The answer when exec `id`'s exec-init did not take its config: it died first (a broken pipe or
+/// reset) because something in the guest killed it, the OOM killer or a workload that killed every
+/// process, and the request may succeed once the guest has recovered, as with its other
+/// exhaustion; any other failure is the agent's own.
+fn config_not_taken(id: u64, e: &io::Error) -> AgentError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => AgentError::new(
+            ErrorKind::Exhausted,
+            format!(
+                "exec {id}: its process was killed in the guest before it started the command \
+                 (out of memory, or a kill of every process?): {e}"
+            ),
+        ),
+        _ => AgentError::internal(format!("exec {id}: sending exec-init its config: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exec_init_killed_before_it_took_its_config_is_the_guests_exhaustion() {
+        for kind in [io::ErrorKind::BrokenPipe, io::ErrorKind::ConnectionReset] {
+            let e = config_not_taken(3, &io::Error::from(kind));
+            assert_eq!(e.kind, ErrorKind::Exhausted, "{}", e.message);
+            assert!(e.message.contains("killed in the guest"), "{}", e.message);
+        }
+        let e = config_not_taken(3, &io::Error::other("something else"));
+        assert_eq!(e.kind, ErrorKind::Internal);
     }
 }
