@@ -42,8 +42,8 @@ pub enum SandboxError {
 
 impl SandboxError {
     /// The host's disk (hearth's home) was full: the node's capacity, not a fault of hearth's.
-    /// Looks through the error's sources for ENOSPC or EDQUOT, and in its text for the message
-    /// QEMU reports a full disk with (its migration errors are text only).
+    /// Looks through the error's sources for ENOSPC or EDQUOT, and at QEMU's own message for a
+    /// save it ended (never at text a guest wrote, such as a console tail).
     pub fn is_disk_full(&self) -> bool {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = next {
@@ -54,7 +54,12 @@ impl SandboxError {
             }
             next = e.source();
         }
-        self.to_string().contains("No space left on device")
+        match self {
+            SandboxError::Vm(vm) => vm
+                .backend_error::<hearth_vm::qemu::QemuError>()
+                .is_some_and(hearth_vm::qemu::QemuError::is_disk_full),
+            _ => false,
+        }
     }
 
     /// The VMM or the guest did not answer in time (frozen, or a host too loaded to run it): the

@@ -139,6 +139,14 @@ mod tests {
             }
             other => panic!("a frozen VMM's save: {other:?}"),
         }
+        // A guest's console saying so is not the host's disk.
+        let claimed = SandboxError::Agent {
+            source: ChannelError::Closed,
+            console: PathBuf::from("console.log"),
+            tail: "write error: No space left on device".into(),
+        };
+        assert!(matches!(NodeError::of("s", claimed), NodeError::Sandbox(_)));
+
         let silent = SandboxError::Channel(ChannelError::HandshakeTimeout(Duration::from_secs(1)));
         assert!(matches!(
             NodeError::of("s", silent),

@@ -34,6 +34,11 @@ impl QemuError {
             _ => false,
         }
     }
+
+    /// Saving the VM failed for a full disk.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, QemuError::Save { source, .. } if source.is_disk_full())
+    }
 }
 
 impl From<QemuError> for VmError {

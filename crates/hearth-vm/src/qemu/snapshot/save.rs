@@ -62,6 +62,11 @@ impl SaveError {
             } | SaveError::Deadline(_)
         )
     }
+
+    /// QEMU ended the save for a full disk (it says so only in its message).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SaveError::Failed { detail, .. } if detail.contains("No space left on device"))
+    }
 }
 
 /// Pauses the guest and migrates its state into `file` (created, or truncated).
