@@ -141,6 +141,10 @@ fn cgroup_limits(pid: u32) -> anyhow::Result<Vec<(PathBuf, &'static str)>> {
             "pids" if in_hearth => {
                 found.push((Path::new("/sys/fs/cgroup/pids").join(relative), "pids.max"))
             }
+            // All VMMs weigh as one group against the daemon: in the cpu hierarchy under hearth.
+            "cpu" if in_hearth => {
+                found.push((Path::new("/sys/fs/cgroup/cpu").join(relative), "cpu.shares"))
+            }
             "" if in_hearth => {
                 let dir = Path::new("/sys/fs/cgroup").join(relative);
                 found.push((dir.clone(), "memory.max"));
@@ -231,9 +235,17 @@ fn a_taken_over_qemu_is_unprivileged_chrooted_limited_and_cannot_reach_host_file
         limits.iter().any(|(_, f)| *f == "pids.max"),
         "no pids cgroup"
     );
+    if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+        assert!(
+            limits.iter().any(|(_, f)| *f == "cpu.shares"),
+            "QEMU is outside hearth's cpu cgroup: {}",
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?
+        );
+    }
     for (dir, file) in &limits {
         let expected = match *file {
             "pids.max" => pids_max(1).to_string(),
+            "cpu.shares" => "1024".to_owned(),
             _ => memory_limit.to_string(),
         };
         assert_eq!(

@@ -1,6 +1,11 @@
 //! A cgroup of its own for each confined VMM, limiting its memory (guest RAM plus the VMM's own
-//! overhead) and its number of tasks. The host's layout (v1 or v2) is detected by the jailer's
-//! [`CgroupLayout`]; the directories are `<hierarchy>/hearth/<name>`. The VMM enters the cgroup
+//! overhead) and its number of tasks, and in the cpu controller's hierarchy too, so that all VMMs
+//! together, under `hearth`, weigh as one group against the rest of the host: however busy the
+//! guests, the daemon's threads (outside `hearth`) get the CPU when they wake (the soak's /healthz
+//! latency under guest load), and each VM gets its share whatever its thread count. The cpu part
+//! is best effort: a host that will not hand the controller down still runs its VMs (logged). The
+//! host's layout (v1 or v2) is detected by the jailer's [`CgroupLayout`]; the directories are
+//! `<hierarchy>/hearth/<name>`. The VMM enters the cgroup
 //! between fork and exec (`crate::process` writes `0` to each `cgroup.procs` opened here), so it
 //! never runs unlimited. The directories are removed after the VMM exits (`VmProcess` leftovers).
 //! Touches only the `hearth` cgroups it creates.
@@ -13,6 +18,9 @@ use crate::firecracker::jailer::CgroupLayout;
 
 /// The parent cgroup of every VMM cgroup hearth creates itself.
 pub const PARENT: &str = "hearth";
+
+/// The host refused the cpu controller once already (said once, not per VM).
+static CPU_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A VMM's cgroup: its directories (one per hierarchy) and their `cgroup.procs`, open for the
 /// child to write itself into.
@@ -40,6 +48,11 @@ impl VmCgroup {
                 ));
             }
         }
+        if let Some(dir) = layout.cpu_apart(PARENT, name) {
+            if let Err(e) = cgroup.add(&layout, &dir, &[]) {
+                tracing::warn!(cgroup = %dir.display(), "the VMM runs outside hearth's cpu cgroup: {e}");
+            }
+        }
         Ok(cgroup)
     }
 
@@ -55,6 +68,16 @@ impl VmCgroup {
             // v2 hands controllers down level by level; both may be on already.
             for level in [root.as_path(), parent] {
                 std::fs::write(level.join("cgroup.subtree_control"), "+memory +pids")?;
+            }
+            // Best effort (see the module docs): the controller is refused while, for one, a
+            // realtime task runs outside the root cgroup.
+            for level in [root.as_path(), parent] {
+                if let Err(e) = std::fs::write(level.join("cgroup.subtree_control"), "+cpu") {
+                    if !CPU_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(cgroup = %level.display(), "no cpu controller for hearth's VMMs: {e}");
+                    }
+                    break;
+                }
             }
         }
         if let Err(e) = std::fs::create_dir(dir) {
@@ -90,7 +113,9 @@ impl VmCgroup {
         layout
             .memory_and_pids(PARENT, name, 0, 0)
             .into_iter()
-            .all(|(dir, _)| match std::fs::remove_dir(&dir) {
+            .map(|(dir, _)| dir)
+            .chain(layout.cpu_apart(PARENT, name))
+            .all(|dir| match std::fs::remove_dir(&dir) {
                 Ok(()) => true,
                 Err(e) => e.kind() == io::ErrorKind::NotFound,
             })

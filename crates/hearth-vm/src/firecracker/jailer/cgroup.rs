@@ -172,6 +172,20 @@ impl CgroupLayout {
     }
 }
 
+impl CgroupLayout {
+    /// Where cgroup `<parent>/<id>` lives in the v1 cpu hierarchy, when that is not the memory
+    /// hierarchy's (`memory_and_pids` has it then). v2: `None`, its one directory takes the cpu
+    /// controller when `<parent>` hands it down.
+    pub fn cpu_apart(&self, parent: &str, id: &str) -> Option<PathBuf> {
+        match self {
+            CgroupLayout::V1 { cpu, memory, .. } if cpu != memory => {
+                Some(cpu.join(parent).join(id))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// `/proc/mounts` escapes space, tab, newline and backslash as three octal digits.
 fn unescape(field: &str) -> PathBuf {
     let bytes = field.as_bytes();
@@ -249,6 +263,17 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory
                 ),
             ]
         );
+        assert_eq!(
+            layout.cpu_apart("hearth", "vm1"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/hearth/vm1"))
+        );
+        // cpu mounted with memory: the memory directory is in the cpu hierarchy already.
+        let together = CgroupLayout::V1 {
+            cpu: "/sys/fs/cgroup/cpu,memory".into(),
+            memory: "/sys/fs/cgroup/cpu,memory".into(),
+            pids: None,
+        };
+        assert_eq!(together.cpu_apart("hearth", "vm1"), None);
         // Co-mounted controllers (cpu,cpuacct) are found by option, not by directory name.
         let comounted = HYBRID_V1.replace(
             "/sys/fs/cgroup/cpu cgroup rw,relatime,cpu ",
@@ -331,6 +356,7 @@ cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory
                 ]
             )]
         );
+        assert_eq!(v2.cpu_apart("hearth", "vm1"), None);
         let together = CgroupLayout::V1 {
             cpu: "/c".into(),
             memory: "/c".into(),
