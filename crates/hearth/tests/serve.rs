@@ -138,14 +138,7 @@ async fn unauthenticated_routes(d: &Daemon) {
     let (status, body) = d.json(Method::GET, "/healthz", None, None).await;
     assert_eq!((status, body), (200, json!({"status": "ok"})));
 
-    let served = d
-        .request(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let served = d.get_text("/openapi.json", None).await;
     let checked_in = include_str!("../openapi.json");
     assert!(
         served == checked_in,
@@ -725,13 +718,7 @@ async fn one_shot_runs(d: &Daemon) {
 }
 
 async fn metrics_have_every_family(d: &Daemon) {
-    let response = d
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let text = response.text().await.unwrap();
+    let text = d.get_text("/metrics", None).await;
     let value = |name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))

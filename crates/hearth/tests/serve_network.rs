@@ -195,13 +195,7 @@ async fn policies_are_set_read_replaced_and_bounded_by_the_tenant_ceiling() {
 
 /// `GET /metrics`'s text, with `token` when given.
 async fn metrics(d: &Daemon, token: Option<&str>) -> String {
-    let response = d
-        .request(Method::GET, "/metrics", token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
+    d.get_text("/metrics", token).await
 }
 
 /// `sh -c script` in sandbox `id`: (exit code, stdout and stderr).

@@ -225,16 +225,16 @@ impl Daemon {
         s
     }
 
+    /// `GET path` (with `token` when given): asserts it answered 200, returns the body.
+    pub async fn get_text(&self, path: &str, token: Option<&str>) -> String {
+        let response = self.request(Method::GET, path, token).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "GET {path}");
+        response.text().await.unwrap()
+    }
+
     /// The value of the unlabelled sample `name` in `/metrics` (a gauge or counter in whole units).
     pub async fn gauge(&self, name: &str) -> u64 {
-        let text = self
-            .request(Method::GET, "/metrics", None)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.get_text("/metrics", None).await;
         let prefix = format!("{name} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
