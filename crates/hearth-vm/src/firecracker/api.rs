@@ -275,6 +275,31 @@ fn read_response(mut reader: impl BufRead) -> Result<ApiResponse, ReadError> {
 mod tests {
     use super::*;
 
+    /// A Firecracker that takes the call and never answers (a frozen one) is a timeout, which is
+    /// how a pause or snapshot of a frozen VM is told from Firecracker refusing it; one that
+    /// answers is not.
+    #[test]
+    fn a_call_nobody_answers_is_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+        let api = FirecrackerApi::new(&socket);
+        let pause = ApiRequest::patch("/vm", &serde_json::json!({"state": "Paused"}));
+        let e = api
+            .send_within(&pause, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+        drop(held.join().unwrap());
+        let refused = ApiError::Rejected {
+            method: "PATCH",
+            path: "/vm".into(),
+            status: 400,
+            fault: "no".into(),
+        };
+        assert!(!refused.is_timeout());
+    }
+
     #[test]
     fn encodes_a_put_with_length_and_json_body() {
         let request = ApiRequest::action(ActionType::InstanceStart);
