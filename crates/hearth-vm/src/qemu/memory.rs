@@ -67,8 +67,9 @@ impl Drop for SealedMemory {
 /// of them map it, from the first adoption until the last of them ends.
 #[derive(Debug)]
 pub(super) struct InheritedMemory {
-    /// The memfd's device and inode as `/proc/PID/maps` shows them.
-    key: (String, u64),
+    /// The memfd's device and inode.
+    key: (u64, u64),
+    /// The memory it holds (its allocated pages).
     len: u64,
 }
 
@@ -82,13 +83,18 @@ impl Drop for InheritedMemory {
 static INHERITED: Mutex<Vec<Weak<InheritedMemory>>> = Mutex::new(Vec::new());
 
 /// The template copy that VMM `pid` (or, for a confined VMM's guard, its child) maps, if any,
-/// counted from now on while the handle, or another for the same copy, lives.
+/// counted from now on while the handle, or another for the same copy, lives. What is counted is
+/// the memory the memfd holds (its allocated blocks, read through `/proc/PID/map_files`), not the
+/// size the VMM maps or claims: a taken-over VMM could map a huge sparse memfd of that name, but
+/// not make the node count more than it really allocated (charged to its own cgroup).
 pub(super) fn inherited_copy(pid: u32) -> Option<Arc<InheritedMemory>> {
     let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok();
-    let (key, len) = std::iter::once(pid)
+    let (pid, range) = std::iter::once(pid)
         .chain(crate::rundir::children(pid))
-        .find_map(|pid| mapped_copy(&maps(pid)?))?;
-    if held_here(&key) {
+        .find_map(|pid| Some((pid, mapped_copy(&maps(pid)?)?)))?;
+    let file = std::fs::metadata(format!("/proc/{pid}/map_files/{range}")).ok()?;
+    let key = (file.dev(), file.ino());
+    if held_here(key) {
         return None; // a copy this process made: counted already
     }
     let mut inherited = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
@@ -100,6 +106,7 @@ pub(super) fn inherited_copy(pid: u32) -> Option<Arc<InheritedMemory>> {
     {
         return Some(held);
     }
+    let len = file.blocks() * 512;
     LIVE_BYTES.fetch_add(len, Ordering::Relaxed);
     tracing::info!(
         pid,
@@ -111,51 +118,28 @@ pub(super) fn inherited_copy(pid: u32) -> Option<Arc<InheritedMemory>> {
     Some(copy)
 }
 
-/// Whether this process holds the memfd `key` names open itself.
-fn held_here(key: &(String, u64)) -> bool {
+/// Whether this process holds the memfd `key` (device, inode) open itself.
+fn held_here(key: (u64, u64)) -> bool {
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
         return false;
     };
-    fds.flatten().any(|fd| {
-        std::fs::metadata(fd.path()).is_ok_and(|m| {
-            let dev = format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev()));
-            m.ino() == key.1 && dev == key.0
-        })
-    })
+    fds.flatten()
+        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == key))
 }
 
-/// The template copy in a `/proc/PID/maps` text: its key and size (the furthest byte of it
-/// mapped; the kernel may split one mapping into several lines).
-fn mapped_copy(maps: &str) -> Option<((String, u64), u64)> {
+/// The address range (`start-end`, as `/proc/PID/map_files` names it) of the first mapping of a
+/// template copy in a `/proc/PID/maps` text.
+fn mapped_copy(maps: &str) -> Option<String> {
     let name = format!("/memfd:{MEMFD_NAME}");
-    let mut found: Option<((String, u64), u64)> = None;
-    for line in maps.lines() {
+    maps.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [range, _perms, offset, dev, inode, path, ..] = fields[..] else {
-            continue;
-        };
-        if path != name {
-            continue;
+        match fields[..] {
+            [range, _perms, _offset, _dev, _inode, path, ..] if path == name => {
+                Some(range.to_owned())
+            }
+            _ => None,
         }
-        let (Some((start, end)), Ok(offset), Ok(inode)) = (
-            range.split_once('-'),
-            u64::from_str_radix(offset, 16),
-            inode.parse::<u64>(),
-        ) else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
-        else {
-            continue;
-        };
-        let reach = offset + end.saturating_sub(start);
-        match &mut found {
-            Some((key, len)) if *key == (dev.to_owned(), inode) => *len = (*len).max(reach),
-            Some(_) => {}
-            None => found = Some(((dev.to_owned(), inode), reach)),
-        }
-    }
-    found
+    })
 }
 
 /// What a template file was when it was copied: a changed file is copied again.
@@ -407,8 +391,43 @@ mod tests {
         assert_eq!(unsafe { libc::munmap(at, 4 << 20) }, 0);
     }
 
+    /// A taken-over VMM maps a huge sparse memfd under the copies' name before the daemon
+    /// restarts: the node counts what it holds (nothing), not the size it maps.
     #[test]
-    fn a_copy_split_over_several_mappings_counts_its_whole_size() {
+    fn a_sparse_memfd_under_the_copies_name_counts_only_what_it_holds() {
+        let _serial = serial();
+        let name = CString::new(MEMFD_NAME).unwrap();
+        // SAFETY: memfd_create with a valid C string; the result is checked and owned at once.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a new descriptor nobody else owns.
+        let memfd = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let huge: usize = 1 << 40;
+        memfd.set_len(huge as u64).unwrap();
+        // SAFETY: a private mapping of an owned descriptor, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                huge,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        drop(memfd);
+        let before = template_copies_bytes();
+        let counted = inherited_copy(std::process::id()).expect("the mapping is found");
+        assert_eq!(counted.len, 0, "a sparse memfd holds nothing");
+        assert_eq!(template_copies_bytes(), before);
+        drop(counted);
+        // SAFETY: the mapping made above.
+        assert_eq!(unsafe { libc::munmap(at, huge) }, 0);
+    }
+
+    #[test]
+    fn the_copy_is_found_by_its_memfd_name_in_the_maps() {
         let maps = "\
 55d0c0000000-55d0c0100000 r-xp 00000000 fe:01 1234 /usr/bin/qemu-system-x86_64
 7f0000000000-7f0008000000 rw-p 00000000 00:01 2051 /memfd:hearth-template-memory (deleted)
@@ -416,8 +435,8 @@ mod tests {
 7f2000000000-7f2000001000 rw-p 00000000 00:00 0
 ";
         assert_eq!(
-            mapped_copy(maps),
-            Some((("00:01".to_owned(), 2051), 256 << 20))
+            mapped_copy(maps).as_deref(),
+            Some("7f0000000000-7f0008000000")
         );
         assert_eq!(
             mapped_copy("7f0-7f1 rw-p 0 00:01 9 /memfd:other (deleted)\n"),
