@@ -47,10 +47,8 @@ impl SandboxError {
     pub fn is_disk_full(&self) -> bool {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = next {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-                    return true;
-                }
+            if e.downcast_ref::<std::io::Error>().is_some_and(is_disk_full) {
+                return true;
             }
             next = e.source();
         }
@@ -86,6 +84,11 @@ impl SandboxError {
             _ => false,
         }
     }
+}
+
+/// Whether `e` says the disk (or the quota on it) is full: ENOSPC or EDQUOT.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// The kernel's error with the way out, unless it already says it.

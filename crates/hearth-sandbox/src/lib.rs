@@ -24,7 +24,7 @@ mod sandbox;
 mod spec_record;
 
 pub use boot::{BootPlan, Jailer, Networking, Purpose, SandboxConfig, VmmChoice};
-pub use error::SandboxError;
+pub use error::{is_disk_full, SandboxError};
 /// Sandbox networking's vocabulary, re-exported for the CLI and the daemon.
 pub use hearth_net::network::{NetworkOptions, NetworkStats};
 pub use hearth_net::policy::{Entry as NetworkEntry, Mode as NetworkMode, NetworkPolicy};

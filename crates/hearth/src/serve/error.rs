@@ -97,9 +97,7 @@ impl From<NodeError> for ApiError {
             NodeError::PortClosed { .. } => (StatusCode::BAD_GATEWAY, "port_closed"),
             NodeError::Unresponsive { .. } => (StatusCode::GATEWAY_TIMEOUT, "guest_unresponsive"),
             // The node's disk is full: capacity, retried later.
-            NodeError::Io { source, .. }
-                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
-            {
+            NodeError::Io { source, .. } if hearth_sandbox::is_disk_full(source) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "capacity")
             }
             NodeError::Channel(ChannelError::Agent(agent)) => match agent.kind {

@@ -170,9 +170,7 @@ impl CgroupLayout {
             }
         }
     }
-}
 
-impl CgroupLayout {
     /// Where cgroup `<parent>/<id>` lives in the v1 cpu hierarchy, when that is not the memory
     /// hierarchy's (`memory_and_pids` has it then). v2: `None`, its one directory takes the cpu
     /// controller when `<parent>` hands it down.
