@@ -5,9 +5,8 @@
 //! latency under guest load), and each VM gets its share whatever its thread count. The cpu part
 //! is best effort: a host that will not hand the controller down still runs its VMs (logged). The
 //! host's layout (v1 or v2) is detected by the jailer's [`CgroupLayout`]; the directories are
-//! `<hierarchy>/hearth/<name>`. The VMM enters the cgroup
-//! between fork and exec (`crate::process` writes `0` to each `cgroup.procs` opened here), so it
-//! never runs unlimited. The directories are removed after the VMM exits (`VmProcess` leftovers).
+//! `<hierarchy>/hearth/<name>`. The VMM enters the cgroup between fork and exec (`crate::process`
+//! writes `0` to each `cgroup.procs` opened here), so it never runs unlimited. The directories are removed after the VMM exits (`VmProcess` leftovers).
 //! Touches only the `hearth` cgroups it creates.
 
 use std::fs::File;

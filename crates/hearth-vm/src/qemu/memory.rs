@@ -63,6 +63,10 @@ impl Drop for SealedMemory {
     }
 }
 
+/// What a VM holds to keep its template copy counted for its life: a [`SealedMemory`] this
+/// process made or an [`InheritedMemory`] an adopted VM maps.
+pub(super) type HeldCopy = Arc<dyn std::any::Any + Send + Sync>;
+
 /// A copy an earlier daemon made, mapped by VMs this process adopted: counted once, however many
 /// of them map it, from the first adoption until the last of them ends.
 #[derive(Debug)]

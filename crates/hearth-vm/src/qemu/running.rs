@@ -49,7 +49,7 @@ pub struct RunningQemu {
     /// Restored from a template: the sealed copy of its memory this VM maps (made here, or by an
     /// earlier daemon for an adopted VM), held so that the node counts it while the VM lives (see
     /// `memory.rs`).
-    _memory: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    _memory: Option<memory::HeldCopy>,
 }
 
 impl RunningQemu {
@@ -95,7 +95,7 @@ impl RunningQemu {
             qmp: None,
             restored_in: None,
             agent_stream: None,
-            _memory: memory.map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
+            _memory: memory.map(|m| m as memory::HeldCopy),
         };
         if spec.detached {
             // Written before anything can fail, so that whoever finds this run directory can
@@ -268,8 +268,7 @@ impl RunningQemu {
             restored_in: None,
             agent_stream: None,
             // Its copy was made by the daemon that restored it: counted here while it lives.
-            _memory: memory::inherited_copy(record.process.pid)
-                .map(|m| m as Arc<dyn std::any::Any + Send + Sync>),
+            _memory: memory::inherited_copy(record.process.pid).map(|m| m as memory::HeldCopy),
         })
     }
 
