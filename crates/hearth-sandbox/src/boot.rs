@@ -40,6 +40,9 @@ pub struct SandboxConfig {
     /// QEMU under TCG: its translation cache in MiB (`--tcg-cache`; default
     /// [`hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB`]).
     pub tcg_cache_mib: u32,
+    /// QEMU: boot templates kept on disk at most (`--max-templates`; default
+    /// [`hearth_vm::qemu::MAX_TEMPLATES_DEFAULT`]).
+    pub max_templates: usize,
     /// Restore QEMU VMs from a snapshot template instead of booting them (default on;
     /// `--no-snapshot`, `HEARTH_SNAPSHOT=0`).
     pub snapshot: bool,
@@ -87,6 +90,7 @@ impl SandboxConfig {
             agent: None,
             jailer: Jailer::Default,
             tcg_cache_mib: hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB,
+            max_templates: hearth_vm::qemu::MAX_TEMPLATES_DEFAULT,
             snapshot: crate::restore::snapshots_enabled_by_env(),
             network: None,
             network_policy: NetworkPolicy::none(),
@@ -141,6 +145,7 @@ impl BootPlan {
             kernel: &kernel.image,
             jailer: config.jailer,
             tcg_cache_mib: config.tcg_cache_mib,
+            max_templates: config.max_templates,
             dry_run: purpose == Purpose::DryRun,
         })?;
         let agent = locate_agent(config.agent.as_deref(), home)?;

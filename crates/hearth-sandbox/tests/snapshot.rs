@@ -219,3 +219,52 @@ async fn a_corrupt_template_is_a_clear_error_and_the_sandbox_boots_cold() {
     let left = processes_using(home.path());
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+/// A node keeps at most `max_templates` boot templates: a VM of another size while the only one is
+/// in use boots cold instead of adding one (a tenant cycling through memory sizes cannot fill the
+/// disk with templates); once that template has sat idle, the next build evicts it, and the VM
+/// that was restored from it runs on (it maps its own copy of the memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_at_most_its_limit_of_boot_templates() {
+    let home = tempfile::tempdir().unwrap();
+    let busybox = pull(home.path(), "busybox").await;
+    let mut config = config(home.path());
+    config.max_templates = 1;
+
+    let first = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    assert!(first.timings().restore.is_some(), "restored");
+    let templates = template_dirs(home.path());
+    assert_eq!(templates.len(), 1, "{templates:?}");
+
+    let mut other_size = config.clone();
+    other_size.memory_mib = 384;
+    let cold = Sandbox::create(&other_size, busybox.clone()).await.unwrap();
+    assert!(cold.timings().restore.is_none(), "booted cold, no room");
+    assert_eq!(ok(&cold, "echo cold-ok").await, "cold-ok");
+    assert_eq!(template_dirs(home.path()), templates, "no second template");
+    cold.destroy().await.unwrap();
+
+    // An hour later (as far as the template's last use says), the build of the other size's
+    // template evicts it.
+    let meta = home
+        .path()
+        .join("templates")
+        .join(&templates[0])
+        .join("meta.json");
+    std::fs::File::open(&meta)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    let restored = Sandbox::create(&other_size, busybox.clone()).await.unwrap();
+    assert!(restored.timings().restore.is_some(), "restored");
+    let now = template_dirs(home.path());
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, templates, "the idle template made room");
+    assert_eq!(ok(&first, "echo still-here").await, "still-here");
+    assert_eq!(ok(&restored, "echo restored-ok").await, "restored-ok");
+
+    first.destroy().await.unwrap();
+    restored.destroy().await.unwrap();
+    let left = processes_using(home.path());
+    assert!(left.is_empty(), "left running: {left:?}");
+}

@@ -65,6 +65,8 @@ pub struct BackendRequest<'a> {
     pub jailer: Jailer,
     /// QEMU under TCG: the translation cache in MiB (`--tcg-cache`).
     pub tcg_cache_mib: u32,
+    /// QEMU: boot templates kept on disk at most (`--max-templates`).
+    pub max_templates: usize,
     /// Planning only (`--dry-run`): a missing Firecracker or jailer binary is shown by its name
     /// instead of failing.
     pub dry_run: bool,
@@ -134,10 +136,13 @@ pub fn select_backend(request: &BackendRequest) -> Result<Chosen, VmError> {
     }
 }
 
-/// QEMU with the accelerator that works here and the requested translation cache.
+/// QEMU with the accelerator that works here, the requested translation cache and template limit.
 fn qemu_for_host(request: &BackendRequest) -> Result<(QemuVmm, Selection), VmError> {
     let (qemu, selection) = QemuVmm::for_host(request.home, request.accel, request.kernel)?;
-    Ok((qemu.with_tcg_cache_mib(request.tcg_cache_mib)?, selection))
+    let qemu = qemu
+        .with_tcg_cache_mib(request.tcg_cache_mib)?
+        .with_max_templates(request.max_templates)?;
+    Ok((qemu, selection))
 }
 
 /// Firecracker, through its jailer unless the request (or an unconfined hearth) says otherwise,
@@ -232,6 +237,7 @@ mod tests {
             kernel: Path::new("/nonexistent/vmlinux"),
             jailer: Jailer::Ids(1234, 1234),
             tcg_cache_mib: crate::qemu::TCG_CACHE_DEFAULT_MIB,
+            max_templates: crate::qemu::MAX_TEMPLATES_DEFAULT,
             dry_run: true,
         };
         let chosen = select_backend(&request).unwrap();
@@ -262,6 +268,7 @@ mod tests {
             kernel: Path::new("/nonexistent/vmlinux"),
             jailer,
             tcg_cache_mib: crate::qemu::TCG_CACHE_DEFAULT_MIB,
+            max_templates: crate::qemu::MAX_TEMPLATES_DEFAULT,
             dry_run: false,
         };
         let refused = select_backend(&request(VmmChoice::Firecracker, Jailer::Default))

@@ -63,7 +63,7 @@ impl PausedSandbox {
         let policy = config.network_policy.clone();
         let home = config.home.clone();
         let (vmm_choice, accel, jailer) = (config.vmm, config.accel, config.jailer);
-        let tcg_cache_mib = config.tcg_cache_mib;
+        let (tcg_cache_mib, max_templates) = (config.tcg_cache_mib, config.max_templates);
         let start_spec = spec.clone();
         let link_from = scratch.clone();
         let start = tokio::task::spawn_blocking(move || {
@@ -74,6 +74,7 @@ impl PausedSandbox {
                 kernel: &start_spec.kernel,
                 jailer,
                 tcg_cache_mib,
+                max_templates,
                 dry_run: false,
             })?;
             let network = match &networking {

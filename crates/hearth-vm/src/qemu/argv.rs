@@ -16,10 +16,23 @@ const MACHINE: &str = "microvm,x-option-roms=off";
 
 /// `-M` for `spec`'s machine revision, before any memory backend.
 fn machine(spec: &VmSpec) -> String {
-    match spec.machine >= MachineRevision::NO_PIT {
+    machine_of(spec.machine)
+}
+
+fn machine_of(revision: MachineRevision) -> String {
+    match revision >= MachineRevision::NO_PIT {
         true => format!("{MACHINE},pit=off"),
         false => MACHINE.to_owned(),
     }
+}
+
+/// The `-M` argument of a boot template built today (the current machine revision, guest memory in
+/// the template's file): a template whose arguments lack it was made for an older machine.
+pub(super) fn template_machine_option() -> String {
+    format!(
+        "{},memory-backend={MEMORY_BACKEND_ID}",
+        machine_of(MachineRevision::CURRENT)
+    )
 }
 
 /// QEMU's seccomp filter: no obsolete system calls, no fork or exec, no changing scheduling or
@@ -244,6 +257,7 @@ mod tests {
             values(&args, "-M"),
             ["microvm,x-option-roms=off,pit=off,memory-backend=hearth-mem"]
         );
+        assert_eq!(values(&args, "-M"), [template_machine_option()]);
         assert_eq!(
             values(&args, "-object"),
             ["memory-backend-file,id=hearth-mem,size=768M,mem-path=/h/templates/t/memory,share=on"]

@@ -57,6 +57,9 @@ pub const TCG_CACHE_DEFAULT_MIB: u32 = 128;
 /// The smallest `--tcg-cache` accepted: below it a guest's working set thrashes the cache (8 MiB
 /// already made the first exec of an idle busybox sandbox ~3x slower).
 pub const TCG_CACHE_MIN_MIB: u32 = 8;
+/// Boot templates a node keeps on disk by default (`--max-templates`): one per VM configuration
+/// in use (memory size, vCPUs, network or not); a busybox template holds ~70 MB.
+pub const MAX_TEMPLATES_DEFAULT: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuVmm {
@@ -66,6 +69,8 @@ pub struct QemuVmm {
     tsc_khz: Option<u32>,
     /// TCG's translation cache (`tb-size`), at most [`TCG_CACHE_DEFAULT_MIB`].
     tcg_cache_mib: u32,
+    /// Boot templates kept on disk at most (`snapshot::store`).
+    max_templates: usize,
 }
 
 impl QemuVmm {
@@ -87,6 +92,7 @@ impl QemuVmm {
                 accel,
                 tsc_khz,
                 tcg_cache_mib: TCG_CACHE_DEFAULT_MIB,
+                max_templates: MAX_TEMPLATES_DEFAULT,
             }),
         }
     }
@@ -103,6 +109,23 @@ impl QemuVmm {
         }
         self.tcg_cache_mib = mib;
         Ok(self)
+    }
+
+    /// The same backend keeping at most `count` boot templates on disk (`--max-templates`, at
+    /// least 1; `--no-snapshot` is how a node does without).
+    pub fn with_max_templates(mut self, count: usize) -> Result<Self, VmError> {
+        if count == 0 {
+            return Err(VmError::Unsupported(
+                "keeping at most 0 boot templates: use --no-snapshot to boot every VM cold".into(),
+            ));
+        }
+        self.max_templates = count;
+        Ok(self)
+    }
+
+    /// How many boot templates this backend keeps on disk at most.
+    pub fn max_templates(&self) -> usize {
+        self.max_templates
     }
 
     /// Finds QEMU, picks the accelerator (`Auto` probes KVM by booting the floor initramfs on

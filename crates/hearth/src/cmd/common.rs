@@ -39,6 +39,13 @@ pub struct VmArgs {
           value_parser = clap::value_parser!(u32).range(
               hearth_vm::qemu::TCG_CACHE_MIN_MIB as i64..=hearth_vm::qemu::TCG_CACHE_DEFAULT_MIB as i64))]
     pub tcg_cache: u32,
+    /// Boot templates kept on disk at most (one per VM configuration in use). Before a new one is
+    /// built, stale ones and the least recently used (idle for 10 minutes) make room; when none
+    /// can, the VM boots cold.
+    #[arg(long, value_name = "N", env = "HEARTH_MAX_TEMPLATES",
+          default_value_t = hearth_vm::qemu::MAX_TEMPLATES_DEFAULT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub max_templates: usize,
     /// Boot the guest kernel instead of restoring a QEMU snapshot template (also HEARTH_SNAPSHOT=0).
     #[arg(long)]
     pub no_snapshot: bool,
@@ -77,6 +84,7 @@ impl VmArgs {
         config.agent = self.agent.clone();
         config.jailer = self.jailer.unwrap_or_default();
         config.tcg_cache_mib = self.tcg_cache;
+        config.max_templates = self.max_templates;
         // Without the flag, `HEARTH_SNAPSHOT` (read by `SandboxConfig::new`) decides.
         if self.no_snapshot {
             config.snapshot = false;

@@ -16,7 +16,7 @@ use crate::spec::{Drive, GuestMemory, VmSpec};
 
 /// Bumped whenever the way templates are made changes, so old ones are not restored (2: guest
 /// memory in the template's `memory` file, left out of `state`).
-const FORMAT: u32 = 2;
+pub(super) const FORMAT: u32 = 2;
 /// Hex digits of the key's hash used as the template's name: 64 bits, short enough to keep socket
 /// paths under `$HEARTH_HOME` within `sun_path`'s limit.
 const ID_HEX_DIGITS: usize = 16;
@@ -30,7 +30,7 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    fn of(path: &Path) -> Result<FileIdentity, SnapshotError> {
+    pub(super) fn of(path: &Path) -> Result<FileIdentity, SnapshotError> {
         let metadata = std::fs::metadata(path).map_err(|source| SnapshotError::Io {
             what: "reading the metadata of",
             path: path.to_owned(),

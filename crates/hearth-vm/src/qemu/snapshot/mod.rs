@@ -13,16 +13,18 @@
 //! Writes only under `$HEARTH_HOME/templates/` (and the template VM's run directory under
 //! `$HEARTH_HOME/run/`). Builds are serialized per key by an `flock` on `templates/<id>.lock`; a
 //! template is complete once its `meta.json` exists (written last), so a failed build is never used.
+//! [`store`] keeps the number of templates bounded (stale ones removed, idle ones evicted).
 
 mod build;
 mod key;
 pub(crate) mod restore;
 pub(crate) mod save;
+pub mod store;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -159,7 +161,9 @@ impl Template {
 }
 
 /// The template for VMs like `spec`, built first if it is not yet (a few seconds: one cold boot
-/// plus the save). Concurrent callers wait for one build. A build that fails leaves nothing behind.
+/// plus the save), and marked used. Concurrent callers wait for one build. A build that fails
+/// leaves nothing behind. Before a build, stale and idle templates make room for it
+/// ([`store`]); `Err(Full)` when the node already holds `qemu.max_templates()` in use.
 pub fn ensure_template(
     qemu: &QemuVmm,
     home: &Path,
@@ -167,6 +171,7 @@ pub fn ensure_template(
 ) -> Result<Template, SnapshotError> {
     let template = Template::for_spec(qemu, home, spec)?;
     if template.is_built() {
+        store::mark_used(&template.dir, SystemTime::now());
         return Ok(template);
     }
     std::fs::create_dir_all(home.join("templates")).map_err(|source| SnapshotError::Io {
@@ -178,6 +183,12 @@ pub fn ensure_template(
     if template.is_built() {
         return Ok(template); // another process built it while we waited
     }
+    store::make_room(
+        home,
+        &template.key.id,
+        qemu.max_templates(),
+        SystemTime::now(),
+    )?;
     let started = Instant::now();
     remove_dir(&template.dir)?; // a build that died half-way
     let built = build::build(qemu, &template, &template.build_spec(spec));
@@ -232,7 +243,34 @@ struct BuildLock {
 }
 
 impl BuildLock {
+    /// Waits for the lock.
     fn take(path: &Path) -> Result<BuildLock, SnapshotError> {
+        loop {
+            if let Some(lock) = BuildLock::lock(path, libc::LOCK_EX)? {
+                return Ok(lock);
+            }
+        }
+    }
+
+    /// The lock if nobody holds it.
+    fn try_take(path: &Path) -> Result<Option<BuildLock>, SnapshotError> {
+        loop {
+            match BuildLock::lock(path, libc::LOCK_EX | libc::LOCK_NB) {
+                Err(SnapshotError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    return Ok(None)
+                }
+                Ok(None) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt: `Ok(None)` when the file was unlinked (by [`store`]'s removal, which holds the
+    /// lock while it unlinks) between our open and our lock, so that the lock guards nothing.
+    fn lock(path: &Path, operation: libc::c_int) -> Result<Option<BuildLock>, SnapshotError> {
+        use std::os::unix::fs::MetadataExt;
         let io = |source| SnapshotError::Io {
             what: "locking",
             path: path.to_owned(),
@@ -244,16 +282,17 @@ impl BuildLock {
             .write(true)
             .open(path)
             .map_err(io)?;
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(BuildLock { _file: file });
-            }
+        // SAFETY: flock on a descriptor we own.
+        while unsafe { libc::flock(file.as_raw_fd(), operation) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
                 return Err(io(err));
             }
         }
+        let held = file.metadata().map_err(io)?;
+        let same = std::fs::metadata(path)
+            .is_ok_and(|now| (now.dev(), now.ino()) == (held.dev(), held.ino()));
+        Ok(same.then_some(BuildLock { _file: file }))
     }
 }
 
@@ -283,6 +322,13 @@ pub enum SnapshotError {
     },
     #[error("this VM's devices differ from snapshot template {id}'s; boot it cold")]
     Mismatch { id: String },
+    /// The node holds its limit of templates and each was used within `idle` (see [`store`]).
+    #[error(
+        "the node keeps at most {limit} boot templates (--max-templates) and each was used in the \
+         last {} minutes; this VM boots cold",
+        idle.as_secs() / 60
+    )]
+    Full { limit: usize, idle: Duration },
 }
 
 #[cfg(test)]
