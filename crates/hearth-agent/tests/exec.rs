@@ -291,6 +291,93 @@ async fn timeout_kills_the_whole_process_tree() {
     );
 }
 
+/// Thaws and removes a cgroup v1 freezer group, whatever the test's outcome.
+struct Frozen(std::path::PathBuf);
+
+impl Frozen {
+    fn thaw(&self) {
+        let _ = std::fs::write(self.0.join("freezer.state"), "THAWED");
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.thaw();
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// An exec killed for its timeout is answered at once, even while its processes cannot die yet:
+/// here one is frozen (a cgroup v1 freezer holds SIGKILL until the thaw); in a guest, a fork bomb
+/// of thousands takes the emulated kernel tens of seconds to tear down. The agent serves other
+/// execs meanwhile and reaps the killed one once it can die.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_exec_is_answered_while_its_processes_are_still_dying() {
+    if skip_unless_root() {
+        return;
+    }
+    let freezer = std::path::Path::new("/sys/fs/cgroup/freezer");
+    if !freezer.join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v1 freezer on this host to hold a process from dying");
+        return;
+    }
+    let agent = AgentProcess::listening();
+    let client = agent.connect().await;
+    let mut request = request(&["sh", "-c", "sleep 1000.7 & echo started; wait"]);
+    request.timeout_ms = Some(1500);
+    let timed = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = run(&client, request).await;
+            (result, started.elapsed())
+        })
+    };
+    wait_until_present(&["sleep", "1000.7"]).await;
+    let sleeper = processes_with_argv(&["sleep", "1000.7"])[0];
+    let group = Frozen(freezer.join(format!("hearth-agent-test-{}", std::process::id())));
+    std::fs::create_dir(&group.0).unwrap();
+    std::fs::write(group.0.join("cgroup.procs"), sleeper.to_string()).unwrap();
+    std::fs::write(group.0.join("freezer.state"), "FROZEN").unwrap();
+    // Whatever the agent does, the process is let go after 10 s.
+    let (thawed, thaw_deadline) = std::sync::mpsc::channel::<()>();
+    let thawer = {
+        let path = group.0.clone();
+        std::thread::spawn(move || {
+            let _ = thaw_deadline.recv_timeout(Duration::from_secs(10));
+            let _ = std::fs::write(path.join("freezer.state"), "THAWED");
+        })
+    };
+
+    let (result, took) = timed.await.unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "the timed-out exec was answered only after {took:?} (its process was frozen for 10 s)"
+    );
+    assert!(result.status.timed_out, "{:?}", result.status);
+    assert_eq!(result.status.signal, Some(libc::SIGKILL));
+    assert_eq!(text(&result.stdout), "started\n");
+    assert!(
+        !processes_with_argv(&["sleep", "1000.7"]).is_empty(),
+        "still dying when answered (else this test shows nothing)"
+    );
+    assert_eq!(text(&sh(&client, "echo next").await.stdout), "next\n");
+
+    group.thaw();
+    let _ = thawed.send(());
+    let survivors = wait_until_gone(&["sleep", "1000.7"], Duration::from_secs(5)).await;
+    assert!(
+        survivors.is_empty(),
+        "not reaped after the thaw: {survivors:?}"
+    );
+    thawer.join().unwrap();
+}
+
 #[tokio::test]
 async fn the_workload_cannot_see_the_agent() {
     if skip_unless_root() {

@@ -25,6 +25,12 @@ const CHUNK: usize = 32 * 1024;
 /// How long an exec whose connection failed waits for its session's verdict (kill, or run on
 /// detached) before it is killed anyway; longer than the session's own wait for the next handshake.
 const LOST_VERDICT: Duration = Duration::from_secs(2 * crate::session::ORPHAN_GRACE.as_secs());
+/// How long an exec killed for its timeout is waited for before it is reported killed anyway. Its
+/// processes die with its exec-init, but a namespace of thousands of them (a fork bomb) takes an
+/// emulated guest tens of seconds to tear down, and one that cannot die yet (frozen, or stuck in
+/// the kernel) holds the exec-init's end forever: the caller learns at once, and the agent reaps
+/// it in the background (its slot stays taken until then). Output after the kill is dropped.
+const KILLED_REPORT_AFTER: Duration = Duration::from_secs(1);
 
 /// Why the agent killed an exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +49,7 @@ pub(super) struct Supervisor {
     /// Set once the exec-init has been reaped.
     ended: Option<ProcessEnd>,
     killed: Option<KillReason>,
+    killed_at: Option<Instant>,
     deadline: Option<Instant>,
     fate: ExecFate,
     /// The connection failed (not a reset of this stream): output waits for the session's verdict
@@ -69,6 +76,7 @@ impl Supervisor {
             stderr,
             ended: None,
             killed: None,
+            killed_at: None,
             deadline,
             fate,
             host_lost: None,
@@ -192,6 +200,10 @@ impl Supervisor {
                     }
                 },
                 _ = sleep_until(self.deadline), if alive => self.kill(KillReason::Timeout),
+                // Killed for its timeout and still dying: reported now, reaped later.
+                _ = sleep_until(self.killed_at.map(|at| at + KILLED_REPORT_AFTER)),
+                    if self.killed == Some(KillReason::Timeout) && self.ended.is_none()
+                        && !self.detached => return Ok(()),
                 _ = sleep_until(self.lost_at.map(|at| at + LOST_VERDICT)),
                     if alive && !self.detached => self.kill(KillReason::HostGone),
                 _ = self.fate.kill.cancelled(), if alive && !self.detached => {
@@ -211,6 +223,7 @@ impl Supervisor {
                 log!("exec {}: killing its process tree ({reason:?})", self.id);
             }
             self.killed = Some(reason);
+            self.killed_at = Some(Instant::now());
             // The exec-init is PID 1 of the exec's namespace: its death kills every process there.
             let _ = self.exit.pidfd().send_signal(libc::SIGKILL);
         }
@@ -231,8 +244,13 @@ impl Supervisor {
     /// exec-init itself ended (killed by the agent, or failed before it could report).
     async fn exit_status(&self, control: &mut tokio::net::UnixStream) -> ExitStatus {
         let mut report = Vec::new();
-        let read =
-            tokio::time::timeout(Duration::from_secs(1), control.read_to_end(&mut report)).await;
+        let read = match self.ended {
+            // Killed and not yet ended: nothing will be reported before it has died.
+            None if self.killed.is_some() => Ok(Ok(0)),
+            _ => {
+                tokio::time::timeout(Duration::from_secs(1), control.read_to_end(&mut report)).await
+            }
+        };
         let reported = match read {
             Ok(Ok(_)) if !report.is_empty() => serde_json::from_slice::<ExitStatus>(&report).ok(),
             _ => None,
