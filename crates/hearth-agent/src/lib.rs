@@ -27,6 +27,7 @@ pub mod server;
 pub mod session;
 pub mod standalone;
 pub mod stream;
+pub mod workload_cgroup;
 pub mod workload_dev;
 
 /// The agent's version, announced in the handshake and in `GET /v1/info`.

@@ -1,6 +1,7 @@
 //! Attacks from inside a real guest (#12 item 11): a root workload in a real sandbox (QEMU under
 //! TCG, the real kernel and agent, test images from the real registry) tries to reach the agent,
-//! the hardware and the kernel. One booted busybox sandbox serves every workload attack; a hostile
+//! the hardware and the kernel, or to outgrow its process bound. One booted busybox sandbox serves
+//! every workload attack; a hostile
 //! image (`symlinks`: /etc -> `/`, /tmp -> `../../..`) gets a sandbox of its own.
 //!
 //! Needs a C compiler with static libc (Debian: gcc, libc6-dev) for the chroot-escape helper.
@@ -194,6 +195,52 @@ async fn a_root_workload_cannot_reach_the_agent_the_hardware_or_the_kernel() {
 
     // Attack: kill everything (`kill -9 -1`). The agent is out of reach: the next exec works.
     let (_, _) = sh(&sandbox, "sleep 100 & kill -9 -1; wait").await;
+    let (alive, status) = sh(&sandbox, "echo still-serving").await;
+    assert!(status.success() && alive == "still-serving\n", "{alive}");
+
+    // Attack: more processes than the guest can tear down in time. All execs share one bound
+    // (`hearth_agent::workload_cgroup::PIDS_MAX`, 1024 with their exec-inits): forks past it fail.
+    // (Forked by a child shell, which gives up at the first failed fork; counted with builtins:
+    // at the bound, no `ps` can start.)
+    let (count, _) = sh(
+        &sandbox,
+        "sh -c 'for i in $(seq 1500); do sleep 1000 & done' 2>/dev/null; \
+         set -- /proc/[0-9]*; echo $#",
+    )
+    .await;
+    let processes: u32 = count.trim().parse().unwrap_or_else(|_| panic!("{count}"));
+    assert!(
+        (900..=1024).contains(&processes),
+        "the exec's namespace held {processes} processes after forking 1500 sleeps"
+    );
+    // A fork bomb killed by its timeout is answered at once (its processes die after), and the
+    // sandbox serves the next exec. Unbounded, the guest made ~4,000 processes and took it 13 to
+    // over 30 s to kill them, and the exec was answered only then.
+    let bomb = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "b() { b | b & }; b; sleep 1000".into(),
+        ],
+        timeout_ms: Some(5000),
+        ..ExecRequest::default()
+    };
+    let started = std::time::Instant::now();
+    let out = sandbox
+        .client()
+        .exec(bomb)
+        .await
+        .unwrap()
+        .output()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    eprintln!("{processes} processes at the bound; the fork bomb answered after {took:?}");
+    assert!(out.status.timed_out, "{:?}", out.status);
+    assert!(
+        took < std::time::Duration::from_secs(12),
+        "the fork bomb's exec was answered after {took:?} (timeout 5 s)"
+    );
     let (alive, status) = sh(&sandbox, "echo still-serving").await;
     assert!(status.success() && alive == "still-serving\n", "{alive}");
 

@@ -1,8 +1,9 @@
 //! Starting an exec-init: `clone(CLONE_NEWPID | CLONE_NEWNS | CLONE_PIDFD)` of the agent, and in the
-//! child only async-signal-safe calls (the agent is multi-threaded) before re-executing the agent
-//! binary with [`crate::EXEC_INIT_ARG`]. The child is PID 1 of a fresh PID namespace; killing it
-//! makes the kernel kill every process in that namespace. Also waiting for and signalling it
-//! through its pidfd, which cannot hit a recycled PID.
+//! child (which first joins the workload cgroup) only async-signal-safe calls (the agent is
+//! multi-threaded) before re-executing the agent binary with [`crate::EXEC_INIT_ARG`]. The child
+//! is PID 1 of a fresh PID namespace; killing it makes the kernel kill every process in that
+//! namespace. Also waiting for and signalling it through its pidfd, which cannot hit a recycled
+//! PID.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -122,6 +123,7 @@ pub fn spawn_exec_init(program: &Path, fds: ChildFds<'_>) -> io::Result<(i32, Pi
     let argv = [program.as_ptr(), hidden_arg.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null::<libc::c_char>()];
     let raw_fds = [fds.stdin, fds.stdout, fds.stderr, fds.control].map(|fd| fd.as_fd().as_raw_fd());
+    let cgroup = crate::workload_cgroup::procs_fd();
     let mut pidfd: libc::c_int = -1;
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_PIDFD | libc::SIGCHLD;
     // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a copy
@@ -141,21 +143,29 @@ pub fn spawn_exec_init(program: &Path, fds: ChildFds<'_>) -> io::Result<(i32, Pi
     }
     if ret == 0 {
         // SAFETY: in the cloned child; never returns.
-        unsafe { child_exec(raw_fds, &program, argv.as_ptr(), envp.as_ptr()) }
+        unsafe { child_exec(raw_fds, cgroup, &program, argv.as_ptr(), envp.as_ptr()) }
     }
     // SAFETY: CLONE_PIDFD stored a new pidfd (close-on-exec) for us to own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok((ret as i32, PidFd(Arc::new(pidfd))))
 }
 
-/// Runs in the cloned child: moves the four fds to 0..=3, resets the signal mask, asks for SIGKILL
-/// if the agent dies, and executes the exec-init.
+/// Runs in the cloned child: joins the workload cgroup (`cgroup`: its `cgroup.procs`, when the
+/// guest has one; see [`crate::workload_cgroup`]), moves the four fds to 0..=3, resets the signal
+/// mask, asks for SIGKILL if the agent dies, and executes the exec-init.
 unsafe fn child_exec(
     fds: [RawFd; 4],
+    cgroup: Option<RawFd>,
     program: &CStr,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> ! {
+    if let Some(procs) = cgroup {
+        // "0": this process. Refused, the exec fails rather than run outside the bound.
+        if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+            child_fail(b"hearth-agent: exec-init: cannot join the workload cgroup\n");
+        }
+    }
     // Park the fds above the targets first so that moving one cannot clobber another.
     let mut parked = [0; 4];
     for (i, fd) in fds.iter().enumerate() {

@@ -67,6 +67,9 @@ fn boot() -> Result<Booted, String> {
         crate::AGENT_VERSION,
         uptime()
     );
+    if let Err(e) = crate::workload_cgroup::setup() {
+        log!("{e}; execs run without a process limit");
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let listed = modules::read_list(Path::new(modules::MODULE_LIST)).map_err(|e| e.to_string())?;
     if is_template(&cmdline) {
