@@ -333,6 +333,21 @@ def main():
         grew = peak_rss_mib() - before
         return ("contained", f"peak RSS grew {grew:.1f} MiB") if grew < 256 else ("OPEN", f"+{grew:.0f} MiB")
 
+    @attack("api: a template per memory size")
+    def _():
+        # Each VM size has its own boot template on disk; a tenant cycling sizes must not add one
+        # per request (the daemon runs with --max-templates 2; the python sandbox holds one).
+        templates = os.path.join(WORK, "home", "templates")
+        codes = []
+        for mib in range(200, 206):
+            status, body = create(f"{REGISTRY}/hearth-test/busybox:latest", memory=f"{mib}m")
+            codes.append(status)
+            if status == 201:
+                call("DELETE", f"/v1/sandboxes/{json.loads(body)['id']}")
+        kept = [d for d in os.listdir(templates) if os.path.isdir(os.path.join(templates, d))]
+        detail = f"{len(kept)} templates on disk after 6 sizes (creates answered {sorted(set(codes))})"
+        return ("contained", detail) if len(kept) <= 2 and codes == [201] * 6 else ("OPEN", detail)
+
     # Hostile guests (a root workload inside a real VM).
     @attack("guest: load a kernel module")
     def _():

@@ -46,6 +46,6 @@ EOF
 chmod 755 "$work/docker/docker-credential-attackstore"
 echo '{"credsStore": "attackstore"}' > "$work/docker/config.json"
 export DOCKER_CONFIG=$work/docker PATH=$work/docker:$PATH
-bench_daemon_start --accel tcg --memory 512m --max-upload 1m --max-boots 2
+bench_daemon_start --accel tcg --memory 512m --max-upload 1m --max-boots 2 --max-templates 2
 python3 bench/attacks.py "$addr" "$token" "$other" "$daemon_pid" "$HEARTH_TEST_REGISTRY" "$work" \
     "$hostile_port"
