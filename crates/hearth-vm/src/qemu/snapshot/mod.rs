@@ -322,10 +322,11 @@ pub enum SnapshotError {
     },
     #[error("this VM's devices differ from snapshot template {id}'s; boot it cold")]
     Mismatch { id: String },
-    /// The node holds its limit of templates and each was used within `idle` (see [`store`]).
+    /// The node holds its limit of templates and each was used within `idle` or is being built
+    /// (see [`store`]).
     #[error(
         "the node keeps at most {limit} boot templates (--max-templates) and each was used in the \
-         last {} minutes; this VM boots cold",
+         last {} minutes or is being built; this VM boots cold",
         idle.as_secs() / 60
     )]
     Full { limit: usize, idle: Duration },

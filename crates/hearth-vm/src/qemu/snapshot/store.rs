@@ -8,7 +8,7 @@
 //!   format, or for an older machine revision ([`crate::MachineRevision`]; paused sandboxes never
 //!   need a template: their saved state holds all of their memory);
 //! - removes what a build that died half-way left (a directory without `meta.json`);
-//! - then, while the node holds more than its limit ([`super::super::QemuVmm::max_templates`],
+//! - then, while the node holds more than its limit ([`crate::qemu::QemuVmm::max_templates`],
 //!   `--max-templates`), evicts the least recently used ones, but never one used in the last
 //!   [`EVICT_AFTER_IDLE`] (a restore from it may be starting) nor one whose build lock is held.
 //!
