@@ -66,9 +66,9 @@ impl SpecRecord {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             template_memory: match &spec.memory {
-                GuestMemory::FromTemplate(file) | GuestMemory::TemplateFile(file) => {
-                    Some(file.clone())
-                }
+                GuestMemory::FromTemplate(file)
+                | GuestMemory::TemplateFile(file)
+                | GuestMemory::Saved(file) => Some(file.clone()),
                 GuestMemory::Anonymous => None,
             },
             machine: spec.machine.0,
@@ -111,11 +111,11 @@ impl SpecRecord {
         spec.detached = detached;
         spec.machine = MachineRevision(self.machine);
         spec.restore_from = Some(state.to_owned());
-        // The saved state holds the VM's whole memory either way; a file-backed VM is restored
-        // onto the same template mapping (or zeroes, if the template is gone since) so that the
-        // state's RAM block and capabilities match.
+        // The saved state holds the VM's whole memory either way; a VM descended from a template
+        // gets anonymous memory under the template backend's name, so that the state's RAM block
+        // and capabilities match (its template need not exist any more).
         spec.memory = match &self.template_memory {
-            Some(file) => GuestMemory::FromTemplate(file.clone()),
+            Some(file) => GuestMemory::Saved(file.clone()),
             None => GuestMemory::Anonymous,
         };
         spec
@@ -168,7 +168,10 @@ mod tests {
         let mut expected = spec.clone();
         expected.detached = true;
         expected.restore_from = Some("/p/state".into());
+        expected.memory = GuestMemory::Saved("/h/templates/t/memory".into());
         assert_eq!(again, expected);
+        // Saved and started again, it records the same.
+        assert_eq!(SpecRecord::of(&again), record);
     }
 
     #[test]

@@ -94,12 +94,22 @@ pub enum GuestMemory {
     /// mapping of a sealed in-memory copy of the template's memory file. The VM can neither change
     /// the template nor punch holes into it; pages it never writes stay shared with its siblings.
     FromTemplate(PathBuf),
+    /// A VM started again from its own saved state (a resume, a fork's child) that descends from
+    /// the template whose memory file is named: private anonymous memory under the template
+    /// backend's name, so that the state's RAM block matches. The state holds every page the VM
+    /// had (a restored VM's private mapping is saved whole), so mapping the template again only
+    /// made each loaded page a copy-on-write of it (measured: the same load time and memory), and
+    /// needed the template's memory file, or a fully allocated zeroed copy when it was gone.
+    Saved(PathBuf),
 }
 
 impl GuestMemory {
-    /// Whether this memory is file-backed (a template's): saved states then leave the template's
-    /// RAM out (QEMU's `x-ignore-shared`), and loading one needs the same capability.
-    pub fn is_file_backed(&self) -> bool {
+    /// Whether the VM has hearth's named memory backend (every form but [`Anonymous`]): saved
+    /// states then leave a shared template file's RAM out (QEMU's `x-ignore-shared`), and loading
+    /// one needs the same capability.
+    ///
+    /// [`Anonymous`]: GuestMemory::Anonymous
+    pub fn has_memory_backend(&self) -> bool {
         !matches!(self, GuestMemory::Anonymous)
     }
 }

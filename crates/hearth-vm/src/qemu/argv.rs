@@ -86,6 +86,13 @@ pub(super) fn render_with_memory(
             format!("{machine},memory-backend={MEMORY_BACKEND_ID}"),
             Some(memory_backend(spec.memory_mib, file, true)),
         ),
+        GuestMemory::Saved(_) => (
+            format!("{machine},memory-backend={MEMORY_BACKEND_ID}"),
+            Some(format!(
+                "memory-backend-ram,id={MEMORY_BACKEND_ID},size={}M",
+                spec.memory_mib
+            )),
+        ),
         GuestMemory::FromTemplate(file) => (
             format!("{machine},memory-backend={MEMORY_BACKEND_ID}"),
             Some(memory_backend(
@@ -261,6 +268,17 @@ mod tests {
         assert_eq!(
             values(&args, "-object"),
             ["memory-backend-file,id=hearth-mem,size=768M,mem-path=/h/templates/t/memory,share=on"]
+        );
+        let mut saved = spec();
+        saved.memory = GuestMemory::Saved("/h/templates/t/memory".into());
+        let args = render(&qemu, &saved);
+        assert_eq!(
+            values(&args, "-M"),
+            ["microvm,x-option-roms=off,pit=off,memory-backend=hearth-mem"]
+        );
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-ram,id=hearth-mem,size=768M"]
         );
         let mut restored = spec();
         restored.memory = GuestMemory::FromTemplate("/h/templates/t/memory".into());

@@ -11,9 +11,9 @@
 //!
 //! QEMU opens the copy as `/proc/<hearth's pid>/fd/<fd>` while it starts (before it drops its
 //! privileges), so nothing has to be passed through the VMM's guard process. One copy per template
-//! file and process, kept while its file is unchanged (a rebuilt template is a new file); a missing
-//! file gives an all-zero copy, which serves the restore of a paused sandbox whose template has
-//! since been removed (its saved state holds all of its memory).
+//! file and process, kept while its file is unchanged (a rebuilt template is a new file). A
+//! missing file is an error (the restore then boots cold): a paused sandbox or a fork's child needs
+//! no copy (it starts from its own saved state onto anonymous memory, `GuestMemory::Saved`).
 //!
 //! Every copy is fully allocated, so the node counts each one (admission, `/metrics`) from its
 //! making until its last holder lets go: the cache and each VM restored from it
@@ -158,7 +158,7 @@ struct Identity {
 /// A cached copy: which file it is of, and when a VM last took it.
 struct Cached {
     file: PathBuf,
-    identity: Option<Identity>,
+    identity: Identity,
     copy: Arc<SealedMemory>,
     used: Instant,
 }
@@ -214,31 +214,22 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
         path: file.to_owned(),
         source,
     };
-    let source = match File::open(file) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_error("opening the template memory", e)),
-    };
-    let identity = match &source {
-        Some(f) => {
-            let m = f
-                .metadata()
-                .map_err(|e| io_error("reading the metadata of", e))?;
-            if m.len() != bytes {
-                let detail = format!(
-                    "the template memory file is {} bytes, the VM has {bytes}",
-                    m.len()
-                );
-                return Err(io_error("checking", io::Error::other(detail)));
-            }
-            Some(Identity {
-                dev: m.dev(),
-                ino: m.ino(),
-                size: m.len(),
-                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            })
-        }
-        None => None,
+    let source = File::open(file).map_err(|e| io_error("opening the template memory", e))?;
+    let m = source
+        .metadata()
+        .map_err(|e| io_error("reading the metadata of", e))?;
+    if m.len() != bytes {
+        let detail = format!(
+            "the template memory file is {} bytes, the VM has {bytes}",
+            m.len()
+        );
+        return Err(io_error("checking", io::Error::other(detail)));
+    }
+    let identity = Identity {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
     };
     let mut cache = lock();
     if let Some(cached) = cache
@@ -248,10 +239,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
         cached.used = Instant::now();
         return Ok(cached.copy.clone());
     }
-    if source.is_none() {
-        tracing::warn!(file = %file.display(), "template memory is gone: restoring onto zeroed memory");
-    }
-    let copy = Arc::new(copy_sealed(source.as_ref(), bytes).map_err(|e| io_error("copying", e))?);
+    let copy = Arc::new(copy_sealed(&source, bytes).map_err(|e| io_error("copying", e))?);
     // A VM restored from a copy this one replaces (or evicts) keeps that copy, still counted.
     cache.retain(|c| c.file != file);
     if cache.len() >= CACHE_ENTRIES {
@@ -271,7 +259,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
 
 /// A new memfd of `bytes`, every page allocated, holding `source`'s non-zero data, then sealed
 /// against any change.
-fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
+fn copy_sealed(source: &File, bytes: u64) -> io::Result<SealedMemory> {
     let name = CString::new(MEMFD_NAME).expect("no NUL");
     // SAFETY: memfd_create with a valid C string; the result is checked and owned at once.
     let raw =
@@ -293,9 +281,7 @@ fn copy_sealed(source: Option<&File>, bytes: u64) -> io::Result<SealedMemory> {
     if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, bytes as libc::off_t) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if let Some(source) = source {
-        copy_data(source, &memfd, bytes)?;
-    }
+    copy_data(source, &memfd, bytes)?;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on an owned descriptor.
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
@@ -359,7 +345,9 @@ mod tests {
     #[test]
     fn a_copy_mapped_by_an_adopted_vm_is_counted_once_until_its_last_vm_ends() {
         let _serial = serial();
-        let copy = copy_sealed(None, 4 << 20).unwrap();
+        let template = tempfile::tempfile().unwrap();
+        template.set_len(4 << 20).unwrap();
+        let copy = copy_sealed(&template, 4 << 20).unwrap();
         // This process stands in for the adopted VMM: it maps the copy as QEMU does, and the
         // daemon that made it is gone (the descriptor closed, the pages mapped).
         // SAFETY: a private mapping of an owned descriptor, unmapped below.
@@ -539,13 +527,12 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_template_gives_zeroed_memory() {
+    fn a_missing_template_is_an_error_not_a_zeroed_copy() {
         let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
-        let copy = sealed_copy(&dir.path().join("gone"), 1 << 20).unwrap();
-        let reopened = File::open(copy.path()).unwrap();
-        let mut got = [1u8; 64];
-        reopened.read_exact_at(&mut got, 4096).unwrap();
-        assert_eq!(got, [0u8; 64]);
+        let before = template_copies_bytes();
+        let err = sealed_copy(&dir.path().join("gone"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+        assert_eq!(template_copies_bytes(), before, "nothing allocated");
     }
 }

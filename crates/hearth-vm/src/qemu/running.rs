@@ -124,7 +124,7 @@ impl RunningQemu {
         )?;
         vm.qmp = Some(qmp);
         if let Some(state) = &spec.restore_from {
-            vm.restore(state, &spec.agent_socket, spec.memory.is_file_backed())?;
+            vm.restore(state, &spec.agent_socket, spec.memory.has_memory_backend())?;
         }
         tracing::debug!(pid = vm.pid(), run_dir = %run_dir.display(), restored_in = ?vm.restored_in, "qemu started");
         Ok(vm)

@@ -94,7 +94,7 @@ pub(super) fn normalized_argv(qemu: &QemuVmm, spec: &VmSpec) -> Vec<String> {
     normal.detached = false;
     normal.restore_from = None;
     // A template (shared file) and the VMs restored from it (private copy) have the same memory.
-    if spec.memory.is_file_backed() {
+    if spec.memory.has_memory_backend() {
         normal.memory = GuestMemory::TemplateFile("/@memory".into());
     }
     normal.drives = spec
