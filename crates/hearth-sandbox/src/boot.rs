@@ -50,6 +50,34 @@ pub struct SandboxConfig {
     pub network: Option<Networking>,
     /// This sandbox's egress policy (with [`SandboxConfig::network`]); default `none`.
     pub network_policy: NetworkPolicy,
+    /// Whether the host has room for a new copy of a boot template's memory (a restore that needs
+    /// one boots cold otherwise); the node's daemon asks its capacity, the CLI has no bound.
+    pub template_memory_room: MemoryRoom,
+}
+
+/// Asks, in MiB, whether the host may allocate that much more (see
+/// [`SandboxConfig::template_memory_room`]). Unbounded by default.
+#[derive(Clone, Default)]
+pub struct MemoryRoom(Option<std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>>);
+
+impl MemoryRoom {
+    pub fn new(check: impl Fn(u64) -> bool + Send + Sync + 'static) -> MemoryRoom {
+        MemoryRoom(Some(std::sync::Arc::new(check)))
+    }
+
+    pub fn allows(&self, mib: u64) -> bool {
+        self.0.as_ref().is_none_or(|check| check(mib))
+    }
+}
+
+impl std::fmt::Debug for MemoryRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "MemoryRoom(checked)"
+        } else {
+            "MemoryRoom(unbounded)"
+        })
+    }
 }
 
 /// How sandboxes get their network: one namespace, tap, firewall, resolver and egress proxy each
@@ -94,6 +122,7 @@ impl SandboxConfig {
             snapshot: crate::restore::snapshots_enabled_by_env(),
             network: None,
             network_policy: NetworkPolicy::none(),
+            template_memory_room: MemoryRoom::default(),
         }
     }
 }

@@ -55,9 +55,30 @@ pub(crate) fn plan_restore(
     if !config.snapshot {
         return Err("snapshots are off (--no-snapshot or HEARTH_SNAPSHOT=0)".into());
     }
-    let (template, restore_spec) = templates
-        .template_for(&config.home, spec, purpose == Purpose::Start)
-        .map_err(|err| format!("no boot template ({err})"))?;
+    let no_template = |err| format!("no boot template ({err})");
+    let (mut template, mut restore_spec) = templates
+        .template_for(&config.home, spec, false)
+        .map_err(no_template)?;
+    if purpose == Purpose::Start {
+        // A restore maps a copy of the template's memory, the guest's size, made by the first
+        // restore of a template and kept for the next: a new one is held to the node's room (the
+        // VM itself is already admitted), checked before a missing template is built for nothing.
+        let new_copy = match template.built {
+            true => templates.memory_to_allocate(&restore_spec),
+            false => u64::from(spec.memory_mib) << 20,
+        };
+        let mib = new_copy.div_ceil(1 << 20);
+        if new_copy > 0 && !config.template_memory_room.allows(mib) {
+            return Err(format!(
+                "no room on this node for a {mib} MiB copy of the boot template's memory"
+            ));
+        }
+        if !template.built {
+            (template, restore_spec) = templates
+                .template_for(&config.home, spec, true)
+                .map_err(no_template)?;
+        }
+    }
     let plan = RestorePlan {
         template,
         hostname: hostname.to_owned(),

@@ -268,3 +268,24 @@ async fn a_node_keeps_at_most_its_limit_of_boot_templates() {
     let left = processes_using(home.path());
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+/// Where the host has no room for a copy of a boot template's memory (the guest's size, on top of
+/// the VM), the VM boots cold, and a template that does not exist yet is not built for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_room_for_template_memory_boots_cold_without_building_a_template() {
+    let home = tempfile::tempdir().unwrap();
+    let busybox = pull(home.path(), "busybox").await;
+    let mut config = config(home.path());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = asked.clone();
+    config.template_memory_room = hearth_sandbox::MemoryRoom::new(move |mib| {
+        record.lock().unwrap().push(mib);
+        false
+    });
+    let sandbox = Sandbox::create(&config, busybox).await.unwrap();
+    assert!(sandbox.timings().restore.is_none(), "booted cold");
+    assert_eq!(ok(&sandbox, "echo cold-ok").await, "cold-ok");
+    assert_eq!(*asked.lock().unwrap(), [u64::from(config.memory_mib)]);
+    assert!(template_dirs(home.path()).is_empty(), "no template built");
+    sandbox.destroy().await.unwrap();
+}

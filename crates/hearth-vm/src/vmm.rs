@@ -69,6 +69,11 @@ pub trait BootTemplates {
 
     /// Removes `template` (a restore from it failed) so that the next VM builds it afresh.
     fn discard(&self, template: &BootTemplate) -> Result<(), VmError>;
+
+    /// Bytes of host memory that starting `restore` (a spec from [`BootTemplates::template_for`]
+    /// of a built template) newly allocates for the template's memory, on top of the VM's own:
+    /// zero when a copy this process holds serves it.
+    fn memory_to_allocate(&self, restore: &VmSpec) -> u64;
 }
 
 /// A boot template, as the rest of hearth sees it.

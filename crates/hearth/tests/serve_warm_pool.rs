@@ -128,29 +128,46 @@ async fn creates_take_distinct_pool_vms_and_the_pool_refills_within_capacity() {
     assert!(d.gauge("hearth_allocated_vcpus").await <= 4);
 }
 
-/// The node keeps a copy of each boot template's memory for the next restore and counts it, but
-/// a copy no VM uses never refuses a sandbox: admission gives it back and the restore makes it
-/// again.
+/// The node keeps a copy of each boot template's memory for the next restore and counts it: a
+/// copy no VM uses never refuses a sandbox (admission gives it back), and a new copy is made only
+/// where the node has room for it beside its sandboxes (else the VM boots cold), so the node never
+/// holds more than its capacity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn template_memory_no_vm_uses_gives_way_to_a_sandbox() {
+async fn template_memory_no_vm_uses_gives_way_and_a_new_copy_needs_room() {
     let home = Home::new(TOKENS);
     let busybox = image("busybox");
-    // Room for one 256 MiB sandbox, not for it and an unused 256 MiB template copy as well.
-    let d = Daemon::start(&home, &["--capacity-memory", "400m"]);
-    let body = json!({"image": busybox, "memory": "256m"});
-    let s = d.create_running(ALICE, body.clone()).await;
+    let d = Daemon::start(&home, &["--capacity-memory", "600m"]);
     let template_memory = || d.gauge("hearth_template_memory_bytes");
+    let delete = |s: serde_json::Value| {
+        let path = format!("/v1/sandboxes/{}", s["id"].as_str().unwrap());
+        let d = &d;
+        async move {
+            let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
+            assert_eq!(status, 204);
+        }
+    };
+    // 256 MiB for the VM and 256 for its template's memory copy: room.
+    let small = json!({"image": busybox, "memory": "256m"});
+    let s = d.create_running(ALICE, small.clone()).await;
     assert_eq!(template_memory().await, 256 << 20);
-    let path = format!("/v1/sandboxes/{}", s["id"].as_str().unwrap());
-    let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
-    assert_eq!(status, 204);
+    delete(s).await;
     assert_eq!(
         template_memory().await,
         256 << 20,
         "kept for the next restore"
     );
 
-    let s = d.create_running(ALICE, body).await;
+    // 384 MiB does not fit beside the unused copy, which gives way; a 384 MiB copy of its own
+    // template would not fit beside it either: it boots cold, and the node holds 384 MiB.
+    let s = d
+        .create_running(ALICE, json!({"image": busybox, "memory": "384m"}))
+        .await;
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(hostname(&d, id).await, format!("hearth-{}", &id[..12]));
+    assert_eq!(template_memory().await, 0, "no copy beyond the capacity");
+    delete(s).await;
+
+    let s = d.create_running(ALICE, small).await;
     let id = s["id"].as_str().unwrap();
     assert_eq!(hostname(&d, id).await, format!("hearth-{}", &id[..12]));
     assert_eq!(template_memory().await, 256 << 20, "made again for this VM");

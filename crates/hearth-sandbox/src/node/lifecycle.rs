@@ -165,7 +165,37 @@ impl Node {
         if let Some(networking) = &mut config.network {
             networking.home = self.net_home();
         }
+        let node = self.me.clone();
+        config.template_memory_room = crate::MemoryRoom::new(move |mib| {
+            node.upgrade()
+                .is_some_and(|node| node.room_for_template_memory(mib))
+        });
         config
+    }
+
+    /// Whether the node's capacity has `mib` more for a new copy of a boot template's memory, on
+    /// top of its sandboxes (this one already admitted) and the copies it holds; copies no VM uses
+    /// are given back first if that makes the room.
+    fn room_for_template_memory(&self, mib: u64) -> bool {
+        let capacity = self.config.capacity.memory_mib;
+        let table = self.table();
+        let room = super::table::with_template_memory_released(|| {
+            let usage = table.node_usage();
+            match usage.memory_mib + usage.reserved_mib + mib <= capacity {
+                true => Ok(()),
+                false => Err(NodeError::Capacity {
+                    message: String::new(),
+                }),
+            }
+        });
+        if room.is_err() {
+            tracing::info!(
+                mib,
+                capacity,
+                "no room for a new copy of boot template memory: the VM boots cold"
+            );
+        }
+        room.is_ok()
     }
 
     /// Records a finished boot. A sandbox that ended while it booted gets its VM stopped now.

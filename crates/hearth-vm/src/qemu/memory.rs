@@ -207,6 +207,26 @@ fn lock() -> std::sync::MutexGuard<'static, Vec<Cached>> {
     CACHE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a copy of `file` as it is now, `bytes` long, is made already (a restore from it then
+/// allocates nothing more).
+pub(super) fn holds_copy(file: &Path, bytes: u64) -> bool {
+    let Ok(identity) = std::fs::metadata(file).map(|m| identity_of(&m)) else {
+        return false;
+    };
+    lock()
+        .iter()
+        .any(|c| c.file == file && c.identity == identity && c.copy.len == bytes)
+}
+
+fn identity_of(m: &std::fs::Metadata) -> Identity {
+    Identity {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    }
+}
+
 /// The sealed copy of `file`, `bytes` long (the VM's memory size), made now or earlier.
 pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, VmError> {
     let io_error = |what, source| VmError::Io {
@@ -225,12 +245,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
         );
         return Err(io_error("checking", io::Error::other(detail)));
     }
-    let identity = Identity {
-        dev: m.dev(),
-        ino: m.ino(),
-        size: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    };
+    let identity = identity_of(&m);
     let mut cache = lock();
     if let Some(cached) = cache
         .iter_mut()

@@ -23,7 +23,7 @@ pub use running::RunningQemu;
 pub use snapshot::{ensure_template, SaveError, SnapshotError, Template};
 
 use crate::accel::{Accel, Selection};
-use crate::spec::VmSpec;
+use crate::spec::{GuestMemory, VmSpec};
 use crate::vmm::{BootTemplate, BootTemplates, Capabilities, LaunchPlan, RunningVm, VmError, Vmm};
 
 /// Name of the virtio-serial port carrying the agent protocol (`/sys/class/virtio-ports/*/name`).
@@ -224,6 +224,14 @@ impl BootTemplates for QemuVmm {
 
     fn discard(&self, template: &BootTemplate) -> Result<(), VmError> {
         Ok(snapshot::discard(&template.dir).map_err(QemuError::Snapshot)?)
+    }
+
+    fn memory_to_allocate(&self, restore: &VmSpec) -> u64 {
+        let bytes = u64::from(restore.memory_mib) << 20;
+        match &restore.memory {
+            GuestMemory::FromTemplate(file) if !memory::holds_copy(file, bytes) => bytes,
+            _ => 0,
+        }
     }
 }
 
