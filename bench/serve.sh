@@ -29,8 +29,9 @@ printf '[[tenants]]\nname = "bench"\ntoken = "%s"\n' "$token" > "$work/tokens.to
 # Warm-up: pull the image, build the initramfs, measure the TSC once (all cached in the home).
 "$hearth" run --accel tcg --memory 256m "$image" true
 
+# Room for every sandbox and for the boot template's memory copy their restores share.
 bench_daemon_start --accel tcg --memory 256m \
-    --max-boots 2 --capacity-cpus "$count" --capacity-memory "$((count * 256))m"
+    --max-boots 2 --capacity-cpus "$count" --capacity-memory "$((count * 256 + 256))m"
 
 python3 - "$addr" "$token" "$image" "$count" > "$work/serve.txt" <<'PY'
 import concurrent.futures, json, statistics, sys, threading, time, urllib.request
