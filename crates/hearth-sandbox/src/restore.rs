@@ -1,6 +1,7 @@
 //! Snapshot restore policy for sandboxes: whether a VM is restored from a boot template (on a
 //! backend with [`hearth_vm::BootTemplates`]) or booted cold, building the template when it is
-//! missing, the fallback to a cold boot when the template cannot be built or restored, and the
+//! missing, the fallback to a cold boot when the template cannot be built or restored or the node
+//! has no room for a new copy of its memory ([`SandboxConfig::template_memory_room`]), and the
 //! RESUME a restored guest gets (host clock, fresh entropy, its hostname). Writes only under
 //! `$HEARTH_HOME` (templates, the VM's run directory).
 
