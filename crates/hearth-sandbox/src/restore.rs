@@ -74,11 +74,10 @@ pub(crate) fn plan_restore(
                 "no room on this node for a {mib} MiB copy of the boot template's memory"
             ));
         }
-        if !template.built {
-            (template, restore_spec) = templates
-                .template_for(&config.home, spec, true)
-                .map_err(no_template)?;
-        }
+        // Builds a missing template; marks a built one used (the store evicts by last use).
+        (template, restore_spec) = templates
+            .template_for(&config.home, spec, true)
+            .map_err(no_template)?;
     }
     let plan = RestorePlan {
         template,

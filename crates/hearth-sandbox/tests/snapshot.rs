@@ -244,17 +244,33 @@ async fn a_node_keeps_at_most_its_limit_of_boot_templates() {
     assert_eq!(template_dirs(home.path()), templates, "no second template");
     cold.destroy().await.unwrap();
 
-    // An hour later (as far as the template's last use says), the build of the other size's
-    // template evicts it.
+    // An hour later (as far as the template's last use says)... a restore from it marks it used
+    // again, and it stays.
     let meta = home
         .path()
         .join("templates")
         .join(&templates[0])
         .join("meta.json");
-    std::fs::File::open(&meta)
-        .unwrap()
-        .set_modified(SystemTime::now() - Duration::from_secs(3600))
-        .unwrap();
+    let an_hour_ago = || {
+        std::fs::File::open(&meta)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap()
+    };
+    an_hour_ago();
+    let again = Sandbox::create(&config, busybox.clone()).await.unwrap();
+    assert!(again.timings().restore.is_some(), "restored");
+    again.destroy().await.unwrap();
+    let cold = Sandbox::create(&other_size, busybox.clone()).await.unwrap();
+    assert!(
+        cold.timings().restore.is_none(),
+        "booted cold: the template was just used"
+    );
+    assert_eq!(template_dirs(home.path()), templates);
+    cold.destroy().await.unwrap();
+
+    // Unused for an hour, the build of the other size's template evicts it.
+    an_hour_ago();
     let restored = Sandbox::create(&other_size, busybox.clone()).await.unwrap();
     assert!(restored.timings().restore.is_some(), "restored");
     let now = template_dirs(home.path());
