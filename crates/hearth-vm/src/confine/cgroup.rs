@@ -6,8 +6,9 @@
 //! is best effort: a host that will not hand the controller down still runs its VMs (logged). The
 //! host's layout (v1 or v2) is detected by the jailer's [`CgroupLayout`]; the directories are
 //! `<hierarchy>/hearth/<name>`. The VMM enters the cgroup between fork and exec (`crate::process`
-//! writes `0` to each `cgroup.procs` opened here), so it never runs unlimited. The directories are removed after the VMM exits (`VmProcess` leftovers).
-//! Touches only the `hearth` cgroups it creates.
+//! writes `0` to each `cgroup.procs` opened here), so it never runs unlimited. The directories are
+//! removed after the VMM exits (`VmProcess` leftovers). Touches only the `hearth` cgroups it
+//! creates.
 
 use std::fs::File;
 use std::io;

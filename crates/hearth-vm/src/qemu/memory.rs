@@ -163,6 +163,13 @@ struct Cached {
     used: Instant,
 }
 
+impl Cached {
+    /// Whether this is a copy of `file` as `identity` describes it, `bytes` long.
+    fn is_copy_of(&self, file: &Path, identity: Identity, bytes: u64) -> bool {
+        self.file == file && self.identity == identity && self.copy.len == bytes
+    }
+}
+
 static CACHE: Mutex<Vec<Cached>> = Mutex::new(Vec::new());
 
 /// Bytes of the copies alive (cached, held by a VM, or both), kept apart from [`CACHE`] so that
@@ -213,9 +220,7 @@ pub(super) fn holds_copy(file: &Path, bytes: u64) -> bool {
     let Ok(identity) = std::fs::metadata(file).map(|m| identity_of(&m)) else {
         return false;
     };
-    lock()
-        .iter()
-        .any(|c| c.file == file && c.identity == identity && c.copy.len == bytes)
+    lock().iter().any(|c| c.is_copy_of(file, identity, bytes))
 }
 
 fn identity_of(m: &std::fs::Metadata) -> Identity {
@@ -249,7 +254,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
     let mut cache = lock();
     if let Some(cached) = cache
         .iter_mut()
-        .find(|c| c.file == file && c.identity == identity && c.copy.len == bytes)
+        .find(|c| c.is_copy_of(file, identity, bytes))
     {
         cached.used = Instant::now();
         return Ok(cached.copy.clone());
