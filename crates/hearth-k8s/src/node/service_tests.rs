@@ -48,6 +48,7 @@ fn local(id: &str, state: State, created_at: u64) -> SandboxInfo {
         boot_ms: None,
         network: None,
         warm: false,
+        on_idle: Default::default(),
         stopping: false,
     }
 }

@@ -91,6 +91,13 @@ pub(crate) fn size(
     if spec.idle_timeout.is_some_and(|t| t.is_zero()) {
         return invalid("idle_timeout must be positive (leave it out for none)".into());
     }
+    if spec.on_idle == super::OnIdle::Pause && spec.idle_timeout.is_none() {
+        return invalid(
+            "on_idle \"pause\" needs an idle timeout (idle_timeout_seconds): without one the \
+             sandbox is never idle"
+                .into(),
+        );
+    }
     check_env(&spec.env)?;
     check_workdir(spec.workdir.as_deref())?;
     Ok(Resources {
@@ -309,6 +316,13 @@ mod tests {
                     ..spec()
                 },
                 "idle_timeout",
+            ),
+            (
+                CreateSpec {
+                    on_idle: crate::node::OnIdle::Pause,
+                    ..spec()
+                },
+                "needs an idle timeout",
             ),
         ];
         for (spec, needle) in cases {

@@ -16,7 +16,7 @@
 //! (commands and files), `interpreter.rs` (a Python interpreter kept per sandbox for code runs),
 //! `network.rs` (a sandbox's egress policy: default, tenant ceiling, live changes), `ports.rs` (a
 //! guest port through the agent channel), `pause.rs` (pause to disk and resume),
-//! `fork.rs` (copies of a running sandbox), `run_once.rs` (one command in a fresh sandbox).
+//! `fork.rs` (copies of a running sandbox), `idle.rs` (idle sandboxes paused and woken on use), `run_once.rs` (one command in a fresh sandbox).
 //!
 //! Writes only under `$HEARTH_HOME/state/` (database, lock), `$HEARTH_HOME/sandboxes/<id>/` (each
 //! VM's run directory: sockets, scratch disk, console log) and `$HEARTH_HOME/node/net/<id>/` (each
@@ -29,6 +29,7 @@ mod boot_slots;
 mod error;
 mod exec;
 mod fork;
+mod idle;
 mod interpreter;
 mod lifecycle;
 mod local_images;
@@ -64,7 +65,7 @@ pub use ports::NodePort;
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
     default_network_ceiling, Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig,
-    NodeMetrics, Quota, SandboxInfo, State, StateCounts, Tenant,
+    NodeMetrics, OnIdle, Quota, SandboxInfo, State, StateCounts, Tenant,
 };
 
 use boot_slots::BootSlots;

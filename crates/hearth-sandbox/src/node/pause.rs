@@ -21,6 +21,9 @@
 //! - A resume that fails (a missing or corrupt snapshot file, a VMM that refuses it) leaves the
 //!   sandbox `Paused` with its snapshot untouched, and the error names the file.
 //!
+//! - A sandbox created with `on_idle: pause` is paused by its idle timeout instead of ended, and
+//!   woken by its next use (`idle.rs`); a sandbox paused by a call is woken only by a resume.
+//!
 //! While a pause or resume runs the entry is `releasing` (its whole VM still counted) and has no
 //! live sandbox, so no exec can reach a VM that is being saved.
 
@@ -28,6 +31,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{now_ms, Node, NodeError, SandboxInfo, State, Tenant};
+
+/// Why a sandbox is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// `POST /v1/sandboxes/{id}/pause` (or the Kubernetes node agent's `spec.paused`).
+    Call,
+    /// Its idle timeout, with `on_idle: pause` (`idle.rs`).
+    Idle,
+}
 
 /// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
 pub(super) const SAVE_MARGIN: u64 = 64 << 20;
@@ -62,11 +74,32 @@ impl Node {
         id: &str,
         force: bool,
     ) -> Result<SandboxInfo, NodeError> {
+        self.pause_as(tenant, id, force, Cause::Call).await
+    }
+
+    /// [`Node::pause`] for `cause`. Paused for [`Cause::Idle`], the sandbox must still be idle
+    /// when the table is locked here (a use marks it active under the same lock, so no use can
+    /// start between this check and the save), and its record's reason becomes "idle"; an idle
+    /// pause that fails counts as activity, so it is tried again only after another idle timeout.
+    pub(super) async fn pause_as(
+        &self,
+        tenant: &str,
+        id: &str,
+        force: bool,
+        cause: Cause,
+    ) -> Result<SandboxInfo, NodeError> {
         self.check_open()?;
         let sandbox = {
             let mut table = self.table();
             let entry = table.visible(tenant, id)?;
             let state = entry.record.info.state;
+            if cause == Cause::Idle && !super::idle::is_idle(entry, now_ms()) {
+                return Err(NodeError::NotRunning {
+                    id: id.to_owned(),
+                    state,
+                    detail: Some(", no longer idle".into()),
+                });
+            }
             let busy = entry
                 .releasing
                 .then(|| ", being paused or resumed".to_owned());
@@ -123,6 +156,8 @@ impl Node {
                     match paused {
                         Ok(_) => {
                             entry.record.info.state = State::Paused;
+                            entry.record.info.reason =
+                                (cause == Cause::Idle).then(|| super::idle::IDLE.to_owned());
                             entry.record.vmm = None;
                             // The pause counts as activity: a paused sandbox's last activity
                             // is when it was paused, which `--max-paused` counts from.
@@ -135,6 +170,9 @@ impl Node {
                         }
                         Err(e) => {
                             entry.live = Some(sandbox.clone());
+                            if cause == Cause::Idle {
+                                entry.activity.touch();
+                            }
                             Err(save_failed(id, &sandbox, e))
                         }
                     }
@@ -162,7 +200,7 @@ impl Node {
         drop(sandbox);
         self.bump();
         match &outcome {
-            Ok(_) => tracing::info!(sandbox = %id, at = now, "sandbox paused"),
+            Ok(_) => tracing::info!(sandbox = %id, at = now, ?cause, "sandbox paused"),
             Err(e) => tracing::warn!(sandbox = %id, "pause failed: {e}"),
         }
         outcome
@@ -214,6 +252,7 @@ impl Node {
                 (Some(entry), Ok(sandbox)) if entry.record.info.state == State::Paused => {
                     entry.releasing = false;
                     entry.record.info.state = State::Running;
+                    entry.record.info.reason = None;
                     entry.record.vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
                     entry.live = Some(Arc::new(sandbox));
                     // Paused time is not idle time.

@@ -1,6 +1,7 @@
 //! The reaper: a task ticking once a second that ends sandboxes past their TTL (paused ones too: a
 //! TTL keeps counting while paused, and the snapshot goes with the sandbox), running sandboxes
-//! idle for longer than their idle timeout (no exec running and no exec or file request), and
+//! idle for longer than their idle timeout (no exec running and no exec or file request; those
+//! created with `on_idle: pause` are paused instead, see `idle.rs`), and
 //! running sandboxes whose VM exited on its own (`Failed`, with how it ended). It also persists
 //! activity times, so an idle timeout survives a restart. Paused time is not idle time: a paused
 //! sandbox is never idle, and its pause and resume count as activity; but one paused for longer
@@ -15,7 +16,7 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use super::{now_ms, Node, NodeError, SandboxInfo, State};
+use super::{now_ms, Node, NodeError, OnIdle, SandboxInfo, State};
 
 const TICK: Duration = Duration::from_secs(1);
 /// A boot template's memory copy no VM has taken for this long is given back to the host.
@@ -30,9 +31,14 @@ pub(super) fn spawn(node: Weak<Node>) -> tokio::task::JoinHandle<()> {
             let Some(node) = node.upgrade() else {
                 return;
             };
-            for (id, state, reason) in node.due(now_ms()) {
+            for (id, action) in node.due(now_ms()) {
                 let node = node.clone();
-                tokio::spawn(async move { node.end(&id, state, &reason, false).await });
+                match action {
+                    Action::End(state, reason) => {
+                        tokio::spawn(async move { node.end(&id, state, &reason, false).await })
+                    }
+                    Action::Pause => tokio::spawn(async move { node.pause_idle(&id).await }),
+                };
             }
             node.refill_pools();
             hearth_vm::qemu::release_unused_template_copies(TEMPLATE_MEMORY_IDLE);
@@ -40,9 +46,18 @@ pub(super) fn spawn(node: Weak<Node>) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// What the reaper does to one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Action {
+    /// Ends it in this state, for this reason.
+    End(State, String),
+    /// Pauses it: idle, with `on_idle: pause` (`idle.rs`).
+    Pause,
+}
+
 impl Node {
-    /// What has to end now, as (id, new state, reason); persists changed activity times.
-    fn due(&self, now: u64) -> Vec<(String, State, String)> {
+    /// What has to end or sleep now, by id; persists changed activity times.
+    fn due(&self, now: u64) -> Vec<(String, Action)> {
         let mut due = Vec::new();
         let mut active = Vec::new();
         let mut table = self.table();
@@ -53,7 +68,10 @@ impl Node {
                 continue;
             }
             if info.expires_at.is_some_and(|at| at <= now) {
-                due.push((id.clone(), State::Stopped, "ttl expired".to_owned()));
+                due.push((
+                    id.clone(),
+                    Action::End(State::Stopped, "ttl expired".into()),
+                ));
                 continue;
             }
             if info.state == State::Paused && !entry.releasing {
@@ -63,7 +81,7 @@ impl Node {
                         "paused for longer than the node allows ({}s, --max-paused)",
                         self.config.max_paused.as_secs()
                     );
-                    due.push((id.clone(), State::Stopped, reason));
+                    due.push((id.clone(), Action::End(State::Stopped, reason)));
                 }
                 continue;
             }
@@ -75,19 +93,20 @@ impl Node {
                     Some(failure) => failure,
                     None => exit.status.to_string(),
                 };
-                due.push((id.clone(), State::Failed, format!("VM exited: {how}")));
+                let reason = format!("VM exited: {how}");
+                due.push((id.clone(), Action::End(State::Failed, reason)));
+                continue;
+            }
+            // Being paused: not idle, and not to be paused twice.
+            if !entry.releasing && super::idle::is_idle(entry, now) {
+                let action = match info.on_idle {
+                    OnIdle::Stop => Action::End(State::Stopped, super::idle::IDLE.into()),
+                    OnIdle::Pause => Action::Pause,
+                };
+                due.push((id.clone(), action));
                 continue;
             }
             let last_active = entry.activity.last_active();
-            let idle_for = now.saturating_sub(last_active);
-            if entry
-                .record
-                .idle_timeout_ms
-                .is_some_and(|idle| entry.activity.running_execs() == 0 && idle_for >= idle)
-            {
-                due.push((id.clone(), State::Stopped, "idle".to_owned()));
-                continue;
-            }
             if last_active > info.last_active_at {
                 active.push((id.clone(), last_active));
             }
@@ -194,12 +213,51 @@ mod tests {
             .unwrap();
         let due = node.due(now);
         assert_eq!(due.len(), 1, "{due:?}");
-        let (id, state, reason) = &due[0];
+        let (id, Action::End(state, reason)) = &due[0] else {
+            panic!("{due:?}")
+        };
         assert_eq!((id.as_str(), *state), ("old", State::Stopped));
         assert!(
             reason.contains("--max-paused") && reason.contains("7200s"),
             "{reason}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_sandbox_with_on_idle_pause_is_paused_not_ended_and_only_once() {
+        let home = tempfile::tempdir().unwrap();
+        let node = node(home.path(), Duration::from_secs(3600)).await;
+        let now = now_ms();
+        insert(&node, "sleepy", State::Running, now - HOUR_MS);
+        insert(&node, "busy", State::Running, now - HOUR_MS);
+        insert(&node, "ender", State::Running, now - HOUR_MS);
+        {
+            let mut table = node.table();
+            for id in ["sleepy", "busy", "ender"] {
+                let entry = table.get_mut(id).unwrap();
+                entry.record.idle_timeout_ms = Some(60_000);
+                if id != "ender" {
+                    entry.record.info.on_idle = OnIdle::Pause;
+                }
+            }
+        }
+        // "busy" runs an exec (which touched it now, too): not idle.
+        let busy = node.table().get_mut("busy").unwrap().activity.clone();
+        let _exec = super::super::exec::ActivityGuard::new(busy);
+        // All three unused for an hour, with a minute's idle timeout.
+        let mut due = node.due(now);
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            due,
+            [
+                ("ender".into(), Action::End(State::Stopped, "idle".into())),
+                ("sleepy".into(), Action::Pause),
+            ]
+        );
+        // While its pause saves the VM it is not due again.
+        node.table().get_mut("sleepy").unwrap().releasing = true;
+        let due = node.due(now);
+        assert!(due.iter().all(|(id, _)| id != "sleepy"), "{due:?}");
     }
 
     #[tokio::test]
@@ -210,7 +268,7 @@ mod tests {
         insert(&node, "run", State::Running, now - 2 * HOUR_MS);
         insert(&node, "new", State::Creating, now);
         // Created two hours ago with a 90-minute TTL: due now, unless extended.
-        assert!(node.due(now).iter().any(|(id, _, _)| id == "run"));
+        assert!(node.due(now).iter().any(|(id, _)| id == "run"));
         let info = node
             .update_timeouts("t", "run", Some(Duration::from_secs(3 * 3600)), None)
             .unwrap();
@@ -221,7 +279,7 @@ mod tests {
             .unwrap();
         let due = node.due(now);
         assert_eq!(due.len(), 1, "{due:?}");
-        assert_eq!(due[0].2, "idle");
+        assert_eq!(due[0].1, Action::End(State::Stopped, "idle".into()));
         // The node's maximum, zero, a sandbox that is not live yet, another tenant's.
         let over = node.update_timeouts("t", "run", Some(Duration::from_secs(25 * 3600)), None);
         assert!(matches!(over, Err(NodeError::Invalid(_))), "{over:?}");

@@ -71,6 +71,7 @@ impl Record {
                 boot_ms: None,
                 network: spec.network.clone(),
                 warm: false,
+                on_idle: spec.on_idle,
                 stopping: false,
             },
             idle_timeout_ms: spec.idle_timeout.map(|t| t.as_millis().max(1) as u64),

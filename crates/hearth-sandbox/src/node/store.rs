@@ -13,7 +13,7 @@ use super::record::Record;
 use super::{NodeError, SandboxInfo, State};
 
 /// Bumped with every schema change; `migrate` knows each step.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The open database; the table (`table.rs`) owns it, so it is used only under the table lock.
 pub(crate) struct Store {
@@ -66,9 +66,9 @@ impl Store {
             "INSERT OR REPLACE INTO sandboxes (id, tenant, image, image_digest, state, reason, \
              vcpus, memory_mib, disk_bytes, labels, created_at, ready_at, finished_at, expires_at, \
              last_active_at, boot_ms, idle_timeout_ms, exec_defaults, image_meta, vmm_pid, \
-             vmm_start_time, deleted, network, warm) \
+             vmm_start_time, deleted, network, warm, on_idle) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+             ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
             params![
                 info.id,
                 info.tenant,
@@ -94,6 +94,7 @@ impl Store {
                 record.deleted,
                 info.network.as_ref().map(json),
                 info.warm,
+                info.on_idle.as_str(),
             ],
         )?;
         Ok(())
@@ -183,6 +184,16 @@ fn migrate(db: &Connection) -> Result<(), NodeError> {
                  INSERT INTO schema_version (version) VALUES (4);
                  COMMIT;",
             )?;
+            migrate(db)
+        }
+        Some(4) => {
+            // 5: what the idle timeout does (`stop` or `pause`).
+            db.execute_batch(
+                "BEGIN;
+                 ALTER TABLE sandboxes ADD COLUMN on_idle TEXT NOT NULL DEFAULT 'stop';
+                 INSERT INTO schema_version (version) VALUES (5);
+                 COMMIT;",
+            )?;
             Ok(())
         }
         Some(SCHEMA_VERSION) => Ok(()),
@@ -238,8 +249,10 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
         boot_ms: opt("boot_ms")?,
         network: None,
         warm: row.get("warm")?,
+        on_idle: super::OnIdle::Stop, // replaced below
         stopping: false,
     };
+    let on_idle: String = row.get("on_idle")?;
     let idle_timeout_ms = opt("idle_timeout_ms")?;
     let deleted: bool = row.get("deleted")?;
     Ok((|| {
@@ -248,9 +261,15 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Result<Record, NodeError>> {
                 "sandbox {id}: unknown state {state:?}"
             )));
         };
+        let Some(on_idle) = super::OnIdle::parse(&on_idle) else {
+            return Err(NodeError::Store(format!(
+                "sandbox {id}: unknown on_idle {on_idle:?}"
+            )));
+        };
         Ok(Record {
             info: SandboxInfo {
                 state,
+                on_idle,
                 labels: parse_json(&id, "labels", &labels)?,
                 network: network
                     .map(|text| parse_json(&id, "network", &text))
@@ -297,6 +316,7 @@ mod tests {
                 boot_ms: Some(1),
                 network: Some(hearth_net::policy::NetworkPolicy::none()),
                 warm: false,
+                on_idle: super::super::OnIdle::Pause,
                 stopping: false,
             },
             idle_timeout_ms: Some(5000),
@@ -356,6 +376,7 @@ mod tests {
         let db = Connection::open(&path).unwrap();
         db.execute_batch(
             "ALTER TABLE sandboxes DROP COLUMN warm;
+             ALTER TABLE sandboxes DROP COLUMN on_idle;
              DELETE FROM schema_version WHERE version >= 3;",
         )
         .unwrap();
@@ -375,22 +396,25 @@ mod tests {
     }
 
     #[test]
-    fn a_version_3_database_gains_the_warm_column_and_keeps_its_records() {
+    fn a_version_3_database_gains_the_warm_and_on_idle_columns_and_keeps_its_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
         let store = Store::open(&path).unwrap();
-        let running = record("r", State::Running);
+        let mut running = record("r", State::Running);
         store.save(&running).unwrap();
         drop(store);
-        // What a version-3 hearth left: no `warm` column.
+        // What a version-3 hearth left: no `warm` or `on_idle` column.
         let db = Connection::open(&path).unwrap();
         db.execute_batch(
             "ALTER TABLE sandboxes DROP COLUMN warm;
-             DELETE FROM schema_version WHERE version = 4;",
+             ALTER TABLE sandboxes DROP COLUMN on_idle;
+             DELETE FROM schema_version WHERE version >= 4;",
         )
         .unwrap();
         drop(db);
         let store = Store::open(&path).unwrap();
+        // Sandboxes from before `on_idle` were stopped when idle, and still are.
+        running.info.on_idle = super::super::OnIdle::Stop;
         assert_eq!(store.get("r").unwrap().unwrap(), running);
         let mut warm = record("w", State::Running);
         warm.info.warm = true;

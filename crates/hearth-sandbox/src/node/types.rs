@@ -173,8 +173,11 @@ pub struct CreateSpec {
     pub disk_bytes: Option<u64>,
     /// Hard lifetime from creation; `None` = [`Limits::max_ttl`].
     pub ttl: Option<Duration>,
-    /// Stopped after this long with no exec running and no exec or file request.
+    /// Stopped (or paused, see `on_idle`) after this long with no exec running and no exec or
+    /// file request.
     pub idle_timeout: Option<Duration>,
+    /// What the idle timeout does.
+    pub on_idle: OnIdle,
     /// Defaults for every exec: image Env < these < the exec's own.
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
@@ -184,6 +187,35 @@ pub struct CreateSpec {
     /// The egress policy; `None` = [`NodeConfig::network_default`]. Must be within the tenant's
     /// ceiling.
     pub network: Option<hearth_net::policy::NetworkPolicy>,
+}
+
+/// What the idle timeout does to a running sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    /// Ends it: `Stopped` with reason "idle", its VM and disk gone.
+    #[default]
+    Stop,
+    /// Pauses it (`Paused` with reason "idle": saved to disk, its vCPUs and memory given back);
+    /// its next use (exec, file, code, port) resumes it first ([`super::Node::wake`]).
+    Pause,
+}
+
+impl OnIdle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnIdle::Stop => "stop",
+            OnIdle::Pause => "pause",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OnIdle> {
+        match text {
+            "stop" => Some(OnIdle::Stop),
+            "pause" => Some(OnIdle::Pause),
+            _ => None,
+        }
+    }
 }
 
 /// A sandbox's life: `Creating -> Running -> Stopped | Failed`; `Creating -> Failed | Stopped`;
@@ -245,7 +277,8 @@ pub struct SandboxInfo {
     /// The manifest digest, once the image is pulled.
     pub image_digest: Option<String>,
     pub state: State,
-    /// Why the sandbox is stopped or failed: "ttl expired", "idle", "VM exited: ...".
+    /// Why the sandbox is stopped or failed: "ttl expired", "idle", "VM exited: ..."; or, paused,
+    /// "idle" when its idle timeout paused it ([`OnIdle::Pause`]).
     pub reason: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -264,6 +297,9 @@ pub struct SandboxInfo {
     /// Taken from a warm pool, booted before it was asked for (`pool.rs`).
     #[serde(default)]
     pub warm: bool,
+    /// What its idle timeout does.
+    #[serde(default)]
+    pub on_idle: OnIdle,
     /// Ended (`state` and `reason` say how) while its VM is still being stopped: it holds its
     /// resources until that is done. Set only in what callers are shown, never recorded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -23,7 +23,7 @@ use crate::cmd::common::{parse_duration, runtime, shutdown_signal, Workers};
 use crate::cmd::network::PolicyArgs;
 use crate::cmd::tty::{self, Terminal};
 use crate::serve::api::{
-    CreateSandbox, DirListing, ExecBody, ExecEvent, SandboxState, TerminalSize, WsControl,
+    CreateSandbox, DirListing, ExecBody, ExecEvent, OnIdle, SandboxState, TerminalSize, WsControl,
     WsTerminal,
 };
 
@@ -94,6 +94,13 @@ pub struct NetworkArgs {
     pub policy: PolicyArgs,
 }
 
+/// `--on-idle`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum OnIdleArg {
+    Stop,
+    Pause,
+}
+
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     pub image: String,
@@ -106,9 +113,13 @@ pub struct CreateArgs {
     /// Lifetime: 30s, 5m, 1h.
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
-    /// Stop after this long without use.
+    /// Stop (or, with `--on-idle pause`, pause) after this long without use.
     #[arg(long, value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// What the idle timeout does: `stop` ends the sandbox; `pause` saves it to disk, and its
+    /// next use (exec, files, code, ports) resumes it.
+    #[arg(long, value_enum, requires = "idle_timeout")]
+    pub on_idle: Option<OnIdleArg>,
     /// Environment for every exec (KEY=VALUE). Repeatable.
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
@@ -238,6 +249,10 @@ async fn create(client: &Client, a: CreateArgs) -> anyhow::Result<ExitCode> {
         disk: a.disk,
         ttl_seconds: a.ttl.map(|d| d.as_secs().max(1)),
         idle_timeout_seconds: a.idle_timeout.map(|d| d.as_secs().max(1)),
+        on_idle: a.on_idle.map(|o| match o {
+            OnIdleArg::Stop => OnIdle::Stop,
+            OnIdleArg::Pause => OnIdle::Pause,
+        }),
         env: pairs(&a.env, "--env")?,
         workdir: a.workdir,
         user: a.user,

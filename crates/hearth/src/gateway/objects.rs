@@ -27,7 +27,7 @@ pub const MAX_LABELS_BYTES: usize = 16 << 10;
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 /// The Service Sandbox object named `name` that `body` asks for, created at `now`. Fields the
-/// resource has no place for (`disk`, `idle_timeout_seconds`, `user`) are refused rather than
+/// resource has no place for (`disk`, `idle_timeout_seconds`, `on_idle`, `user`) are refused rather than
 /// silently dropped.
 pub fn sandbox_object(
     name: &str,
@@ -40,6 +40,7 @@ pub fn sandbox_object(
     for (given, field) in [
         (body.disk.is_some(), "disk"),
         (body.idle_timeout_seconds.is_some(), "idle_timeout_seconds"),
+        (body.on_idle.is_some(), "on_idle"),
         (body.user.is_some(), "user"),
     ] {
         if given {
@@ -192,6 +193,7 @@ pub fn api_sandbox(object: &Sandbox) -> api::Sandbox {
         boot_ms: ready_at.map(|r| r.saturating_sub(created_at)),
         network: object.spec.network_policy().ok().flatten(),
         warm: false,
+        on_idle: Default::default(),
     }
 }
 
@@ -258,6 +260,7 @@ mod tests {
         for (field, value) in [
             ("disk", serde_json::json!("4g")),
             ("idle_timeout_seconds", serde_json::json!(60)),
+            ("on_idle", serde_json::json!("pause")),
             ("user", serde_json::json!("nobody")),
         ] {
             let mut json = serde_json::json!({"image": "busybox"});

@@ -40,6 +40,10 @@ impl SandboxTools {
             disk: p.disk,
             ttl_seconds: p.ttl_seconds,
             idle_timeout_seconds: p.idle_timeout_seconds,
+            on_idle: p.on_idle.map(|o| match o {
+                params::OnIdle::Stop => crate::serve::api::OnIdle::Stop,
+                params::OnIdle::Pause => crate::serve::api::OnIdle::Pause,
+            }),
             env: p.env,
             workdir: p.workdir,
             network: p.network.as_ref().map(|n| n.policy()).transpose()?,

@@ -22,8 +22,11 @@ pub struct CreateSandbox {
     /// Hard lifetime in seconds; afterwards the sandbox is stopped (default and maximum: the
     /// daemon's).
     pub ttl_seconds: Option<u64>,
-    /// Stop the sandbox after this many seconds without use.
+    /// Stop the sandbox after this many seconds without use (or pause it: `on_idle`).
     pub idle_timeout_seconds: Option<u64>,
+    /// What `idle_timeout_seconds` does: `stop` (default) ends the sandbox; `pause` saves it to
+    /// disk, and the next command, file or code call resumes it with its files and processes.
+    pub on_idle: Option<OnIdle>,
     /// Environment variables for every command in the sandbox.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -35,6 +38,14 @@ pub struct CreateSandbox {
     /// is destroyed when the session ends.
     #[serde(default)]
     pub keep: bool,
+}
+
+/// What an idle timeout does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    Stop,
+    Pause,
 }
 
 /// An egress policy.

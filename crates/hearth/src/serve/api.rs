@@ -26,9 +26,15 @@ pub struct CreateSandbox {
     /// Hard lifetime from creation; default and maximum: the daemon's `--max-ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
-    /// Stopped after this long with no exec running and no API use.
+    /// Stopped (or paused: `on_idle`) after this long with no exec running and no API use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_seconds: Option<u64>,
+    /// What the idle timeout does (needs `idle_timeout_seconds`): `stop` (the default) ends the
+    /// sandbox; `pause` saves it to disk (`paused`, reason `idle`: it holds no memory or vCPUs),
+    /// and its next exec, file transfer, code run or port connection resumes it first, with its
+    /// processes and files as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_idle: Option<OnIdle>,
     /// Environment for every exec (over the image's, under each exec's own).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -50,6 +56,35 @@ pub struct CreateSandbox {
     /// Wait until the sandbox runs (201) rather than answering at once with `creating` (202).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<bool>,
+}
+
+/// What a sandbox's idle timeout does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnIdle {
+    /// Ends it (`stopped`, reason `idle`).
+    #[default]
+    Stop,
+    /// Pauses it (`paused`, reason `idle`); its next use resumes it.
+    Pause,
+}
+
+impl From<OnIdle> for hearth_sandbox::node::OnIdle {
+    fn from(o: OnIdle) -> Self {
+        match o {
+            OnIdle::Stop => hearth_sandbox::node::OnIdle::Stop,
+            OnIdle::Pause => hearth_sandbox::node::OnIdle::Pause,
+        }
+    }
+}
+
+impl From<hearth_sandbox::node::OnIdle> for OnIdle {
+    fn from(o: hearth_sandbox::node::OnIdle) -> Self {
+        match o {
+            hearth_sandbox::node::OnIdle::Stop => OnIdle::Stop,
+            hearth_sandbox::node::OnIdle::Pause => OnIdle::Pause,
+        }
+    }
 }
 
 /// A sandbox's life: `creating -> running -> stopped | failed`; `running <-> paused` (saved to
@@ -75,7 +110,8 @@ pub struct Sandbox {
     /// Manifest digest, once the image is pulled.
     pub image_digest: Option<String>,
     pub state: SandboxState,
-    /// Why it stopped or failed ("ttl expired", "idle", "VM exited: ...").
+    /// Why it stopped or failed ("ttl expired", "idle", "VM exited: ..."); for a paused sandbox,
+    /// "idle" when its idle timeout paused it (`on_idle: pause`: its next use resumes it).
     pub reason: Option<String>,
     pub cpus: u32,
     pub memory_mib: u32,
@@ -96,6 +132,9 @@ pub struct Sandbox {
     /// otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub warm: bool,
+    /// What its idle timeout does.
+    #[serde(default)]
+    pub on_idle: OnIdle,
 }
 
 impl From<SandboxInfo> for Sandbox {
@@ -126,6 +165,7 @@ impl From<SandboxInfo> for Sandbox {
             boot_ms: s.boot_ms,
             network: s.network,
             warm: s.warm,
+            on_idle: s.on_idle.into(),
         }
     }
 }

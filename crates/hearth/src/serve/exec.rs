@@ -40,7 +40,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
         (status = 400, description = "Empty argv, bad stdin base64, environment or working directory", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
-        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running. One its idle timeout paused (`on_idle: pause`) is resumed first, \
+            as for every use (exec, code, files, ports); a resume that fails answers as `resume` does (503 capacity, 429 quota)", body = ErrorBody),
         (status = 413, description = "Body over 8 MiB", body = ErrorBody),
         (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),

@@ -23,6 +23,7 @@ pub mod ports;
 mod runs;
 mod sandboxes;
 pub mod tls;
+mod wake;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -84,6 +85,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
         .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
+        .route(
+            "/v1/sandboxes/{id}/network",
+            get(network::get).put(network::put),
+        )
+        .route("/v1/runs", post(runs::run));
+    // Routes that use a running sandbox: one its idle timeout paused is resumed first.
+    let wake = axum::middleware::from_fn_with_state(state.clone(), wake::on_use);
+    let uses = Router::new()
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route(
@@ -91,16 +100,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(code::run).delete(code::reset),
         )
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
-        .route(
-            "/v1/sandboxes/{id}/network",
-            get(network::get).put(network::put),
-        )
-        .route("/v1/runs", post(runs::run))
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        // Unbounded bodies, streamed to the guest.
+        .route_layer(wake.clone());
+    // Unbounded bodies, streamed to the guest.
+    let streams = Router::new()
         .route("/v1/sandboxes/{id}/ports/{port}/", any(ports::proxy_root))
         .route("/v1/sandboxes/{id}/ports/{port}/{*path}", any(ports::proxy))
-        .route("/v1/sandboxes/{id}/tunnel/{port}", get(ports::tunnel));
+        .route("/v1/sandboxes/{id}/tunnel/{port}", get(ports::tunnel))
+        .route_layer(wake);
+    let v1 = v1
+        .merge(uses)
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .merge(streams);
     Router::new()
         .merge(v1)
         .route("/healthz", get(healthz))

@@ -50,6 +50,7 @@ pub async fn create(
         disk_bytes: size_field("disk", body.disk.as_deref())?,
         ttl: seconds_field("ttl_seconds", body.ttl_seconds)?,
         idle_timeout: seconds_field("idle_timeout_seconds", body.idle_timeout_seconds)?,
+        on_idle: body.on_idle.unwrap_or_default().into(),
         env: env_pairs(body.env)?,
         workdir: body.workdir,
         user: body.user,

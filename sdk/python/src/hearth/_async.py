@@ -160,6 +160,7 @@ class AsyncSandbox:
         env: Optional[Mapping[str, str]] = None,
         ttl: Optional[float] = None,
         idle_timeout: Optional[float] = None,
+        on_idle: Optional[str] = None,
         network: Optional[Policy] = None,
         cwd: Optional[str] = None,
         user: Optional[str] = None,
@@ -171,8 +172,8 @@ class AsyncSandbox:
     ) -> _Creating:
         """See :meth:`hearth.Sandbox.create`."""
         op = _ops.create(image, cpus=cpus, memory=memory, disk=disk, env=env, ttl=ttl,
-                         idle_timeout=idle_timeout, network=network, cwd=cwd, user=user,
-                         labels=labels)
+                         idle_timeout=idle_timeout, on_idle=on_idle, network=network, cwd=cwd,
+                         user=user, labels=labels)
         return _Creating(cls._create(op, boot_timeout, host, token, client))
 
     @classmethod

@@ -143,6 +143,7 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         ttl: Optional[float] = None,
         idle_timeout: Optional[float] = None,
+        on_idle: Optional[str] = None,
         network: Optional[Policy] = None,
         cwd: Optional[str] = None,
         user: Optional[str] = None,
@@ -153,14 +154,17 @@ class Sandbox:
         client: Optional[Client] = None,
     ) -> Sandbox:
         """Boots a sandbox of ``image`` and returns once it runs (:class:`SandboxFailed` if it
-        fails to; it is deleted then). ``ttl``/``idle_timeout`` are seconds; ``memory``/``disk``
+        fails to; it is deleted then). ``ttl``/``idle_timeout`` are seconds (``on_idle="pause"``:
+        the idle timeout saves the sandbox to disk instead of ending it, and its next use resumes
+        it); ``memory``/``disk``
         bytes or sizes like ``"512m"``; ``network`` a mode or a policy mapping; ``cwd``/``user``/
         ``env`` the defaults of every exec."""
         client, owned = _client(host, token, client)
         try:
             info = client.call(_ops.create(
                 image, cpus=cpus, memory=memory, disk=disk, env=env, ttl=ttl,
-                idle_timeout=idle_timeout, network=network, cwd=cwd, user=user, labels=labels))
+                idle_timeout=idle_timeout, on_idle=on_idle, network=network, cwd=cwd, user=user,
+                labels=labels))
             deadline = time.monotonic() + boot_timeout
             while not _ops.settled(info) and time.monotonic() < deadline:
                 time.sleep(POLL_INTERVAL)

@@ -24,7 +24,8 @@ class SandboxInfo:
     """``creating``, ``running``, ``paused``, ``stopping`` (ended, its VM still being stopped),
     ``stopped`` or ``failed``."""
     reason: Optional[str]
-    """Why it stopped or failed (``ttl expired``, ``idle``, ...)."""
+    """Why it stopped or failed (``ttl expired``, ``idle``, ...); ``idle`` on a paused sandbox
+    its idle timeout paused (``on_idle="pause"``: its next use resumes it)."""
     cpus: int
     memory_mib: int
     disk_bytes: int
@@ -38,6 +39,8 @@ class SandboxInfo:
     boot_ms: Optional[int] = None
     network: Optional[Mapping[str, Any]] = None
     """The egress policy in force (``None`` when the daemon gives sandboxes no network)."""
+    on_idle: str = "stop"
+    """What its idle timeout does: ``stop`` or ``pause``."""
 
     @staticmethod
     def from_json(value: Mapping[str, Any]) -> SandboxInfo:
@@ -58,6 +61,7 @@ class SandboxInfo:
             last_active_at=_int(value.get("last_active_at")),
             boot_ms=_int(value.get("boot_ms")),
             network=value.get("network"),
+            on_idle=str(value.get("on_idle") or "stop"),
         )
 
 

@@ -1,0 +1,172 @@
+//! Idle sandboxes that sleep (`on_idle: pause`) through `hearth serve` with a real VM under QEMU
+//! (TCG): the idle timeout pauses the sandbox (no VMM left, its memory free in `/metrics`, reason
+//! "idle"); the next uses, three at once, wake it once and find the same guest with its files on
+//! disk and in memory; a sandbox paused by a call is not woken by a use (409); after a `kill -9` of
+//! the daemon, an idle-paused sandbox is still woken by a file upload. One VM boot.
+
+#[path = "serve/daemon.rs"]
+mod daemon;
+
+use std::time::Duration;
+
+use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE};
+use reqwest::Method;
+use serde_json::json;
+
+const TOKENS: &str = r#"
+[[tenants]]
+name = "alice"
+token = "alice-token-0001"
+"#;
+
+/// Runs `script`; returns (HTTP status, stdout, last event).
+async fn exec(d: &Daemon, id: &str, script: &str) -> (u16, String, serde_json::Value) {
+    let response = d
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(ALICE),
+        )
+        .json(&json!({ "argv": ["sh", "-c", script] }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    if status != 200 {
+        let body = response.text().await.unwrap_or_default();
+        return (status, String::new(), json!(body));
+    }
+    let (stdout, _, last) = outputs(&ndjson_events(response).await);
+    (status, stdout.trim().to_owned(), last)
+}
+
+/// Waits for the idle timeout to pause sandbox `id`; returns its record.
+async fn idle_paused(d: &Daemon, id: &str) -> serde_json::Value {
+    let s = d
+        .wait_for(ALICE, id, Duration::from_secs(60), |s| {
+            s["state"] == "paused"
+        })
+        .await;
+    assert_eq!(
+        (&s["state"], &s["reason"]),
+        (&json!("paused"), &json!("idle")),
+        "{s}\n{}",
+        d.log_text()
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
+    let home = Home::new(TOKENS);
+    let mut d = Daemon::start(&home, &[]);
+
+    // Without an idle timeout, `pause` would never happen: refused before anything boots.
+    let (status, e) = d
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(ALICE),
+            Some(json!({"image": image("busybox"), "on_idle": "pause"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e.to_string().contains("idle timeout"), "{e}");
+
+    let s = d
+        .create_running(
+            ALICE,
+            json!({"image": image("busybox"), "idle_timeout_seconds": 3, "on_idle": "pause"}),
+        )
+        .await;
+    assert_eq!(s["on_idle"], "pause", "{s}");
+    let id = s["id"].as_str().unwrap().to_owned();
+    let (status, boot_id, last) = exec(
+        &d,
+        &id,
+        "echo disk > /root/f; echo memory > /dev/shm/m; cat /proc/sys/kernel/random/boot_id",
+    )
+    .await;
+    assert_eq!((status, &last), (200, &json!({"exit_code": 0})));
+
+    // Idle: paused, not ended; no VMM, no memory held.
+    idle_paused(&d, &id).await;
+    assert!(
+        daemon::processes_mentioning(&id).is_empty(),
+        "a VMM of the idle-paused sandbox still runs"
+    );
+    assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 0);
+
+    // Three uses at once wake it once; each finds the same guest and its files.
+    let file = format!("/v1/sandboxes/{id}/files?path=/root/f");
+    let (a, b, c) = tokio::join!(
+        exec(&d, &id, "cat /proc/sys/kernel/random/boot_id"),
+        exec(&d, &id, "cat /dev/shm/m"),
+        d.get_text(&file, Some(ALICE)),
+    );
+    assert_eq!((a.0, a.1.as_str()), (200, boot_id.as_str()), "{a:?}");
+    assert_eq!((b.0, b.1.as_str()), (200, "memory"), "{b:?}");
+    assert_eq!(c, "disk\n");
+    let (_, s) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (&s["state"], &s["reason"]),
+        (&json!("running"), &json!(null)),
+        "{s}"
+    );
+    // The node's line (`pause::start` logs the VM's own).
+    let log = d.log_text();
+    let resumes = log
+        .lines()
+        .filter(|l| l.contains("node::pause") && l.contains("sandbox resumed"))
+        .count();
+    assert_eq!(resumes, 1, "three uses resumed it {resumes} times\n{log}");
+
+    // Paused by a call, it stays paused until resumed: a use is a conflict.
+    let (status, s) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!((status, &s["reason"]), (200, &json!(null)), "{s}");
+    let (status, _, e) = exec(&d, &id, "true").await;
+    assert_eq!(status, 409, "{e}");
+    let (status, s) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!((status, &s["state"]), (200, &json!("running")), "{s}");
+
+    // Idle-paused again; the daemon crashes; the next one wakes it for a file upload.
+    idle_paused(&d, &id).await;
+    d.kill9();
+    let d = Daemon::start(&home, &[]);
+    let response = d
+        .request(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files?path=/root/g"),
+            Some(ALICE),
+        )
+        .body("uploaded\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{}", d.log_text());
+    let (status, out, _) = exec(&d, &id, "cat /root/g /root/f /dev/shm/m").await;
+    assert_eq!((status, out.as_str()), (200, "uploaded\ndisk\nmemory"));
+    let (_, again, _) = exec(&d, &id, "cat /proc/sys/kernel/random/boot_id").await;
+    assert_eq!(again, boot_id, "the guest rebooted");
+}
