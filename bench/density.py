@@ -10,6 +10,12 @@ MemAvailable (everything the host lost: guest pages, QEMU, page cache of the tem
 sum of the VMM processes' PSS (shared template pages split between the VMs that map them) and, for
 reference, their RSS (shared pages counted once per VM). Then every sandbox answers one `exec
 true`, timed. Prints a Markdown table and deletes the sandboxes.
+
+With --on-idle-pause the sandboxes are created with `on_idle: pause` (and an idle timeout longer
+than the run) and, after the measures above, their idle timeout is cut to one second (PATCH): the
+second table is the same node with every sandbox paused by its idle timeout (MemAvailable drop, VMMs
+left, snapshot blocks on disk), then one `exec true` on each, which wakes it (resume + exec), and
+the MemAvailable drop once all are running again.
 """
 
 import argparse
@@ -73,6 +79,71 @@ def mapping_pss(pid):
     return sizes["guest"], sizes["tcg"], sizes["heap"]
 
 
+def disk_blocks(path):
+    """Bytes allocated on disk under `path` (sparse files count what they hold)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def exec_each(api, ids):
+    """`exec true` on each sandbox in turn; the times in ms."""
+    times = []
+    for sid in ids:
+        start = time.perf_counter()
+        api.call("POST", f"/v1/sandboxes/{sid}/exec", {"argv": ["true"]})
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def sleep_and_wake(api, args, ids, base_available):
+    """The --on-idle-pause half: all paused by their idle timeout, then each woken by an exec."""
+    started = time.monotonic()
+    for sid in ids:
+        api.call("PATCH", f"/v1/sandboxes/{sid}", {"idle_timeout_seconds": 1})
+    while True:
+        listed = json.loads(api.call("GET", "/v1/sandboxes"))["sandboxes"]
+        paused = [s for s in listed if s["state"] == "paused" and s.get("reason") == "idle"]
+        if len(paused) == len(ids):
+            break
+        if time.monotonic() - started > 900:
+            sys.exit(f"only {len(paused)} of {len(ids)} paused after 900 s")
+        time.sleep(0.5)
+    all_paused = time.monotonic() - started
+    time.sleep(args.settle)
+    drop = (base_available - mem_available()) / len(ids)
+    vmms = len(vmm_pids(args.home))
+    disk = disk_blocks(os.path.join(args.home, "node", "paused")) / len(ids)
+    # A long idle timeout again (a PATCH does not wake a paused sandbox), so the woken stay up.
+    for sid in ids:
+        api.call("PATCH", f"/v1/sandboxes/{sid}", {"idle_timeout_seconds": 24 * 3600})
+    times = exec_each(api, ids)
+    time.sleep(args.settle)
+    woken_drop = (base_available - mem_available()) / len(ids)
+    pids = vmm_pids(args.home)
+    woken_pss = sum(rollup(pid)[0] for pid in pids) / max(1, len(pids))
+    over = sum(1 for t in times if t > 1000)
+    print()
+    print(f"| measure ({len(ids)} sandboxes of {args.memory}, `on_idle: pause`) | value |")
+    print("|---|---|")
+    print(f"| all paused by the idle timeout (PATCH to 1 s) within | {all_paused:.1f} s |")
+    print(f"| VMMs left running | {vmms} |")
+    print(f"| host MemAvailable drop per sandbox, all paused (from before the first) | "
+          f"{drop / MIB:.1f} MiB |")
+    print(f"| snapshot on disk per sandbox (allocated blocks) | {disk / MIB:.1f} MiB |")
+    print(f"| `exec true` on each, which wakes it: p50 / p99 / max | {percentile(times, 50):.0f} / "
+          f"{percentile(times, 99):.0f} / {max(times):.0f} ms |")
+    print(f"| sandboxes whose waking exec took over 1 s | {over} of {len(times)} |")
+    print(f"| host MemAvailable drop per sandbox, all woken (from before the first) | "
+          f"{woken_drop / MIB:.1f} MiB |")
+    print(f"| VMM PSS per woken sandbox | {woken_pss / MIB:.1f} MiB |")
+
+
 def rollup(pid):
     """(Pss, Rss) in bytes from /proc/PID/smaps_rollup."""
     pss = rss = 0
@@ -97,19 +168,24 @@ def main():
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--memory", default="512m")
     parser.add_argument("--settle", type=float, default=20.0, help="seconds idle before measuring")
+    parser.add_argument("--on-idle-pause", action="store_true",
+                        help="then pause them all by their idle timeout and wake each with an exec")
     args = parser.parse_args()
     api = Api(args.host, args.token)
+    create = {"image": args.image, "memory": args.memory}
+    if args.on_idle_pause:
+        create.update({"idle_timeout_seconds": 24 * 3600, "on_idle": "pause"})
 
-    # One sandbox first, so the template and its image are built before the baseline is read.
-    ids = [json.loads(api.call("POST", "/v1/sandboxes",
-                               {"image": args.image, "memory": args.memory}, expect=201))["id"]]
+    # One sandbox first, so the template and its image are built before the baseline is read;
+    # the --on-idle-pause half counts from before it (then no sandbox runs).
+    before_first = mem_available()
+    ids = [json.loads(api.call("POST", "/v1/sandboxes", create, expect=201))["id"]]
     time.sleep(args.settle)
     base_available = mem_available()
     created = time.monotonic()
     try:
         for i in range(1, args.count):
-            body = {"image": args.image, "memory": args.memory}
-            ids.append(json.loads(api.call("POST", "/v1/sandboxes", body, expect=201))["id"])
+            ids.append(json.loads(api.call("POST", "/v1/sandboxes", create, expect=201))["id"])
             if i % 10 == 0:
                 print(f"  {i + 1} sandboxes, {time.monotonic() - created:.0f} s", file=sys.stderr)
         time.sleep(args.settle)
@@ -123,11 +199,7 @@ def main():
         guest = sum(p[0] for p in parts) / len(pids)
         tcg = sum(p[1] for p in parts) / len(pids)
         heap = sum(p[2] for p in parts) / len(pids)
-        times = []
-        for sid in ids:
-            start = time.perf_counter()
-            api.call("POST", f"/v1/sandboxes/{sid}/exec", {"argv": ["true"]})
-            times.append((time.perf_counter() - start) * 1000)
+        times = exec_each(api, ids)
         over = sum(1 for t in times if t > 1000)
         print(f"| measure ({args.count} idle sandboxes of {args.memory}, {len(pids)} VMMs) | value |")
         print("|---|---|")
@@ -144,6 +216,8 @@ def main():
         print(f"| `exec true` on each, p50 / p99 / max | {percentile(times, 50):.0f} / "
               f"{percentile(times, 99):.0f} / {max(times):.0f} ms |")
         print(f"| sandboxes whose exec took over 1 s | {over} of {len(times)} |")
+        if args.on_idle_pause:
+            sleep_and_wake(api, args, ids, before_first)
     finally:
         for sid in ids:
             api.call("DELETE", f"/v1/sandboxes/{sid}", expect=204)

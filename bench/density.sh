@@ -7,6 +7,8 @@
 #
 # Usage: bench/density.sh [COUNT]   (default 100; root; provisions like scripts/test.sh)
 # HEARTH_TCG_CACHE=MIB sets the daemon's --tcg-cache (translation cache per VM; default 128).
+# ON_IDLE=pause: then the same sandboxes all paused by their idle timeout (`on_idle: pause`), and
+# each woken by an exec (bench/density.py --on-idle-pause).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/daemon.sh
@@ -16,4 +18,4 @@ bench_release_daemon density busybox --accel tcg --memory 512m --capacity-disk 4
     --capacity-cpus $((count + 8)) --capacity-memory "$((count * 512 + 4096))m"
 
 python3 bench/density.py --host "http://$addr" --token "$token" --image "$image" \
-    --home "$HEARTH_HOME" --count "$count"
+    --home "$HEARTH_HOME" --count "$count" $([ "${ON_IDLE:-}" = pause ] && echo --on-idle-pause)
