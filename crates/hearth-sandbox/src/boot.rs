@@ -55,18 +55,23 @@ pub struct SandboxConfig {
     pub template_memory_room: MemoryRoom,
 }
 
-/// Asks, in MiB, whether the host may allocate that much more (see
+/// Asks, in MiB, whether the host may allocate that much more, and reserves it (see
 /// [`SandboxConfig::template_memory_room`]). Unbounded by default.
 #[derive(Clone, Default)]
-pub struct MemoryRoom(Option<std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>>);
+pub struct MemoryRoom(Option<std::sync::Arc<dyn Fn(u64) -> Option<RoomGrant> + Send + Sync>>);
 
 impl MemoryRoom {
-    pub fn new(check: impl Fn(u64) -> bool + Send + Sync + 'static) -> MemoryRoom {
-        MemoryRoom(Some(std::sync::Arc::new(check)))
+    /// `reserve(mib)` grants the room (held until the grant is dropped) or refuses it (`None`).
+    pub fn new(reserve: impl Fn(u64) -> Option<RoomGrant> + Send + Sync + 'static) -> MemoryRoom {
+        MemoryRoom(Some(std::sync::Arc::new(reserve)))
     }
 
-    pub fn allows(&self, mib: u64) -> bool {
-        self.0.as_ref().is_none_or(|check| check(mib))
+    /// The room for `mib` more, reserved until the grant is dropped; `None`: no room.
+    pub fn reserve(&self, mib: u64) -> Option<RoomGrant> {
+        match &self.0 {
+            Some(reserve) => reserve(mib),
+            None => Some(RoomGrant::unbounded()),
+        }
     }
 }
 
@@ -77,6 +82,37 @@ impl std::fmt::Debug for MemoryRoom {
         } else {
             "MemoryRoom(unbounded)"
         })
+    }
+}
+
+/// Room reserved by [`MemoryRoom::reserve`]: counted as taken by whoever granted it until this is
+/// dropped, which the restore does once the memory it was for exists (and is counted as such), so
+/// two restores asking at the same moment cannot both be granted the same room.
+pub struct RoomGrant(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl RoomGrant {
+    /// A grant that gives the room back by calling `release` when dropped.
+    pub fn new(release: impl FnOnce() + Send + Sync + 'static) -> RoomGrant {
+        RoomGrant(Some(Box::new(release)))
+    }
+
+    /// A grant with nothing to give back (no bound).
+    pub fn unbounded() -> RoomGrant {
+        RoomGrant(None)
+    }
+}
+
+impl Drop for RoomGrant {
+    fn drop(&mut self) {
+        if let Some(release) = self.0.take() {
+            release();
+        }
+    }
+}
+
+impl std::fmt::Debug for RoomGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoomGrant")
     }
 }
 

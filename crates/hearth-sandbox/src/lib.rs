@@ -23,7 +23,9 @@ pub mod restore;
 mod sandbox;
 mod spec_record;
 
-pub use boot::{BootPlan, Jailer, MemoryRoom, Networking, Purpose, SandboxConfig, VmmChoice};
+pub use boot::{
+    BootPlan, Jailer, MemoryRoom, Networking, Purpose, RoomGrant, SandboxConfig, VmmChoice,
+};
 pub use error::{is_disk_full, SandboxError};
 /// Sandbox networking's vocabulary, re-exported for the CLI and the daemon.
 pub use hearth_net::network::{NetworkOptions, NetworkStats};

@@ -39,6 +39,17 @@ pub struct RestorePlan {
     pub hostname: String,
     /// What a cold boot of this VM would be: the fallback when the restore fails.
     pub cold_spec: VmSpec,
+    /// The room reserved for a new copy of the template's memory, until the VM has started (and
+    /// the copy, made then, is counted as the host's own).
+    room: std::sync::Arc<std::sync::Mutex<Option<crate::RoomGrant>>>,
+}
+
+impl RestorePlan {
+    /// Gives back the room reserved for the template memory's copy (the VM started or failed to).
+    fn release_room(&self) {
+        let grant = self.room.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(grant);
+    }
 }
 
 /// Decides how `spec` (a cold-boot spec) starts: `Ok` with the restore spec and plan, or `Err`
@@ -60,6 +71,7 @@ pub(crate) fn plan_restore(
     let (mut template, mut restore_spec) = templates
         .template_for(&config.home, spec, false)
         .map_err(no_template)?;
+    let mut room = None;
     if purpose == Purpose::Start {
         // A restore maps a copy of the template's memory, the guest's size, made by the first
         // restore of a template and kept for the next: a new one is held to the node's room (the
@@ -69,10 +81,13 @@ pub(crate) fn plan_restore(
             false => u64::from(spec.memory_mib) << 20,
         };
         let mib = new_copy.div_ceil(1 << 20);
-        if new_copy > 0 && !config.template_memory_room.allows(mib) {
-            return Err(format!(
-                "no room on this node for a {mib} MiB copy of the boot template's memory"
-            ));
+        if new_copy > 0 {
+            let Some(grant) = config.template_memory_room.reserve(mib) else {
+                return Err(format!(
+                    "no room on this node for a {mib} MiB copy of the boot template's memory"
+                ));
+            };
+            room = Some(grant);
         }
         // Builds a missing template; marks a built one used (the store evicts by last use).
         (template, restore_spec) = templates
@@ -83,6 +98,7 @@ pub(crate) fn plan_restore(
         template,
         hostname: hostname.to_owned(),
         cold_spec: spec.clone(),
+        room: std::sync::Arc::new(std::sync::Mutex::new(room)),
     };
     Ok((restore_spec, plan))
 }
@@ -97,7 +113,9 @@ pub(crate) fn start(
     let Some(restore) = &plan.restore else {
         return Ok((plan.vmm.start(&plan.spec)?, None));
     };
-    match plan.vmm.start(&plan.spec) {
+    let started = plan.vmm.start(&plan.spec);
+    restore.release_room();
+    match started {
         Ok(vm) => Ok((vm, Some(resume_for(&restore.hostname)?))),
         Err(err) => {
             tracing::warn!(

@@ -296,7 +296,7 @@ async fn no_room_for_template_memory_boots_cold_without_building_a_template() {
     let record = asked.clone();
     config.template_memory_room = hearth_sandbox::MemoryRoom::new(move |mib| {
         record.lock().unwrap().push(mib);
-        false
+        None
     });
     let sandbox = Sandbox::create(&config, busybox).await.unwrap();
     assert!(sandbox.timings().restore.is_none(), "booted cold");

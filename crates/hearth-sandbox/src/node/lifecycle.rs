@@ -166,19 +166,18 @@ impl Node {
             networking.home = self.net_home();
         }
         let node = self.me.clone();
-        config.template_memory_room = crate::MemoryRoom::new(move |mib| {
-            node.upgrade()
-                .is_some_and(|node| node.room_for_template_memory(mib))
-        });
+        config.template_memory_room =
+            crate::MemoryRoom::new(move |mib| node.upgrade()?.reserve_template_memory(mib));
         config
     }
 
-    /// Whether the node's capacity has `mib` more for a new copy of a boot template's memory, on
-    /// top of its sandboxes (this one already admitted) and the copies it holds; copies no VM uses
-    /// are given back first if that makes the room.
-    fn room_for_template_memory(&self, mib: u64) -> bool {
+    /// Room in the node's capacity for `mib` more, a new copy of a boot template's memory, on
+    /// top of its sandboxes (this one already admitted), the copies it holds and those granted
+    /// to other restores: reserved until the grant is dropped. Copies no VM uses are given back
+    /// first if that makes the room. `None`: no room.
+    pub(super) fn reserve_template_memory(&self, mib: u64) -> Option<crate::RoomGrant> {
         let capacity = self.config.capacity.memory_mib;
-        let table = self.table();
+        let mut table = self.table();
         let room = super::table::with_template_memory_released(|| {
             let usage = table.node_usage();
             match usage.memory_mib + usage.reserved_mib + mib <= capacity {
@@ -194,8 +193,15 @@ impl Node {
                 capacity,
                 "no room for a new copy of boot template memory: the VM boots cold"
             );
+            return None;
         }
-        room.is_ok()
+        table.reserve_copy(mib);
+        let node = self.me.clone();
+        Some(crate::RoomGrant::new(move || {
+            if let Some(node) = node.upgrade() {
+                node.table().release_copy(mib);
+            }
+        }))
     }
 
     /// Records a finished boot. A sandbox that ended while it booted gets its VM stopped now.
@@ -310,5 +316,32 @@ impl Node {
             }
         }
         self.bump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::NodeConfig;
+    use super::*;
+
+    /// Two restores asking for a template memory copy at the same moment (each before the other's
+    /// copy exists) are not both granted room the node has once; a create meanwhile sees the
+    /// reserved room as held.
+    #[tokio::test]
+    async fn room_for_a_template_copy_is_reserved_until_the_grant_goes() {
+        let home = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(home.path());
+        config.capacity.memory_mib = 1024;
+        let node = Node::open(config).await.unwrap();
+        let first = node.reserve_template_memory(600);
+        assert!(first.is_some(), "600 of 1024 MiB free");
+        assert!(
+            node.reserve_template_memory(600).is_none(),
+            "a second 600 MiB copy was granted beside the first"
+        );
+        assert_eq!(node.table().node_usage().reserved_mib, 600);
+        drop(first);
+        assert_eq!(node.table().node_usage().reserved_mib, 0);
+        assert!(node.reserve_template_memory(600).is_some());
     }
 }

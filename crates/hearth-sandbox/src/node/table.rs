@@ -30,6 +30,7 @@ impl SandboxTable {
             state: Mutex::new(Table {
                 entries: BTreeMap::new(),
                 store,
+                copies_reserved_mib: 0,
             }),
         }
     }
@@ -45,6 +46,9 @@ impl SandboxTable {
 pub(super) struct Table {
     entries: BTreeMap<String, Entry>,
     store: Store,
+    /// Room granted to restores for template memory copies they are about to make (see
+    /// [`Table::reserve_copy`]).
+    copies_reserved_mib: u64,
 }
 
 /// One sandbox as the node holds it.
@@ -153,9 +157,21 @@ impl Table {
 
     fn node_usage_where(&self, counts: impl Fn(&SandboxInfo) -> bool) -> Usage {
         Usage {
-            reserved_mib: hearth_vm::qemu::template_copies_bytes().div_ceil(1 << 20),
+            reserved_mib: hearth_vm::qemu::template_copies_bytes().div_ceil(1 << 20)
+                + self.copies_reserved_mib,
             ..self.held_where(counts)
         }
+    }
+
+    /// Counts `mib` as held by the node from now (room granted for a template memory copy about
+    /// to be made) until [`Table::release_copy`]; the copy, once made, is counted as the host's
+    /// own, so for a moment it counts twice (a create then may be refused, never over-admitted).
+    pub fn reserve_copy(&mut self, mib: u64) {
+        self.copies_reserved_mib += mib;
+    }
+
+    pub fn release_copy(&mut self, mib: u64) {
+        self.copies_reserved_mib = self.copies_reserved_mib.saturating_sub(mib);
     }
 
     /// The part of [`Table::held`] that `tenant`'s sandboxes hold.
