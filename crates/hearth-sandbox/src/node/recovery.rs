@@ -11,9 +11,12 @@
 //!   scratch disk and sockets) is killed and removed, and so is its network in `$HOME/node/net/`;
 //!   a re-attached sandbox's network is served again with the policy its record holds; snapshots in
 //!   `$HOME/node/paused/` that no paused sandbox owns are removed, and so are forks' snapshots
-//!   (`$HOME/node/forks/`: no fork outlives its daemon).
+//!   (`$HOME/node/forks/`: no fork outlives its daemon);
+//! - boot templates no VM can restore from again are removed (`$HOME/templates/`, in the
+//!   background).
 //!
-//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/` and `$HOME/node/` is touched, and a
+//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/`, `$HOME/node/` and
+//! stale templates in `$HOME/templates/` is touched, and a
 //! process is killed only when its pid and start time match what its run directory recorded.
 
 use std::collections::BTreeSet;
@@ -102,7 +105,27 @@ impl Node {
         self.remove_unowned(&owned).await?;
         self.remove_unowned_snapshots(&paused);
         self.remove_fork_snapshots();
+        self.remove_stale_templates();
         Ok(())
+    }
+
+    /// Boot templates no VM can restore from again (hearth, its kernel or QEMU upgraded since),
+    /// and what failed builds left, go now rather than at the next build, which may never come
+    /// (`hearth_vm::qemu::snapshot::store`); in the background, as they may be many.
+    fn remove_stale_templates(&self) {
+        let home = self.config.home.clone();
+        drop(tokio::task::spawn_blocking(move || {
+            match hearth_vm::qemu::snapshot::store::remove_stale(&home) {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::info!(
+                        count = removed.len(),
+                        "removed stale boot templates at start"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("removing stale boot templates: {e}"),
+            }
+        }));
     }
 
     /// Puts a recovered record back in the table, with its re-attached sandbox if any (a record
@@ -261,4 +284,29 @@ async fn kill_and_remove(run_dir: &Path) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::NodeConfig;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_node_removes_stale_boot_templates_when_it_opens() {
+        let home = tempfile::tempdir().unwrap();
+        // What a build that died half-way left.
+        let died = home.path().join("templates/00000000deadbeef");
+        std::fs::create_dir_all(&died).unwrap();
+        std::fs::write(died.join("state.tmp"), b"half").unwrap();
+        let node = Node::open(NodeConfig::new(home.path())).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while died.exists() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !died.exists(),
+            "a failed build's template outlived the start"
+        );
+        drop(node);
+    }
 }

@@ -12,6 +12,8 @@
 //!   `--max-templates`), evicts the least recently used ones, but never one used in the last
 //!   [`EVICT_AFTER_IDLE`] (a restore from it may be starting) nor one whose build lock is held.
 //!
+//! A daemon's start removes the stale ones too ([`remove_stale`]).
+//!
 //! When nothing can go, the build is refused ([`SnapshotError::Full`]) and the VM boots cold:
 //! disk stays bounded whatever tenants ask for. "Used" is `meta.json`'s modification time, set
 //! by [`mark_used`] at each restore (at most once a minute per template).
@@ -53,21 +55,7 @@ pub(super) fn make_room(
     now: SystemTime,
 ) -> Result<Collected, SnapshotError> {
     let mut collected = Collected::default();
-    let mut live: Vec<(SystemTime, String, PathBuf)> = Vec::new();
-    for (id, dir) in template_dirs(home) {
-        if id == building {
-            continue;
-        }
-        match classify(&dir) {
-            State::Live(used) => live.push((used, id, dir)),
-            State::Stale(why) => {
-                if remove(&dir)? {
-                    tracing::info!(template = %id, "removed a stale boot template: {why}");
-                    collected.stale.push((id, why));
-                }
-            }
-        }
-    }
+    let mut live = sweep(home, Some(building), &mut collected.stale)?;
     live.sort();
     let mut left = live.len();
     for (used, id, dir) in &live {
@@ -92,6 +80,40 @@ pub(super) fn make_room(
         });
     }
     Ok(collected)
+}
+
+/// Removes the stale templates under `templates/` (and what failed builds left), as a build
+/// would before making room: for a daemon's start, so that a node that never builds again does
+/// not keep its old templates for good. Returns what went, by id, with why.
+pub fn remove_stale(home: &Path) -> Result<Vec<(String, &'static str)>, SnapshotError> {
+    let mut stale = Vec::new();
+    sweep(home, None, &mut stale)?;
+    Ok(stale)
+}
+
+/// Removes the stale templates but `building` (adding them to `removed`), and returns the live
+/// ones as (last use, id, directory).
+fn sweep(
+    home: &Path,
+    building: Option<&str>,
+    removed: &mut Vec<(String, &'static str)>,
+) -> Result<Vec<(SystemTime, String, PathBuf)>, SnapshotError> {
+    let mut live = Vec::new();
+    for (id, dir) in template_dirs(home) {
+        if Some(id.as_str()) == building {
+            continue;
+        }
+        match classify(&dir) {
+            State::Live(used) => live.push((used, id, dir)),
+            State::Stale(why) => {
+                if remove(&dir)? {
+                    tracing::info!(template = %id, "removed a stale boot template: {why}");
+                    removed.push((id, why));
+                }
+            }
+        }
+    }
+    Ok(live)
 }
 
 /// Notes that a VM is being restored from the template in `dir` (see the module doc).

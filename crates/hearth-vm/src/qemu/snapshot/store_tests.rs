@@ -256,3 +256,31 @@ fn a_lock_file_unlinked_under_a_waiter_is_not_a_lock() {
     assert!(waiter.join().unwrap());
     assert!(BuildLock::try_take(&path).unwrap().is_some());
 }
+
+#[test]
+fn a_daemon_start_removes_stale_templates_and_evicts_nothing() {
+    let home = Home::new();
+    let now = SystemTime::now();
+    // Two live templates, long idle: over a limit of one, but only a build evicts.
+    let live = home.built(&home.spec(256), now - HOUR);
+    let other = home.built(&home.spec(300), now - HOUR);
+    let mut spec = home.spec(320);
+    spec.machine = MachineRevision::WITH_PIT;
+    let old_machine = home.built(&spec, now);
+    let died = home.path().join("templates/00000000deadbeef");
+    std::fs::create_dir_all(&died).unwrap();
+
+    let removed = remove_stale(home.path()).unwrap();
+    assert_eq!(
+        sorted(removed.iter().map(|(id, _)| id.clone()).collect()),
+        sorted(vec![old_machine.key.id.clone(), "00000000deadbeef".into()])
+    );
+    assert_eq!(
+        home.ids(),
+        sorted(vec![live.key.id.clone(), other.key.id.clone()])
+    );
+    // Nothing under templates/ at all is no error.
+    assert!(remove_stale(&home.path().join("elsewhere"))
+        .unwrap()
+        .is_empty());
+}
