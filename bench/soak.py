@@ -154,7 +154,11 @@ class Load(threading.Thread):
         body = {"image": self.image, "wait": True, "labels": {"soak": self.tenant}}
         if ttl:
             body["ttl_seconds"] = ttl
-        if self.rng.random() < 0.3:
+        if self.features.get("on_idle") and self.rng.random() < 0.3:
+            # Sleeps whenever its uses pause for 2 s, and each next use wakes it: many pause and
+            # resume cycles under the faults.
+            body.update({"idle_timeout_seconds": 2, "on_idle": "pause"})
+        elif self.rng.random() < 0.3:
             body["idle_timeout_seconds"] = self.rng.choice([20, 45])
         status, payload = self.api.call("create", "POST", "/v1/sandboxes", self.token, body)
         if status in (200, 201, 202):
@@ -236,8 +240,11 @@ class Load(threading.Thread):
 def features_of(api, token):
     """Which optional routes the daemon offers, from its OpenAPI document."""
     status, body = api.call("other", "GET", "/openapi.json", token)
-    paths = json.loads(body).get("paths", {}) if status == 200 else {}
-    return {"network": "/v1/sandboxes/{id}/network" in paths,
+    doc = json.loads(body) if status == 200 else {}
+    paths = doc.get("paths", {})
+    create = doc.get("components", {}).get("schemas", {}).get("CreateSandbox", {})
+    return {"on_idle": "on_idle" in create.get("properties", {}),
+            "network": "/v1/sandboxes/{id}/network" in paths,
             "pause": "/v1/sandboxes/{id}/pause" in paths,
             "fork": "/v1/sandboxes/{id}/fork" in paths}
 

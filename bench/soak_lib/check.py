@@ -151,20 +151,24 @@ class Checker:
         }
 
     def truthful(self, present):
-        """A `running` sandbox answers an exec; a stopped or failed one has no VMM left."""
+        """A `running` sandbox answers an exec, and so does one its idle timeout paused (the exec
+        wakes it); a stopped or failed one has no VMM left."""
         vmm_cmdlines = self.vmm_cmdlines()
         for sid, (tenant, s) in present.items():
-            if s["state"] == "running":
+            usable = lambda s: s["state"] == "running" or (  # noqa: E731
+                s["state"] == "paused" and s.get("reason") == "idle")
+            if usable(s):
                 for attempt in range(3):
                     status, code, _ = self.api.exec(sid, self.d.tokens[tenant], "true", 30)
                     if code == 0:
                         break
                     time.sleep(5)
                     s = self.api_get(sid, tenant) or s
-                    if s["state"] != "running":
+                    if not usable(s):
                         break
                 else:
-                    self.fail(f"{sid} says running but three execs failed (last HTTP {status})")
+                    self.fail(f"{sid} says {s['state']} ({s.get('reason')}) but three execs "
+                              f"failed (last HTTP {status})")
             if s["state"] in ("stopped", "failed"):
                 if not s.get("reason"):
                     self.fail(f"{sid} is {s['state']} without a reason")
@@ -196,6 +200,10 @@ class Checker:
             if line and not line.startswith("#") and "{" not in line:
                 name, value = line.split()[:2]
                 metrics[name] = float(value)
+        self.rec.notes.append(
+            f"idle pauses / wakes in the daemon's last life (on_idle: pause): "
+            f"{metrics.get('hearth_idle_pauses_total', 0):.0f} / "
+            f"{metrics.get('hearth_wakes_total', 0):.0f}")
         holding = [s for _, s in self.listing().values()
                    if s["state"] in ("creating", "running", "stopping")]
         vcpus = sum(s["cpus"] for s in holding)

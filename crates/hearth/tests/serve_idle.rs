@@ -127,6 +127,8 @@ async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
         .filter(|l| l.contains("node::pause") && l.contains("sandbox resumed"))
         .count();
     assert_eq!(resumes, 1, "three uses resumed it {resumes} times\n{log}");
+    assert_eq!(d.gauge("hearth_idle_pauses_total").await, 1);
+    assert_eq!(d.gauge("hearth_wakes_total").await, 1);
 
     // Paused by a call, it stays paused until resumed: a use is a conflict.
     let (status, s) = d

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::pause::Cause;
 use super::table::Entry;
-use super::{Node, NodeError, OnIdle, State, Tenant};
+use super::{lock_ignoring_poison, Node, NodeError, OnIdle, State, Tenant};
 
 /// The reason of a sandbox its idle timeout paused.
 pub const IDLE: &str = "idle";
@@ -47,7 +47,7 @@ impl Node {
             None => return,
         };
         match self.pause_as(&tenant, id, false, Cause::Idle).await {
-            Ok(_) => {}
+            Ok(_) => lock_ignoring_poison(&self.counters).idle_pauses_total += 1,
             Err(NodeError::NotRunning { .. }) => {} // used, ended or paused meanwhile
             Err(e) => {
                 tracing::warn!(sandbox = %id, "idle pause failed, retried after another idle timeout: {e}")
@@ -89,7 +89,10 @@ impl Node {
             match next {
                 Next::Done => return Ok(()),
                 Next::Resume => match self.resume(tenant, id).await {
-                    Ok(_) => return Ok(()),
+                    Ok(_) => {
+                        lock_ignoring_poison(&self.counters).wakes_total += 1;
+                        return Ok(());
+                    }
                     // Another use's resume (or a pause) got there first: look again.
                     Err(NodeError::NotRunning { .. }) => {}
                     Err(e) => return Err(e),

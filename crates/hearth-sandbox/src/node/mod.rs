@@ -103,6 +103,8 @@ struct Counters {
     boot_failures_total: u64,
     boot_seconds: Option<Histogram>,
     execs_total: u64,
+    idle_pauses_total: u64,
+    wakes_total: u64,
 }
 
 impl Node {
@@ -193,6 +195,8 @@ impl Node {
                 .clone()
                 .unwrap_or_else(|| Histogram::with_bounds(BOOT_BUCKETS)),
             execs_total: counters.execs_total,
+            idle_pauses_total: counters.idle_pauses_total,
+            wakes_total: counters.wakes_total,
             image_cache_bytes: self.image_cache_bytes(),
             allocated_vcpus: held.vcpus as u32,
             allocated_memory_mib: held.memory_mib,

@@ -393,6 +393,9 @@ pub struct NodeMetrics {
     /// Creation to agent ready, seconds.
     pub boot_seconds: Histogram,
     pub execs_total: u64,
+    /// Sandboxes their idle timeout paused (`on_idle: pause`), and those a use resumed.
+    pub idle_pauses_total: u64,
+    pub wakes_total: u64,
     /// Blobs and root filesystems in the image cache.
     pub image_cache_bytes: u64,
     /// Held by creating and running sandboxes.

@@ -19,7 +19,8 @@ use super::AppState;
 
 #[utoipa::path(get, path = "/metrics", tag = "node", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format: hearth_sandboxes{state}, hearth_boots_total, \
-        hearth_boot_failures_total, hearth_boot_seconds (histogram), hearth_execs_total, hearth_image_cache_bytes, \
+        hearth_boot_failures_total, hearth_boot_seconds (histogram), hearth_execs_total, hearth_idle_pauses_total, \
+        hearth_wakes_total, hearth_image_cache_bytes, \
         hearth_capacity_vcpus, hearth_capacity_memory_bytes, hearth_allocated_vcpus, hearth_allocated_memory_bytes, hearth_template_memory_bytes, hearth_warm_pool_ready; \
         with a tenant's bearer token (optional) also that tenant's running sandboxes' hearth_sandbox_network_* series \
         {sandbox, tenant}: sent/received bytes, connections, open connections, refused connections and DNS queries",
@@ -63,7 +64,7 @@ pub fn render(m: &NodeMetrics) -> String {
         let count = m.sandboxes.get(state);
         let _ = writeln!(out, "hearth_sandboxes{{state=\"{state}\"}} {count}");
     }
-    let simple: [(&str, &str, &str, String); 11] = [
+    let simple: [(&str, &str, &str, String); 13] = [
         (
             "hearth_boots_total",
             "counter",
@@ -81,6 +82,18 @@ pub fn render(m: &NodeMetrics) -> String {
             "counter",
             "Commands started in sandboxes.",
             m.execs_total.to_string(),
+        ),
+        (
+            "hearth_idle_pauses_total",
+            "counter",
+            "Sandboxes their idle timeout paused (on_idle: pause).",
+            m.idle_pauses_total.to_string(),
+        ),
+        (
+            "hearth_wakes_total",
+            "counter",
+            "Idle-paused sandboxes resumed by their next use.",
+            m.wakes_total.to_string(),
         ),
         (
             "hearth_image_cache_bytes",
@@ -254,6 +267,8 @@ mod tests {
                 count: 3,
             },
             execs_total: 9,
+            idle_pauses_total: 5,
+            wakes_total: 4,
             image_cache_bytes: 1234,
             allocated_vcpus: 3,
             allocated_memory_mib: 1536,
@@ -273,6 +288,8 @@ mod tests {
             "hearth_boots_total 6",
             "hearth_boot_failures_total 3",
             "hearth_execs_total 9",
+            "hearth_idle_pauses_total 5",
+            "hearth_wakes_total 4",
             "hearth_image_cache_bytes 1234",
             "hearth_capacity_vcpus 4",
             "hearth_allocated_memory_bytes 1610612736",
