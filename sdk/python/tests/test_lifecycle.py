@@ -14,8 +14,9 @@ import hearth
 def test_a_with_block_deletes_its_sandbox_and_quota_refuses_a_second(
         image: str, quota_token: str, sandbox: hearth.Sandbox) -> None:
     async def main() -> str:
-        async with hearth.AsyncSandbox.create(image, token=quota_token, ttl=600) as sb:
-            assert sb.info.state == "running"
+        async with hearth.AsyncSandbox.create(image, token=quota_token, ttl=600,
+                                              idle_timeout=600, on_idle="pause") as sb:
+            assert (sb.info.state, sb.info.on_idle) == ("running", "pause")
             assert (await sb.exec(["echo", "mine"])).stdout == "mine\n"
             # Its quota is one sandbox: the second is refused before anything boots.
             with pytest.raises(hearth.QuotaExceeded):
