@@ -2,7 +2,8 @@
 //! (TCG): the idle timeout pauses the sandbox (no VMM left, its memory free in `/metrics`, reason
 //! "idle"); the next uses, three at once, wake it once and find the same guest with its files on
 //! disk and in memory; a sandbox paused by a call is not woken by a use (409); after a `kill -9` of
-//! the daemon, an idle-paused sandbox is still woken by a file upload. One VM boot.
+//! the daemon, an idle-paused sandbox is still woken by a file upload, and by a fork. One VM boot
+//! (and the fork's child).
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -171,4 +172,28 @@ async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
     assert_eq!((status, out.as_str()), (200, "uploaded\ndisk\nmemory"));
     let (_, again, _) = exec(&d, &id, "cat /proc/sys/kernel/random/boot_id").await;
     assert_eq!(again, boot_id, "the guest rebooted");
+
+    // A fork of an idle-paused sandbox wakes it: the child has its files, the parent runs on.
+    idle_paused(&d, &id).await;
+    let (status, forked) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(ALICE),
+            Some(json!({"count": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{forked}\n{}", d.log_text());
+    let child = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    let (status, out, _) = exec(&d, &child, "cat /root/g").await;
+    assert_eq!((status, out.as_str()), (200, "uploaded"));
+    let (_, s) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(s["state"], "running", "{s}");
 }

@@ -100,7 +100,8 @@ pub struct ForkSandbox {
         (status = 400, description = "`count` is 0 or over 64, or a malformed body", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such sandbox for this tenant", body = ErrorBody),
-        (status = 409, description = "The parent is not running (paused, creating, stopped, failed, or being paused or resumed)", body = ErrorBody),
+        (status = 409, description = "The parent is not running (paused, creating, stopped, failed, or being paused or resumed); \
+            one its idle timeout paused (`on_idle: pause`) is resumed first", body = ErrorBody),
         (status = 415, description = "A body not sent as `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Unknown field or wrong type", body = ErrorBody),
         (status = 429, description = "The children would exceed the tenant's quota; none was created", body = ErrorBody),

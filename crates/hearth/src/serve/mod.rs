@@ -84,7 +84,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sandboxes/{id}/pause", post(lifecycle::pause))
         .route("/v1/sandboxes/{id}/resume", post(lifecycle::resume))
-        .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
         .route(
             "/v1/sandboxes/{id}/network",
             get(network::get).put(network::put),
@@ -93,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Routes that use a running sandbox: one its idle timeout paused is resumed first.
     let wake = axum::middleware::from_fn_with_state(state.clone(), wake::on_use);
     let uses = Router::new()
+        .route("/v1/sandboxes/{id}/fork", post(lifecycle::fork))
         .route("/v1/sandboxes/{id}/exec", post(exec::exec))
         .route("/v1/sandboxes/{id}/exec/ws", get(exec::exec_ws))
         .route(
