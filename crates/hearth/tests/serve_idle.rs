@@ -10,7 +10,7 @@ mod daemon;
 
 use std::time::Duration;
 
-use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE};
+use daemon::{image, Daemon, Home, ALICE};
 use reqwest::Method;
 use serde_json::json;
 
@@ -20,25 +20,9 @@ name = "alice"
 token = "alice-token-0001"
 "#;
 
-/// Runs `script`; returns (HTTP status, stdout, last event).
+/// Runs `script` in alice's sandbox `id`: (HTTP status, stdout, last event).
 async fn exec(d: &Daemon, id: &str, script: &str) -> (u16, String, serde_json::Value) {
-    let response = d
-        .request(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/exec"),
-            Some(ALICE),
-        )
-        .json(&json!({ "argv": ["sh", "-c", script] }))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    if status != 200 {
-        let body = response.text().await.unwrap_or_default();
-        return (status, String::new(), json!(body));
-    }
-    let (stdout, _, last) = outputs(&ndjson_events(response).await);
-    (status, stdout.trim().to_owned(), last)
+    d.exec_sh(ALICE, id, script).await
 }
 
 /// Waits for the idle timeout to pause sandbox `id`; returns its record.
@@ -108,14 +92,7 @@ async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
     assert_eq!((a.0, a.1.as_str()), (200, boot_id.as_str()), "{a:?}");
     assert_eq!((b.0, b.1.as_str()), (200, "memory"), "{b:?}");
     assert_eq!(c, "disk\n");
-    let (_, s) = d
-        .json(
-            Method::GET,
-            &format!("/v1/sandboxes/{id}"),
-            Some(ALICE),
-            None,
-        )
-        .await;
+    let s = d.record(ALICE, &id).await;
     assert_eq!(
         (&s["state"], &s["reason"]),
         (&json!("running"), &json!(null)),
@@ -187,13 +164,6 @@ async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
     let child = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
     let (status, out, _) = exec(&d, &child, "cat /root/g").await;
     assert_eq!((status, out.as_str()), (200, "uploaded"));
-    let (_, s) = d
-        .json(
-            Method::GET,
-            &format!("/v1/sandboxes/{id}"),
-            Some(ALICE),
-            None,
-        )
-        .await;
+    let s = d.record(ALICE, &id).await;
     assert_eq!(s["state"], "running", "{s}");
 }

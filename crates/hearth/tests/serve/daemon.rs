@@ -225,6 +225,47 @@ impl Daemon {
         s
     }
 
+    /// `token`'s sandbox `id` as `GET /v1/sandboxes/{id}` answers it (asserting 200).
+    pub async fn record(&self, token: &str, id: &str) -> serde_json::Value {
+        let (status, s) = self
+            .json(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "GET sandbox {id}: {s}");
+        s
+    }
+
+    /// Runs `sh -c script` in `token`'s sandbox `id`: (HTTP status, trimmed stdout, last event);
+    /// for a status other than 200, the answer's body as a JSON string in place of the event.
+    pub async fn exec_sh(
+        &self,
+        token: &str,
+        id: &str,
+        script: &str,
+    ) -> (u16, String, serde_json::Value) {
+        let response = self
+            .request(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(token),
+            )
+            .json(&serde_json::json!({ "argv": ["sh", "-c", script] }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            return (status, String::new(), serde_json::json!(body));
+        }
+        let (stdout, _, last) = outputs(&ndjson_events(response).await);
+        (status, stdout.trim().to_owned(), last)
+    }
+
     /// `GET path` (with `token` when given): asserts it answered 200, returns the body.
     pub async fn get_text(&self, path: &str, token: Option<&str>) -> String {
         let response = self.request(Method::GET, path, token).send().await.unwrap();
