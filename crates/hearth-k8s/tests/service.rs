@@ -5,7 +5,7 @@
 //! agent's tenant.
 //!
 //! Boots: the life test two (one adopted across a restart, one whose VM is killed while the node is
-//! down), the shutdown test three; the invalid-spec test none.
+//! down), the shutdown test three, the idle-pause test one; the invalid-spec test none.
 
 mod common;
 mod service_support;
@@ -229,5 +229,78 @@ async fn invalid_specs_fail_with_a_message_naming_the_field() {
         assert!(st.message.unwrap().contains(says), "{name}");
     }
     assert!(rig.node.list(TENANT).is_empty(), "nothing booted");
+    rig.stop().await;
+}
+
+/// `lifecycle.idlePauseSeconds`: the node pauses the idle sandbox (no VMM), the agent reports
+/// Paused without resuming it although `spec.paused` is false, and a use (what the node's API does
+/// before an exec: `Node::wake`) brings it back Running with its files. One boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_service_sandbox_sleeps_is_reported_paused_and_wakes_on_use() {
+    let Some(c) = cluster("svc-idle").await else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let node_name = format!("{}-n1", c.ns);
+    let rig = Rig::start(&c, home.path(), &node_name).await;
+    let _operator = operator(&c);
+    let api: Api<hearth_k8s::crd::Sandbox> = Api::namespaced(c.client.clone(), &c.ns);
+
+    let mut spec = service_spec();
+    spec.lifecycle.as_mut().unwrap().idle_pause_seconds = Some(3);
+    common::create_sandbox(&c, "sleepy", spec).await;
+    let s = wait_phase(&api, "sleepy", Phase::Running, BOOT_WAIT).await;
+    let id = s
+        .status
+        .unwrap()
+        .sandbox_id
+        .expect("sandboxId once Running");
+    assert_eq!(
+        sh(&rig.node, &id, "echo kept > /root/file && echo ok").await,
+        "ok"
+    );
+
+    // Idle: paused by the node, reported Paused, and left so (spec.paused is still false).
+    let paused = wait_phase(&api, "sleepy", Phase::Paused, Duration::from_secs(60)).await;
+    assert!(!paused.spec.paused);
+    let local = rig.node.get(TENANT, &id).unwrap();
+    assert_eq!(
+        (local.state, local.reason.as_deref()),
+        (State::Paused, Some(hearth_sandbox::node::IDLE_REASON))
+    );
+    assert!(
+        vmm_pids(&id).is_empty(),
+        "an idle-paused sandbox has no VMM"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        rig.node.get(TENANT, &id).unwrap().state,
+        State::Paused,
+        "the agent resumed an idle-paused sandbox"
+    );
+
+    // A use wakes it: Running again, reported, its file there.
+    let tenant = hearth_sandbox::node::Tenant {
+        name: TENANT.into(),
+        quota: hearth_sandbox::node::Quota {
+            max_sandboxes: u32::MAX,
+            vcpus: u32::MAX,
+            memory_mib: u64::MAX,
+            disk_bytes: u64::MAX,
+        },
+        network_ceiling: hearth_sandbox::node::default_network_ceiling(),
+    };
+    rig.node.wake(&tenant, &id).await.expect("woken");
+    assert_eq!(sh(&rig.node, &id, "cat /root/file").await, "kept");
+    wait_phase(&api, "sleepy", Phase::Running, Duration::from_secs(60)).await;
+
+    api.delete("sleepy", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("Sandbox sleepy gone", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move { api.get_opt("sleepy").await.unwrap().is_none() }
+    })
+    .await;
     rig.stop().await;
 }

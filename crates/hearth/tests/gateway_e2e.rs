@@ -1,13 +1,14 @@
 //! `hearth gateway` end to end on the real kube-apiserver: `hearth operator`, two node agents
 //! (`hearth serve --kubernetes`, each with its own HEARTH_HOME and a mutual-TLS API advertised in
-//! its HearthNode) and the gateway, all real processes, with real microVMs under TCG (two boots).
+//! its HearthNode) and the gateway, all real processes, with real microVMs under TCG.
 //! Through the gateway, with the real CLI as the client: two sandboxes are created (Service
 //! Sandbox objects in the tenant's namespace), each gets an exec with its output and exit code, a
 //! file goes up and comes back down unchanged, stdin flows over the exec WebSocket (`exec -i`) and a
 //! terminal over a raw WebSocket (`"tty": true`); another tenant sees none of it (404 for the ids,
 //! an empty list, its exec refused); one is paused and resumed (its files survive); fork answers
-//! 501; the gateway killed mid-exec fails that exec with an error and a new gateway serves the
-//! same sandbox; deleting removes the objects and the VMs.
+//! 501; a third, created to pause when idle, sleeps (phase Paused) and is woken by an exec and by
+//! the gateway's resume; the gateway killed mid-exec fails that exec with an error and a new
+//! gateway serves the same sandbox; deleting removes the objects and the VMs.
 
 #[path = "gateway/cluster.rs"]
 mod cluster;
@@ -324,6 +325,67 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
         text(&out.stdout),
         text(&out.stderr)
     );
+
+    // An idle sandbox sleeps (`lifecycle.idlePauseSeconds`): phase Paused with `spec.paused` false;
+    // an exec through the gateway wakes it on its node; so does the gateway's resume.
+    let out = cli(
+        &url,
+        ALICE,
+        &[
+            "create",
+            &image,
+            "--idle-timeout",
+            "3s",
+            "--on-idle",
+            "pause",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
+    let sleepy = text(&out.stdout).trim().to_string();
+    let phase = |id: &str| {
+        let (ok, json) = cluster.kubectl(&["get", "sandbox", id, "-o", "json"]);
+        assert!(ok, "{json}");
+        let object: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            object["spec"]["lifecycle"]["idlePauseSeconds"], 3,
+            "{object}"
+        );
+        assert_ne!(object["spec"]["paused"], true, "{object}");
+        object["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let reaches = |id: &str, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while phase(id) != want {
+            assert!(Instant::now() < deadline, "{id} never {want}\n{}", logs());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let asleep = |id: &str| reaches(id, "Paused");
+    asleep(&sleepy);
+    let started = Instant::now();
+    let out = cli(&url, ALICE, &["exec", &sleepy, "--", "echo", "woken"], None);
+    assert_eq!(
+        text(&out.stdout),
+        "woken\n",
+        "{}\n{}",
+        text(&out.stderr),
+        logs()
+    );
+    eprintln!(
+        "an exec that woke an idle-paused sandbox took {:?}",
+        started.elapsed()
+    );
+    reaches(&sleepy, "Running");
+    asleep(&sleepy);
+    let out = cli(&url, ALICE, &["resume", &sleepy], None);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
+    assert_eq!(phase(&sleepy), "Running");
+    let out = cli(&url, ALICE, &["rm", &sleepy], None);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
 
     // The other tenant: every id is 404, its list is empty, its exec fails.
     let http = reqwest::Client::new();

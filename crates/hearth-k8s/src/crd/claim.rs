@@ -74,6 +74,8 @@ impl ClaimLifecycle {
             type_: LifecycleType::Service,
             shutdown_time: self.shutdown_time.clone(),
             shutdown_policy: self.shutdown_policy,
+            // A claim may be served by a warm pool's Sandbox, booted before it was asked for.
+            idle_pause_seconds: None,
         }
     }
 }

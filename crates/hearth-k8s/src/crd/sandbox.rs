@@ -108,6 +108,13 @@ pub struct Lifecycle {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "shutdown_policy_schema")]
     pub shutdown_policy: Option<ShutdownPolicy>,
+    /// Service sandboxes (hearth's own field): after this many seconds without use (no exec,
+    /// file transfer, code run or port connection) the microVM is saved to disk on its node and
+    /// its memory and vCPUs freed (phase Paused, `spec.paused` untouched); its next use through
+    /// the node's API or the gateway resumes it first. At least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub idle_pause_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -125,6 +125,7 @@ mod tests {
             type_: LifecycleType::RunToCompletion,
             shutdown_time: None,
             shutdown_policy: Some(super::super::sandbox::ShutdownPolicy::Retain),
+            idle_pause_seconds: None,
         };
         let s = template("image: busybox\n").sandbox_spec(Some(&l));
         let got = s.lifecycle.unwrap();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use hearth_sandbox::node::{CreateSpec, ExecSpec, NodeError, RunError, RunSpec};
+use hearth_sandbox::node::{CreateSpec, ExecSpec, NodeError, OnIdle, RunError, RunSpec};
 use hearth_sandbox::ExecOutput;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -250,6 +250,8 @@ fn run_spec(s: &Sandbox, uid: &str, boot_timeout: Duration) -> Result<RunSpec, E
 /// ([`SandboxSpec::validate`](crate::crd::SandboxSpec::validate)'s message).
 pub(super) fn create_spec(s: &Sandbox, uid: &str) -> Result<CreateSpec, String> {
     let demand = s.spec.validate().map_err(|e| e.to_string())?;
+    // Validated: only a Service Sandbox has one, and it is at least 1.
+    let idle_pause = s.spec.lifecycle.as_ref().and_then(|l| l.idle_pause_seconds);
     let network = s.spec.network_policy().map_err(|e| e.to_string())?;
     let env: Vec<(String, String)> = s
         .spec
@@ -274,6 +276,11 @@ pub(super) fn create_spec(s: &Sandbox, uid: &str) -> Result<CreateSpec, String> 
         // `None`: the node's default policy. Either way the node checks it against the
         // Kubernetes tenant's ceiling and refuses what reaches above it.
         network,
+        idle_timeout: idle_pause.map(std::time::Duration::from_secs),
+        on_idle: match idle_pause {
+            Some(_) => OnIdle::Pause,
+            None => OnIdle::Stop,
+        },
         ..Default::default()
     })
 }

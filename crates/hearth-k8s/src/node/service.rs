@@ -16,6 +16,10 @@
 //!   frees up). A local sandbox that ended on its own (VM exited or killed, the node's maximum TTL
 //!   or `--max-paused`, gone after a restart) makes the Sandbox Failed (`VMLost`) with the node's
 //!   reason.
+//! - **`lifecycle.idlePauseSeconds`**: the local sandbox is created with that idle timeout and
+//!   `on_idle: pause`; the node pauses it when idle and wakes it on its next use, and the agent
+//!   reports what it finds (Paused, then Running again) without undoing either, whatever
+//!   `spec.paused` (false) says.
 //! - **`lifecycle.shutdownTime`**: the VM is stopped and the Sandbox Succeeded (`ShutdownTime`),
 //!   whatever the policy; with policy Delete the operator also deletes the object (node agents may
 //!   only write status and finalizers, so deletion is the operator's), and the finalizer is dropped
@@ -30,7 +34,7 @@
 
 use std::time::Duration;
 
-use hearth_sandbox::node::{SandboxInfo, State};
+use hearth_sandbox::node::{SandboxInfo, State, IDLE_REASON};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -145,7 +149,10 @@ pub(super) fn decide(s: &Sandbox, local: Option<&SandboxInfo>, now: Timestamp) -
                 ));
             };
             let id = l.id.clone();
-            match (l.state, s.spec.paused) {
+            // Paused by its idle timeout (`lifecycle.idlePauseSeconds`): it stays so until a use
+            // wakes it (the node does that), reported like a declared pause.
+            let idle_paused = l.state == State::Paused && l.reason.as_deref() == Some(IDLE_REASON);
+            match (l.state, s.spec.paused || idle_paused) {
                 (State::Running, true) => Step::Pause { id },
                 (State::Paused, false) => Step::Resume { id },
                 (State::Running, false) => {

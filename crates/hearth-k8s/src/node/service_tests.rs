@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use hearth_sandbox::node::{SandboxInfo, State};
+use hearth_sandbox::node::{SandboxInfo, State, IDLE_REASON};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -177,6 +177,7 @@ fn shutdown_time_stops_it_in_any_live_phase() {
                 now().checked_sub(SignedDuration::from_secs(1)).unwrap(),
             )),
             shutdown_policy: None,
+            idle_pause_seconds: None,
         });
         assert_eq!(
             decide(&s, Some(&local("a", State::Running, 1)), now()),
@@ -186,5 +187,32 @@ fn shutdown_time_stops_it_in_any_live_phase() {
     assert_eq!(
         decide(&service(Phase::Succeeded, Some("a")), None, now()),
         Step::Nothing
+    );
+}
+
+#[test]
+fn an_idle_paused_service_is_reported_paused_not_resumed_and_running_once_woken() {
+    // `spec.paused` stays false throughout: the node pauses it when idle and wakes it on use.
+    let mut idle = local("a", State::Paused, 1);
+    idle.reason = Some(IDLE_REASON.into());
+    let running = service(Phase::Running, Some("a"));
+    assert_eq!(
+        phase_of(&decide(&running, Some(&idle), now())).0,
+        Some(Phase::Paused),
+        "reported, not resumed"
+    );
+    let paused = service(Phase::Paused, Some("a"));
+    assert_eq!(decide(&paused, Some(&idle), now()), Step::Nothing);
+    // Woken by a use: Running again, reported as such.
+    let woken = local("a", State::Running, 1);
+    assert_eq!(
+        phase_of(&decide(&paused, Some(&woken), now())).0,
+        Some(Phase::Running)
+    );
+    // Paused by a call (no idle reason) while `spec.paused` is false: resumed, as before.
+    let called = local("a", State::Paused, 1);
+    assert_eq!(
+        decide(&paused, Some(&called), now()),
+        Step::Resume { id: "a".into() }
     );
 }

@@ -175,6 +175,7 @@ pub async fn set_shutdown(api: &Api<Sandbox>, name: &str, in_secs: i64, policy: 
         type_: LifecycleType::Service,
         shutdown_time: Some(Time(at)),
         shutdown_policy: Some(policy),
+        idle_pause_seconds: None,
     };
     let patch = serde_json::json!({ "spec": { "lifecycle": lifecycle } });
     api.patch(name, &PatchParams::default(), &Patch::Merge(patch))

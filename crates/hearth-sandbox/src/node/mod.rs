@@ -58,6 +58,7 @@ use tokio::sync::watch;
 pub use error::NodeError;
 pub use exec::NodeExec;
 pub use fork::MAX_FORK;
+pub use idle::IDLE as IDLE_REASON;
 pub use interpreter::{CodeError, CodeOutcome, MAX_CODE_TIMEOUT};
 pub use network::{NetworkView, SandboxNetworkStats};
 pub use pool::WarmPool;

@@ -315,7 +315,8 @@ pub fn openapi_document() -> String {
     let mut doc: serde_json::Value =
         serde_json::from_str(&crate::serve::openapi::document()).expect("our document is JSON");
     let note = " Through `hearth gateway`: fork, PATCH of a sandbox and POST /v1/runs answer 501; \
-                `disk`, `idle_timeout_seconds`, `on_idle` and `user` on create are refused (400).";
+                `disk` and `user` on create are refused (400), and so is `idle_timeout_seconds` without \
+                `\"on_idle\": \"pause\"` (with it: `lifecycle.idlePauseSeconds`).";
     if let Some(desc) = doc.pointer_mut("/info/description") {
         if let Some(text) = desc.as_str() {
             *desc = serde_json::Value::String(format!("{text}{note}"));

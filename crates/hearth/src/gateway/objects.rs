@@ -12,7 +12,7 @@ use hearth_k8s::crd::{
 use hearth_k8s::quantity::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use crate::serve::api::{self, CreateSandbox, SandboxState};
+use crate::serve::api::{self, CreateSandbox, OnIdle, SandboxState};
 use crate::serve::error::ApiError;
 
 /// The annotation holding the API's opaque `labels` (JSON): they are the client's, free-form, and
@@ -27,8 +27,9 @@ pub const MAX_LABELS_BYTES: usize = 16 << 10;
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
 
 /// The Service Sandbox object named `name` that `body` asks for, created at `now`. Fields the
-/// resource has no place for (`disk`, `idle_timeout_seconds`, `on_idle`, `user`) are refused rather than
-/// silently dropped.
+/// resource has no place for (`disk`, `user`, and an idle timeout that would stop rather than pause
+/// the sandbox) are refused rather than silently dropped; `idle_timeout_seconds` with
+/// `on_idle: pause` is `lifecycle.idlePauseSeconds`.
 pub fn sandbox_object(
     name: &str,
     body: &CreateSandbox,
@@ -37,12 +38,23 @@ pub fn sandbox_object(
     if body.image.trim().is_empty() {
         return Err(ApiError::invalid("image is required"));
     }
-    for (given, field) in [
-        (body.disk.is_some(), "disk"),
-        (body.idle_timeout_seconds.is_some(), "idle_timeout_seconds"),
-        (body.on_idle.is_some(), "on_idle"),
-        (body.user.is_some(), "user"),
-    ] {
+    let pause = body.on_idle == Some(OnIdle::Pause);
+    let idle_pause_seconds = match body.idle_timeout_seconds {
+        Some(0) => return Err(ApiError::invalid("idle_timeout_seconds must be at least 1")),
+        Some(_) if !pause => {
+            return Err(ApiError::invalid(
+                "idle_timeout_seconds through hearth gateway needs \"on_idle\": \"pause\" (a \
+                 Kubernetes Sandbox pauses when idle, it is not stopped)",
+            ))
+        }
+        None if pause => {
+            return Err(ApiError::invalid(
+                "on_idle \"pause\" needs an idle timeout (idle_timeout_seconds)",
+            ))
+        }
+        seconds => seconds,
+    };
+    for (given, field) in [(body.disk.is_some(), "disk"), (body.user.is_some(), "user")] {
         if given {
             return Err(ApiError::invalid(format!(
                 "{field} is not supported through hearth gateway (a Kubernetes Sandbox has no such \
@@ -111,6 +123,7 @@ pub fn sandbox_object(
             type_: LifecycleType::Service,
             shutdown_time,
             shutdown_policy: Some(ShutdownPolicy::Delete),
+            idle_pause_seconds,
         }),
         paused: false,
     };
@@ -193,7 +206,15 @@ pub fn api_sandbox(object: &Sandbox) -> api::Sandbox {
         boot_ms: ready_at.map(|r| r.saturating_sub(created_at)),
         network: object.spec.network_policy().ok().flatten(),
         warm: false,
-        on_idle: Default::default(),
+        on_idle: match object
+            .spec
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.idle_pause_seconds)
+        {
+            Some(_) => OnIdle::Pause,
+            None => OnIdle::Stop,
+        },
     }
 }
 
@@ -260,7 +281,6 @@ mod tests {
         for (field, value) in [
             ("disk", serde_json::json!("4g")),
             ("idle_timeout_seconds", serde_json::json!(60)),
-            ("on_idle", serde_json::json!("pause")),
             ("user", serde_json::json!("nobody")),
         ] {
             let mut json = serde_json::json!({"image": "busybox"});
@@ -274,9 +294,23 @@ mod tests {
             serde_json::json!({"image": "b", "cpus": 0}),
             serde_json::json!({"image": "b", "memory": "lots"}),
             serde_json::json!({"image": "b", "ttl_seconds": 0}),
+            serde_json::json!({"image": "b", "on_idle": "pause"}),
+            serde_json::json!({"image": "b", "on_idle": "stop", "idle_timeout_seconds": 60}),
+            serde_json::json!({"image": "b", "on_idle": "pause", "idle_timeout_seconds": 0}),
         ] {
             assert!(sandbox_object("x", &body(bad), SystemTime::now()).is_err());
         }
+    }
+
+    #[test]
+    fn an_idle_pause_becomes_the_lifecycle_field() {
+        let json =
+            serde_json::json!({"image": "b", "idle_timeout_seconds": 90, "on_idle": "pause"});
+        let o = sandbox_object("x", &body(json), SystemTime::now()).unwrap();
+        let lifecycle = o.spec.lifecycle.clone().unwrap();
+        assert_eq!(lifecycle.idle_pause_seconds, Some(90));
+        assert_eq!(lifecycle.type_, LifecycleType::Service);
+        assert_eq!(api_sandbox(&o).on_idle, OnIdle::Pause);
     }
 
     #[test]

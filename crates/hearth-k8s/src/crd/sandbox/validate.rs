@@ -30,6 +30,8 @@ pub enum SpecError {
          spec.lifecycle.shutdownTime or when deleted"
     )]
     ServiceTimeout,
+    #[error("spec.lifecycle.idlePauseSeconds must be at least 1 (leave it out for no idle pause)")]
+    IdlePauseZero,
     #[error("spec.resources: {0}")]
     Resources(#[from] QuantityError),
     #[error("spec.network: {0}")]
@@ -63,6 +65,13 @@ impl SandboxSpec {
             if lifecycle.shutdown_policy.is_some() {
                 return Err(SpecError::ServiceOnly("lifecycle.shutdownPolicy"));
             }
+            if lifecycle.idle_pause_seconds.is_some() {
+                return Err(SpecError::ServiceOnly("lifecycle.idlePauseSeconds"));
+            }
+        }
+        let idle = self.lifecycle.as_ref().and_then(|l| l.idle_pause_seconds);
+        if idle == Some(0) {
+            return Err(SpecError::IdlePauseZero);
         }
         self.network_policy()?;
         Ok(self.demand()?)
@@ -90,6 +99,17 @@ mod tests {
             spec("command: [\"true\"]\npaused: true\n").validate(),
             Err(SpecError::ServiceOnly("paused"))
         );
+        assert_eq!(
+            spec("command: [\"true\"]\nlifecycle: {idlePauseSeconds: 60}\n").validate(),
+            Err(SpecError::ServiceOnly("lifecycle.idlePauseSeconds"))
+        );
+        assert_eq!(
+            spec("lifecycle: {type: Service, idlePauseSeconds: 0}\n").validate(),
+            Err(SpecError::IdlePauseZero)
+        );
+        assert!(spec("lifecycle: {type: Service, idlePauseSeconds: 60}\n")
+            .validate()
+            .is_ok());
         let at = "lifecycle: {shutdownTime: \"2030-01-01T00:00:00Z\"}\n";
         assert_eq!(
             spec(&format!("command: [\"true\"]\n{at}")).validate(),
