@@ -282,12 +282,7 @@ async fn an_idle_service_sandbox_sleeps_is_reported_paused_and_wakes_on_use() {
     // A use wakes it: Running again, reported, its file there.
     let tenant = hearth_sandbox::node::Tenant {
         name: TENANT.into(),
-        quota: hearth_sandbox::node::Quota {
-            max_sandboxes: u32::MAX,
-            vcpus: u32::MAX,
-            memory_mib: u64::MAX,
-            disk_bytes: u64::MAX,
-        },
+        quota: hearth_sandbox::node::Quota::unlimited(),
         network_ceiling: hearth_sandbox::node::default_network_ceiling(),
     };
     rig.node.wake(&tenant, &id).await.expect("woken");

@@ -93,12 +93,7 @@ impl NodeAgent {
         let tenant = Tenant {
             name: config.tenant.clone(),
             // The node's own capacity is the only limit: the operator already placed within it.
-            quota: Quota {
-                max_sandboxes: u32::MAX,
-                vcpus: u32::MAX,
-                memory_mib: u64::MAX,
-                disk_bytes: u64::MAX,
-            },
+            quota: Quota::unlimited(),
             network_ceiling: hearth_sandbox::node::default_network_ceiling(),
         };
         Arc::new(Self {

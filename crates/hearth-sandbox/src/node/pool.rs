@@ -112,12 +112,7 @@ impl Node {
             .network
             .as_ref()
             .map(|_| self.config.network_default.clone());
-        let unlimited = Quota {
-            max_sandboxes: u32::MAX,
-            vcpus: u32::MAX,
-            memory_mib: u64::MAX,
-            disk_bytes: u64::MAX,
-        };
+        let unlimited = Quota::unlimited();
         let mut started = 0;
         {
             let mut table = self.table();

@@ -147,6 +147,18 @@ pub struct Quota {
     pub disk_bytes: u64,
 }
 
+impl Quota {
+    /// No limit: the node's capacity is the only bound (pool VMs, the Kubernetes tenant).
+    pub fn unlimited() -> Quota {
+        Quota {
+            max_sandboxes: u32::MAX,
+            vcpus: u32::MAX,
+            memory_mib: u64::MAX,
+            disk_bytes: u64::MAX,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     pub name: String,

@@ -156,12 +156,7 @@ impl TlsArgs {
 fn client_certificate_tenant() -> hearth_sandbox::node::Tenant {
     hearth_sandbox::node::Tenant {
         name: crate::serve::auth::RESERVED_TENANTS[0].to_string(),
-        quota: hearth_sandbox::node::Quota {
-            max_sandboxes: u32::MAX,
-            vcpus: u32::MAX,
-            memory_mib: u64::MAX,
-            disk_bytes: u64::MAX,
-        },
+        quota: hearth_sandbox::node::Quota::unlimited(),
         network_ceiling: hearth_sandbox::node::default_network_ceiling(),
     }
 }
