@@ -343,30 +343,33 @@ async fn set_paused(
     if reached(&found) {
         return Ok(Json(api_sandbox(&found)));
     }
-    // Paused with `spec.paused` false: its idle timeout paused it (`lifecycle.idlePauseSeconds`),
-    // and the node agent leaves it so until a use. The node's own resume is that use.
-    let idle_paused = !paused && !found.spec.paused && found.phase() == Phase::Paused;
+    // Paused with `spec.paused` false: its idle timeout may have paused it
+    // (`lifecycle.idlePauseSeconds`), and the node agent leaves it so until a use. A listing of
+    // its root is such a use, with no other effect: the node wakes it first if it sleeps, and does
+    // nothing otherwise (one paused by `spec.paused` and not yet resumed by its agent answers 409,
+    // and the agent resumes it as before).
+    let maybe_asleep = !paused && !found.spec.paused && found.phase() == Phase::Paused;
     let what = if paused { "pausing" } else { "resuming" };
     // Whole seconds, as the API server keeps condition times.
     let asked = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         - k8s_openapi::jiff::SignedDuration::from_secs(1);
-    if idle_paused {
+    if maybe_asleep {
         let request = axum::extract::Request::builder()
-            .method(axum::http::Method::POST)
-            .uri(format!("/v1/sandboxes/{id}/resume"))
-            .header(axum::http::header::CONTENT_TYPE, "application/json")
-            .body(axum::body::Body::from("{}"))
+            .method(axum::http::Method::GET)
+            .uri(format!("/v1/sandboxes/{id}/files?path=/"))
+            .body(axum::body::Body::empty())
             .expect("a well-formed request");
         let caller = Caller {
             tenant: caller.tenant.clone(),
             namespace: caller.namespace.clone(),
         };
-        let path = Path((id.clone(), "resume".to_string()));
+        let path = Path((id.clone(), "files".to_string()));
         let answer = super::forward::forward(State(state.clone()), caller, path, request).await?;
         let status = answer.status();
-        // 409: woken meanwhile (a use got there first, and the status has not caught up yet).
+        // 409: not asleep (see above). Anything else is a wake the node refused (503 capacity,
+        // 429 quota, a damaged snapshot): the answer.
         if !status.is_success() && status != StatusCode::CONFLICT {
             let body = axum::body::to_bytes(answer.into_body(), 64 << 10)
                 .await
@@ -375,7 +378,7 @@ async fn set_paused(
                 .ok()
                 .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            let message = format!("sandbox {id}: resuming it on its node failed: {message}");
+            let message = format!("sandbox {id}: waking it on its node failed: {message}");
             return Err(ApiError::new(status, "resume_failed", message));
         }
     }
