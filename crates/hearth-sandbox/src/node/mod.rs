@@ -16,7 +16,8 @@
 //! (commands and files), `interpreter.rs` (a Python interpreter kept per sandbox for code runs),
 //! `network.rs` (a sandbox's egress policy: default, tenant ceiling, live changes), `ports.rs` (a
 //! guest port through the agent channel), `pause.rs` (pause to disk and resume),
-//! `fork.rs` (copies of a running sandbox), `idle.rs` (idle sandboxes paused and woken on use), `run_once.rs` (one command in a fresh sandbox).
+//! `fork.rs` (copies of a running sandbox), `idle.rs` (idle sandboxes paused and woken on use),
+//! `run_once.rs` (one command in a fresh sandbox).
 //!
 //! Writes only under `$HEARTH_HOME/state/` (database, lock), `$HEARTH_HOME/sandboxes/<id>/` (each
 //! VM's run directory: sockets, scratch disk, console log) and `$HEARTH_HOME/node/net/<id>/` (each
