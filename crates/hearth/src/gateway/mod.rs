@@ -98,6 +98,7 @@ impl Metrics {
 }
 
 /// The caller of a `/v1` route: its tenant and that tenant's namespace; 401 without a valid token.
+#[derive(Clone)]
 pub struct Caller {
     pub tenant: String,
     pub namespace: String,

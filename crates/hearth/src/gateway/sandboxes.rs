@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_k8s::crd::{Phase, Sandbox, SandboxClaim};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
@@ -305,7 +306,7 @@ pub async fn pause(
     state: State<Arc<GatewayState>>,
     caller: Caller,
     id: Path<String>,
-) -> Result<Json<api::Sandbox>, ApiError> {
+) -> Result<Response, ApiError> {
     set_paused(state, caller, id, true).await
 }
 
@@ -313,7 +314,7 @@ pub async fn resume(
     state: State<Arc<GatewayState>>,
     caller: Caller,
     id: Path<String>,
-) -> Result<Json<api::Sandbox>, ApiError> {
+) -> Result<Response, ApiError> {
     set_paused(state, caller, id, false).await
 }
 
@@ -324,7 +325,7 @@ async fn set_paused(
     caller: Caller,
     Path(id): Path<String>,
     paused: bool,
-) -> Result<Json<api::Sandbox>, ApiError> {
+) -> Result<Response, ApiError> {
     let found = find(&state, &caller, &id).await?;
     if found.phase().is_finished() {
         return Err(ApiError::new(
@@ -341,13 +342,10 @@ async fn set_paused(
         false => runs(s),
     };
     if reached(&found) {
-        return Ok(Json(api_sandbox(&found)));
+        return Ok(Json(api_sandbox(&found)).into_response());
     }
     // Paused with `spec.paused` false: its idle timeout may have paused it
-    // (`lifecycle.idlePauseSeconds`), and the node agent leaves it so until a use. A listing of
-    // its root is such a use, with no other effect: the node wakes it first if it sleeps, and does
-    // nothing otherwise (one paused by `spec.paused` and not yet resumed by its agent answers 409,
-    // and the agent resumes it as before).
+    // (`lifecycle.idlePauseSeconds`), and the node agent leaves it so until a use.
     let maybe_asleep = !paused && !found.spec.paused && found.phase() == Phase::Paused;
     let what = if paused { "pausing" } else { "resuming" };
     // Whole seconds, as the API server keeps condition times.
@@ -356,30 +354,8 @@ async fn set_paused(
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         - k8s_openapi::jiff::SignedDuration::from_secs(1);
     if maybe_asleep {
-        let request = axum::extract::Request::builder()
-            .method(axum::http::Method::GET)
-            .uri(format!("/v1/sandboxes/{id}/files?path=/"))
-            .body(axum::body::Body::empty())
-            .expect("a well-formed request");
-        let caller = Caller {
-            tenant: caller.tenant.clone(),
-            namespace: caller.namespace.clone(),
-        };
-        let path = Path((id.clone(), "files".to_string()));
-        let answer = super::forward::forward(State(state.clone()), caller, path, request).await?;
-        let status = answer.status();
-        // 409: not asleep (see above). Anything else is a wake the node refused (503 capacity,
-        // 429 quota, a damaged snapshot): the answer.
-        if !status.is_success() && status != StatusCode::CONFLICT {
-            let body = axum::body::to_bytes(answer.into_body(), 64 << 10)
-                .await
-                .unwrap_or_default();
-            let message = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            let message = format!("sandbox {id}: waking it on its node failed: {message}");
-            return Err(ApiError::new(status, "resume_failed", message));
+        if let Some(refused) = wake_on_node(&state, &caller, &id).await? {
+            return Ok(refused);
         }
     }
     let api = sandboxes(&state, &caller);
@@ -394,7 +370,7 @@ async fn set_paused(
     let refused = move |s: &Sandbox| refused_since(s, asked);
     let ended = move |s: &Sandbox| reached(s) || s.phase().is_finished() || refused(s);
     match wait_until(api, &id, state.settings.lifecycle_wait, ended).await {
-        Ok(Some(s)) if reached(&s) => Ok(Json(api_sandbox(&s))),
+        Ok(Some(s)) if reached(&s) => Ok(Json(api_sandbox(&s)).into_response()),
         Ok(Some(s)) if refused(&s) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "conflict",
@@ -412,6 +388,28 @@ async fn set_paused(
             format!("sandbox {id}: {what} asked for; its node has not finished yet"),
         )),
     }
+}
+
+/// Wakes sandbox `id` on its node if its idle timeout paused it, with a use that has no other
+/// effect (a listing of its root, forwarded as any use is): the node resumes it first if it
+/// sleeps, and does nothing otherwise (one paused by `spec.paused` and not yet resumed by its agent
+/// answers 409 and is left to the agent). `Some`: the node's answer when it refused the wake (503
+/// capacity, 429 quota, a damaged snapshot), for the client as it is.
+async fn wake_on_node(
+    state: &Arc<GatewayState>,
+    caller: &Caller,
+    id: &str,
+) -> Result<Option<Response>, ApiError> {
+    let request = axum::extract::Request::builder()
+        .method(axum::http::Method::GET)
+        .uri(format!("/v1/sandboxes/{id}/files?path=/"))
+        .body(axum::body::Body::empty())
+        .expect("a well-formed request");
+    let path = Path((id.to_owned(), "files".to_owned()));
+    let answer =
+        super::forward::forward(State(state.clone()), caller.clone(), path, request).await?;
+    let status = answer.status();
+    Ok((!status.is_success() && status != StatusCode::CONFLICT).then_some(answer))
 }
 
 /// The node agent refused a pause or resume asked at `since`: it leaves the phase as it was and
