@@ -154,9 +154,11 @@ class Checker:
         """A `running` sandbox answers an exec, and so does one its idle timeout paused (the exec
         wakes it); a stopped or failed one has no VMM left."""
         vmm_cmdlines = self.vmm_cmdlines()
+
+        def usable(s):
+            return s["state"] == "running" or (s["state"] == "paused" and s.get("reason") == "idle")
+
         for sid, (tenant, s) in present.items():
-            usable = lambda s: s["state"] == "running" or (  # noqa: E731
-                s["state"] == "paused" and s.get("reason") == "idle")
             if usable(s):
                 for attempt in range(3):
                     status, code, _ = self.api.exec(sid, self.d.tokens[tenant], "true", 30)

@@ -1,10 +1,10 @@
 //! Idle sandboxes that sleep instead of ending (`on_idle: pause`): the reaper pauses a running
 //! sandbox whose idle timeout has passed ([`Node::pause_idle`]) when its record says so, and its
-//! next use wakes it ([`Node::wake`], called by the API before an exec, a file transfer, a code run,
-//! a port connection or a fork). A paused sandbox holds only its disk (`pause.rs`), so a node can keep
-//! many more idle sandboxes than it could keep running; the price is the resume on the next use
-//! (its processes, files and listening sockets are as they were, and its clock and entropy are
-//! renewed as at any resume).
+//! next use wakes it ([`Node::wake`], called by the API before an exec, a file transfer, a code
+//! run, a port connection or a fork). A paused sandbox holds only its disk (`pause.rs`), so a node
+//! can keep many more idle sandboxes than it could keep running; the price is the resume on the
+//! next use (its processes, files and listening sockets are as they were, and its clock and
+//! entropy are renewed as at any resume).
 //!
 //! Only what the idle timeout paused is woken by a use: such a sandbox is `Paused` with reason
 //! [`IDLE`]. One paused by a call stays paused until a resume, as before (a use answers 409). The
@@ -52,7 +52,8 @@ impl Node {
             Ok(_) => lock_ignoring_poison(&self.counters).idle_pauses_total += 1,
             Err(NodeError::NotRunning { .. }) => {} // used, ended or paused meanwhile
             Err(e) => {
-                tracing::warn!(sandbox = %id, "idle pause failed, retried after another idle timeout: {e}")
+                let retry = "retried after another idle timeout";
+                tracing::warn!(sandbox = %id, "idle pause failed, {retry}: {e}")
             }
         }
     }

@@ -15,8 +15,8 @@
 //! - boot templates no VM can restore from again are removed (`$HOME/templates/`, in the
 //!   background).
 //!
-//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/`, `$HOME/node/` and
-//! stale templates in `$HOME/templates/` is touched, and a
+//! `Stopped` and `Failed` records stay listed. Nothing outside `$HOME/sandboxes/`, `$HOME/node/`
+//! and stale templates in `$HOME/templates/` is touched, and a
 //! process is killed only when its pid and start time match what its run directory recorded.
 
 use std::collections::BTreeSet;

@@ -1,9 +1,9 @@
 //! Waking a sandbox its idle timeout paused (`on_idle: pause`) before it is used: a layer on the
-//! routes that use a running sandbox (exec and its WebSocket, code, files, ports, tunnel, fork) that asks
-//! the node to resume it ([`hearth_sandbox::node::Node::wake`]) before the handler runs. A failed
-//! resume is the answer (503 capacity, 429 quota, the snapshot's error). A request that does not
-//! authenticate, or names no sandbox of its tenant, passes through untouched: the handler answers
-//! it as it always has.
+//! routes that use a running sandbox (exec and its WebSocket, code, files, ports, tunnel, fork)
+//! that asks the node to resume it ([`hearth_sandbox::node::Node::wake`]) before the handler
+//! runs. A failed resume is the answer (503 capacity, 429 quota, the snapshot's error). A request
+//! that does not authenticate, or names no sandbox of its tenant, passes through untouched: the
+//! handler answers it as it always has.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -225,16 +225,15 @@ impl Daemon {
         s
     }
 
+    /// `GET /v1/sandboxes/{id}` as `token`: status and body.
+    async fn get_sandbox(&self, token: &str, id: &str) -> (u16, serde_json::Value) {
+        let path = format!("/v1/sandboxes/{id}");
+        self.json(Method::GET, &path, Some(token), None).await
+    }
+
     /// `token`'s sandbox `id` as `GET /v1/sandboxes/{id}` answers it (asserting 200).
     pub async fn record(&self, token: &str, id: &str) -> serde_json::Value {
-        let (status, s) = self
-            .json(
-                Method::GET,
-                &format!("/v1/sandboxes/{id}"),
-                Some(token),
-                None,
-            )
-            .await;
+        let (status, s) = self.get_sandbox(token, id).await;
         assert_eq!(status, 200, "GET sandbox {id}: {s}");
         s
     }
@@ -295,14 +294,7 @@ impl Daemon {
     ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let (_, record) = self
-                .json(
-                    Method::GET,
-                    &format!("/v1/sandboxes/{id}"),
-                    Some(token),
-                    None,
-                )
-                .await;
+            let (_, record) = self.get_sandbox(token, id).await;
             if done(&record) || Instant::now() > deadline {
                 return record;
             }
