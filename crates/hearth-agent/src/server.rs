@@ -36,6 +36,7 @@ pub async fn handle(
     let session = fate.kill.clone();
     match request {
         AgentRequest::Exec => exec::serve(agent.clone(), fate, body, respond).await,
+        AgentRequest::Attach { exec } => exec::attach::serve(&agent, fate, exec, body, respond),
         AgentRequest::Signal { exec, signal } => {
             respond_json(respond, agent.execs.signal(exec, signal)).await
         }

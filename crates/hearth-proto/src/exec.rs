@@ -32,6 +32,13 @@ pub struct ExecRequest {
     /// Absent: pipes (and old peers, which do not know the field, keep working).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// `true`: when the VM is saved with this exec running and restored (a paused sandbox
+    /// resumed, a fork's child), the exec waits, its output held in its pipes, for the new host
+    /// to take it over with `POST /v1/attach?exec=ID` (within the agent's park grace; killed
+    /// otherwise) instead of running on detached with its output discarded. The host may also take
+    /// over a running attachable exec at any time: its old stream then ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attachable: bool,
 }
 
 /// A terminal's size in character cells (`struct winsize` without the pixel fields).

@@ -13,6 +13,10 @@ pub const DEFAULT_FILE_MODE: u32 = 0o644;
 pub enum AgentRequest {
     /// `POST /v1/exec`: body and response are frame streams (see the protocol document).
     Exec,
+    /// `POST /v1/attach?exec=ID`: takes over a running exec started `attachable` (see
+    /// [`crate::ExecRequest::attachable`]): the body carries its stdin as `Stdin` frames, the
+    /// response is its output stream again (`Started`, output, `Exit`).
+    Attach { exec: u64 },
     /// `POST /v1/signal?exec=ID&signal=N`: sends signal N to a running exec.
     Signal { exec: u64, signal: i32 },
     /// `POST /v1/resize?exec=ID&rows=R&cols=C`: sets the terminal size of a running exec started
@@ -46,6 +50,7 @@ impl AgentRequest {
     pub fn method(&self) -> &'static str {
         match self {
             AgentRequest::Exec
+            | AgentRequest::Attach { .. }
             | AgentRequest::Signal { .. }
             | AgentRequest::Resize { .. }
             | AgentRequest::Shutdown
@@ -62,6 +67,7 @@ impl AgentRequest {
     pub fn path_and_query(&self) -> String {
         match self {
             AgentRequest::Exec => "/v1/exec".into(),
+            AgentRequest::Attach { exec } => format!("/v1/attach?exec={exec}"),
             AgentRequest::Signal { exec, signal } => {
                 format!("/v1/signal?exec={exec}&signal={signal}")
             }
@@ -97,6 +103,9 @@ impl AgentRequest {
         let query = Query::parse(query)?;
         let request = match (method, path) {
             ("POST", "/v1/exec") => AgentRequest::Exec,
+            ("POST", "/v1/attach") => AgentRequest::Attach {
+                exec: query.number("exec", 10)?,
+            },
             ("POST", "/v1/signal") => AgentRequest::Signal {
                 exec: query.number("exec", 10)?,
                 signal: query.number("signal", 10)?,
@@ -284,6 +293,7 @@ mod tests {
             AgentRequest::Info,
             AgentRequest::Shutdown,
             AgentRequest::Forward { port: 8000 },
+            AgentRequest::Attach { exec: 12 },
         ];
         for request in requests {
             let uri = request.path_and_query();

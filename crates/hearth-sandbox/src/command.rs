@@ -66,6 +66,7 @@ impl ResolvedCommand {
             stdin,
             timeout_ms: timeout.map(|t| t.as_millis().max(1) as u64),
             tty: None,
+            attachable: false,
         }
     }
 }

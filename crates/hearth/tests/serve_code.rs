@@ -4,8 +4,9 @@
 //! descriptor cannot pass for an answer; a timeout interrupts the code and keeps the state, code
 //! that ignores SIGINT gets its interpreter killed; a crashed interpreter is restarted by the next
 //! call, which says so; concurrent calls run one after the other; a reset starts afresh; a pause
-//! and resume, or a daemon restart, loses the interpreter and says so; unknown languages and
-//! sandboxes, and images without python3, are refused.
+//! and resume keeps the interpreter, state and count, and a fork's children each get a copy; a
+//! daemon restart loses it and says so; unknown languages and sandboxes, and images without
+//! python3, are refused.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -227,8 +228,9 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
         "{reset}"
     );
 
-    // Pause and resume: the interpreter does not survive it, and the next call says so.
-    run(&d, &id, "w = 1").await;
+    // Pause and resume: the interpreter comes back with the VM, its state and count with it.
+    let before = run(&d, &id, "w = [1, 2]").await;
+    let count = before["execution_count"].as_u64().unwrap();
     let pause = format!("/v1/sandboxes/{id}/pause");
     let (status, paused) = d.json(Method::POST, &pause, Some(ALICE), None).await;
     assert_eq!(status, 200, "{paused}");
@@ -237,12 +239,58 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
     let resume = format!("/v1/sandboxes/{id}/resume");
     let (status, resumed) = d.json(Method::POST, &resume, Some(ALICE), None).await;
     assert_eq!(status, 200, "{resumed}");
-    let after_resume = run(&d, &id, "'w' in dir()").await;
+    let after_resume = run(&d, &id, "w.append(3); w").await;
     assert_eq!(
-        (&after_resume["result"], &after_resume["restarted"]),
-        (&json!("False"), &json!(true)),
-        "{after_resume}"
+        (
+            &after_resume["result"],
+            &after_resume["restarted"],
+            &after_resume["execution_count"]
+        ),
+        (&json!("[1, 2, 3]"), &json!(false), &json!(count + 1)),
+        "{after_resume}\n{}",
+        d.log_text()
     );
+
+    // A fork: each child has its own copy of the parent's interpreter.
+    let (status, forked) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(ALICE),
+            Some(json!({"count": 2})),
+        )
+        .await;
+    assert_eq!(status, 201, "{forked}\n{}", d.log_text());
+    let children: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    for (n, child) in children.iter().enumerate() {
+        let answer = run(&d, child, &format!("w.append({}); w", 10 + n)).await;
+        assert_eq!(
+            (
+                &answer["result"],
+                &answer["restarted"],
+                &answer["execution_count"]
+            ),
+            (
+                &json!(format!("[1, 2, 3, {}]", 10 + n)),
+                &json!(false),
+                &json!(count + 2)
+            ),
+            "child {child}: {answer}\n{}",
+            d.log_text()
+        );
+    }
+    let parent = run(&d, &id, "w").await;
+    assert_eq!(parent["result"], json!("[1, 2, 3]"), "{parent}");
+    for child in &children {
+        let path = format!("/v1/sandboxes/{child}");
+        let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
+        assert_eq!(status, 204);
+    }
 
     // A new daemon re-attaches the sandbox, not its interpreter: the next call says so.
     run(&d, &id, "v = 1").await;

@@ -9,8 +9,10 @@
 //! then kills every process in that namespace, i.e. the whole process tree. That happens on
 //! timeout, when the host resets the exec's stream, and when the session that started it ends
 //! (unless a restored VM's new host took over: the exec then runs on, detached, its output
-//! discarded; see [`crate::session::ExecFate`]).
+//! discarded, see [`crate::session::ExecFate`]; or, started attachable, waits for that host to
+//! take it over, see [`attach`]).
 
+pub mod attach;
 mod pty;
 mod registry;
 mod spawn;
@@ -35,7 +37,7 @@ pub use spawn::{ExitWatch, PidFd, ProcessEnd};
 use crate::exec_init::ExecInitConfig;
 use crate::session::ExecFate;
 use crate::{log, server, Agent};
-use supervise::Supervisor;
+use supervise::{Served, Supervisor};
 
 /// Serves one exec request to completion.
 pub async fn serve(
@@ -260,11 +262,14 @@ async fn run(
     let deadline = request
         .timeout_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let attachable = request.attachable;
     let config = ExecInitConfig {
         root: agent.config.root.clone(),
         request,
     };
-    let stdin_pump = tokio::spawn(pump_stdin(body, decoder, started.stdin));
+    let stdin = Arc::new(tokio::sync::Mutex::new(started.stdin));
+    let mut stdin_pump = tokio::spawn(pump_stdin(body, decoder, stdin.clone(), attachable));
+    let attachments = attachable.then(|| agent.execs.make_attachable(started.id));
     let mut exec = Supervisor::new(
         started.id,
         started.exit,
@@ -272,11 +277,22 @@ async fn run(
         started.stderr,
         deadline,
         fate,
+        attachments,
     );
-    if let Err(e) = exec
-        .serve(started.pid, started.control, &config, respond)
-        .await
-    {
+    let mut control = started.control;
+    let mut served = exec
+        .serve(started.pid, &mut control, &config, respond)
+        .await;
+    // A takeover: the new stream's body is the command's stdin from now on.
+    while let Ok(Served::Attached(attach)) = served {
+        stdin_pump.abort();
+        let body = pump_stdin(attach.body, FrameDecoder::new(), stdin.clone(), true);
+        stdin_pump = tokio::spawn(body);
+        served = exec
+            .attached(started.pid, &mut control, attach.fate, attach.respond)
+            .await;
+    }
+    if let Err(e) = served {
         log!("exec {}: {e}", started.id);
     }
     exec.kill_and_reap().await;
@@ -284,23 +300,31 @@ async fn run(
     agent.execs.remove(started.id);
 }
 
+/// The command's stdin while it is open: shared by the body pumps of the streams that carry it (an
+/// attachable exec's takeovers each bring one).
+type SharedStdin = Arc<tokio::sync::Mutex<Option<pipe::Sender>>>;
+
 /// Copies `Stdin` frames from the request body into the command's stdin, releasing HTTP/2 window
 /// only after the bytes are in the pipe (so the host cannot outrun a command that reads slowly).
-/// End of the request body closes stdin. Once the command stops reading (broken pipe), the rest of
-/// the body is discarded.
+/// End of the request body closes stdin; so does a failed body, unless `keep_on_failure` (an
+/// attachable exec, whose next host brings the rest). Once the command stops reading (broken
+/// pipe), the rest of the body is discarded.
 async fn pump_stdin(
     mut body: RecvStream,
     mut decoder: FrameDecoder,
-    mut stdin: Option<pipe::Sender>,
+    stdin: SharedStdin,
+    keep_on_failure: bool,
 ) {
+    let close = || async { *stdin.lock().await = None };
     let mut unreleased = 0;
     loop {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) if frame.kind == FrameKind::Stdin => {
-                    if let Some(pipe) = stdin.as_mut() {
-                        if pipe.write_all(&frame.payload).await.is_err() {
-                            stdin = None;
+                    let mut pipe = stdin.lock().await;
+                    if let Some(sender) = pipe.as_mut() {
+                        if sender.write_all(&frame.payload).await.is_err() {
+                            *pipe = None;
                         }
                     }
                 }
@@ -313,7 +337,7 @@ async fn pump_stdin(
                 Ok(None) => break,
                 Err(e) => {
                     log!("exec request body: {e}; closing stdin");
-                    return;
+                    return close().await;
                 }
             }
         }
@@ -325,7 +349,8 @@ async fn pump_stdin(
                 decoder.push(&chunk);
                 unreleased = chunk.len();
             }
-            Some(Err(_)) | None => return,
+            Some(Err(_)) if keep_on_failure => return,
+            Some(Err(_)) | None => return close().await,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The agent-wide table of running execs: exec id -> exec-init pidfd, for `POST /v1/signal`, the
-//! terminal of an exec started with a `tty`, for `POST /v1/resize`, for shutdown (kill everything) and for PID 1's orphan reaper (which must not reap an exec-init whose
-//! status its exec task is waiting for).
+//! terminal of an exec started with a `tty`, for `POST /v1/resize`, the takeover channel of an
+//! attachable exec, for `POST /v1/attach`, for shutdown (kill everything) and for PID 1's orphan
+//! reaper (which must not reap an exec-init whose status its exec task is waiting for).
 
 use std::collections::HashMap;
 use std::io;
@@ -9,6 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use hearth_proto::{AgentError, ErrorKind, TtySize};
 
+use tokio::sync::mpsc;
+
+use super::attach::{self, Attach, Attachments};
 use super::spawn::PidFd;
 
 #[derive(Default)]
@@ -22,6 +26,8 @@ struct Table {
     running: HashMap<u64, (i32, PidFd)>,
     /// Terminal masters of the running execs that have one.
     ttys: HashMap<u64, Arc<OwnedFd>>,
+    /// Takeover channels of the running execs started attachable.
+    attachable: HashMap<u64, mpsc::Sender<Attach>>,
 }
 
 impl ExecRegistry {
@@ -44,6 +50,23 @@ impl ExecRegistry {
         let mut table = self.inner.lock().expect("exec registry poisoned");
         table.running.remove(&id);
         table.ttys.remove(&id);
+        table.attachable.remove(&id);
+    }
+
+    /// Makes exec `id` attachable: returns where its supervisor receives takeovers.
+    pub fn make_attachable(&self, id: u64) -> Attachments {
+        let (sender, receiver) = attach::channel();
+        let mut table = self.inner.lock().expect("exec registry poisoned");
+        if table.running.contains_key(&id) {
+            table.attachable.insert(id, sender);
+        }
+        receiver
+    }
+
+    /// Where to send a takeover of exec `id`, if it is running and attachable.
+    pub fn attachments(&self, id: u64) -> Option<mpsc::Sender<Attach>> {
+        let table = self.inner.lock().expect("exec registry poisoned");
+        table.attachable.get(&id).cloned()
     }
 
     /// Records the terminal master of exec `id` (started with a `tty`), for [`Self::resize`].

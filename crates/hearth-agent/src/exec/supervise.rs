@@ -2,7 +2,8 @@
 //! reaps the exec-init, enforces the timeout, kills the exec when its session ends or the host
 //! resets the stream, and reports the exit status. When the whole connection fails, the session's
 //! verdict ([`ExecFate`]) decides: killed, or (a restored VM's new host took over) detached: it runs
-//! on to its end with its output read and discarded.
+//! on to its end with its output read and discarded; or, started attachable, parked until the new
+//! host attaches (see [`super::attach`]), which hands the supervisor a new stream to serve.
 
 use std::io;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
+use super::attach::{Attach, Attachments, PARK_GRACE};
 use super::spawn::{ExitWatch, ProcessEnd};
 use crate::exec_init::ExecInitConfig;
 use crate::session::ExecFate;
@@ -58,6 +60,18 @@ pub(super) struct Supervisor {
     lost_at: Option<Instant>,
     /// Runs on with no host: output is discarded.
     detached: bool,
+    /// Takeovers, for an exec started attachable.
+    attachments: Option<Attachments>,
+    /// Parked since (attachable, its host went with the saved VM): its pipes are not read.
+    parked_at: Option<Instant>,
+}
+
+/// How serving one stream of an exec ended.
+pub(super) enum Served {
+    /// The exec ended (its status sent, if the host was still there).
+    Ended,
+    /// A host took the exec over: serve this stream next (see [`Supervisor::answer`]).
+    Attached(Attach),
 }
 
 impl Supervisor {
@@ -68,6 +82,7 @@ impl Supervisor {
         stderr: Option<pipe::Receiver>,
         deadline: Option<Instant>,
         fate: ExecFate,
+        attachments: Option<Attachments>,
     ) -> Supervisor {
         Supervisor {
             id,
@@ -82,17 +97,20 @@ impl Supervisor {
             host_lost: None,
             lost_at: None,
             detached: false,
+            attachments,
+            parked_at: None,
         }
     }
 
-    /// Sends the exec-init its config, answers the request and streams the exec to its end.
+    /// Sends the exec-init its config, answers the request and streams the exec to its end or
+    /// until a host takes it over.
     pub(super) async fn serve(
         &mut self,
         pid: i32,
-        mut control: tokio::net::UnixStream,
+        control: &mut tokio::net::UnixStream,
         config: &ExecInitConfig,
-        mut respond: SendResponse<Bytes>,
-    ) -> Result<(), AgentError> {
+        respond: SendResponse<Bytes>,
+    ) -> Result<Served, AgentError> {
         let config = serde_json::to_vec(config).expect("exec-init config serializes");
         let sent = async {
             control.write_all(&config).await?;
@@ -103,6 +121,32 @@ impl Supervisor {
             server::respond_error(respond, &error);
             return Err(error);
         }
+        self.answer(pid, control, respond).await
+    }
+
+    /// Serves the stream of a host that took the exec over, on its session's `fate`.
+    pub(super) async fn attached(
+        &mut self,
+        pid: i32,
+        control: &mut tokio::net::UnixStream,
+        fate: ExecFate,
+        respond: SendResponse<Bytes>,
+    ) -> Result<Served, AgentError> {
+        log!("exec {}: attached by a new host", self.id);
+        self.fate = fate;
+        (self.host_lost, self.lost_at, self.parked_at) = (None, None, None);
+        self.detached = false;
+        self.answer(pid, control, respond).await
+    }
+
+    /// Answers a request for the exec (`Started`), then streams it to its end (`Exit`) or until a
+    /// host takes it over.
+    async fn answer(
+        &mut self,
+        pid: i32,
+        control: &mut tokio::net::UnixStream,
+        mut respond: SendResponse<Bytes>,
+    ) -> Result<Served, AgentError> {
         let host_gone =
             |e: h2::Error| AgentError::internal(format!("host stopped receiving output: {e}"));
         let mut send = respond
@@ -121,26 +165,37 @@ impl Supervisor {
         )
         .await
         .map_err(host_gone)?;
-        if let Err(e) = self.stream_output(&mut send).await {
-            self.kill(KillReason::HostGone);
-            return Err(host_gone(e));
+        match self.stream_output(&mut send).await {
+            Ok(None) => {}
+            // The old stream is dropped: its host, if still there, sees it reset.
+            Ok(Some(attach)) => return Ok(Served::Attached(attach)),
+            Err(e) => {
+                self.kill(KillReason::HostGone);
+                return Err(host_gone(e));
+            }
         }
-        let status = self.exit_status(&mut control).await;
+        let status = self.exit_status(control).await;
         if self.detached {
             log!("exec {} (detached) ended: {status}", self.id);
-            return Ok(());
+            return Ok(Served::Ended);
         }
         let last = Frame::json(FrameKind::Exit, &status)
             .encode()
             .expect("small frame");
         server::send_all(&mut send, last, true)
             .await
-            .map_err(host_gone)
+            .map_err(host_gone)?;
+        Ok(Served::Ended)
     }
 
     /// Forwards output until both pipes reach end of file and the exec-init has been reaped,
-    /// killing the exec on timeout or session end meanwhile. Detached, it reads and discards.
-    async fn stream_output(&mut self, send: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
+    /// killing the exec on timeout or session end meanwhile, or until a host takes it over (then
+    /// output not yet sent is dropped: part of a frame may have gone out on the old stream).
+    /// Detached, it reads and discards; parked, it does not read.
+    async fn stream_output(
+        &mut self,
+        send: &mut SendStream<Bytes>,
+    ) -> Result<Option<Attach>, h2::Error> {
         let mut stdout_buf = vec![0u8; CHUNK];
         let mut stderr_buf = vec![0u8; CHUNK];
         let mut pending = Bytes::new();
@@ -155,9 +210,10 @@ impl Supervisor {
             }
             let output_done = self.stdout.is_none() && self.stderr.is_none();
             if pending.is_empty() && output_done && self.ended.is_some() {
-                return Ok(());
+                return Ok(None);
             }
-            let can_read = pending.is_empty();
+            let parked = self.parked_at.is_some();
+            let can_read = pending.is_empty() && !parked;
             let alive = self.ended.is_none() && self.killed.is_none();
             let sending = !self.detached && self.host_lost.is_none();
             tokio::select! {
@@ -203,16 +259,27 @@ impl Supervisor {
                 // Killed for its timeout and still dying: reported now, reaped later.
                 _ = sleep_until(self.killed_at.map(|at| at + KILLED_REPORT_AFTER)),
                     if self.killed == Some(KillReason::Timeout) && self.ended.is_none()
-                        && !self.detached => return Ok(()),
+                        && !self.detached => return Ok(None),
                 _ = sleep_until(self.lost_at.map(|at| at + LOST_VERDICT)),
-                    if alive && !self.detached => self.kill(KillReason::HostGone),
-                _ = self.fate.kill.cancelled(), if alive && !self.detached => {
+                    if alive && !self.detached && !parked => self.kill(KillReason::HostGone),
+                _ = self.fate.kill.cancelled(), if alive && !self.detached && !parked => {
                     self.kill(KillReason::SessionEnded)
                 }
-                _ = self.fate.keep.cancelled(), if !self.detached => {
-                    log!("exec {}: its host went with the saved VM; running on, detached", self.id);
-                    self.detached = true;
+                _ = self.fate.keep.cancelled(), if !self.detached && !parked => {
+                    if self.attachments.is_some() {
+                        log!("exec {}: its host went with the saved VM; parked for the next", self.id);
+                        self.parked_at = Some(Instant::now());
+                    } else {
+                        log!("exec {}: its host went with the saved VM; running on, detached", self.id);
+                        self.detached = true;
+                    }
                 }
+                _ = sleep_until(self.parked_at.map(|at| at + PARK_GRACE)), if parked => {
+                    log!("exec {}: no host attached within {PARK_GRACE:?}", self.id);
+                    (self.parked_at, self.detached) = (None, true);
+                    self.kill(KillReason::HostGone);
+                }
+                Some(attach) = next_attach(&mut self.attachments) => return Ok(Some(attach)),
             }
         }
     }
@@ -299,6 +366,14 @@ fn poll_send(
             Err(e) => SendEvent::Gone(e),
         })
     })
+}
+
+/// The next takeover of an attachable exec; never resolves for another.
+async fn next_attach(attachments: &mut Option<Attachments>) -> Option<Attach> {
+    match attachments {
+        Some(attachments) => attachments.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Reads from a pipe that is still open; never resolves for a closed one.

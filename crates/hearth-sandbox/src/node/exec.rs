@@ -130,7 +130,7 @@ impl Node {
     pub async fn exec(&self, tenant: &str, id: &str, req: ExecSpec) -> Result<NodeExec, NodeError> {
         let target = self.target(tenant, id)?;
         check(&req)?;
-        let (stdin, timeout, tty) = (req.stdin, req.timeout, req.tty);
+        let (stdin, timeout, tty, attachable) = (req.stdin, req.timeout, req.tty, req.attachable);
         let overrides = CommandOverrides {
             command: req.argv,
             // Cleared: an exec names its whole command, as `docker exec` does.
@@ -151,6 +151,7 @@ impl Node {
         let active = ActivityGuard::new(target.activity);
         let mut request = command.into_request(stdin, timeout);
         request.tty = tty;
+        request.attachable = attachable;
         let handle = target.sandbox.client().exec(request).await?;
         lock_ignoring_poison(&self.counters).execs_total += 1;
         Ok(NodeExec {

@@ -19,6 +19,8 @@
 //!   call is deleted and the call fails, naming the child and the cause.
 //! - The parent's execs stall while its state is saved and its disk copied, then run on; they
 //!   are not the children's (a child's processes from them run on detached, output discarded).
+//!   The code interpreter is: each child has its own copy of the parent's, state and execution
+//!   count, unless a code call was running in the parent at the fork.
 
 use std::sync::Arc;
 
@@ -134,6 +136,9 @@ impl Node {
             .net_home()
             .join("forks")
             .join(format!("{id}-{}", new_id()));
+        // No code call starts in the parent while its state is saved: the children get its
+        // interpreter as it is between calls.
+        let held = self.interpreters.hold(id);
         let snapshot = match super::make_private_dir(dir.parent().expect("has a parent")) {
             Ok(()) => parent
                 .snapshot(&dir)
@@ -141,6 +146,7 @@ impl Node {
                 .map_err(|e| super::pause::save_failed(id, &parent, e)),
             Err(e) => Err(e),
         };
+        let interpreter = held.and_then(|held| held.parked());
         let snapshot = match snapshot {
             Ok(snapshot) => Arc::new(snapshot),
             Err(e) => {
@@ -179,6 +185,14 @@ impl Node {
             }
             tracing::warn!(sandbox = %id, "fork failed: {failure}");
             return Err(failure);
+        }
+        if let Some(interpreter) = interpreter {
+            for child in &children {
+                if let Ok(target) = self.target(&tenant.name, &child.id) {
+                    self.interpreters.adopt(&child.id, &target, &interpreter);
+                    self.reattach_code(&tenant.name, &child.id);
+                }
+            }
         }
         tracing::info!(sandbox = %id, count, "forked");
         Ok(children

@@ -6,6 +6,12 @@
 //! bare `ExecHandle`: between calls it does not count as a running exec (the sandbox can go idle,
 //! be paused, the daemon can shut down); each call counts as activity while it runs.
 //!
+//! It survives a pause: it is started `attachable`, so a VM saved with it and restored keeps it
+//! waiting (see the agent's `exec::attach`), and right after the resume the node attaches to it
+//! again ([`Node::reattach_code`]), its state, execution count and all. A fork's children inherit
+//! it the same way, each its own copy of the parent's interpreter at the fork (unless a call was
+//! running in the parent then: its children start fresh interpreters, which say `restarted`).
+//!
 //! Protocol (see `interpreter.py`): a JSON line per call on the interpreter's stdin carrying the
 //! code and a fresh random nonce; the answer is the line on its stdout that starts with that nonce.
 //! The driver moves the protocol off fds 0/1/2 before user code runs, and any other line (a guess
@@ -16,22 +22,23 @@
 //! Calls on one sandbox are serialised (a FIFO queue: the slot's async mutex), and each runs in a
 //! task of its own, so a caller that goes away does not leave the protocol mid-call. A timeout
 //! sends SIGINT (KeyboardInterrupt in the code, state kept); an interpreter that does not answer
-//! within the grace period after it is killed. A lost interpreter (killed, crashed, exited, killed
-//! before a pause, its VM re-attached by a new daemon) is started afresh by the next call, which
-//! says `restarted`; the driver leaves a marker file in the guest's /tmp so that a new daemon
-//! learns that one ran before. [`Node::reset_code`] ends it on request (the next is not a restart).
+//! within the grace period after it is killed. A lost interpreter (killed, crashed, exited, in a
+//! call cut short by a forced pause, its VM re-attached by a new daemon, or resumed by one: a new
+//! daemon does not know the saved interpreter, which the agent then kills) is started afresh by the
+//! next call, which says `restarted`; the driver leaves a marker file in the guest's /tmp so that a
+//! new daemon learns that one ran before. [`Node::reset_code`] ends it on request (the next is not
+//! a restart).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::time::timeout;
 
-use super::exec::ActivityGuard;
+use super::exec::{Activity, ActivityGuard, Target};
 use super::{lock_ignoring_poison, Node, NodeError};
 use crate::Sandbox;
-use driver::{CallEnd, Live, INTERRUPT_GRACE};
+use driver::{CallEnd, Live, Parked, INTERRUPT_GRACE};
 
 mod driver;
 
@@ -71,40 +78,50 @@ pub(super) struct Interpreters {
 }
 
 impl Interpreters {
-    /// The slot of `sandbox` (created if missing); drops slots of sandboxes that are gone.
-    fn slot(&self, id: &str, sandbox: &Arc<Sandbox>) -> Arc<tokio::sync::Mutex<Slot>> {
+    /// The slot of sandbox `id` (created if missing, for `target`'s VM); drops the slots of
+    /// sandboxes the node has forgotten.
+    fn slot(&self, id: &str, target: &Target) -> Arc<tokio::sync::Mutex<Slot>> {
         let mut slots = lock_ignoring_poison(&self.slots);
-        // A slot in use is kept; an idle one whose VM is gone goes with its dead interpreter.
+        // A slot in use is kept; an idle one goes with its sandbox's record.
         slots.retain(|_, slot| {
             slot.try_lock()
-                .map_or(true, |s| s.sandbox.strong_count() > 0)
+                .map_or(true, |s| s.record.strong_count() > 0)
         });
         slots
             .entry(id.to_owned())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(Slot {
-                    sandbox: Arc::downgrade(sandbox),
-                    live: None,
-                    lost: false,
-                    fresh: false,
-                }))
-            })
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Slot::new(target, None))))
             .clone()
     }
 
-    /// Kills the sandbox's interpreter before its VM is saved, unless a call is using it (a forced
-    /// pause: that call's stream breaks). Waits for the kill so that the saved guest has none.
-    pub(super) async fn end_for_pause(&self, id: &str) {
-        let Some(slot) = lock_ignoring_poison(&self.slots).get(id).cloned() else {
+    fn existing(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<Slot>>> {
+        lock_ignoring_poison(&self.slots).get(id).cloned()
+    }
+
+    /// After sandbox `id` was saved by a pause: its interpreter (unless a call was using it: a
+    /// forced pause, whose call fails) is parked in the saved guest, to be attached after the
+    /// resume; the handle on the old VM's channel goes.
+    pub(super) fn park(&self, id: &str) {
+        let Some(slot) = self.existing(id) else {
             return;
         };
-        let Ok(mut slot) = slot.try_lock() else {
-            return;
+        if let Ok(mut slot) = slot.try_lock() {
+            slot.parked = slot.live.take().map(Live::park).or(slot.parked.take());
         };
-        if let Some(live) = slot.live.take() {
-            slot.lost = true;
-            let _ = timeout(INTERRUPT_GRACE, live.handle.signal(libc::SIGKILL)).await;
-        }
+    }
+
+    /// Holds sandbox `id`'s interpreter still while a fork saves its VM (no call can start
+    /// meanwhile); `None` while a call runs, or without an interpreter.
+    pub(super) fn hold(&self, id: &str) -> Option<HeldForFork> {
+        let slot = self.existing(id)?.try_lock_owned().ok()?;
+        slot.live.is_some().then_some(HeldForFork(slot))
+    }
+
+    /// Gives a fork's child `child` (`target`) its copy of the parent's interpreter `held` at the
+    /// fork, to be attached by [`Node::reattach_code`].
+    pub(super) fn adopt(&self, child: &str, target: &Target, held: &Parked) {
+        let slot = Slot::new(target, Some(held.clone()));
+        lock_ignoring_poison(&self.slots)
+            .insert(child.to_owned(), Arc::new(tokio::sync::Mutex::new(slot)));
     }
 
     /// Forgets every interpreter (daemon shutdown: their agent connections close).
@@ -113,14 +130,42 @@ impl Interpreters {
     }
 }
 
+/// A parent's interpreter held while a fork saves its VM ([`Interpreters::hold`]).
+pub(super) struct HeldForFork(tokio::sync::OwnedMutexGuard<Slot>);
+
+impl HeldForFork {
+    /// What the children get: the interpreter as it is in the saved state.
+    pub(super) fn parked(&self) -> Option<Parked> {
+        self.0.live.as_ref().map(Live::parked)
+    }
+}
+
 struct Slot {
     /// The VM the interpreter runs in; a resumed or re-attached sandbox is another one.
     sandbox: Weak<Sandbox>,
+    /// The sandbox's record (its activity): the slot is dropped once the node forgets it.
+    record: Weak<Activity>,
     live: Option<Live>,
+    /// An interpreter saved with the VM (paused, or a fork's parent's), attached by the next use
+    /// of the VM restored from that state.
+    parked: Option<Parked>,
     /// The last interpreter was lost: the next one says `restarted`.
     lost: bool,
     /// The last one was ended by a reset: the guest's marker of an earlier one does not count.
     fresh: bool,
+}
+
+impl Slot {
+    fn new(target: &Target, parked: Option<Parked>) -> Slot {
+        Slot {
+            sandbox: Arc::downgrade(&target.sandbox),
+            record: Arc::downgrade(&target.activity),
+            live: None,
+            parked,
+            lost: false,
+            fresh: false,
+        }
+    }
 }
 
 impl Node {
@@ -140,7 +185,7 @@ impl Node {
             )));
         }
         let target = self.target(tenant, id)?;
-        let slot = self.interpreters.slot(id, &target.sandbox);
+        let slot = self.interpreters.slot(id, &target);
         drop(target);
         let node = self.me.upgrade().ok_or(NodeError::ShuttingDown)?;
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
@@ -162,17 +207,62 @@ impl Node {
     /// one (and does not say `restarted`).
     pub async fn reset_code(&self, tenant: &str, id: &str) -> Result<(), NodeError> {
         let target = self.target(tenant, id)?;
-        let slot = self.interpreters.slot(id, &target.sandbox);
+        let slot = self.interpreters.slot(id, &target);
         let mut slot = slot.lock().await;
-        // Dropped: the agent kills the interpreter's process tree.
-        slot.live = None;
+        // Dropped: the agent kills the interpreter's process tree (a parked one, the agent once no
+        // one attaches to it).
+        (slot.live, slot.parked) = (None, None);
         slot.lost = false;
         slot.fresh = true;
         Ok(())
     }
+
+    /// Attaches, in the background, to the interpreter that sandbox `id`'s VM was restored with
+    /// (after a resume, or as a fork's child), so that it does not outlive the agent's wait for
+    /// its new host (the next call would otherwise find it killed). A call that comes first does
+    /// the same itself.
+    pub(super) fn reattach_code(&self, tenant: &str, id: &str) {
+        let Some(slot) = self.interpreters.existing(id) else {
+            return;
+        };
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move {
+            let mut slot = slot.lock().await;
+            if let Ok(target) = node.target(&tenant, &id) {
+                slot.follow(&id, &target.sandbox).await;
+            }
+        });
+    }
 }
 
 impl Slot {
+    /// Makes the slot `sandbox`'s: a VM other than the interpreter's (resumed, a fork's child)
+    /// was restored with it parked, and is attached to it; if that fails, it is lost.
+    async fn follow(&mut self, id: &str, sandbox: &Arc<Sandbox>) {
+        if !Weak::ptr_eq(&self.sandbox, &Arc::downgrade(sandbox)) {
+            if let Some(live) = self.live.take() {
+                self.parked = Some(live.park());
+            }
+            self.sandbox = Arc::downgrade(sandbox);
+        }
+        if self.live.is_some() {
+            return;
+        }
+        let Some(parked) = self.parked.take() else {
+            return;
+        };
+        match Live::attach(sandbox, &parked).await {
+            Ok(live) => self.live = Some(live),
+            Err(e) => {
+                tracing::info!(sandbox = %id, "the code interpreter saved with the VM is gone: {e}");
+                self.lost = true;
+            }
+        }
+    }
+
     async fn call(
         &mut self,
         node: &Node,
@@ -182,11 +272,7 @@ impl Slot {
         code: &str,
         limit: Duration,
     ) -> Result<CodeOutcome, NodeError> {
-        if !Weak::ptr_eq(&self.sandbox, &Arc::downgrade(sandbox)) {
-            // Paused and resumed, or re-attached: the interpreter went with the old VM.
-            self.lost |= self.live.take().is_some();
-            self.sandbox = Arc::downgrade(sandbox);
-        }
+        self.follow(id, sandbox).await;
         let mut restarted = false;
         if self.live.is_none() {
             let (live, previous) = Live::start(node, tenant, id, self.fresh).await?;

@@ -11,7 +11,8 @@
 //!   when the VM is saved (the agent channel closes: the caller gets an error event, not an exit
 //!   status); their processes are not killed: after the resume they run on in the guest, detached,
 //!   their output discarded (see `crate::pause`). Detached processes do not keep a sandbox from
-//!   counting as idle.
+//!   counting as idle. The code interpreter is kept with its state (`interpreter.rs`) unless a
+//!   call was running in it.
 //! - A paused sandbox holds its disk in admission but not its vCPUs and memory; a resume admits
 //!   those again like a create would (capacity: 503, quota: 429) and, refused, stays paused.
 //! - Its TTL keeps counting while paused (it ends a paused sandbox like a running one, and the
@@ -142,8 +143,6 @@ impl Node {
             sandbox
         };
         self.bump();
-        // Saved, the code interpreter would run on detached after the resume, unreachable.
-        self.interpreters.end_for_pause(id).await;
         let dir = self.paused_dir(id);
         let paused = sandbox.pause(&dir).await;
         let now = now_ms();
@@ -198,6 +197,10 @@ impl Node {
             }
         };
         drop(sandbox);
+        if outcome.is_ok() {
+            // Saved with the VM, the code interpreter waits there for the resume.
+            self.interpreters.park(id);
+        }
         self.bump();
         match &outcome {
             Ok(_) => tracing::info!(sandbox = %id, at = now, ?cause, "sandbox paused"),
@@ -287,6 +290,9 @@ impl Node {
             let _ = sandbox.discard().await;
             let _ = std::fs::remove_dir_all(&run_dir);
             let _ = std::fs::remove_dir_all(&dir);
+        }
+        if outcome.is_ok() {
+            self.reattach_code(&tenant.name, id);
         }
         self.bump();
         match &outcome {

@@ -333,6 +333,9 @@ pub struct ExecSpec {
     /// Run on a pseudo-terminal of this size (stdout and stderr then arrive as one stdout stream;
     /// [`super::NodeExec::resize`] changes the size).
     pub tty: Option<hearth_vm::channel::TtySize>,
+    /// Kept waiting for the node when the VM is saved and restored (paused and resumed, forked),
+    /// for [`hearth_vm::channel::AgentClient::attach`]; otherwise it runs on detached.
+    pub attachable: bool,
 }
 
 /// Sandboxes per state.

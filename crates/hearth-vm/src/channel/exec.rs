@@ -1,5 +1,7 @@
 //! Host side of `POST /v1/exec`: [`AgentClient::exec`] starts a command; [`ExecHandle`] yields its
-//! output in order and then its exit status; [`ExecStdin`] feeds its stdin.
+//! output in order and then its exit status; [`ExecStdin`] feeds its stdin. [`AgentClient::attach`]
+//! takes over a command started `attachable` (`POST /v1/attach`): a VM restored with one running
+//! keeps it waiting for its new host.
 //!
 //! Flow control: output is pulled, never pushed. The HTTP/2 window for bytes already received is
 //! released only when the caller comes back for the next event, i.e. after it has dealt with the
@@ -66,17 +68,39 @@ impl AgentClient {
         bounded("an exec request", ANSWER_DEADLINE, self.start_exec(request)).await
     }
 
+    /// Takes over exec `exec` of this agent, started `attachable` (in this VM, or in the VM this
+    /// one was restored from): its output from now on comes through the returned handle, and with
+    /// `stdin` its stdin is fed through it (without, its stdin is closed). Bounded like
+    /// [`AgentClient::exec`].
+    pub async fn attach(&self, exec: u64, stdin: bool) -> Result<ExecHandle, ChannelError> {
+        let request = AgentRequest::Attach { exec };
+        let opened = self.open_exec(&request, Bytes::new(), stdin);
+        bounded("an exec attach request", ANSWER_DEADLINE, opened).await
+    }
+
     async fn start_exec(&self, request: ExecRequest) -> Result<ExecHandle, ChannelError> {
-        let (response, mut send, permit) = self.start(&AgentRequest::Exec, false).await?;
         let start = Frame::json(FrameKind::ExecStart, &request)
             .encode()
             .map_err(|e| ChannelError::Protocol(format!("exec request too large: {e}")))?;
-        send_all(&mut send, start, !request.stdin).await?;
+        self.open_exec(&AgentRequest::Exec, start, request.stdin)
+            .await
+    }
+
+    /// Sends `request` with `first` as the start of its body (the body ends there unless `stdin`)
+    /// and waits for the `Started` frame of the answer.
+    async fn open_exec(
+        &self,
+        request: &AgentRequest,
+        first: Bytes,
+        stdin: bool,
+    ) -> Result<ExecHandle, ChannelError> {
+        let (response, mut send, permit) = self.start(request, false).await?;
+        send_all(&mut send, first, !stdin).await?;
         let body = read_response(response).await?;
         let mut handle = ExecHandle {
             started: ExecStarted { id: 0, pid: 0 },
             client: self.clone(),
-            stdin: request.stdin.then_some(ExecStdin {
+            stdin: stdin.then_some(ExecStdin {
                 send,
                 closed: false,
             }),

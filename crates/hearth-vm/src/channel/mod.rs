@@ -399,6 +399,7 @@ fn retryable(e: &io::Error) -> bool {
 fn what(request: &AgentRequest) -> &'static str {
     match request {
         AgentRequest::Exec => "an exec request",
+        AgentRequest::Attach { .. } => "an exec attach request",
         AgentRequest::Signal { .. } => "a signal request",
         AgentRequest::Resize { .. } => "a terminal resize request",
         AgentRequest::Shutdown => "the shutdown request",

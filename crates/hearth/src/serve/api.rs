@@ -32,8 +32,7 @@ pub struct CreateSandbox {
     /// What the idle timeout does (needs `idle_timeout_seconds`): `stop` (the default) ends the
     /// sandbox; `pause` saves it to disk (`paused`, reason `idle`: it holds no memory or vCPUs),
     /// and its next exec, file transfer, code run or port connection resumes it first, with its
-    /// processes and files as they were (the code interpreter's variables are lost: the next code
-    /// run says `restarted`).
+    /// processes, files and code interpreter (its variables too) as they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_idle: Option<OnIdle>,
     /// Environment for every exec (over the image's, under each exec's own).

@@ -151,6 +151,7 @@ pub(super) fn exec_spec(body: ExecBody, stdin: bool) -> Result<ExecSpec, ApiErro
         timeout: seconds_field("timeout_seconds", body.timeout_seconds)?,
         stdin,
         tty: None,
+        attachable: false,
     })
 }
 

@@ -178,7 +178,8 @@ class CodeResult:
     """The timeout interrupted the code (``KeyboardInterrupt``; earlier names are kept)."""
     restarted: bool
     """This call ran in a fresh interpreter because the previous one was lost (crash, kill after a
-    timeout, pause and resume, daemon restart): names defined before are gone."""
+    timeout, a call cut short by a forced pause, daemon restart): names defined before are gone. A
+    pause and resume keeps the interpreter, and a fork's children get copies of it."""
     execution_count: int
     """Calls run by this interpreter, this one included."""
     truncated: bool = False

@@ -1,6 +1,7 @@
 //! One running interpreter process and the host's half of the driver protocol (`interpreter.py`):
 //! starting it and waiting for its ready line, sending a call and picking its answer out of the
-//! interpreter's stdout by nonce, interrupting it at the deadline. Bounds everything the guest
+//! interpreter's stdout by nonce, interrupting it at the deadline, attaching to it again in a VM
+//! restored with it (resumed, forked). Bounds everything the guest
 //! sends: a line at [`MAX_ANSWER_LINE`], the start at [`START_DEADLINE`], an interrupted call's
 //! answer at [`INTERRUPT_GRACE`].
 
@@ -13,6 +14,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::CodeOutcome;
 use crate::node::{ExecSpec, Node, NodeError};
+use crate::Sandbox;
 
 /// The driver program, run with `python3 -u -c`.
 const DRIVER: &str = include_str!("../interpreter.py");
@@ -33,6 +35,14 @@ pub(super) struct Live {
     lines: Lines,
     stderr_tail: Vec<u8>,
     pub(super) count: u64,
+}
+
+/// An interpreter in a saved VM: what attaching to it in a VM restored from that state needs.
+#[derive(Clone)]
+pub(in crate::node) struct Parked {
+    /// Its exec id, the same in every VM restored from the state.
+    exec: u64,
+    count: u64,
 }
 
 /// How a call ended.
@@ -95,6 +105,7 @@ impl Live {
                 .map(str::to_owned)
                 .to_vec(),
             stdin: true,
+            attachable: true,
             ..Default::default()
         };
         let mut handle = match node.exec(tenant, id, spec).await {
@@ -130,6 +141,34 @@ impl Live {
             )))
         })?;
         Ok((live, ready.previous))
+    }
+
+    /// What a VM restored from a state saved now needs to attach to this interpreter.
+    pub(super) fn parked(&self) -> Parked {
+        Parked {
+            exec: self.handle.id(),
+            count: self.count,
+        }
+    }
+
+    /// This interpreter's VM was saved: the handle on its channel goes, and what remains is how
+    /// to attach to it in the restored VM.
+    pub(super) fn park(self) -> Parked {
+        self.parked()
+    }
+
+    /// Attaches to the interpreter `parked` in `sandbox`, restored from the state it was saved in
+    /// (the agent keeps it waiting for a while; a lost one is the agent's refusal).
+    pub(super) async fn attach(sandbox: &Sandbox, parked: &Parked) -> Result<Live, NodeError> {
+        let mut handle = sandbox.client().attach(parked.exec, true).await?;
+        let stdin = handle.take_stdin().expect("attached with stdin");
+        Ok(Live {
+            handle,
+            stdin,
+            lines: Lines::default(),
+            stderr_tail: Vec::new(),
+            count: parked.count,
+        })
     }
 
     /// Sends `code` and waits for its answer: until `limit`, then SIGINT and [`INTERRUPT_GRACE`].

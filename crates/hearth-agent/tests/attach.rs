@@ -1,0 +1,106 @@
+//! Taking over an exec (`POST /v1/attach`) on the real agent: a second host connection takes a
+//! running `attachable` exec with its stdin and output, the first one's stream ends, and closing
+//! the first connection no longer kills it (it belongs to its new host). Execs not started
+//! attachable, and ones that do not exist, cannot be taken. (Parking across a save and restore
+//! needs a real VM: `hearth-sandbox`'s interpreter tests do that.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hearth_vm::channel::{ChannelError, ExecOutput};
+
+async fn next_stdout(handle: &mut hearth_vm::channel::ExecHandle) -> String {
+    let output = tokio::time::timeout(Duration::from_secs(10), handle.next_output())
+        .await
+        .expect("output within 10 s")
+        .expect("output");
+    match output {
+        Some(ExecOutput::Stdout(data)) => text(&data),
+        other => panic!("expected stdout, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_new_connection_takes_over_an_attachable_exec_with_its_stdin_and_output() {
+    if skip_unless_root() {
+        return;
+    }
+    let agent = AgentProcess::listening();
+    let first = agent.connect().await;
+    let marker = "attach-4242";
+    let mut started = request(&[
+        "sh",
+        "-c",
+        "echo up; while read l; do echo \"got $l\"; done",
+        marker,
+    ]);
+    started.stdin = true;
+    started.attachable = true;
+    let mut old = first.exec(started).await.unwrap();
+    let mut old_stdin = old.take_stdin().unwrap();
+    assert_eq!(next_stdout(&mut old).await, "up\n");
+    old_stdin.write(b"one\n").await.unwrap();
+    assert_eq!(next_stdout(&mut old).await, "got one\n");
+
+    let second = agent.connect().await;
+    let mut new = second.attach(old.id(), true).await.expect("attach");
+    assert_eq!((new.id(), new.pid()), (old.id(), old.pid()));
+    // The old stream ends: an error, not an exit status.
+    let ended = tokio::time::timeout(Duration::from_secs(10), old.next_output()).await;
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the old stream should fail, got {ended:?}"
+    );
+    drop((old, old_stdin));
+    // Closing the first host's connection does not kill an exec that has moved.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stdin = new.take_stdin().unwrap();
+    stdin.write(b"two\n").await.unwrap();
+    assert_eq!(next_stdout(&mut new).await, "got two\n");
+    stdin.close().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), new.wait())
+        .await
+        .expect("exit within 10 s")
+        .expect("exit status");
+    assert_eq!(status.code, Some(0), "{status:?}");
+}
+
+#[tokio::test]
+async fn only_a_running_attachable_exec_can_be_taken_over() {
+    if skip_unless_root() {
+        return;
+    }
+    let agent = AgentProcess::listening();
+    let client = agent.connect().await;
+    let marker = "1000.8125";
+    let mut plain = client
+        .exec(request(&[
+            "sh",
+            "-c",
+            &format!("echo up; exec sleep {marker}"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(next_stdout(&mut plain).await, "up\n");
+    for (id, why) in [(plain.id(), "not attachable"), (9999, "no such exec")] {
+        match client.attach(id, false).await {
+            Err(ChannelError::Agent(e)) => {
+                assert_eq!(e.kind, hearth_proto::ErrorKind::NotFound, "{why}: {e:?}");
+                assert!(e.message.contains("attachable"), "{why}: {}", e.message);
+            }
+            Err(other) => panic!("{why}: expected the agent's refusal, got {other:?}"),
+            Ok(_) => panic!("{why}: attached"),
+        }
+    }
+    // The refused attach left the plain exec running, on its own stream.
+    assert_eq!(processes_with_argv(&["sleep", marker]).len(), 1);
+    drop(plain);
+    let left = wait_until_gone(&["sleep", marker], Duration::from_secs(5)).await;
+    assert!(
+        left.is_empty(),
+        "the plain exec outlived its stream: {left:?}"
+    );
+}
