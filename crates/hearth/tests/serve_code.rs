@@ -4,8 +4,9 @@
 //! descriptor cannot pass for an answer; a timeout interrupts the code and keeps the state, code
 //! that ignores SIGINT gets its interpreter killed; a crashed interpreter is restarted by the next
 //! call, which says so; concurrent calls run one after the other; a reset starts afresh; a pause
-//! and resume keeps the interpreter, state and count, and a fork's children each get a copy; a
-//! daemon restart loses it and says so; unknown languages and sandboxes, and images without
+//! and resume keeps the interpreter, state and count (also when the daemon was killed while the
+//! sandbox was paused), and a fork's children each get a copy; a daemon restart while it runs loses
+//! it and says so; unknown languages and sandboxes, and images without
 //! python3, are refused.
 
 #[path = "serve/daemon.rs"]
@@ -292,7 +293,23 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
         assert_eq!(status, 204);
     }
 
-    // A new daemon re-attaches the sandbox, not its interpreter: the next call says so.
+    // Paused, then the daemon is killed: the next daemon's resume brings the interpreter back too.
+    run(&d, &id, "u = 'kept'").await;
+    let (status, paused) = d.json(Method::POST, &pause, Some(ALICE), None).await;
+    assert_eq!(status, 200, "{paused}");
+    d.kill9();
+    let mut d = Daemon::start(&home, &[]);
+    let (status, resumed) = d.json(Method::POST, &resume, Some(ALICE), None).await;
+    assert_eq!(status, 200, "{resumed}\n{}", d.log_text());
+    let after_crash = run(&d, &id, "u").await;
+    assert_eq!(
+        (&after_crash["result"], &after_crash["restarted"]),
+        (&json!("'kept'"), &json!(false)),
+        "{after_crash}\n{}",
+        d.log_text()
+    );
+
+    // A new daemon re-attaches a running sandbox, not its interpreter: the next call says so.
     run(&d, &id, "v = 1").await;
     d.kill9();
     let d = Daemon::start(&home, &[]);

@@ -8,7 +8,8 @@
 //!
 //! It survives a pause: it is started `attachable`, so a VM saved with it and restored keeps it
 //! waiting (see the agent's `exec::attach`), and right after the resume the node attaches to it
-//! again ([`Node::reattach_code`]), its state, execution count and all. A fork's children inherit
+//! again ([`Node::reattach_code`]), its state, execution count and all; the snapshot names it
+//! ([`SAVED`]), so a daemon restarted while the sandbox was paused does too. A fork's children inherit
 //! it the same way, each its own copy of the parent's interpreter at the fork (unless a call was
 //! running in the parent then: its children start fresh interpreters, which say `restarted`).
 //!
@@ -23,13 +24,14 @@
 //! task of its own, so a caller that goes away does not leave the protocol mid-call. A timeout
 //! sends SIGINT (KeyboardInterrupt in the code, state kept); an interpreter that does not answer
 //! within the grace period after it is killed. A lost interpreter (killed, crashed, exited, in a
-//! call cut short by a forced pause, its VM re-attached by a new daemon, or resumed by one: a new
-//! daemon does not know the saved interpreter, which the agent then kills) is started afresh by the
+//! call cut short by a forced pause, its running VM re-attached by a new daemon: the agent kills
+//! the execs of a host that is gone) is started afresh by the
 //! next call, which says `restarted`; the driver leaves a marker file in the guest's /tmp so that a
 //! new daemon learns that one ran before. [`Node::reset_code`] ends it on request (the next is not
 //! a restart).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -41,6 +43,9 @@ use crate::Sandbox;
 use driver::{CallEnd, Live, Parked, INTERRUPT_GRACE};
 
 mod driver;
+
+/// The file in a paused sandbox's snapshot directory that names the interpreter saved with it.
+const SAVED: &str = "interpreter.json";
 
 /// Longest timeout a call may ask for.
 pub const MAX_CODE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -97,16 +102,30 @@ impl Interpreters {
         lock_ignoring_poison(&self.slots).get(id).cloned()
     }
 
-    /// After sandbox `id` was saved by a pause: its interpreter (unless a call was using it: a
-    /// forced pause, whose call fails) is parked in the saved guest, to be attached after the
-    /// resume; the handle on the old VM's channel goes.
-    pub(super) fn park(&self, id: &str) {
+    /// After sandbox `id` was saved by a pause into `snapshot`: its interpreter (unless a call was
+    /// using it: a forced pause, whose call fails) is parked in the saved guest, to be attached
+    /// after the resume, and named in the snapshot; the handle on the old VM's channel goes.
+    pub(super) fn park(&self, id: &str, snapshot: &Path) {
         let Some(slot) = self.existing(id) else {
             return;
         };
-        if let Ok(mut slot) = slot.try_lock() {
-            slot.parked = slot.live.take().map(Live::park).or(slot.parked.take());
+        let Ok(mut slot) = slot.try_lock() else {
+            return;
         };
+        slot.parked = slot.live.take().map(Live::park).or(slot.parked.take());
+        if let Some(parked) = &slot.parked {
+            let json = serde_json::to_vec(parked).expect("serializes");
+            if let Err(e) = std::fs::write(snapshot.join(SAVED), json) {
+                tracing::warn!(sandbox = %id, "naming the code interpreter in the snapshot: {e}");
+            }
+        }
+    }
+
+    /// The interpreter a paused sandbox's `snapshot` was saved with, read before the resume
+    /// removes the snapshot (a damaged file names none: the next call starts afresh).
+    pub(super) fn saved(snapshot: &Path) -> Option<Parked> {
+        let json = std::fs::read(snapshot.join(SAVED)).ok()?;
+        serde_json::from_slice(&json).ok()
     }
 
     /// Holds sandbox `id`'s interpreter still while a fork saves its VM (no call can start
@@ -116,12 +135,13 @@ impl Interpreters {
         slot.live.is_some().then_some(HeldForFork(slot))
     }
 
-    /// Gives a fork's child `child` (`target`) its copy of the parent's interpreter `held` at the
-    /// fork, to be attached by [`Node::reattach_code`].
-    pub(super) fn adopt(&self, child: &str, target: &Target, held: &Parked) {
+    /// Gives sandbox `id` (`target`: a fork's child, or a sandbox resumed by a daemon that did not
+    /// pause it) the interpreter `held` in its restored VM, to be attached by
+    /// [`Node::reattach_code`].
+    pub(super) fn adopt(&self, id: &str, target: &Target, held: &Parked) {
         let slot = Slot::new(target, Some(held.clone()));
         lock_ignoring_poison(&self.slots)
-            .insert(child.to_owned(), Arc::new(tokio::sync::Mutex::new(slot)));
+            .insert(id.to_owned(), Arc::new(tokio::sync::Mutex::new(slot)));
     }
 
     /// Forgets every interpreter (daemon shutdown: their agent connections close).
@@ -220,8 +240,14 @@ impl Node {
     /// Attaches, in the background, to the interpreter that sandbox `id`'s VM was restored with
     /// (after a resume, or as a fork's child), so that it does not outlive the agent's wait for
     /// its new host (the next call would otherwise find it killed). A call that comes first does
-    /// the same itself.
-    pub(super) fn reattach_code(&self, tenant: &str, id: &str) {
+    /// the same itself. `saved`: the one its snapshot named, for a node that does not know the
+    /// sandbox's interpreter (it was paused by an earlier daemon).
+    pub(super) fn reattach_code(&self, tenant: &str, id: &str, saved: Option<Parked>) {
+        if let (None, Some(saved)) = (self.interpreters.existing(id), saved) {
+            if let Ok(target) = self.target(tenant, id) {
+                self.interpreters.adopt(id, &target, &saved);
+            }
+        }
         let Some(slot) = self.interpreters.existing(id) else {
             return;
         };

@@ -199,7 +199,7 @@ impl Node {
         drop(sandbox);
         if outcome.is_ok() {
             // Saved with the VM, the code interpreter waits there for the resume.
-            self.interpreters.park(id);
+            self.interpreters.park(id, &dir);
         }
         self.bump();
         match &outcome {
@@ -245,6 +245,7 @@ impl Node {
         let config = self.sandbox_config(&record.info);
         let dir = self.paused_dir(id);
         let run_dir = self.run_dir(id);
+        let interpreter = super::interpreter::Interpreters::saved(&dir);
         let resumed = match crate::PausedSandbox::open(&dir, image) {
             Ok(paused) => paused.resume(&config, &run_dir, true).await,
             Err(e) => Err(e),
@@ -292,7 +293,7 @@ impl Node {
             let _ = std::fs::remove_dir_all(&dir);
         }
         if outcome.is_ok() {
-            self.reattach_code(&tenant.name, id);
+            self.reattach_code(&tenant.name, id, interpreter);
         }
         self.bump();
         match &outcome {

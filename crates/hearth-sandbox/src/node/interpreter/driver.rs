@@ -38,7 +38,7 @@ pub(super) struct Live {
 }
 
 /// An interpreter in a saved VM: what attaching to it in a VM restored from that state needs.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, Deserialize)]
 pub(in crate::node) struct Parked {
     /// Its exec id, the same in every VM restored from the state.
     exec: u64,
