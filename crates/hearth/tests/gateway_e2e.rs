@@ -7,7 +7,8 @@
 //! terminal over a raw WebSocket (`"tty": true`); another tenant sees none of it (404 for the ids,
 //! an empty list, its exec refused); one is paused and resumed (its files survive); fork answers
 //! 501; a third, created to pause when idle, sleeps (phase Paused) and is woken by an exec and by
-//! the gateway's resume; the gateway killed mid-exec fails that exec with an error and a new
+//! the gateway's resume, and a pause of it asleep declares it paused (an exec no longer wakes it);
+//! the gateway killed mid-exec fails that exec with an error and a new
 //! gateway serves the same sandbox; deleting removes the objects and the VMs.
 
 #[path = "gateway/cluster.rs"]
@@ -384,6 +385,25 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
     let out = cli(&url, ALICE, &["resume", &sleepy], None);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
     assert_eq!(phase(&sleepy), "Running");
+    // Asleep again, a pause declares it: `spec.paused` true, and a use no longer wakes it.
+    asleep(&sleepy);
+    let out = cli(&url, ALICE, &["pause", &sleepy], None);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
+    let (ok, json) = cluster.kubectl(&["get", "sandbox", &sleepy, "-o", "json"]);
+    assert!(ok, "{json}");
+    let object: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (&object["spec"]["paused"], &object["status"]["phase"]),
+        (&json!(true), &json!("Paused")),
+        "{object}"
+    );
+    let out = cli(&url, ALICE, &["exec", &sleepy, "--", "true"], None);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("paused"),
+        "a declared pause was woken: {}\n{}",
+        text(&out.stderr),
+        logs()
+    );
     let out = cli(&url, ALICE, &["rm", &sleepy], None);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), logs());
 

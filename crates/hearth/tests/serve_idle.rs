@@ -1,7 +1,8 @@
 //! Idle sandboxes that sleep (`on_idle: pause`) through `hearth serve` with a real VM under QEMU
 //! (TCG): the idle timeout pauses the sandbox (no VMM left, its memory free in `/metrics`, reason
 //! "idle"); the next uses, three at once, wake it once and find the same guest with its files on
-//! disk and in memory; a sandbox paused by a call is not woken by a use (409); after a `kill -9` of
+//! disk and in memory; a pause by call of a sleeping sandbox makes it a declared pause, which a use
+//! does not wake (409); after a `kill -9` of
 //! the daemon, an idle-paused sandbox is still woken by a file upload, and by a fork. One VM boot
 //! (and the fork's child).
 
@@ -108,7 +109,9 @@ async fn an_idle_sandbox_is_paused_and_woken_by_its_next_use() {
     assert_eq!(d.gauge("hearth_idle_pauses_total").await, 1);
     assert_eq!(d.gauge("hearth_wakes_total").await, 1);
 
-    // Paused by a call, it stays paused until resumed: a use is a conflict.
+    // Paused by a call (here while its idle timeout has it paused: the call makes that a declared
+    // pause), it stays paused until resumed: a use is a conflict.
+    idle_paused(&d, &id).await;
     let (status, s) = d
         .json(
             Method::POST,

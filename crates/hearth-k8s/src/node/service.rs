@@ -154,6 +154,9 @@ pub(super) fn decide(s: &Sandbox, local: Option<&SandboxInfo>, now: Timestamp) -
             let idle_paused = l.state == State::Paused && l.reason.as_deref() == Some(IDLE_REASON);
             match (l.state, s.spec.paused || idle_paused) {
                 (State::Running, true) => Step::Pause { id },
+                // Asleep and now declared paused: the node's pause makes it a declared pause,
+                // which a use no longer wakes.
+                (State::Paused, true) if s.spec.paused && idle_paused => Step::Pause { id },
                 (State::Paused, false) => Step::Resume { id },
                 (State::Running, false) => {
                     let agrees = s.phase() == Phase::Running

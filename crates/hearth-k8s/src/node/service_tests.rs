@@ -215,4 +215,13 @@ fn an_idle_paused_service_is_reported_paused_not_resumed_and_running_once_woken(
         decide(&paused, Some(&called), now()),
         Step::Resume { id: "a".into() }
     );
+    // Asleep, then declared paused (`spec.paused: true`): the node's pause makes it a declared
+    // pause, once; then it is left paused.
+    let mut declared = paused.clone();
+    declared.spec.paused = true;
+    assert_eq!(
+        decide(&declared, Some(&idle), now()),
+        Step::Pause { id: "a".into() }
+    );
+    assert_eq!(decide(&declared, Some(&called), now()), Step::Nothing);
 }

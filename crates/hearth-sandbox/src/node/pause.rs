@@ -5,7 +5,9 @@
 //!
 //! Choices, as callers see them:
 //! - Pause needs a `Running` sandbox and resume a `Paused` one; anything else is a conflict (409),
-//!   as is a second pause or resume while one is under way.
+//!   as is a second pause or resume while one is under way. One exception: a pause of a sandbox
+//!   its idle timeout paused answers 200 and makes it a declared pause (its uses no longer wake
+//!   it; `reason` goes from `idle` to none).
 //! - Execs (and file transfers) still running make a pause a conflict unless it is forced: their
 //!   callers would lose the rest of their output and their exit status. Forced, their streams end
 //!   when the VM is saved (the agent channel closes: the caller gets an error event, not an exit
@@ -100,6 +102,21 @@ impl Node {
                     state,
                     detail: Some(", no longer idle".into()),
                 });
+            }
+            let asleep = state == State::Paused
+                && !entry.releasing
+                && entry.record.info.reason.as_deref() == Some(super::idle::IDLE);
+            if cause == Cause::Call && asleep {
+                // Asked to pause while its idle timeout has it paused: a declared pause from
+                // now on, which its next use does not wake.
+                let entry = table.get_mut(id).expect("visible");
+                entry.record.info.reason = None;
+                let info = entry.info();
+                table.save(id);
+                drop(table);
+                self.bump();
+                tracing::info!(sandbox = %id, "idle-paused sandbox paused by a call");
+                return Ok(info);
             }
             let busy = entry
                 .releasing

@@ -341,12 +341,13 @@ async fn set_paused(
         true => s.phase() == Phase::Paused,
         false => runs(s),
     };
-    if reached(&found) {
-        return Ok(Json(api_sandbox(&found)).into_response());
-    }
     // Paused with `spec.paused` false: its idle timeout may have paused it
     // (`lifecycle.idlePauseSeconds`), and the node agent leaves it so until a use.
-    let maybe_asleep = !paused && !found.spec.paused && found.phase() == Phase::Paused;
+    let maybe_asleep = !found.spec.paused && found.phase() == Phase::Paused;
+    // A pause of a sleeping sandbox still writes `spec.paused`: a declared pause, not woken by use.
+    if reached(&found) && !(paused && maybe_asleep) {
+        return Ok(Json(api_sandbox(&found)).into_response());
+    }
     let what = if paused { "pausing" } else { "resuming" };
     // Whole seconds, as the API server keeps condition times.
     let asked = k8s_openapi::jiff::Timestamp::now()
@@ -354,7 +355,14 @@ async fn set_paused(
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
         - k8s_openapi::jiff::SignedDuration::from_secs(1);
     if maybe_asleep {
-        if let Some(refused) = wake_on_node(&state, &caller, &id).await? {
+        // A resume wakes it with a use (the node resumes it first, and does nothing to one paused
+        // by `spec.paused` and not yet resumed by its agent: 409); a pause declares it paused on
+        // the node before `spec.paused` says so, so that no use wakes it meanwhile.
+        let (method, tail) = match paused {
+            false => (axum::http::Method::GET, "files?path=/"),
+            true => (axum::http::Method::POST, "pause"),
+        };
+        if let Some(refused) = on_node_as_a_use(&state, &caller, &id, method, tail).await? {
             return Ok(refused);
         }
     }
@@ -390,22 +398,25 @@ async fn set_paused(
     }
 }
 
-/// Wakes sandbox `id` on its node if its idle timeout paused it, with a use that has no other
-/// effect (a listing of its root, forwarded as any use is): the node resumes it first if it
-/// sleeps, and does nothing otherwise (one paused by `spec.paused` and not yet resumed by its agent
-/// answers 409 and is left to the agent). `Some`: the node's answer when it refused the wake (503
-/// capacity, 429 quota, a damaged snapshot), for the client as it is.
-async fn wake_on_node(
+/// Sends `method` `/v1/sandboxes/{id}/{tail}` (body `{}`) to sandbox `id`'s node, forwarded as any
+/// use is: a listing of its root wakes it if its idle timeout paused it, a pause declares a
+/// sleeping sandbox paused. `Some`: the node's answer when it refused (503 capacity, 429 quota, a
+/// damaged snapshot), for the client as it is; a 409 (running, or paused by `spec.paused` and left
+/// to its agent) is not a refusal.
+async fn on_node_as_a_use(
     state: &Arc<GatewayState>,
     caller: &Caller,
     id: &str,
+    method: axum::http::Method,
+    tail: &str,
 ) -> Result<Option<Response>, ApiError> {
     let request = axum::extract::Request::builder()
-        .method(axum::http::Method::GET)
-        .uri(format!("/v1/sandboxes/{id}/files?path=/"))
-        .body(axum::body::Body::empty())
+        .method(method)
+        .uri(format!("/v1/sandboxes/{id}/{tail}"))
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from("{}"))
         .expect("a well-formed request");
-    let path = Path((id.to_owned(), "files".to_owned()));
+    let path = Path((id.to_owned(), tail.to_owned()));
     let answer =
         super::forward::forward(State(state.clone()), caller.clone(), path, request).await?;
     let status = answer.status();
