@@ -26,8 +26,10 @@
 //! contents, the uptime. The agent session changes with the VMM: the guest's old session fails
 //! when the new host speaks, and because that host's handshake carries RESUME (a restored VM), the
 //! agent lets the execs of the old session run on, detached from any host, their output discarded
-//! (`hearth_agent::session`); their callers' streams ended with the pause. Execs started after the
-//! resume are the new host's as usual.
+//! (`hearth_agent::session`); their callers' streams ended with the pause. An exec started
+//! `attachable` waits instead for the new host to take it over (`AgentClient::attach`; the node's
+//! code interpreter is one), and is killed if none does within the agent's grace. Execs started
+//! after the resume are the new host's as usual.
 //!
 //! Starting a VM from a snapshot directory, for a resume or a fork's copy, is [`start`]; the spec
 //! record both rely on is `crate::spec_record`.
@@ -35,7 +37,7 @@
 //! Writes only the snapshot directory and the run directory it is given.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hearth_image::PulledImage;
 use hearth_vm::{VmSpec, SCRATCH_SERIAL};
@@ -53,6 +55,11 @@ pub const PAUSE_META: &str = "paused.json";
 pub(crate) const SCRATCH_FILE: &str = "scratch.ext4";
 /// Version of [`PAUSE_META`]'s format; another version is refused, naming the file.
 const META_FORMAT: u32 = 1;
+
+/// How long a pause asks the guest for its hostname (kept across the resume) before it saves the
+/// VM anyway: a guest whose agent does not answer (a workload that exhausts it) is still paused,
+/// with hearth's name for it, rather than after the channel's 30 s answer deadline.
+const HOSTNAME_PROBE: Duration = Duration::from_secs(5);
 
 /// A sandbox saved to disk by [`Sandbox::pause`]: no VMM runs for it.
 #[derive(Debug, Clone)]
@@ -128,12 +135,13 @@ impl Sandbox {
                 format!("{} already holds a paused sandbox", dir.display()),
             ));
         }
-        let hostname = match self.client.info().await {
-            Ok(info) if hearth_proto::handshake::is_resume_hostname(&info.hostname) => {
+        let hostname = match tokio::time::timeout(HOSTNAME_PROBE, self.client.info()).await {
+            Ok(Ok(info)) if hearth_proto::handshake::is_resume_hostname(&info.hostname) => {
                 info.hostname
             }
             // Renamed by its tenant to more than one DNS label: the agent would refuse the
-            // RESUME line with that name, so the resumed guest gets hearth's name for it back.
+            // RESUME line with that name, so the resumed guest gets hearth's name for it back;
+            // and so does a guest whose agent does not answer (its VM is saved all the same).
             _ => crate::boot::hostname_for(&id),
         };
         {
