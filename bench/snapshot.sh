@@ -10,6 +10,8 @@
 #   fork:    `POST .../fork {"count": 1}` and `{"count": 10}` wall time (answered with every child
 #            running; children start in the daemon's boot slots, --max-boots 2), then the first
 #            exec in the first child.
+#   code:    (python image) resume until the first code call has answered: the interpreter kept
+#            across the pause, against a fresh one started by that call.
 #   warm:    a third daemon with --warm-pool IMAGE=20: once all 20 are ready, 20 sequential creates
 #            that each take one (p50/p99 at the API).
 # Each measured step runs RUNS times (default 3); prints the median and the spread. Everything is
@@ -138,6 +140,32 @@ for count in (1, 10):
     report(f"fork of {count} (all running)", forks)
     report(f"  then first exec in a child", first)
 call("DELETE", f"/v1/sandboxes/{parent}")
+
+# The code interpreter across a pause (python image): resume until the first code call has
+# answered, with the interpreter kept (its `x` still there) against a fresh one, as every resume
+# meant before interpreters were kept: the same resume, then a reset, then the call (timed apart
+# and added, the reset left out).
+status, record = call("POST", "/v1/sandboxes", {"image": image.rsplit("/", 1)[0] + "/python"})
+py = record["id"]
+def code(source):
+    _, answer = call("POST", f"/v1/sandboxes/{py}/code", {"code": source, "timeout_seconds": 300})
+    assert answer["error"] is None, answer
+    return answer
+code("x = 41")
+kept, fresh = [], []
+for _ in range(runs):
+    call("POST", f"/v1/sandboxes/{py}/pause")
+    t = time.perf_counter(); call("POST", f"/v1/sandboxes/{py}/resume"); answer = code("x + 1")
+    kept.append(time.perf_counter() - t)
+    assert (answer["result"], answer["restarted"]) == ("42", False), answer
+    call("POST", f"/v1/sandboxes/{py}/pause")
+    t = time.perf_counter(); call("POST", f"/v1/sandboxes/{py}/resume"); resumed = time.perf_counter() - t
+    call("DELETE", f"/v1/sandboxes/{py}/code")
+    t = time.perf_counter(); answer = code("x = 41"); fresh.append(resumed + time.perf_counter() - t)
+    assert answer["execution_count"] == 1, answer
+report("resume to first code call, kept", kept)
+report("  the same with a fresh interpreter", fresh)
+call("DELETE", f"/v1/sandboxes/{py}")
 PY
 }
 
