@@ -37,6 +37,7 @@ pub async fn handle(
     match request {
         AgentRequest::Exec => exec::serve(agent.clone(), fate, body, respond).await,
         AgentRequest::Attach { exec } => exec::attach::serve(&agent, fate, exec, body, respond),
+        AgentRequest::Execs => respond_json(respond, Ok::<_, AgentError>(agent.execs.list())).await,
         AgentRequest::Signal { exec, signal } => {
             respond_json(respond, agent.execs.signal(exec, signal)).await
         }

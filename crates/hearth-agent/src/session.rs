@@ -14,6 +14,9 @@
 //! agent restored the VM, and the execs run on, detached (their output is discarded; their
 //! processes, files and sockets are the workload's as before); any other host, end of file, or no
 //! handshake within [`ORPHAN_GRACE`] kills them as usual.
+//!
+//! Execs started attachable are never killed by a session's end: they wait for a host to attach
+//! (see `crate::exec::attach`).
 
 use std::sync::Arc;
 use std::time::Duration;

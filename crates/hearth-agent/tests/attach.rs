@@ -1,11 +1,14 @@
 //! Taking over an exec (`POST /v1/attach`) on the real agent: a second host connection takes a
 //! running `attachable` exec with its stdin and output, the first one's stream ends, and closing
-//! the first connection no longer kills it (it belongs to its new host). Execs not started
-//! attachable, and ones that do not exist, cannot be taken. (Parking across a save and restore
-//! needs a real VM: `hearth-sandbox`'s interpreter tests do that.)
+//! the first connection no longer kills it (it belongs to its new host); an attachable exec whose
+//! host went (a new host broke in, as a restarted daemon does) is parked, listed by `GET
+//! /v1/execs` with its label, and taken over by the new host, while the plain execs of that host
+//! are killed. Execs not started attachable, and ones that do not exist, cannot be taken. (Parking
+//! across a save and restore needs a real VM: `hearth-sandbox`'s `attach.rs`.)
 
 mod common;
 
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
@@ -103,4 +106,73 @@ async fn only_a_running_attachable_exec_can_be_taken_over() {
         left.is_empty(),
         "the plain exec outlived its stream: {left:?}"
     );
+}
+
+#[tokio::test]
+async fn an_attachable_exec_outlives_its_host_and_is_listed_for_the_next() {
+    if skip_unless_root() {
+        return;
+    }
+    let (agent, stream) = AgentProcess::on_stream();
+    let first = connect_on(&stream).await;
+    let mut keeper = request(&[
+        "sh",
+        "-c",
+        "echo up; while read l; do echo \"got $l\"; done",
+    ]);
+    (keeper.stdin, keeper.attachable) = (true, true);
+    keeper.label = Some("keeper".into());
+    let mut keeper = first.exec(keeper).await.unwrap();
+    assert_eq!(next_stdout(&mut keeper).await, "up\n");
+    let marker = "1000.9375";
+    let mut plain = first
+        .exec(request(&[
+            "sh",
+            "-c",
+            &format!("echo up; exec sleep {marker}"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(next_stdout(&mut plain).await, "up\n");
+
+    // A new host breaks in (a restarted daemon's HELLO, no RESUME) and takes the channel over.
+    let hello = hearth_proto::handshake::hello_line("00112233");
+    stream
+        .try_clone()
+        .unwrap()
+        .write_all(hello.as_bytes())
+        .unwrap();
+    // Let the first client's connection task go before the second speaks (see held_execs.rs).
+    drop((keeper, plain, first));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = connect_on(&stream).await;
+    let left = wait_until_gone(&["sleep", marker], Duration::from_secs(15)).await;
+    assert!(
+        left.is_empty(),
+        "the plain exec outlived its host: {left:?}"
+    );
+
+    let listed = second.execs().await.unwrap();
+    let entry = listed
+        .execs
+        .iter()
+        .find(|e| e.label.as_deref() == Some("keeper"))
+        .unwrap_or_else(|| panic!("the attachable exec is not listed: {listed:?}"));
+    assert!(entry.attachable && entry.parked, "{entry:?}");
+    let mut keeper = second.attach(entry.id, true).await.expect("attach");
+    let mut stdin = keeper.take_stdin().unwrap();
+    stdin.write(b"again\n").await.unwrap();
+    assert_eq!(next_stdout(&mut keeper).await, "got again\n");
+    let listed = second.execs().await.unwrap();
+    assert!(
+        listed.execs.iter().all(|e| !e.parked),
+        "still parked once attached: {listed:?}"
+    );
+    stdin.close().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), keeper.wait())
+        .await
+        .expect("exit within 10 s")
+        .unwrap();
+    assert_eq!(status.code, Some(0), "{status:?}");
+    drop(agent);
 }

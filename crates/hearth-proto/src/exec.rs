@@ -32,13 +32,39 @@ pub struct ExecRequest {
     /// Absent: pipes (and old peers, which do not know the field, keep working).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
-    /// `true`: when the VM is saved with this exec running and restored (a paused sandbox
-    /// resumed, a fork's child), the exec waits, its output held in its pipes, for the new host
-    /// to take it over with `POST /v1/attach?exec=ID` (within the agent's park grace; killed
-    /// otherwise) instead of running on detached with its output discarded. The host may also take
-    /// over a running attachable exec at any time: its old stream then ends.
+    /// `true`: when the exec's host goes (its session ends, or the VM is saved with it running and
+    /// restored: a paused sandbox resumed, a fork's child), the exec waits, its output held in its
+    /// pipes, for a host to take it over with `POST /v1/attach?exec=ID` (within the agent's park
+    /// grace; killed otherwise) instead of being killed (or, restored, running on detached with
+    /// its output discarded). A host may also take over a running attachable exec at any time: its
+    /// old stream then ends. `GET /v1/execs` lists them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attachable: bool,
+    /// The host's name for the exec, listed by `GET /v1/execs` (at most [`MAX_EXEC_LABEL`] bytes),
+    /// so that a host that did not start it can tell what it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// Longest [`ExecRequest::label`].
+pub const MAX_EXEC_LABEL: usize = 64;
+
+/// One running exec, in the answer to `GET /v1/execs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEntry {
+    pub id: u64,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub attachable: bool,
+    /// Waiting for a host to attach (see [`ExecRequest::attachable`]).
+    pub parked: bool,
+}
+
+/// Answer to `GET /v1/execs`: every running exec, by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecList {
+    pub execs: Vec<ExecEntry>,
 }
 
 /// A terminal's size in character cells (`struct winsize` without the pixel fields).

@@ -14,7 +14,9 @@ pub mod ports;
 pub mod request;
 
 pub use error::{AgentError, ErrorKind};
-pub use exec::{ExecRequest, ExecStarted, ExitStatus, TtySize};
+pub use exec::{
+    ExecEntry, ExecList, ExecRequest, ExecStarted, ExitStatus, TtySize, MAX_EXEC_LABEL,
+};
 pub use files::{AgentInfo, BootMarks, DirEntry, DirListing, FileKind, FileStat};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, MAX_PAYLOAD};
 pub use handshake::{Resume, PROTOCOL_MAJOR};

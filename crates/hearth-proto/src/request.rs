@@ -17,6 +17,8 @@ pub enum AgentRequest {
     /// [`crate::ExecRequest::attachable`]): the body carries its stdin as `Stdin` frames, the
     /// response is its output stream again (`Started`, output, `Exit`).
     Attach { exec: u64 },
+    /// `GET /v1/execs`: answers [`crate::ExecList`], the running execs.
+    Execs,
     /// `POST /v1/signal?exec=ID&signal=N`: sends signal N to a running exec.
     Signal { exec: u64, signal: i32 },
     /// `POST /v1/resize?exec=ID&rows=R&cols=C`: sets the terminal size of a running exec started
@@ -59,6 +61,7 @@ impl AgentRequest {
             AgentRequest::GetFile { .. }
             | AgentRequest::Stat { .. }
             | AgentRequest::List { .. }
+            | AgentRequest::Execs
             | AgentRequest::Info => "GET",
         }
     }
@@ -68,6 +71,7 @@ impl AgentRequest {
         match self {
             AgentRequest::Exec => "/v1/exec".into(),
             AgentRequest::Attach { exec } => format!("/v1/attach?exec={exec}"),
+            AgentRequest::Execs => "/v1/execs".into(),
             AgentRequest::Signal { exec, signal } => {
                 format!("/v1/signal?exec={exec}&signal={signal}")
             }
@@ -106,6 +110,7 @@ impl AgentRequest {
             ("POST", "/v1/attach") => AgentRequest::Attach {
                 exec: query.number("exec", 10)?,
             },
+            ("GET", "/v1/execs") => AgentRequest::Execs,
             ("POST", "/v1/signal") => AgentRequest::Signal {
                 exec: query.number("exec", 10)?,
                 signal: query.number("signal", 10)?,
@@ -294,6 +299,7 @@ mod tests {
             AgentRequest::Shutdown,
             AgentRequest::Forward { port: 8000 },
             AgentRequest::Attach { exec: 12 },
+            AgentRequest::Execs,
         ];
         for request in requests {
             let uri = request.path_and_query();

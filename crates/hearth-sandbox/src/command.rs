@@ -67,6 +67,7 @@ impl ResolvedCommand {
             timeout_ms: timeout.map(|t| t.as_millis().max(1) as u64),
             tty: None,
             attachable: false,
+            label: None,
         }
     }
 }

@@ -5,9 +5,8 @@
 //! that ignores SIGINT gets its interpreter killed; a crashed interpreter is restarted by the next
 //! call, which says so; concurrent calls run one after the other; a reset starts afresh; a pause
 //! and resume keeps the interpreter, state and count (also when the daemon was killed while the
-//! sandbox was paused), and a fork's children each get a copy; a daemon restart while it runs loses
-//! it and says so; unknown languages and sandboxes, and images without
-//! python3, are refused.
+//! sandbox was paused), a fork's children each get a copy, and a daemon restart while it runs
+//! keeps it too; unknown languages and sandboxes, and images without python3, are refused.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -309,9 +308,14 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
         d.log_text()
     );
 
-    // A new daemon re-attaches a running sandbox, not its interpreter: the next call says so.
+    // A daemon stopped (SIGTERM): the next re-attaches the running sandbox and its interpreter,
+    // which the agent kept waiting. (`kill -9` leaves it waiting the same way: as above.)
     run(&d, &id, "v = 1").await;
-    d.kill9();
+    assert!(
+        d.terminate(Duration::from_secs(60)).success(),
+        "{}",
+        d.log_text()
+    );
     let d = Daemon::start(&home, &[]);
     let record = d
         .wait_for(ALICE, &id, Duration::from_secs(60), |s| {
@@ -322,8 +326,9 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
     let after_restart = run(&d, &id, "'v' in dir()").await;
     assert_eq!(
         (&after_restart["result"], &after_restart["restarted"]),
-        (&json!("False"), &json!(true)),
-        "{after_restart}"
+        (&json!("True"), &json!(false)),
+        "{after_restart}\n{}",
+        d.log_text()
     );
 
     // Refusals, and an image without python3.

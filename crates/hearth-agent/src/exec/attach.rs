@@ -3,13 +3,16 @@
 //! again (`Started`, output, `Exit`).
 //!
 //! Only an exec started `attachable` can be taken over (the host's code interpreter is one). What
-//! it is for: a VM saved with such an exec running and restored (a paused sandbox resumed, a fork's
-//! child) comes back with the exec's old stream gone with the old host; instead of running on
-//! detached with its output discarded, the exec is *parked*: nothing reads its pipes (a command
-//! that prints blocks once they are full; nothing is lost or buffered by the agent) until the new
-//! host attaches, or [`PARK_GRACE`] passes and it is killed like any exec whose host is gone. Its
-//! stdin stays open meanwhile. Output the old host had not received when the VM was saved is lost.
+//! it is for: when such an exec's host goes (its session ends: a restarted daemon; or the VM was
+//! saved with it running and restored: a paused sandbox resumed, a fork's child), the exec is not
+//! killed (nor, restored, run on detached with its output discarded) but *parked*: nothing reads
+//! its pipes (a command that prints blocks once they are full; nothing is lost or buffered by the
+//! agent) until a host attaches, or [`PARK_GRACE`] passes and it is killed like any exec whose host
+//! is gone. Its stdin stays open meanwhile. A host finds it with `GET /v1/execs` (its label, and
+//! whether it is parked). Output the old host had not received when it went is lost.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,12 +36,40 @@ pub struct Attach {
     pub respond: SendResponse<Bytes>,
 }
 
-/// Where an attachable exec's supervisor receives its takeovers.
-pub type Attachments = mpsc::Receiver<Attach>;
+/// Where an attachable exec's supervisor receives its takeovers, and says whether it is parked.
+pub struct Attachments {
+    pub(super) takeovers: mpsc::Receiver<Attach>,
+    parked: Arc<AtomicBool>,
+}
 
-/// A channel for [`crate::exec::ExecRegistry::make_attachable`]: one takeover waits at a time.
-pub(super) fn channel() -> (mpsc::Sender<Attach>, Attachments) {
-    mpsc::channel(1)
+impl Attachments {
+    pub(super) fn set_parked(&self, parked: bool) {
+        self.parked.store(parked, Ordering::Relaxed);
+    }
+}
+
+/// The registry's end of an attachable exec's [`Attachments`].
+pub(super) struct Handover {
+    pub(super) sender: mpsc::Sender<Attach>,
+    parked: Arc<AtomicBool>,
+}
+
+impl Handover {
+    pub(super) fn parked(&self) -> bool {
+        self.parked.load(Ordering::Relaxed)
+    }
+}
+
+/// A takeover channel for [`crate::exec::ExecRegistry::make_attachable`]: one takeover waits at a
+/// time.
+pub(super) fn channel() -> (Handover, Attachments) {
+    let (sender, takeovers) = mpsc::channel(1);
+    let parked = Arc::new(AtomicBool::new(false));
+    let handover = Handover {
+        sender,
+        parked: parked.clone(),
+    };
+    (handover, Attachments { takeovers, parked })
 }
 
 /// Hands the stream to exec `id`'s supervisor, or answers why not: it is not running, was not

@@ -26,7 +26,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use hearth_proto::{AgentError, ErrorKind, ExecRequest, FrameDecoder, FrameKind, TtySize};
+use hearth_proto::{
+    AgentError, ErrorKind, ExecRequest, FrameDecoder, FrameKind, TtySize, MAX_EXEC_LABEL,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
@@ -80,6 +82,12 @@ async fn read_exec_start(
                 return Err(AgentError::invalid(
                     "exec argv is empty: name a command to run",
                 ));
+            }
+            let label = request.label.as_deref().unwrap_or_default();
+            if label.len() > MAX_EXEC_LABEL || label.chars().any(char::is_control) {
+                return Err(AgentError::invalid(format!(
+                    "exec label: at most {MAX_EXEC_LABEL} bytes, no control characters"
+                )));
             }
             return Ok(request);
         }
@@ -270,6 +278,9 @@ async fn run(
     let stdin = Arc::new(tokio::sync::Mutex::new(started.stdin));
     let mut stdin_pump = tokio::spawn(pump_stdin(body, decoder, stdin.clone(), attachable));
     let attachments = attachable.then(|| agent.execs.make_attachable(started.id));
+    if let Some(label) = config.request.label.clone() {
+        agent.execs.label(started.id, label);
+    }
     let mut exec = Supervisor::new(
         started.id,
         started.exit,

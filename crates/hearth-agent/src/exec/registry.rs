@@ -1,6 +1,6 @@
 //! The agent-wide table of running execs: exec id -> exec-init pidfd, for `POST /v1/signal`, the
 //! terminal of an exec started with a `tty`, for `POST /v1/resize`, the takeover channel of an
-//! attachable exec, for `POST /v1/attach`, for shutdown (kill everything) and for PID 1's orphan
+//! attachable exec, for `POST /v1/attach`, the host's labels, for `GET /v1/execs`, for shutdown (kill everything) and for PID 1's orphan
 //! reaper (which must not reap an exec-init whose status its exec task is waiting for).
 
 use std::collections::HashMap;
@@ -8,11 +8,10 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use hearth_proto::{AgentError, ErrorKind, TtySize};
-
+use hearth_proto::{AgentError, ErrorKind, ExecEntry, ExecList, TtySize};
 use tokio::sync::mpsc;
 
-use super::attach::{self, Attach, Attachments};
+use super::attach::{self, Attach, Attachments, Handover};
 use super::spawn::PidFd;
 
 #[derive(Default)]
@@ -27,7 +26,9 @@ struct Table {
     /// Terminal masters of the running execs that have one.
     ttys: HashMap<u64, Arc<OwnedFd>>,
     /// Takeover channels of the running execs started attachable.
-    attachable: HashMap<u64, mpsc::Sender<Attach>>,
+    attachable: HashMap<u64, Handover>,
+    /// The host's labels of the running execs that have one.
+    labels: HashMap<u64, String>,
 }
 
 impl ExecRegistry {
@@ -51,22 +52,52 @@ impl ExecRegistry {
         table.running.remove(&id);
         table.ttys.remove(&id);
         table.attachable.remove(&id);
+        table.labels.remove(&id);
+    }
+
+    /// Records the host's `label` of exec `id`, for [`Self::list`].
+    pub fn label(&self, id: u64, label: String) {
+        let mut table = self.inner.lock().expect("exec registry poisoned");
+        if table.running.contains_key(&id) {
+            table.labels.insert(id, label);
+        }
     }
 
     /// Makes exec `id` attachable: returns where its supervisor receives takeovers.
     pub fn make_attachable(&self, id: u64) -> Attachments {
-        let (sender, receiver) = attach::channel();
+        let (handover, attachments) = attach::channel();
         let mut table = self.inner.lock().expect("exec registry poisoned");
         if table.running.contains_key(&id) {
-            table.attachable.insert(id, sender);
+            table.attachable.insert(id, handover);
         }
-        receiver
+        attachments
     }
 
     /// Where to send a takeover of exec `id`, if it is running and attachable.
     pub fn attachments(&self, id: u64) -> Option<mpsc::Sender<Attach>> {
         let table = self.inner.lock().expect("exec registry poisoned");
-        table.attachable.get(&id).cloned()
+        table.attachable.get(&id).map(|h| h.sender.clone())
+    }
+
+    /// Every running exec, by id (`GET /v1/execs`).
+    pub fn list(&self) -> ExecList {
+        let table = self.inner.lock().expect("exec registry poisoned");
+        let mut execs: Vec<ExecEntry> = table
+            .running
+            .iter()
+            .map(|(&id, &(pid, _))| {
+                let handover = table.attachable.get(&id);
+                ExecEntry {
+                    id,
+                    pid: pid as u32,
+                    label: table.labels.get(&id).cloned(),
+                    attachable: handover.is_some(),
+                    parked: handover.is_some_and(Handover::parked),
+                }
+            })
+            .collect();
+        execs.sort_by_key(|e| e.id);
+        ExecList { execs }
     }
 
     /// Records the terminal master of exec `id` (started with a `tty`), for [`Self::resize`].

@@ -2,8 +2,9 @@
 //! reaps the exec-init, enforces the timeout, kills the exec when its session ends or the host
 //! resets the stream, and reports the exit status. When the whole connection fails, the session's
 //! verdict ([`ExecFate`]) decides: killed, or (a restored VM's new host took over) detached: it runs
-//! on to its end with its output read and discarded; or, started attachable, parked until the new
-//! host attaches (see [`super::attach`]), which hands the supervisor a new stream to serve.
+//! on to its end with its output read and discarded. An exec started attachable is instead parked
+//! whenever its host goes (its session ends, or the VM was restored) until a host attaches (see
+//! [`super::attach`]), which hands the supervisor a new stream to serve.
 
 use std::io;
 use std::time::Duration;
@@ -136,6 +137,9 @@ impl Supervisor {
         self.fate = fate;
         (self.host_lost, self.lost_at, self.parked_at) = (None, None, None);
         self.detached = false;
+        if let Some(attachments) = &self.attachments {
+            attachments.set_parked(false);
+        }
         self.answer(pid, control, respond).await
     }
 
@@ -261,14 +265,13 @@ impl Supervisor {
                     if self.killed == Some(KillReason::Timeout) && self.ended.is_none()
                         && !self.detached => return Ok(None),
                 _ = sleep_until(self.lost_at.map(|at| at + LOST_VERDICT)),
-                    if alive && !self.detached && !parked => self.kill(KillReason::HostGone),
+                    if alive && !self.detached && !parked => self.host_gone(KillReason::HostGone),
                 _ = self.fate.kill.cancelled(), if alive && !self.detached && !parked => {
-                    self.kill(KillReason::SessionEnded)
+                    self.host_gone(KillReason::SessionEnded)
                 }
                 _ = self.fate.keep.cancelled(), if !self.detached && !parked => {
                     if self.attachments.is_some() {
-                        log!("exec {}: its host went with the saved VM; parked for the next", self.id);
-                        self.parked_at = Some(Instant::now());
+                        self.park("its host went with the saved VM");
                     } else {
                         log!("exec {}: its host went with the saved VM; running on, detached", self.id);
                         self.detached = true;
@@ -277,10 +280,31 @@ impl Supervisor {
                 _ = sleep_until(self.parked_at.map(|at| at + PARK_GRACE)), if parked => {
                     log!("exec {}: no host attached within {PARK_GRACE:?}", self.id);
                     (self.parked_at, self.detached) = (None, true);
+                    if let Some(attachments) = &self.attachments {
+                        attachments.set_parked(false);
+                    }
                     self.kill(KillReason::HostGone);
                 }
                 Some(attach) = next_attach(&mut self.attachments) => return Ok(Some(attach)),
             }
+        }
+    }
+
+    /// Its host is gone for good (`reason`): an attachable exec waits for another, any other is
+    /// killed.
+    fn host_gone(&mut self, reason: KillReason) {
+        match self.attachments.is_some() {
+            true => self.park("its host is gone"),
+            false => self.kill(reason),
+        }
+    }
+
+    /// Stops reading the exec's output until a host attaches (at most [`PARK_GRACE`]).
+    fn park(&mut self, why: &str) {
+        log!("exec {}: {why}; parked for the next host", self.id);
+        self.parked_at = Some(Instant::now());
+        if let Some(attachments) = &self.attachments {
+            attachments.set_parked(true);
         }
     }
 
@@ -371,7 +395,7 @@ fn poll_send(
 /// The next takeover of an attachable exec; never resolves for another.
 async fn next_attach(attachments: &mut Option<Attachments>) -> Option<Attach> {
     match attachments {
-        Some(attachments) => attachments.recv().await,
+        Some(attachments) => attachments.takeovers.recv().await,
         None => std::future::pending().await,
     }
 }

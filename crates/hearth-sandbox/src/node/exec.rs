@@ -131,6 +131,7 @@ impl Node {
         let target = self.target(tenant, id)?;
         check(&req)?;
         let (stdin, timeout, tty, attachable) = (req.stdin, req.timeout, req.tty, req.attachable);
+        let label = req.label;
         let overrides = CommandOverrides {
             command: req.argv,
             // Cleared: an exec names its whole command, as `docker exec` does.
@@ -152,6 +153,7 @@ impl Node {
         let mut request = command.into_request(stdin, timeout);
         request.tty = tty;
         request.attachable = attachable;
+        request.label = label;
         let handle = target.sandbox.client().exec(request).await?;
         lock_ignoring_poison(&self.counters).execs_total += 1;
         Ok(NodeExec {

@@ -9,7 +9,10 @@
 //! It survives a pause: it is started `attachable`, so a VM saved with it and restored keeps it
 //! waiting (see the agent's `exec::attach`), and right after the resume the node attaches to it
 //! again ([`Node::reattach_code`]), its state, execution count and all; the snapshot names it
-//! ([`SAVED`]), so a daemon restarted while the sandbox was paused does too. A fork's children inherit
+//! ([`SAVED`]), so a daemon restarted while the sandbox was paused does too. It survives a daemon
+//! restart while the sandbox runs as well: its host gone, the agent keeps it waiting the same way,
+//! and the next daemon finds it in the agent's exec list by its label ([`Node::adopt_listed_code`]).
+//! A fork's children inherit
 //! it the same way, each its own copy of the parent's interpreter at the fork (unless a call was
 //! running in the parent then: its children start fresh interpreters, which say `restarted`).
 //!
@@ -24,8 +27,7 @@
 //! task of its own, so a caller that goes away does not leave the protocol mid-call. A timeout
 //! sends SIGINT (KeyboardInterrupt in the code, state kept); an interpreter that does not answer
 //! within the grace period after it is killed. A lost interpreter (killed, crashed, exited, in a
-//! call cut short by a forced pause, its running VM re-attached by a new daemon: the agent kills
-//! the execs of a host that is gone) is started afresh by the
+//! call cut short by a forced pause) is started afresh by the
 //! next call, which says `restarted`; the driver leaves a marker file in the guest's /tmp so that a
 //! new daemon learns that one ran before. [`Node::reset_code`] ends it on request (the next is not
 //! a restart).
@@ -144,9 +146,18 @@ impl Interpreters {
             .insert(id.to_owned(), Arc::new(tokio::sync::Mutex::new(slot)));
     }
 
-    /// Forgets every interpreter (daemon shutdown: their agent connections close).
+    /// Forgets every interpreter (daemon shutdown): their agent connections end without a reset of
+    /// the interpreters' streams, so the agents keep them waiting for the next daemon. One in a
+    /// call goes with the call.
     pub(super) fn clear(&self) {
-        lock_ignoring_poison(&self.slots).clear();
+        let slots: Vec<_> = lock_ignoring_poison(&self.slots).drain().collect();
+        for (_, slot) in slots {
+            if let Ok(mut slot) = slot.try_lock() {
+                if let Some(live) = slot.live.take() {
+                    live.handle.disconnect();
+                }
+            }
+        }
     }
 }
 
@@ -235,6 +246,32 @@ impl Node {
         slot.lost = false;
         slot.fresh = true;
         Ok(())
+    }
+
+    /// After a restart, for sandbox `id` whose running VM this node re-attached: attaches, in the
+    /// background, to the interpreter an earlier daemon started there, found in the agent's exec
+    /// list (the agent keeps it waiting for a host for a while).
+    pub(super) fn adopt_listed_code(&self, tenant: &str, id: &str) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        tokio::spawn(async move {
+            let Ok(target) = node.target(&tenant, &id) else {
+                return;
+            };
+            let listed = match target.sandbox.client().execs().await {
+                Ok(execs) => Parked::listed(&execs),
+                Err(e) => {
+                    tracing::info!(sandbox = %id, "listing the guest's execs: {e}");
+                    None
+                }
+            };
+            if let Some(listed) = listed {
+                node.interpreters.adopt(&id, &target, &listed);
+                node.reattach_code(&tenant, &id, None);
+            }
+        });
     }
 
     /// Attaches, in the background, to the interpreter that sandbox `id`'s VM was restored with

@@ -66,7 +66,14 @@ impl Node {
                     None
                 }
             };
+            let adopt = live
+                .is_some()
+                .then(|| (record.info.tenant.clone(), record.info.id.clone()));
             self.restore_entry(record, live);
+            if let Some((tenant, id)) = adopt {
+                // Its code interpreter waits in the guest for a new host.
+                self.adopt_listed_code(&tenant, &id);
+            }
         }
         for mut record in others {
             let id = record.info.id.clone();

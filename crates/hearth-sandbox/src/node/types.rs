@@ -336,6 +336,8 @@ pub struct ExecSpec {
     /// Kept waiting for the node when the VM is saved and restored (paused and resumed, forked),
     /// for [`hearth_vm::channel::AgentClient::attach`]; otherwise it runs on detached.
     pub attachable: bool,
+    /// The exec's name in the agent's exec list (at most 64 bytes).
+    pub label: Option<String>,
 }
 
 /// Sandboxes per state.

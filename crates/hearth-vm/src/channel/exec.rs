@@ -161,6 +161,13 @@ impl ExecHandle {
         self.client.resize(self.started.id, size).await
     }
 
+    /// Leaves the exec to the agent as a host that went away would ([`AgentClient::disconnect`]:
+    /// the whole connection ends): an attachable exec is parked for the next host instead of
+    /// killed, as dropping the handle (a reset of its stream) would.
+    pub fn disconnect(self) {
+        self.client.disconnect();
+    }
+
     /// The exit status once the output has been read to the end.
     pub fn status(&self) -> Option<ExitStatus> {
         self.status

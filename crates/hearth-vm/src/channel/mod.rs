@@ -46,7 +46,7 @@ use tokio::time::Instant;
 pub use exec::{ExecHandle, ExecOutput, ExecResult, ExecStdin};
 pub use files::FileDownload;
 pub use forward::{ForwardError, PortStream};
-pub use hearth_proto::{ExecRequest, ExitStatus, TtySize};
+pub use hearth_proto::{ExecEntry, ExecList, ExecRequest, ExitStatus, TtySize};
 
 /// Largest JSON answer to `info`, `stat`, `signal` and `shutdown` (each is a few hundred bytes; a
 /// stat's symlink target is at most 4 KiB).
@@ -292,12 +292,26 @@ impl AgentClient {
     }
 
     /// The agent version announced in the handshake.
+    /// Ends the connection now, for every clone: requests still open end without a word to the
+    /// agent (no stream is reset), so it treats their execs as those of a host that went (killed,
+    /// or parked for the next host when attachable). For a host that leaves on purpose (a daemon
+    /// shutting down, whose successor attaches again).
+    pub fn disconnect(&self) {
+        self._connection.0.abort();
+    }
+
     pub fn agent_version(&self) -> &str {
         &self.agent_version
     }
 
     pub async fn info(&self) -> Result<AgentInfo, ChannelError> {
         self.simple_json(&AgentRequest::Info, MAX_JSON_BODY, ANSWER_DEADLINE)
+            .await
+    }
+
+    /// The agent's running execs (to find an attachable one this host did not start).
+    pub async fn execs(&self) -> Result<ExecList, ChannelError> {
+        self.simple_json(&AgentRequest::Execs, MAX_JSON_BODY, ANSWER_DEADLINE)
             .await
     }
 
@@ -400,6 +414,7 @@ fn what(request: &AgentRequest) -> &'static str {
     match request {
         AgentRequest::Exec => "an exec request",
         AgentRequest::Attach { .. } => "an exec attach request",
+        AgentRequest::Execs => "an exec list request",
         AgentRequest::Signal { .. } => "a signal request",
         AgentRequest::Resize { .. } => "a terminal resize request",
         AgentRequest::Shutdown => "the shutdown request",

@@ -53,9 +53,9 @@ pub struct CodeResult {
     /// when SIGINT did not stop it within 5 s, killed the interpreter.
     pub timed_out: bool,
     /// This call ran in a fresh interpreter because the previous one was lost (it crashed or exited,
-    /// was killed after a timeout, a forced pause cut a call short, or the daemon restarted): names
-    /// defined before are gone. A pause and resume keeps the interpreter; a fork's children get
-    /// copies of it.
+    /// was killed after a timeout, a forced pause or a daemon stop cut a call short): names defined
+    /// before are gone. A pause and resume and a daemon restart keep the interpreter; a fork's
+    /// children get copies of it.
     pub restarted: bool,
     /// Calls run by this interpreter, this one included.
     pub execution_count: u64,

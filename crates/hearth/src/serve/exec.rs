@@ -152,6 +152,7 @@ pub(super) fn exec_spec(body: ExecBody, stdin: bool) -> Result<ExecSpec, ApiErro
         stdin,
         tty: None,
         attachable: false,
+        label: None,
     })
 }
 

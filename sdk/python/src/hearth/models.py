@@ -178,8 +178,8 @@ class CodeResult:
     """The timeout interrupted the code (``KeyboardInterrupt``; earlier names are kept)."""
     restarted: bool
     """This call ran in a fresh interpreter because the previous one was lost (crash, kill after a
-    timeout, a call cut short by a forced pause, daemon restart): names defined before are gone. A
-    pause and resume keeps the interpreter, and a fork's children get copies of it."""
+    timeout, a call cut short by a forced pause or a daemon stop): names defined before are gone. A
+    pause and resume and a daemon restart keep the interpreter; a fork's children get copies."""
     execution_count: int
     """Calls run by this interpreter, this one included."""
     truncated: bool = False

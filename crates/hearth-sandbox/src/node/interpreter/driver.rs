@@ -16,6 +16,10 @@ use super::CodeOutcome;
 use crate::node::{ExecSpec, Node, NodeError};
 use crate::Sandbox;
 
+/// The interpreter exec's label in the agent's exec list (`GET /v1/execs`): how a daemon that
+/// re-attached a running sandbox finds the interpreter an earlier daemon started.
+pub(super) const LABEL: &str = "hearth-code-interpreter";
+
 /// The driver program, run with `python3 -u -c`.
 const DRIVER: &str = include_str!("../interpreter.py");
 /// How long a new interpreter may take to say it is ready (a cold python3 under TCG: ~0.5 s).
@@ -43,6 +47,21 @@ pub(in crate::node) struct Parked {
     /// Its exec id, the same in every VM restored from the state.
     exec: u64,
     count: u64,
+}
+
+impl Parked {
+    /// The interpreter in the agent's exec list of a VM this node did not start it in (its
+    /// execution count comes with its next answer).
+    pub(super) fn listed(execs: &hearth_vm::channel::ExecList) -> Option<Parked> {
+        let listed = execs
+            .execs
+            .iter()
+            .find(|e| e.attachable && e.label.as_deref() == Some(LABEL))?;
+        Some(Parked {
+            exec: listed.id,
+            count: 0,
+        })
+    }
 }
 
 /// How a call ended.
@@ -106,6 +125,7 @@ impl Live {
                 .to_vec(),
             stdin: true,
             attachable: true,
+            label: Some(LABEL.to_owned()),
             ..Default::default()
         };
         let mut handle = match node.exec(tenant, id, spec).await {
