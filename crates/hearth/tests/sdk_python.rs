@@ -4,7 +4,8 @@
 //! against a real `hearth serve` with real VMs (TCG). The pytest suite boots four sandboxes: one
 //! shared by most checks, one deleted by its `async with` block (whose tenant's quota of one
 //! refuses a second), one of the python image for `run_code` (busybox has no python3), and one
-//! `hearth.run` one-shot (a fifth, a fork, once the daemon has fork).
+//! `hearth.run` one-shot; and forks' children (of the shared one, and of the python one, to show
+//! its interpreter copied).
 
 #[path = "serve/daemon.rs"]
 mod daemon;

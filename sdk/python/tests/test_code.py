@@ -1,7 +1,8 @@
 """``run_code`` against the real daemon, on one sandbox of the python test image
 (``HEARTH_TEST_PYTHON_IMAGE``: the session's shared sandbox is a busybox, which has no python3):
 state kept between calls, the last expression's repr, output, exceptions with tracebacks, a
-timeout that keeps the state, a crash restarted and said so, a reset, the asyncio flavour."""
+timeout that keeps the state, a crash restarted and said so, the state kept across a pause and
+copied by a fork, a reset, the asyncio flavour."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def test_a_crash_is_restarted_and_said_so(py: hearth.Sandbox) -> None:
     assert crash.error is not None and crash.error.name == "InterpreterExited", crash
     fresh = py.run_code("'x' in dir()")
     assert (fresh.result, fresh.restarted, fresh.execution_count) == ("False", True, 1), fresh
+
+
+def test_a_pause_keeps_the_interpreter_and_a_fork_copies_it(py: hearth.Sandbox) -> None:
+    py.run_code("items = [1]")
+    py.pause()
+    py.resume()
+    kept = py.run_code("items.append(2); items")
+    assert (kept.result, kept.restarted) == ("[1, 2]", False), kept
+    [child] = py.fork()
+    try:
+        copied = child.run_code("items.append(3); items")
+        assert (copied.result, copied.restarted) == ("[1, 2, 3]", False), copied
+    finally:
+        child.delete()
+    assert py.run_code("items").result == "[1, 2]"
 
 
 def test_reset_and_languages(py: hearth.Sandbox) -> None:

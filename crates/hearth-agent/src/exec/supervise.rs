@@ -63,7 +63,7 @@ pub(super) struct Supervisor {
     detached: bool,
     /// Takeovers, for an exec started attachable.
     attachments: Option<Attachments>,
-    /// Parked since (attachable, its host went with the saved VM): its pipes are not read.
+    /// Parked since (attachable, its host went): its pipes are not read until a host attaches.
     parked_at: Option<Instant>,
 }
 

@@ -12,9 +12,9 @@
 //! ([`SAVED`]), so a daemon restarted while the sandbox was paused does too. It survives a daemon
 //! restart while the sandbox runs as well: its host gone, the agent keeps it waiting the same way,
 //! and the next daemon finds it in the agent's exec list by its label ([`Node::adopt_listed_code`]).
-//! A fork's children inherit
-//! it the same way, each its own copy of the parent's interpreter at the fork (unless a call was
-//! running in the parent then: its children start fresh interpreters, which say `restarted`).
+//! A fork's children inherit it the same way, each its own copy of the parent's interpreter at the
+//! fork (unless a call was running in the parent then: its children start fresh interpreters, which
+//! say `restarted`).
 //!
 //! Protocol (see `interpreter.py`): a JSON line per call on the interpreter's stdin carrying the
 //! code and a fresh random nonce; the answer is the line on its stdout that starts with that nonce.
@@ -27,10 +27,9 @@
 //! task of its own, so a caller that goes away does not leave the protocol mid-call. A timeout
 //! sends SIGINT (KeyboardInterrupt in the code, state kept); an interpreter that does not answer
 //! within the grace period after it is killed. A lost interpreter (killed, crashed, exited, in a
-//! call cut short by a forced pause) is started afresh by the
-//! next call, which says `restarted`; the driver leaves a marker file in the guest's /tmp so that a
-//! new daemon learns that one ran before. [`Node::reset_code`] ends it on request (the next is not
-//! a restart).
+//! call cut short by a forced pause or a daemon stop) is started afresh by the next call, which says
+//! `restarted`; the driver leaves a marker file in the guest's /tmp so that a new daemon learns that
+//! one ran before. [`Node::reset_code`] ends it on request (the next is not a restart).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -137,13 +136,18 @@ impl Interpreters {
         slot.live.is_some().then_some(HeldForFork(slot))
     }
 
-    /// Gives sandbox `id` (`target`: a fork's child, or a sandbox resumed by a daemon that did not
-    /// pause it) the interpreter `held` in its restored VM, to be attached by
-    /// [`Node::reattach_code`].
+    /// Gives sandbox `id` (`target`: a fork's child, or a sandbox resumed or re-attached by a
+    /// daemon that did not start its interpreter) the interpreter `held` in its VM, to be attached
+    /// by [`Node::reattach_code`], unless a call got there first and gave it a slot of its own (a
+    /// fresh interpreter, which the caller was told of with `restarted`; the held one is left to
+    /// the agent's grace).
     pub(super) fn adopt(&self, id: &str, target: &Target, held: &Parked) {
-        let slot = Slot::new(target, Some(held.clone()));
         lock_ignoring_poison(&self.slots)
-            .insert(id.to_owned(), Arc::new(tokio::sync::Mutex::new(slot)));
+            .entry(id.to_owned())
+            .or_insert_with(|| {
+                let slot = Slot::new(target, Some(held.clone()));
+                Arc::new(tokio::sync::Mutex::new(slot))
+            });
     }
 
     /// Forgets every interpreter (daemon shutdown): their agent connections end without a reset of

@@ -398,9 +398,9 @@ async fn set_paused(
     }
 }
 
-/// Sends `method` `/v1/sandboxes/{id}/{tail}` (body `{}`) to sandbox `id`'s node, forwarded as any
-/// use is: a listing of its root wakes it if its idle timeout paused it, a pause declares a
-/// sleeping sandbox paused. `Some`: the node's answer when it refused (503 capacity, 429 quota, a
+/// Sends `method` `/v1/sandboxes/{id}/{tail}` (a POST with body `{}`) to sandbox `id`'s node,
+/// forwarded as any use is: a listing of its root wakes it if its idle timeout paused it, a pause
+/// declares a sleeping sandbox paused. `Some`: the node's answer when it refused (503 capacity, 429 quota, a
 /// damaged snapshot), for the client as it is; a 409 (running, or paused by `spec.paused` and left
 /// to its agent) is not a refusal.
 async fn on_node_as_a_use(
@@ -410,11 +410,15 @@ async fn on_node_as_a_use(
     method: axum::http::Method,
     tail: &str,
 ) -> Result<Option<Response>, ApiError> {
+    let body = match method == axum::http::Method::POST {
+        true => axum::body::Body::from("{}"),
+        false => axum::body::Body::empty(),
+    };
     let request = axum::extract::Request::builder()
         .method(method)
         .uri(format!("/v1/sandboxes/{id}/{tail}"))
         .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from("{}"))
+        .body(body)
         .expect("a well-formed request");
     let path = Path((id.to_owned(), tail.to_owned()));
     let answer =
