@@ -5,8 +5,9 @@
 //! that ignores SIGINT gets its interpreter killed; a crashed interpreter is restarted by the next
 //! call, which says so; concurrent calls run one after the other; a reset starts afresh; a pause
 //! and resume keeps the interpreter, state and count (also when the daemon was killed while the
-//! sandbox was paused), a fork's children each get a copy, and a daemon restart while it runs
-//! keeps it too; unknown languages and sandboxes, and images without python3, are refused.
+//! sandbox was paused; a call a forced pause cuts short loses it, and the next call says so), a
+//! fork's children each get a copy, and a daemon restart while it runs keeps it too; unknown
+//! languages and sandboxes, and images without python3, are refused.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -291,6 +292,30 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
         let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
         assert_eq!(status, 204);
     }
+
+    // A forced pause cuts a running call short: that call fails, and the first call after the
+    // resume runs in a fresh interpreter and says so.
+    let cut = run_code(
+        &d,
+        &id,
+        json!({"code": "import time\ntime.sleep(30)", "timeout_seconds": 60}),
+    );
+    let forced = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let body = json!({"force": true});
+        d.json(Method::POST, &pause, Some(ALICE), Some(body)).await
+    };
+    let ((cut_status, cut), (status, paused)) = tokio::join!(cut, forced);
+    assert_eq!(status, 200, "{paused}");
+    assert!(cut_status >= 500, "the cut call: {cut_status} {cut}");
+    let (status, resumed) = d.json(Method::POST, &resume, Some(ALICE), None).await;
+    assert_eq!(status, 200, "{resumed}");
+    let fresh = run(&d, &id, "'w' in dir()").await;
+    assert_eq!(
+        (&fresh["result"], &fresh["restarted"]),
+        (&json!("False"), &json!(true)),
+        "{fresh}"
+    );
 
     // Paused, then the daemon is killed: the next daemon's resume brings the interpreter back too.
     run(&d, &id, "u = 'kept'").await;

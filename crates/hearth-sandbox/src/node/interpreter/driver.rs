@@ -50,13 +50,15 @@ pub(in crate::node) struct Parked {
 }
 
 impl Parked {
-    /// The interpreter in the agent's exec list of a VM this node did not start it in (its
-    /// execution count comes with its next answer).
+    /// The interpreter in the agent's exec list of a VM this node did not start it in: the newest
+    /// (older ones are leftovers that [`Live::start`] kills; its execution count comes with its
+    /// next answer).
     pub(super) fn listed(execs: &hearth_vm::channel::ExecList) -> Option<Parked> {
         let listed = execs
             .execs
             .iter()
-            .find(|e| e.attachable && e.label.as_deref() == Some(LABEL))?;
+            .filter(|e| e.attachable && e.label.as_deref() == Some(LABEL))
+            .max_by_key(|e| e.id)?;
         Some(Parked {
             exec: listed.id,
             count: 0,
@@ -117,6 +119,18 @@ impl Live {
         id: &str,
         fresh: bool,
     ) -> Result<(Live, bool), NodeError> {
+        // An interpreter this node lost track of (one a forced pause cut short waits, parked, for
+        // the agent's grace) goes now: only the current one may answer to the label.
+        let client = node.target(tenant, id)?.sandbox.client().clone();
+        if let Ok(execs) = client.execs().await {
+            let leftovers = execs
+                .execs
+                .iter()
+                .filter(|e| e.label.as_deref() == Some(LABEL));
+            for leftover in leftovers {
+                let _ = client.signal(leftover.id, libc::SIGKILL).await;
+            }
+        }
         let nonce = nonce();
         let mode = if fresh { "fresh" } else { "continue" };
         let spec = ExecSpec {
@@ -324,6 +338,31 @@ mod tests {
         lines.push(b"xx\nnext\n");
         assert_eq!(lines.next(), Some(b"next".to_vec()));
         assert_eq!(lines.next(), None);
+    }
+
+    #[test]
+    fn the_listed_interpreter_is_the_newest_attachable_one_with_the_label() {
+        let entry = |id, label: Option<&str>, attachable| hearth_vm::channel::ExecEntry {
+            id,
+            pid: 10 + id as u32,
+            label: label.map(str::to_owned),
+            attachable,
+            parked: true,
+        };
+        let execs = hearth_vm::channel::ExecList {
+            execs: vec![
+                entry(3, Some(LABEL), true),
+                entry(9, Some(LABEL), true),
+                entry(12, Some(LABEL), false),
+                entry(15, Some("other"), true),
+                entry(20, None, true),
+            ],
+        };
+        assert_eq!(Parked::listed(&execs).map(|p| p.exec), Some(9));
+        let none = hearth_vm::channel::ExecList {
+            execs: vec![entry(4, Some("other"), true)],
+        };
+        assert!(Parked::listed(&none).is_none());
     }
 
     #[test]
