@@ -12,9 +12,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::*;
-use hearth_vm::channel::{ChannelError, ExecOutput};
+use hearth_vm::channel::{AgentClient, ChannelError, ExecHandle, ExecOutput};
 
-async fn next_stdout(handle: &mut hearth_vm::channel::ExecHandle) -> String {
+async fn next_stdout(handle: &mut ExecHandle) -> String {
     let output = tokio::time::timeout(Duration::from_secs(10), handle.next_output())
         .await
         .expect("output within 10 s")
@@ -25,6 +25,26 @@ async fn next_stdout(handle: &mut hearth_vm::channel::ExecHandle) -> String {
     }
 }
 
+/// Starts an attachable exec labelled `label` that echoes each stdin line back as "got LINE";
+/// returns once it said "up".
+async fn start_echoer(client: &AgentClient, label: &str) -> ExecHandle {
+    let script = "echo up; while read l; do echo \"got $l\"; done";
+    let mut started = request(&["sh", "-c", script]);
+    (started.stdin, started.attachable) = (true, true);
+    started.label = Some(label.to_owned());
+    let mut handle = client.exec(started).await.unwrap();
+    assert_eq!(next_stdout(&mut handle).await, "up\n");
+    handle
+}
+
+/// Starts a plain `sleep <marker>`; returns once it runs.
+async fn start_sleeper(client: &AgentClient, marker: &str) -> ExecHandle {
+    let script = format!("echo up; exec sleep {marker}");
+    let mut handle = client.exec(request(&["sh", "-c", &script])).await.unwrap();
+    assert_eq!(next_stdout(&mut handle).await, "up\n");
+    handle
+}
+
 #[tokio::test]
 async fn a_new_connection_takes_over_an_attachable_exec_with_its_stdin_and_output() {
     if skip_unless_root() {
@@ -32,18 +52,8 @@ async fn a_new_connection_takes_over_an_attachable_exec_with_its_stdin_and_outpu
     }
     let agent = AgentProcess::listening();
     let first = agent.connect().await;
-    let marker = "attach-4242";
-    let mut started = request(&[
-        "sh",
-        "-c",
-        "echo up; while read l; do echo \"got $l\"; done",
-        marker,
-    ]);
-    started.stdin = true;
-    started.attachable = true;
-    let mut old = first.exec(started).await.unwrap();
+    let mut old = start_echoer(&first, "echo").await;
     let mut old_stdin = old.take_stdin().unwrap();
-    assert_eq!(next_stdout(&mut old).await, "up\n");
     old_stdin.write(b"one\n").await.unwrap();
     assert_eq!(next_stdout(&mut old).await, "got one\n");
 
@@ -79,15 +89,7 @@ async fn only_a_running_attachable_exec_can_be_taken_over() {
     let agent = AgentProcess::listening();
     let client = agent.connect().await;
     let marker = "1000.8125";
-    let mut plain = client
-        .exec(request(&[
-            "sh",
-            "-c",
-            &format!("echo up; exec sleep {marker}"),
-        ]))
-        .await
-        .unwrap();
-    assert_eq!(next_stdout(&mut plain).await, "up\n");
+    let plain = start_sleeper(&client, marker).await;
     for (id, why) in [(plain.id(), "not attachable"), (9999, "no such exec")] {
         match client.attach(id, false).await {
             Err(ChannelError::Agent(e)) => {
@@ -115,25 +117,9 @@ async fn an_attachable_exec_outlives_its_host_and_is_listed_for_the_next() {
     }
     let (agent, stream) = AgentProcess::on_stream();
     let first = connect_on(&stream).await;
-    let mut keeper = request(&[
-        "sh",
-        "-c",
-        "echo up; while read l; do echo \"got $l\"; done",
-    ]);
-    (keeper.stdin, keeper.attachable) = (true, true);
-    keeper.label = Some("keeper".into());
-    let mut keeper = first.exec(keeper).await.unwrap();
-    assert_eq!(next_stdout(&mut keeper).await, "up\n");
+    let keeper = start_echoer(&first, "keeper").await;
     let marker = "1000.9375";
-    let mut plain = first
-        .exec(request(&[
-            "sh",
-            "-c",
-            &format!("echo up; exec sleep {marker}"),
-        ]))
-        .await
-        .unwrap();
-    assert_eq!(next_stdout(&mut plain).await, "up\n");
+    let plain = start_sleeper(&first, marker).await;
 
     // A new host breaks in (a restarted daemon's HELLO, no RESUME) and takes the channel over.
     let hello = hearth_proto::handshake::hello_line("00112233");
