@@ -252,30 +252,14 @@ impl Node {
         Ok(())
     }
 
-    /// After a restart, for sandbox `id` whose running VM this node re-attached: attaches, in the
-    /// background, to the interpreter an earlier daemon started there, found in the agent's exec
-    /// list (the agent keeps it waiting for a host for a while).
-    pub(super) fn adopt_listed_code(&self, tenant: &str, id: &str) {
-        let Some(node) = self.me.upgrade() else {
-            return;
-        };
-        let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        tokio::spawn(async move {
-            let Ok(target) = node.target(&tenant, &id) else {
-                return;
-            };
-            let listed = match target.sandbox.client().execs().await {
-                Ok(execs) => Parked::listed(&execs),
-                Err(e) => {
-                    tracing::info!(sandbox = %id, "listing the guest's execs: {e}");
-                    None
-                }
-            };
-            if let Some(listed) = listed {
-                node.interpreters.adopt(&id, &target, &listed);
-                node.reattach_code(&tenant, &id, None);
-            }
-        });
+    /// After a restart, for sandbox `id` whose running VM this node re-attached, before any call
+    /// can reach it: takes over `listed`, the interpreter an earlier daemon started there
+    /// ([`listed_code`]), attached in the background.
+    pub(super) fn adopt_listed_code(&self, tenant: &str, id: &str, listed: Parked) {
+        if let Ok(target) = self.target(tenant, id) {
+            self.interpreters.adopt(id, &target, &listed);
+            self.reattach_code(tenant, id, None);
+        }
     }
 
     /// Attaches, in the background, to the interpreter that sandbox `id`'s VM was restored with
@@ -302,6 +286,23 @@ impl Node {
                 slot.follow(&id, &target.sandbox).await;
             }
         });
+    }
+}
+
+/// The code interpreter an earlier daemon started in `sandbox`, found in its agent's exec list by
+/// its label (the agent keeps it waiting for a host for a while); asked for at most 5 s.
+pub(super) async fn listed_code(id: &str, sandbox: &Sandbox) -> Option<Parked> {
+    let listing = tokio::time::timeout(Duration::from_secs(5), sandbox.client().execs()).await;
+    match listing {
+        Ok(Ok(execs)) => Parked::listed(&execs),
+        Ok(Err(e)) => {
+            tracing::info!(sandbox = %id, "listing the guest's execs: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(sandbox = %id, "listing the guest's execs: no answer within 5 s");
+            None
+        }
     }
 }
 

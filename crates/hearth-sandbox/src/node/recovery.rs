@@ -47,15 +47,21 @@ impl Node {
         let reattached = futures::future::join_all(running.into_iter().map(|record| async move {
             let run_dir = self.run_dir(&record.info.id);
             let outcome = self.reattach(&record, &run_dir).await;
-            if outcome.is_err() {
-                kill_and_remove(&run_dir).await;
-            }
-            (record, outcome)
+            // Its code interpreter waits in the guest for a new host: found now, so that it is
+            // this node's before any call can start another.
+            let code = match &outcome {
+                Ok(sandbox) => super::interpreter::listed_code(&record.info.id, sandbox).await,
+                Err(_) => {
+                    kill_and_remove(&run_dir).await;
+                    None
+                }
+            };
+            (record, outcome, code)
         }))
         .await;
         let mut owned = BTreeSet::new();
         let mut paused = BTreeSet::new();
-        for (mut record, outcome) in reattached {
+        for (mut record, outcome, code) in reattached {
             let live = match outcome {
                 Ok(sandbox) => {
                     owned.insert(record.info.id.clone());
@@ -66,13 +72,10 @@ impl Node {
                     None
                 }
             };
-            let adopt = live
-                .is_some()
-                .then(|| (record.info.tenant.clone(), record.info.id.clone()));
+            let (tenant, id) = (record.info.tenant.clone(), record.info.id.clone());
             self.restore_entry(record, live);
-            if let Some((tenant, id)) = adopt {
-                // Its code interpreter waits in the guest for a new host.
-                self.adopt_listed_code(&tenant, &id);
+            if let Some(code) = code {
+                self.adopt_listed_code(&tenant, &id, code);
             }
         }
         for mut record in others {
