@@ -203,6 +203,18 @@ impl Client {
         response.json().await.context("reading the code's result")
     }
 
+    /// `DELETE /v1/sandboxes/{id}/code`: ends the sandbox's interpreter (the next run starts a
+    /// fresh one).
+    pub async fn reset_code(&self, id: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/sandboxes/{id}/code");
+        self.send(
+            self.request(Method::DELETE, &path),
+            &format!("resetting the code interpreter of sandbox {id}"),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// `GET /openapi.json` (no token needed): which routes this daemon has.
     pub async fn openapi(&self) -> anyhow::Result<serde_json::Value> {
         let request = self.http.get(format!("{}/openapi.json", self.base));

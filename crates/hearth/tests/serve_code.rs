@@ -6,12 +6,14 @@
 //! call, which says so; concurrent calls run one after the other; a reset starts afresh; a pause
 //! and resume keeps the interpreter, state and count (also when the daemon was killed while the
 //! sandbox was paused; a call a forced pause cuts short loses it, and the next call says so), a
-//! fork's children each get a copy, and a daemon restart while it runs keeps it too; unknown
-//! languages and sandboxes, and images without python3, are refused.
+//! fork's children each get a copy, and a daemon restart while it runs keeps it too; the CLI's
+//! `hearth sandbox code`; unknown languages and sandboxes, and images without python3, are refused.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
 
+use std::io::Write;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use daemon::{image, Daemon, Home, ALICE};
@@ -292,6 +294,34 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
         let (status, _) = d.json(Method::DELETE, &path, Some(ALICE), None).await;
         assert_eq!(status, 204);
     }
+
+    // The CLI: `hearth sandbox code ID [CODE]`, the code as an argument or on stdin (`-`); the last
+    // expression's value printed after the output; a raise exits 1 with its traceback on stderr.
+    let cli = |args: &[&str], stdin: &str| {
+        let mut child = daemon::hearth(&home)
+            .args(["sandbox", "--host", &d.url, "--token", ALICE, "code", &id])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    assert_eq!(
+        cli(&["w"], ""),
+        (Some(0), "[1, 2, 3]\n".into(), String::new())
+    );
+    let (code, out, _) = cli(&["-"], "print('from stdin')\nlen(w)\n");
+    assert_eq!((code, out.as_str()), (Some(0), "from stdin\n3\n"));
+    let (code, out, err) = cli(&["1/0"], "");
+    assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
+    assert!(err.contains("ZeroDivisionError"), "{err}");
 
     // A forced pause cuts a running call short: that call fails, and the first call after the
     // resume runs in a fresh interpreter and says so.

@@ -1,6 +1,7 @@
 //! One module per subcommand group; `dispatch` is the single `match` from parsed command to action.
 //! `common` holds what several commands share (VM options, parsers, shutdown signal, runtime).
 
+pub mod code;
 pub mod common;
 pub mod gateway;
 pub mod images;

@@ -66,6 +66,9 @@ pub enum SandboxCommand {
     Ls(LsArgs),
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec(ExecArgs),
+    /// Run Python in the sandbox's code interpreter (names persist between runs, like notebook
+    /// cells): prints its output and the last expression's value; exits 1 if it raised.
+    Code(crate::cmd::code::CodeArgs),
     /// Copy a file into (`cp ./f ID:/path`) or out of (`cp ID:/path ./f`) a sandbox.
     Cp(CpArgs),
     /// Stop and remove sandboxes.
@@ -210,6 +213,7 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
                 exec_interactive(&client, args).await
             }
             SandboxCommand::Exec(args) => exec(&client, args).await,
+            SandboxCommand::Code(args) => crate::cmd::code::code(&client, args).await,
             SandboxCommand::Cp(args) => cp(&client, args).await,
             SandboxCommand::Rm(args) => rm(&client, args).await,
             SandboxCommand::Pause(args) => {

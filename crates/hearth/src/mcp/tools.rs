@@ -110,7 +110,8 @@ impl SandboxTools {
 
     #[tool(
         description = "Run Python code in a sandbox's interpreter, like a notebook cell: \
-        names defined in one call are visible in the next. Returns stdout, stderr, result (the \
+        names defined in one call are visible in the next (also after the sandbox was paused and \
+        resumed, and in its forks). Returns stdout, stderr, result (the \
         repr of the last expression, if the code ends with one) and error (an exception's name, \
         message and traceback: a result, not a tool error). A timeout interrupts the code and \
         keeps the interpreter; if the interpreter died it is restarted (restarted: true, earlier \
