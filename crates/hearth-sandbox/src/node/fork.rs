@@ -190,7 +190,7 @@ impl Node {
             for child in &children {
                 if let Ok(target) = self.target(&tenant.name, &child.id) {
                     self.interpreters.adopt(&child.id, &target, &interpreter);
-                    self.reattach_code(&tenant.name, &child.id, None);
+                    self.reattach_code(&tenant.name, &child.id);
                 }
             }
         }

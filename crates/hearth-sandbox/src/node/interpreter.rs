@@ -95,7 +95,7 @@ impl Interpreters {
         });
         slots
             .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Slot::new(target, None))))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Slot::new(target))))
             .clone()
     }
 
@@ -142,10 +142,29 @@ impl Interpreters {
     /// fresh interpreter, which the caller was told of with `restarted`; the held one is left to
     /// the agent's grace).
     pub(super) fn adopt(&self, id: &str, target: &Target, held: &Parked) {
+        self.adopt_restored(id, &target.sandbox, &target.activity, held);
+    }
+
+    /// [`Interpreters::adopt`] for a sandbox whose record (`activity`) is being made running with
+    /// `sandbox` (under the table lock: the table's lock goes before this one).
+    pub(super) fn adopt_restored(
+        &self,
+        id: &str,
+        sandbox: &Arc<Sandbox>,
+        activity: &Arc<Activity>,
+        held: &Parked,
+    ) {
         lock_ignoring_poison(&self.slots)
             .entry(id.to_owned())
             .or_insert_with(|| {
-                let slot = Slot::new(target, Some(held.clone()));
+                let slot = Slot {
+                    sandbox: Arc::downgrade(sandbox),
+                    record: Arc::downgrade(activity),
+                    live: None,
+                    parked: Some(held.clone()),
+                    lost: false,
+                    fresh: false,
+                };
                 Arc::new(tokio::sync::Mutex::new(slot))
             });
     }
@@ -191,12 +210,12 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(target: &Target, parked: Option<Parked>) -> Slot {
+    fn new(target: &Target) -> Slot {
         Slot {
             sandbox: Arc::downgrade(&target.sandbox),
             record: Arc::downgrade(&target.activity),
             live: None,
-            parked,
+            parked: None,
             lost: false,
             fresh: false,
         }
@@ -258,21 +277,15 @@ impl Node {
     pub(super) fn adopt_listed_code(&self, tenant: &str, id: &str, listed: Parked) {
         if let Ok(target) = self.target(tenant, id) {
             self.interpreters.adopt(id, &target, &listed);
-            self.reattach_code(tenant, id, None);
+            self.reattach_code(tenant, id);
         }
     }
 
     /// Attaches, in the background, to the interpreter that sandbox `id`'s VM was restored with
     /// (after a resume, or as a fork's child), so that it does not outlive the agent's wait for
     /// its new host (the next call would otherwise find it killed). A call that comes first does
-    /// the same itself. `saved`: the one its snapshot named, for a node that does not know the
-    /// sandbox's interpreter (it was paused by an earlier daemon).
-    pub(super) fn reattach_code(&self, tenant: &str, id: &str, saved: Option<Parked>) {
-        if let (None, Some(saved)) = (self.interpreters.existing(id), saved) {
-            if let Ok(target) = self.target(tenant, id) {
-                self.interpreters.adopt(id, &target, &saved);
-            }
-        }
+    /// the same itself.
+    pub(super) fn reattach_code(&self, tenant: &str, id: &str) {
         let Some(slot) = self.interpreters.existing(id) else {
             return;
         };

@@ -275,7 +275,14 @@ impl Node {
                     entry.record.info.state = State::Running;
                     entry.record.info.reason = None;
                     entry.record.vmm = hearth_vm::ProcessIdentity::of(sandbox.vmm_pid());
-                    entry.live = Some(Arc::new(sandbox));
+                    let sandbox = Arc::new(sandbox);
+                    if let Some(saved) = &interpreter {
+                        // Before any call can see it running (a call would start a fresh
+                        // interpreter, and that kills the saved one as a leftover).
+                        self.interpreters
+                            .adopt_restored(id, &sandbox, &entry.activity, saved);
+                    }
+                    entry.live = Some(sandbox);
                     // Paused time is not idle time.
                     entry.activity.touch();
                     let info = entry.info();
@@ -310,7 +317,7 @@ impl Node {
             let _ = std::fs::remove_dir_all(&dir);
         }
         if outcome.is_ok() {
-            self.reattach_code(&tenant.name, id, interpreter);
+            self.reattach_code(&tenant.name, id);
         }
         self.bump();
         match &outcome {

@@ -7,7 +7,10 @@
 //! up ([`Table::visible`]: the tenant's own, not deleted), admits a new one against what the node
 //! and the tenant already hold ([`Table::admit`]: usage summed, quota and capacity checked, record
 //! saved and entry inserted in one critical section, so concurrent creates never overcommit) and
-//! saves or forgets records. The lock is a std mutex: never held across an `.await`.
+//! saves or forgets records. The lock is a std mutex: never held across an `.await`. The code
+//! interpreters' slot map (`interpreter.rs`) is the one other node lock taken while it is held
+//! (a resume gives the restored VM its saved interpreter before any call can see it running);
+//! nothing takes the table while holding that map.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
