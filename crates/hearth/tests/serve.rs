@@ -10,7 +10,7 @@ mod daemon;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE, BOB};
+use daemon::{image, ndjson_events, outputs, CliOutput, Daemon, Home, ALICE, BOB};
 use futures::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -593,44 +593,8 @@ async fn raw_status(d: &Daemon, head: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP answer: {line:?}"))
 }
 
-struct CliOutput {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn cli_with_stdin(
-    home: &Home,
-    d: &Daemon,
-    token: &str,
-    args: &[&str],
-    stdin: &[u8],
-) -> CliOutput {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = tokio::process::Command::from(daemon::hearth(home));
-    cmd.arg("sandbox")
-        .args(["--host", &d.url, "--token", token])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn hearth sandbox");
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).await.unwrap();
-    drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("hearth sandbox finishes")
-        .unwrap();
-    CliOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 async fn cli(home: &Home, d: &Daemon, token: &str, args: &[&str]) -> CliOutput {
-    cli_with_stdin(home, d, token, args, b"").await
+    d.cli(home, token, args, b"").await
 }
 
 async fn cli_client(home: &Home, d: &Daemon, id: &str) {
@@ -651,7 +615,9 @@ async fn cli_client(home: &Home, d: &Daemon, id: &str) {
         (Some(5), "hi\n", "oops\n")
     );
 
-    let out = cli_with_stdin(home, d, ALICE, &["exec", "-i", id, "cat"], b"piped in\n").await;
+    let out = d
+        .cli(home, ALICE, &["exec", "-i", id, "cat"], b"piped in\n")
+        .await;
     assert_eq!(
         (out.code, out.stdout.as_str()),
         (Some(0), "piped in\n"),

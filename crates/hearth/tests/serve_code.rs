@@ -12,8 +12,6 @@
 #[path = "serve/daemon.rs"]
 mod daemon;
 
-use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use daemon::{image, Daemon, Home, ALICE};
@@ -297,29 +295,24 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
 
     // The CLI: `hearth sandbox code ID [CODE]`, the code as an argument or on stdin (`-`); the last
     // expression's value printed after the output; a raise exits 1 with its traceback on stderr.
-    let cli = |args: &[&str], stdin: &str| {
-        let mut child = daemon::hearth(&home)
-            .args(["sandbox", "--host", &d.url, "--token", ALICE, "code", &id])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.as_bytes()).unwrap();
-        drop(input);
-        let out = child.wait_with_output().unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    let cli = |args: &'static [&'static str], stdin: &'static str| {
+        let argv: Vec<&str> = ["code", id.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let (d, home) = (&d, &home);
+        async move {
+            let out = d.cli(home, ALICE, &argv, stdin.as_bytes()).await;
+            (out.code, out.stdout, out.stderr)
+        }
     };
     assert_eq!(
-        cli(&["w"], ""),
+        cli(&["w"], "").await,
         (Some(0), "[1, 2, 3]\n".into(), String::new())
     );
-    let (code, out, _) = cli(&["-"], "print('from stdin')\nlen(w)\n");
+    let (code, out, _) = cli(&["-"], "print('from stdin')\nlen(w)\n").await;
     assert_eq!((code, out.as_str()), (Some(0), "from stdin\n3\n"));
-    let (code, out, err) = cli(&["1/0"], "");
+    let (code, out, err) = cli(&["1/0"], "").await;
     assert_eq!((code, out.as_str()), (Some(1), ""), "{err}");
     assert!(err.contains("ZeroDivisionError"), "{err}");
 

@@ -107,6 +107,13 @@ pub fn hearth(home: &Home) -> Command {
     cmd
 }
 
+/// How a `hearth sandbox` command run by [`Daemon::cli`] ended.
+pub struct CliOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 /// A running `hearth serve`.
 pub struct Daemon {
     child: Option<Child>,
@@ -303,6 +310,32 @@ impl Daemon {
     }
 
     /// SIGKILL, as a crash would.
+    /// Runs `hearth sandbox ARGS` against this daemon as `token`, with `stdin` fed and closed
+    /// (within 120 s).
+    pub async fn cli(&self, home: &Home, token: &str, args: &[&str], stdin: &[u8]) -> CliOutput {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::from(hearth(home));
+        cmd.arg("sandbox")
+            .args(["--host", &self.url, "--token", token])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn hearth sandbox");
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).await.unwrap();
+        drop(input);
+        let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+            .await
+            .expect("hearth sandbox finishes")
+            .unwrap();
+        CliOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
