@@ -95,7 +95,10 @@ impl Interpreters {
         });
         slots
             .entry(id.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Slot::new(target))))
+            .or_insert_with(|| {
+                let slot = Slot::new(&target.sandbox, &target.activity, None);
+                Arc::new(tokio::sync::Mutex::new(slot))
+            })
             .clone()
     }
 
@@ -157,14 +160,7 @@ impl Interpreters {
         lock_ignoring_poison(&self.slots)
             .entry(id.to_owned())
             .or_insert_with(|| {
-                let slot = Slot {
-                    sandbox: Arc::downgrade(sandbox),
-                    record: Arc::downgrade(activity),
-                    live: None,
-                    parked: Some(held.clone()),
-                    lost: false,
-                    fresh: false,
-                };
+                let slot = Slot::new(sandbox, activity, Some(held.clone()));
                 Arc::new(tokio::sync::Mutex::new(slot))
             });
     }
@@ -210,12 +206,13 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(target: &Target) -> Slot {
+    /// The slot of `sandbox` (its record's `activity`), with `parked` to attach to, if any.
+    fn new(sandbox: &Arc<Sandbox>, activity: &Arc<Activity>, parked: Option<Parked>) -> Slot {
         Slot {
-            sandbox: Arc::downgrade(&target.sandbox),
-            record: Arc::downgrade(&target.activity),
+            sandbox: Arc::downgrade(sandbox),
+            record: Arc::downgrade(activity),
             live: None,
-            parked: None,
+            parked,
             lost: false,
             fresh: false,
         }
