@@ -223,6 +223,22 @@ async fn signals_are_reported_and_forwarded() {
     let status = handle.wait().await.unwrap();
     assert_eq!((status.code, status.signal), (None, Some(libc::SIGINT)));
 
+    // A signal sent the moment the exec has started is not lost: the exec-init, the init of its
+    // PID namespace, starts with every signal blocked (a namespace's init that has no handler
+    // drops a signal that arrives before it blocks them).
+    for _ in 0..10 {
+        let handle = client
+            .exec(request(&["sh", "-c", "while :; do sleep 0.05; done"]))
+            .await
+            .unwrap();
+        handle.signal(libc::SIGTERM).await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+            .await
+            .expect("SIGTERM sent right after the start was lost")
+            .unwrap();
+        assert_eq!((status.code, status.signal), (None, Some(libc::SIGTERM)));
+    }
+
     // Signalling an exec that is over is a clear error.
     let err = client.signal(987_654, libc::SIGTERM).await.unwrap_err();
     assert!(

@@ -126,6 +126,19 @@ pub fn spawn_exec_init(program: &Path, fds: ChildFds<'_>) -> io::Result<(i32, Pi
     let cgroup = crate::workload_cgroup::procs_fd();
     let mut pidfd: libc::c_int = -1;
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_PIDFD | libc::SIGCHLD;
+    // The child starts with every signal blocked and keeps them blocked through execve, until the
+    // exec-init forwards them: as the init of its PID namespace, it would otherwise drop every
+    // signal it has no handler for, and a signal the host sent right after the start (a SIGTERM
+    // of an exec whose Started frame just arrived) was lost.
+    // SAFETY: plain calls on sigsets owned by this frame (zeroed is a valid sigset_t); the old
+    // mask is restored below.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
     // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a copy
     // of this address space and runs only `child_exec`, which uses async-signal-safe calls.
     let ret = unsafe {
@@ -138,12 +151,15 @@ pub fn spawn_exec_init(program: &Path, fds: ChildFds<'_>) -> io::Result<(i32, Pi
             0 as libc::c_ulong,
         )
     };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if ret == 0 {
         // SAFETY: in the cloned child; never returns.
         unsafe { child_exec(raw_fds, cgroup, &program, argv.as_ptr(), envp.as_ptr()) }
+    }
+    let error = io::Error::last_os_error();
+    // SAFETY: restores this thread's mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if ret < 0 {
+        return Err(error);
     }
     // SAFETY: CLONE_PIDFD stored a new pidfd (close-on-exec) for us to own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
@@ -151,8 +167,9 @@ pub fn spawn_exec_init(program: &Path, fds: ChildFds<'_>) -> io::Result<(i32, Pi
 }
 
 /// Runs in the cloned child: joins the workload cgroup (`cgroup`: its `cgroup.procs`, when the
-/// guest has one; see [`crate::workload_cgroup`]), moves the four fds to 0..=3, resets the signal
-/// mask, asks for SIGKILL if the agent dies, and executes the exec-init.
+/// guest has one; see [`crate::workload_cgroup`]), moves the four fds to 0..=3, asks for SIGKILL if
+/// the agent dies, and executes the exec-init with every signal still blocked (it unblocks them
+/// for the command only; see `spawn_exec_init`).
 unsafe fn child_exec(
     fds: [RawFd; 4],
     cgroup: Option<RawFd>,
@@ -179,9 +196,6 @@ unsafe fn child_exec(
             child_fail(b"hearth-agent: exec-init: cannot set up fds\n");
         }
     }
-    let mut empty: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut empty);
-    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     libc::prctl(
         libc::PR_SET_PDEATHSIG,
         libc::SIGKILL as libc::c_ulong,

@@ -60,7 +60,8 @@ const CONTROL_FD: i32 = 3;
 
 /// Entry point of the exec-init process.
 pub fn main() -> ! {
-    // Block every signal first: they queue up and are forwarded to the command once it exists.
+    // Every signal is blocked (the agent started us so, see `exec::spawn`; blocked again here for
+    // a start by other means): they queue up and are forwarded to the command once it exists.
     let all = SigSet::all();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&all), None);
     // SAFETY: the agent placed the control socket at fd 3 for this process to own.
