@@ -11,6 +11,12 @@ pub enum NodeError {
     /// 404; also for another tenant's sandbox.
     #[error("no sandbox {id}")]
     NotFound { id: String },
+    /// 404: no background process with this id in the sandbox.
+    #[error("no process {process} in sandbox {id}")]
+    NoProcess { id: String, process: u32 },
+    /// 429: a per-sandbox bound is reached (its background processes); the message says which.
+    #[error("{0}")]
+    Limit(String),
     /// 400: a bad image reference, sizes over the node's maxima, an empty argv, a relative path.
     #[error("{0}")]
     Invalid(String),

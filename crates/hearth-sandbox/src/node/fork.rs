@@ -194,6 +194,8 @@ impl Node {
                 }
             }
         }
+        let ids: Vec<String> = children.iter().map(|c| c.id.clone()).collect();
+        self.inherit_processes(&tenant.name, id, &ids);
         tracing::info!(sandbox = %id, count, "forked");
         Ok(children
             .iter()

@@ -87,6 +87,8 @@ impl Node {
         }
         // Idle code interpreters do not count as running execs; their connections close below.
         self.interpreters.clear();
+        // So are background processes: left to their agents, parked for the next daemon.
+        self.processes.clear();
         if let Some(reaper) = lock_ignoring_poison(&self.reaper).take() {
             reaper.abort();
         }

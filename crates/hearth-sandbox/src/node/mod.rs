@@ -38,6 +38,7 @@ mod network;
 mod pause;
 mod pool;
 mod ports;
+mod processes;
 mod reaper;
 mod record;
 mod recovery;
@@ -64,6 +65,7 @@ pub use interpreter::{CodeError, CodeOutcome, MAX_CODE_TIMEOUT};
 pub use network::{NetworkView, SandboxNetworkStats};
 pub use pool::WarmPool;
 pub use ports::NodePort;
+pub use processes::{OutputEvent, OutputReader, ProcessInfo, Stream, MAX_PROCESSES, MAX_TAG};
 pub use run_once::{RunError, RunOutcome, RunSpec};
 pub use types::{
     default_network_ceiling, Capacity, CreateSpec, ExecSpec, Histogram, Limits, NodeConfig,
@@ -95,6 +97,7 @@ pub struct Node {
     reaper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Each sandbox's code interpreter (see `interpreter.rs`).
     interpreters: interpreter::Interpreters,
+    processes: processes::Processes,
     /// The flock on `state/node.lock`, held for the node's life.
     _lock: File,
 }
@@ -133,6 +136,7 @@ impl Node {
             counters: Mutex::new(Counters::default()),
             reaper: Mutex::new(None),
             interpreters: Default::default(),
+            processes: Default::default(),
             _lock: lock,
         });
         node.check_pools()?;

@@ -215,8 +215,10 @@ impl Node {
         };
         drop(sandbox);
         if outcome.is_ok() {
-            // Saved with the VM, the code interpreter waits there for the resume.
+            // Saved with the VM, the code interpreter and the background processes wait there
+            // for the resume.
             self.interpreters.park(id, &dir);
+            self.park_processes(id, &dir);
         }
         self.bump();
         match &outcome {
@@ -263,6 +265,7 @@ impl Node {
         let dir = self.paused_dir(id);
         let run_dir = self.run_dir(id);
         let interpreter = super::interpreter::Interpreters::saved(&dir);
+        let processes = super::processes::Processes::saved(&dir);
         let resumed = match crate::PausedSandbox::open(&dir, image) {
             Ok(paused) => paused.resume(&config, &run_dir, true).await,
             Err(e) => Err(e),
@@ -318,6 +321,7 @@ impl Node {
         }
         if outcome.is_ok() {
             self.reattach_code(&tenant.name, id);
+            self.reattach_processes(&tenant.name, id, processes);
         }
         self.bump();
         match &outcome {

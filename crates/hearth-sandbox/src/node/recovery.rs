@@ -48,20 +48,23 @@ impl Node {
             let run_dir = self.run_dir(&record.info.id);
             let outcome = self.reattach(&record, &run_dir).await;
             // Its code interpreter waits in the guest for a new host: found now, so that it is
-            // this node's before any call can start another.
-            let code = match &outcome {
-                Ok(sandbox) => super::interpreter::listed_code(&record.info.id, sandbox).await,
+            // this node's before any call can start another. So do its background processes.
+            let (code, processes) = match &outcome {
+                Ok(sandbox) => (
+                    super::interpreter::listed_code(&record.info.id, sandbox).await,
+                    super::processes::Processes::saved(&run_dir),
+                ),
                 Err(_) => {
                     kill_and_remove(&run_dir).await;
-                    None
+                    (None, Vec::new())
                 }
             };
-            (record, outcome, code)
+            (record, outcome, code, processes)
         }))
         .await;
         let mut owned = BTreeSet::new();
         let mut paused = BTreeSet::new();
-        for (mut record, outcome, code) in reattached {
+        for (mut record, outcome, code, processes) in reattached {
             let live = match outcome {
                 Ok(sandbox) => {
                     owned.insert(record.info.id.clone());
@@ -77,6 +80,7 @@ impl Node {
             if let Some(code) = code {
                 self.adopt_listed_code(&tenant, &id, code);
             }
+            self.reattach_processes(&tenant, &id, processes);
         }
         for mut record in others {
             let id = record.info.id.clone();

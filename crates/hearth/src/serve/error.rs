@@ -82,6 +82,8 @@ impl From<NodeError> for ApiError {
         let message = err.to_string();
         let (status, code) = match &err {
             NodeError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            NodeError::NoProcess { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            NodeError::Limit(_) => (StatusCode::TOO_MANY_REQUESTS, "limit"),
             NodeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
             NodeError::Capacity { .. } => (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
             NodeError::Quota { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota"),

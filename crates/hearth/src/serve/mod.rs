@@ -20,6 +20,7 @@ mod metrics;
 mod network;
 pub mod openapi;
 pub mod ports;
+mod processes;
 mod runs;
 mod sandboxes;
 pub mod tls;
@@ -100,6 +101,26 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(code::run).delete(code::reset),
         )
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
+        .route(
+            "/v1/sandboxes/{id}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}",
+            get(processes::get).delete(processes::remove),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/output",
+            get(processes::output),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/signal",
+            post(processes::signal),
+        )
         .route_layer(wake.clone());
     // Unbounded bodies, streamed to the guest.
     let streams = Router::new()

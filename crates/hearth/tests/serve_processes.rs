@@ -1,0 +1,399 @@
+//! Background processes through `hearth serve` with one real busybox VM under QEMU (TCG), and one
+//! fork child: a process runs on after its start answered and its output is read later from an
+//! offset or followed to its exit; stdin written and closed; stdout and stderr kept apart; a
+//! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
+//! has its own copy, still running) and a daemon restart keep a counting process running and its
+//! output flowing; the bound of 16 running per sandbox evicts ended ones first, then refuses;
+//! removing kills; unknown processes, another tenant and bad input are refused.
+
+#[path = "serve/daemon.rs"]
+mod daemon;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE, BOB};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const TOKENS: &str = r#"
+[[tenants]]
+name = "alice"
+token = "alice-token-0001"
+
+[[tenants]]
+name = "bob"
+token = "bob-token-0002"
+"#;
+
+const COUNTER: &str = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done";
+
+async fn start(d: &Daemon, id: &str, body: Value) -> Value {
+    let path = format!("/v1/sandboxes/{id}/processes");
+    let (status, process) = d.json(Method::POST, &path, Some(ALICE), Some(body)).await;
+    assert_eq!(status, 201, "{process}\n{}", d.log_text());
+    process
+}
+
+async fn process(d: &Daemon, id: &str, n: u64) -> Value {
+    let path = format!("/v1/sandboxes/{id}/processes/{n}");
+    let (status, process) = d.json(Method::GET, &path, Some(ALICE), None).await;
+    assert_eq!(status, 200, "{process}");
+    process
+}
+
+/// `GET .../output`: (the offset header, stdout, stderr, last event).
+async fn output(d: &Daemon, id: &str, n: u64, query: &str) -> (u64, String, String, Value) {
+    let path = format!("/v1/sandboxes/{id}/processes/{n}/output?{query}");
+    let response = d
+        .request(Method::GET, &path, Some(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    let offset = response.headers()["hearth-output-offset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(60), ndjson_events(response)).await;
+    let Ok(events) = events else {
+        let (_, info) = d
+            .json(
+                Method::GET,
+                &format!("/v1/sandboxes/{id}/processes/{n}"),
+                Some(ALICE),
+                None,
+            )
+            .await;
+        panic!("{path}: no end within 60 s; {info}\n{}", d.log_text());
+    };
+    let (out, err, last) = outputs(&events);
+    (offset, out, err, last)
+}
+
+/// The highest `tick N` in `text`.
+fn last_tick(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("no tick in {text:?}"))
+}
+
+/// Waits until process `n`'s kept output shows a tick past `after`; returns the highest.
+async fn ticks_past(d: &Daemon, id: &str, n: u64, after: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out, _, _) = output(d, id, n, "offset=0").await;
+        let tick = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+            .max();
+        if let Some(tick) = tick.filter(|&t| t > after) {
+            return tick;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tick past {after} in sandbox {id}: {out:?}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
+    let home = Home::new(TOKENS);
+    let mut d = Daemon::start(&home, &[]);
+    let s = d
+        .create_running(ALICE, json!({"image": image("busybox")}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let procs = format!("/v1/sandboxes/{id}/processes");
+
+    // Started, it runs on after the answer; its output is there to read later.
+    let counter = start(
+        &d,
+        &id,
+        json!({"argv": ["sh", "-c", COUNTER], "tag": "counter"}),
+    )
+    .await;
+    assert_eq!(
+        (&counter["id"], &counter["running"], &counter["tag"]),
+        (&json!(1), &json!(true), &json!("counter")),
+        "{counter}"
+    );
+    let first = ticks_past(&d, &id, 1, 2).await;
+    let (offset, out, _, last) = output(&d, &id, 1, "offset=0").await;
+    assert!(out.starts_with("tick 0\ntick 1\n"), "{out:?}");
+    assert_eq!(
+        (offset, &last.get("exit_code")),
+        (0, &None),
+        "running: no end event"
+    );
+    // From an offset: only what came after it, and the header says where it starts.
+    let seen = out.len() as u64;
+    let (offset, later, _, _) = output(&d, &id, 1, &format!("offset={seen}")).await;
+    assert_eq!(offset, seen);
+    assert!(later.is_empty() || later.starts_with("tick "), "{later:?}");
+    assert!(last_tick(&out) >= first);
+
+    // stdin written, then closed: `cat` echoes it and exits 0; followed to its end.
+    let cat = start(&d, &id, json!({"argv": ["cat"], "open_stdin": true})).await;
+    assert_eq!(cat["id"], 2, "{cat}");
+    let stdin = format!("{procs}/2/stdin");
+    let data = base64::engine::general_purpose::STANDARD.encode("hello\n");
+    let (status, body) = d
+        .json(
+            Method::POST,
+            &stdin,
+            Some(ALICE),
+            Some(json!({"data": data})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = d
+        .json(
+            Method::POST,
+            &stdin,
+            Some(ALICE),
+            Some(json!({"close": true})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (_, out, _, last) = output(&d, &id, 2, "follow=true").await;
+    assert_eq!(
+        (out.as_str(), &last["exit_code"]),
+        ("hello\n", &json!(0)),
+        "{last}"
+    );
+    let (status, body) = d
+        .json(
+            Method::POST,
+            &stdin,
+            Some(ALICE),
+            Some(json!({"data": data})),
+        )
+        .await;
+    assert_eq!(status, 409, "stdin of an ended process: {body}");
+
+    // stdout and stderr apart; the exit code.
+    let script = "echo out; echo err >&2; exit 3";
+    start(&d, &id, json!({"argv": ["sh", "-c", script]})).await;
+    let (_, out, err, last) = output(&d, &id, 3, "follow=true").await;
+    assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"));
+    assert_eq!(last["exit_code"], 3, "{last}");
+    let ended = process(&d, &id, 3).await;
+    assert_eq!(
+        (
+            &ended["running"],
+            &ended["exit_code"],
+            &ended["output_bytes"]
+        ),
+        (&json!(false), &json!(3), &json!(8)),
+        "{ended}"
+    );
+    // Without stdin, writing to it is refused.
+    let (status, _) = d
+        .json(
+            Method::POST,
+            &format!("{procs}/1/stdin"),
+            Some(ALICE),
+            Some(json!({"data": data})),
+        )
+        .await;
+    assert_eq!(status, 409);
+
+    // Paused: the list is read without waking the sandbox; resumed, the counter goes on.
+    let before_pause = ticks_past(&d, &id, 1, first).await;
+    let (status, paused) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{paused}\n{}", d.log_text());
+    let (status, list) = d.json(Method::GET, &procs, Some(ALICE), None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["processes"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(list["processes"][0]["running"], true, "{list}");
+    assert_eq!(
+        d.record(ALICE, &id).await["state"],
+        "paused",
+        "reading woke it"
+    );
+    let (status, resumed) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{resumed}\n{}", d.log_text());
+    let after_resume = ticks_past(&d, &id, 1, before_pause + 3).await;
+    let counter = process(&d, &id, 1).await;
+    assert_eq!(
+        (&counter["running"], &counter["lost"]),
+        (&json!(true), &Value::Null),
+        "{counter}"
+    );
+
+    // A fork's child has its own copy of the counter, running and read by its own id.
+    let (status, forked) = d
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(ALICE),
+            Some(json!({"count": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{forked}\n{}", d.log_text());
+    let child = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    let in_child = ticks_past(&d, &child, 1, 0).await;
+    assert!(in_child > 0);
+    let child_counter = process(&d, &child, 1).await;
+    assert_eq!(child_counter["running"], true, "{child_counter}");
+    let (status, _) = d
+        .json(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{child}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let after_fork = ticks_past(&d, &id, 1, after_resume).await;
+
+    // A signal: SIGTERM, passed on to the command, ends a second counter.
+    let other = start(
+        &d,
+        &id,
+        json!({"argv": ["sh", "-c", COUNTER], "tag": "second"}),
+    )
+    .await;
+    let n = other["id"].as_u64().unwrap();
+    let (status, body) = d
+        .json(
+            Method::POST,
+            &format!("{procs}/{n}/signal"),
+            Some(ALICE),
+            Some(json!({"signal": 15})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (_, _, _, last) = output(&d, &id, n, "follow=true").await;
+    assert_eq!(last["signal"], 15, "{last}");
+
+    // Removing kills and forgets: a process appending to a file stops.
+    let beat = "while :; do echo x >> /tmp/beat; sleep 0.2; done";
+    let beat = start(&d, &id, json!({"argv": ["sh", "-c", beat]})).await;
+    let n = beat["id"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = d
+        .json(Method::DELETE, &format!("{procs}/{n}"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = d
+        .json(Method::GET, &format!("{procs}/{n}"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 404);
+    let (_, size, _) = d.exec_sh(ALICE, &id, "wc -c < /tmp/beat").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, later, _) = d.exec_sh(ALICE, &id, "wc -c < /tmp/beat").await;
+    assert!(!size.is_empty() && size != "0", "it ran: {size:?}");
+    assert_eq!(size, later, "the removed process still writes");
+
+    // The bound: ended processes make room (oldest first); 16 running ones refuse the next.
+    let mut refused = None;
+    for _ in 0..20 {
+        let (status, body) = d
+            .json(
+                Method::POST,
+                &procs,
+                Some(ALICE),
+                Some(json!({"argv": ["sleep", "600"]})),
+            )
+            .await;
+        if status != 201 {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("a 17th running process was refused");
+    assert_eq!((status, &body["code"]), (429, &json!("limit")), "{body}");
+    let (_, list) = d.json(Method::GET, &procs, Some(ALICE), None).await;
+    let list = list["processes"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 16);
+    assert!(
+        list.iter().all(|p| p["running"] == true),
+        "ended ones were evicted: {list:?}"
+    );
+    let (status, _) = d
+        .json(Method::GET, &format!("{procs}/2"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 404, "the oldest ended process is forgotten");
+
+    // Refused: another tenant, an unknown process, bad input.
+    let (status, _) = d.json(Method::GET, &procs, Some(BOB), None).await;
+    assert_eq!(status, 404, "another tenant's sandbox");
+    let (status, _) = d
+        .json(Method::GET, &format!("{procs}/999"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 404);
+    for bad in [
+        json!({"argv": []}),
+        json!({"argv": ["true"], "tag": "x".repeat(65)}),
+        json!({"argv": ["true"], "tag": "a\nb"}),
+    ] {
+        let (status, body) = d
+            .json(Method::POST, &procs, Some(ALICE), Some(bad.clone()))
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let (status, _) = d
+        .json(
+            Method::POST,
+            &format!("{procs}/1/signal"),
+            Some(ALICE),
+            Some(json!({"signal": 0})),
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // A daemon restart (SIGTERM): the next daemon attaches to the counter again, output flowing.
+    assert!(
+        d.terminate(Duration::from_secs(60)).success(),
+        "{}",
+        d.log_text()
+    );
+    let d = Daemon::start(&home, &[]);
+    let record = d
+        .wait_for(ALICE, &id, Duration::from_secs(60), |s| {
+            s["state"] == "running"
+        })
+        .await;
+    assert_eq!(record["state"], "running", "{record}\n{}", d.log_text());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let restarted = loop {
+        let (_, out, _, _) = output(&d, &id, 1, "offset=0").await;
+        if out.lines().count() >= 3 {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no output after the restart\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(last_tick(&restarted) > after_fork, "{restarted:?}");
+    let counter = process(&d, &id, 1).await;
+    assert_eq!(
+        (&counter["running"], &counter["tag"], &counter["argv"][2]),
+        (&json!(true), &json!("counter"), &json!(COUNTER)),
+        "{counter}"
+    );
+}
