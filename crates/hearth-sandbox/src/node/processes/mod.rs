@@ -20,6 +20,8 @@
 //! each; the agent's own bound on execs per sandbox counts them too.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -177,8 +179,15 @@ impl Table {
     fn save(&self, dir: &Path) {
         let json = serde_json::to_vec(&self.running()).expect("serializes");
         let tmp = dir.join(format!("{SAVED}.tmp"));
-        let written =
-            std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, dir.join(SAVED)));
+        // Owner-only: command lines may carry what their tenant would not show others.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(&json))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(SAVED)));
         if let Err(e) = written {
             tracing::warn!(dir = %dir.display(), "naming the background processes: {e}");
         }
