@@ -10,6 +10,9 @@ use crate::serve::api::{
     CreateSandbox, ErrorBody, ExecBody, ExecEvent, FileWritten, Sandbox, SandboxList,
 };
 use crate::serve::code::{CodeResult, RunCode};
+use crate::serve::processes::{
+    Process, ProcessList, ProcessSignal, StartProcess, OFFSET_HEADER as OUTPUT_OFFSET,
+};
 
 pub struct Client {
     http: reqwest::Client,
@@ -212,6 +215,69 @@ impl Client {
             &format!("resetting the code interpreter of sandbox {id}"),
         )
         .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/sandboxes/{id}/processes`: starts a background process.
+    pub async fn start_process(&self, id: &str, body: &StartProcess) -> anyhow::Result<Process> {
+        let path = format!("/v1/sandboxes/{id}/processes");
+        let what = format!("starting {:?} in sandbox {id}", body.argv);
+        let response = self
+            .send(self.request(Method::POST, &path).json(body), &what)
+            .await?;
+        response.json().await.context("reading the started process")
+    }
+
+    /// `GET /v1/sandboxes/{id}/processes`.
+    pub async fn processes(&self, id: &str) -> anyhow::Result<ProcessList> {
+        let path = format!("/v1/sandboxes/{id}/processes");
+        let what = format!("listing the processes of sandbox {id}");
+        let response = self.send(self.request(Method::GET, &path), &what).await?;
+        response.json().await.context("reading the process list")
+    }
+
+    /// `GET .../processes/{n}/output`: the offset where the answer starts (past `offset` when
+    /// those bytes were dropped) and its kept output from there as exec events (with `follow`,
+    /// until it ends).
+    pub async fn process_output(
+        &self,
+        id: &str,
+        n: u32,
+        offset: u64,
+        follow: bool,
+    ) -> anyhow::Result<(u64, impl Stream<Item = anyhow::Result<ExecEvent>>)> {
+        let path = format!("/v1/sandboxes/{id}/processes/{n}/output");
+        let request = self.request(Method::GET, &path).query(&[
+            ("offset", offset.to_string()),
+            ("follow", follow.to_string()),
+        ]);
+        let what = format!("reading the output of process {n} of sandbox {id}");
+        let response = self.send(request, &what).await?;
+        let start = response
+            .headers()
+            .get(OUTPUT_OFFSET)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(offset);
+        Ok((start, ndjson(Box::pin(response.bytes_stream()))))
+    }
+
+    /// `POST .../processes/{n}/signal`, or with `None`, `DELETE .../processes/{n}` (killed and
+    /// forgotten).
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        n: u32,
+        signal: Option<i32>,
+    ) -> anyhow::Result<()> {
+        let path = format!("/v1/sandboxes/{id}/processes/{n}");
+        let request = match signal {
+            Some(signal) => self
+                .request(Method::POST, &format!("{path}/signal"))
+                .json(&ProcessSignal { signal }),
+            None => self.request(Method::DELETE, &path),
+        };
+        let what = format!("signalling process {n} of sandbox {id}");
+        self.send(request, &what).await?;
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
 //! has its own copy, still running) and a daemon restart keep a counting process running and its
 //! output flowing; the bound of 16 running per sandbox evicts ended ones first, then refuses;
-//! removing kills; unknown processes, another tenant and bad input are refused.
+//! removing kills; the CLI's spawn, logs, ps and kill; unknown processes, another tenant and bad
+//! input are refused.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -305,6 +306,52 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
     let (_, later, _) = d.exec_sh(ALICE, &id, "wc -c < /tmp/beat").await;
     assert!(!size.is_empty() && size != "0", "it ran: {size:?}");
     assert_eq!(size, later, "the removed process still writes");
+
+    // The CLI: spawn prints the id, logs -f exits with the process's code, ps lists it, kill
+    // without a signal forgets it.
+    let spawned = d
+        .cli(
+            &home,
+            ALICE,
+            &[
+                "spawn",
+                &id,
+                "--tag",
+                "cli",
+                "--",
+                "sh",
+                "-c",
+                "echo from-cli; exit 5",
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(spawned.code, Some(0), "{}", spawned.stderr);
+    let n = spawned.stdout.trim().to_owned();
+    let logs = d.cli(&home, ALICE, &["logs", &id, &n, "-f"], b"").await;
+    assert_eq!(
+        (logs.code, logs.stdout.as_str()),
+        (Some(5), "from-cli\n"),
+        "{}",
+        logs.stderr
+    );
+    let ps = d.cli(&home, ALICE, &["ps", &id], b"").await;
+    let line = ps
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{n} ")))
+        .unwrap_or_default();
+    assert!(
+        line.contains("exited(5)") && line.contains("cli"),
+        "{}",
+        ps.stdout
+    );
+    let killed = d.cli(&home, ALICE, &["kill", &id, &n], b"").await;
+    assert_eq!(killed.code, Some(0), "{}", killed.stderr);
+    let (status, _) = d
+        .json(Method::GET, &format!("{procs}/{n}"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 404, "kill without a signal forgets it");
 
     // The bound: ended processes make room (oldest first); 16 running ones refuse the next.
     let mut refused = None;

@@ -9,6 +9,7 @@ pub mod mcp;
 pub mod network;
 pub mod operator;
 pub mod port_forward;
+pub mod processes;
 pub mod run;
 pub mod sandbox;
 pub mod serve;

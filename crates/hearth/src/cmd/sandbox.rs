@@ -1,4 +1,4 @@
-//! `hearth sandbox create|ls|exec|cp|rm`: the CLI client of a `hearth serve` daemon
+//! `hearth sandbox create|ls|exec|cp|rm|...`: the CLI client of a `hearth serve` daemon
 //! (`--host`/`HEARTH_HOST`, `--token`/`HEARTH_TOKEN`). `exec` streams the command's output to our
 //! stdout and stderr and exits with its exit code (128+N for signal N, 124 on timeout, 125 for
 //! hearth's own errors); with `-i` it runs over the WebSocket and forwards our stdin, with `-t` on a
@@ -88,6 +88,15 @@ pub enum SandboxCommand {
     Network(NetworkArgs),
     /// Forward a local TCP port to a port inside a sandbox until Ctrl-C.
     PortForward(crate::cmd::port_forward::PortForwardArgs),
+    /// Start a background process in a sandbox (it runs on after this returns); prints its id.
+    Spawn(crate::cmd::processes::SpawnArgs),
+    /// List a sandbox's background processes.
+    Ps(crate::cmd::processes::PsArgs),
+    /// Print a background process's kept output (-f: follow it until it ends, then exit with its
+    /// exit code).
+    Logs(crate::cmd::processes::LogsArgs),
+    /// Send a background process a signal (-s); without -s, kill it and forget it.
+    Kill(crate::cmd::processes::KillArgs),
 }
 
 #[derive(Args, Debug)]
@@ -235,6 +244,10 @@ pub fn sandbox(a: SandboxArgs) -> anyhow::Result<ExitCode> {
             SandboxCommand::PortForward(args) => {
                 crate::cmd::port_forward::port_forward(&client, args).await
             }
+            SandboxCommand::Spawn(args) => crate::cmd::processes::spawn(&client, args).await,
+            SandboxCommand::Ps(args) => crate::cmd::processes::ps(&client, args).await,
+            SandboxCommand::Logs(args) => crate::cmd::processes::logs(&client, args).await,
+            SandboxCommand::Kill(args) => crate::cmd::processes::kill(&client, args).await,
             SandboxCommand::Network(args) => {
                 let policy = args.policy.policy()?;
                 let answer = client.network(&args.id, policy.as_ref()).await?;
@@ -421,13 +434,13 @@ async fn exec_ws(
 
 /// Where exec events go: output to ours; the final event to an exit code.
 #[derive(Default)]
-struct Output {
+pub(crate) struct Output {
     stdout: Option<tokio::io::Stdout>,
     stderr: Option<tokio::io::Stderr>,
 }
 
 impl Output {
-    async fn handle(&mut self, event: ExecEvent) -> anyhow::Result<Option<ExitCode>> {
+    pub(crate) async fn handle(&mut self, event: ExecEvent) -> anyhow::Result<Option<ExitCode>> {
         if let Some(data) = &event.stdout {
             let out = self.stdout.get_or_insert_with(tokio::io::stdout);
             out.write_all(&B64.decode(data)?).await?;
@@ -520,7 +533,7 @@ async fn rm(client: &Client, a: RmArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn pairs(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn pairs(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
     items
         .iter()
         .map(|item| match item.split_once('=') {

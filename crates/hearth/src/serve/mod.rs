@@ -20,7 +20,7 @@ mod metrics;
 mod network;
 pub mod openapi;
 pub mod ports;
-mod processes;
+pub mod processes;
 mod runs;
 mod sandboxes;
 pub mod tls;
