@@ -25,6 +25,7 @@ from .errors import (
     HearthError,
     ImageError,
     InvalidRequest,
+    LimitReached,
     NotFound,
     PortClosed,
     QuotaExceeded,
@@ -35,7 +36,17 @@ from .errors import (
     Unauthorized,
     Unsupported,
 )
-from .models import CodeError, CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import (
+    CodeError,
+    CodeResult,
+    DirEntry,
+    ExecResult,
+    NetworkView,
+    ProcessInfo,
+    ProcessOutput,
+    RunResult,
+    SandboxInfo,
+)
 
 __all__ = [
     "AsyncClient",
@@ -59,9 +70,12 @@ __all__ = [
     "HearthError",
     "ImageError",
     "InvalidRequest",
+    "LimitReached",
     "NetworkView",
     "NotFound",
     "PortClosed",
+    "ProcessInfo",
+    "ProcessOutput",
     "QuotaExceeded",
     "RunResult",
     "Sandbox",

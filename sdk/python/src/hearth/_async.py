@@ -25,7 +25,8 @@ from ._ops import Answer, Command, Data, Op, Policy, Size
 from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, STDIN_INLINE_LIMIT,
                       WS_MAX_SIZE, port_error, stdin_chunks, ws_error)
 from .errors import ConnectionFailed, ExecFailed, HearthError, NotFound, SandboxFailed, from_answer
-from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import (CodeResult, DirEntry, ExecResult, NetworkView, ProcessInfo, ProcessOutput,
+                     RunResult, SandboxInfo)
 
 T = TypeVar("T")
 
@@ -145,6 +146,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self.network = AsyncNetwork(self)
         self.ports = AsyncPorts(self)
+        self.processes = AsyncProcesses(self)
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(id={self.id!r}, image={self.info.image!r}, state={self.info.state!r})"
@@ -299,6 +301,52 @@ class AsyncSandbox:
     async def reset_code(self) -> None:
         """Ends this sandbox's interpreter; the next ``run_code`` starts a fresh one."""
         await self._client.call(_ops.reset_code(self.id))
+
+
+class AsyncProcesses:
+    """``sb.processes`` of an :class:`AsyncSandbox`; see :class:`hearth._sync.Processes`."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def start(self, command: Command, *, env: Optional[Mapping[str, str]] = None,
+                    cwd: Optional[str] = None, user: Optional[str] = None,
+                    timeout: Optional[float] = None, stdin: bool = False,
+                    tag: Optional[str] = None) -> ProcessInfo:
+        """Starts ``command``; ``stdin=True`` keeps a pipe open for :meth:`send_stdin`, ``timeout``
+        kills it after that many seconds, ``tag`` is a name of yours (at most 64 bytes).
+        :class:`LimitReached` when the sandbox already runs 16."""
+        body = _ops.process_body(command, env=env, cwd=cwd, user=user, timeout=timeout,
+                                 stdin=stdin, tag=tag)
+        return await self._sb._client.call(_ops.start_process(self._sb.id, body))
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """Running and ended ones, oldest first (does not wake a sandbox its idle timeout paused)."""
+        return await self._sb._client.call(_ops.list_processes(self._sb.id))
+
+    async def get(self, id: int) -> ProcessInfo:
+        return await self._sb._client.call(_ops.get_process(self._sb.id, id))
+
+    async def output(self, id: int, offset: int = 0) -> ProcessOutput:
+        """What is kept of its output from ``offset``; read on from the answer's ``end``."""
+        return await self._sb._client.call(_ops.process_output(self._sb.id, id, offset, False))
+
+    async def wait(self, id: int, offset: int = 0) -> ProcessOutput:
+        """Waits for it to end; its output from ``offset`` on, and how it ended."""
+        return await self._sb._client.call(_ops.process_output(self._sb.id, id, offset, True))
+
+    async def send_stdin(self, id: int, data: Data) -> None:
+        await self._sb._client.call(_ops.process_stdin(self._sb.id, id, data, False))
+
+    async def close_stdin(self, id: int) -> None:
+        await self._sb._client.call(_ops.process_stdin(self._sb.id, id, None, True))
+
+    async def signal(self, id: int, signal: int = signals.SIGTERM) -> None:
+        await self._sb._client.call(_ops.signal_process(self._sb.id, id, signal))
+
+    async def kill(self, id: int) -> None:
+        """Kills it (its whole process tree) if it runs, and forgets it with its output."""
+        await self._sb._client.call(_ops.remove_process(self._sb.id, id))
 
 
 class AsyncFiles:

@@ -27,6 +27,7 @@ RESUME = Feature("resume", "post", "/v1/sandboxes/{id}/resume")
 FORK = Feature("fork", "post", "/v1/sandboxes/{id}/fork")
 CODE = Feature("the code interpreter", "post", "/v1/sandboxes/{id}/code")
 CODE_RESET = Feature("resetting the code interpreter", "delete", "/v1/sandboxes/{id}/code")
+PROCESSES = Feature("background processes", "post", "/v1/sandboxes/{id}/processes")
 
 
 def _shape(path: str) -> str:

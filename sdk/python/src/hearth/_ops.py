@@ -16,7 +16,8 @@ from urllib.parse import quote
 
 from . import _features
 from .errors import InvalidRequest, NotFound, SandboxFailed, ServerError
-from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import (CodeResult, DirEntry, ExecResult, NetworkView, ProcessInfo, ProcessOutput,
+                     RunResult, SandboxInfo)
 
 T = TypeVar("T")
 
@@ -225,6 +226,91 @@ def openapi() -> Op[dict[str, Any]]:
         return value if isinstance(value, dict) else {}
 
     return Op("GET", "/openapi.json", "reading the daemon's /openapi.json", parse)
+
+
+# --- background processes ------------------------------------------------------------------
+
+def _process(id: str, n: int, rest: str = "") -> str:
+    return _sandbox(id, f"/processes/{int(n)}{rest}")
+
+
+def start_process(id: str, body: Mapping[str, Any]) -> Op[ProcessInfo]:
+    return Op("POST", _sandbox(id, "/processes"), f"starting a background process in sandbox {id}",
+              lambda answer: ProcessInfo.from_json(answer.json()), json=body,
+              requires=_features.PROCESSES)
+
+
+def process_body(command: Command, *, env: Optional[Mapping[str, str]], cwd: Optional[str],
+                 user: Optional[str], timeout: Optional[float], stdin: bool,
+                 tag: Optional[str]) -> dict[str, Any]:
+    return _drop_none({
+        "argv": argv(command),
+        "env": dict(env or {}),
+        "workdir": cwd,
+        "user": user,
+        "timeout_seconds": seconds(timeout, "timeout"),
+        "open_stdin": stdin,
+        "tag": tag,
+    })
+
+
+def list_processes(id: str) -> Op[list[ProcessInfo]]:
+    def parse(answer: Answer) -> list[ProcessInfo]:
+        return [ProcessInfo.from_json(p) for p in answer.json().get("processes", [])]
+
+    return Op("GET", _sandbox(id, "/processes"), f"listing the processes of sandbox {id}", parse,
+              requires=_features.PROCESSES)
+
+
+def get_process(id: str, n: int) -> Op[ProcessInfo]:
+    return Op("GET", _process(id, n), f"reading process {n} of sandbox {id}",
+              lambda answer: ProcessInfo.from_json(answer.json()), requires=_features.PROCESSES)
+
+
+def process_output(id: str, n: int, offset: int, follow: bool) -> Op[ProcessOutput]:
+    """``GET .../output``: the NDJSON answer read whole (with ``follow``, until the process ends)."""
+    if offset < 0:
+        raise InvalidRequest(f"an output offset is at least 0, not {offset}")
+
+    def parse(answer: Answer) -> ProcessOutput:
+        start = int(answer.headers.get("hearth-output-offset", offset))
+        out, err = bytearray(), bytearray()
+        last: dict[str, Any] = {}
+        for line in answer.body.splitlines():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if "stdout" in event:
+                out += base64.b64decode(event["stdout"])
+            elif "stderr" in event:
+                err += base64.b64decode(event["stderr"])
+            else:
+                last = event
+        return ProcessOutput(bytes(out), bytes(err), start, start + len(out) + len(err),
+                             ended=bool(last), exit_code=last.get("exit_code"),
+                             signal=last.get("signal"), error=last.get("error"))
+
+    params = {"offset": str(offset), "follow": "true" if follow else "false"}
+    return Op("GET", _process(id, n, "/output"), f"reading the output of process {n} of sandbox {id}",
+              parse, params=params, requires=_features.PROCESSES)
+
+
+def process_stdin(id: str, n: int, data: Optional[Data], close: bool) -> Op[None]:
+    body: dict[str, Any] = {"close": close}
+    if data is not None:
+        body["data"] = base64.b64encode(data_bytes(data)).decode()
+    return Op("POST", _process(id, n, "/stdin"), f"writing to process {n} of sandbox {id}", _none,
+              json=body, requires=_features.PROCESSES)
+
+
+def signal_process(id: str, n: int, signal: int) -> Op[None]:
+    return Op("POST", _process(id, n, "/signal"), f"signalling process {n} of sandbox {id}", _none,
+              json={"signal": int(signal)}, requires=_features.PROCESSES)
+
+
+def remove_process(id: str, n: int) -> Op[None]:
+    return Op("DELETE", _process(id, n), f"removing process {n} of sandbox {id}", _none,
+              requires=_features.PROCESSES)
 
 
 # --- exec --------------------------------------------------------------------------------------

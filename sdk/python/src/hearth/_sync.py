@@ -25,7 +25,8 @@ from ._exec_events import ExecEvents, OutputCallback
 from ._features import PORTS, Features
 from ._ops import Answer, Command, Data, Op, Policy, Size
 from .errors import ConnectionFailed, ExecFailed, HearthError, NotFound, SandboxFailed, from_answer
-from .models import CodeResult, DirEntry, ExecResult, NetworkView, RunResult, SandboxInfo
+from .models import (CodeResult, DirEntry, ExecResult, NetworkView, ProcessInfo, ProcessOutput,
+                     RunResult, SandboxInfo)
 from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, STDIN_INLINE_LIMIT,
                       WS_MAX_SIZE, port_error, stdin_chunks, ws_error)
 
@@ -128,6 +129,7 @@ class Sandbox:
         self.files = Files(self)
         self.network = Network(self)
         self.ports = Ports(self)
+        self.processes = Processes(self)
 
     def __repr__(self) -> str:
         return f"Sandbox(id={self.id!r}, image={self.info.image!r}, state={self.info.state!r})"
@@ -298,6 +300,54 @@ class Sandbox:
     def reset_code(self) -> None:
         """Ends this sandbox's interpreter; the next ``run_code`` starts a fresh one."""
         self._client.call(_ops.reset_code(self.id))
+
+
+class Processes:
+    """``sb.processes``: background processes, which run on after :meth:`start` answered; the
+    daemon keeps the last 1 MiB of each one's output to read later (:meth:`output`) and keeps them
+    across pauses, forks (each child gets its own copies) and daemon restarts."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def start(self, command: Command, *, env: Optional[Mapping[str, str]] = None,
+              cwd: Optional[str] = None, user: Optional[str] = None,
+              timeout: Optional[float] = None, stdin: bool = False,
+              tag: Optional[str] = None) -> ProcessInfo:
+        """Starts ``command``; ``stdin=True`` keeps a pipe open for :meth:`send_stdin`, ``timeout``
+        kills it after that many seconds, ``tag`` is a name of yours (at most 64 bytes).
+        :class:`LimitReached` when the sandbox already runs 16."""
+        body = _ops.process_body(command, env=env, cwd=cwd, user=user, timeout=timeout,
+                                 stdin=stdin, tag=tag)
+        return self._sb._client.call(_ops.start_process(self._sb.id, body))
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        """Running and ended ones, oldest first (does not wake a sandbox its idle timeout paused)."""
+        return self._sb._client.call(_ops.list_processes(self._sb.id))
+
+    def get(self, id: int) -> ProcessInfo:
+        return self._sb._client.call(_ops.get_process(self._sb.id, id))
+
+    def output(self, id: int, offset: int = 0) -> ProcessOutput:
+        """What is kept of its output from ``offset``; read on from the answer's ``end``."""
+        return self._sb._client.call(_ops.process_output(self._sb.id, id, offset, False))
+
+    def wait(self, id: int, offset: int = 0) -> ProcessOutput:
+        """Waits for it to end; its output from ``offset`` on, and how it ended."""
+        return self._sb._client.call(_ops.process_output(self._sb.id, id, offset, True))
+
+    def send_stdin(self, id: int, data: Data) -> None:
+        self._sb._client.call(_ops.process_stdin(self._sb.id, id, data, False))
+
+    def close_stdin(self, id: int) -> None:
+        self._sb._client.call(_ops.process_stdin(self._sb.id, id, None, True))
+
+    def signal(self, id: int, signal: int = signals.SIGTERM) -> None:
+        self._sb._client.call(_ops.signal_process(self._sb.id, id, signal))
+
+    def kill(self, id: int) -> None:
+        """Kills it (its whole process tree) if it runs, and forgets it with its output."""
+        self._sb._client.call(_ops.remove_process(self._sb.id, id))
 
 
 class Files:

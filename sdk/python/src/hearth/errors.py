@@ -54,6 +54,11 @@ class QuotaExceeded(HearthError):
     """429 ``quota``: the tenant's quota is used up; delete a sandbox first."""
 
 
+class LimitReached(HearthError):
+    """429 ``limit``: a per-sandbox bound is reached (16 running background processes); remove
+    one first."""
+
+
 class _RetryLater(HearthError):
     def __init__(
         self,
@@ -138,6 +143,7 @@ _BY_CODE: Mapping[str, type[HearthError]] = {
     "too_large": TooLarge,
     "quota": QuotaExceeded,
     "busy": Busy,
+    "limit": LimitReached,
     "capacity": CapacityExhausted,
     "shutting_down": ShuttingDown,
     "image": ImageError,

@@ -210,3 +210,72 @@ class CodeResult:
             execution_count=int(value.get("execution_count", 0)),
             truncated=bool(value.get("truncated", False)),
         )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A background process (``sb.processes``): a command that runs on after the call that
+    started it, kept across pauses, forks and daemon restarts."""
+
+    id: int
+    """Its id in the sandbox, from 1."""
+    pid: int
+    """Its PID in the guest."""
+    argv: list[str]
+    tag: Optional[str]
+    started_at: int
+    """Unix milliseconds."""
+    running: bool
+    exit_code: Optional[int]
+    signal: Optional[int]
+    timed_out: bool
+    lost: Optional[str]
+    """Why it is lost, its exit status unknown (gone when its sandbox came back)."""
+    output_bytes: int
+    """Bytes of output produced, stdout and stderr together: the offset after the last byte."""
+    output_dropped: int
+    """Of those, bytes no longer kept (the daemon keeps the last 1 MiB)."""
+
+    @staticmethod
+    def from_json(value: Mapping[str, Any]) -> ProcessInfo:
+        tag, lost = value.get("tag"), value.get("lost")
+        return ProcessInfo(
+            id=int(value.get("id", 0)),
+            pid=int(value.get("pid", 0)),
+            argv=[str(a) for a in value.get("argv") or []],
+            tag=tag if isinstance(tag, str) else None,
+            started_at=int(value.get("started_at", 0)),
+            running=bool(value.get("running", False)),
+            exit_code=_int_or_none(value.get("exit_code")),
+            signal=_int_or_none(value.get("signal")),
+            timed_out=bool(value.get("timed_out", False)),
+            lost=lost if isinstance(lost, str) else None,
+            output_bytes=int(value.get("output_bytes", 0)),
+            output_dropped=int(value.get("output_dropped", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """Output of a background process read from an offset (``sb.processes.output``)."""
+
+    stdout: bytes
+    stderr: bytes
+    start: int
+    """The offset of the first byte read: past the one asked for when those bytes were dropped."""
+    end: int
+    """The offset after the last byte read: ask from here next time."""
+    ended: bool
+    """The process has ended (or is lost); then ``exit_code``/``signal``/``error`` say how."""
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    error: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        """stdout and stderr, each decoded as UTF-8 (invalid bytes replaced), one after the other."""
+        return (self.stdout.decode(errors="replace") + self.stderr.decode(errors="replace"))
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

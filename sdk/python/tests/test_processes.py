@@ -1,0 +1,66 @@
+"""Background processes (``sb.processes``) against the real daemon, on the session's shared busybox
+sandbox: one runs on after its start answered and its output is read later and from an offset;
+stdin written and closed; waiting for the end; a signal; kill forgets; the asyncio flavour."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import hearth
+
+COUNTER = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done"
+
+
+def _output_until(sb: hearth.Sandbox, id: int, needle: str) -> hearth.ProcessOutput:
+    deadline = time.monotonic() + 60
+    while True:
+        out = sb.processes.output(id)
+        if needle in out.text or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def test_a_process_runs_on_and_its_output_is_read_later(sandbox: hearth.Sandbox) -> None:
+    p = sandbox.processes.start(COUNTER, tag="counter")
+    assert (p.running, p.tag, p.argv) == (True, "counter", ["sh", "-c", COUNTER]), p
+    out = _output_until(sandbox, p.id, "tick 2")
+    assert out.text.startswith("tick 0\ntick 1\n"), out
+    assert (out.start, out.ended) == (0, False)
+    # From the offset reached: only what came since.
+    later = sandbox.processes.output(p.id, offset=out.end)
+    assert later.start == out.end and not later.text.startswith("tick 0"), later
+    assert p.id in [q.id for q in sandbox.processes.list()]
+    sandbox.processes.signal(p.id)
+    ended = sandbox.processes.wait(p.id, offset=out.end)
+    assert (ended.ended, ended.signal) == (True, 15), ended
+    assert sandbox.processes.get(p.id).running is False
+    sandbox.processes.kill(p.id)
+    with pytest.raises(hearth.NotFound):
+        sandbox.processes.get(p.id)
+
+
+def test_stdin_and_the_exit_code(sandbox: hearth.Sandbox) -> None:
+    p = sandbox.processes.start(["sh", "-c", "read line; echo got $line; echo err >&2; exit 4"],
+                                stdin=True)
+    sandbox.processes.send_stdin(p.id, "hello\n")
+    sandbox.processes.close_stdin(p.id)
+    out = sandbox.processes.wait(p.id)
+    assert (out.stdout, out.stderr, out.exit_code) == (b"got hello\n", b"err\n", 4), out
+    with pytest.raises(hearth.Conflict):
+        sandbox.processes.send_stdin(p.id, "late")
+    with pytest.raises(hearth.InvalidRequest):
+        sandbox.processes.start("true", tag="x" * 65)
+
+
+def test_the_async_flavour(sandbox: hearth.Sandbox) -> None:
+    async def main() -> hearth.ProcessOutput:
+        async with hearth.AsyncClient() as client:
+            sb = await hearth.AsyncSandbox.connect(sandbox.id, client=client)
+            p = await sb.processes.start("echo async; exit 2")
+            return await sb.processes.wait(p.id)
+
+    out = asyncio.run(main())
+    assert (out.stdout, out.exit_code) == (b"async\n", 2), out
