@@ -12,6 +12,7 @@ pub const PAUSE: Route = ("post", "/v1/sandboxes/{id}/pause");
 pub const RESUME: Route = ("post", "/v1/sandboxes/{id}/resume");
 pub const SET_NETWORK: Route = ("put", "/v1/sandboxes/{id}/network");
 pub const FORK: Route = ("post", "/v1/sandboxes/{id}/fork");
+pub const PROCESSES: Route = ("post", "/v1/sandboxes/{id}/processes");
 
 /// The routes an OpenAPI document lists, with path parameter names erased.
 #[derive(Debug, Default)]

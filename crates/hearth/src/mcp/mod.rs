@@ -1,14 +1,15 @@
 //! `hearth mcp`: a Model Context Protocol server (built on the official Rust SDK, `rmcp`) whose
 //! tools create sandboxes and work in them — `create_sandbox`, `run_code`, `exec`, `write_file`,
 //! `read_file`, `list_files`, `destroy_sandbox`, and `pause_sandbox`, `resume_sandbox`,
-//! `fork_sandbox`, `set_network` where the daemon has those routes.
+//! `fork_sandbox`, `set_network`, `start_process`, `process_output`, `stop_process` where the
+//! daemon has those routes.
 //!
 //! [`run`] is the entry point: it picks the daemon (the one named by `--host`, or an in-process
 //! one, [`local`]), reads which optional routes it has ([`features`]), and serves MCP over stdio
 //! (one session: the process's) or streamable HTTP at `/mcp` (a session per client, or none with
 //! the sessionless 2026 protocol) until the client leaves or a signal comes. Every tool goes
 //! through the same HTTP client ([`crate::client`]), remote daemon or not; [`tools`] declares them,
-//! [`calls`] does their work, [`output`] bounds what goes back to the model, [`ledger`] destroys
+//! [`calls`] (and [`processes`], for background processes) does their work, [`output`] bounds what goes back to the model, [`ledger`] destroys
 //! each session's sandboxes when it ends. Stdout belongs to the protocol in stdio mode: logs go to
 //! stderr.
 
@@ -18,6 +19,7 @@ mod ledger;
 mod local;
 mod output;
 mod params;
+mod processes;
 mod tools;
 
 use std::net::SocketAddr;

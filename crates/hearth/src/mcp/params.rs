@@ -87,6 +87,51 @@ pub struct RunCode {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct StartProcess {
+    /// The sandbox's id, from `create_sandbox`.
+    pub sandbox_id: String,
+    /// A shell command line, run with `/bin/sh -c`. Give this or `argv`.
+    pub command: Option<String>,
+    /// The program and its arguments, run without a shell. Give this or `command`.
+    pub argv: Option<Vec<String>>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User (name or uid, optionally `:group`).
+    pub user: Option<String>,
+    /// Kill it after this many seconds (default: it runs until stopped or the sandbox ends).
+    pub timeout_seconds: Option<u64>,
+    /// A name of yours for it (at most 64 bytes).
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessOutput {
+    /// The sandbox's id, from `create_sandbox`.
+    pub sandbox_id: String,
+    /// The process's id, from `start_process`.
+    pub process_id: u32,
+    /// Read from this offset: the `next_offset` of the previous call (default 0, from the start).
+    pub offset: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopProcess {
+    /// The sandbox's id, from `create_sandbox`.
+    pub sandbox_id: String,
+    /// The process's id, from `start_process`.
+    pub process_id: u32,
+    /// Send this signal number (15 SIGTERM, 2 SIGINT) instead; without it the process is killed
+    /// and forgotten.
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Exec {
     /// The sandbox's id, from `create_sandbox`.
     pub sandbox_id: String,

@@ -19,7 +19,8 @@ use crate::client::Client;
 
 const INSTRUCTIONS: &str = "Sandboxes are microVMs booted from OCI images by hearth. Create one \
 with create_sandbox, then run commands (exec), Python (run_code, state kept between calls), and \
-move files (write_file, read_file, list_files) by its sandbox_id. Sandboxes created in this \
+move files (write_file, read_file, list_files) by its sandbox_id; start_process runs a server or \
+watcher in the background, read with process_output. Sandboxes created in this \
 session are destroyed when it ends unless created with keep: true; destroy_sandbox ends one \
 sooner. Long outputs come back shortened with a note.";
 
@@ -41,6 +42,9 @@ impl Toolbox {
             (features::RESUME, "resume_sandbox"),
             (features::SET_NETWORK, "set_network"),
             (features::FORK, "fork_sandbox"),
+            (features::PROCESSES, "start_process"),
+            (features::PROCESSES, "process_output"),
+            (features::PROCESSES, "stop_process"),
         ] {
             if !features.has(route) {
                 tracing::info!(
@@ -132,6 +136,39 @@ impl SandboxTools {
     )]
     async fn exec(&self, Parameters(p): Parameters<params::Exec>) -> ToolResult {
         reply(self.exec_call(p).await)
+    }
+
+    #[tool(
+        description = "Start a command in a sandbox in the background and return at once with \
+        its process_id: for servers, watchers and long builds that should run on between calls \
+        (exec waits for the end). Read what it printed with process_output; stop it with \
+        stop_process. It keeps running while the sandbox is paused and resumed. At most 16 per \
+        sandbox.",
+        annotations(open_world_hint = false)
+    )]
+    async fn start_process(&self, Parameters(p): Parameters<params::StartProcess>) -> ToolResult {
+        reply(self.start_process_call(p).await)
+    }
+
+    #[tool(
+        description = "Read what a background process (start_process) printed: stdout and \
+        stderr from offset (pass the next_offset of your previous call to get only what is new), \
+        whether it still runs, and its exit_code or signal once it ended. The daemon keeps the \
+        last 1 MiB; over 32 KiB per stream comes back as head and tail with a note.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn process_output(&self, Parameters(p): Parameters<params::ProcessOutput>) -> ToolResult {
+        reply(self.process_output_call(p).await)
+    }
+
+    #[tool(
+        description = "Stop a background process: without signal it is killed (with every \
+        process it started) and forgotten; with signal (15 SIGTERM, 2 SIGINT) that signal is \
+        sent and it stays listed.",
+        annotations(destructive_hint = true, open_world_hint = false)
+    )]
+    async fn stop_process(&self, Parameters(p): Parameters<params::StopProcess>) -> ToolResult {
+        reply(self.stop_process_call(p).await)
     }
 
     #[tool(

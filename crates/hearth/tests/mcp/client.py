@@ -122,6 +122,32 @@ async def stdio() -> None:
         assert long["stdout"].endswith("99999\n100000\n") and "left out" in long["stdout"]
         assert len(long["stdout"]) < 40_000, len(long["stdout"])
 
+        # A background process runs on between calls; its output is read from an offset.
+        started = await call(client, "start_process", {
+            "sandbox_id": sid, "command": "for i in 1 2 3; do echo line $i; done; sleep 600", "tag": "bg"})
+        pid = started["process_id"]
+        for _ in range(100):
+            out = await call(client, "process_output", {"sandbox_id": sid, "process_id": pid})
+            if "line 3" in out["stdout"]:
+                break
+            await asyncio.sleep(0.2)
+        assert out["stdout"] == "line 1\nline 2\nline 3\n" and out["running"], out
+        assert out["next_offset"] == len(out["stdout"]) and out["skipped"] == 0, out
+        since = await call(client, "process_output", {
+            "sandbox_id": sid, "process_id": pid, "offset": out["next_offset"]})
+        assert since["stdout"] == "" and since["next_offset"] == out["next_offset"], since
+        await call(client, "stop_process", {"sandbox_id": sid, "process_id": pid, "signal": 15})
+        for _ in range(100):
+            ended = await call(client, "process_output", {"sandbox_id": sid, "process_id": pid})
+            if not ended["running"]:
+                break
+            await asyncio.sleep(0.2)
+        assert ended["signal"] == 15 and ended["exit_code"] is None, ended
+        removed = await call(client, "stop_process", {"sandbox_id": sid, "process_id": pid})
+        assert removed["removed"], removed
+        gone = await client.call_tool("process_output", {"sandbox_id": sid, "process_id": pid})
+        assert gone.is_error and "not_found" in text(gone), gone
+
         # The daemon's refusals are tool errors carrying its message.
         missing = await client.call_tool("exec", {"sandbox_id": "no-such-sandbox", "command": "true"})
         assert missing.is_error and "not_found" in text(missing), missing

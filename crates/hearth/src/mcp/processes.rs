@@ -1,0 +1,92 @@
+//! The background-process tools' work (`start_process`, `process_output`, `stop_process`): a
+//! server or watcher started in a sandbox runs on between tool calls, and the model reads what it
+//! printed since its last look by the offset it was handed. Answers are bounded like exec's.
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::output::{HeadTail, STREAM_LIMIT};
+use super::params;
+use super::tools::SandboxTools;
+use crate::serve::processes::StartProcess;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+impl SandboxTools {
+    pub(super) async fn start_process_call(
+        &self,
+        p: params::StartProcess,
+    ) -> anyhow::Result<Value> {
+        let argv = match (p.command, p.argv) {
+            (Some(line), None) => vec!["/bin/sh".to_string(), "-c".to_string(), line],
+            (None, Some(argv)) if !argv.is_empty() => argv,
+            (None, Some(_)) => bail!("argv is empty: give the program and its arguments"),
+            _ => bail!("give exactly one of command (a shell line) and argv (a list)"),
+        };
+        let body = StartProcess {
+            argv,
+            env: p.env,
+            workdir: p.workdir,
+            user: p.user,
+            timeout_seconds: p.timeout_seconds,
+            open_stdin: false,
+            tag: p.tag,
+        };
+        let process = self.client.start_process(&p.sandbox_id, &body).await?;
+        Ok(json!({
+            "process_id": process.id,
+            "running": process.running,
+            "next_offset": 0,
+        }))
+    }
+
+    pub(super) async fn process_output_call(
+        &self,
+        p: params::ProcessOutput,
+    ) -> anyhow::Result<Value> {
+        let offset = p.offset.unwrap_or(0);
+        let (start, events) = self
+            .client
+            .process_output(&p.sandbox_id, p.process_id, offset, false)
+            .await?;
+        let mut events = std::pin::pin!(events);
+        let (mut stdout, mut stderr) = (HeadTail::new(STREAM_LIMIT), HeadTail::new(STREAM_LIMIT));
+        let (mut read, mut end) = (0u64, None);
+        while let Some(event) = events.next().await {
+            let event = event?;
+            for (data, into) in [(&event.stdout, &mut stdout), (&event.stderr, &mut stderr)] {
+                if let Some(data) = data {
+                    let bytes = B64.decode(data).context("the daemon sent invalid base64")?;
+                    read += bytes.len() as u64;
+                    into.push(&bytes);
+                }
+            }
+            if event.exit_code.is_some() || event.signal.is_some() || event.error.is_some() {
+                end = Some(event);
+            }
+        }
+        let truncated = stdout.truncated() || stderr.truncated();
+        Ok(json!({
+            "stdout": stdout.into_text(),
+            "stderr": stderr.into_text(),
+            "truncated": truncated,
+            "running": end.is_none(),
+            "exit_code": end.as_ref().and_then(|e| e.exit_code),
+            "signal": end.as_ref().and_then(|e| e.signal),
+            "lost": end.and_then(|e| e.error),
+            // Where the next call reads on; `skipped`: bytes from `offset` the daemon no longer
+            // kept.
+            "next_offset": start + read,
+            "skipped": start.saturating_sub(offset),
+        }))
+    }
+
+    pub(super) async fn stop_process_call(&self, p: params::StopProcess) -> anyhow::Result<Value> {
+        self.client
+            .signal_process(&p.sandbox_id, p.process_id, p.signal)
+            .await?;
+        Ok(json!({ "process_id": p.process_id, "removed": p.signal.is_none() }))
+    }
+}
