@@ -42,6 +42,16 @@ async fn start_sleeper(client: &AgentClient, marker: &str) -> ExecHandle {
     let script = format!("echo up; exec sleep {marker}");
     let mut handle = client.exec(request(&["sh", "-c", &script])).await.unwrap();
     assert_eq!(next_stdout(&mut handle).await, "up\n");
+    // `up` comes before the shell execs `sleep`: wait for the sleeper itself (under load the
+    // checks that follow could otherwise look before it exists).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while processes_with_argv(&["sleep", marker]).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleep {marker} never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     handle
 }
 
