@@ -5,29 +5,20 @@
 //! or without `-s` kills the process and forgets it.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use futures::StreamExt;
 
 use crate::client::Client;
-use crate::cmd::common::parse_duration;
-use crate::cmd::sandbox::Output;
+use crate::cmd::sandbox::{CommandOptions, Output};
 use crate::serve::processes::{Process, StartProcess};
 
 #[derive(Args, Debug)]
 pub struct SpawnArgs {
     pub id: String,
-    /// Environment (KEY=VALUE). Repeatable.
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    #[arg(short, long = "workdir")]
-    pub workdir: Option<String>,
-    #[arg(short, long)]
-    pub user: Option<String>,
-    /// Kill it after this long: 30s, 5m, 1h.
-    #[arg(long, value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub options: CommandOptions,
     /// A name of yours for it, shown by `ps`.
     #[arg(long)]
     pub tag: Option<String>,
@@ -66,12 +57,13 @@ pub struct KillArgs {
 }
 
 pub async fn spawn(client: &Client, a: SpawnArgs) -> anyhow::Result<ExitCode> {
+    let exec = a.options.exec_body(a.command)?;
     let body = StartProcess {
-        argv: a.command,
-        env: crate::cmd::sandbox::pairs(&a.env, "--env")?,
-        workdir: a.workdir,
-        user: a.user,
-        timeout_seconds: a.timeout.map(|d| d.as_secs().max(1)),
+        argv: exec.argv,
+        env: exec.env,
+        workdir: exec.workdir,
+        user: exec.user,
+        timeout_seconds: exec.timeout_seconds,
         open_stdin: false,
         tag: a.tag,
     };

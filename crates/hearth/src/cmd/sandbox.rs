@@ -177,6 +177,35 @@ pub struct LsArgs {
     pub json: bool,
 }
 
+/// How a command runs, for `exec` and `spawn`.
+#[derive(Args, Debug, Clone)]
+pub struct CommandOptions {
+    /// Environment (KEY=VALUE). Repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(short, long = "workdir")]
+    pub workdir: Option<String>,
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Kill it after this long: 30s, 5m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+impl CommandOptions {
+    /// `argv` run this way, as the API's exec body (without stdin).
+    pub fn exec_body(&self, argv: Vec<String>) -> anyhow::Result<ExecBody> {
+        Ok(ExecBody {
+            argv,
+            env: pairs(&self.env, "--env")?,
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            timeout_seconds: self.timeout.map(|d| d.as_secs().max(1)),
+            stdin: None,
+        })
+    }
+}
+
 #[derive(Args, Debug)]
 #[command(trailing_var_arg = true)]
 pub struct ExecArgs {
@@ -187,14 +216,8 @@ pub struct ExecArgs {
     /// follows our window size. Needs stdin to be a terminal (warns and runs without otherwise).
     #[arg(short = 't', long)]
     pub tty: bool,
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    #[arg(short, long = "workdir")]
-    pub workdir: Option<String>,
-    #[arg(short, long)]
-    pub user: Option<String>,
-    #[arg(long, value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub options: CommandOptions,
     pub id: String,
     #[arg(required = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -319,14 +342,7 @@ async fn ls(client: &Client, a: LsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn exec_body(a: &ExecArgs) -> anyhow::Result<ExecBody> {
-    Ok(ExecBody {
-        argv: a.command.clone(),
-        env: pairs(&a.env, "--env")?,
-        workdir: a.workdir.clone(),
-        user: a.user.clone(),
-        timeout_seconds: a.timeout.map(|d| d.as_secs().max(1)),
-        stdin: None,
-    })
+    a.options.exec_body(a.command.clone())
 }
 
 async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -533,7 +549,7 @@ async fn rm(client: &Client, a: RmArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(crate) fn pairs(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+fn pairs(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
     items
         .iter()
         .map(|item| match item.split_once('=') {

@@ -18,6 +18,19 @@ use crate::serve::code::RunCode;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
+/// The argv of a tool's `command` (a shell line, run with `/bin/sh -c`) or `argv`: exactly one.
+pub(super) fn command_argv(
+    command: Option<String>,
+    argv: Option<Vec<String>>,
+) -> anyhow::Result<Vec<String>> {
+    Ok(match (command, argv) {
+        (Some(line), None) => vec!["/bin/sh".to_string(), "-c".to_string(), line],
+        (None, Some(argv)) if !argv.is_empty() => argv,
+        (None, Some(_)) => bail!("argv is empty: give the program and its arguments"),
+        _ => bail!("give exactly one of command (a shell line) and argv (a list)"),
+    })
+}
+
 /// `exec`'s timeout when the model gives none: a tool call should not wait forever.
 const EXEC_TIMEOUT_SECONDS: u64 = 120;
 
@@ -118,14 +131,8 @@ impl SandboxTools {
     }
 
     pub(super) async fn exec_call(&self, p: params::Exec) -> anyhow::Result<Value> {
-        let argv = match (p.command, p.argv) {
-            (Some(line), None) => vec!["/bin/sh".to_string(), "-c".to_string(), line],
-            (None, Some(argv)) if !argv.is_empty() => argv,
-            (None, Some(_)) => bail!("argv is empty: give the program and its arguments"),
-            _ => bail!("give exactly one of command (a shell line) and argv (a list)"),
-        };
         let body = ExecBody {
-            argv,
+            argv: command_argv(p.command, p.argv)?,
             env: p.env,
             workdir: p.workdir,
             user: p.user,

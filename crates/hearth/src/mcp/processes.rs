@@ -2,11 +2,12 @@
 //! server or watcher started in a sandbox runs on between tool calls, and the model reads what it
 //! printed since its last look by the offset it was handed. Answers are bounded like exec's.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use base64::Engine;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::calls::command_argv;
 use super::output::{HeadTail, STREAM_LIMIT};
 use super::params;
 use super::tools::SandboxTools;
@@ -19,14 +20,8 @@ impl SandboxTools {
         &self,
         p: params::StartProcess,
     ) -> anyhow::Result<Value> {
-        let argv = match (p.command, p.argv) {
-            (Some(line), None) => vec!["/bin/sh".to_string(), "-c".to_string(), line],
-            (None, Some(argv)) if !argv.is_empty() => argv,
-            (None, Some(_)) => bail!("argv is empty: give the program and its arguments"),
-            _ => bail!("give exactly one of command (a shell line) and argv (a list)"),
-        };
         let body = StartProcess {
-            argv,
+            argv: command_argv(p.command, p.argv)?,
             env: p.env,
             workdir: p.workdir,
             user: p.user,

@@ -243,15 +243,8 @@ def start_process(id: str, body: Mapping[str, Any]) -> Op[ProcessInfo]:
 def process_body(command: Command, *, env: Optional[Mapping[str, str]], cwd: Optional[str],
                  user: Optional[str], timeout: Optional[float], stdin: bool,
                  tag: Optional[str]) -> dict[str, Any]:
-    return _drop_none({
-        "argv": argv(command),
-        "env": dict(env or {}),
-        "workdir": cwd,
-        "user": user,
-        "timeout_seconds": seconds(timeout, "timeout"),
-        "open_stdin": stdin,
-        "tag": tag,
-    })
+    body = exec_body(command, env=env, cwd=cwd, user=user, timeout=timeout)
+    return _drop_none({**body, "open_stdin": stdin, "tag": tag})
 
 
 def list_processes(id: str) -> Op[list[ProcessInfo]]:
