@@ -4,7 +4,8 @@
 //! Through the gateway, with the real CLI as the client: two sandboxes are created (Service
 //! Sandbox objects in the tenant's namespace), each gets an exec with its output and exit code, a
 //! file goes up and comes back down unchanged, stdin flows over the exec WebSocket (`exec -i`) and a
-//! terminal over a raw WebSocket (`"tty": true`); another tenant sees none of it (404 for the ids,
+//! terminal over a raw WebSocket (`"tty": true`), a background process is started and its output
+//! followed to its exit code (`spawn`, `logs -f`); another tenant sees none of it (404 for the ids,
 //! an empty list, its exec refused); one is paused and resumed (its files survive); fork answers
 //! 501; a third, created to pause when idle, sleeps (phase Paused) and is woken by an exec and by
 //! the gateway's resume, and a pause of it asleep declares it paused (an exec no longer wakes it);
@@ -220,6 +221,19 @@ fn sandboxes_through_the_gateway_on_two_nodes_with_tenants_kept_apart() {
         );
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "through the websocket\n");
+
+        // A background process through the gateway: started, then its output followed to the end.
+        let script = "echo in the background; exit 3";
+        let out = cli(&url, ALICE, &["spawn", id, "--", "sh", "-c", script], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let n = text(&out.stdout).trim().to_owned();
+        let out = cli(&url, ALICE, &["logs", id, &n, "-f"], None);
+        assert_eq!(
+            (out.status.code(), text(&out.stdout).as_str()),
+            (Some(3), "in the background\n"),
+            "{}",
+            text(&out.stderr)
+        );
     }
 
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -345,7 +345,7 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
     let (status, paused) = d.json(Method::POST, &pause, Some(ALICE), None).await;
     assert_eq!(status, 200, "{paused}");
     d.kill9();
-    let mut d = Daemon::start(&home, &[]);
+    let d = Daemon::start(&home, &[]);
     let (status, resumed) = d.json(Method::POST, &resume, Some(ALICE), None).await;
     assert_eq!(status, 200, "{resumed}\n{}", d.log_text());
     let after_crash = run(&d, &id, "u").await;
@@ -359,18 +359,7 @@ async fn a_sandbox_keeps_one_interpreter_across_calls() {
     // A daemon stopped (SIGTERM): the next re-attaches the running sandbox and its interpreter,
     // which the agent kept waiting. (`kill -9` leaves it waiting the same way: as above.)
     run(&d, &id, "v = 1").await;
-    assert!(
-        d.terminate(Duration::from_secs(60)).success(),
-        "{}",
-        d.log_text()
-    );
-    let d = Daemon::start(&home, &[]);
-    let record = d
-        .wait_for(ALICE, &id, Duration::from_secs(60), |s| {
-            s["state"] == "running"
-        })
-        .await;
-    assert_eq!(record["state"], "running", "{record}\n{}", d.log_text());
+    let d = d.restart(&home, &[], ALICE, &id).await;
     let after_restart = run(&d, &id, "'v' in dir()").await;
     assert_eq!(
         (&after_restart["result"], &after_restart["restarted"]),

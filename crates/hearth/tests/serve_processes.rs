@@ -105,7 +105,7 @@ async fn ticks_past(d: &Daemon, id: &str, n: u64, after: u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
     let home = Home::new(TOKENS);
-    let mut d = Daemon::start(&home, &[]);
+    let d = Daemon::start(&home, &[]);
     let s = d
         .create_running(ALICE, json!({"image": image("busybox")}))
         .await;
@@ -411,18 +411,7 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
     assert_eq!(status, 400);
 
     // A daemon restart (SIGTERM): the next daemon attaches to the counter again, output flowing.
-    assert!(
-        d.terminate(Duration::from_secs(60)).success(),
-        "{}",
-        d.log_text()
-    );
-    let d = Daemon::start(&home, &[]);
-    let record = d
-        .wait_for(ALICE, &id, Duration::from_secs(60), |s| {
-            s["state"] == "running"
-        })
-        .await;
-    assert_eq!(record["state"], "running", "{record}\n{}", d.log_text());
+    let d = d.restart(&home, &[], ALICE, &id).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let restarted = loop {
         let (_, out, _, _) = output(&d, &id, 1, "offset=0").await;

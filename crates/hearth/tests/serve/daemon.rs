@@ -343,6 +343,21 @@ impl Daemon {
         }
     }
 
+    /// Stops this daemon with SIGTERM (asserting a clean exit) and starts the next on the same
+    /// home with the same `args`; returns it once `token`'s sandbox `id` runs again under it.
+    pub async fn restart(mut self, home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
+        let status = tokio::task::block_in_place(|| self.terminate(Duration::from_secs(60)));
+        assert!(status.success(), "{status:?}\n{}", self.log_text());
+        let next = Daemon::start(home, args);
+        let record = next
+            .wait_for(token, id, Duration::from_secs(60), |s| {
+                s["state"] == "running"
+            })
+            .await;
+        assert_eq!(record["state"], "running", "{record}\n{}", next.log_text());
+        next
+    }
+
     /// SIGTERM, then wait for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
