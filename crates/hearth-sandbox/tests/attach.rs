@@ -27,8 +27,13 @@ fn heartbeat(name: &str) -> String {
     format!("while true; do date +%s%N > /dev/shm/{name}; sleep 1; done")
 }
 
-/// Whether `/dev/shm/<name>` changes within 3 s.
+/// Whether `/dev/shm/<name>` changes within 3 s (once it exists: a heartbeat just started may not
+/// have written it yet, under load).
 async fn beats(sandbox: &Sandbox, name: &str) -> bool {
+    let wait = format!(
+        "i=0; until [ -e /dev/shm/{name} ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done"
+    );
+    ok(sandbox, &wait).await;
     let read = format!("cat /dev/shm/{name}");
     let before = ok(sandbox, &read).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
