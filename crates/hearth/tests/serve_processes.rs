@@ -5,7 +5,8 @@
 //! has its own copy, still running) and a daemon restart keep a counting process running and its
 //! output flowing; the bound of 16 running per sandbox evicts ended ones first, then refuses;
 //! removing kills; the CLI's spawn, logs, ps and kill; unknown processes, another tenant and bad
-//! input are refused.
+//! input are refused. With an idle timeout (a second VM): a `keep_awake` process holds the sandbox
+//! up until it ends, one that is not does not, and a client reading output does while it reads.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -431,5 +432,66 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         (&counter["running"], &counter["tag"], &counter["argv"][2]),
         (&json!(true), &json!("counter"), &json!(COUNTER)),
         "{counter}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_awake_processes_and_readers_hold_off_the_idle_timeout() {
+    let home = Home::new(TOKENS);
+    let d = Daemon::start(&home, &[]);
+    let body = json!({"image": image("busybox"), "idle_timeout_seconds": 3, "on_idle": "pause"});
+    let id = d.create_running(ALICE, body).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let asleep = |s: &Value| s["state"] == "paused";
+
+    // A keep_awake build holds the sandbox up while it runs, though nothing else uses it; once
+    // it ended the idle timeout pauses the sandbox, and its output is read without waking it.
+    let argv = json!(["sh", "-c", "sleep 8; echo built"]);
+    let build = start(&d, &id, json!({"argv": argv, "keep_awake": true})).await;
+    assert_eq!(build["keep_awake"], true, "{build}");
+    let started = Instant::now();
+    let record = d
+        .wait_for(ALICE, &id, Duration::from_secs(40), asleep)
+        .await;
+    assert_eq!(record["state"], "paused", "{record}\n{}", d.log_text());
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "paused {:?} after the start, with the build still running",
+        started.elapsed()
+    );
+    let (_, out, _, last) = output(&d, &id, 1, "offset=0").await;
+    assert_eq!((out.as_str(), &last["exit_code"]), ("built\n", &json!(0)));
+    assert_eq!(
+        d.record(ALICE, &id).await["state"],
+        "paused",
+        "a read woke it"
+    );
+
+    // Woken by an exec. A process that is not keep_awake does not hold it up, but a client
+    // reading its output does, for as long as it reads.
+    let (status, _, _) = d.exec_sh(ALICE, &id, "true").await;
+    assert_eq!(status, 200);
+    let server = start(&d, &id, json!({"argv": ["sleep", "600"]})).await;
+    let n = server["id"].as_u64().unwrap();
+    let reading = Instant::now();
+    while reading.elapsed() < Duration::from_secs(7) {
+        output(&d, &id, n, "offset=0").await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let record = d.record(ALICE, &id).await;
+    assert_eq!(
+        record["state"], "running",
+        "reading its output is a use: {record}"
+    );
+    let record = d
+        .wait_for(ALICE, &id, Duration::from_secs(40), asleep)
+        .await;
+    assert_eq!(record["state"], "paused", "{record}\n{}", d.log_text());
+    let server = process(&d, &id, n).await;
+    assert_eq!(
+        server["running"], true,
+        "it sleeps with its sandbox: {server}"
     );
 }

@@ -25,7 +25,8 @@ def _output_until(sb: hearth.Sandbox, id: int, needle: str) -> hearth.ProcessOut
 
 def test_a_process_runs_on_and_its_output_is_read_later(sandbox: hearth.Sandbox) -> None:
     p = sandbox.processes.start(COUNTER, tag="counter")
-    assert (p.running, p.tag, p.argv) == (True, "counter", ["sh", "-c", COUNTER]), p
+    assert (p.running, p.tag, p.argv, p.keep_awake) == (True, "counter", ["sh", "-c", COUNTER],
+                                                         False), p
     out = _output_until(sandbox, p.id, "tick 2")
     assert out.text.startswith("tick 0\ntick 1\n"), out
     assert (out.start, out.ended) == (0, False)

@@ -22,6 +22,9 @@ pub struct SpawnArgs {
     /// A name of yours for it, shown by `ps`.
     #[arg(long)]
     pub tag: Option<String>,
+    /// Keep the sandbox from its idle timeout while this runs (a build you wait for).
+    #[arg(long)]
+    pub keep_awake: bool,
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -66,6 +69,7 @@ pub async fn spawn(client: &Client, a: SpawnArgs) -> anyhow::Result<ExitCode> {
         timeout_seconds: exec.timeout_seconds,
         open_stdin: false,
         tag: a.tag,
+        keep_awake: a.keep_awake,
     };
     let process = client.start_process(&a.id, &body).await?;
     println!("{}", process.id);

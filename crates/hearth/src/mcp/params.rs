@@ -105,6 +105,10 @@ pub struct StartProcess {
     pub timeout_seconds: Option<u64>,
     /// A name of yours for it (at most 64 bytes).
     pub tag: Option<String>,
+    /// Keep the sandbox from its idle timeout while it runs (for a build you will wait for; a
+    /// server should not: it would keep the sandbox up forever).
+    #[serde(default)]
+    pub keep_awake: bool,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -28,6 +28,7 @@ impl SandboxTools {
             timeout_seconds: p.timeout_seconds,
             open_stdin: false,
             tag: p.tag,
+            keep_awake: p.keep_awake,
         };
         let process = self.client.start_process(&p.sandbox_id, &body).await?;
         Ok(json!({

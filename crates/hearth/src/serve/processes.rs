@@ -1,9 +1,10 @@
 //! `/v1/sandboxes/{id}/processes`: background processes, commands that run on after the call that
 //! started them has answered, whose output the daemon keeps (the last 1 MiB of each) to be read
 //! later from an offset or followed. Thin handlers over `Node::start_process` and its siblings,
-//! whose module documents the choices: 16 per sandbox, not counted as activity by the idle timeout,
-//! kept across pauses, forks and daemon restarts. Reads (list, one, output) are answered from the
-//! daemon's memory and do not wake a sandbox its idle timeout paused; the rest do.
+//! whose module documents the choices: 16 per sandbox, not a use of the sandbox for its idle
+//! timeout unless started `keep_awake`, kept across pauses, forks and daemon restarts. Reads (list,
+//! one, output) are answered from the daemon's memory and do not wake a sandbox its idle timeout
+//! paused (they count as a use of a running one); the rest do.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -51,6 +52,11 @@ pub struct StartProcess {
     /// A name of the caller's, at most 64 bytes (listed, not interpreted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+    /// Count as a use of the sandbox while it runs, so that its idle timeout waits for it (a build
+    /// you wait for). Default: it does not (a server waiting for requests would keep its sandbox
+    /// awake forever); the sandbox sleeps with it and it goes on after the wake.
+    #[serde(default)]
+    pub keep_awake: bool,
 }
 
 /// A background process.
@@ -65,6 +71,8 @@ pub struct Process {
     /// Unix milliseconds.
     pub started_at: u64,
     pub running: bool,
+    /// Started with `keep_awake`.
+    pub keep_awake: bool,
     pub exit_code: Option<i32>,
     /// The signal that killed it.
     pub signal: Option<i32>,
@@ -90,6 +98,7 @@ impl From<ProcessInfo> for Process {
             tag: p.tag,
             started_at: p.started_at,
             running: p.running,
+            keep_awake: p.keep_awake,
             exit_code: p.exit_code,
             signal: p.signal,
             timed_out: p.timed_out,
@@ -175,7 +184,7 @@ pub async fn start(
     let spec = exec_spec(exec, body.open_stdin)?;
     let info = state
         .node
-        .start_process(&tenant.name, &id, spec, body.tag)
+        .start_process(&tenant.name, &id, spec, body.tag, body.keep_awake)
         .await?;
     Ok((StatusCode::CREATED, Json(info.into())))
 }

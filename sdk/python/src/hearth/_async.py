@@ -312,12 +312,13 @@ class AsyncProcesses:
     async def start(self, command: Command, *, env: Optional[Mapping[str, str]] = None,
                     cwd: Optional[str] = None, user: Optional[str] = None,
                     timeout: Optional[float] = None, stdin: bool = False,
-                    tag: Optional[str] = None) -> ProcessInfo:
+                    tag: Optional[str] = None,
+                    keep_awake: bool = False) -> ProcessInfo:
         """Starts ``command``; ``stdin=True`` keeps a pipe open for :meth:`send_stdin`, ``timeout``
         kills it after that many seconds, ``tag`` is a name of yours (at most 64 bytes).
         :class:`LimitReached` when the sandbox already runs 16."""
         body = _ops.process_body(command, env=env, cwd=cwd, user=user, timeout=timeout,
-                                 stdin=stdin, tag=tag)
+                                 stdin=stdin, tag=tag, keep_awake=keep_awake)
         return await self._sb._client.call(_ops.start_process(self._sb.id, body))
 
     async def list(self) -> builtins.list[ProcessInfo]:

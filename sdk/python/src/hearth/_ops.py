@@ -242,9 +242,9 @@ def start_process(id: str, body: Mapping[str, Any]) -> Op[ProcessInfo]:
 
 def process_body(command: Command, *, env: Optional[Mapping[str, str]], cwd: Optional[str],
                  user: Optional[str], timeout: Optional[float], stdin: bool,
-                 tag: Optional[str]) -> dict[str, Any]:
+                 tag: Optional[str], keep_awake: bool) -> dict[str, Any]:
     body = exec_body(command, env=env, cwd=cwd, user=user, timeout=timeout)
-    return _drop_none({**body, "open_stdin": stdin, "tag": tag})
+    return _drop_none({**body, "open_stdin": stdin, "tag": tag, "keep_awake": keep_awake})
 
 
 def list_processes(id: str) -> Op[list[ProcessInfo]]:

@@ -226,6 +226,8 @@ class ProcessInfo:
     started_at: int
     """Unix milliseconds."""
     running: bool
+    keep_awake: bool
+    """Started with ``keep_awake``: a use of its sandbox while it runs."""
     exit_code: Optional[int]
     signal: Optional[int]
     timed_out: bool
@@ -246,6 +248,7 @@ class ProcessInfo:
             tag=tag if isinstance(tag, str) else None,
             started_at=int(value.get("started_at", 0)),
             running=bool(value.get("running", False)),
+            keep_awake=bool(value.get("keep_awake", False)),
             exit_code=_int_or_none(value.get("exit_code")),
             signal=_int_or_none(value.get("signal")),
             timed_out=bool(value.get("timed_out", False)),

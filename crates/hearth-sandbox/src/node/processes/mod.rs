@@ -5,9 +5,12 @@
 //! background commands and Daytona session commands.
 //!
 //! Each is an exec like any other, started `attachable` and labelled [`LABEL_PREFIX`]`N`, read by a
-//! pump task ([`process`]) that keeps its output. It is not a running exec for the idle timeout (a
-//! server waiting for requests must not keep its sandbox awake forever): a sandbox whose idle
-//! timeout pauses it pauses with its processes, and they go on after the wake. They survive what
+//! pump task ([`process`]) that keeps its output. It is not a use of its sandbox for the idle
+//! timeout (a server waiting for requests must not keep its sandbox awake forever): a sandbox whose
+//! idle timeout pauses it pauses with its processes, and they go on after the wake. Unless it was
+//! started `keep_awake` (a build the caller waits for): then, while it runs, it marks its sandbox
+//! used every few seconds. A caller reading a process (its list, its output, following it) uses
+//! the sandbox too, so one that polls a build's output keeps it awake. They survive what
 //! the code interpreter survives, the same way (the agent parks an attachable exec whose host went,
 //! and the node attaches to it again): a pause and resume (the snapshot names them in [`SAVED`]), a
 //! fork (each child attaches to its own copies; its kept output starts at the fork), and a daemon
@@ -60,6 +63,8 @@ pub struct ProcessInfo {
     /// Unix ms.
     pub started_at: u64,
     pub running: bool,
+    /// Counts as a use of its sandbox while it runs.
+    pub keep_awake: bool,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     /// Its timeout killed it.
@@ -195,14 +200,15 @@ impl Table {
 }
 
 impl Node {
-    /// Starts `spec` in the sandbox as a background process, named `tag` if given; answers once
-    /// it runs.
+    /// Starts `spec` in the sandbox as a background process, named `tag` if given, a use of the
+    /// sandbox while it runs if `keep_awake`; answers once it runs.
     pub async fn start_process(
         &self,
         tenant: &str,
         id: &str,
         mut spec: ExecSpec,
         tag: Option<String>,
+        keep_awake: bool,
     ) -> Result<ProcessInfo, NodeError> {
         if let Some(tag) = &tag {
             if tag.len() > MAX_TAG || tag.chars().any(char::is_control) {
@@ -246,6 +252,7 @@ impl Node {
             tag,
             started_at: now_ms(),
             stdin,
+            keep_awake,
         };
         let process = Process::new(meta, table.record.clone());
         process.pump(handle);
@@ -260,9 +267,9 @@ impl Node {
     }
 
     /// The sandbox's background processes, oldest first. Answered from the node's memory, so a
-    /// paused sandbox is not woken.
+    /// paused sandbox is not woken; a running one counts as used.
     pub fn processes(&self, tenant: &str, id: &str) -> Result<Vec<ProcessInfo>, NodeError> {
-        self.table().visible(tenant, id)?;
+        self.table().visible(tenant, id)?.activity.touch();
         Ok(self
             .processes
             .existing(id)
@@ -437,14 +444,15 @@ impl Node {
         Ok(self.processes.table(id, &target.activity, self.run_dir(id)))
     }
 
-    /// A process of the tenant's sandbox `id`, in any state.
+    /// A process of the tenant's sandbox `id`, in any state; the sandbox counts as used (a paused
+    /// one does not wake, and its paused time is not idle time anyway).
     fn known_process(
         &self,
         tenant: &str,
         id: &str,
         process: u32,
     ) -> Result<Arc<Process>, NodeError> {
-        self.table().visible(tenant, id)?;
+        self.table().visible(tenant, id)?.activity.touch();
         self.processes
             .existing(id)
             .ok_or_else(|| no_process(id, process))?

@@ -21,6 +21,9 @@ use crate::node::exec::Activity;
 use crate::node::lock_ignoring_poison;
 use crate::Sandbox;
 
+/// How often a `keep_awake` process marks its sandbox used, and a reader following output does.
+const AWAKE_TICK: Duration = Duration::from_secs(2);
+
 /// How long an attach waits for the pump on the old VM's channel to end.
 const OLD_PUMP: Duration = Duration::from_secs(2);
 
@@ -41,6 +44,9 @@ pub(in crate::node) struct Meta {
     pub started_at: u64,
     /// Started with a stdin pipe the caller writes to.
     pub stdin: bool,
+    /// Counts as a use of its sandbox while it runs (the idle timeout waits for it).
+    #[serde(default)]
+    pub keep_awake: bool,
 }
 
 pub(super) struct Process {
@@ -85,10 +91,18 @@ impl Process {
             .take_stdin()
             .map(|s| Arc::new(tokio::sync::Mutex::new(Some(s))));
         let me = Arc::downgrade(self);
+        let (keep_awake, record) = (self.meta.keep_awake, self.record.clone());
         let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(AWAKE_TICK);
             loop {
                 let next = tokio::select! {
                     _ = &mut leaving => return handle.disconnect(),
+                    _ = tick.tick(), if keep_awake => {
+                        if let Some(activity) = record.upgrade() {
+                            activity.touch();
+                        }
+                        continue;
+                    }
                     next = handle.next_output() => next,
                 };
                 let Some(process) = me.upgrade() else {
@@ -188,6 +202,7 @@ impl Process {
             tag: self.meta.tag.clone(),
             started_at: self.meta.started_at,
             running: state.exit.is_none() && state.lost.is_none(),
+            keep_awake: self.meta.keep_awake,
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal),
             timed_out: state.exit.is_some_and(|e| e.timed_out),
@@ -271,6 +286,12 @@ impl OutputReader {
             if self.done {
                 return None;
             }
+            if self.follow {
+                // A client following the output is using the sandbox (a paused one ignores it).
+                if let Some(activity) = self.process.record.upgrade() {
+                    activity.touch();
+                }
+            }
             self.changes.borrow_and_update();
             let ended = {
                 let state = lock_ignoring_poison(&self.process.state);
@@ -293,7 +314,7 @@ impl OutputReader {
                 return None;
             }
             // Woken by a change; a sandbox deleted meanwhile is noticed within a few seconds.
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.changes.changed()).await;
+            let _ = tokio::time::timeout(AWAKE_TICK, self.changes.changed()).await;
         }
     }
 }
