@@ -4,7 +4,8 @@
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
 //! has its own copy, still running) and a daemon restart keep a counting process running and its
 //! output flowing; the bound of 16 running per sandbox evicts ended ones first, then refuses;
-//! removing kills; the CLI's spawn, logs, ps and kill; unknown processes, another tenant and bad
+//! removing kills; a process whose sandbox failed is lost and its follower told so; the CLI's
+//! spawn, logs, ps and kill; unknown processes, another tenant and bad
 //! input are refused. With an idle timeout (a second VM): a `keep_awake` process holds the sandbox
 //! up until it ends, one that is not does not, and a client reading output does while it reads.
 
@@ -433,6 +434,34 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         (&json!(true), &json!("counter"), &json!(COUNTER)),
         "{counter}"
     );
+
+    // Its sandbox failing (the VMM killed) loses the counter with it, and a client following its
+    // output is told so instead of waiting for ever.
+    let from = format!("offset={}&follow=true", counter["output_bytes"]);
+    let follow = output(&d, &id, 1, &from);
+    let crash = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let vmm = daemon::processes_mentioning(&format!("/sandboxes/{id}/"));
+        let vmm: Vec<u32> = vmm
+            .iter()
+            .filter(|(_, c)| c.contains("qemu"))
+            .map(|(p, _)| *p)
+            .collect();
+        assert!(!vmm.is_empty(), "no VMM of {id} found");
+        for pid in vmm {
+            // SAFETY: kill has no memory-safety preconditions; the pid is the sandbox's VMM.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    };
+    let ((_, _, _, last), ()) = tokio::join!(follow, crash);
+    let error = last["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("its sandbox ended (failed"),
+        "{last}\n{}",
+        d.log_text()
+    );
+    let counter = process(&d, &id, 1).await;
+    assert_eq!(counter["running"], false, "{counter}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

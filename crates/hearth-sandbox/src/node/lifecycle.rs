@@ -295,6 +295,8 @@ impl Node {
             }
             live
         };
+        let why = format!("its sandbox ended ({state}: {reason}) while it ran");
+        self.processes.ended(id, &why);
         self.bump();
         if let Some(sandbox) = live {
             if let Err(e) = sandbox.stop().await {

@@ -16,7 +16,8 @@
 //! fork (each child attaches to its own copies; its kept output starts at the fork), and a daemon
 //! restart while the sandbox runs (the run directory names them in [`SAVED`]; output the old
 //! daemon kept is not carried over). One that is gone when the node attaches again is reported
-//! `lost`, its exit status unknown.
+//! `lost`, its exit status unknown; so are those still running when their sandbox ends (stopped,
+//! failed or deleted), and readers following them stop.
 //!
 //! Bounds: [`MAX_PROCESSES`] per sandbox (ended ones are forgotten, oldest first, to make room;
 //! running ones are not: a start past the bound answers [`NodeError::Limit`]), 1 MiB of output kept
@@ -134,6 +135,17 @@ impl Processes {
         for (_, table) in tables {
             for process in table.list() {
                 process.stop(true);
+            }
+        }
+    }
+
+    /// Sandbox `id` ended (`why`): its processes not known to have ended are lost with it (they
+    /// would otherwise be listed as running, and followed, for as long as its record stays).
+    pub(super) fn ended(&self, id: &str, why: &str) {
+        let table = lock_ignoring_poison(&self.tables).get(id).cloned();
+        if let Some(table) = table {
+            for process in table.list() {
+                process.lose(why);
             }
         }
     }
@@ -316,7 +328,7 @@ impl Node {
                     ", but its process {} {}",
                     process.meta.id,
                     match (process.meta.stdin, process.running()) {
-                        (false, _) => "was started without `stdin`",
+                        (false, _) => "was started without `open_stdin`",
                         (true, true) => "is not attached (its sandbox is coming back)",
                         (true, false) => "has ended",
                     }

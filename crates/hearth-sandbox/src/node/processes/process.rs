@@ -188,6 +188,22 @@ impl Process {
         }
     }
 
+    /// Its sandbox ended (stopped, failed, deleted): unless it is known to have ended, the process
+    /// is lost with it, and readers following it are told so.
+    pub fn lose(&self, why: &str) {
+        let mut state = lock_ignoring_poison(&self.state);
+        if state.exit.is_some() || state.lost.is_some() {
+            return;
+        }
+        state.lost = Some(why.to_owned());
+        state.stdin = None;
+        if let Some(pump) = state.pump.take() {
+            pump.abort();
+        }
+        drop(state);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
     /// The writer of the process's stdin, if it was started with one and is attached.
     pub fn stdin(&self) -> Option<SharedStdin> {
         lock_ignoring_poison(&self.state).stdin.clone()
