@@ -147,8 +147,8 @@ impl Process {
             Err(e) => {
                 let mut state = lock_ignoring_poison(&self.state);
                 state.lost = Some(format!(
-                    "the process was not found when its sandbox came back ({e}); it ended while no \
-                     one was attached, its exit status unknown"
+                    "the process was not found when its sandbox came back ({e}): it ended \
+                     meanwhile, and its exit status is unknown"
                 ));
                 drop(state);
                 self.changed.send_modify(|n| *n += 1);
