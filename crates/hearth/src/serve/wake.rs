@@ -2,9 +2,9 @@
 //! routes that use a running sandbox (exec and its WebSocket, code, files, ports, tunnel, fork)
 //! that asks the node to resume it ([`hearth_sandbox::node::Node::wake`]) before the handler
 //! runs. Reading a sandbox's background processes (`GET .../processes...`) is answered from the
-//! daemon's memory and wakes nothing. A failed resume is the answer (503 capacity, 429 quota, the snapshot's error). A request
-//! that does not authenticate, or names no sandbox of its tenant, passes through untouched: the
-//! handler answers it as it always has.
+//! daemon's memory and wakes nothing. A failed resume is the answer (503 capacity, 429 quota, the
+//! snapshot's error). A request that does not authenticate, or names no sandbox of its tenant,
+//! passes through untouched: the handler answers it as it always has.
 
 use std::collections::HashMap;
 use std::sync::Arc;
