@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use hearth_sandbox::node::Node;
@@ -89,7 +89,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/sandboxes/{id}/network",
             get(network::get).put(network::put),
         )
-        .route("/v1/runs", post(runs::run));
+        .route("/v1/runs", post(runs::run))
+        // Reading background processes is answered from the daemon's memory: a sandbox its idle
+        // timeout paused is not woken (starting, writing to, signalling one is below, and does).
+        .route("/v1/sandboxes/{id}/processes", get(processes::list))
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}",
+            get(processes::get),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/output",
+            get(processes::output),
+        );
     // Routes that use a running sandbox: one its idle timeout paused is resumed first.
     let wake = axum::middleware::from_fn_with_state(state.clone(), wake::on_use);
     let uses = Router::new()
@@ -101,17 +112,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(code::run).delete(code::reset),
         )
         .route("/v1/sandboxes/{id}/files", get(files::get).put(files::put))
-        .route(
-            "/v1/sandboxes/{id}/processes",
-            post(processes::start).get(processes::list),
-        )
+        .route("/v1/sandboxes/{id}/processes", post(processes::start))
         .route(
             "/v1/sandboxes/{id}/processes/{process}",
-            get(processes::get).delete(processes::remove),
-        )
-        .route(
-            "/v1/sandboxes/{id}/processes/{process}/output",
-            get(processes::output),
+            delete(processes::remove),
         )
         .route(
             "/v1/sandboxes/{id}/processes/{process}/stdin",

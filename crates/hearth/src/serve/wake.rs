@@ -1,10 +1,9 @@
 //! Waking a sandbox its idle timeout paused (`on_idle: pause`) before it is used: a layer on the
-//! routes that use a running sandbox (exec and its WebSocket, code, files, ports, tunnel, fork)
-//! that asks the node to resume it ([`hearth_sandbox::node::Node::wake`]) before the handler
-//! runs. Reading a sandbox's background processes (`GET .../processes...`) is answered from the
-//! daemon's memory and wakes nothing. A failed resume is the answer (503 capacity, 429 quota, the
-//! snapshot's error). A request that does not authenticate, or names no sandbox of its tenant,
-//! passes through untouched: the handler answers it as it always has.
+//! routes that use a running sandbox (exec and its WebSocket, code, files, ports, tunnel, fork,
+//! starting and driving background processes, but not reading them) that asks the node to resume
+//! it ([`hearth_sandbox::node::Node::wake`]) before the handler runs. A failed resume is the answer (503 capacity, 429 quota, the snapshot's error). A request
+//! that does not authenticate, or names no sandbox of its tenant, passes through untouched: the
+//! handler answers it as it always has.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,13 +24,6 @@ pub async fn on_use(
     request: Request,
     next: Next,
 ) -> Response {
-    let reads_processes = request.method() == axum::http::Method::GET
-        && params.as_ref().is_ok_and(|Path(p)| {
-            p.contains_key("process") || request.uri().path().ends_with("/processes")
-        });
-    if reads_processes {
-        return next.run(request).await;
-    }
     if let (Ok(Authenticated(tenant)), Ok(Path(params))) = (tenant, params) {
         if let Some(id) = params.get("id") {
             if let Err(e) = state.node.wake(&tenant, id).await {
