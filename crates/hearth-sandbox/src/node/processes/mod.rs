@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
 
-use super::exec::Activity;
+use super::exec::{Activity, Target};
 use super::{lock_ignoring_poison, now_ms, ExecSpec, Node, NodeError};
 use process::{Meta, Process};
 
@@ -234,7 +234,7 @@ impl Node {
                 "a background process has no terminal".into(),
             ));
         }
-        let table = self.processes_of(tenant, id)?;
+        let (_, table) = self.processes_of(tenant, id)?;
         let _starting = table.starting.lock().await;
         let number = {
             let mut procs = lock_ignoring_poison(&table.procs);
@@ -318,7 +318,7 @@ impl Node {
         data: &[u8],
         close: bool,
     ) -> Result<(), NodeError> {
-        let table = self.processes_of(tenant, id)?;
+        let (_, table) = self.processes_of(tenant, id)?;
         let process = table.get(id, process)?;
         let Some(stdin) = process.stdin() else {
             return Err(NodeError::NotRunning {
@@ -368,8 +368,8 @@ impl Node {
                 "signal {signal}: give a signal number from 1 to 64"
             )));
         }
-        let target = self.target(tenant, id)?;
-        let process = self.processes_of(tenant, id)?.get(id, process)?;
+        let (target, table) = self.processes_of(tenant, id)?;
+        let process = table.get(id, process)?;
         if process.running() {
             target
                 .sandbox
@@ -387,8 +387,7 @@ impl Node {
         id: &str,
         process: u32,
     ) -> Result<(), NodeError> {
-        let target = self.target(tenant, id)?;
-        let table = self.processes_of(tenant, id)?;
+        let (target, table) = self.processes_of(tenant, id)?;
         let process = table.get(id, process)?;
         if process.running() {
             // Killed by the agent; an exec that ended meanwhile is no error.
@@ -450,10 +449,11 @@ impl Node {
         }
     }
 
-    /// The table of the tenant's running sandbox `id`.
-    fn processes_of(&self, tenant: &str, id: &str) -> Result<Arc<Table>, NodeError> {
+    /// The tenant's running sandbox `id` and its table, from one look at the node's table.
+    fn processes_of(&self, tenant: &str, id: &str) -> Result<(Target, Arc<Table>), NodeError> {
         let target = self.target(tenant, id)?;
-        Ok(self.processes.table(id, &target.activity, self.run_dir(id)))
+        let table = self.processes.table(id, &target.activity, self.run_dir(id));
+        Ok((target, table))
     }
 
     /// A process of the tenant's sandbox `id`, in any state; the sandbox counts as used (a paused

@@ -70,6 +70,13 @@ struct State {
     leave: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+impl State {
+    /// Known to have ended: its exit status came, or it is lost.
+    fn finished(&self) -> bool {
+        self.exit.is_some() || self.lost.is_some()
+    }
+}
+
 impl Process {
     /// A process known from `meta`, not yet read from (started, or to be attached to).
     pub fn new(meta: Meta, record: Weak<Activity>) -> Arc<Process> {
@@ -159,15 +166,12 @@ impl Process {
     /// Neither ended nor lost, and no pump reads it.
     pub fn detached(&self) -> bool {
         let state = lock_ignoring_poison(&self.state);
-        state.exit.is_none()
-            && state.lost.is_none()
-            && state.pump.as_ref().is_none_or(|p| p.is_finished())
+        !state.finished() && state.pump.as_ref().is_none_or(|p| p.is_finished())
     }
 
     /// Still running (as far as the node knows: a detached one may have ended meanwhile).
     pub fn running(&self) -> bool {
-        let state = lock_ignoring_poison(&self.state);
-        state.exit.is_none() && state.lost.is_none()
+        !lock_ignoring_poison(&self.state).finished()
     }
 
     /// Stops reading: `leave`, the exec is left to the agent as a host that went away would
@@ -192,7 +196,7 @@ impl Process {
     /// is lost with it, and readers following it are told so.
     pub fn lose(&self, why: &str) {
         let mut state = lock_ignoring_poison(&self.state);
-        if state.exit.is_some() || state.lost.is_some() {
+        if state.finished() {
             return;
         }
         state.lost = Some(why.to_owned());
@@ -217,7 +221,7 @@ impl Process {
             argv: self.meta.argv.clone(),
             tag: self.meta.tag.clone(),
             started_at: self.meta.started_at,
-            running: state.exit.is_none() && state.lost.is_none(),
+            running: !state.finished(),
             keep_awake: self.meta.keep_awake,
             exit_code: state.exit.and_then(|e| e.code),
             signal: state.exit.and_then(|e| e.signal),
@@ -319,7 +323,7 @@ impl OutputReader {
                         data,
                     });
                 }
-                state.exit.is_some() || state.lost.is_some()
+                state.finished()
             };
             if ended {
                 self.done = true;
