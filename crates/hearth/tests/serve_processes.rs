@@ -2,8 +2,8 @@
 //! fork child: a process runs on after its start answered and its output is read later from an
 //! offset or followed to its exit; stdin written and closed; stdout and stderr kept apart; a
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
-//! has its own copy, still running) and a daemon restart keep a counting process running and its
-//! output flowing; the bound of 16 running per sandbox evicts ended ones first, then refuses;
+//! has its own copy, still running), a daemon restart and a daemon crash keep a counting process
+//! running and its output flowing, and each next daemon has the output the old one kept; the bound of 16 running per sandbox evicts ended ones first, then refuses;
 //! removing kills; a process whose sandbox failed is lost and its follower told so; the CLI's
 //! spawn, logs, ps and kill; unknown processes, another tenant and bad
 //! input are refused. With an idle timeout (a second VM): a `keep_awake` process holds the sandbox
@@ -412,22 +412,27 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         .await;
     assert_eq!(status, 400);
 
-    // A daemon restart (SIGTERM): the next daemon attaches to the counter again, output flowing.
+    // A daemon restart (SIGTERM), then a crash (SIGKILL): each time the next daemon has the output
+    // the old one kept, at the same offsets, and attaches to the counter again, output flowing.
+    let (_, before, _, _) = output(&d, &id, 1, "offset=0").await;
     let d = d.restart(&home, &[], ALICE, &id).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let restarted = loop {
-        let (_, out, _, _) = output(&d, &id, 1, "offset=0").await;
-        if out.lines().count() >= 3 {
-            break out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no output after the restart\n{}",
-            d.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    assert!(last_tick(&restarted) > after_fork, "{restarted:?}");
+    let (offset, kept, _, _) = output(&d, &id, 1, "offset=0").await;
+    assert!(
+        offset == 0 && kept.starts_with(&before),
+        "the output before the restart is gone: {offset} {kept:?}\n{}",
+        d.log_text()
+    );
+    let restarted = ticks_past(&d, &id, 1, last_tick(&before)).await;
+    assert!(restarted > after_fork);
+    let (_, before, _, _) = output(&d, &id, 1, "offset=0").await;
+    let d = d.crash_and_restart(&home, &[], ALICE, &id).await;
+    let (offset, kept, _, _) = output(&d, &id, 1, "offset=0").await;
+    assert!(
+        offset == 0 && kept.starts_with(&before),
+        "the output before the crash is gone: {offset} {kept:?}\n{}",
+        d.log_text()
+    );
+    ticks_past(&d, &id, 1, last_tick(&before)).await;
     let counter = process(&d, &id, 1).await;
     assert_eq!(
         (&counter["running"], &counter["tag"], &counter["argv"][2]),

@@ -125,6 +125,7 @@ impl Node {
         let records = store.load_all()?;
         let images = hearth_image::ImageStore::open(&config.home)?;
         let boots = BootSlots::new(config.max_concurrent_boots);
+        let home = config.home.clone();
         let node = Arc::new_cyclic(|me| Node {
             me: me.clone(),
             config,
@@ -136,7 +137,7 @@ impl Node {
             counters: Mutex::new(Counters::default()),
             reaper: Mutex::new(None),
             interpreters: Default::default(),
-            processes: Default::default(),
+            processes: processes::Processes::new(home.join("node").join("processes")),
             _lock: lock,
         });
         node.check_pools()?;

@@ -118,6 +118,8 @@ impl Node {
         }
         self.remove_unowned(&owned).await?;
         self.remove_unowned_snapshots(&paused);
+        self.processes
+            .remove_unowned(|id| owned.contains(id) || paused.contains(id));
         self.remove_fork_snapshots();
         self.remove_stale_templates();
         Ok(())

@@ -82,8 +82,7 @@ pub struct Process {
     /// resume, a fork or a daemon restart).
     pub lost: Option<String>,
     /// Bytes of output produced, stdout and stderr together: the offset after its last byte (counted
-    /// from the fork in a fork's child, from the daemon's start for a process an earlier daemon
-    /// started).
+    /// from the fork in a fork's child; a restarted daemon goes on counting where the old one was).
     pub output_bytes: u64,
     /// Of those, bytes no longer kept (beyond the last 1 MiB).
     pub output_dropped: u64,

@@ -309,7 +309,6 @@ impl Daemon {
         }
     }
 
-    /// SIGKILL, as a crash would.
     /// Runs `hearth sandbox ARGS` against this daemon as `token`, with `stdin` fed and closed
     /// (within 120 s).
     pub async fn cli(&self, home: &Home, token: &str, args: &[&str], stdin: &[u8]) -> CliOutput {
@@ -336,6 +335,7 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -348,6 +348,23 @@ impl Daemon {
     pub async fn restart(mut self, home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
         let status = tokio::task::block_in_place(|| self.terminate(Duration::from_secs(60)));
         assert!(status.success(), "{status:?}\n{}", self.log_text());
+        Daemon::next(home, args, token, id).await
+    }
+
+    /// Kills this daemon with SIGKILL, as a crash would, and starts the next as
+    /// [`Daemon::restart`] does.
+    pub async fn crash_and_restart(
+        mut self,
+        home: &Home,
+        args: &[&str],
+        token: &str,
+        id: &str,
+    ) -> Daemon {
+        self.kill9();
+        Daemon::next(home, args, token, id).await
+    }
+
+    async fn next(home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
         let next = Daemon::start(home, args);
         let record = next
             .wait_for(token, id, Duration::from_secs(60), |s| {

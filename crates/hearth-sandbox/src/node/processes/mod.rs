@@ -14,14 +14,16 @@
 //! the code interpreter survives, the same way (the agent parks an attachable exec whose host went,
 //! and the node attaches to it again): a pause and resume (the snapshot names them in [`SAVED`]), a
 //! fork (each child attaches to its own copies; its kept output starts at the fork), and a daemon
-//! restart while the sandbox runs (the run directory names them in [`SAVED`]; output the old
-//! daemon kept is not carried over). One that is gone when the node attaches again is reported
-//! `lost`, its exit status unknown; so are those still running when their sandbox ends (stopped,
-//! failed or deleted), and readers following them stop.
+//! restart, graceful or not, while the sandbox runs or is paused (the run directory or the
+//! snapshot names them in [`SAVED`]; the output the old daemon kept comes back from their
+//! [`journal`]s, in `$HEARTH_HOME/node/processes/SANDBOX/`, at the same offsets). One that is gone
+//! when the node attaches again is reported `lost`, its exit status unknown; so are those still
+//! running when their sandbox ends (stopped, failed or deleted), and readers following them stop.
 //!
 //! Bounds: [`MAX_PROCESSES`] per sandbox (ended ones are forgotten, oldest first, to make room;
 //! running ones are not: a start past the bound answers [`NodeError::Limit`]), 1 MiB of output kept
-//! each; the agent's own bound on execs per sandbox counts them too.
+//! each in memory and at most 2 MiB on disk while it runs (its journal goes when it ends, is
+//! forgotten or its sandbox ends); the agent's own bound on execs per sandbox counts them too.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -38,6 +40,7 @@ use process::{Meta, Process};
 pub use output::Stream;
 pub use process::{OutputEvent, OutputReader};
 
+mod journal;
 mod output;
 mod process;
 
@@ -72,17 +75,17 @@ pub struct ProcessInfo {
     pub timed_out: bool,
     /// Why it is lost (its exit status unknown), when it is.
     pub lost: Option<String>,
-    /// Bytes of output produced, stdout and stderr together (since the fork, for a fork's child;
-    /// since the daemon started, for one an earlier daemon started).
+    /// Bytes of output produced, stdout and stderr together (since the fork, for a fork's child).
     pub output_bytes: u64,
     /// Of those, bytes no longer kept.
     pub output_dropped: u64,
 }
 
 /// Every sandbox's background processes, by sandbox id.
-#[derive(Default)]
 pub(super) struct Processes {
     tables: Mutex<HashMap<String, Arc<Table>>>,
+    /// Where each sandbox's journal directory is (`$HEARTH_HOME/node/processes`).
+    journals: PathBuf,
 }
 
 struct Table {
@@ -90,6 +93,8 @@ struct Table {
     record: Weak<Activity>,
     /// Where [`SAVED`] is kept while the sandbox runs.
     run_dir: PathBuf,
+    /// Its processes' journals.
+    journal: PathBuf,
     procs: Mutex<Procs>,
     /// Held by a start across its exec, so the bound holds.
     starting: tokio::sync::Mutex<()>,
@@ -102,6 +107,14 @@ struct Procs {
 }
 
 impl Processes {
+    /// Keeping journals in `journals`.
+    pub(super) fn new(journals: PathBuf) -> Processes {
+        Processes {
+            tables: Default::default(),
+            journals,
+        }
+    }
+
     /// Sandbox `id`'s table, made if missing; drops the tables of sandboxes the node forgot.
     fn table(&self, id: &str, record: &Arc<Activity>, run_dir: PathBuf) -> Arc<Table> {
         let mut tables = lock_ignoring_poison(&self.tables);
@@ -112,6 +125,7 @@ impl Processes {
                 Arc::new(Table {
                     record: Arc::downgrade(record),
                     run_dir,
+                    journal: self.journals.join(id),
                     procs: Mutex::new(Procs {
                         list: Vec::new(),
                         next: 1,
@@ -140,12 +154,28 @@ impl Processes {
     }
 
     /// Sandbox `id` ended (`why`): its processes not known to have ended are lost with it (they
-    /// would otherwise be listed as running, and followed, for as long as its record stays).
+    /// would otherwise be listed as running, and followed, for as long as its record stays), and
+    /// their journals go (no daemon attaches to them again).
     pub(super) fn ended(&self, id: &str, why: &str) {
         let table = lock_ignoring_poison(&self.tables).get(id).cloned();
         if let Some(table) = table {
             for process in table.list() {
                 process.lose(why);
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.journals.join(id));
+    }
+
+    /// Removes the journals of sandboxes `keep` refuses (left by sandboxes that ended while no
+    /// daemon ran, or by a daemon killed as one ended).
+    pub(super) fn remove_unowned(&self, keep: impl Fn(&str) -> bool) {
+        let Ok(entries) = std::fs::read_dir(&self.journals) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !keep(&entry.file_name().to_string_lossy()) {
+                tracing::info!(path = %entry.path().display(), "removing journals no sandbox owns");
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
@@ -178,7 +208,11 @@ impl Table {
         for meta in metas {
             if procs.list.iter().all(|p| p.meta.id != meta.id) {
                 procs.next = procs.next.max(meta.id.saturating_add(1));
-                procs.list.push(Process::new(meta, self.record.clone()));
+                procs.list.push(Process::restored(
+                    meta,
+                    self.record.clone(),
+                    self.journal.clone(),
+                ));
             }
         }
     }
@@ -240,7 +274,7 @@ impl Node {
             let mut procs = lock_ignoring_poison(&table.procs);
             if procs.list.len() >= MAX_PROCESSES {
                 match procs.list.iter().position(|p| !p.running()) {
-                    Some(ended) => drop(procs.list.remove(ended)),
+                    Some(ended) => procs.list.remove(ended).forget(),
                     None => {
                         return Err(NodeError::Limit(format!(
                             "sandbox {id} already runs {MAX_PROCESSES} background processes; \
@@ -266,7 +300,7 @@ impl Node {
             stdin,
             keep_awake,
         };
-        let process = Process::new(meta, table.record.clone());
+        let process = Process::started(meta, table.record.clone(), table.journal.clone());
         process.pump(handle);
         {
             let mut procs = lock_ignoring_poison(&table.procs);
@@ -398,6 +432,7 @@ impl Node {
                 .await;
         }
         process.stop(false);
+        process.forget();
         lock_ignoring_poison(&table.procs)
             .list
             .retain(|p| !Arc::ptr_eq(p, &process));

@@ -36,6 +36,15 @@ impl Output {
         Output::with_cap(KEPT)
     }
 
+    /// Kept output whose next byte is at `offset` (the bytes before it are not kept).
+    pub(super) fn starting_at(offset: u64) -> Output {
+        Output {
+            start: offset,
+            end: offset,
+            ..Output::new()
+        }
+    }
+
     fn with_cap(cap: usize) -> Output {
         Output {
             cap,

@@ -6,7 +6,11 @@
 //! or stopped) the pump ends without deciding anything: the process is *detached*, and either a VM
 //! restored with it attaches again ([`Process::attach`]) or it stays detached until its sandbox
 //! goes. Only an exit frame ends a process; only a failed attach loses one.
+//!
+//! The pump also writes the output to the process's [`journal`](super::journal), from which a
+//! process known from saved metas (a restarted daemon's) gets back what the old daemon kept.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -15,6 +19,7 @@ use hearth_vm::channel::{ExecHandle, ExecOutput, ExecStdin, ExitStatus};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::journal::{self, Journal};
 use super::output::{Output, Stream};
 use super::ProcessInfo;
 use crate::node::exec::Activity;
@@ -56,6 +61,8 @@ pub(super) struct Process {
     changed: watch::Sender<u64>,
     /// The sandbox's record: readers stop following once the node forgets the sandbox.
     record: Weak<Activity>,
+    /// The sandbox's journal directory.
+    journal: PathBuf,
 }
 
 #[derive(Default)]
@@ -78,16 +85,35 @@ impl State {
 }
 
 impl Process {
-    /// A process known from `meta`, not yet read from (started, or to be attached to).
-    pub fn new(meta: Meta, record: Weak<Activity>) -> Arc<Process> {
+    /// A process just started, not yet read from; its journal in `journal` starts empty (one
+    /// left there by an ended process of the same id goes).
+    pub fn started(meta: Meta, record: Weak<Activity>, journal: PathBuf) -> Arc<Process> {
+        journal::remove(&journal, meta.id);
+        Process::with_output(meta, record, journal, Output::new())
+    }
+
+    /// A process known from saved `meta`, to be attached to, with the output kept in its journal
+    /// in `journal` (none for a fork's child: its journal directory is new).
+    pub fn restored(meta: Meta, record: Weak<Activity>, journal: PathBuf) -> Arc<Process> {
+        let output = journal::load(&journal, meta.id);
+        Process::with_output(meta, record, journal, output)
+    }
+
+    fn with_output(
+        meta: Meta,
+        record: Weak<Activity>,
+        journal: PathBuf,
+        output: Output,
+    ) -> Arc<Process> {
         Arc::new(Process {
             meta,
             state: Mutex::new(State {
-                output: Output::new(),
+                output,
                 ..Default::default()
             }),
             changed: watch::channel(0).0,
             record,
+            journal,
         })
     }
 
@@ -99,6 +125,8 @@ impl Process {
             .map(|s| Arc::new(tokio::sync::Mutex::new(Some(s))));
         let me = Arc::downgrade(self);
         let (keep_awake, record) = (self.meta.keep_awake, self.record.clone());
+        let end = lock_ignoring_poison(&self.state).output.end();
+        let mut journal = Journal::open(&self.journal, self.meta.id, end);
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(AWAKE_TICK);
             loop {
@@ -116,8 +144,14 @@ impl Process {
                     return;
                 };
                 match next {
-                    Ok(Some(ExecOutput::Stdout(data))) => process.push(Stream::Stdout, data),
-                    Ok(Some(ExecOutput::Stderr(data))) => process.push(Stream::Stderr, data),
+                    Ok(Some(ExecOutput::Stdout(data))) => {
+                        journal.append(Stream::Stdout, &data);
+                        process.push(Stream::Stdout, data);
+                    }
+                    Ok(Some(ExecOutput::Stderr(data))) => {
+                        journal.append(Stream::Stderr, &data);
+                        process.push(Stream::Stderr, data);
+                    }
                     Ok(None) => return process.ended(handle.status()),
                     // The VM was saved or stopped: detached until a restored one attaches.
                     Err(e) => return process.channel_gone(&e.to_string()),
@@ -152,6 +186,7 @@ impl Process {
         {
             Ok(handle) => self.pump(handle),
             Err(e) => {
+                journal::remove(&self.journal, self.meta.id);
                 let mut state = lock_ignoring_poison(&self.state);
                 state.lost = Some(format!(
                     "the process was not found when its sandbox came back ({e}): it ended \
@@ -190,6 +225,11 @@ impl Process {
                 }
             }
         }
+    }
+
+    /// The process is forgotten: its journal goes.
+    pub fn forget(&self) {
+        journal::remove(&self.journal, self.meta.id);
     }
 
     /// Its sandbox ended (stopped, failed, deleted): unless it is known to have ended, the process
@@ -248,7 +288,10 @@ impl Process {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Its exit came: no later daemon attaches to it, so its journal goes (its output stays kept
+    /// in memory).
     fn ended(&self, status: Option<ExitStatus>) {
+        journal::remove(&self.journal, self.meta.id);
         let mut state = lock_ignoring_poison(&self.state);
         state.stdin = None;
         match status {
