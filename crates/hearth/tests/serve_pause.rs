@@ -3,8 +3,9 @@
 //! forced, ends the exec's stream with an error event (its process runs on in the guest); a second
 //! pause and an exec on a paused sandbox are conflicts; `kill -9` of the daemon while paused leaves
 //! it paused for the next daemon, which resumes it as the same guest (same kernel boot, files on
-//! disk and in memory, the forced exec's counter still counting, the host's clock); deleting a
-//! paused sandbox removes its snapshot.
+//! disk and in memory, the forced exec's counter still counting, a background process still
+//! running with the output the crashed daemon had kept, the host's clock); deleting a paused
+//! sandbox removes its snapshot and the process's journal.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -38,6 +39,18 @@ async fn exec_stdout(d: &Daemon, id: &str, script: &str) -> String {
     stdout.trim().to_owned()
 }
 
+/// All of background process 1's output kept so far.
+async fn process_output(d: &Daemon, id: &str) -> String {
+    let path = format!("/v1/sandboxes/{id}/processes/1/output?offset=0");
+    let response = d
+        .request(Method::GET, &path, Some(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    outputs(&ndjson_events(response).await).0
+}
+
 async fn post(d: &Daemon, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     d.json(Method::POST, path, Some(ALICE), body).await
 }
@@ -57,6 +70,19 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
     )
     .await;
     assert_eq!(d.gauge("hearth_allocated_memory_bytes").await, 256 << 20);
+    // A background process that said something, then waits.
+    let (status, p) = post(
+        &d,
+        &format!("/v1/sandboxes/{id}/processes"),
+        Some(json!({"argv": ["sh", "-c", "echo said before; while :; do sleep 1; done"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{p}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while process_output(&d, &id).await != "said before\n" {
+        assert!(std::time::Instant::now() < deadline, "no output");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (pause, resume) = (
         format!("/v1/sandboxes/{id}/pause"),
         format!("/v1/sandboxes/{id}/resume"),
@@ -180,6 +206,19 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         exec_stdout(&d, &id, "cat /root/f /dev/shm/m").await,
         "disk\nmemory"
     );
+    // The background process runs on, and its output is what the crashed daemon had kept.
+    let (_, p) = d
+        .json(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/processes/1"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(p["running"], true, "{p}");
+    assert_eq!(process_output(&d, &id).await, "said before\n");
+    let journal = home.path().join("node/processes").join(&id);
+    assert!(journal.join("1.out").is_file(), "{journal:?}");
     // The forced exec's process was not killed: it counts on.
     let count = |text: String| text.parse::<u64>().unwrap();
     let first = count(exec_stdout(&d, &id, "cat /dev/shm/count").await);
@@ -206,5 +245,6 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
         !snapshot.exists(),
         "deleting a paused sandbox left its snapshot"
     );
+    assert!(!journal.exists(), "deleting a sandbox left its journals");
     assert!(daemon::processes_mentioning(&id).is_empty());
 }
