@@ -41,14 +41,7 @@ async fn exec_stdout(d: &Daemon, id: &str, script: &str) -> String {
 
 /// All of background process 1's output kept so far.
 async fn process_output(d: &Daemon, id: &str) -> String {
-    let path = format!("/v1/sandboxes/{id}/processes/1/output?offset=0");
-    let response = d
-        .request(Method::GET, &path, Some(ALICE))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200, "{path}");
-    outputs(&ndjson_events(response).await).0
+    d.process_output(ALICE, id, 1, "offset=0").await.1
 }
 
 async fn post(d: &Daemon, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {

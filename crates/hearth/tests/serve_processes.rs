@@ -15,7 +15,7 @@ mod daemon;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use daemon::{image, ndjson_events, outputs, Daemon, Home, ALICE, BOB};
+use daemon::{image, Daemon, Home, ALICE, BOB};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -45,34 +45,9 @@ async fn process(d: &Daemon, id: &str, n: u64) -> Value {
     process
 }
 
-/// `GET .../output`: (the offset header, stdout, stderr, last event).
+/// `GET .../output` as alice: (the offset header, stdout, stderr, last event).
 async fn output(d: &Daemon, id: &str, n: u64, query: &str) -> (u64, String, String, Value) {
-    let path = format!("/v1/sandboxes/{id}/processes/{n}/output?{query}");
-    let response = d
-        .request(Method::GET, &path, Some(ALICE))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200, "{path}");
-    let offset = response.headers()["hearth-output-offset"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let events = tokio::time::timeout(Duration::from_secs(60), ndjson_events(response)).await;
-    let Ok(events) = events else {
-        let (_, info) = d
-            .json(
-                Method::GET,
-                &format!("/v1/sandboxes/{id}/processes/{n}"),
-                Some(ALICE),
-                None,
-            )
-            .await;
-        panic!("{path}: no end within 60 s; {info}\n{}", d.log_text());
-    };
-    let (out, err, last) = outputs(&events);
-    (offset, out, err, last)
+    d.process_output(ALICE, id, n, query).await
 }
 
 /// The highest `tick N` in `text`.

@@ -309,6 +309,43 @@ impl Daemon {
         }
     }
 
+    /// `GET /v1/sandboxes/{id}/processes/{n}/output?{query}` as `token`, read to its end (within
+    /// 60 s): (the offset header, stdout, stderr, last event).
+    pub async fn process_output(
+        &self,
+        token: &str,
+        id: &str,
+        n: u64,
+        query: &str,
+    ) -> (u64, String, String, serde_json::Value) {
+        let path = format!("/v1/sandboxes/{id}/processes/{n}/output?{query}");
+        let response = self
+            .request(Method::GET, &path, Some(token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let offset = response.headers()["hearth-output-offset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let events = tokio::time::timeout(Duration::from_secs(60), ndjson_events(response)).await;
+        let Ok(events) = events else {
+            let (_, info) = self
+                .json(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{id}/processes/{n}"),
+                    Some(token),
+                    None,
+                )
+                .await;
+            panic!("{path}: no end within 60 s; {info}\n{}", self.log_text());
+        };
+        let (out, err, last) = outputs(&events);
+        (offset, out, err, last)
+    }
+
     /// Runs `hearth sandbox ARGS` against this daemon as `token`, with `stdin` fed and closed
     /// (within 120 s).
     pub async fn cli(&self, home: &Home, token: &str, args: &[&str], stdin: &[u8]) -> CliOutput {
