@@ -2,7 +2,7 @@
 //! fork child: a process runs on after its start answered and its output is read later from an
 //! offset or followed to its exit; stdin written and closed; stdout and stderr kept apart; a
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
-//! has its own copy, still running), a daemon restart and a daemon crash keep a counting process
+//! has its own copy, still running, with the output kept before the fork), a daemon restart and a daemon crash keep a counting process
 //! running and its output flowing, and each next daemon has the output the old one kept; the bound of 16 running per sandbox evicts ended ones first, then refuses;
 //! removing kills; a process whose sandbox failed is lost and its follower told so; the CLI's
 //! spawn, logs, ps and kill; unknown processes, another tenant and bad
@@ -219,7 +219,9 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         "{counter}"
     );
 
-    // A fork's child has its own copy of the counter, running and read by its own id.
+    // A fork's child has its own copy of the counter, running and read by its own id, with the
+    // output its parent had kept before the fork.
+    let (_, before_fork, _, _) = output(&d, &id, 1, "offset=0").await;
     let (status, forked) = d
         .json(
             Method::POST,
@@ -230,8 +232,13 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         .await;
     assert_eq!(status, 201, "{forked}\n{}", d.log_text());
     let child = forked["sandboxes"][0]["id"].as_str().unwrap().to_owned();
-    let in_child = ticks_past(&d, &child, 1, 0).await;
-    assert!(in_child > 0);
+    let in_child = ticks_past(&d, &child, 1, last_tick(&before_fork)).await;
+    let (offset, child_text, _, _) = output(&d, &child, 1, "offset=0").await;
+    assert!(
+        offset == 0 && child_text.starts_with(&before_fork),
+        "the child's output does not start with its parent's: {offset} {child_text:?}"
+    );
+    assert!(in_child > last_tick(&before_fork));
     let child_counter = process(&d, &child, 1).await;
     assert_eq!(child_counter["running"], true, "{child_counter}");
     let (status, _) = d

@@ -139,6 +139,8 @@ impl Node {
         // No code call starts in the parent while its state is saved: the children get its
         // interpreter as it is between calls.
         let held = self.interpreters.hold(id);
+        // The children start with the output the parent's background processes kept so far.
+        let outputs = self.processes.outputs(id);
         let snapshot = match super::make_private_dir(dir.parent().expect("has a parent")) {
             Ok(()) => parent
                 .snapshot(&dir)
@@ -195,7 +197,7 @@ impl Node {
             }
         }
         let ids: Vec<String> = children.iter().map(|c| c.id.clone()).collect();
-        self.inherit_processes(&tenant.name, id, &ids);
+        self.inherit_processes(&tenant.name, id, &ids, &outputs);
         tracing::info!(sandbox = %id, count, "forked");
         Ok(children
             .iter()

@@ -81,8 +81,8 @@ pub struct Process {
     /// Why it is lost, its exit status unknown: it was gone when its sandbox came back (after a
     /// resume, a fork or a daemon restart).
     pub lost: Option<String>,
-    /// Bytes of output produced, stdout and stderr together: the offset after its last byte (counted
-    /// from the fork in a fork's child; a restarted daemon goes on counting where the old one was).
+    /// Bytes of output produced, stdout and stderr together: the offset after its last byte (a
+    /// restarted daemon, and a fork's child, go on counting where the old daemon or the parent was).
     pub output_bytes: u64,
     /// Of those, bytes no longer kept (beyond the last 1 MiB).
     pub output_dropped: u64,

@@ -197,6 +197,18 @@ pub(super) fn load(dir: &Path, id: u32) -> Output {
     output
 }
 
+/// Writes `output` as process `id`'s journal in `dir`, in place of any (a fork's child starts
+/// with what its parent had kept).
+pub(super) fn write(dir: &Path, id: u32, output: &Output) {
+    remove(dir, id);
+    let mut journal = Journal::open(dir, id, output.dropped());
+    let mut offset = output.dropped();
+    while let Some((at, stream, data)) = output.read(offset) {
+        journal.append(stream, &data);
+        offset = at + data.len() as u64;
+    }
+}
+
 /// Removes process `id`'s journal from `dir`.
 pub(super) fn remove(dir: &Path, id: u32) {
     let (out, old) = paths(dir, id);
@@ -326,6 +338,24 @@ mod tests {
         let mut journal = Journal::open(dir.path(), 1, output.end());
         journal.append(Stream::Stdout, b"next\n");
         assert_eq!(text(&load(dir.path(), 1)), (0, "whole\nnext\n".into()));
+    }
+
+    #[test]
+    fn kept_output_written_as_a_journal_loads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Output::starting_at(100);
+        kept.push(Stream::Stdout, Bytes::from_static(b"out\n"));
+        kept.push(Stream::Stderr, Bytes::from_static(b"err\n"));
+        std::fs::write(dir.path().join("3.old"), b"stale").unwrap();
+        write(dir.path(), 3, &kept);
+        let loaded = load(dir.path(), 3);
+        assert_eq!(text(&loaded), (100, "out\nerr\n".into()));
+        assert_eq!(loaded.read(104).unwrap().1, Stream::Stderr);
+        assert!(!dir.path().join("3.old").exists(), "a stale file stayed");
+        // And it goes on from there.
+        let mut journal = Journal::open(dir.path(), 3, loaded.end());
+        journal.append(Stream::Stdout, b"more\n");
+        assert_eq!(load(dir.path(), 3).end(), 113);
     }
 
     #[test]

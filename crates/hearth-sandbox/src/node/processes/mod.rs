@@ -13,7 +13,9 @@
 //! the sandbox too, so one that polls a build's output keeps it awake. They survive what
 //! the code interpreter survives, the same way (the agent parks an attachable exec whose host went,
 //! and the node attaches to it again): a pause and resume (the snapshot names them in [`SAVED`]), a
-//! fork (each child attaches to its own copies; its kept output starts at the fork), and a daemon
+//! fork (each child attaches to its own copies, and starts with the output its parent had kept
+//! just before the fork: what the parent printed in the instant its state was saved is missing
+//! there), and a daemon
 //! restart, graceful or not, while the sandbox runs or is paused (the run directory or the
 //! snapshot names them in [`SAVED`]; the output the old daemon kept comes back from their
 //! [`journal`]s, in `$HEARTH_HOME/node/processes/SANDBOX/`, at the same offsets). One that is gone
@@ -75,7 +77,7 @@ pub struct ProcessInfo {
     pub timed_out: bool,
     /// Why it is lost (its exit status unknown), when it is.
     pub lost: Option<String>,
-    /// Bytes of output produced, stdout and stderr together (since the fork, for a fork's child).
+    /// Bytes of output produced, stdout and stderr together.
     pub output_bytes: u64,
     /// Of those, bytes no longer kept.
     pub output_dropped: u64,
@@ -87,6 +89,9 @@ pub(super) struct Processes {
     /// Where each sandbox's journal directory is (`$HEARTH_HOME/node/processes`).
     journals: PathBuf,
 }
+
+/// The output a sandbox's running processes have kept, by process id.
+pub(super) struct KeptOutputs(HashMap<u32, output::Output>);
 
 struct Table {
     /// The sandbox's record: the table goes once the node forgets the sandbox.
@@ -178,6 +183,22 @@ impl Processes {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+    }
+
+    /// The output sandbox `id`'s running processes have kept, by process id: taken before a fork
+    /// saves the sandbox, for [`Node::inherit_processes`].
+    pub(super) fn outputs(&self, id: &str) -> KeptOutputs {
+        let Some(table) = self.existing(id) else {
+            return KeptOutputs(HashMap::new());
+        };
+        KeptOutputs(
+            table
+                .list()
+                .into_iter()
+                .filter(|p| p.running())
+                .map(|p| (p.meta.id, p.output()))
+                .collect(),
+        )
     }
 
     /// The processes named in `dir`'s [`SAVED`] (none when it is missing or damaged).
@@ -470,8 +491,15 @@ impl Node {
     }
 
     /// After fork children of `parent` started: each attaches to its own copy of the parent's
-    /// running processes.
-    pub(super) fn inherit_processes(&self, tenant: &str, parent: &str, children: &[String]) {
+    /// running processes, starting with the `outputs` the parent had kept before the fork
+    /// ([`Processes::outputs`]).
+    pub(super) fn inherit_processes(
+        &self,
+        tenant: &str,
+        parent: &str,
+        children: &[String],
+        outputs: &KeptOutputs,
+    ) {
         let Some(table) = self.processes.existing(parent) else {
             return;
         };
@@ -480,6 +508,12 @@ impl Node {
             return;
         }
         for child in children {
+            let dir = self.processes.journals.join(child);
+            for meta in &running {
+                if let Some(output) = outputs.0.get(&meta.id) {
+                    journal::write(&dir, meta.id, output);
+                }
+            }
             self.reattach_processes(tenant, child, running.clone());
         }
     }

@@ -18,8 +18,8 @@ pub enum Stream {
     Stderr,
 }
 
-/// The kept output of one process.
-#[derive(Debug, Default)]
+/// The kept output of one process (a clone shares its bytes).
+#[derive(Debug, Default, Clone)]
 pub(super) struct Output {
     /// Chunks in order; the first starts at `start`.
     chunks: VecDeque<(Stream, Bytes)>,

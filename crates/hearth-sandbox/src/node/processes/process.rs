@@ -227,6 +227,11 @@ impl Process {
         }
     }
 
+    /// Its output as kept now.
+    pub fn output(&self) -> Output {
+        lock_ignoring_poison(&self.state).output.clone()
+    }
+
     /// The process is forgotten: its journal goes.
     pub fn forget(&self) {
         journal::remove(&self.journal, self.meta.id);
