@@ -197,7 +197,8 @@ impl Node {
             }
         }
         let ids: Vec<String> = children.iter().map(|c| c.id.clone()).collect();
-        self.inherit_processes(&tenant.name, id, &ids, &outputs);
+        self.inherit_processes(&tenant.name, id, &ids, outputs)
+            .await;
         tracing::info!(sandbox = %id, count, "forked");
         Ok(children
             .iter()

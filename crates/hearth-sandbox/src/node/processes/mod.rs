@@ -492,13 +492,14 @@ impl Node {
 
     /// After fork children of `parent` started: each attaches to its own copy of the parent's
     /// running processes, starting with the `outputs` the parent had kept before the fork
-    /// ([`Processes::outputs`]).
-    pub(super) fn inherit_processes(
+    /// ([`Processes::outputs`]), written as the child's journals first (off the async workers:
+    /// up to 2 MiB a process and child).
+    pub(super) async fn inherit_processes(
         &self,
         tenant: &str,
         parent: &str,
         children: &[String],
-        outputs: &KeptOutputs,
+        outputs: KeptOutputs,
     ) {
         let Some(table) = self.processes.existing(parent) else {
             return;
@@ -507,13 +508,24 @@ impl Node {
         if running.is_empty() {
             return;
         }
-        for child in children {
-            let dir = self.processes.journals.join(child);
-            for meta in &running {
-                if let Some(output) = outputs.0.get(&meta.id) {
-                    journal::write(&dir, meta.id, output);
+        let dirs: Vec<PathBuf> = children
+            .iter()
+            .map(|child| self.processes.journals.join(child))
+            .collect();
+        let ids: Vec<u32> = running.iter().map(|meta| meta.id).collect();
+        let written = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                for id in &ids {
+                    if let Some(output) = outputs.0.get(id) {
+                        journal::write(&dir, *id, output);
+                    }
                 }
             }
+        });
+        if let Err(e) = written.await {
+            tracing::warn!(sandbox = %parent, "writing the fork children's journals: {e}");
+        }
+        for child in children {
             self.reattach_processes(tenant, child, running.clone());
         }
     }
