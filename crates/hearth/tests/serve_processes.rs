@@ -4,7 +4,8 @@
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
 //! has its own copy, still running, with the output kept before the fork), a daemon restart and a daemon crash keep a counting process
 //! running and its output flowing, and each next daemon has the output the old one kept; the bound of 16 running per sandbox evicts ended ones first, then refuses;
-//! removing kills; a process whose sandbox failed is lost and its follower told so; the CLI's
+//! removing kills; a flood of output is kept to its last 1 MiB in memory and two files of 1 MiB on
+//! disk; a process whose sandbox failed is lost and its follower told so; the CLI's
 //! spawn, logs, ps and kill; unknown processes, another tenant and bad
 //! input are refused. With an idle timeout (a second VM): a `keep_awake` process holds the sandbox
 //! up until it ends, one that is not does not, and a client reading output does while it reads.
@@ -336,6 +337,45 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         .json(Method::GET, &format!("{procs}/{n}"), Some(ALICE), None)
         .await;
     assert_eq!(status, 404, "kill without a signal forgets it");
+
+    // A flood of output: the daemon keeps the last 1 MiB, and its journal on disk stays within
+    // two files of 1 MiB; removing the process removes them.
+    const FLOOD: u64 = 3_000_000;
+    let flood = start(
+        &d,
+        &id,
+        json!({"argv": ["sh", "-c", format!("head -c {FLOOD} /dev/zero; exec sleep 600")]}),
+    )
+    .await;
+    let n = flood["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let flooded = loop {
+        let flooded = process(&d, &id, n).await;
+        if flooded["output_bytes"] == FLOOD {
+            break flooded;
+        }
+        assert!(Instant::now() < deadline, "{flooded}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(flooded["output_dropped"], FLOOD - (1 << 20), "{flooded}");
+    let journal = home.path().join("node/processes").join(&id);
+    let files = [
+        journal.join(format!("{n}.out")),
+        journal.join(format!("{n}.old")),
+    ];
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    assert!(
+        sizes.iter().all(|&s| s <= (1 << 20) + 16) && sizes.iter().sum::<u64>() >= 1 << 20,
+        "journal files of {sizes:?} bytes"
+    );
+    let (status, _) = d
+        .json(Method::DELETE, &format!("{procs}/{n}"), Some(ALICE), None)
+        .await;
+    assert_eq!(status, 204);
+    assert!(files.iter().all(|f| !f.exists()), "{files:?} outlived it");
 
     // The bound: ended processes make room (oldest first); 16 running ones refuse the next.
     let mut refused = None;
