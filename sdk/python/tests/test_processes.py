@@ -1,11 +1,17 @@
 """Background processes (``sb.processes``) against the real daemon, on the session's shared busybox
 sandbox: one runs on after its start answered and its output is read later and from an offset;
-stdin written and closed; waiting for the end; a signal; kill forgets; the asyncio flavour."""
+stdin written and closed; waiting for the end; a signal; kill forgets; the asyncio flavour;
+waiting goes on through a connection cut mid-answer (a relay in front of the daemon cuts it, as a
+daemon restart does)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -65,3 +71,78 @@ def test_the_async_flavour(sandbox: hearth.Sandbox) -> None:
 
     out = asyncio.run(main())
     assert (out.stdout, out.exit_code) == (b"async\n", 2), out
+
+
+class _CuttingRelay:
+    """A TCP relay to the daemon whose :meth:`cut` breaks every connection open through it, as a
+    daemon restart does; new connections go through again."""
+
+    def __init__(self, upstream: str) -> None:
+        url = urllib.parse.urlsplit(upstream)
+        self._upstream = (url.hostname or "127.0.0.1", url.port or 80)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cuts = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            open_now, self._open = self._open, []
+            self.cuts += 1
+        for s in open_now:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+        self.cut()
+
+
+def test_waiting_goes_on_through_a_broken_connection(sandbox: hearth.Sandbox) -> None:
+    relay = _CuttingRelay(os.environ["HEARTH_HOST"])
+    try:
+        with hearth.Client(host=relay.url) as client:
+            sb = hearth.Sandbox.connect(sandbox.id, client=client)
+            script = "echo before; sleep 3; echo after; exit 7"
+            p = sb.processes.start(script)
+            threading.Timer(1.0, relay.cut).start()
+            out = sb.processes.wait(p.id)
+            assert relay.cuts == 1
+            assert (out.stdout, out.start, out.exit_code) == (b"before\nafter\n", 0, 7), out
+            # Without reconnecting, the same cut is an error.
+            p = sb.processes.start(script)
+            threading.Timer(1.0, relay.cut).start()
+            with pytest.raises(hearth.ConnectionFailed):
+                sb.processes.wait(p.id, reconnect=0)
+            assert relay.cuts == 2
+    finally:
+        relay.close()

@@ -22,8 +22,9 @@ from ._config import Config
 from ._exec_events import ExecEvents, OutputCallback
 from ._features import PORTS, Features
 from ._ops import Answer, Command, Data, Op, Policy, Size
-from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, STDIN_INLINE_LIMIT,
-                      WS_MAX_SIZE, port_error, stdin_chunks, ws_error)
+from ._shared import (CONNECT_TIMEOUT, CREATE_TIMEOUT, POLL_INTERVAL, RECONNECT_FOR,
+                      STDIN_INLINE_LIMIT, WS_MAX_SIZE, Reconnects, port_error, stdin_chunks,
+                      ws_error)
 from .errors import ConnectionFailed, ExecFailed, HearthError, NotFound, SandboxFailed, from_answer
 from .models import (CodeResult, DirEntry, ExecResult, NetworkView, ProcessInfo, ProcessOutput,
                      RunResult, SandboxInfo)
@@ -332,9 +333,22 @@ class AsyncProcesses:
         """What is kept of its output from ``offset``; read on from the answer's ``end``."""
         return await self._sb._client.call(_ops.process_output(self._sb.id, id, offset, False))
 
-    async def wait(self, id: int, offset: int = 0) -> ProcessOutput:
-        """Waits for it to end; its output from ``offset`` on, and how it ended."""
-        return await self._sb._client.call(_ops.process_output(self._sb.id, id, offset, True))
+    async def wait(self, id: int, offset: int = 0, *,
+                   reconnect: float = RECONNECT_FOR) -> ProcessOutput:
+        """Waits for it to end; its output from ``offset`` on, and how it ended. A connection
+        that breaks meanwhile (the daemon restarting) is made again for up to ``reconnect``
+        seconds, reading from ``offset`` again: the daemon keeps the output across its restarts,
+        so nothing is lost or read twice (0 raises :class:`ConnectionFailed` at the first break)."""
+        retry = Reconnects(reconnect)
+        while True:
+            try:
+                return await self._sb._client.call(
+                    _ops.process_output(self._sb.id, id, offset, True))
+            except HearthError as e:
+                pause = retry.after(e)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
 
     async def send_stdin(self, id: int, data: Data) -> None:
         await self._sb._client.call(_ops.process_stdin(self._sb.id, id, data, False))

@@ -3,12 +3,14 @@ WebSocket handshakes and proxied answers into the SDK's exceptions. No I/O."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Optional
 
+import httpx
 import websockets.exceptions
 
-from .errors import ConnectionFailed, HearthError, from_answer, is_error_body
+from .errors import ConnectionFailed, HearthError, ShuttingDown, from_answer, is_error_body
 
 #: Seconds to open a connection to the daemon.
 CONNECT_TIMEOUT = 30.0
@@ -24,6 +26,10 @@ WS_MAX_SIZE = 16 << 20
 STDIN_INLINE_LIMIT = 4 << 20
 #: Stdin goes in messages of at most this size (the daemon closes on one over 1 MiB).
 STDIN_CHUNK = 256 << 10
+#: Seconds ``processes.wait`` goes on making a broken connection again (a daemon restarting).
+RECONNECT_FOR = 60.0
+#: Longest pause between two of those tries.
+RECONNECT_PAUSE = 2.0
 #: Statuses at which hearth itself (not the guest's server) answers a proxied request, when the
 #: body is hearth's ``{"error", "code"}``.
 _PROXY_REFUSALS = frozenset({401, 409, 429, 431, 502, 504})
@@ -49,3 +55,31 @@ def port_error(status: int, body: bytes, retry_after: Optional[str],
     if status in _PROXY_REFUSALS and is_error_body(body):
         return from_answer(status, body, retry_after, what)
     return None
+
+
+class Reconnects:
+    """When a call that a daemon restart cut (the connection broke or was refused, or the daemon
+    answered that it is stopping) is made again: at once, then after pauses doubling up to
+    :data:`RECONNECT_PAUSE`, until ``within`` seconds have passed since the first break. Only for
+    calls that may be repeated as they are: reading a process's output from an offset is (the
+    daemon keeps it, at the same offsets, across its restarts). No I/O."""
+
+    def __init__(self, within: float) -> None:
+        self._within = within
+        self._deadline: Optional[float] = None
+        self._pause = 0.0
+
+    def after(self, error: HearthError) -> Optional[float]:
+        """Seconds to wait before trying again after ``error``; ``None``: give up and raise it."""
+        if not isinstance(error, (ConnectionFailed, ShuttingDown)):
+            return None
+        if isinstance(error.__cause__, httpx.ReadTimeout):
+            return None  # the client's own bound on a silent read, not a break
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._within
+        if now >= self._deadline:
+            return None
+        pause = min(self._pause, self._deadline - now)
+        self._pause = min(max(self._pause * 2, 0.25), RECONNECT_PAUSE)
+        return pause
