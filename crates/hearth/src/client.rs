@@ -14,6 +14,28 @@ use crate::serve::processes::{
     Process, ProcessList, ProcessSignal, StartProcess, OFFSET_HEADER as OUTPUT_OFFSET,
 };
 
+/// An error answer of the daemon's: its status, its `code` (when the body is hearth's
+/// `{"error", "code"}`) and the message shown.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonError {
+    pub status: StatusCode,
+    pub code: Option<String>,
+    message: String,
+}
+
+impl DaemonError {
+    /// Whether `error` means the daemon could not be reached or the connection to it broke, or
+    /// it is stopping: what a daemon restart looks like to a client.
+    pub fn is_restart(error: &anyhow::Error) -> bool {
+        error.chain().any(|e| {
+            e.downcast_ref::<reqwest::Error>().is_some()
+                || e.downcast_ref::<DaemonError>()
+                    .is_some_and(|d| d.code.as_deref() == Some("shutting_down"))
+        })
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     /// `http://host:port`, no trailing slash.
@@ -310,10 +332,22 @@ async fn check(response: Response, what: &str) -> anyhow::Result<Response> {
         return Ok(response);
     }
     let text = response.text().await.unwrap_or_default();
-    match serde_json::from_str::<ErrorBody>(&text) {
-        Ok(body) => bail!("{what}: {} ({status}, {})", body.error, body.code),
-        Err(_) => bail!("{what}: the daemon answered {status}: {text}"),
+    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (
+            Some(body.code.clone()),
+            format!("{what}: {} ({status}, {})", body.error, body.code),
+        ),
+        Err(_) => (
+            None,
+            format!("{what}: the daemon answered {status}: {text}"),
+        ),
+    };
+    Err(DaemonError {
+        status,
+        code,
+        message,
     }
+    .into())
 }
 
 /// Splits a byte stream into NDJSON events.

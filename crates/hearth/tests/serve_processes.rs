@@ -2,13 +2,15 @@
 //! fork child: a process runs on after its start answered and its output is read later from an
 //! offset or followed to its exit; stdin written and closed; stdout and stderr kept apart; a
 //! signal; a pause and resume (the list is read while paused without waking it), a fork (the child
-//! has its own copy, still running, with the output kept before the fork), a daemon restart and a daemon crash keep a counting process
-//! running and its output flowing, and each next daemon has the output the old one kept; the bound of 16 running per sandbox evicts ended ones first, then refuses;
-//! removing kills; a flood of output is kept to its last 1 MiB in memory and two files of 1 MiB on
-//! disk; a process whose sandbox failed is lost and its follower told so; the CLI's
-//! spawn, logs, ps and kill; unknown processes, another tenant and bad
-//! input are refused. With an idle timeout (a second VM): a `keep_awake` process holds the sandbox
-//! up until it ends, one that is not does not, and a client reading output does while it reads.
+//! has its own copy, still running, with the output kept before the fork), a daemon restart and a
+//! daemon crash keep a counting process running and its output flowing, and each next daemon has
+//! the output the old one kept, while the CLI's `logs -f` follows another process through both;
+//! the bound of 16 running per sandbox evicts ended ones first, then refuses; removing kills; a
+//! flood of output is kept to its last 1 MiB in memory and two files of 1 MiB on disk; a process
+//! whose sandbox failed is lost and its follower told so; the CLI's spawn, logs, ps and kill;
+//! unknown processes, another tenant and bad input are refused. With an idle timeout (a second
+//! VM): a `keep_awake` process holds the sandbox up until it ends, one that is not does not, and a
+//! client reading output does while it reads.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -436,6 +438,29 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
 
     // A daemon restart (SIGTERM), then a crash (SIGKILL): each time the next daemon has the output
     // the old one kept, at the same offsets, and attaches to the counter again, output flowing.
+    // Meanwhile `logs -f` follows a process across both, connecting again each time.
+    let (_, list) = d.json(Method::GET, &procs, Some(ALICE), None).await;
+    let sleeper = &list["processes"].as_array().unwrap().last().unwrap()["id"];
+    let (status, _) = d
+        .json(
+            Method::DELETE,
+            &format!("{procs}/{sleeper}"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "room for one more");
+    let script = "echo first; sleep 12; echo second; exit 3";
+    let followed = start(&d, &id, json!({"argv": ["sh", "-c", script]})).await;
+    let followed = followed["id"].to_string();
+    let follower = tokio::process::Command::from(daemon::hearth(&home))
+        .args(["sandbox", "--host", &d.url, "--token", ALICE])
+        .args(["logs", &id, &followed, "-f"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, before, _, _) = output(&d, &id, 1, "offset=0").await;
     let d = d.restart(&home, &[], ALICE, &id).await;
     let (offset, kept, _, _) = output(&d, &id, 1, "offset=0").await;
@@ -455,6 +480,17 @@ async fn background_processes_run_on_and_survive_pause_fork_and_restart() {
         d.log_text()
     );
     ticks_past(&d, &id, 1, last_tick(&before)).await;
+    let followed = tokio::time::timeout(Duration::from_secs(120), follower.wait_with_output())
+        .await
+        .expect("logs -f ends")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&followed.stderr);
+    assert_eq!(
+        (followed.status.code(), &followed.stdout[..]),
+        (Some(3), &b"first\nsecond\n"[..]),
+        "{stderr}"
+    );
+    assert!(stderr.contains("connecting again"), "{stderr}");
     let counter = process(&d, &id, 1).await;
     assert_eq!(
         (&counter["running"], &counter["tag"], &counter["argv"][2]),

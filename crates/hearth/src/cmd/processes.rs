@@ -1,16 +1,20 @@
 //! `hearth sandbox spawn|ps|logs|kill`: background processes in a sandbox
 //! (`/v1/sandboxes/{id}/processes`). `spawn` prints the new process's id; `ps` lists them; `logs`
 //! prints the output the daemon kept (the last 1 MiB) and with `-f` follows it until the process
-//! ends, then exits with its exit code as `exec` does (128+N for signal N); `kill` sends a signal,
+//! ends, then exits with its exit code as `exec` does (128+N for signal N), going on through a
+//! daemon restart (it connects again, for up to [`RECONNECT_FOR`], from the offset it had reached:
+//! the daemon keeps the output, at the same offsets, across its restarts); `kill` sends a signal,
 //! or without `-s` kills the process and forgets it.
 
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
 
 use clap::Args;
 use futures::StreamExt;
 
-use crate::client::Client;
+use crate::client::{Client, DaemonError};
 use crate::cmd::sandbox::{CommandOptions, Output};
 use crate::serve::processes::{Process, StartProcess};
 
@@ -112,18 +116,62 @@ fn state(p: &Process) -> String {
     }
 }
 
+/// How long `logs -f` goes on connecting again to a daemon that went (a restart).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// The longest pause between two of those tries.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(2);
+
 pub async fn logs(client: &Client, a: LogsArgs) -> anyhow::Result<ExitCode> {
-    let (_, events) = client
-        .process_output(&a.id, a.process, a.offset, a.follow)
-        .await?;
-    let mut events = Box::pin(events);
+    let mut offset = a.offset;
     let mut out = Output::default();
-    while let Some(event) = events.next().await {
-        if let Some(code) = out.handle(event?).await? {
-            return Ok(code);
+    // Tries go on for RECONNECT_FOR from a break, and a connection that brought output starts
+    // the count again (a follow may outlive several restarts).
+    let (mut deadline, mut pause) = (None, Duration::ZERO);
+    loop {
+        let broke = match client
+            .process_output(&a.id, a.process, offset, a.follow)
+            .await
+        {
+            Ok((start, events)) => {
+                // Past the offset asked for when the bytes there were dropped meanwhile.
+                offset = start;
+                let mut events = Box::pin(events);
+                loop {
+                    match events.next().await {
+                        None => return Ok(ExitCode::SUCCESS),
+                        Some(Ok(event)) => {
+                            deadline = None;
+                            offset += output_len(&event);
+                            if let Some(code) = out.handle(event).await? {
+                                return Ok(code);
+                            }
+                        }
+                        Some(Err(e)) => break e,
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + RECONNECT_FOR);
+        if !a.follow || !DaemonError::is_restart(&broke) || Instant::now() >= deadline {
+            return Err(broke);
         }
+        if pause.is_zero() {
+            eprintln!("hearth: {broke:#}; connecting again");
+        }
+        pause = (pause * 2).clamp(Duration::from_millis(250), RECONNECT_PAUSE);
+        tokio::time::sleep(pause).await;
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes of output an event carries.
+fn output_len(event: &crate::serve::api::ExecEvent) -> u64 {
+    let data = event.stdout.as_deref().or(event.stderr.as_deref());
+    data.map_or(0, |d| {
+        base64::engine::general_purpose::STANDARD
+            .decode(d)
+            .map_or(0, |b| b.len() as u64)
+    })
 }
 
 pub async fn kill(client: &Client, a: KillArgs) -> anyhow::Result<ExitCode> {

@@ -126,6 +126,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with `--accel tcg --memory 256m` plus `args`, and waits for its address.
     pub fn start(home: &Home, args: &[&str]) -> Daemon {
+        Daemon::start_on(home, args, "127.0.0.1:0")
+    }
+
+    /// [`Daemon::start`] listening on `listen`.
+    fn start_on(home: &Home, args: &[&str], listen: &str) -> Daemon {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = home.dir.path().join(format!("daemon-{n}.log"));
@@ -134,7 +139,7 @@ impl Daemon {
                 "-v",
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--accel",
                 "tcg",
                 "--memory",
@@ -381,11 +386,12 @@ impl Daemon {
     }
 
     /// Stops this daemon with SIGTERM (asserting a clean exit) and starts the next on the same
-    /// home with the same `args`; returns it once `token`'s sandbox `id` runs again under it.
+    /// home and address with the same `args`; returns it once `token`'s sandbox `id` runs again
+    /// under it.
     pub async fn restart(mut self, home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
         let status = tokio::task::block_in_place(|| self.terminate(Duration::from_secs(60)));
         assert!(status.success(), "{status:?}\n{}", self.log_text());
-        Daemon::next(home, args, token, id).await
+        self.next(home, args, token, id).await
     }
 
     /// Kills this daemon with SIGKILL, as a crash would, and starts the next as
@@ -398,11 +404,12 @@ impl Daemon {
         id: &str,
     ) -> Daemon {
         self.kill9();
-        Daemon::next(home, args, token, id).await
+        self.next(home, args, token, id).await
     }
 
-    async fn next(home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
-        let next = Daemon::start(home, args);
+    async fn next(&self, home: &Home, args: &[&str], token: &str, id: &str) -> Daemon {
+        let listen = self.url.strip_prefix("http://").expect("an http URL");
+        let next = Daemon::start_on(home, args, listen);
         let record = next
             .wait_for(token, id, Duration::from_secs(60), |s| {
                 s["state"] == "running"

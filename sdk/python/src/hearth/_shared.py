@@ -59,10 +59,12 @@ def port_error(status: int, body: bytes, retry_after: Optional[str],
 
 class Reconnects:
     """When a call that a daemon restart cut (the connection broke or was refused, or the daemon
-    answered that it is stopping) is made again: at once, then after pauses doubling up to
-    :data:`RECONNECT_PAUSE`, until ``within`` seconds have passed since the first break. Only for
-    calls that may be repeated as they are: reading a process's output from an offset is (the
-    daemon keeps it, at the same offsets, across its restarts). No I/O."""
+    answered that it is stopping) is made again: after pauses doubling from 0.25 s up to
+    :data:`RECONNECT_PAUSE`, until ``within`` seconds have passed since the break; a connection
+    that broke mid-answer (the daemon was up and answering) starts that count again, so a wait may
+    outlive several restarts. Only for calls that may be repeated as they are: reading a process's
+    output from an offset is (the daemon keeps it, at the same offsets, across its restarts). No
+    I/O."""
 
     def __init__(self, within: float) -> None:
         self._within = within
@@ -73,13 +75,15 @@ class Reconnects:
         """Seconds to wait before trying again after ``error``; ``None``: give up and raise it."""
         if not isinstance(error, (ConnectionFailed, ShuttingDown)):
             return None
-        if isinstance(error.__cause__, httpx.ReadTimeout):
+        cause = error.__cause__
+        if isinstance(cause, httpx.ReadTimeout):
             return None  # the client's own bound on a silent read, not a break
         now = time.monotonic()
-        if self._deadline is None:
+        answering = isinstance(cause, httpx.TransportError) and not isinstance(
+            cause, (httpx.ConnectError, httpx.ConnectTimeout))
+        if self._deadline is None or answering:
             self._deadline = now + self._within
         if now >= self._deadline:
             return None
-        pause = min(self._pause, self._deadline - now)
         self._pause = min(max(self._pause * 2, 0.25), RECONNECT_PAUSE)
-        return pause
+        return min(self._pause, self._deadline - now)
