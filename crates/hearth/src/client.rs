@@ -25,13 +25,18 @@ pub struct DaemonError {
 }
 
 impl DaemonError {
-    /// Whether `error` means the daemon could not be reached or the connection to it broke, or
-    /// it is stopping: what a daemon restart looks like to a client.
+    /// Whether `error` means the daemon could not be reached or the connection to it broke, it
+    /// is stopping, or a gateway cannot reach the sandbox's node: what a daemon restart looks
+    /// like to a client.
     pub fn is_restart(error: &anyhow::Error) -> bool {
         error.chain().any(|e| {
             e.downcast_ref::<reqwest::Error>().is_some()
-                || e.downcast_ref::<DaemonError>()
-                    .is_some_and(|d| d.code.as_deref() == Some("shutting_down"))
+                || e.downcast_ref::<DaemonError>().is_some_and(|d| {
+                    matches!(
+                        d.code.as_deref(),
+                        Some("shutting_down" | "node_unreachable")
+                    )
+                })
         })
     }
 }
@@ -384,4 +389,46 @@ where
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: StatusCode, code: &str) -> anyhow::Error {
+        anyhow::Error::new(DaemonError {
+            status,
+            code: Some(code.into()),
+            message: code.into(),
+        })
+        .context("reading the output")
+    }
+
+    #[tokio::test]
+    async fn only_what_a_daemon_restart_looks_like_counts_as_one() {
+        assert!(DaemonError::is_restart(&answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down"
+        )));
+        assert!(DaemonError::is_restart(&answer(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable"
+        )));
+        for (status, code) in [
+            (StatusCode::NOT_FOUND, "not_found"),
+            (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+        ] {
+            assert!(!DaemonError::is_restart(&answer(status, code)), "{code}");
+        }
+        // Nothing listens: a connection refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(&format!("127.0.0.1:{port}"), "t").unwrap();
+        let refused = client.process_output("s", 1, 0, true).await.err().unwrap();
+        assert!(DaemonError::is_restart(&refused), "{refused:#}");
+        assert!(!DaemonError::is_restart(&anyhow::anyhow!("a bad argument")));
+    }
 }

@@ -16,6 +16,8 @@ import urllib.parse
 import pytest
 
 import hearth
+from hearth._shared import Reconnects
+from hearth.errors import from_answer
 
 COUNTER = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done"
 
@@ -146,3 +148,17 @@ def test_waiting_goes_on_through_a_broken_connection(sandbox: hearth.Sandbox) ->
             assert relay.cuts == 2
     finally:
         relay.close()
+
+
+def test_what_a_daemon_restart_looks_like_is_retried_and_nothing_else() -> None:
+    retry = Reconnects(60)
+    node_down = from_answer(
+        502, b'{"error": "node n1 is not answering", "code": "node_unreachable"}')
+    assert isinstance(node_down, hearth.ConnectionFailed), node_down
+    assert retry.after(node_down) is not None
+    stopping = from_answer(503, b'{"error": "stopping", "code": "shutting_down"}')
+    assert retry.after(stopping) is not None
+    for other in (b'{"error": "no such process", "code": "not_found"}',
+                  b'{"error": "full", "code": "capacity"}'):
+        assert retry.after(from_answer(404, other)) is None
+    assert Reconnects(0).after(node_down) is None

@@ -58,8 +58,8 @@ def port_error(status: int, body: bytes, retry_after: Optional[str],
 
 
 class Reconnects:
-    """When a call that a daemon restart cut (the connection broke or was refused, or the daemon
-    answered that it is stopping) is made again: after pauses doubling from 0.25 s up to
+    """When a call that a daemon restart cut (the connection broke or was refused, the daemon
+    answered that it is stopping, or a gateway that it cannot reach the node) is made again: after pauses doubling from 0.25 s up to
     :data:`RECONNECT_PAUSE`, until ``within`` seconds have passed since the break; a connection
     that broke mid-answer (the daemon was up and answering) starts that count again, so a wait may
     outlive several restarts. Only for calls that may be repeated as they are: reading a process's

@@ -149,6 +149,8 @@ _BY_CODE: Mapping[str, type[HearthError]] = {
     "image": ImageError,
     "port_closed": PortClosed,
     "bad_gateway": PortClosed,
+    # The gateway could not reach the sandbox's node (its daemon restarting, or the node gone).
+    "node_unreachable": ConnectionFailed,
     "guest_unresponsive": GuestUnresponsive,
     "guest_failed": GuestFailed,
     "guest_exhausted": GuestExhausted,
