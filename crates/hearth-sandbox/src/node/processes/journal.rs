@@ -2,7 +2,7 @@
 //! an upgrade, one that replaced a daemon killed outright) still has what the old one had kept,
 //! at the same offsets, and a client reconnecting with the offset it reached reads on where it
 //! was (output that was in flight to a daemon killed outright is lost, never repeated). A fork's
-//! children start with their parent's, [`write`]n as their journals before they attach.
+//! children start with their parent's, written as their journals ([`write`]) before they attach.
 //!
 //! Each process has two files in its sandbox's journal directory: `N.out`, being written, and
 //! `N.old`, the one before it. Each starts with [`MAGIC`] and the offset of its first byte (u64,
