@@ -120,6 +120,9 @@ pub struct ProcessOutput {
     pub process_id: u32,
     /// Read from this offset: the `next_offset` of the previous call (default 0, from the start).
     pub offset: Option<u64>,
+    /// Wait up to this many seconds (at most 60) for the process to end, returning as soon as it
+    /// does, with what it printed meanwhile; 0 or absent: answer at once.
+    pub wait_seconds: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -1,8 +1,11 @@
 //! The background-process tools' work (`start_process`, `process_output`, `stop_process`): a
 //! server or watcher started in a sandbox runs on between tool calls, and the model reads what it
-//! printed since its last look by the offset it was handed. Answers are bounded like exec's.
+//! printed since its last look by the offset it was handed, or waits (a bounded time) for it to
+//! end instead of polling. Answers are bounded like exec's.
 
-use anyhow::Context;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
 use base64::Engine;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -14,6 +17,9 @@ use super::tools::SandboxTools;
 use crate::serve::processes::StartProcess;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Longest `wait_seconds` of `process_output` (MCP clients give a tool call about a minute).
+const MAX_WAIT_SECONDS: u32 = 60;
 
 impl SandboxTools {
     pub(super) async fn start_process_call(
@@ -43,14 +49,33 @@ impl SandboxTools {
         p: params::ProcessOutput,
     ) -> anyhow::Result<Value> {
         let offset = p.offset.unwrap_or(0);
+        let wait = p.wait_seconds.unwrap_or(0);
+        if wait > MAX_WAIT_SECONDS {
+            bail!(
+                "wait_seconds is at most {MAX_WAIT_SECONDS}, not {wait}: call again to wait longer"
+            );
+        }
+        // Waiting is following the output until the process ends, cut off at the deadline.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
         let (start, events) = self
             .client
-            .process_output(&p.sandbox_id, p.process_id, offset, false)
+            .process_output(&p.sandbox_id, p.process_id, offset, wait > 0)
             .await?;
         let mut events = std::pin::pin!(events);
         let (mut stdout, mut stderr) = (HeadTail::new(STREAM_LIMIT), HeadTail::new(STREAM_LIMIT));
         let (mut read, mut end) = (0u64, None);
-        while let Some(event) = events.next().await {
+        loop {
+            let next = match wait {
+                // Not following: the kept output, read whole.
+                0 => events.next().await,
+                _ => match tokio::time::timeout_at(deadline, events.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some(event) = next else {
+                break;
+            };
             let event = event?;
             for (data, into) in [(&event.stdout, &mut stdout), (&event.stderr, &mut stderr)] {
                 if let Some(data) = data {

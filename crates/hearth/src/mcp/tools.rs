@@ -153,8 +153,10 @@ impl SandboxTools {
     #[tool(
         description = "Read what a background process (start_process) printed: stdout and \
         stderr from offset (pass the next_offset of your previous call to get only what is new), \
-        whether it still runs, and its exit_code or signal once it ended. The daemon keeps the \
-        last 1 MiB; over 32 KiB per stream comes back as head and tail with a note.",
+        whether it still runs, and its exit_code or signal once it ended. To wait for it to end \
+        (a build, a test run) pass wait_seconds (up to 60) instead of calling again and again: \
+        the call returns as soon as it ends. The daemon keeps the last 1 MiB; over 32 KiB per \
+        stream comes back as head and tail with a note.",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn process_output(&self, Parameters(p): Parameters<params::ProcessOutput>) -> ToolResult {

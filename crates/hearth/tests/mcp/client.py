@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from mcp.client import Client
@@ -147,6 +148,27 @@ async def stdio() -> None:
         assert removed["removed"], removed
         gone = await client.call_tool("process_output", {"sandbox_id": sid, "process_id": pid})
         assert gone.is_error and "not_found" in text(gone), gone
+        # Waiting instead of polling: the call returns as soon as the process ends...
+        slow = await call(client, "start_process", {
+            "sandbox_id": sid, "command": "sleep 2; echo done; exit 4"})
+        began = time.monotonic()
+        waited = await call(client, "process_output", {
+            "sandbox_id": sid, "process_id": slow["process_id"], "wait_seconds": 60})
+        took = time.monotonic() - began
+        assert (waited["stdout"], waited["exit_code"], waited["running"]) == ("done\n", 4, False), waited
+        assert took < 30, took
+        # ...or once the wait passes, with what came meanwhile, still running.
+        long_runner = await call(client, "start_process", {
+            "sandbox_id": sid, "command": "echo hi; sleep 600"})
+        began = time.monotonic()
+        waited = await call(client, "process_output", {
+            "sandbox_id": sid, "process_id": long_runner["process_id"], "wait_seconds": 2})
+        took = time.monotonic() - began
+        assert waited["running"] and waited["exit_code"] is None and 2 <= took < 20, (waited, took)
+        await call(client, "stop_process", {"sandbox_id": sid, "process_id": long_runner["process_id"]})
+        too_long = await client.call_tool("process_output", {
+            "sandbox_id": sid, "process_id": slow["process_id"], "wait_seconds": 61})
+        assert too_long.is_error and "at most 60" in text(too_long), too_long
 
         # The daemon's refusals are tool errors carrying its message.
         missing = await client.call_tool("exec", {"sandbox_id": "no-such-sandbox", "command": "true"})
