@@ -152,12 +152,14 @@ pub async fn logs(client: &Client, a: LogsArgs) -> anyhow::Result<ExitCode> {
             }
             Err(e) => e,
         };
+        let fresh = deadline.is_none();
         let deadline = *deadline.get_or_insert_with(|| Instant::now() + RECONNECT_FOR);
         if !a.follow || !DaemonError::is_restart(&broke) || Instant::now() >= deadline {
             return Err(broke);
         }
-        if pause.is_zero() {
+        if fresh {
             eprintln!("hearth: {broke:#}; connecting again");
+            pause = Duration::ZERO;
         }
         pause = (pause * 2).clamp(Duration::from_millis(250), RECONNECT_PAUSE);
         tokio::time::sleep(pause).await;
