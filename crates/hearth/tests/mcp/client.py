@@ -149,21 +149,18 @@ async def stdio() -> None:
         gone = await client.call_tool("process_output", {"sandbox_id": sid, "process_id": pid})
         assert gone.is_error and "not_found" in text(gone), gone
         # Waiting instead of polling: the call returns as soon as the process ends...
-        slow = await call(client, "start_process", {
-            "sandbox_id": sid, "command": "sleep 2; echo done; exit 4"})
-        began = time.monotonic()
-        waited = await call(client, "process_output", {
-            "sandbox_id": sid, "process_id": slow["process_id"], "wait_seconds": 60})
-        took = time.monotonic() - began
+        async def start_and_wait(command: str, wait: int) -> tuple[Any, Any, float]:
+            started = await call(client, "start_process", {"sandbox_id": sid, "command": command})
+            began = time.monotonic()
+            waited = await call(client, "process_output", {
+                "sandbox_id": sid, "process_id": started["process_id"], "wait_seconds": wait})
+            return started, waited, time.monotonic() - began
+
+        slow, waited, took = await start_and_wait("sleep 2; echo done; exit 4", 60)
         assert (waited["stdout"], waited["exit_code"], waited["running"]) == ("done\n", 4, False), waited
         assert took < 30, took
         # ...or once the wait passes, with what came meanwhile, still running.
-        long_runner = await call(client, "start_process", {
-            "sandbox_id": sid, "command": "echo hi; sleep 600"})
-        began = time.monotonic()
-        waited = await call(client, "process_output", {
-            "sandbox_id": sid, "process_id": long_runner["process_id"], "wait_seconds": 2})
-        took = time.monotonic() - began
+        long_runner, waited, took = await start_and_wait("echo hi; sleep 600", 2)
         assert waited["running"] and waited["exit_code"] is None and 2 <= took < 20, (waited, took)
         await call(client, "stop_process", {"sandbox_id": sid, "process_id": long_runner["process_id"]})
         too_long = await client.call_tool("process_output", {

@@ -335,10 +335,8 @@ class AsyncProcesses:
 
     async def wait(self, id: int, offset: int = 0, *,
                    reconnect: float = RECONNECT_FOR) -> ProcessOutput:
-        """Waits for it to end; its output from ``offset`` on, and how it ended. A connection
-        that breaks meanwhile (the daemon restarting) is made again for up to ``reconnect``
-        seconds, reading from ``offset`` again: the daemon keeps the output across its restarts,
-        so nothing is lost or read twice (0 raises :class:`ConnectionFailed` at the first break)."""
+        """Waits for it to end, connecting again through daemon restarts (see
+        :meth:`hearth._sync.Processes.wait`)."""
         retry = Reconnects(reconnect)
         while True:
             try:
