@@ -109,6 +109,9 @@ pub struct StartProcess {
     /// server should not: it would keep the sandbox up forever).
     #[serde(default)]
     pub keep_awake: bool,
+    /// Wait up to this many seconds (at most 60) for it to end, as `process_output` does: a
+    /// command that finishes in time answers like `exec`, one that does not runs on.
+    pub wait_seconds: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

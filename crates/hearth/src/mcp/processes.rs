@@ -36,12 +36,27 @@ impl SandboxTools {
             tag: p.tag,
             keep_awake: p.keep_awake,
         };
+        if p.wait_seconds.unwrap_or(0) > MAX_WAIT_SECONDS {
+            bail!("wait_seconds is at most {MAX_WAIT_SECONDS}: start it, then wait with process_output");
+        }
         let process = self.client.start_process(&p.sandbox_id, &body).await?;
-        Ok(json!({
-            "process_id": process.id,
-            "running": process.running,
-            "next_offset": 0,
-        }))
+        let Some(wait) = p.wait_seconds.filter(|&w| w > 0) else {
+            return Ok(json!({
+                "process_id": process.id,
+                "running": process.running,
+                "next_offset": 0,
+            }));
+        };
+        let mut answer = self
+            .process_output_call(params::ProcessOutput {
+                sandbox_id: p.sandbox_id,
+                process_id: process.id,
+                offset: None,
+                wait_seconds: Some(wait),
+            })
+            .await?;
+        answer["process_id"] = process.id.into();
+        Ok(answer)
     }
 
     pub(super) async fn process_output_call(

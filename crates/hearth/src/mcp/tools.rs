@@ -143,7 +143,8 @@ impl SandboxTools {
         its process_id: for servers, watchers and long builds that should run on between calls \
         (exec waits for the end). Read what it printed with process_output; stop it with \
         stop_process. It keeps running while the sandbox is paused and resumed. At most 16 per \
-        sandbox.",
+        sandbox. With wait_seconds (up to 60) the call first waits that long for it to end: \
+        for a build or test run that may be quick or not, one call either way.",
         annotations(open_world_hint = false)
     )]
     async fn start_process(&self, Parameters(p): Parameters<params::StartProcess>) -> ToolResult {

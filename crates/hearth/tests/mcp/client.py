@@ -163,6 +163,11 @@ async def stdio() -> None:
         long_runner, waited, took = await start_and_wait("echo hi; sleep 600", 2)
         assert waited["running"] and waited["exit_code"] is None and 2 <= took < 20, (waited, took)
         await call(client, "stop_process", {"sandbox_id": sid, "process_id": long_runner["process_id"]})
+        # Started with a wait: a quick command answers like exec, with its process id.
+        quick = await call(client, "start_process", {
+            "sandbox_id": sid, "command": "echo quick; exit 2", "wait_seconds": 30})
+        assert (quick["stdout"], quick["exit_code"], quick["running"]) == ("quick\n", 2, False), quick
+        assert isinstance(quick["process_id"], int), quick
         too_long = await client.call_tool("process_output", {
             "sandbox_id": sid, "process_id": slow["process_id"], "wait_seconds": 61})
         assert too_long.is_error and "at most 60" in text(too_long), too_long
