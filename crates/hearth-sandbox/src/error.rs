@@ -41,6 +41,26 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// The VM's process was found gone (it died, or was killed) while hearth asked something of
+    /// it.
+    pub fn is_vm_gone(&self) -> bool {
+        // `Vm` is transparent: its sources are the VmError's, so look at it first.
+        if matches!(self, SandboxError::Vm(hearth_vm::VmError::Gone { .. })) {
+            return true;
+        }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = next {
+            if matches!(
+                e.downcast_ref::<hearth_vm::VmError>(),
+                Some(hearth_vm::VmError::Gone { .. })
+            ) {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+
     /// The host's disk (hearth's home) was full: the node's capacity, not a fault of hearth's.
     /// Looks through the error's sources for ENOSPC or EDQUOT, and at QEMU's own message for a
     /// save it ended (never at text a guest wrote, such as a console tail).
@@ -99,5 +119,21 @@ fn with_setup_advice(err: &hearth_vm::kernel::KernelError) -> String {
         false => {
             format!("{text}; run `hearth setup` to provision hearth's kernel, or pass --kernel")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_found_gone_is_told_from_other_failures() {
+        let gone = SandboxError::Vm(hearth_vm::VmError::Gone {
+            run_dir: "/run/x".into(),
+            pid: 7,
+        });
+        assert!(gone.is_vm_gone());
+        let other = SandboxError::Vm(hearth_vm::VmError::Unsupported("no".into()));
+        assert!(!other.is_vm_gone());
     }
 }

@@ -1,6 +1,7 @@
 //! Real boots of the guest kernel with the QEMU backend under TCG (each costs a few seconds of CPU, so
 //! there are few): a busybox initramfs that loads hearth's module set and writes a line into the
-//! agent port; the floor initramfs; start-up failure; graceful stop; saving a running VM to a file
+//! agent port; the floor initramfs; start-up failure; graceful stop (after which a pause or resume
+//! says the VM is gone); saving a running VM to a file
 //! and restoring it; `kill -9` of the process that started QEMU; and the KVM probe's verdict on
 //! this host.
 
@@ -199,6 +200,12 @@ fn stop_ends_a_running_guest_and_removes_its_run_dir() -> anyhow::Result<()> {
         "QEMU pid {pid} still exists"
     );
     assert!(!spec.run_dir.exists());
+    // What is asked of it afterwards says the VM is gone (a pause racing a VMM's death is not
+    // a failure of hearth's), not some other error.
+    for (what, result) in [("pause", vm.pause()), ("resume", vm.resume())] {
+        let e = result.expect_err(what);
+        assert!(matches!(e, VmError::Gone { .. }), "{what}: {e}");
+    }
     Ok(())
 }
 

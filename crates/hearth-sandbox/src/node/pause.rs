@@ -52,8 +52,9 @@ pub(super) const SAVE_MARGIN: u64 = 64 << 20;
 /// failed save asked it to continue, which it does once it answers again): see [`NodeError::of`].
 pub(super) fn save_failed(id: &str, sandbox: &crate::Sandbox, e: crate::SandboxError) -> NodeError {
     // Its VM died under the save (the soak kills VMMs): not a failure of the node's; the reaper
-    // marks the sandbox failed at its next tick.
-    if !e.is_disk_full() && sandbox.exited().is_some() {
+    // marks the sandbox failed at its next tick. The error may say so when `exited` cannot yet
+    // (another task holds the VM: the soak once got a 500 here).
+    if !e.is_disk_full() && (e.is_vm_gone() || sandbox.exited().is_some()) {
         return NodeError::NotRunning {
             id: id.to_owned(),
             state: State::Running,

@@ -295,9 +295,16 @@ impl RunningQemu {
         f: impl FnOnce(&mut Qmp) -> Result<T, QmpError>,
     ) -> Result<T, VmError> {
         let socket = self.process.run_dir().join("qmp.sock");
-        let qmp = self
-            .qmp()
-            .ok_or_else(|| VmError::Unsupported("the VM has exited".into()))?;
+        if self.process.exit().is_some() {
+            // Typed, so that a caller tells a VM that died under it from a failure of its own.
+            return Err(VmError::Gone {
+                run_dir: self.process.run_dir().to_owned(),
+                pid: self.pid(),
+            });
+        }
+        let qmp = self.qmp.as_mut().ok_or_else(|| {
+            VmError::Unsupported("the VM was let go: its control connection is closed".into())
+        })?;
         f(qmp).map_err(|source| QemuError::Qmp { socket, source }.into())
     }
 }
