@@ -142,10 +142,13 @@ impl Node {
         // The children start with the output the parent's background processes kept so far.
         let outputs = self.processes.outputs(id);
         let snapshot = match super::make_private_dir(dir.parent().expect("has a parent")) {
-            Ok(()) => parent
-                .snapshot(&dir)
-                .await
-                .map_err(|e| super::pause::save_failed(id, &parent, e)),
+            Ok(()) => match parent.snapshot(&dir).await {
+                Ok(snapshot) => Ok(snapshot),
+                Err(e) => {
+                    super::pause::settle(&parent, &e).await;
+                    Err(super::pause::save_failed(id, &parent, e))
+                }
+            },
             Err(e) => Err(e),
         };
         let interpreter = held.and_then(|held| held.parked());

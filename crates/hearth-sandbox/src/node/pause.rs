@@ -47,6 +47,19 @@ pub(super) enum Cause {
 /// Disk a pause needs beyond the guest's memory: device state and the snapshot's bookkeeping.
 pub(super) const SAVE_MARGIN: u64 = 64 << 20;
 
+/// After a failed save of `sandbox`: a VMM killed under the save may still be exiting (its control
+/// socket is reset before its parent can reap it; the soak got a 500 there), so give its death up
+/// to half a second to show before [`save_failed`] looks.
+pub(super) async fn settle(sandbox: &crate::Sandbox, e: &crate::SandboxError) {
+    if e.is_disk_full() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while sandbox.exited().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// What a failed save means to the caller; the VM runs on (or has died) either way. A full disk
 /// is the node's capacity (503) and a VMM that did not answer the sandbox's trouble (504; the
 /// failed save asked it to continue, which it does once it answers again): see [`NodeError::of`].
@@ -163,6 +176,9 @@ impl Node {
         self.bump();
         let dir = self.paused_dir(id);
         let paused = sandbox.pause(&dir).await;
+        if let Err(e) = &paused {
+            settle(&sandbox, e).await;
+        }
         let now = now_ms();
         let outcome = {
             let mut table = self.table();
