@@ -129,6 +129,15 @@ impl From<NodeError> for ApiError {
                 | ChannelError::Io { .. }
                 | ChannelError::Protocol(_),
             ) => (StatusCode::BAD_GATEWAY, "guest_failed"),
+            // Its VMM was killed (SIGKILL: the OOM killer, an operator) while it started, as a
+            // resume does: the sandbox's VM died, not the daemon (a paused one stays paused).
+            NodeError::Sandbox(hearth_sandbox::SandboxError::Vm(
+                hearth_vm::VmError::EarlyExit { status, .. },
+            )) if std::os::unix::process::ExitStatusExt::signal(status) == Some(libc::SIGKILL)
+                || status.code() == Some(128 + libc::SIGKILL) =>
+            {
+                (StatusCode::BAD_GATEWAY, "guest_failed")
+            }
             NodeError::Channel(_)
             | NodeError::Sandbox(_)
             | NodeError::Store(_)
@@ -198,6 +207,31 @@ mod tests {
                 "port_closed",
             ),
             (NodeError::Channel(ChannelError::Busy(64)), 429, "busy"),
+            // A VMM killed while it started (a guard process reports it as code 137).
+            (
+                NodeError::Sandbox(hearth_sandbox::SandboxError::Vm(
+                    hearth_vm::VmError::EarlyExit {
+                        vmm: "qemu",
+                        status: std::os::unix::process::ExitStatusExt::from_raw(137 << 8),
+                        stderr: String::new(),
+                        console: String::new(),
+                    },
+                )),
+                502,
+                "guest_failed",
+            ),
+            (
+                NodeError::Sandbox(hearth_sandbox::SandboxError::Vm(
+                    hearth_vm::VmError::EarlyExit {
+                        vmm: "qemu",
+                        status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+                        stderr: "bad option".into(),
+                        console: String::new(),
+                    },
+                )),
+                500,
+                "internal",
+            ),
             (
                 NodeError::Channel(ChannelError::Closed),
                 502,
