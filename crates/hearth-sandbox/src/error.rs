@@ -44,21 +44,7 @@ impl SandboxError {
     /// The VM's process was found gone (it died, or was killed) while hearth asked something of
     /// it.
     pub fn is_vm_gone(&self) -> bool {
-        // `Vm` is transparent: its sources are the VmError's, so look at it first.
-        if matches!(self, SandboxError::Vm(hearth_vm::VmError::Gone { .. })) {
-            return true;
-        }
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = next {
-            if matches!(
-                e.downcast_ref::<hearth_vm::VmError>(),
-                Some(hearth_vm::VmError::Gone { .. })
-            ) {
-                return true;
-            }
-            next = e.source();
-        }
-        false
+        matches!(self, SandboxError::Vm(hearth_vm::VmError::Gone { .. }))
     }
 
     /// The host's disk (hearth's home) was full: the node's capacity, not a fault of hearth's.

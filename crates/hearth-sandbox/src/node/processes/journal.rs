@@ -17,7 +17,7 @@
 //! kept in memory.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -78,7 +78,7 @@ impl Journal {
         }
         let continued = match read(&journal.out) {
             Some(last) if last.end == end => std::fs::OpenOptions::new()
-                .write(true)
+                .append(true)
                 .open(&journal.out)
                 .and_then(|file| {
                     // A record cut short goes: the next one follows the last whole one.
@@ -89,13 +89,10 @@ impl Journal {
             _ => None,
         };
         match continued {
-            Some((mut file, written)) => match file.seek(SeekFrom::End(0)) {
-                Ok(_) => {
-                    journal.file = Some(file);
-                    journal.written = written;
-                }
-                Err(e) => journal.failed(&e),
-            },
+            Some((file, written)) => {
+                journal.file = Some(file);
+                journal.written = written;
+            }
             None => journal.start_file(),
         }
         journal
@@ -268,15 +265,7 @@ mod tests {
     use super::*;
 
     fn text(output: &Output) -> (u64, String) {
-        let mut offset = 0;
-        let mut first = None;
-        let mut text = String::new();
-        while let Some((at, _, chunk)) = output.read(offset) {
-            first.get_or_insert(at);
-            text.push_str(std::str::from_utf8(&chunk).unwrap());
-            offset = at + chunk.len() as u64;
-        }
-        (first.unwrap_or(output.end()), text)
+        super::super::output::kept_text(output, 0)
     }
 
     #[test]

@@ -108,19 +108,21 @@ impl Output {
     }
 }
 
+/// Tests': the kept output from `offset` as text, and where it really starts.
+#[cfg(test)]
+pub(super) fn kept_text(out: &Output, mut offset: u64) -> (u64, String) {
+    let first = out.read(offset).map(|(at, _, _)| at).unwrap_or(offset);
+    let mut text = String::new();
+    while let Some((at, _, chunk)) = out.read(offset) {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        offset = at + chunk.len() as u64;
+    }
+    (first, text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn all(out: &Output, mut offset: u64) -> (u64, String) {
-        let first = out.read(offset).map(|(at, _, _)| at).unwrap_or(offset);
-        let mut text = String::new();
-        while let Some((at, _, chunk)) = out.read(offset) {
-            text.push_str(std::str::from_utf8(&chunk).unwrap());
-            offset = at + chunk.len() as u64;
-        }
-        (first, text)
-    }
 
     #[test]
     fn keeps_both_streams_in_order_at_their_offsets() {
@@ -128,9 +130,9 @@ mod tests {
         out.push(Stream::Stdout, Bytes::from_static(b"one\n"));
         out.push(Stream::Stderr, Bytes::from_static(b"err\n"));
         out.push(Stream::Stdout, Bytes::from_static(b"two\n"));
-        assert_eq!(all(&out, 0), (0, "one\nerr\ntwo\n".into()));
+        assert_eq!(kept_text(&out, 0), (0, "one\nerr\ntwo\n".into()));
         // From the middle of a chunk: the rest of it, then the others.
-        assert_eq!(all(&out, 6), (6, "r\ntwo\n".into()));
+        assert_eq!(kept_text(&out, 6), (6, "r\ntwo\n".into()));
         let (at, stream, chunk) = out.read(4).unwrap();
         assert_eq!((at, stream, &chunk[..]), (4, Stream::Stderr, &b"err\n"[..]));
         assert_eq!(out.read(12), None, "nothing past the end");
@@ -144,12 +146,12 @@ mod tests {
         out.push(Stream::Stdout, Bytes::from_static(b"ghij"));
         assert_eq!((out.end(), out.dropped()), (10, 2));
         // A reader at 0 gets what is kept, told that it starts at 2.
-        assert_eq!(all(&out, 0), (2, "cdefghij".into()));
-        assert_eq!(all(&out, 9), (9, "j".into()));
+        assert_eq!(kept_text(&out, 0), (2, "cdefghij".into()));
+        assert_eq!(kept_text(&out, 9), (9, "j".into()));
         // One chunk bigger than the cap: only its tail stays.
         out.push(Stream::Stderr, Bytes::from_static(b"0123456789AB"));
         assert_eq!((out.end(), out.dropped()), (22, 14));
-        assert_eq!(all(&out, 3), (14, "456789AB".into()));
+        assert_eq!(kept_text(&out, 3), (14, "456789AB".into()));
         out.push(Stream::Stdout, Bytes::new());
         assert_eq!(out.end(), 22, "an empty chunk changes nothing");
     }
