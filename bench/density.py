@@ -80,14 +80,21 @@ def mapping_pss(pid):
 
 
 def disk_blocks(path):
-    """Bytes allocated on disk under `path` (sparse files count what they hold)."""
+    """Bytes allocated on disk under `path` (sparse files count what they hold), each file once:
+    every paused sandbox links its boot template's memory file (`memory.base`), which lives in
+    `templates/` anyway and is not counted."""
     total = 0
+    seen = set()
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                st = os.lstat(os.path.join(root, name))
             except OSError:
-                pass
+                continue
+            if name == "memory.base" or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
     return total
 
 

@@ -111,9 +111,10 @@ impl SpecRecord {
         spec.detached = detached;
         spec.machine = MachineRevision(self.machine);
         spec.restore_from = Some(state.to_owned());
-        // The saved state holds the VM's whole memory either way; a VM descended from a template
-        // gets anonymous memory under the template backend's name, so that the state's RAM block
-        // and capabilities match (its template need not exist any more).
+        // For a state saved whole: a VM descended from a template gets anonymous memory under
+        // the template backend's name, so that the state's RAM block and capabilities match (its
+        // template need not exist any more). A snapshot that links its template memory maps that
+        // instead (`pause/start.rs`).
         spec.memory = match &self.template_memory {
             Some(file) => GuestMemory::Saved(file.clone()),
             None => GuestMemory::Anonymous,

@@ -3,8 +3,9 @@
 //! leaves no VMM process; resume brings back the same guest (same kernel boot, uptime going on, a
 //! background counter going on from where it was, a web server still listening, files on disk
 //! and in memory), with the host's clock and a reseeded CRNG, three times in a row with writes
-//! between the cycles; a corrupt state file fails the resume naming the file and leaves the
-//! snapshot to retry.
+//! between the cycles, also after its boot template was removed (the snapshot keeps a link to the
+//! template memory its thin state needs); a corrupt state file, or a missing one, or missing
+//! template memory, fails the resume naming the file and leaves the snapshot to retry.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -118,9 +119,13 @@ async fn a_paused_sandbox_resumes_as_the_same_guest_three_times_over() {
         // Paused long enough that a guest clock left standing would be seconds behind.
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Its boot template may be gone by the resume (evicted, or replaced after an upgrade):
-        // the saved state holds all of the guest's memory, so the resumed VM maps no template
-        // memory at all (it once mapped a copy of the template's, or a zeroed one the size of the
-        // guest when the template was gone).
+        // the snapshot keeps a link to the template memory its VM mapped, and the resumed VM maps
+        // it again, so its state needs only the pages the guest changed (thin).
+        let base = snapshot.join("memory.base");
+        assert!(
+            base.is_file(),
+            "cycle {cycle}: no link to the template memory"
+        );
         if cycle == 2 {
             std::fs::remove_dir_all(home.path().join("templates")).unwrap();
         }
@@ -128,8 +133,8 @@ async fn a_paused_sandbox_resumes_as_the_same_guest_three_times_over() {
         let resuming = std::time::Instant::now();
         sandbox = paused.resume(&config, &run_dir, false).await.unwrap();
         assert!(
-            !maps_template_memory(&id),
-            "cycle {cycle}: the resumed VMM maps template memory"
+            maps_template_memory(&id),
+            "cycle {cycle}: the resumed VMM does not map the template memory"
         );
         eprintln!(
             "cycle {cycle}: pause {pause_took:?} ({} bytes of state), resume {:?} ({:?})",
@@ -197,7 +202,7 @@ async fn a_paused_sandbox_resumes_as_the_same_guest_three_times_over() {
         .map(|e| e.path())
         .find(|p| {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            name != PAUSE_META && name != "scratch.ext4"
+            ![PAUSE_META, "scratch.ext4", "memory.base"].contains(&name.as_str())
         })
         .expect("a state file");
     let good = std::fs::read(&state).unwrap();
@@ -228,8 +233,18 @@ async fn a_paused_sandbox_resumes_as_the_same_guest_three_times_over() {
         "{err}"
     );
 
-    // Put back, it resumes (also when reopened from the directory alone, as after a restart).
+    // Put back, it resumes (also when reopened from the directory alone, as after a restart),
+    // but not without its template memory, whose pages its thin state leaves out: that is named.
     std::fs::write(&state, good).unwrap();
+    let base = snapshot.join("memory.base");
+    let kept = home.path().join("memory.kept");
+    std::fs::rename(&base, &kept).unwrap();
+    let err = paused.resume(&config, &run_dir, false).await.err().unwrap();
+    assert!(
+        err.to_string().contains(&base.display().to_string()),
+        "{err}"
+    );
+    std::fs::rename(&kept, &base).unwrap();
     let reopened = PausedSandbox::open(&snapshot, busybox).unwrap();
     let sandbox = reopened.resume(&config, &run_dir, false).await.unwrap();
     assert_eq!(

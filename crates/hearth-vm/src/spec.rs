@@ -90,16 +90,17 @@ pub enum GuestMemory {
     /// A boot template being built: guest memory is this file, mapped shared, so that the file
     /// holds the template's RAM once it is saved (the saved state then leaves the RAM out).
     TemplateFile(PathBuf),
-    /// A VM restored from a template (or from a snapshot of such a VM): a private, copy-on-write
-    /// mapping of a sealed in-memory copy of the template's memory file. The VM can neither change
-    /// the template nor punch holes into it; pages it never writes stay shared with its siblings.
+    /// A VM restored from a template, or started again from a saved state of such a VM whose
+    /// `SavedState::base` links the same memory file: a private, copy-on-write mapping of a
+    /// sealed in-memory copy of the template's memory file. The VM can neither change the
+    /// template nor punch holes into it; pages it never writes stay shared with its siblings. A
+    /// thin saved state (`qemu/snapshot/thin.rs`) loads only the pages the VM had changed.
     FromTemplate(PathBuf),
-    /// A VM started again from its own saved state (a resume, a fork's child) that descends from
-    /// the template whose memory file is named: private anonymous memory under the template
-    /// backend's name, so that the state's RAM block matches. The state holds every page the VM
-    /// had (a restored VM's private mapping is saved whole), so mapping the template again only
-    /// made each loaded page a copy-on-write of it (measured: the same load time and memory), and
-    /// needed the template's memory file, or a fully allocated zeroed copy when it was gone.
+    /// A VM started again from a state saved whole (no `base`: saved by an adopted VM whose run
+    /// directory had no link to its template memory, or by a hearth from before thin states)
+    /// that descends from the template whose memory file is named: private anonymous memory
+    /// under the template backend's name, so that the state's RAM block matches; the template
+    /// need not exist any more.
     Saved(PathBuf),
 }
 

@@ -95,6 +95,12 @@ pub struct SavedState {
     pub state: PathBuf,
     pub bytes: u64,
     pub took: Duration,
+    /// QEMU, a VM restored from a boot template: a hard link beside `state` to the template
+    /// memory file the VM maps. Started again with [`crate::GuestMemory::FromTemplate`] of it,
+    /// the VM maps the same memory, and only the pages it changed need loading: `SavedState::thin`
+    /// (`qemu/snapshot/save.rs`) takes the others out of `state`. Either state loads correctly
+    /// onto it. `None`: start it again with [`crate::GuestMemory::Saved`].
+    pub base: Option<PathBuf>,
 }
 
 /// A started VM. Dropping it kills the VMM if still running and removes the run directory.

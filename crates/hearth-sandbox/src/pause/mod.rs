@@ -53,8 +53,11 @@ pub(crate) use start::Identity;
 pub const PAUSE_META: &str = "paused.json";
 /// The scratch disk's name inside a snapshot directory and a run directory.
 pub(crate) const SCRATCH_FILE: &str = "scratch.ext4";
-/// Version of [`PAUSE_META`]'s format; another version is refused, naming the file.
+/// Version of [`PAUSE_META`]'s format; another version is refused, naming the file. A snapshot
+/// whose state is thin (it needs its base memory file) is written as [`META_FORMAT_THIN`], which a
+/// hearth from before thin states refuses instead of loading the state onto empty memory.
 const META_FORMAT: u32 = 1;
+const META_FORMAT_THIN: u32 = 2;
 
 /// How long a pause asks the guest for its hostname (kept across the resume) before it saves the
 /// VM anyway: a guest whose agent does not answer (a workload that exhausts it) is still paused,
@@ -82,6 +85,11 @@ struct PauseMeta {
     state_file: String,
     /// Its size.
     state_bytes: u64,
+    /// The boot template memory the VM maps, linked into the snapshot directory under this name
+    /// (`hearth_vm::SavedState::base`): the VM starts again on it, and its state may leave out
+    /// the pages it shares with it. Absent: the state holds every page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_memory: Option<String>,
 }
 
 pub(crate) fn io_error(what: String) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -156,11 +164,17 @@ impl Sandbox {
         let snapshot = dir.to_owned();
         let saved = tokio::task::spawn_blocking(move || {
             let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-            let saved = vm.save_state(&snapshot);
-            if saved.is_err() {
+            let mut saved = vm.save_state(&snapshot);
+            match &mut saved {
+                // Only what the guest changed since its template, for a faster, smaller resume.
+                Ok(saved) => {
+                    saved.thin();
+                }
                 // `save_state` stops the vCPUs first: let the guest run on.
-                if let Err(e) = vm.resume() {
-                    tracing::warn!("resuming the VM after a failed save: {e}");
+                Err(_) => {
+                    if let Err(e) = vm.resume() {
+                        tracing::warn!("resuming the VM after a failed save: {e}");
+                    }
                 }
             }
             saved
@@ -242,17 +256,23 @@ impl PausedSandbox {
         spec: &VmSpec,
         saved: &hearth_vm::SavedState,
     ) -> Result<PausedSandbox, SandboxError> {
+        let file_name = |path: &Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let base_memory = saved.base.as_deref().map(file_name);
         let meta = PauseMeta {
-            format: META_FORMAT,
+            format: match base_memory {
+                Some(_) => META_FORMAT_THIN,
+                None => META_FORMAT,
+            },
             id: id.to_owned(),
             hostname,
             spec: SpecRecord::of(spec),
-            state_file: saved
-                .state
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            state_file: file_name(&saved.state),
             state_bytes: saved.bytes,
+            base_memory,
         };
         write_meta(dir, &meta)?;
         Ok(PausedSandbox {
@@ -273,15 +293,21 @@ impl PausedSandbox {
             what: format!("reading {}", path.display()),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
-        if meta.format != META_FORMAT || meta.state_file.is_empty() || meta.state_file.contains('/')
-        {
+        let plain_name = |name: &str| !name.is_empty() && !name.contains('/') && name != "..";
+        let readable = match (meta.format, &meta.base_memory) {
+            (META_FORMAT, None) => true,
+            (META_FORMAT_THIN, Some(base)) => plain_name(base),
+            _ => false,
+        };
+        if !readable || !plain_name(&meta.state_file) {
             return Err(SandboxError::Io {
                 what: format!("reading {}", path.display()),
                 source: std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!(
-                        "format {} with state file {:?} (this hearth reads format {META_FORMAT})",
-                        meta.format, meta.state_file
+                        "format {} with state file {:?} and base memory {:?} (this hearth reads \
+                         formats {META_FORMAT} and {META_FORMAT_THIN})",
+                        meta.format, meta.state_file, meta.base_memory
                     ),
                 ),
             });
@@ -306,6 +332,14 @@ impl PausedSandbox {
     /// Bytes of saved memory and device state.
     pub fn state_bytes(&self) -> u64 {
         self.meta.state_bytes
+    }
+
+    /// The template memory the saved VM starts again on, linked into the snapshot directory.
+    fn base_memory(&self) -> Option<PathBuf> {
+        self.meta
+            .base_memory
+            .as_ref()
+            .map(|name| self.dir.join(name))
     }
 
     /// Starts the saved VM again in `run_dir` (detached like the node's VMs with `detached`): the

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use hearth_net::network::SandboxNetwork;
 use hearth_vm::channel::AgentClient;
-use hearth_vm::{select_backend, BackendRequest};
+use hearth_vm::{select_backend, BackendRequest, GuestMemory};
 
 use super::{io_error, PausedSandbox, SCRATCH_FILE};
 use crate::sandbox::{connect_agent, console_tail, record_owner, AGENT_DEADLINE};
@@ -28,7 +28,11 @@ impl PausedSandbox {
         let started = Instant::now();
         let state = self.dir.join(&self.meta.state_file);
         let scratch = self.dir.join(SCRATCH_FILE);
-        for file in [&state, &scratch] {
+        let base = self.base_memory();
+        for file in [Some(&state), Some(&scratch), base.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if !file.is_file() {
                 return Err(SandboxError::Io {
                     what: format!("resuming sandbox {} from {}", self.id, file.display()),
@@ -40,6 +44,10 @@ impl PausedSandbox {
             }
         }
         let mut spec = self.meta.spec.spec(run_dir, &state, detached);
+        if let Some(base) = base {
+            // The same template memory again: the state holds only the pages the VM changed.
+            spec.memory = GuestMemory::FromTemplate(base);
+        }
         let networking = match (&mut spec.network, &config.network) {
             (None, _) => None,
             (Some(nic), Some(networking)) => {

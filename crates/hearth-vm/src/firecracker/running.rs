@@ -277,6 +277,7 @@ impl RunningVm for RunningFirecracker {
             state: dir.join(SNAPSHOT),
             bytes,
             took: started.elapsed(),
+            base: None,
         })
     }
 

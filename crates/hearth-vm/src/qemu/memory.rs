@@ -11,9 +11,9 @@
 //!
 //! QEMU opens the copy as `/proc/<hearth's pid>/fd/<fd>` while it starts (before it drops its
 //! privileges), so nothing has to be passed through the VMM's guard process. One copy per template
-//! file and process, kept while its file is unchanged (a rebuilt template is a new file). A
-//! missing file is an error (the restore then boots cold): a paused sandbox or a fork's child needs
-//! no copy (it starts from its own saved state onto anonymous memory, `GuestMemory::Saved`).
+//! file (by inode: a paused sandbox's or a fork's link to its template memory shares the
+//! template's copy) and process, kept while its file is unchanged (a rebuilt template is a new
+//! file). A missing file is an error (a restore then boots cold; a resume fails, naming it).
 //!
 //! Every copy is fully allocated, so the node counts each one (admission, `/metrics`) from its
 //! making until its last holder lets go: the cache and each VM restored from it
@@ -48,12 +48,20 @@ pub(super) struct SealedMemory {
     fd: OwnedFd,
     /// Its size: the memory size of the VMs it serves (sealed, so it cannot change).
     len: u64,
+    /// The template file it is a copy of, as it was when copied.
+    source: Identity,
 }
 
 impl SealedMemory {
     /// The path QEMU opens it by.
     pub(super) fn path(&self) -> PathBuf {
         format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd()).into()
+    }
+
+    /// Whether `file` is (still) the template file this is a copy of: the same inode, size and
+    /// modification time (a hard link to it is).
+    pub(super) fn is_copy_of(&self, file: &Path) -> bool {
+        std::fs::metadata(file).is_ok_and(|m| identity_of(&m) == self.source)
     }
 }
 
@@ -164,9 +172,11 @@ struct Cached {
 }
 
 impl Cached {
-    /// Whether this is a copy of `file` as `identity` describes it, `bytes` long.
-    fn is_copy_of(&self, file: &Path, identity: Identity, bytes: u64) -> bool {
-        self.file == file && self.identity == identity && self.copy.len == bytes
+    /// Whether this is a copy of the file `identity` describes, `bytes` long: by inode, not by
+    /// path, so that a hard link to a template file (a thin snapshot's base, `snapshot/thin.rs`)
+    /// shares the template's copy.
+    fn is_copy_of(&self, identity: Identity, bytes: u64) -> bool {
+        self.identity == identity && self.copy.len == bytes
     }
 }
 
@@ -220,7 +230,7 @@ pub(super) fn holds_copy(file: &Path, bytes: u64) -> bool {
     let Ok(identity) = std::fs::metadata(file).map(|m| identity_of(&m)) else {
         return false;
     };
-    lock().iter().any(|c| c.is_copy_of(file, identity, bytes))
+    lock().iter().any(|c| c.is_copy_of(identity, bytes))
 }
 
 fn identity_of(m: &std::fs::Metadata) -> Identity {
@@ -252,14 +262,11 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
     }
     let identity = identity_of(&m);
     let mut cache = lock();
-    if let Some(cached) = cache
-        .iter_mut()
-        .find(|c| c.is_copy_of(file, identity, bytes))
-    {
+    if let Some(cached) = cache.iter_mut().find(|c| c.is_copy_of(identity, bytes)) {
         cached.used = Instant::now();
         return Ok(cached.copy.clone());
     }
-    let copy = Arc::new(copy_sealed(&source, bytes).map_err(|e| io_error("copying", e))?);
+    let copy = Arc::new(copy_sealed(&source, bytes, identity).map_err(|e| io_error("copying", e))?);
     // A VM restored from a copy this one replaces (or evicts) keeps that copy, still counted.
     cache.retain(|c| c.file != file);
     if cache.len() >= CACHE_ENTRIES {
@@ -279,7 +286,7 @@ pub(super) fn sealed_copy(file: &Path, bytes: u64) -> Result<Arc<SealedMemory>, 
 
 /// A new memfd of `bytes`, every page allocated, holding `source`'s non-zero data, then sealed
 /// against any change.
-fn copy_sealed(source: &File, bytes: u64) -> io::Result<SealedMemory> {
+fn copy_sealed(source: &File, bytes: u64, identity: Identity) -> io::Result<SealedMemory> {
     let name = CString::new(MEMFD_NAME).expect("no NUL");
     // SAFETY: memfd_create with a valid C string; the result is checked and owned at once.
     let raw =
@@ -308,7 +315,11 @@ fn copy_sealed(source: &File, bytes: u64) -> io::Result<SealedMemory> {
         return Err(io::Error::last_os_error());
     }
     LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-    Ok(SealedMemory { fd, len: bytes })
+    Ok(SealedMemory {
+        fd,
+        len: bytes,
+        source: identity,
+    })
 }
 
 /// Copies the data extents of `source` (SEEK_DATA/SEEK_HOLE: the template file is sparse), skipping
@@ -338,7 +349,7 @@ fn copy_data(source: &File, dest: &File, bytes: u64) -> io::Result<()> {
 }
 
 /// `lseek(fd, offset, whence)`; `None` when there is no more data (ENXIO).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+pub(super) fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a borrowed, open descriptor.
     let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
     if at < 0 {
@@ -367,7 +378,8 @@ mod tests {
         let _serial = serial();
         let template = tempfile::tempfile().unwrap();
         template.set_len(4 << 20).unwrap();
-        let copy = copy_sealed(&template, 4 << 20).unwrap();
+        let identity = identity_of(&template.metadata().unwrap());
+        let copy = copy_sealed(&template, 4 << 20, identity).unwrap();
         // This process stands in for the adopted VMM: it maps the copy as QEMU does, and the
         // daemon that made it is gone (the descriptor closed, the pages mapped).
         // SAFETY: a private mapping of an owned descriptor, unmapped below.
@@ -554,5 +566,29 @@ mod tests {
         let err = sealed_copy(&dir.path().join("gone"), 1 << 20).unwrap_err();
         assert!(err.to_string().contains("gone"), "{err}");
         assert_eq!(template_copies_bytes(), before, "nothing allocated");
+    }
+
+    /// A thin snapshot keeps a hard link to its template's memory file and resumes from it: the
+    /// link shares the template's copy, and the copy says which files it is a copy of.
+    #[test]
+    fn a_hard_link_to_a_template_file_shares_its_copy() {
+        let _serial = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("memory");
+        let mut bytes = vec![0u8; 1 << 20];
+        bytes[8192] = 7;
+        std::fs::write(&file, &bytes).unwrap();
+        let copy = sealed_copy(&file, 1 << 20).unwrap();
+        let link = dir.path().join("memory.base");
+        std::fs::hard_link(&file, &link).unwrap();
+        assert!(Arc::ptr_eq(&copy, &sealed_copy(&link, 1 << 20).unwrap()));
+        assert!(holds_copy(&link, 1 << 20));
+        assert!(copy.is_copy_of(&file) && copy.is_copy_of(&link));
+        // The template rebuilt (a new file): the link still is the copy's file, the path is not.
+        let tmp = dir.path().join("memory.new");
+        std::fs::write(&tmp, vec![1u8; 1 << 20]).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        assert!(!copy.is_copy_of(&file));
+        assert!(copy.is_copy_of(&link));
     }
 }

@@ -50,7 +50,15 @@ pub struct RunningQemu {
     /// earlier daemon for an adopted VM), held so that the node counts it while the VM lives (see
     /// `memory.rs`).
     _memory: Option<memory::HeldCopy>,
+    /// Restored from a template: [`BASE_MEMORY`] in the run directory, a hard link to the
+    /// template memory file its sealed copy was made from, which its saved states keep a link to
+    /// (`SavedState::base`): the file stays as it was while they exist, whatever happens to the
+    /// template (a rebuilt template is a new file; `snapshot/build.rs`).
+    base: Option<PathBuf>,
 }
+
+/// The name of the template memory link in a run directory and a saved state's directory.
+pub(crate) const BASE_MEMORY: &str = "memory.base";
 
 impl RunningQemu {
     pub(super) fn start(qemu: &QemuVmm, spec: &VmSpec) -> Result<Self, VmError> {
@@ -88,6 +96,10 @@ impl RunningQemu {
             }
         };
         let log_path = run_dir.join(rundir::VMM_LOG);
+        let base = match (&spec.memory, &memory) {
+            (GuestMemory::FromTemplate(file), Some(copy)) => link_base(file, run_dir, copy),
+            _ => None,
+        };
         let mut vm = RunningQemu {
             process,
             endpoint: AgentEndpoint::Stream(spec.agent_socket.clone()),
@@ -96,6 +108,7 @@ impl RunningQemu {
             restored_in: None,
             agent_stream: None,
             _memory: memory.map(|m| m as memory::HeldCopy),
+            base,
         };
         if spec.detached {
             // Written before anything can fail, so that whoever finds this run directory can
@@ -269,6 +282,7 @@ impl RunningQemu {
             agent_stream: None,
             // Its copy was made by the daemon that restored it: counted here while it lives.
             _memory: memory::inherited_copy(record.process.pid).map(|m| m as memory::HeldCopy),
+            base: Some(run_dir.join(BASE_MEMORY)).filter(|link| link.is_file()),
         })
     }
 
@@ -380,10 +394,22 @@ impl RunningVm for RunningQemu {
                 source,
             })?
             .len();
+        let base = self.base.as_deref().and_then(|base| {
+            let link = dir.join(BASE_MEMORY);
+            let _ = std::fs::remove_file(&link);
+            match std::fs::hard_link(base, &link) {
+                Ok(()) => Some(link),
+                Err(e) => {
+                    tracing::warn!(base = %base.display(), "linking the template memory beside a saved state: {e}");
+                    None
+                }
+            }
+        });
         Ok(SavedState {
             state,
             bytes,
             took: started.elapsed(),
+            base,
         })
     }
 
@@ -394,6 +420,23 @@ impl RunningVm for RunningQemu {
     fn take_agent_stream(&mut self) -> Option<UnixStream> {
         self.agent_stream.take()
     }
+}
+
+/// Links the template memory `file` a VM was restored from into its run directory, if it still is
+/// the file `copy` was made from (a template rebuilt in between is not): the base of the VM's
+/// saved states. `None` (logged) when it cannot be linked: its states are then saved whole.
+fn link_base(file: &Path, run_dir: &Path, copy: &memory::SealedMemory) -> Option<PathBuf> {
+    let link = run_dir.join(BASE_MEMORY);
+    if let Err(e) = std::fs::hard_link(file, &link) {
+        tracing::warn!(file = %file.display(), "linking the template memory into the run directory: {e}");
+        return None;
+    }
+    if !copy.is_copy_of(&link) {
+        tracing::info!(file = %file.display(), "the template changed while the VM started: its states are saved whole");
+        let _ = std::fs::remove_file(&link);
+        return None;
+    }
+    Some(link)
 }
 
 /// The kernel's panic line, if the console shows one.

@@ -35,6 +35,14 @@ pub(super) fn build(
     let started = Instant::now();
     let dir = &template.dir;
     create_dir(dir)?;
+    // The template VM writes its memory into this file; one left by an earlier build may be
+    // linked as the base of saved states (`thin.rs`), which must keep what it held: the new
+    // template gets a new file.
+    let memory = template.memory();
+    match std::fs::remove_file(&memory) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(io("removing", &memory, e)),
+        _ => {}
+    }
     for drive in &spec.drives {
         let file = std::fs::File::create(&drive.path).and_then(|f| f.set_len(PLACEHOLDER_BYTES));
         file.map_err(|source| io("creating", &drive.path, source))?;

@@ -20,6 +20,7 @@ mod key;
 pub(crate) mod restore;
 pub(crate) mod save;
 pub mod store;
+pub(crate) mod thin;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
