@@ -5,8 +5,10 @@
 #   create:  template create (`POST /v1/sandboxes` answered `running`; the boot template already
 #            built by a warm-up create) and cold create (a second daemon with --no-snapshot).
 #   dirty:   the measured sandbox writes ~100 MiB of random bytes to /dev/shm (guest memory).
-#   pause:   `POST .../pause` wall time; the snapshot's size on disk (sparse, du).
-#   resume:  `POST .../resume` until its first exec (`true`) has answered.
+#   pause:   `POST .../pause` wall time; the snapshot's size on disk (sparse, du, without the link
+#            to its template's memory) and its state file's; first of the sandbox idle, then
+#            after the dirtying.
+#   resume:  `POST .../resume` until its first exec (`true`) has answered (idle, then dirtied).
 #   fork:    `POST .../fork {"count": 1}` and `{"count": 10}` wall time (answered with every child
 #            running; children start in the daemon's boot slots, --max-boots 2), then the first
 #            exec in the first child.
@@ -113,17 +115,31 @@ for _ in range(runs):
     id, t = create(); templ.append(t); call("DELETE", f"/v1/sandboxes/{id}")
 report("template create", templ)
 
+def cycles(id):
+    """Pause and resume `id` RUNS times: pause times, snapshot sizes (MiB: on disk without the
+    link to the template memory it shares with its template, and its state file), resume times."""
+    pause, disk, state, resume = [], [], [], []
+    for _ in range(runs):
+        t = time.perf_counter(); call("POST", f"/v1/sandboxes/{id}/pause"); pause.append(time.perf_counter() - t)
+        snapshot = f"{home}/node/paused/{id}"
+        du = subprocess.run(["du", "-sk", "--exclude=memory.base", snapshot], capture_output=True, text=True)
+        disk.append(int(du.stdout.split()[0]) / 1024)
+        state.append(os.stat(f"{snapshot}/state").st_size / (1 << 20))
+        t = time.perf_counter(); call("POST", f"/v1/sandboxes/{id}/resume"); exec_ok(id, "true")
+        resume.append(time.perf_counter() - t)
+    return pause, disk, state, resume
+
 parent, _ = create()
+exec_ok(parent, "true")
+pause, disk, state, resume = cycles(parent)
+report("pause (idle)", pause)
+report("  its saved state", state, "MiB")
+report("resume to first exec (idle)", resume)
 exec_ok(parent, "dd if=/dev/urandom of=/dev/shm/dirty bs=1M count=100 2>/dev/null")
-pause, resume, disk = [], [], []
-for _ in range(runs):
-    t = time.perf_counter(); call("POST", f"/v1/sandboxes/{parent}/pause"); pause.append(time.perf_counter() - t)
-    du = subprocess.run(["du", "-sk", f"{home}/node/paused/{parent}"], capture_output=True, text=True)
-    disk.append(int(du.stdout.split()[0]) / 1024)
-    t = time.perf_counter(); call("POST", f"/v1/sandboxes/{parent}/resume"); exec_ok(parent, "true")
-    resume.append(time.perf_counter() - t)
+pause, disk, state, resume = cycles(parent)
 report("pause (100 MiB dirtied)", pause)
 report("paused sandbox on disk", disk, "MiB")
+report("  its saved state", state, "MiB")
 report("resume to first exec answered", resume)
 
 for count in (1, 10):

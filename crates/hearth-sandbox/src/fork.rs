@@ -77,14 +77,7 @@ impl Sandbox {
             });
             // `save_state` stops the vCPUs; the origin runs on whatever happened.
             let resumed = vm.resume();
-            let stopped_for = stopped.elapsed();
-            drop(vm);
-            // While the origin runs: the children load only what it changed since its template.
-            let copied = copied.map(|mut saved| {
-                saved.thin();
-                saved
-            });
-            (copied, resumed, stopped_for)
+            (copied, resumed, stopped.elapsed())
         })
         .await
         .expect("snapshot task");

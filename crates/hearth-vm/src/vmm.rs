@@ -97,9 +97,9 @@ pub struct SavedState {
     pub took: Duration,
     /// QEMU, a VM restored from a boot template: a hard link beside `state` to the template
     /// memory file the VM maps. Started again with [`crate::GuestMemory::FromTemplate`] of it,
-    /// the VM maps the same memory, and only the pages it changed need loading: `SavedState::thin`
-    /// (`qemu/snapshot/save.rs`) takes the others out of `state`. Either state loads correctly
-    /// onto it. `None`: start it again with [`crate::GuestMemory::Saved`].
+    /// the VM maps the same memory, and `state` holds only the pages it changed (a thin state,
+    /// `qemu/snapshot/thin.rs`). `None`: `state` holds every page (no template, or thinning did
+    /// not work out); start it again with [`crate::GuestMemory::Saved`].
     pub base: Option<PathBuf>,
 }
 

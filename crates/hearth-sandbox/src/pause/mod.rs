@@ -164,17 +164,11 @@ impl Sandbox {
         let snapshot = dir.to_owned();
         let saved = tokio::task::spawn_blocking(move || {
             let mut vm = vm.lock().unwrap_or_else(|e| e.into_inner());
-            let mut saved = vm.save_state(&snapshot);
-            match &mut saved {
-                // Only what the guest changed since its template, for a faster, smaller resume.
-                Ok(saved) => {
-                    saved.thin();
-                }
+            let saved = vm.save_state(&snapshot);
+            if saved.is_err() {
                 // `save_state` stops the vCPUs first: let the guest run on.
-                Err(_) => {
-                    if let Err(e) = vm.resume() {
-                        tracing::warn!("resuming the VM after a failed save: {e}");
-                    }
+                if let Err(e) = vm.resume() {
+                    tracing::warn!("resuming the VM after a failed save: {e}");
                 }
             }
             saved

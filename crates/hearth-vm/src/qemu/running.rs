@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::snapshot::restore::load_and_continue;
-use super::snapshot::{save::save, SnapshotError};
+use super::snapshot::{save::save, save_thin, SnapshotError};
 use super::{argv, memory, QemuError, QemuVmm, Qmp, QmpError};
 use crate::accel::Accel;
 use crate::confine;
@@ -382,18 +382,8 @@ impl RunningVm for RunningQemu {
             source,
         })?;
         let state = dir.join(SAVED_STATE);
-        self.qmp_required(|qmp| Ok(save(qmp, &state)))?
-            .map_err(|source| QemuError::Save {
-                state: state.clone(),
-                source,
-            })?;
-        let bytes = std::fs::metadata(&state)
-            .map_err(|source| VmError::Io {
-                what: "reading",
-                path: state.clone(),
-                source,
-            })?
-            .len();
+        // A VM restored from a template: its state keeps a link to the template memory, and
+        // leaves out the pages it shares with it (`snapshot/thin.rs`).
         let base = self.base.as_deref().and_then(|base| {
             let link = dir.join(BASE_MEMORY);
             let _ = std::fs::remove_file(&link);
@@ -405,6 +395,39 @@ impl RunningVm for RunningQemu {
                 }
             }
         });
+        let saved = match &base {
+            Some(link) => self.qmp_required(|qmp| Ok(save_thin(qmp, &state, link)))?,
+            None => self.qmp_required(|qmp| Ok(save(qmp, &state).map(|()| None)))?,
+        };
+        let thinned = saved.map_err(|source| QemuError::Save {
+            state: state.clone(),
+            source,
+        })?;
+        let bytes = std::fs::metadata(&state)
+            .map_err(|source| VmError::Io {
+                what: "reading",
+                path: state.clone(),
+                source,
+            })?
+            .len();
+        // Saved whole: it starts again as such a state always did, needing no template memory.
+        let base = base.filter(|link| {
+            thinned.is_some() || {
+                let _ = std::fs::remove_file(link);
+                false
+            }
+        });
+        if let Some(done) = thinned {
+            tracing::debug!(
+                state = %state.display(),
+                kept_pages = done.kept_pages,
+                dropped_pages = done.dropped_pages,
+                dropped_zero = done.dropped_zero,
+                bytes_in = done.bytes_in,
+                bytes_out = done.bytes_out,
+                "saved a thin state"
+            );
+        }
         Ok(SavedState {
             state,
             bytes,

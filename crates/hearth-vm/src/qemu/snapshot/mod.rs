@@ -21,6 +21,8 @@ pub(crate) mod restore;
 pub(crate) mod save;
 pub mod store;
 pub(crate) mod thin;
+mod thin_save;
+pub(crate) use thin_save::save_thin;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;

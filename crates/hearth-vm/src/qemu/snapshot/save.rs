@@ -5,17 +5,14 @@
 //!
 //! A VM with file-backed memory ([`crate::GuestMemory`]: it has the `hearth-mem` backend) is saved
 //! with `x-ignore-shared`: a template's shared memory file then stays out of the state (the file is
-//! the RAM), while a restored VM's private mapping is not shared and is saved whole; [`thin_file`]
-//! then takes the pages it shares with its template out (`thin.rs`).
+//! the RAM), while a restored VM's private mapping is not shared and is saved whole, or thinned on
+//! its way to the file (`thin_save.rs`).
 
-use std::io::{BufReader, BufWriter};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::thin::{thin, Base, ThinError, Thinned};
 use crate::qemu::argv::MEMORY_BACKEND_ID;
-use crate::qemu::memory::seek;
 use crate::qemu::{Qmp, QmpError};
 
 /// QEMU's migration capability that leaves shared, file-backed RAM out of a saved state.
@@ -84,6 +81,12 @@ pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), SaveError> {
             path: file.to_owned(),
             source,
         })?;
+    migrate(qmp, out.into(), file)
+}
+
+/// Pauses the guest and migrates its state into `out` (a file, or a pipe another thread reads:
+/// `thin_save.rs`), which is closed here once QEMU holds it; `file` names the state in errors.
+pub(super) fn migrate(qmp: &mut Qmp, out: OwnedFd, file: &Path) -> Result<(), SaveError> {
     let step = |command: &'static str| move |source| SaveError::Qmp { command, source };
     qmp.stop().map_err(step("stop"))?;
     let file_backed = qmp
@@ -96,7 +99,7 @@ pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), SaveError> {
     qmp.set_migration_parameters(serde_json::json!({ "max-bandwidth": SAVE_BANDWIDTH }))
         .map_err(step("migrate-set-parameters"))?;
     qmp.send_fd(FD_NAME, out.as_fd()).map_err(step("getfd"))?;
-    drop(out); // QEMU holds its own copy now
+    drop(out); // QEMU holds its own copy now (a pipe's reader sees its end when QEMU closes it)
     qmp.migrate(&format!("fd:{FD_NAME}"))
         .map_err(step("migrate"))?;
     let deadline = Instant::now() + SAVE_DEADLINE;
@@ -113,124 +116,6 @@ pub(crate) fn save(qmp: &mut Qmp, file: &Path) -> Result<(), SaveError> {
             }
             _ if Instant::now() > deadline => return Err(SaveError::Deadline(SAVE_DEADLINE)),
             _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
-/// Rewrites the saved state `state` as a thin state against `base`, the template memory file the
-/// VM maps (see `thin.rs`): written beside it, then renamed over it, so that a failure at any
-/// point leaves the full state as it was.
-pub(crate) fn thin_file(state: &Path, base: &Path) -> Result<Thinned, ThinError> {
-    let base_file = std::fs::File::open(base)?;
-    let len = base_file.metadata()?.len();
-    let data = data_ranges(&base_file, len)?;
-    let tmp = state.with_extension("thin");
-    let thinned = with_mapped(
-        &base_file,
-        len as usize,
-        |bytes| -> Result<Thinned, ThinError> {
-            let input = BufReader::with_capacity(IO_BUFFER, std::fs::File::open(state)?);
-            let output = BufWriter::with_capacity(IO_BUFFER, std::fs::File::create(&tmp)?);
-            let base = Base { bytes, data: &data };
-            thin(input, output, &base, MEMORY_BACKEND_ID, true)
-        },
-    )
-    .and_then(|thinned| thinned)
-    .and_then(|thinned| {
-        std::fs::rename(&tmp, state)?;
-        Ok(thinned)
-    });
-    if thinned.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    thinned
-}
-
-/// Where `file` (`len` bytes) holds data, by `SEEK_DATA`/`SEEK_HOLE`: a template memory file is
-/// sparse (the template wrote ~100 MiB of a 512 MiB guest).
-fn data_ranges(file: &std::fs::File, len: u64) -> std::io::Result<Vec<std::ops::Range<u64>>> {
-    let mut ranges = Vec::new();
-    let mut at = 0;
-    while at < len {
-        let Some(start) = seek(file, at, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        if end <= start {
-            break;
-        }
-        ranges.push(start..end);
-        at = end;
-    }
-    Ok(ranges)
-}
-
-/// Buffer size for reading and writing saved states.
-const IO_BUFFER: usize = 1 << 20;
-
-/// Runs `f` on the first `len` bytes of `file`, mapped read-only and private for the call. The
-/// file is a template memory file, which nothing writes once its template is built (a rebuild
-/// makes a new file).
-fn with_mapped<T>(
-    file: &std::fs::File,
-    len: usize,
-    f: impl FnOnce(&[u8]) -> T,
-) -> Result<T, ThinError> {
-    if len == 0 {
-        return Ok(f(&[]));
-    }
-    // SAFETY: a private read-only mapping of an open file, `len` bytes (its size); unmapped
-    // below, after the only borrow of it ends.
-    let at = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
-        )
-    };
-    if at == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: the mapping made above, `len` readable bytes.
-    let result = f(unsafe { std::slice::from_raw_parts(at as *const u8, len) });
-    // SAFETY: the mapping made above, no longer borrowed.
-    unsafe { libc::munmap(at, len) };
-    Ok(result)
-}
-
-impl crate::SavedState {
-    /// Makes the state thin against its [`base`](crate::SavedState::base) (see `thin.rs`): the
-    /// pages the VM shares with its boot template are taken out, so that starting it again loads
-    /// only what it changed. Returns whether it did; a state without a base, or one thinning does
-    /// not understand, stays whole (logged), and loads as it did. It reads and writes the state
-    /// whole (~0.1 s for 170 MB here): run it where the VM need not wait for it.
-    pub fn thin(&mut self) -> bool {
-        let Some(base) = &self.base else {
-            return false;
-        };
-        let started = Instant::now();
-        match thin_file(&self.state, base) {
-            Ok(done) => {
-                tracing::debug!(
-                    state = %self.state.display(),
-                    kept_pages = done.kept_pages,
-                    dropped_pages = done.dropped_pages,
-                    dropped_zero = done.dropped_zero,
-                    bytes_in = done.bytes_in,
-                    bytes_out = done.bytes_out,
-                    took = ?started.elapsed(),
-                    "saved state thinned against its template"
-                );
-                self.bytes = done.bytes_out;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(state = %self.state.display(), "keeping the whole saved state: {e}");
-                false
-            }
         }
     }
 }
