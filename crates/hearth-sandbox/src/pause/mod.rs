@@ -9,7 +9,10 @@
 //!
 //! A snapshot directory holds the saved state (QEMU's migration stream; Firecracker's `vmstate` and
 //! its guest `memory` file beside it), `scratch.ext4` (the sandbox's writable disk) and
-//! [`PAUSE_META`]. It is removed only by a successful resume (or by its owner,
+//! [`PAUSE_META`]; for a QEMU VM restored from a boot template also `memory.base`, a hard link to
+//! the template's memory file, which the VM starts again on: its state then holds only the pages
+//! the guest changed since the template (`hearth_vm::SavedState::base`), and the link keeps that
+//! memory after the template is evicted or rebuilt. It is removed only by a successful resume (or by its owner,
 //! e.g. the node when the sandbox is deleted): a resume that fails, for a missing or corrupt file
 //! or a VMM that refuses the state, names the file and leaves the snapshot as it was, to be retried
 //! or deleted. (The scratch disk is hard-linked into the new run directory, so the failed VM's

@@ -8,7 +8,9 @@
 //! The template's guest memory is the file `templates/<id>/memory` (mapped shared while it is
 //! built, left out of `state`); restored VMs map a sealed copy of it privately
 //! ([`crate::GuestMemory`], `qemu/memory.rs`), so the pages they never write are shared by all of
-//! them instead of each VM loading its own copy of the template's RAM.
+//! them instead of each VM loading its own copy of the template's RAM. A restored VM saved later
+//! (a pause, a fork) keeps a link to that file and saves only the pages it changed (`thin.rs`,
+//! `thin_save.rs`), so it starts again on the template's memory too.
 //!
 //! Writes only under `$HEARTH_HOME/templates/` (and the template VM's run directory under
 //! `$HEARTH_HOME/run/`). Builds are serialized per key by an `flock` on `templates/<id>.lock`; a
