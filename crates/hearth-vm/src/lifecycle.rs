@@ -206,6 +206,11 @@ impl VmProcess {
 
     /// Lets go of the VM: dropping this afterwards leaves the VMM running and its run directory in
     /// place, for a later adopt.
+    /// Whether [`VmProcess::release`] let the VMM go (to a later adopter).
+    pub fn is_released(&self) -> bool {
+        self.released
+    }
+
     pub fn release(&mut self) {
         self.released = true;
     }

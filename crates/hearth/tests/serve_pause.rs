@@ -5,7 +5,8 @@
 //! it paused for the next daemon, which resumes it as the same guest (same kernel boot, files on
 //! disk and in memory, the forced exec's counter still counting, a background process still
 //! running with the output the crashed daemon had kept, the host's clock); deleting a paused
-//! sandbox removes its snapshot and the process's journal.
+//! sandbox removes its snapshot and the process's journal. A sandbox whose TTL ends it while a
+//! pause holds its (frozen) VMM shows `stopping` until the VMM is gone.
 
 #[path = "serve/daemon.rs"]
 mod daemon;
@@ -240,4 +241,84 @@ async fn a_paused_sandbox_survives_a_daemon_crash_and_resumes_as_it_was() {
     );
     assert!(!journal.exists(), "deleting a sandbox left its journals");
     assert!(daemon::processes_mentioning(&id).is_empty());
+}
+
+/// The QEMU processes whose command line names sandbox `id`.
+fn vmms_of(id: &str) -> Vec<u32> {
+    daemon::processes_mentioning(id)
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains("qemu-system"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// A sandbox whose TTL ends it while a pause holds its VM (here a VMM frozen under the save, so
+/// the pause waits for it, then fails): it shows `stopping` until its VMM has ended, never
+/// `stopped` with the VMM still there, and the failed pause leaves no VMM behind. (It once showed
+/// `stopped` at once: the soak found a stopped sandbox with its VMM running.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_ended_while_a_pause_holds_its_vm_shows_stopping_until_the_vmm_is_gone() {
+    let home = Home::new(TOKENS);
+    let d = Daemon::start(&home, &[]);
+    let s = d
+        .create_running(ALICE, json!({"image": image("busybox")}))
+        .await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let vmms = vmms_of(&id);
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    // SAFETY: kill has no memory-safety preconditions; the pid is this test's QEMU.
+    assert_eq!(unsafe { libc::kill(vmms[0] as i32, libc::SIGSTOP) }, 0);
+    let pausing = {
+        let request = d
+            .request(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/pause"),
+                Some(ALICE),
+            )
+            .json(&json!({"force": true}))
+            .send();
+        tokio::spawn(async move { request.await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its TTL is past now: the reaper ends it at its next tick, while the pause waits.
+    let (status, body) = d
+        .json(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            Some(ALICE),
+            Some(json!({"ttl_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let record = d.record(ALICE, &id).await;
+        let shown = record["state"].as_str().unwrap_or_default().to_owned();
+        let vmms = vmms_of(&id);
+        if seen.last() != Some(&shown) {
+            seen.push(shown.clone());
+        }
+        assert!(
+            shown != "stopped" || vmms.is_empty(),
+            "the sandbox shows stopped while its VMM {vmms:?} runs (states seen: {seen:?})"
+        );
+        if shown == "stopped" && pausing.is_finished() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {shown} after 60 s (states seen: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.iter().any(|s| s == "stopping"),
+        "the end during the pause was never seen (states seen: {seen:?})"
+    );
+    let paused = pausing.await.unwrap().unwrap();
+    assert!(paused >= 400, "a frozen VMM's pause answered {paused}");
+    assert_eq!(d.record(ALICE, &id).await["reason"], "ttl expired");
+    assert!(vmms_of(&id).is_empty());
+    assert!(!home.path().join("node/paused").join(&id).exists());
 }

@@ -286,7 +286,9 @@ impl Node {
                 boot.abort(); // waiting for a slot or pulling: no VM to leak
             }
             let live = entry.live.take();
-            entry.releasing = live.is_some() || entry.vm_starting;
+            // A pause or resume under way holds the VM (`releasing` already): the sandbox shows
+            // `stopping` until that ends it, not `stopped` while its VMM still runs.
+            entry.releasing |= live.is_some() || entry.vm_starting;
             if entry.record.deleted && !entry.releasing {
                 table.forget(id);
                 let _ = std::fs::remove_dir_all(self.run_dir(id));
@@ -308,7 +310,7 @@ impl Node {
 
     /// The VM of an ended sandbox is gone: its resources are free, its run directory removed, and a
     /// deleted sandbox forgotten.
-    fn released(&self, id: &str) {
+    pub(super) fn released(&self, id: &str) {
         let _ = std::fs::remove_dir_all(self.run_dir(id));
         {
             let mut table = self.table();

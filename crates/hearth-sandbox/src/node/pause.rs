@@ -180,6 +180,7 @@ impl Node {
             settle(&sandbox, e).await;
         }
         let now = now_ms();
+        let mut ended_vm_runs = false;
         let outcome = {
             let mut table = self.table();
             match table.get_mut(id) {
@@ -211,17 +212,19 @@ impl Node {
                     }
                 }
                 ended => {
-                    if let Some(entry) = ended {
-                        entry.releasing = false;
-                    }
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let _ = std::fs::remove_dir_all(self.run_dir(id));
-                    match table.get_mut(id) {
-                        Some(entry) if entry.record.deleted => {
+                    // A failed save left the VM running: it goes first (below), and the
+                    // sandbox shows `stopping` until then.
+                    ended_vm_runs = paused.is_err();
+                    if paused.is_ok() {
+                        if let Some(entry) = ended {
+                            entry.releasing = false;
+                        }
+                        let _ = std::fs::remove_dir_all(self.run_dir(id));
+                        if table.get_mut(id).is_some_and(|e| e.record.deleted) {
                             table.forget(id);
                         }
-                        _ => {}
                     }
+                    let _ = std::fs::remove_dir_all(&dir);
                     Err(NodeError::NotRunning {
                         id: id.to_owned(),
                         state: State::Stopped,
@@ -230,6 +233,12 @@ impl Node {
                 }
             }
         };
+        if ended_vm_runs {
+            // Ended while its save failed: its VM still runs.
+            let vm = sandbox.clone();
+            let _ = tokio::task::spawn_blocking(move || vm.kill_now()).await;
+            self.released(id);
+        }
         drop(sandbox);
         if outcome.is_ok() {
             // Saved with the VM, the code interpreter and the background processes wait there
@@ -313,14 +322,17 @@ impl Node {
                     entry.releasing = false;
                     (Err(NodeError::of(id, e)), None)
                 }
-                // Ended (deleted, expired) while it was being restored.
+                // Ended (deleted, expired) while it was being restored. A VM that started
+                // goes first (below): the sandbox shows `stopping` until then.
                 (entry, resumed) => {
-                    let deleted = entry.is_some_and(|e| {
-                        e.releasing = false;
-                        e.record.deleted
-                    });
-                    if deleted {
-                        table.forget(id);
+                    if resumed.is_err() {
+                        let deleted = entry.is_some_and(|e| {
+                            e.releasing = false;
+                            e.record.deleted
+                        });
+                        if deleted {
+                            table.forget(id);
+                        }
                     }
                     let error = NodeError::NotRunning {
                         id: id.to_owned(),
@@ -333,8 +345,8 @@ impl Node {
         };
         if let Some(sandbox) = leftover {
             let _ = sandbox.discard().await;
-            let _ = std::fs::remove_dir_all(&run_dir);
             let _ = std::fs::remove_dir_all(&dir);
+            self.released(id);
         }
         if outcome.is_ok() {
             self.reattach_code(&tenant.name, id);

@@ -316,9 +316,23 @@ impl RunningQemu {
                 pid: self.pid(),
             });
         }
-        let qmp = self.qmp.as_mut().ok_or_else(|| {
-            VmError::Unsupported("the VM was let go: its control connection is closed".into())
-        })?;
+        if self.process.is_released() {
+            return Err(VmError::Unsupported(
+                "the VM was let go: its control connection is closed".into(),
+            ));
+        }
+        if self.qmp.is_none() {
+            // Adopted while its QMP did not answer (a VMM frozen across a daemon restart): try
+            // again. A VMM still frozen fails as unresponsive (QMP's greeting timeout), one that
+            // came back is under control again.
+            let qmp = Qmp::connect(&socket).map_err(|source| QemuError::Qmp {
+                socket: socket.clone(),
+                source,
+            })?;
+            tracing::info!(pid = self.pid(), "adopted qemu: QMP answers now");
+            self.qmp = Some(qmp);
+        }
+        let qmp = self.qmp.as_mut().expect("connected above");
         f(qmp).map_err(|source| QemuError::Qmp { socket, source }.into())
     }
 }
