@@ -494,26 +494,6 @@ fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// The QEMU processes whose command line names `run_dir` (a confined QEMU runs under a guard,
-/// whose pid is the one hearth records).
-fn qemu_pids_of(run_dir: &Path) -> Vec<i32> {
-    let dir = run_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
-            (cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system"))
-                .then_some(())
-                .filter(|()| cmdline.contains(&dir))
-                .map(|()| pid)
-        })
-        .collect()
-}
-
 /// A VMM frozen while its daemon restarted (the soak's `vmm_freeze` across a `kill -9` of the
 /// daemon): the next daemon adopts it without a control connection. A control call then fails as
 /// unresponsive (a timeout, what the API answers 504 for), not as an internal error, and once the
@@ -524,11 +504,9 @@ fn an_adopted_vmm_that_was_frozen_is_controlled_again_once_it_runs() -> anyhow::
     let mut spec = fx.spec(&fx.busybox_initramfs(IDLE_SCRIPT)?, "frozen");
     spec.detached = true;
     let mut vm = fx.qemu.start(&spec)?;
+    let qemu = vmm_pid(vm.pid()) as i32;
     vm.release(); // the daemon goes; the VMM stays for the next one
     drop(vm);
-    let pids = qemu_pids_of(&spec.run_dir);
-    ensure!(pids.len() == 1, "one QEMU for the VM, found {pids:?}");
-    let qemu = pids[0];
     // SAFETY: kill has no memory-safety preconditions; the pid is this test's QEMU.
     let freeze = |signal| unsafe { libc::kill(qemu, signal) };
     ensure!(freeze(libc::SIGSTOP) == 0);

@@ -398,17 +398,10 @@ impl RunningVm for RunningQemu {
         let state = dir.join(SAVED_STATE);
         // A VM restored from a template: its state keeps a link to the template memory, and
         // leaves out the pages it shares with it (`snapshot/thin.rs`).
-        let base = self.base.as_deref().and_then(|base| {
-            let link = dir.join(BASE_MEMORY);
-            let _ = std::fs::remove_file(&link);
-            match std::fs::hard_link(base, &link) {
-                Ok(()) => Some(link),
-                Err(e) => {
-                    tracing::warn!(base = %base.display(), "linking the template memory beside a saved state: {e}");
-                    None
-                }
-            }
-        });
+        let base = self
+            .base
+            .as_deref()
+            .and_then(|base| link_memory(base, &dir.join(BASE_MEMORY)));
         let saved = match &base {
             Some(link) => self.qmp_required(|qmp| Ok(save_thin(qmp, &state, link)))?,
             None => self.qmp_required(|qmp| Ok(save(qmp, &state).map(|()| None)))?,
@@ -425,12 +418,13 @@ impl RunningVm for RunningQemu {
             })?
             .len();
         // Saved whole: it starts again as such a state always did, needing no template memory.
-        let base = base.filter(|link| {
-            thinned.is_some() || {
+        let base = match (base, &thinned) {
+            (Some(link), None) => {
                 let _ = std::fs::remove_file(link);
-                false
+                None
             }
-        });
+            (base, _) => base,
+        };
         if let Some(done) = thinned {
             tracing::debug!(
                 state = %state.display(),
@@ -463,17 +457,26 @@ impl RunningVm for RunningQemu {
 /// the file `copy` was made from (a template rebuilt in between is not): the base of the VM's
 /// saved states. `None` (logged) when it cannot be linked: its states are then saved whole.
 fn link_base(file: &Path, run_dir: &Path, copy: &memory::SealedMemory) -> Option<PathBuf> {
-    let link = run_dir.join(BASE_MEMORY);
-    if let Err(e) = std::fs::hard_link(file, &link) {
-        tracing::warn!(file = %file.display(), "linking the template memory into the run directory: {e}");
-        return None;
-    }
+    let link = link_memory(file, &run_dir.join(BASE_MEMORY))?;
     if !copy.is_copy_of(&link) {
         tracing::info!(file = %file.display(), "the template changed while the VM started: its states are saved whole");
         let _ = std::fs::remove_file(&link);
         return None;
     }
     Some(link)
+}
+
+/// Hard-links the template memory `file` as `link` (replacing what was there); `None` (logged)
+/// when it cannot.
+fn link_memory(file: &Path, link: &Path) -> Option<PathBuf> {
+    let _ = std::fs::remove_file(link);
+    match std::fs::hard_link(file, link) {
+        Ok(()) => Some(link.to_owned()),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), link = %link.display(), "linking the template memory: {e}");
+            None
+        }
+    }
 }
 
 /// The kernel's panic line, if the console shows one.

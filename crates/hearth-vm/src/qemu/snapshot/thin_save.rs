@@ -9,7 +9,6 @@
 //! (read) and the QMP connection.
 
 use std::io::{self, BufReader, BufWriter, Read};
-use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::save::{migrate, save, SaveError};
 use super::thin::{thin, Base, ThinError, Thinned};
 use crate::qemu::argv::MEMORY_BACKEND_ID;
-use crate::qemu::memory::seek;
+use crate::qemu::memory::data_ranges;
 use crate::qemu::Qmp;
 
 /// Buffer size for the pipe and the state file.
@@ -177,25 +176,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         )
     };
     Ok((reader, writer))
-}
-
-/// Where `file` (`len` bytes) holds data, by `SEEK_DATA`/`SEEK_HOLE`: a template memory file is
-/// sparse (the template wrote ~100 MiB of a 512 MiB guest).
-fn data_ranges(file: &std::fs::File, len: u64) -> io::Result<Vec<Range<u64>>> {
-    let mut ranges = Vec::new();
-    let mut at = 0;
-    while at < len {
-        let Some(start) = seek(file, at, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        if end <= start {
-            break;
-        }
-        ranges.push(start..end);
-        at = end;
-    }
-    Ok(ranges)
 }
 
 /// Runs `f` on the first `len` bytes of `file`, mapped read-only and private for the call. The
