@@ -204,13 +204,13 @@ impl VmProcess {
         .map_err(|source| VmError::Wait { pid, source })
     }
 
-    /// Lets go of the VM: dropping this afterwards leaves the VMM running and its run directory in
-    /// place, for a later adopt.
     /// Whether [`VmProcess::release`] let the VMM go (to a later adopter).
     pub fn is_released(&self) -> bool {
         self.released
     }
 
+    /// Lets go of the VM: dropping this afterwards leaves the VMM running and its run directory in
+    /// place, for a later adopt.
     pub fn release(&mut self) {
         self.released = true;
     }

@@ -12,10 +12,10 @@
 //! [`PAUSE_META`]; for a QEMU VM restored from a boot template also `memory.base`, a hard link to
 //! the template's memory file, which the VM starts again on: its state then holds only the pages
 //! the guest changed since the template (`hearth_vm::SavedState::base`), and the link keeps that
-//! memory after the template is evicted or rebuilt. It is removed only by a successful resume (or by its owner,
-//! e.g. the node when the sandbox is deleted): a resume that fails, for a missing or corrupt file
-//! or a VMM that refuses the state, names the file and leaves the snapshot as it was, to be retried
-//! or deleted. (The scratch disk is hard-linked into the new run directory, so the failed VM's
+//! memory after the template is evicted or rebuilt. It is removed only by a successful resume (or
+//! by its owner, e.g. the node when the sandbox is deleted): a resume that fails, for a missing or
+//! corrupt file or a VMM that refuses the state, names the file and leaves the snapshot as it was,
+//! to be retried or deleted. (The scratch disk is hard-linked into the new run directory, so the failed VM's
 //! cleanup removes only the link. A resume that fails only after the guest ran, when its agent does
 //! not answer, may have let the guest write to that disk.)
 //!
